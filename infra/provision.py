@@ -1,0 +1,208 @@
+"""Apply the JetStream definitions in ``infra/nats/jetstream.toml`` idempotently.
+
+Applying twice changes nothing. A definition that differs from what the server holds is
+reported field by field and refused (``ProvisionError``), unless ``update=True``, which applies
+only changes the server makes without dropping data (limits, descriptions), and still refuses
+changes of retention or storage.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
+
+DEFINITIONS = Path(__file__).parent / "nats" / "jetstream.toml"
+
+# Changing these would mean recreating the stream, that is losing its data: never done here.
+_IMMUTABLE_STREAM_FIELDS = ("retention", "storage")
+
+
+class ProvisionError(RuntimeError):
+    """The server holds a definition that differs from ``jetstream.toml``."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """What ``apply`` did to one object: ``created``, ``unchanged`` or ``updated``."""
+
+    kind: str
+    name: str
+    action: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.kind:<13} {self.name:<22} {self.action}{extra}"
+
+
+def load_definitions(path: Path = DEFINITIONS) -> dict[str, Any]:
+    """Read the TOML definitions file."""
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _stream_config(name: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=name,
+        description=d.get("description"),
+        subjects=d.get("subjects"),
+        retention=api.RetentionPolicy(d.get("retention", "limits")),
+        storage=api.StorageType(d.get("storage", "file")),
+        max_msgs=d.get("max_msgs", -1),
+        max_bytes=d.get("max_bytes", -1),
+        max_age=d.get("max_age", 0),
+        max_msgs_per_subject=d.get("max_msgs_per_subject", -1),
+        discard=api.DiscardPolicy(d.get("discard", "old")),
+        duplicate_window=d.get("duplicate_window", 120),
+        allow_rollup_hdrs=d.get("allow_rollup_hdrs", False),
+        deny_delete=d.get("deny_delete", False),
+        allow_direct=d.get("allow_direct", False),
+        num_replicas=replicas,
+    )
+
+
+def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+    # Mirrors what nats.py's create_key_value builds, so a bucket made either way compares equal.
+    history = d.get("history", 1)
+    return api.StreamConfig(
+        name=f"KV_{bucket}",
+        description=d.get("description"),
+        subjects=[f"$KV.{bucket}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType(d.get("storage", "file")),
+        max_msgs=-1,
+        max_bytes=d.get("max_bytes", -1),
+        max_age=d.get("ttl", 0),
+        max_msgs_per_subject=history,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(d.get("ttl", 0) or 120, 120),
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        num_replicas=replicas,
+    )
+
+
+def _obj_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=f"OBJ_{bucket}",
+        description=d.get("description"),
+        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType(d.get("storage", "file")),
+        max_bytes=d.get("max_bytes", -1),
+        max_age=d.get("ttl", 0),
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=120,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        num_replicas=replicas,
+    )
+
+
+_COMPARED = ("subjects", "retention", "storage", "max_msgs", "max_bytes", "max_age", "max_msgs_per_subject",
+             "discard", "duplicate_window", "num_replicas")
+
+
+def _norm(field: str, value: Any) -> Any:
+    if field in ("max_age", "duplicate_window"):
+        return round(float(value or 0), 3)
+    if field in ("max_msgs", "max_bytes", "max_msgs_per_subject"):
+        return -1 if value in (None, 0, -1) and field != "max_msgs_per_subject" else (value if value is not None else -1)
+    if field == "subjects":
+        return sorted(value or [])
+    if field == "num_replicas":
+        return value or 1
+    return value
+
+
+def _differences(want: api.StreamConfig, have: api.StreamConfig) -> dict[str, tuple[Any, Any]]:
+    diff = {}
+    for f in _COMPARED:
+        w, h = _norm(f, getattr(want, f)), _norm(f, getattr(have, f))
+        if w != h:
+            diff[f] = (h, w)
+    return diff
+
+
+async def _apply_stream(js: JetStreamContext, kind: str, want: api.StreamConfig, update: bool) -> Action:
+    try:
+        info = await js.stream_info(want.name)
+    except NotFoundError:
+        await js.add_stream(want)
+        return Action(kind, want.name, "created")
+    diff = _differences(want, info.config)
+    if not diff:
+        return Action(kind, want.name, "unchanged")
+    text = ", ".join(f"{f}: server has {h!r}, definition wants {w!r}" for f, (h, w) in diff.items())
+    immutable = [f for f in diff if f in _IMMUTABLE_STREAM_FIELDS]
+    if immutable or not update:
+        hint = ("these cannot change without recreating the stream (losing its data); "
+                "delete it yourself if that is what you want" if immutable else
+                "re-run with --update to apply (no data is dropped by these changes)")
+        raise ProvisionError(f"{kind} {want.name} differs from infra/nats/jetstream.toml: {text}; {hint}")
+    await js.update_stream(want)
+    return Action(kind, want.name, "updated", text)
+
+
+def _consumer_config(name: str, d: dict[str, Any], replicas: int) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=name,
+        description=d.get("description"),
+        filter_subject=d["filter_subject"],
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=d.get("ack_wait", 30),
+        max_deliver=d.get("max_deliver", -1),
+        max_ack_pending=d.get("max_ack_pending", 1000),
+        max_waiting=d.get("max_waiting", 512),
+        num_replicas=replicas if replicas > 1 else None,
+    )
+
+
+async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], replicas: int, update: bool) -> Action:
+    want = _consumer_config(name, d, replicas)
+    try:
+        info = await js.consumer_info(d["stream"], name)
+    except NotFoundError:
+        await js.add_consumer(d["stream"], want)
+        return Action("consumer", name, "created")
+    have = info.config
+    diff = {}
+    for f in ("filter_subject", "ack_wait", "max_deliver", "max_ack_pending"):
+        w, h = getattr(want, f), getattr(have, f)
+        if f == "ack_wait":
+            w, h = round(float(w), 3), round(float(h or 0), 3)
+        if f == "max_deliver":
+            w, h = w or -1, h or -1
+        if w != h:
+            diff[f] = (h, w)
+    if not diff:
+        return Action("consumer", name, "unchanged")
+    text = ", ".join(f"{f}: server has {h!r}, definition wants {w!r}" for f, (h, w) in diff.items())
+    if not update:
+        raise ProvisionError(f"consumer {name} differs from infra/nats/jetstream.toml: {text}; "
+                             "re-run with --update to apply")
+    await js.add_consumer(d["stream"], want)  # create-or-update on the same durable
+    return Action("consumer", name, "updated", text)
+
+
+async def apply(js: JetStreamContext, *, definitions: dict[str, Any] | None = None, replicas: int = 1,
+                update: bool = False) -> list[Action]:
+    """Create every stream, consumer, KV bucket and object store that is missing; verify the rest."""
+    defs = definitions if definitions is not None else load_definitions()
+    actions: list[Action] = []
+    for name, d in defs.get("streams", {}).items():
+        actions.append(await _apply_stream(js, "stream", _stream_config(name, d, replicas), update))
+    for name, d in defs.get("consumers", {}).items():
+        actions.append(await _apply_consumer(js, name, d, replicas, update))
+    for bucket, d in defs.get("kv", {}).items():
+        actions.append(await _apply_stream(js, "kv", _kv_stream_config(bucket, d, replicas), update))
+    for bucket, d in defs.get("object_stores", {}).items():
+        actions.append(await _apply_stream(js, "object_store", _obj_stream_config(bucket, d, replicas), update))
+    return actions

@@ -1,0 +1,39 @@
+"""The one error vocabulary shared by every service.
+
+Codes travel as plain strings (so a newer peer's code still decodes); the edge maps each
+code to an HTTP status and an OpenAI error type in exactly one place.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Typed error codes carried by ``StreamError`` and ``DispatchReply``."""
+
+    INVALID_REQUEST = "invalid_request"
+    MODEL_NOT_FOUND = "model_not_found"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    UNSUPPORTED = "unsupported"
+    NO_WORKER = "no_worker_available"
+    ENGINE_BUSY = "engine_busy"
+    ENGINE_FAILED = "engine_failed"
+    WORKER_LOST = "worker_lost"
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal_error"
+
+
+class BusError(Exception):
+    """An error with a code from the shared vocabulary, raised inside a service and sent as a typed message."""
+
+    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+        self.param = param
+
+    def __repr__(self) -> str:
+        return f"BusError({self.code!r}, {self.message!r})"

@@ -1,0 +1,79 @@
+"""Token-stream events, sent by an engine (or a scheduler) to a request's ``reply_to``.
+
+A stream is ``StreamStart``, then ``TokenDelta``s with ``seq`` 1, 2, 3..., then exactly one
+terminal event: ``StreamEnd`` or ``StreamError``. Each is a JSON object tagged by ``type``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """Real token counts: prompt tokens as fed to the model, completion tokens as generated."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class StreamStart(msgspec.Struct, tag="start", tag_field="type", kw_only=True, omit_defaults=True):
+    """The engine ``worker`` accepted request ``id`` and is generating."""
+
+    id: str
+    worker: str
+    model: str
+    prompt_tokens: int = 0
+
+
+class TokenDelta(msgspec.Struct, tag="delta", tag_field="type", kw_only=True, omit_defaults=True):
+    """New text for choice ``index``; ``seq`` counts deltas from 1 so gaps are detectable."""
+
+    id: str
+    seq: int
+    text: str
+    token_ids: list[int] = []
+    index: int = 0
+
+
+class StreamEnd(msgspec.Struct, tag="end", tag_field="type", kw_only=True, omit_defaults=True):
+    """The request finished; ``finish_reason`` is ``stop`` or ``length``."""
+
+    id: str
+    seq: int
+    finish_reason: str
+    usage: Usage
+    index: int = 0
+    cached: bool = False
+
+
+class StreamError(msgspec.Struct, tag="error", tag_field="type", kw_only=True, omit_defaults=True):
+    """The request failed with ``code`` from ``schemas.errors.ErrorCode``."""
+
+    id: str
+    code: str
+    message: str
+    seq: int = 0
+    param: str | None = None
+
+
+StreamEvent = Union[StreamStart, TokenDelta, StreamEnd, StreamError]
+
+_event_decoder = msgspec.json.Decoder(StreamEvent)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_event(data: bytes) -> StreamEvent:
+    """Decode one stream event (raises ``msgspec.ValidationError`` on a malformed one)."""
+    return _event_decoder.decode(data)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode any wire struct as JSON, the bus format."""
+    return _encoder.encode(message)

@@ -1,0 +1,40 @@
+"""Engine heartbeats: the only source of the scheduler's worker table."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ServedModel(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A model an engine has loaded and can serve now."""
+
+    id: str
+    context_length: int = 0
+    aliases: list[str] = []
+    owned_by: str = "cy-llm"
+
+
+class EngineHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Published every ``interval`` seconds and on every capacity change.
+
+    Sent on core subject ``llm.v1.workers.status.<worker>`` and stored in KV ``llm_workers``
+    under key ``<worker>``. ``seq`` grows with every status the engine emits, so a reader keeps
+    the newest of a heartbeat and a ``DispatchReply``.
+    """
+
+    worker: str
+    engine: str
+    device: str
+    models: list[ServedModel]
+    slots: int
+    in_flight: int
+    seq: int
+    ts: float
+    interval: float = 1.0
+    adapters: list[str] = []
+    draining: bool = False
+    memory_bytes: int = 0
+    pid: int = 0
+    host: str = ""
+    started: float = 0.0
+    engine_reason: str = ""

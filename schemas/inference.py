@@ -1,0 +1,77 @@
+"""The inference request and the scheduler <-> engine dispatch messages."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    """One chat turn; ``content`` is plain text (multi-part content is flattened by the edge)."""
+
+    role: str
+    content: str
+    name: str | None = None
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Every parameter that changes the output. Defaults mirror OpenAI's.
+
+    ``top_k == 0`` disables top-k; ``seed is None`` means a fresh random seed.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1
+
+
+class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A request for generation, published to ``llm.v1.infer.submit.<lane>``.
+
+    Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set. Token events are
+    published to ``reply_to`` (a core NATS subject the producer listens on). ``deadline`` is a
+    Unix timestamp in seconds; past it the request is answered with a ``timeout`` error.
+    """
+
+    id: str
+    model: str
+    reply_to: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stream: bool = True
+    priority: int = 0
+    deadline: float = 0.0
+    created: float = 0.0
+    adapter: str | None = None
+    user: str | None = None
+
+
+class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An engine's immediate answer to ``llm.v1.engine.<worker>.generate``.
+
+    ``accepted`` true means the engine owns the request and will stream events to its
+    ``reply_to``. ``in_flight``/``slots`` and ``status_seq`` let the scheduler update its view
+    of the engine without waiting for the next heartbeat.
+    """
+
+    accepted: bool
+    worker: str
+    in_flight: int = 0
+    slots: int = 0
+    status_seq: int = 0
+    code: str | None = None
+    message: str | None = None
+
+
+class CancelRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Broadcast on ``llm.v1.infer.cancel``: stop request ``id`` wherever it is."""
+
+    id: str
+    reason: str = "cancelled"

