@@ -1,0 +1,81 @@
+"""The one interface every engine implements (after vLLM's ``EngineClient``).
+
+An adapter turns an ``InferenceRequest`` into an async stream of ``Chunk``s ending with one
+``Finished``; it raises ``BusError`` for a request it cannot serve. Adapters are imported
+lazily (see ``adapters/__init__.py``) so running one engine never imports another's library.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from schemas.heartbeat import ServedModel
+from schemas.inference import InferenceRequest
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Newly generated text and the token ids that produced it."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Finished:
+    """End of a generation with real token counts."""
+
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = Chunk | Finished
+
+
+class EngineAdapter(abc.ABC):
+    """A loaded engine serving one or more models."""
+
+    #: Engine name reported in heartbeats (``transformers``, ``llama.cpp``, ``vllm``...).
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load models and start background workers; raise with a clear message on failure."""
+
+    @abc.abstractmethod
+    def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream the generation for ``request``; the last event is ``Finished``."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop ``request_id`` now and free its capacity; unknown ids are ignored."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve (worker thread dead, device lost)."""
+
+    @abc.abstractmethod
+    def served_models(self) -> list[ServedModel]:
+        """Models loaded now, as advertised in heartbeats."""
+
+    @property
+    @abc.abstractmethod
+    def slots(self) -> int:
+        """How many requests the engine runs at once."""
+
+    @property
+    def device(self) -> str:
+        """Where the model runs (``cpu``, ``cuda:0``...)."""
+        return "cpu"
+
+    def memory_bytes(self) -> int:
+        """Memory used by the loaded models (device memory on GPU, process RSS on CPU)."""
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    async def close(self) -> None:
+        """Release models and threads."""

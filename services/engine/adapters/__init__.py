@@ -1,0 +1,26 @@
+"""Engine adapters, imported lazily by name so one engine never imports another's library."""
+
+from __future__ import annotations
+
+import importlib
+
+from services.engine.adapter import EngineAdapter
+
+# name -> (module, class, the package a user must install)
+ADAPTERS: dict[str, tuple[str, str, str]] = {
+    "transformers": ("services.engine.adapters.transformers_engine", "TransformersEngine", "transformers torch"),
+    "simulated": ("services.engine.adapters.simulated", "SimulatedEngine", ""),
+}
+
+
+def adapter_class(name: str) -> type[EngineAdapter]:
+    """Import and return the adapter class called ``name``, with a clear error if its library is missing."""
+    try:
+        module_name, class_name, packages = ADAPTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(ADAPTERS))}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RuntimeError(f"engine {name!r} needs the package(s) {packages!r}, which failed to import: {exc}") from exc
+    return getattr(module, class_name)

@@ -1,0 +1,58 @@
+"""Engine configuration, parsed once at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import msgspec
+
+from schemas.names import slug
+
+
+class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Everything an engine process needs to know, from flags (with ``CY_*`` env defaults)."""
+
+    nats_url: str
+    engine: str
+    model_id: str
+    model_path: str = ""
+    aliases: list[str] = []
+    worker_id: str
+    slots: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    context_length: int = 0
+    heartbeat_interval: float = 1.0
+    drain_timeout: float = 30.0
+    metrics_port: int = 0
+    sim_token_rate: float = 0.0
+    sim_ttft: float = 0.0
+
+
+def parse_args(argv: list[str] | None = None) -> EngineConfig:
+    """Build the config from the command line."""
+    p = argparse.ArgumentParser(prog="python -m services.engine",
+                                description="CY-LLM engine: serves a model behind the common adapter interface.")
+    p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--engine", default="transformers", help="transformers | simulated (simulated: tests and benchmarks only)")
+    p.add_argument("--model-id", required=True, help="the name clients use in 'model'")
+    p.add_argument("--model-path", default="", help="local model directory (transformers)")
+    p.add_argument("--alias", action="append", default=[], dest="aliases", help="another name for the model (repeatable)")
+    p.add_argument("--worker-id", default="", help="unique worker id (default: <host>-<pid>)")
+    p.add_argument("--slots", type=int, default=8, help="requests generated concurrently (batch size)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--context-length", type=int, default=0, help="override the model's maximum context")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--sim-token-rate", type=float, default=0.0, help="simulated engine: tokens/s per request (0 = max)")
+    p.add_argument("--sim-ttft", type=float, default=0.0, help="simulated engine: seconds before the first token")
+    args = p.parse_args(argv)
+    if not args.worker_id:
+        args.worker_id = slug(f"{socket.gethostname()}-{os.getpid()}")
+    if args.slots < 1:
+        p.error("--slots must be at least 1")
+    return msgspec.convert(vars(args), EngineConfig)

@@ -1,0 +1,242 @@
+"""The engine process on the bus: accepts dispatches, streams tokens, heartbeats, honours cancel.
+
+Only this module talks to NATS; the model work is behind ``EngineAdapter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+import msgspec
+import nats.micro
+from nats.errors import Error as NatsError
+from nats.micro.request import Request
+
+from schemas import names
+from schemas.errors import BusError, ErrorCode
+from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
+from schemas.heartbeat import EngineHeartbeat
+from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
+from services.common import bus
+from services.engine.adapter import Chunk, EngineAdapter
+from services.engine.config import EngineConfig
+from services.engine.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+_request_decoder = msgspec.json.Decoder(InferenceRequest)
+_cancel_decoder = msgspec.json.Decoder(CancelRequest)
+
+
+class EngineService:
+    """One engine worker: ``llm.v1.engine.<worker>.generate`` in, token events out."""
+
+    def __init__(self, config: EngineConfig, adapter: EngineAdapter, metrics: EngineMetrics) -> None:
+        self.cfg = config
+        self.adapter = adapter
+        self.metrics = metrics
+        self.worker = names.token(config.worker_id)
+        self._active: dict[str, asyncio.Task] = {}
+        self._status_seq = 0
+        self._status_changed = asyncio.Event()
+        self._draining = False
+        self._stopping = False
+        self._started = time.time()
+        self.nc = None
+        self._kv = None
+
+    # --- lifecycle ---
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain in the fixed order of STYLE.md."""
+        await self.adapter.start()
+        self.metrics.models_loaded.set(len(self.adapter.served_models()))
+        try:
+            self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
+            self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
+            service = await nats.micro.add_service(
+                self.nc, name=names.MICRO_ENGINE, version="0.1.0",
+                description=f"{self.adapter.name} engine serving {', '.join(m.id for m in self.adapter.served_models())}",
+                metadata={"worker": self.worker, "engine": self.adapter.name, "device": self.adapter.device})
+            await service.add_endpoint(name="generate", subject=names.engine_generate(self.worker),
+                                       handler=self._on_generate)
+            await self.nc.subscribe(names.INFER_CANCEL, cb=self._on_cancel)
+            heartbeat = asyncio.create_task(self._heartbeat_loop())
+            log.info("engine %s (%s on %s) serving %s", self.worker, self.adapter.name, self.adapter.device,
+                     [m.id for m in self.adapter.served_models()])
+            await stop.wait()
+            await self._drain()
+            self._stopping = True
+            self._status_changed.set()
+            await asyncio.wait([heartbeat], timeout=5)
+            await service.stop()
+            with contextlib.suppress(NatsError, asyncio.TimeoutError):
+                await self._kv.delete(self.worker)
+        finally:
+            await self.adapter.close()
+            if self.nc is not None and not self.nc.is_closed:
+                with contextlib.suppress(NatsError, asyncio.TimeoutError):
+                    await self.nc.drain()
+
+    async def _drain(self) -> None:
+        """Advertise draining, stop taking work, let in-flight requests finish within the drain timeout."""
+        self._draining = True
+        await self._publish_status(force_kv=True)
+        if self._active:
+            log.info("draining: waiting up to %.0fs for %d in-flight requests", self.cfg.drain_timeout,
+                     len(self._active))
+            _, pending = await asyncio.wait(list(self._active.values()), timeout=self.cfg.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    # --- dispatch ---
+    def _reply(self, accepted: bool, code: str | None = None, message: str | None = None) -> bytes:
+        return encode(DispatchReply(accepted=accepted, worker=self.worker, in_flight=len(self._active),
+                                    slots=self.adapter.slots, status_seq=self._status_seq, code=code,
+                                    message=message))
+
+    async def _on_generate(self, request: Request) -> None:
+        try:
+            req = _request_decoder.decode(request.data)
+        except msgspec.DecodeError as exc:
+            await request.respond(self._reply(False, ErrorCode.INVALID_REQUEST, f"bad request: {exc}"))
+            return
+        if req.id in self._active:  # a re-dispatch of a request we already run: idempotent
+            await request.respond(self._reply(True))
+            return
+        if self._draining:
+            await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY, "engine is draining"))
+            return
+        if len(self._active) >= self.adapter.slots:
+            await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY, "all slots are busy"))
+            return
+        model = self._served_id(req.model)
+        if model is None:
+            await request.respond(self._reply(False, ErrorCode.MODEL_NOT_FOUND,
+                                              f"model {req.model!r} is not loaded on {self.worker}"))
+            return
+        self._active[req.id] = asyncio.create_task(self._run(req, model))
+        self._status_seq += 1
+        await request.respond(self._reply(True))
+        self._status_changed.set()
+
+    def _served_id(self, name: str) -> str | None:
+        for m in self.adapter.served_models():
+            if m.id == name or name in m.aliases:
+                return m.id
+        return None
+
+    async def _on_cancel(self, msg) -> None:
+        try:
+            cancel = _cancel_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("ignoring malformed cancel on %s", msg.subject)
+            return
+        if cancel.id in self._active:
+            log.info("cancel %s (%s)", cancel.id, cancel.reason)
+            await self.adapter.abort(cancel.id)
+
+    # --- one request ---
+    async def _run(self, req: InferenceRequest, model: str) -> None:
+        """Generate ``req`` and publish its events to ``req.reply_to``; always ends with one terminal event."""
+        publish, reply_to = self.nc.publish, req.reply_to
+        start = time.monotonic()
+        first = 0.0
+        seq = 0
+        terminal: bytes | None = None
+        outcome = "ok"
+        try:
+            await publish(reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model)))
+            events = self.adapter.generate(req)
+            try:
+                async for event in events:
+                    seq += 1
+                    if isinstance(event, Chunk):
+                        first = first or time.monotonic()
+                        await publish(reply_to, encode(TokenDelta(id=req.id, seq=seq, text=event.text,
+                                                                  token_ids=event.token_ids)))
+                    else:
+                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+                        terminal = encode(StreamEnd(id=req.id, seq=seq, finish_reason=event.reason, usage=usage))
+                        self._observe_finished(model, start, first, usage)
+            finally:
+                await events.aclose()
+            if terminal is None:
+                outcome = "cancelled"
+                terminal = encode(StreamError(id=req.id, seq=seq + 1, code=ErrorCode.CANCELLED,
+                                              message="request cancelled"))
+        except BusError as exc:
+            outcome = exc.code
+            terminal = encode(StreamError(id=req.id, seq=seq + 1, code=exc.code, message=exc.message,
+                                          param=exc.param))
+        except asyncio.CancelledError:
+            outcome = "aborted"
+            terminal = encode(StreamError(id=req.id, seq=seq + 1, code=ErrorCode.ENGINE_FAILED,
+                                          message="engine shut down before the request finished"))
+            await self.adapter.abort(req.id)
+        except Exception as exc:  # the engine must answer every request, whatever the adapter did
+            log.exception("request %s failed", req.id)
+            outcome = ErrorCode.INTERNAL
+            terminal = encode(StreamError(id=req.id, seq=seq + 1, code=ErrorCode.INTERNAL,
+                                          message=f"engine error: {type(exc).__name__}: {exc}"))
+        finally:
+            if terminal is not None and not self.nc.is_closed:
+                with contextlib.suppress(NatsError):
+                    await publish(reply_to, terminal)
+            self._active.pop(req.id, None)
+            self._status_seq += 1
+            self._status_changed.set()
+            self.metrics.requests.labels(model, outcome).inc()
+
+    def _observe_finished(self, model: str, start: float, first: float, usage: Usage) -> None:
+        now = time.monotonic()
+        self.metrics.latency.labels(model).observe(now - start)
+        self.metrics.tokens.labels(model).inc(usage.completion_tokens)
+        self.metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        if first:
+            self.metrics.ttft.labels(model).observe(first - start)
+            if usage.completion_tokens > 1:
+                self.metrics.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))
+
+    # --- heartbeats ---
+    def heartbeat(self) -> EngineHeartbeat:
+        """This engine's status now."""
+        return EngineHeartbeat(
+            worker=self.worker, engine=self.adapter.name, device=self.adapter.device,
+            models=self.adapter.served_models(), slots=self.adapter.slots, in_flight=len(self._active),
+            seq=self._status_seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
+            memory_bytes=self.adapter.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
+            started=self._started)
+
+    async def _publish_status(self, force_kv: bool) -> None:
+        data = encode(self.heartbeat())
+        try:
+            await self.nc.publish(names.worker_status(self.worker), data)
+            if force_kv:
+                await self._kv.put(self.worker, data)
+        except (NatsError, asyncio.TimeoutError) as exc:
+            log.warning("heartbeat not published: %s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        """Publish on every capacity change (coalesced) and at least every interval, with a KV copy."""
+        interval = self.cfg.heartbeat_interval
+        next_kv = 0.0
+        while not self._stopping:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that races a set().
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._status_changed.wait()
+            self._status_changed.clear()
+            now = time.monotonic()
+            periodic = now >= next_kv
+            if periodic:
+                next_kv = now + interval
+                self.metrics.in_flight.set(len(self._active))
+                self.metrics.memory.set(self.adapter.memory_bytes())
+            await self._publish_status(force_kv=periodic)

@@ -1,0 +1,145 @@
+"""The engine on the bus: dispatch replies, event streams, heartbeats, cancel, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import msgspec
+import pytest
+
+from schemas import names
+from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, decode_event, encode
+from schemas.heartbeat import EngineHeartbeat
+from schemas.inference import CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams
+from services.engine.__main__ import build_adapter
+from services.engine.config import parse_args
+from services.engine.metrics import EngineMetrics
+from services.engine.service import EngineService
+from prometheus_client import CollectorRegistry
+
+
+@contextlib.asynccontextmanager
+async def running_engine(nats_url: str, *extra: str):
+    worker = f"w-{uuid.uuid4().hex[:8]}"
+    cfg = parse_args(["--nats-url", nats_url, "--engine", "simulated", "--model-id", "sim", "--alias", "sim-alias",
+                      "--worker-id", worker, "--heartbeat-interval", "0.2", *extra])
+    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(CollectorRegistry()))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        for _ in range(100):
+            if service.nc is not None and service._kv is not None:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        yield service, worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def request(inbox: str, max_tokens: int = 5, model: str = "sim", **kw) -> InferenceRequest:
+    return InferenceRequest(id=f"r-{uuid.uuid4().hex[:10]}", model=model, reply_to=inbox,
+                            messages=[ChatMessage(role="user", content="one two three")],
+                            sampling=SamplingParams(max_tokens=max_tokens, **kw))
+
+
+async def dispatch(nc, worker: str, req: InferenceRequest) -> DispatchReply:
+    msg = await nc.request(names.engine_generate(worker), encode(req), timeout=2)
+    return msgspec.json.decode(msg.data, type=DispatchReply)
+
+
+async def events_until_terminal(sub, timeout: float = 10.0) -> list:
+    out = []
+    while True:
+        msg = await sub.next_msg(timeout=timeout)
+        ev = decode_event(msg.data)
+        out.append(ev)
+        if isinstance(ev, (StreamEnd, StreamError)):
+            return out
+
+
+async def test_dispatch_streams_ordered_events_to_the_reply_subject(nc, nats_server):
+    async with running_engine(nats_server.url) as (_, worker):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        reply = await dispatch(nc, worker, request(inbox, max_tokens=5))
+        assert reply.accepted and reply.worker == worker and reply.in_flight == 1
+        events = await events_until_terminal(sub)
+        assert isinstance(events[0], StreamStart) and events[0].worker == worker and events[0].model == "sim"
+        deltas = [e for e in events if isinstance(e, TokenDelta)]
+        assert [d.seq for d in deltas] == list(range(1, 6))
+        assert "".join(d.text for d in deltas) == "tok1 tok2 tok3 tok4 tok5 "
+        end = events[-1]
+        assert isinstance(end, StreamEnd) and end.seq == 6 and end.finish_reason == "length"
+        assert end.usage.completion_tokens == 5 and end.usage.prompt_tokens == 3
+
+
+async def test_alias_unknown_model_and_full_slots(nc, nats_server):
+    async with running_engine(nats_server.url, "--slots", "1", "--sim-token-rate", "20", "--drain-timeout", "0.2") as (_, worker):
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox)
+        unknown = await dispatch(nc, worker, request(inbox, model="nope"))
+        assert not unknown.accepted and unknown.code == "model_not_found"
+        first = await dispatch(nc, worker, request(inbox, max_tokens=100, model="sim-alias"))
+        assert first.accepted
+        busy = await dispatch(nc, worker, request(inbox))
+        assert not busy.accepted and busy.code == "engine_busy"
+
+
+async def test_heartbeats_on_subject_and_in_kv(nc, nats_server, js):
+    sub = await nc.subscribe(names.WORKER_STATUS_ALL)
+    async with running_engine(nats_server.url) as (_, worker):
+        hb = msgspec.json.decode((await sub.next_msg(timeout=2)).data, type=EngineHeartbeat)
+        assert hb.worker == worker and hb.engine == "simulated" and hb.models[0].id == "sim"
+        assert hb.models[0].aliases == ["sim-alias"] and hb.slots == 8 and hb.memory_bytes > 0
+        kv = await js.key_value(names.WORKERS_BUCKET)
+        entry = await kv.get(worker)
+        assert msgspec.json.decode(entry.value, type=EngineHeartbeat).worker == worker
+    # Stopping advertises draining, then removes the KV entry.
+    seen_draining = False
+    with contextlib.suppress(Exception):
+        while True:
+            hb = msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=EngineHeartbeat)
+            seen_draining = seen_draining or hb.draining
+    assert seen_draining
+    with pytest.raises(Exception):
+        await kv.get(worker)
+
+
+async def test_cancel_stops_generation_and_frees_the_slot(nc, nats_server):
+    async with running_engine(nats_server.url, "--slots", "1", "--sim-token-rate", "50") as (service, worker):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        req = request(inbox, max_tokens=10_000)
+        assert (await dispatch(nc, worker, req)).accepted
+        await sub.next_msg(timeout=2)  # start
+        await sub.next_msg(timeout=2)  # first token
+        await nc.publish(names.INFER_CANCEL, encode(CancelRequest(id=req.id, reason="client_disconnected")))
+        events = await events_until_terminal(sub, timeout=2)
+        assert isinstance(events[-1], StreamError) and events[-1].code == "cancelled"
+        assert not service._active
+        assert (await dispatch(nc, worker, request(inbox))).accepted
+
+
+async def test_redispatch_of_a_running_request_is_idempotent(nc, nats_server):
+    async with running_engine(nats_server.url, "--sim-token-rate", "50") as (service, worker):
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox)
+        req = request(inbox, max_tokens=50)
+        assert (await dispatch(nc, worker, req)).accepted
+        again = await dispatch(nc, worker, req)
+        assert again.accepted and again.in_flight == 1 and len(service._active) == 1
+
+
+async def test_sigterm_drain_finishes_in_flight_requests(nc, nats_server):
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    async with running_engine(nats_server.url, "--sim-token-rate", "100") as (_, worker):
+        assert (await dispatch(nc, worker, request(inbox, max_tokens=30))).accepted
+        await sub.next_msg(timeout=2)
+    # The context exit stopped the engine; the request had to finish completely first.
+    events = await events_until_terminal(sub, timeout=5)
+    assert isinstance(events[-1], StreamEnd) and events[-1].usage.completion_tokens == 30
