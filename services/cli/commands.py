@@ -1,0 +1,61 @@
+"""The small operator commands: ``down``, ``infra apply``, ``model install`` and ``test``.
+
+``up`` lives in its own module (``services.cli.up``); argument parsing in ``services.cli.main``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from services.cli import pidfile
+from services.cli.errors import CliError
+from services.cli.infra import apply_definitions
+from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def down(state_dir: Path, timeout: float) -> int:
+    """Stop the ``./cy up`` recorded in ``state_dir`` and wait until it has exited."""
+    print(pidfile.stop_launcher(state_dir.resolve(), timeout))
+    return 0
+
+
+def infra_apply(nats_url: str, update: bool, replicas: int) -> int:
+    """Apply the JetStream definitions and print what happened to each object."""
+    if replicas < 1:
+        raise CliError("--replicas must be at least 1")
+    for action in asyncio.run(apply_definitions(nats_url, update=update, replicas=replicas)):
+        print(action)
+    return 0
+
+
+def model_install(state_dir: Path) -> int:
+    """Make sure the default model is converted into the store; print its directory."""
+    print(ensure_model(state_dir))
+    return 0
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    """Convert the default model once (so no test pays for it), then become ``python -m pytest``."""
+    from services.common.model_store import default_state_dir
+
+    path = ensure_model(default_state_dir())
+    print(f"cy: default model ready at {path}", file=sys.stderr, flush=True)
+    args = pytest_args[1:] if pytest_args[:1] == ["--"] else pytest_args
+    if not args:
+        os.chdir(REPO)  # the whole suite: pyproject.toml's testpaths, wherever we were called from
+    # exec, not a child: pytest's exit status and Ctrl-C behave as if it had been run directly.
+    os.execv(sys.executable, [sys.executable, "-m", "pytest", *args])
+    return 0  # unreachable: execv does not return
+
+
+def ensure_model(state_dir: Path) -> Path:
+    """The default model's directory, converted on first use; ``CliError`` if its package is missing."""
+    try:
+        return ensure_default_model(state_dir)
+    except FileNotFoundError as exc:
+        raise CliError(f"{DEFAULT_MODEL_ID}: {exc}") from None

@@ -1,0 +1,131 @@
+"""Argument parsing of the operator CLI (``./cy``, ``python -m services.cli``, ``cy-llm``).
+
+Each subcommand is a thin call into ``services.cli.up`` or ``services.cli.commands``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.cli import commands
+from services.cli.errors import CliError
+from services.cli.infra import default_nats_url
+from services.cli.up import ENGINES, UpOptions, run_up
+from services.common.lifecycle import setup_logging
+from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
+
+EXAMPLES = """\
+examples:
+  ./cy up                          start everything on http://127.0.0.1:8080 (Ctrl-C stops it)
+  ./cy down                        stop a running ./cy up
+  ./cy test                        run the whole test suite
+  ./cy test tests/test_cli_main.py -k help -x
+  ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
+"""
+
+
+def _state_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                        help="models, NATS store, logs and pid file (default: $CY_STATE_DIR or .cy in the repo)")
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start NATS, scheduler, engine and edge; serve until Ctrl-C",
+                       description="Start the platform on this machine: the default model "
+                       f"({DEFAULT_MODEL_ID}), an embedded nats-server, then engine, scheduler and edge "
+                       "as separate processes. Waits until the edge answers, prints how to call it, "
+                       "and serves until Ctrl-C/SIGTERM (or ./cy down). Open on loopback, no authentication.")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port of the edge (default: 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address of the edge (default: 127.0.0.1)")
+    p.add_argument("--nats-port", type=int, default=4222, metavar="PORT",
+                   help="client port of the embedded nats-server (default: 4222; -1: any free port)")
+    p.add_argument("--nats-url", default=None, metavar="URL",
+                   help="use this NATS server (comma-separated for a cluster) instead of starting one")
+    _state_dir_arg(p)
+    p.add_argument("--engine", choices=ENGINES, default="transformers", help="engine adapter (default: transformers)")
+    p.add_argument("--slots", type=int, default=None, metavar="N",
+                   help="concurrent generations of the engine (default: the engine's own)")
+    p.add_argument("--ready-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long to wait for the edge to answer (default: 120)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the services' output (it still goes to the logs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``cy`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="cy", description="CY-LLM operator CLI: run the platform, provision NATS, run the tests.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_up(sub)
+
+    p = sub.add_parser("down", help="stop a running ./cy up", description="SIGTERM the ./cy up named in "
+                       "<state dir>/cy-up.pid and wait until it has stopped everything.")
+    _state_dir_arg(p)
+    p.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
+                   help="how long to wait for it to exit (default: 90)")
+
+    infra = sub.add_parser("infra", help="NATS JetStream provisioning").add_subparsers(
+        dest="infra_command", required=True, metavar="ACTION")
+    p = infra.add_parser("apply", help="create missing streams, consumers and buckets; verify the rest",
+                         description="Apply infra/nats/jetstream.toml idempotently. A definition that "
+                         "differs from the server is refused (exit status 2) unless --update, which applies "
+                         "only changes that keep all data.")
+    p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
+                   help="NATS server, comma-separated for a cluster (default: $CY_NATS_URL or %(default)s)")
+    p.add_argument("--update", action="store_true", help="apply changed limits instead of refusing them")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
+
+    model = sub.add_parser("model", help="the local model store").add_subparsers(
+        dest="model_command", required=True, metavar="ACTION")
+    p = model.add_parser("install", help=f"convert the default model ({DEFAULT_MODEL_ID}) once; print its path")
+    _state_dir_arg(p)
+
+    p = sub.add_parser("test", help="run the test suite (pytest); extra arguments go to pytest",
+                       usage="cy test [pytest args...]",
+                       description="Convert the default model if needed, then run python -m pytest with the "
+                       "given arguments (default: the whole suite) and exit with its status. "
+                       "Use 'cy test -- --help' for pytest's own help.")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
+    return parser
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; everything after ``test`` goes to pytest untouched."""
+    # argparse would claim pytest's options (-x, -k) as its own; hand them over verbatim.
+    if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
+        return argparse.Namespace(command="test", pytest_args=list(argv[1:]))
+    return build_parser().parse_args(argv)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit status."""
+    state_dir = getattr(args, "state_dir", None) or default_state_dir()
+    match args.command:
+        case "up":
+            return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
+                                    nats_url=args.nats_url, engine=args.engine, slots=args.slots,
+                                    ready_timeout=args.ready_timeout, quiet=args.quiet))
+        case "down":
+            return commands.down(state_dir, args.timeout)
+        case "infra":
+            return commands.infra_apply(args.nats_url, args.update, args.replicas)
+        case "model":
+            return commands.model_install(state_dir)
+        case "test":
+            return commands.run_tests(args.pytest_args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse only lets known commands through
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, and turn a ``CliError`` into ``cy: error: ...`` and its exit status."""
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    setup_logging("cy")
+    try:
+        return dispatch(args)
+    except CliError as exc:
+        print(f"cy: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code

@@ -1,0 +1,234 @@
+"""``./cy up``: the whole platform on one machine, as separate processes on one NATS.
+
+Order of start-up: the default model (converted once), nats-server (unless ``--nats-url``),
+provisioning, then engine, scheduler and edge as child processes; ready when the edge answers
+``/healthz`` and lists the model. Shutdown (Ctrl-C, SIGTERM, ``./cy down``, or a child dying):
+edge first (no new requests), then scheduler, then engine, then nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from infra import provision
+from schemas import names
+from services.cli import pidfile
+from services.cli.banner import ready_banner
+from services.cli.commands import ensure_model
+from services.cli.errors import CliError
+from services.cli.infra import apply_definitions
+from services.cli.readiness import NotReady, wait_until_ready
+from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
+from services.common.lifecycle import install_stop_signals
+from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
+from services.common.natsserver import NatsServer, env_without_proxies
+
+REPO = Path(__file__).resolve().parents[2]
+NATS_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
+ENGINES = ("transformers",)
+START_ORDER = ("engine", "scheduler", "edge")
+SHUTDOWN_ORDER = ("edge", "scheduler", "engine")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """The options of ``./cy up`` (see ``--help``)."""
+
+    state_dir: Path
+    port: int = 8080
+    host: str = "127.0.0.1"
+    nats_port: int = 4222
+    nats_url: str | None = None
+    engine: str = "transformers"
+    slots: int | None = None
+    ready_timeout: float = 120.0
+    stop_timeout: float = 15.0
+    quiet: bool = False
+
+
+def worker_id(engine: str) -> str:
+    """A stable worker id for this machine's engine (a restart replaces its heartbeat entry)."""
+    return names.slug(f"{socket.gethostname()}-{engine}")
+
+
+def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable) -> list[ChildSpec]:
+    """The three service processes, in start order, with exactly the flags their CLIs take."""
+    engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
+              "--model-path", str(model_path), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine)]
+    for alias in DEFAULT_MODEL_ALIASES:
+        engine += ["--alias", alias]
+    if opts.slots is not None:
+        engine += ["--slots", str(opts.slots)]
+    by_name = {
+        "engine": engine,
+        "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url],
+        "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port)],
+    }
+    return [ChildSpec(name, tuple(by_name[name])) for name in START_ORDER]
+
+
+def http_url(host: str, port: int) -> str:
+    """The URL to reach the edge at: a wildcard bind is reached through loopback."""
+    reach = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in reach:
+        reach = f"[{reach}]"
+    return f"http://{reach}:{port}"
+
+
+def run_up(opts: UpOptions) -> int:
+    """Start everything, print where it is, serve until a signal or a child's death; the exit status."""
+    state_dir = opts.state_dir.resolve()
+    _check_port_free(opts.host, opts.port)
+    with pidfile.claim(state_dir):
+        server: NatsServer | None = None
+        try:
+            with _sigterm_raises_interrupt():
+                model_path = _ensure_model(state_dir)
+                nats_url = opts.nats_url
+                if nats_url is None:
+                    server = NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
+                                        log_file=state_dir / "logs" / "nats.log")
+                    nats_url = _start_nats(server)
+            return asyncio.run(_serve(opts, state_dir, nats_url, model_path))
+        except KeyboardInterrupt:
+            report_stderr("interrupted during start-up")
+            return 130
+        finally:
+            if server is not None:
+                with _signals_ignored():
+                    report_stderr("stopping nats-server")
+                    server.stop()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything if the edge could not bind its port."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"--host {host!r} is not an address of this machine: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port} ({exc.strerror}): is another ./cy up running? "
+                           "choose another --port") from None
+
+
+def _ensure_model(state_dir: Path) -> Path:
+    path = ensure_model(state_dir)
+    report_stderr(f"model {DEFAULT_MODEL_ID}: {path}")
+    return path
+
+
+def _start_nats(server: NatsServer) -> str:
+    assert server.log_file is not None  # always given by run_up
+    server.log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:
+        tail = "\n".join(server.log_file.read_text(errors="replace").splitlines()[-5:])
+        raise CliError(f"{exc}\n{tail}") from None
+    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file})")
+    return server.url
+
+
+async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Path) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    for action in await apply_definitions(nats_url):
+        report_stderr(f"provision: {action}")
+    if stop.is_set():
+        return 0
+    log_dir = state_dir / "logs"
+    env = env_without_proxies() | {"PYTHONUNBUFFERED": "1", "CY_STATE_DIR": str(state_dir)}
+    supervisor = Supervisor(log_dir, env=env, cwd=REPO, console=None if opts.quiet else sys.stdout,
+                            stop_timeout=opts.stop_timeout)
+    try:
+        for spec in child_specs(opts, nats_url, model_path):
+            await supervisor.start(spec)
+        url = http_url(opts.host, opts.port)
+        ready = wait_until_ready(url, [DEFAULT_MODEL_ID, *DEFAULT_MODEL_ALIASES], opts.ready_timeout)
+        try:
+            died = await _until_stop_or_death(stop, supervisor, ready)
+        except NotReady as exc:
+            _show_logs(supervisor.children.values())
+            raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
+        if died is None and not stop.is_set():
+            print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir)),
+                  flush=True)
+            died = await _until_stop_or_death(stop, supervisor)
+        if died is not None:
+            report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "
+                          f"its log: {died.log_path}")
+            _show_logs([died])
+            return 1
+        return 0
+    finally:
+        await supervisor.stop_all(SHUTDOWN_ORDER)
+
+
+async def _until_stop_or_death(stop: asyncio.Event, supervisor: Supervisor,
+                               work: Awaitable[None] | None = None) -> Child | None:
+    """Wait for ``stop``, a child's exit, or ``work`` to finish; the dead child, if that came first."""
+    watchers: dict[asyncio.Future, str] = {
+        asyncio.ensure_future(stop.wait()): "stop",
+        asyncio.ensure_future(supervisor.wait_any_exit()): "death",
+    }
+    if work is not None:
+        watchers[asyncio.ensure_future(work)] = "work"
+    try:
+        done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in watchers:
+            future.cancel()
+    outcome = {watchers[f]: f for f in done}
+    if "stop" in outcome:
+        return None
+    if "death" in outcome:
+        return outcome["death"].result()
+    outcome["work"].result()  # raises what the work raised (NotReady)
+    return None
+
+
+def _show_logs(children: Iterable[Child]) -> None:
+    for child in children:
+        tail = child.log_tail(15)
+        if tail:
+            print(f"--- last lines of {child.log_path} ---\n{tail}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _sigterm_raises_interrupt() -> Iterator[None]:
+    """Before the event loop runs, make SIGTERM unwind like Ctrl-C so nats-server gets stopped."""
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """During the last shutdown step a further Ctrl-C/SIGTERM is acknowledged, not obeyed."""
+    def ignore(signum: int, frame: FrameType | None) -> None:
+        report_stderr(f"{signal.Signals(signum).name} ignored: already shutting down")
+
+    previous = {sig: signal.signal(sig, ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
