@@ -1,0 +1,96 @@
+"""Building the edge's aiohttp application, and its bus-side setup and teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import nats.errors
+import nats.micro
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from schemas import names
+from services.common import bus
+from services.common.worker_table import WorkerTable
+from services.edge import catalog, completions, health
+from services.edge.config import EdgeConfig
+from services.edge.dispatch import Dispatcher
+from services.edge.metrics import EdgeMetrics
+from services.edge.middleware import error_middleware, metrics_middleware
+from services.edge.replies import ReplyRouter
+from services.edge.state import CONFIG, EDGE, METRICS, Edge
+from services.edge.workers import WorkerFeed
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+_DRAIN_TIMEOUT = 5.0
+
+
+async def _drain(nc) -> None:
+    """Flush what is pending (cancels included) and close; never hang on a dead server."""
+    try:
+        async with asyncio.timeout(_DRAIN_TIMEOUT):
+            await nc.drain()
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.warning("NATS drain did not complete (%s); closing", type(exc).__name__)
+        # close() flushes to the old transport, which raises when the server is gone.
+        with contextlib.suppress(OSError):
+            await nc.close()
+
+
+async def _bus_context(app: web.Application) -> AsyncIterator[None]:
+    """Connect, subscribe (reply inbox, heartbeats), bootstrap the worker table; undo it all on cleanup."""
+    config = app[CONFIG]
+    edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
+    nc = await bus.connect(config.nats_url, name=f"{names.MICRO_EDGE} {edge_id}")
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(_drain, nc)
+        router = ReplyRouter(edge_id)
+        await router.start(nc)
+        stack.push_async_callback(router.stop)
+        table = WorkerTable()
+        feed = WorkerFeed(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace)
+        await feed.start(nc, nc.jetstream())
+        stack.push_async_callback(feed.stop)
+        dispatcher = Dispatcher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout)
+        service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,
+                                               description="CY-LLM edge (OpenAI-compatible HTTP)",
+                                               metadata={"edge_id": edge_id, "http": f"{config.host}:{config.port}"})
+        stack.push_async_callback(service.stop)
+        app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher)
+        log.info("edge %s connected to %s", edge_id, config.nats_url)
+        yield
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    """First step of shutdown (before open streams are waited for): new requests get 503."""
+    edge = app.get(EDGE)
+    if edge is not None:
+        edge.accepting = False
+
+
+def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """The edge as an aiohttp application; connecting to NATS happens on startup (``cleanup_ctx``).
+
+    Serve it with ``handler_cancellation=True`` (``server.serve`` and aiohttp's ``TestServer`` do),
+    so that a client that disconnects cancels its handler and the request is cancelled on the bus.
+    """
+    metrics = EdgeMetrics(registry if registry is not None else CollectorRegistry())
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware(config.retry_after)],
+                          client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_bus_context)
+    app.on_shutdown.append(_stop_accepting)
+    app.router.add_post("/v1/chat/completions", completions.chat_completions)
+    app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_get("/v1/models", catalog.list_models)
+    app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/metrics", health.metrics)
+    return app

@@ -1,0 +1,125 @@
+"""The edge's one reply inbox: every token event for every request arrives on one wildcard.
+
+A request registers a queue under its id before it is published; events on
+``_INBOX.<edge>.<request id>`` are decoded once and put on that queue. The router also
+remembers which engine (from ``StreamStart``) runs each request, so requests on an engine that
+stopped heart-beating end with ``worker_lost`` instead of waiting for their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas import names
+from schemas.errors import ErrorCode
+from schemas.events import StreamError, StreamEvent, StreamStart, decode_event
+
+log = logging.getLogger(__name__)
+
+
+class PendingReply:
+    """The reply side of one in-flight request."""
+
+    __slots__ = ("abandon_reason", "dead_since", "queue", "worker")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.worker: str | None = None
+        self.dead_since: float | None = None
+        # Set when the edge ended the request itself; the engine may still be running it.
+        self.abandon_reason: str | None = None
+
+    def fail(self, request_id: str, code: ErrorCode, message: str, reason: str) -> None:
+        """End the request locally with a typed error (it still owes the bus a cancel)."""
+        self.abandon_reason = reason
+        self.worker = None
+        self.queue.put_nowait(StreamError(id=request_id, code=code, message=message))
+
+
+class ReplyRouter:
+    """Routes events from the edge's wildcard inbox to per-request queues."""
+
+    def __init__(self, edge_id: str) -> None:
+        self.edge_id = names.token(edge_id)
+        self._pending: dict[str, PendingReply] = {}
+        self._sub: Subscription | None = None
+        self.unrouted = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def start(self, nc: Client) -> None:
+        """Subscribe to ``_INBOX.<edge>.*`` (once, for every request this edge will make)."""
+        self._sub = await nc.subscribe(names.reply_inbox_all(self.edge_id), cb=self._on_msg)
+
+    async def stop(self) -> None:
+        """Unsubscribe; requests still registered get an error instead of waiting forever."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.ConnectionClosedError):  # nothing to unsubscribe from
+                await self._sub.unsubscribe()
+            self._sub = None
+        for rid, pending in list(self._pending.items()):
+            pending.fail(rid, ErrorCode.INTERNAL, "the edge is shutting down", "edge_shutdown")
+
+    def reply_to(self, request_id: str) -> str:
+        """The reply subject of a request of this edge."""
+        return names.reply_inbox(self.edge_id, request_id)
+
+    def register(self, request_id: str) -> PendingReply:
+        """Start routing events for ``request_id`` (call before publishing the request)."""
+        pending = PendingReply()
+        self._pending[request_id] = pending
+        return pending
+
+    def unregister(self, request_id: str) -> None:
+        """Stop routing events for ``request_id``; late events are dropped."""
+        self._pending.pop(request_id, None)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        request_id = msg.subject[msg.subject.rfind(".") + 1:]
+        pending = self._pending.get(request_id)
+        if pending is None:
+            # A late event after the request ended (cancelled, timed out): expected, not logged per event.
+            self.unrouted += 1
+            return
+        try:
+            event = decode_event(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("malformed event for request %s: %s", request_id, exc)
+            pending.fail(request_id, ErrorCode.INTERNAL, f"malformed event from the engine: {exc}", "bad_event")
+            return
+        if type(event) is StreamStart:
+            pending.worker = event.worker
+            pending.dead_since = None
+        pending.queue.put_nowait(event)
+
+    def sweep_lost_workers(self, is_alive: Callable[[str], bool], now: float, grace: float) -> list[str]:
+        """End requests whose engine has not been alive for ``grace`` seconds; return their ids.
+
+        The grace lets a scheduler that re-dispatches a request to another engine (a new
+        ``StreamStart``) win against this edge giving up on it.
+        """
+        failed = []
+        for request_id, pending in self._pending.items():
+            worker = pending.worker
+            if worker is None:
+                continue
+            if is_alive(worker):
+                pending.dead_since = None
+                continue
+            if pending.dead_since is None:
+                pending.dead_since = now
+            if now - pending.dead_since >= grace:
+                pending.fail(request_id, ErrorCode.WORKER_LOST,
+                             f"engine {worker} stopped heart-beating while running this request", "worker_lost")
+                failed.append(request_id)
+        return failed

@@ -1,0 +1,39 @@
+"""Running the edge as a process: HTTP site, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from services.common.lifecycle import install_stop_signals
+from services.edge.app import create_app
+from services.edge.config import EdgeConfig
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (SIGTERM/SIGINT when not given), then shut down in order.
+
+    Shutdown: stop listening, refuse new requests on open connections (503), let open requests
+    and streams finish for up to ``shutdown_timeout`` (then cancel them, which cancels them on the
+    bus), and finally drain the NATS connection.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,
+                           access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        log.info("edge listening on http://%s:%d", config.host, config.port)
+        await stop.wait()
+        log.info("edge shutting down (open requests get up to %gs)", config.shutdown_timeout)
+    finally:
+        await runner.cleanup()
+    log.info("edge stopped")

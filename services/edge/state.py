@@ -1,0 +1,38 @@
+"""What the edge's handlers share: the config and the live bus-side objects, under typed app keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from nats.aio.client import Client
+
+from schemas.errors import BusError, ErrorCode
+from services.common.worker_table import WorkerTable
+from services.edge.config import EdgeConfig
+from services.edge.dispatch import Dispatcher
+from services.edge.metrics import EdgeMetrics
+from services.edge.replies import ReplyRouter
+
+
+@dataclass
+class Edge:
+    """The running edge: set up by the app's cleanup context, read by every handler."""
+
+    config: EdgeConfig
+    edge_id: str
+    nc: Client
+    table: WorkerTable
+    router: ReplyRouter
+    dispatcher: Dispatcher
+    accepting: bool = field(default=True)
+
+    def check_accepting(self) -> None:
+        """Refuse new inference requests once shutdown has begun."""
+        if not self.accepting:
+            raise BusError(ErrorCode.NO_WORKER, "the edge is shutting down; retry on another instance")
+
+
+CONFIG = web.AppKey("config", EdgeConfig)
+METRICS = web.AppKey("metrics", EdgeMetrics)
+EDGE = web.AppKey("edge", Edge)
