@@ -71,7 +71,11 @@ class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class CancelRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Broadcast on ``llm.v1.infer.cancel``: stop request ``id`` wherever it is."""
+    """Broadcast on ``llm.v1.infer.cancel``: stop request ``id`` wherever it is.
+
+    ``reason`` is informational; the edge sends ``client_disconnected``, ``timeout``,
+    ``worker_lost``, ``publish_timeout`` or ``edge_shutdown``.
+    """
 
     id: str
     reason: str = "cancelled"

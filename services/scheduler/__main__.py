@@ -1,0 +1,106 @@
+"""``python -m services.scheduler --nats-url URL [--metrics-port N]``: run one scheduler replica.
+
+SIGTERM/SIGINT: stop taking work, finish dispatches under way, drain the connection, exit 0.
+A second signal is a no-op. Exit status 1 if the scheduler cannot start or a loop crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from wsgiref.simple_server import WSGIServer
+
+import nats.errors
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.common import bus, lifecycle
+from services.scheduler.config import SchedulerConfig, parse_args
+from services.scheduler.service import ConsumerMissing, Scheduler
+
+log = logging.getLogger("services.scheduler")
+
+
+class MetricsPortBusy(RuntimeError):
+    """``--metrics-port`` cannot be bound."""
+
+
+def _serve_metrics(port: int, registry: CollectorRegistry) -> WSGIServer:
+    try:
+        server, _ = start_http_server(port, registry=registry)
+    except OSError as exc:
+        raise MetricsPortBusy(f"cannot serve metrics on port {port}: {exc}") from exc
+    log.info("metrics on :%d/metrics", port)
+    return server
+
+
+async def _until(*events: asyncio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def _connect(url: str, stop: asyncio.Event) -> Client | None:
+    """Connect to NATS (retrying while it is down); ``None`` if told to stop first."""
+    connecting = asyncio.create_task(bus.connect(url, name="cy-scheduler"))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([connecting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await connecting
+    log.info("stopped before NATS at %s answered", url)
+    return None
+
+
+async def serve(config: SchedulerConfig) -> int:
+    """Run until a stop signal (0) or a crashed loop (1)."""
+    stop = asyncio.Event()
+    lifecycle.install_stop_signals(stop)
+    registry = CollectorRegistry()
+    http = _serve_metrics(config.metrics_port, registry) if config.metrics_port else None
+    try:
+        nc = await _connect(config.nats_url, stop)
+        if nc is None:
+            return 0
+        try:
+            async with Scheduler(nc, config, registry) as scheduler:
+                await _until(stop, scheduler.failed)
+                code = 1 if scheduler.failed.is_set() else 0
+        finally:
+            with contextlib.suppress(nats.errors.ConnectionClosedError):  # already closed: nothing to flush
+                await nc.drain()
+    finally:
+        if http is not None:
+            http.shutdown()
+    log.info("scheduler stopped")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the configuration once, then run the scheduler on uvloop when available."""
+    config = parse_args(argv)
+    lifecycle.setup_logging("scheduler")
+    result: list[int] = []
+
+    async def run() -> None:
+        result.append(await serve(config))
+
+    try:
+        lifecycle.run(run)
+    except (ConsumerMissing, MetricsPortBusy) as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    sys.exit(result[0] if result else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Scheduler configuration: one strict struct, parsed once at start-up from flags and an optional TOML file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Everything a scheduler replica needs; unknown keys are an error, not a silent typo."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0 = not served
+    dispatch_timeout: Seconds = 2.0   # wait this long for an engine's accepted/busy answer
+    max_attempts: Positive = 3        # engines tried per message before it goes back to the queue
+    retry_delay: Seconds = 0.25       # a message no engine could take returns after this long...
+    max_retry_delay: Seconds = 2.0    # ...doubling on each return, up to this long
+    fetch_wait: Seconds = 0.05        # a fetch after a doorbell waits this long for the stored message
+    probe_wait: Seconds = 0.005       # a speculative fetch (start-up, suspected redeliveries) waits this long
+    expire_interval: Seconds = 0.25   # drop engines silent for three heartbeat intervals this often
+    stats_interval: Seconds = 2.0     # reconcile lanes with consumer info (depth, redeliveries) this often
+    max_batch: Positive = 32          # most messages taken in one fetch (never more than free slots)
+    recent_ttl: Seconds = 300.0       # remember cancelled and accepted request ids this long
+    drain_timeout: Seconds = 10.0     # on shutdown, wait this long for dispatches under way
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.scheduler",
+                                description="CY-LLM scheduler: takes requests off the JetStream queue by priority "
+                                            "and dispatches each to the least-loaded engine serving its model.")
+    p.add_argument("--nats-url", default=None, help="NATS server URL (default: $CY_NATS_URL or nats://127.0.0.1:4222)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML file with any SchedulerConfig field (flags given here win)")
+    p.add_argument("--dispatch-timeout", type=float, default=None, help="seconds to wait for an engine's answer")
+    p.add_argument("--max-attempts", type=int, default=None, help="engines tried per message before deferring it")
+    p.add_argument("--retry-delay", type=float, default=None, help="seconds before a deferred message is retried")
+    p.add_argument("--drain-timeout", type=float, default=None, help="seconds to finish dispatches on SIGTERM")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> SchedulerConfig:
+    """Build the config from the command line (``--config`` file first, then flags, then defaults)."""
+    p = _parser()
+    args = p.parse_args(argv)
+    values: dict[str, object] = {}
+    if args.config is not None:
+        try:
+            values.update(msgspec.toml.decode(args.config.read_bytes()))
+        except (OSError, msgspec.DecodeError) as exc:
+            p.error(f"--config {args.config}: {exc}")
+    if "nats_url" not in values and "CY_NATS_URL" in os.environ:
+        values["nats_url"] = os.environ["CY_NATS_URL"]
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    try:
+        return msgspec.convert(values, SchedulerConfig)
+    except msgspec.ValidationError as exc:
+        p.error(f"invalid configuration: {exc}")
+    raise AssertionError("unreachable: argparse.error exits")

@@ -1,0 +1,212 @@
+"""Handing one queued message to an engine, and settling it with JetStream.
+
+``Dispatcher.admit`` decides synchronously (so capacity is reserved before the take loop looks
+again) and returns the I/O that is left: send the original bytes to the chosen engine, retry
+another on busy / no answer, then ``ack`` (accepted, or answered with a typed error) or
+``nak`` with a delay (no engine can take it now: it goes back to its lane for later).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from schemas import names
+from schemas.errors import ErrorCode
+from schemas.events import StreamError, encode
+from schemas.inference import DispatchReply, InferenceRequest
+from schemas.names import Lane
+from services.scheduler.metrics import Attempt, Outcome, SchedulerMetrics
+from services.scheduler.placement import Placement
+from services.scheduler.recent import RecentIds
+from services.scheduler.routing import (Cancelled, Dispatchable, Duplicate, Expired, InFlight, Malformed, classify,
+                                        refusal_is_final, retry_delay)
+
+log = logging.getLogger(__name__)
+
+_reply_decoder = msgspec.json.Decoder(DispatchReply)
+
+# Connection states in which nothing reaches the server now; JetStream redelivers after ack_wait.
+BUS_DOWN = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+            nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
+            nats.errors.StaleConnectionError)
+
+IoWork = Coroutine[Any, Any, None]
+
+
+@dataclass
+class RequestMemory:
+    """Request ids the scheduler remembers: cancelled, accepted by an engine, being dispatched."""
+
+    cancelled: RecentIds
+    accepted: RecentIds
+    dispatching: set[str] = field(default_factory=set)
+
+
+class Dispatcher:
+    """Routes messages taken from the queue to engines (see the module docstring).
+
+    ``on_release`` is called whenever an engine answers (capacity may have changed);
+    ``on_defer(lane, delay)`` when a message was handed back to ``lane`` for ``delay`` seconds.
+    """
+
+    def __init__(self, nc: Client, placement: Placement, metrics: SchedulerMetrics, memory: RequestMemory, *,
+                 dispatch_timeout: float, max_attempts: int, retry_delay: float, max_retry_delay: float,
+                 on_release: Callable[[], None], on_defer: Callable[[Lane, float], None]) -> None:
+        self._nc = nc
+        self._placement = placement
+        self._metrics = metrics
+        self._memory = memory
+        self._timeout = dispatch_timeout
+        self._max_attempts = max_attempts
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._on_release = on_release
+        self._on_defer = on_defer
+
+    def admit(self, lane: Lane, msg: Msg) -> IoWork | None:
+        """Decide what to do with ``msg`` now (reserving an engine slot); return the I/O left to run."""
+        verdict = classify(msg.data, now=time.time(), cancelled=self._memory.cancelled,
+                           accepted=self._memory.accepted, dispatching=self._memory.dispatching)
+        match verdict:
+            case Dispatchable(request=req):
+                worker = self._placement.reserve(req.model)
+                if worker is None:
+                    return self._unplaced(lane, msg, req)
+                self._memory.dispatching.add(req.id)
+                return self._dispatch(lane, msg, req, worker)
+            case InFlight():
+                return None  # the copy being dispatched settles this message (acks are by stream sequence)
+            case Duplicate():
+                return self._settle(lane, msg, Outcome.DUPLICATE)
+            case Cancelled():
+                return self._settle(lane, msg, Outcome.CANCELLED)
+            case Expired(request=req):
+                return self._fail(lane, msg, req, ErrorCode.TIMEOUT,
+                                  "the request's deadline passed while it waited in the queue", Outcome.EXPIRED)
+            case Malformed() as bad:
+                return self._reject(lane, msg, bad)
+
+    async def _dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None) -> None:
+        """Offer ``req`` to ``worker``, then to the next best engines, until one answers for good."""
+        taken_at = time.monotonic()
+        tried: list[str] = []
+        try:
+            while worker is not None:
+                reply = await self._attempt(worker, msg.data)
+                if reply is not None and reply.accepted:
+                    await self._accepted(lane, msg, req, taken_at)
+                    return
+                if reply is not None and refusal_is_final(reply):
+                    await self._fail(lane, msg, req, reply.code or ErrorCode.INVALID_REQUEST,
+                                     reply.message or f"engine {worker} refused the request", Outcome.REFUSED)
+                    return
+                if req.id in self._memory.cancelled:
+                    await self._settle(lane, msg, Outcome.CANCELLED)
+                    return
+                tried.append(worker)
+                worker = self._placement.reserve(req.model, exclude=tried) if len(tried) < self._max_attempts else None
+                if worker is not None:
+                    await self._keep_alive(msg)
+            await self._unplaced(lane, msg, req)
+        finally:
+            self._memory.dispatching.discard(req.id)
+
+    async def _unplaced(self, lane: Lane, msg: Msg, req: InferenceRequest) -> None:
+        """No engine took ``req``: an error if none serves its model at all, else back to the queue for later."""
+        if self._placement.serves(req.model):
+            await self._defer(lane, msg)
+        else:
+            await self._fail(lane, msg, req, ErrorCode.MODEL_NOT_FOUND, f"no live engine serves model {req.model!r}",
+                             Outcome.MODEL_NOT_FOUND)
+
+    async def _attempt(self, worker: str, data: bytes) -> DispatchReply | None:
+        """Send the original message bytes to one engine; its reply, or ``None`` if it did not answer."""
+        reply = None
+        try:
+            reply = await self._request(worker, data)
+        finally:
+            self._placement.release(worker, reply)
+            self._on_release()
+        return reply
+
+    async def _request(self, worker: str, data: bytes) -> DispatchReply | None:
+        try:
+            resp = await self._nc.request(names.engine_generate(worker), data, timeout=self._timeout)
+        except nats.errors.NoRespondersError:
+            log.warning("engine %s has no generate subscription (gone): forgetting it", worker)
+            self._placement.forget(worker)
+            self._metrics.attempt(Attempt.NO_REPLY)
+            return None
+        except nats.errors.TimeoutError:
+            log.warning("engine %s did not answer a dispatch within %.1fs", worker, self._timeout)
+            self._metrics.attempt(Attempt.NO_REPLY)
+            return None
+        except BUS_DOWN as exc:
+            log.warning("dispatch to %s not sent: %s", worker, exc)
+            self._metrics.attempt(Attempt.NO_REPLY)
+            return None
+        try:
+            reply = _reply_decoder.decode(resp.data)
+        except msgspec.DecodeError as exc:
+            log.warning("engine %s sent a malformed DispatchReply: %s", worker, exc)
+            self._metrics.attempt(Attempt.NO_REPLY)
+            return None
+        self._metrics.attempt(Attempt.ACCEPTED if reply.accepted else
+                              Attempt.REFUSED if refusal_is_final(reply) else Attempt.BUSY)
+        return reply
+
+    async def _accepted(self, lane: Lane, msg: Msg, req: InferenceRequest, taken_at: float) -> None:
+        self._memory.accepted.add(req.id)
+        await self._jetstream(msg.ack())
+        self._metrics.outcome(lane, Outcome.DISPATCHED)
+        self._metrics.dispatched(lane, time.monotonic() - taken_at, time.time() - req.created if req.created else None)
+
+    async def _settle(self, lane: Lane, msg: Msg, outcome: Outcome) -> None:
+        await self._jetstream(msg.ack())
+        self._metrics.outcome(lane, outcome)
+
+    async def _defer(self, lane: Lane, msg: Msg) -> None:
+        delay = retry_delay(msg.metadata.num_delivered, self._retry_delay, self._max_retry_delay)
+        await self._jetstream(msg.nak(delay=delay))
+        self._on_defer(lane, delay)
+        self._metrics.outcome(lane, Outcome.DEFERRED)
+
+    async def _fail(self, lane: Lane, msg: Msg, req: InferenceRequest, code: str, message: str,
+                    outcome: Outcome) -> None:
+        await self._publish_error(req.reply_to, StreamError(id=req.id, code=str(code), message=message))
+        await self._settle(lane, msg, outcome)
+
+    async def _reject(self, lane: Lane, msg: Msg, bad: Malformed) -> None:
+        log.warning("terminating a malformed message in lane %s: %s", lane, bad.reason)
+        if bad.reply_to:
+            await self._publish_error(bad.reply_to, StreamError(id=bad.request_id, code=ErrorCode.INVALID_REQUEST,
+                                                                 message=bad.reason))
+        await self._jetstream(msg.term())
+        self._metrics.outcome(lane, Outcome.INVALID)
+
+    async def _publish_error(self, reply_to: str, error: StreamError) -> None:
+        try:
+            await self._nc.publish(reply_to, encode(error))
+        except BUS_DOWN as exc:
+            log.warning("could not send %s error for request %s: %s", error.code, error.id, exc)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        # Each retry may wait dispatch_timeout again: restart the consumer's ack_wait clock.
+        await self._jetstream(msg.in_progress())
+
+    @staticmethod
+    async def _jetstream(ack: Coroutine[Any, Any, None]) -> None:
+        """Send an ack/nak/term/progress; if the bus is down, JetStream redelivers after ack_wait."""
+        try:
+            await ack
+        except BUS_DOWN as exc:
+            log.warning("acknowledgement not sent (message will be redelivered): %s", exc)

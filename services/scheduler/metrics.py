@@ -1,0 +1,92 @@
+"""Prometheus metrics of one scheduler replica (registry injected; bounded labels only).
+
+Named ``coordinator_*`` after the seed documents, like the engine's ``worker_*``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from schemas.names import LANES_BY_PRIORITY, Lane
+
+_DISPATCH_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Outcome(enum.StrEnum):
+    """What happened to one message taken from the queue (the ``outcome`` label)."""
+
+    DISPATCHED = "dispatched"        # an engine accepted it
+    DEFERRED = "deferred"            # no engine could take it now; back to the queue for later
+    DUPLICATE = "duplicate"          # already accepted earlier (redelivery); acknowledged, not re-sent
+    CANCELLED = "cancelled"          # cancelled while queued
+    EXPIRED = "expired"              # deadline passed before dispatch: timeout error sent
+    MODEL_NOT_FOUND = "model_not_found"  # no live engine serves the model: error sent
+    REFUSED = "refused"              # an engine refused the request itself: its error sent
+    INVALID = "invalid"              # not a valid InferenceRequest: terminated
+
+
+class Attempt(enum.StrEnum):
+    """How one send to one engine went (the ``result`` label)."""
+
+    ACCEPTED = "accepted"
+    BUSY = "busy"
+    REFUSED = "refused"
+    NO_REPLY = "no_reply"
+
+
+class SchedulerMetrics:
+    """Every metric of the scheduler, registered on the injected ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("coordinator_inference_requests", "Messages taken from the queue, by outcome",
+                                ["lane", "outcome"], registry=registry)
+        self.queue_pending = Gauge("coordinator_queue_pending", "Messages waiting in a lane of the queue",
+                                   ["lane"], registry=registry)
+        self.workers_healthy = Gauge("coordinator_workers_healthy", "Live, non-draining engines",
+                                     registry=registry)
+        self.dispatch_latency = Histogram("coordinator_dispatch_latency_seconds",
+                                          "Taken from the queue to accepted by an engine", ["lane"],
+                                          buckets=_DISPATCH_BUCKETS, registry=registry)
+        self.queue_wait = Histogram("coordinator_queue_wait_seconds",
+                                    "Request created (producer clock) to accepted by an engine", ["lane"],
+                                    buckets=_WAIT_BUCKETS, registry=registry)
+        self.attempts = Counter("coordinator_dispatch_attempts", "Sends to an engine, by result", ["result"],
+                                registry=registry)
+        # Label children resolved once: these are touched for every request.
+        self._pending = {lane: self.queue_pending.labels(lane.value) for lane in LANES_BY_PRIORITY}
+        self._latency = {lane: self.dispatch_latency.labels(lane.value) for lane in LANES_BY_PRIORITY}
+        self._wait = {lane: self.queue_wait.labels(lane.value) for lane in LANES_BY_PRIORITY}
+        self._outcomes = {(lane, o): self.requests.labels(lane.value, o.value)
+                          for lane in LANES_BY_PRIORITY for o in Outcome}
+        self._attempts = {a: self.attempts.labels(a.value) for a in Attempt}
+
+    def outcome(self, lane: Lane, outcome: Outcome) -> None:
+        """Count one message of ``lane`` ending with ``outcome``."""
+        self._outcomes[(lane, outcome)].inc()
+
+    def attempt(self, result: Attempt) -> None:
+        """Count one send to an engine."""
+        self._attempts[result].inc()
+
+    def dispatched(self, lane: Lane, taken_for: float, queued_for: float | None) -> None:
+        """Record the latencies of one accepted dispatch (seconds)."""
+        self._latency[lane].observe(taken_for)
+        if queued_for is not None and queued_for >= 0:
+            self._wait[lane].observe(queued_for)
+
+    def pending(self, lane: Lane, count: int) -> None:
+        """Set the number of messages waiting in ``lane``."""
+        self._pending[lane].set(count)
+
+    def request_counts(self) -> dict[str, dict[str, int]]:
+        """Messages by lane and outcome so far (non-zero ones), for the status endpoint."""
+        out: dict[str, dict[str, int]] = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    out.setdefault(sample.labels["lane"], {})[sample.labels["outcome"]] = int(sample.value)
+        return out

@@ -1,0 +1,94 @@
+"""Test support: start the platform as real processes, the way users and operators do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def state_dir_with_models(tmp: Path, model_dir: Path) -> Path:
+    """A fresh state directory that shares the already-converted model store (no re-conversion)."""
+    state = tmp / "state"
+    (state / "models").mkdir(parents=True)
+    (state / "models" / model_dir.name).symlink_to(model_dir)
+    return state
+
+
+class CyUp:
+    """``python -m services.cli up`` as a child process, stopped with SIGTERM (like Ctrl-C)."""
+
+    def __init__(self, state_dir: Path, *extra: str) -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.nats_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        self.log = state_dir / "cy-up.out"
+        argv = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--nats-port",
+                str(self.nats_port), "--state-dir", str(state_dir), "--quiet", *extra]
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+    def output(self) -> str:
+        """Everything ``up`` printed so far."""
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Block until ``up`` printed its ready banner; fail with its output if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "CY-LLM is up." in self.output():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cy up exited with {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"cy up was not ready within {timeout}s:\n{self.output()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:
+    """All ``data:`` payloads of an SSE response, in order."""
+    out = []
+    async for raw in resp.content:
+        line = raw.strip()
+        if line.startswith(b"data: "):
+            out.append(line[6:])
+    return out
+
+
+async def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll an async predicate until true or ``timeout``; its last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
