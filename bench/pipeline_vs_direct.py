@@ -4,7 +4,7 @@
 
 Starts a private nats-server, scheduler, engine and edge (separate processes, as ``./cy up``
 does), and in this process the same adapter with the same settings. For each concurrency it
-runs the direct and the pipeline measurements back to back, and prints time to first token
+alternates direct and pipeline rounds, and prints time to first token
 (p50/p99) and completion tokens per second, with the pipeline/direct ratios.
 """
 
@@ -130,7 +130,8 @@ def row(label: str, c: int, ttfts: list[float], tokens: int, secs: float) -> dic
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", default="transformers", choices=["transformers", "simulated"])
-    p.add_argument("--requests", type=int, default=24, help="requests per measurement")
+    p.add_argument("--requests", type=int, default=32, help="requests per path and concurrency")
+    p.add_argument("--rounds", type=int, default=4, help="alternations of direct and pipeline per concurrency")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--concurrency", default="1,8")
@@ -151,8 +152,16 @@ async def main() -> None:
                 await run_load(direct, 2, 4)  # warm-up both paths
                 await run_load(piped, 2, 4)
                 for c in (int(x) for x in args.concurrency.split(",")):
-                    rows.append(row("direct", c, *await run_load(direct, c, args.requests)))
-                    rows.append(row("pipeline", c, *await run_load(piped, c, args.requests)))
+                    # Alternate the two paths in rounds so slow drift of this noisy machine hits both alike.
+                    acc = {"direct": ([], 0, 0.0), "pipeline": ([], 0, 0.0)}
+                    per_round = max(c, args.requests // args.rounds)
+                    for _ in range(args.rounds):
+                        for label, one in (("direct", direct), ("pipeline", piped)):
+                            t, n, secs = await run_load(one, c, per_round)
+                            a = acc[label]
+                            acc[label] = (a[0] + t, a[1] + n, a[2] + secs)
+                    rows.append(row("direct", c, *acc["direct"]))
+                    rows.append(row("pipeline", c, *acc["pipeline"]))
         finally:
             await sup.stop_all(["edge", "scheduler", "engine"])
             server.stop()
