@@ -37,9 +37,12 @@ def test_children_get_the_flags_their_clis_take(tmp_path: Path):
     assert [engine[i + 1] for i, a in enumerate(engine) if a == "--alias"] == DEFAULT_MODEL_ALIASES
     worker = engine[engine.index("--worker-id") + 1]
     assert worker and all(c.isalnum() or c in "-_" for c in worker)
-    assert scheduler == ["py", "-m", "services.scheduler", "--nats-url", "nats://127.0.0.1:4999"]
+    assert scheduler == ["py", "-m", "services.scheduler", "--nats-url", "nats://127.0.0.1:4999",
+                         "--drain-timeout", "10.0"]
     assert edge == ["py", "-m", "services.edge", "--nats-url", "nats://127.0.0.1:4999",
-                    "--host", "127.0.0.1", "--port", "8099"]
+                    "--host", "127.0.0.1", "--port", "8099", "--shutdown-timeout", "10.0"]
+    # Every graceful-stop budget is shorter than the supervisor's SIGKILL deadline.
+    assert float(engine[engine.index("--drain-timeout") + 1]) < opts.stop_timeout
 
 
 def test_slots_are_left_to_the_engine_unless_given(tmp_path: Path):

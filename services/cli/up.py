@@ -61,16 +61,20 @@ def worker_id(engine: str) -> str:
 
 def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable) -> list[ChildSpec]:
     """The three service processes, in start order, with exactly the flags their CLIs take."""
+    # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
+    grace = str(max(1.0, opts.stop_timeout - 5))
     engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
-              "--model-path", str(model_path), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine)]
+              "--model-path", str(model_path), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine),
+              "--drain-timeout", grace]
     for alias in DEFAULT_MODEL_ALIASES:
         engine += ["--alias", alias]
     if opts.slots is not None:
         engine += ["--slots", str(opts.slots)]
     by_name = {
         "engine": engine,
-        "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url],
-        "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port)],
+        "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url, "--drain-timeout", grace],
+        "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port),
+                 "--shutdown-timeout", grace],
     }
     return [ChildSpec(name, tuple(by_name[name])) for name in START_ORDER]
 
