@@ -77,13 +77,34 @@ async def chat(http: aiohttp.ClientSession, url: str, content: str, max_tokens: 
         return {"status": resp.status, "body": await resp.json(), "done": time.monotonic()}
 
 
+async def busy_engines(nats_url: str, workers: set[str], timeout: float) -> bool:
+    """Wait until every engine in ``workers`` reports a request in flight."""
+    nc = await nats.connect(nats_url)
+    busy: set[str] = set()
+
+    async def on_status(msg):
+        hb = msgspec.json.decode(msg.data, type=EngineHeartbeat)
+        if hb.in_flight:
+            busy.add(hb.worker)
+
+    await nc.subscribe(names.WORKER_STATUS_ALL, cb=on_status)
+
+    async def all_busy():
+        return busy >= workers
+
+    try:
+        return await wait_for(all_busy, timeout=timeout)
+    finally:
+        await nc.close()
+
+
 async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path, default_model_dir):
     cluster = Cluster(tmp_path, default_model_dir)
     await cluster.start({"solo": 1})
     try:
         async with aiohttp.ClientSession() as http:
             blocker = asyncio.create_task(chat(http, cluster.url, "Write a long story about a dragon.", 60))
-            await asyncio.sleep(1.0)  # the engine's only slot is busy now
+            assert await busy_engines(cluster.server.url, {"solo"}, timeout=60)  # its only slot is taken
             lows = []
             for i in range(3):
                 lows.append(asyncio.create_task(chat(http, cluster.url, f"Count to {i + 3}.", 12, priority=-1)))
@@ -103,12 +124,11 @@ async def test_sigkilled_engine_ends_its_requests_with_an_error_and_gets_no_new_
     await cluster.start({"eng-a": 2, "eng-b": 2})
     try:
         async with aiohttp.ClientSession() as http:
-            streams = [asyncio.create_task(chat(http, cluster.url, f"Write a long poem number {i}.", 400,
-                                                timeout=120)) for i in range(4)]
-            await asyncio.sleep(3.0)  # all four are generating, two on each engine
-            victim = cluster.sup.children["eng-a"]
-            os.kill(victim.proc.pid, signal.SIGKILL)
-            results = await asyncio.wait_for(asyncio.gather(*streams), timeout=150)
+            streams = [asyncio.create_task(chat(http, cluster.url, f"Write a long poem number {i}.", 120))
+                       for i in range(4)]
+            assert await busy_engines(cluster.server.url, {"eng-a", "eng-b"}, timeout=120)
+            os.kill(cluster.sup.children["eng-a"].proc.pid, signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*streams), timeout=280)
             failed = [r for r in results if r["status"] != 200]
             assert failed, "requests on the killed engine should have failed"
             for r in failed:
