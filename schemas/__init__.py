@@ -4,6 +4,7 @@ Everything that crosses NATS is defined here. Structs are open-world (unknown fi
 ignored) and evolve only by adding defaulted fields; a breaking change gets ``llm.v2``.
 """
 
+from schemas.auth import ApiKeyRecord, Scope
 from schemas.errors import ErrorCode, BusError
 from schemas.events import (
     StreamEnd,
@@ -25,6 +26,7 @@ from schemas.inference import (
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 
 __all__ = [
+    "ApiKeyRecord",
     "BusError",
     "CancelRequest",
     "ChatMessage",
@@ -33,6 +35,7 @@ __all__ = [
     "ErrorCode",
     "InferenceRequest",
     "SamplingParams",
+    "Scope",
     "ServedModel",
     "StreamEnd",
     "StreamError",

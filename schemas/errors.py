@@ -24,6 +24,9 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     INTERNAL = "internal_error"
+    # Auth, answered by the edge itself: missing/unknown/expired credentials, and a scope the credential lacks.
+    INVALID_API_KEY = "invalid_api_key"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
 
 
 class BusError(Exception):

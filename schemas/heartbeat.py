@@ -38,3 +38,4 @@ class EngineHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     host: str = ""
     started: float = 0.0
     engine_reason: str = ""
+    weight: float = 1.0  # relative share of work under the scheduler's ``weighted`` strategy

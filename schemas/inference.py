@@ -51,6 +51,10 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     created: float = 0.0
     adapter: str | None = None
     user: str | None = None
+    # Prompt cache (issue 3): ``cache`` False opts out; ``cache_key`` is set by the scheduler on a
+    # cacheable miss, telling the engine to store the finished response under that key.
+    cache: bool = True
+    cache_key: str | None = None
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -111,7 +111,11 @@ def reply_inbox_all(owner: str) -> str:
 WORKERS_BUCKET = "llm_workers"
 PROMPT_CACHE_BUCKET = "llm_prompt_cache"
 MODELS_BUCKET = "llm_models"
+SCHEDULER_CONFIG_BUCKET = "llm_scheduler_config"
+STRATEGY_KEY = "strategy"  # key in SCHEDULER_CONFIG_BUCKET: the active routing strategy, watched by every replica
 ARTIFACTS_STORE = "llm_artifacts"
+# API keys: key id -> ApiKeyRecord (only the SHA-256 of the key is stored).
+API_KEYS_BUCKET = "llm_api_keys"
 
 # --- training (used by the trainer issue) ---
 TRAIN_STREAM = "LLM_TRAIN"

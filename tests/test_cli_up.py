@@ -21,6 +21,8 @@ from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.up import UpOptions, child_specs, http_url
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_children_get_the_flags_their_clis_take(tmp_path: Path):
     opts = UpOptions(state_dir=tmp_path, port=8099, host="127.0.0.1", slots=4)
@@ -171,3 +173,19 @@ def test_an_unrelated_process_in_the_pid_file_is_left_alone(tmp_path: Path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_up_passes_auth_to_the_edge_and_says_how_to_get_a_key(tmp_path: Path):
+    edge = list(child_specs(UpOptions(state_dir=tmp_path, host="0.0.0.0", auth="keys"), "nats://x:1", tmp_path)[2].argv)
+    assert edge[edge.index("--auth") + 1] == "keys"
+    text = ready_banner("http://127.0.0.1:8080", "nats://127.0.0.1:4222", DEFAULT_MODEL_ID, [], "0.0.0.0", "logs",
+                        auth="keys")
+    assert "./cy keys create" in text and "Authorization: Bearer" in text and "no authentication" not in text
+
+
+def test_up_refuses_to_serve_beyond_loopback_without_auth(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--host", "0.0.0.0", "--state-dir",
+                             str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "refusing to serve on 0.0.0.0 without authentication: add --auth keys" in result.stderr
+    assert not (tmp_path / "cy-up.pid").exists()

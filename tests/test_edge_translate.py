@@ -129,3 +129,13 @@ def test_to_request_builds_a_wire_message_that_round_trips():
         ("chatcmpl-1", "canonical", "_INBOX.e.chatcmpl-1", 100.0, 700.0)
     assert (req.priority, req.adapter, req.stream, req.prompt) == (-1, "a", True, None)
     assert msgspec.json.decode(encode(req), type=InferenceRequest) == req
+
+
+def test_the_cache_extra_field_opts_a_request_out_of_the_prompt_cache():
+    def build(raw: bytes) -> InferenceRequest:
+        return to_request(parse_chat(raw), request_id="r", model="m", reply_to="_INBOX.e.r", created=0.0,
+                          deadline=0.0)
+    assert build(chat()).cache is True
+    assert build(chat(cache=False)).cache is False
+    assert parse_completion(b'{"model": "m", "prompt": "p", "cache": false}').cache is False
+    rejects(chat(cache="no"), "invalid_request", "cache")

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 
+from services.common.hosts import is_loopback
 
-def is_loopback(host: str) -> bool:
-    """True for ``127.x.x.x``, ``::1`` and ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        return False
+__all__ = ["is_loopback", "ready_banner"]
 
 
-def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str) -> str:
+def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
+                 auth: str = "none") -> str:
     """The ready message: URLs, a curl and an OpenAI SDK example, and the (absent) security."""
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Say hello in five words."}],
                        "max_tokens": 32})
-    if is_loopback(host):
+    if auth != "none":
+        exposure = (f"Authentication: --auth {auth}. Create a key with ./cy keys create --name NAME --scope inference "
+                    f"--nats-url {nats_url} and send it as 'Authorization: Bearer <key>' (the examples below "
+                    "need it: curl -H 'Authorization: Bearer <key>', OpenAI(api_key=<key>)).")
+    elif is_loopback(host):
         exposure = f"Open on loopback ({host}), no authentication: only this machine can reach it."
     else:
         exposure = (f"WARNING: listening on {host} with no authentication: anyone who can reach this address "

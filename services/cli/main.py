@@ -10,9 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import commands
+from services.cli import commands, keys
 from services.cli.errors import CliError
 from services.cli.infra import default_nats_url
+from schemas.auth import Scope
 from services.cli.up import ENGINES, UpOptions, run_up
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
@@ -23,6 +24,7 @@ examples:
   ./cy down                        stop a running ./cy up
   ./cy test                        run the whole test suite
   ./cy test tests/test_cli_main.py -k help -x
+  ./cy keys create --name alice --scope inference
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
 """
 
@@ -37,9 +39,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                        description="Start the platform on this machine: the default model "
                        f"({DEFAULT_MODEL_ID}), an embedded nats-server, then engine, scheduler and edge "
                        "as separate processes. Waits until the edge answers, prints how to call it, "
-                       "and serves until Ctrl-C/SIGTERM (or ./cy down). Open on loopback, no authentication.")
+                       "and serves until Ctrl-C/SIGTERM (or ./cy down). Open on loopback, no authentication, "
+                       "unless --auth keys (required for any other --host).")
     p.add_argument("--port", type=int, default=8080, help="HTTP port of the edge (default: 8080)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address of the edge (default: 127.0.0.1)")
+    p.add_argument("--auth", choices=("none", "keys"), default="none",
+                   help="edge authentication: none (loopback only) or API keys from ./cy keys (default: none)")
     p.add_argument("--nats-port", type=int, default=4222, metavar="PORT",
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
     p.add_argument("--nats-url", default=None, metavar="URL",
@@ -51,6 +56,35 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the edge to answer (default: 120)")
     p.add_argument("--quiet", action="store_true", help="do not echo the services' output (it still goes to the logs)")
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    actions = sub.add_parser("keys", help="API keys of the edge (--auth keys)").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    p = actions.add_parser("create", help="create an API key and print it (once)",
+                           description="Create an API key with the given scopes and print it. Only its SHA-256 "
+                           "is stored: the key cannot be shown again.")
+    p.add_argument("--name", required=True, help="who or what the key is for")
+    p.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope],
+                   help="a scope to grant (repeatable; admin implies the others)")
+    lst = actions.add_parser("list", help="list keys: id, name, scopes, created, revoked (never the key)")
+    rev = actions.add_parser("revoke", help="revoke a key by id",
+                             description="Revoke a key; edges refuse it within their --auth-cache-ttl (5s default).")
+    rev.add_argument("key_id", metavar="ID", help="the key id shown by ./cy keys list")
+    for p in (p, lst, rev):
+        p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
+                       help="NATS server (default: $CY_NATS_URL or %(default)s)")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    match args.keys_command:
+        case "create":
+            return keys.create(args.nats_url, args.name, args.scope)
+        case "list":
+            return keys.list_keys(args.nats_url)
+        case "revoke":
+            return keys.revoke(args.nats_url, args.key_id)
+    raise AssertionError(f"unhandled keys command {args.keys_command!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="apply changed limits instead of refusing them")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
+
+    _add_keys(sub)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")
@@ -108,11 +144,13 @@ def dispatch(args: argparse.Namespace) -> int:
         case "up":
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats_url=args.nats_url, engine=args.engine, slots=args.slots,
-                                    ready_timeout=args.ready_timeout, quiet=args.quiet))
+                                    ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
             return commands.infra_apply(args.nats_url, args.update, args.replicas)
+        case "keys":
+            return _keys(args)
         case "model":
             return commands.model_install(state_dir)
         case "test":

@@ -21,7 +21,7 @@ from types import FrameType
 from infra import provision
 from schemas import names
 from services.cli import pidfile
-from services.cli.banner import ready_banner
+from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions
@@ -52,6 +52,8 @@ class UpOptions:
     ready_timeout: float = 120.0
     stop_timeout: float = 15.0
     quiet: bool = False
+    # The edge's --auth: "none" (only on a loopback host) or "keys" (./cy keys create).
+    auth: str = "none"
 
 
 def worker_id(engine: str) -> str:
@@ -74,7 +76,7 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
         "engine": engine,
         "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url, "--drain-timeout", grace],
         "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port),
-                 "--shutdown-timeout", grace],
+                 "--shutdown-timeout", grace, *(["--auth", opts.auth] if opts.auth != "none" else [])],
     }
     return [ChildSpec(name, tuple(by_name[name])) for name in START_ORDER]
 
@@ -90,6 +92,7 @@ def http_url(host: str, port: int) -> str:
 def run_up(opts: UpOptions) -> int:
     """Start everything, print where it is, serve until a signal or a child's death; the exit status."""
     state_dir = opts.state_dir.resolve()
+    _check_exposure(opts)
     _check_port_free(opts.host, opts.port)
     with pidfile.claim(state_dir):
         server: NatsServer | None = None
@@ -110,6 +113,14 @@ def run_up(opts: UpOptions) -> int:
                 with _signals_ignored():
                     report_stderr("stopping nats-server")
                     server.stop()
+
+
+def _check_exposure(opts: UpOptions) -> None:
+    """The edge refuses to serve beyond loopback without auth; say so before starting anything."""
+    if opts.auth == "none" and not is_loopback(opts.host):
+        raise CliError(f"refusing to serve on {opts.host or 'all interfaces'} without authentication: "
+                       "add --auth keys (then create keys with ./cy keys create --name NAME --scope inference), "
+                       "or keep the default --host 127.0.0.1")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -168,8 +179,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
             _show_logs(supervisor.children.values())
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
-            print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir)),
-                  flush=True)
+            print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
+                               auth=opts.auth), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "

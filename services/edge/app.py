@@ -9,20 +9,24 @@ import uuid
 from collections.abc import AsyncIterator
 
 import nats.errors
+import nats.js.errors
 import nats.micro
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from schemas import names
 from services.common import bus
+from services.common.api_key_store import ApiKeyStore
 from services.common.worker_table import WorkerTable
 from services.edge import catalog, completions, health
+from services.edge.api_key_cache import ApiKeyCache
+from services.edge.auth import Authenticator, auth_middleware
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import Dispatcher
 from services.edge.metrics import EdgeMetrics
 from services.edge.middleware import error_middleware, metrics_middleware
 from services.edge.replies import ReplyRouter
-from services.edge.state import CONFIG, EDGE, METRICS, Edge
+from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
 from services.edge.workers import WorkerFeed
 
 log = logging.getLogger(__name__)
@@ -62,9 +66,21 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
                                                description="CY-LLM edge (OpenAI-compatible HTTP)",
                                                metadata={"edge_id": edge_id, "http": f"{config.host}:{config.port}"})
         stack.push_async_callback(service.stop)
+        if config.uses_keys:
+            await _bind_api_keys(app, nc)
         app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher)
         log.info("edge %s connected to %s", edge_id, config.nats_url)
         yield
+
+
+async def _bind_api_keys(app: web.Application, nc) -> None:
+    """Let the authenticator look API keys up in the provisioned ``llm_api_keys`` bucket."""
+    try:
+        store = await ApiKeyStore.bind(nc.jetstream())
+    except nats.js.errors.BucketNotFoundError:
+        raise RuntimeError(f"--auth {app[CONFIG].auth}: KV bucket {names.API_KEYS_BUCKET} does not exist; "
+                           "run ./cy infra apply against this NATS server") from None
+    app[AUTHENTICATOR].bind_keys(ApiKeyCache(store, app[CONFIG].auth_cache_ttl))
 
 
 async def _stop_accepting(app: web.Application) -> None:
@@ -77,13 +93,20 @@ async def _stop_accepting(app: web.Application) -> None:
 def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
     """The edge as an aiohttp application; connecting to NATS happens on startup (``cleanup_ctx``).
 
-    Serve it with ``handler_cancellation=True`` (``server.serve`` and aiohttp's ``TestServer`` do),
-    so that a client that disconnects cancels its handler and the request is cancelled on the bus.
+    With ``config.auth`` other than ``none``, every route but the open ones (``auth_policy``) needs a
+    credential with the right scope. Serve it with ``handler_cancellation=True`` (``server.serve`` and
+    aiohttp's ``TestServer`` do), so that a client that disconnects cancels its handler and the request
+    is cancelled on the bus.
     """
     metrics = EdgeMetrics(registry if registry is not None else CollectorRegistry())
-    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware(config.retry_after)],
-                          client_max_size=config.max_body_bytes)
+    middlewares = [metrics_middleware(metrics), error_middleware(config.retry_after)]
+    authenticator = Authenticator(config) if config.auth != "none" else None
+    if authenticator is not None:
+        middlewares.append(auth_middleware(authenticator))  # inside error_middleware: 401/403 are OpenAI bodies
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    if authenticator is not None:
+        app[AUTHENTICATOR] = authenticator
     app[METRICS] = metrics
     app.cleanup_ctx.append(_bus_context)
     app.on_shutdown.append(_stop_accepting)

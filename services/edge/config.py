@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 import msgspec
 
+from services.common.hosts import is_loopback
+
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+AuthMode = Literal["none", "keys", "jwt", "keys+jwt"]
+AUTH_MODES: tuple[str, ...] = ("none", "keys", "jwt", "keys+jwt")
+# JWT algorithms verified with the shared secret, and with the public key ("none" is never accepted).
+HMAC_ALGORITHMS: tuple[str, ...] = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS: tuple[str, ...] = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+                                          "PS256", "PS384", "PS512")
+
+HOW_TO_CONFIGURE_AUTH = (
+    "configure authentication: --auth keys (create keys with './cy keys create --name NAME --scope inference'), "
+    "or --auth jwt with --jwt-secret-file FILE (HS256) or --jwt-public-key-file PEM (RS256/ES256), "
+    "or --auth keys+jwt; or bind to loopback (--host 127.0.0.1) to run open")
 
 
 class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -36,6 +50,55 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     # Subject token of this edge's reply inbox; empty means a fresh random one per start.
     edge_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
     access_log: bool = False
+    # Who may call: "none" (open; only allowed on a loopback host), API keys, JWTs, or either.
+    auth: AuthMode = "none"
+    # How long the edge trusts a looked-up API key record: the bound on a revoked key still working.
+    auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    jwt_secret_file: str | None = None
+    jwt_public_key_file: str | None = None
+    # Accepted JWT algorithms; empty means HS256 with a secret and RS256 + ES256 with a public key.
+    jwt_algorithms: list[str] = []
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_scope_claim: str = "scope"
+    jwt_leeway: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+    @property
+    def uses_keys(self) -> bool:
+        """API keys are accepted."""
+        return self.auth in ("keys", "keys+jwt")
+
+    @property
+    def uses_jwt(self) -> bool:
+        """JWTs are accepted."""
+        return self.auth in ("jwt", "keys+jwt")
+
+
+def config_problems(config: EdgeConfig) -> list[str]:
+    """Why ``config`` must not be served (empty when it is fine), each saying what to change."""
+    problems = []
+    if config.auth == "none" and not is_loopback(config.host):
+        problems.append(f"refusing to serve on {config.host or 'all interfaces'} without authentication; "
+                        + HOW_TO_CONFIGURE_AUTH)
+    if config.uses_jwt:
+        problems += _jwt_problems(config)
+    return problems
+
+
+def _jwt_problems(config: EdgeConfig) -> list[str]:
+    if not (config.jwt_secret_file or config.jwt_public_key_file):
+        return [f"--auth {config.auth} needs --jwt-secret-file or --jwt-public-key-file"]
+    problems = [f"{flag} {path}: no such file" for flag, path in (("--jwt-secret-file", config.jwt_secret_file),
+                ("--jwt-public-key-file", config.jwt_public_key_file)) if path and not Path(path).is_file()]
+    for alg in config.jwt_algorithms:
+        if alg not in HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS:
+            problems.append(f"--jwt-algorithms: {alg!r} is not supported (use some of "
+                            f"{', '.join(HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS)})")
+        elif alg in HMAC_ALGORITHMS and not config.jwt_secret_file:
+            problems.append(f"--jwt-algorithms {alg} needs --jwt-secret-file")
+        elif alg in PUBLIC_KEY_ALGORITHMS and not config.jwt_public_key_file:
+            problems.append(f"--jwt-algorithms {alg} needs --jwt-public-key-file")
+    return problems
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,15 +119,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     p.add_argument("--edge-id", default=defaults.edge_id)
     p.add_argument("--access-log", action="store_true")
+    _auth_arguments(p, defaults)
     return p
 
 
+def _auth_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:
+    g = p.add_argument_group("authentication", "--auth none is only allowed on a loopback --host")
+    g.add_argument("--auth", choices=AUTH_MODES, default=defaults.auth,
+                   help="credentials required: none, API keys, JWTs, or either (default: %(default)s)")
+    g.add_argument("--auth-cache-ttl", type=float, default=defaults.auth_cache_ttl, metavar="SECONDS",
+                   help="how long a looked-up API key is trusted, i.e. how soon a revocation bites (%(default)s)")
+    g.add_argument("--jwt-secret-file", default=None, metavar="FILE", help="shared secret for HS256 tokens")
+    g.add_argument("--jwt-public-key-file", default=None, metavar="PEM",
+                   help="public key (PEM) for RS256/ES256 tokens")
+    g.add_argument("--jwt-algorithms", type=lambda v: [a.strip() for a in v.split(",") if a.strip()],
+                   default=[], metavar="ALG,...",
+                   help="accepted algorithms (default: HS256 with a secret, RS256,ES256 with a public key)")
+    g.add_argument("--jwt-audience", default=None, help="required 'aud' claim")
+    g.add_argument("--jwt-issuer", default=None, help="required 'iss' claim")
+    g.add_argument("--jwt-scope-claim", default=defaults.jwt_scope_claim,
+                   help="claim holding the scopes, a space-separated string or a list (default: %(default)s)")
+    g.add_argument("--jwt-leeway", type=float, default=defaults.jwt_leeway, metavar="SECONDS",
+                   help="clock skew allowed on exp/nbf (default: %(default)s)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> EdgeConfig:
-    """Build the config from the command line; a bad value exits with a usage error."""
+    """Build the config from the command line; a bad value or an unsafe setup exits with status 2."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return msgspec.convert(vars(args), EdgeConfig)
+        config = msgspec.convert(vars(args), EdgeConfig)
     except msgspec.ValidationError as exc:
         parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers honest
+    problems = config_problems(config)
+    if problems:
+        parser.exit(2, "".join(f"{parser.prog}: error: {p}\n" for p in problems))
+    return config

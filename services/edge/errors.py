@@ -28,8 +28,12 @@ _STATUS_AND_TYPE: dict[str, tuple[int, str]] = {
     ErrorCode.TIMEOUT: (504, "timeout_error"),
     ErrorCode.CANCELLED: (499, "cancelled"),
     ErrorCode.INTERNAL: (500, "server_error"),
+    ErrorCode.INVALID_API_KEY: (401, "authentication_error"),
+    ErrorCode.INSUFFICIENT_SCOPE: (403, "permission_error"),
 }
 _RETRYABLE_STATUSES = frozenset({429, 503})
+# RFC 6750: a 401 names the scheme to use; a 403 for a missing scope says so.
+_CHALLENGES = {401: 'Bearer realm="cy-llm"', 403: 'Bearer realm="cy-llm", error="insufficient_scope"'}
 # A code this edge does not know (a newer peer's) is still reported, as a server error.
 _UNKNOWN = (500, "server_error")
 
@@ -79,10 +83,12 @@ def error_response(err: BusError, *, retry_after: int | None = None,
     """A complete JSON error response for ``err``, with its mapped status.
 
     ``Retry-After`` is added to 429 and 503 answers (a full queue, no engine, the edge draining),
-    the ones a client should retry.
+    the ones a client should retry; ``WWW-Authenticate`` to 401 and 403 answers.
     """
     status = status_for(err.code)
     out = dict(headers) if headers else {}
+    if status in _CHALLENGES:
+        out["WWW-Authenticate"] = _CHALLENGES[status]
     if retry_after is not None and status in _RETRYABLE_STATUSES:
         out["Retry-After"] = str(retry_after)
     return web.Response(status=status, body=error_json(err), content_type="application/json", headers=out)

@@ -42,6 +42,7 @@ class ParsedRequest:
     adapter: str | None
     user: str | None
     timeout: float | None
+    cache: bool = True
 
 
 def _invalid(message: str, param: str | None) -> BusError:
@@ -149,7 +150,8 @@ def _common(body: ChatCompletionBody | CompletionBody) -> dict:
         raise _invalid(f"'timeout' must be > 0 seconds, got {body.timeout!r}", "timeout")
     return dict(model=body.model, stream=bool(body.stream),
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                priority=body.priority, adapter=body.adapter or None, user=body.user, timeout=body.timeout)
+                priority=body.priority, adapter=body.adapter or None, user=body.user, timeout=body.timeout,
+                cache=body.cache)
 
 
 def parse_chat(raw: bytes, *, default_max_tokens: int = 256) -> ParsedRequest:
@@ -185,4 +187,4 @@ def to_request(parsed: ParsedRequest, *, request_id: str, model: str, reply_to: 
     return InferenceRequest(id=request_id, model=model, reply_to=reply_to, messages=parsed.messages,
                             prompt=parsed.prompt, sampling=parsed.sampling, stream=parsed.stream,
                             priority=parsed.priority, deadline=deadline, created=created,
-                            adapter=parsed.adapter, user=parsed.user)
+                            adapter=parsed.adapter, user=parsed.user, cache=parsed.cache)

@@ -58,6 +58,7 @@ class _CommonBody(msgspec.Struct, kw_only=True):
     priority: Int32 = 0
     adapter: str | None = None
     timeout: float | None = None
+    cache: bool = True  # false: never answered from, nor stored in, the prompt cache
 
 
 class ChatCompletionBody(_CommonBody, kw_only=True):

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from services.common.lifecycle import install_stop_signals
 from services.edge.app import create_app
-from services.edge.config import EdgeConfig
+from services.edge.config import EdgeConfig, config_problems
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,9 @@ async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> Non
     and streams finish for up to ``shutdown_timeout`` (then cancel them, which cancels them on the
     bus), and finally drain the NATS connection.
     """
+    problems = config_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))  # parse_args already refuses these; this guards other callers
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)

@@ -9,6 +9,7 @@ from nats.aio.client import Client
 
 from schemas.errors import BusError, ErrorCode
 from services.common.worker_table import WorkerTable
+from services.edge.auth import Authenticator
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import Dispatcher
 from services.edge.metrics import EdgeMetrics
@@ -35,4 +36,5 @@ class Edge:
 
 CONFIG = web.AppKey("config", EdgeConfig)
 METRICS = web.AppKey("metrics", EdgeMetrics)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 EDGE = web.AppKey("edge", Edge)

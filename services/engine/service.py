@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import msgspec
 import nats.micro
@@ -18,6 +19,7 @@ from nats.errors import Error as NatsError
 from nats.micro.request import Request
 
 from schemas import names
+from schemas.cache import CachedResponse
 from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
@@ -26,8 +28,20 @@ from services.common import bus
 from services.engine.adapter import Chunk, EngineAdapter
 from services.engine.config import EngineConfig
 from services.engine.metrics import EngineMetrics
+from services.engine.response_cache import ResponseRecorder, ResponseStore
+from services.engine.response_cache import bind as bind_prompt_cache
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Progress:
+    """How far one request got: deltas sent, first-token time, its terminal event, its cacheable response."""
+
+    seq: int = 0
+    first: float = 0.0
+    terminal: bytes | None = None
+    cached: CachedResponse | None = None
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
@@ -49,6 +63,7 @@ class EngineService:
         self._started = time.time()
         self.nc = None
         self._kv = None
+        self._responses: ResponseStore | None = None
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
@@ -58,6 +73,8 @@ class EngineService:
         try:
             self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
             self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
+            if (cache_kv := await bind_prompt_cache(self.nc.jetstream())) is not None:
+                self._responses = ResponseStore(cache_kv)
             service = await nats.micro.add_service(
                 self.nc, name=names.MICRO_ENGINE, version="0.1.0",
                 description=f"{self.adapter.name} engine serving {', '.join(m.id for m in self.adapter.served_models())}",
@@ -74,6 +91,8 @@ class EngineService:
             self._status_changed.set()
             await asyncio.wait([heartbeat], timeout=5)
             await service.stop()
+            if self._responses is not None:
+                await self._responses.flush()
             with contextlib.suppress(NatsError, asyncio.TimeoutError):
                 await self._kv.delete(self.worker)
         finally:
@@ -145,54 +164,65 @@ class EngineService:
     # --- one request ---
     async def _run(self, req: InferenceRequest, model: str) -> None:
         """Generate ``req`` and publish its events to ``req.reply_to``; always ends with one terminal event."""
-        publish, reply_to = self.nc.publish, req.reply_to
+        progress = _Progress()
         start = time.monotonic()
-        first = 0.0
-        seq = 0
-        terminal: bytes | None = None
         outcome = "ok"
+        recorder = ResponseRecorder(model) if req.cache_key and self._responses is not None else None
         try:
-            await publish(reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model)))
-            events = self.adapter.generate(req)
-            try:
-                async for event in events:
-                    seq += 1
-                    if isinstance(event, Chunk):
-                        first = first or time.monotonic()
-                        await publish(reply_to, encode(TokenDelta(id=req.id, seq=seq, text=event.text,
-                                                                  token_ids=event.token_ids)))
-                    else:
-                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-                        terminal = encode(StreamEnd(id=req.id, seq=seq, finish_reason=event.reason, usage=usage))
-                        self._observe_finished(model, start, first, usage)
-            finally:
-                await events.aclose()
-            if terminal is None:
+            await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model)))
+            await self._generate(req, model, start, progress, recorder)
+            if progress.terminal is None:
                 outcome = "cancelled"
-                terminal = encode(StreamError(id=req.id, seq=seq + 1, code=ErrorCode.CANCELLED,
-                                              message="request cancelled"))
+                progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.CANCELLED,
+                                                       message="request cancelled"))
         except BusError as exc:
             outcome = exc.code
-            terminal = encode(StreamError(id=req.id, seq=seq + 1, code=exc.code, message=exc.message,
-                                          param=exc.param))
+            progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=exc.code,
+                                                   message=exc.message, param=exc.param))
         except asyncio.CancelledError:
             outcome = "aborted"
-            terminal = encode(StreamError(id=req.id, seq=seq + 1, code=ErrorCode.ENGINE_FAILED,
-                                          message="engine shut down before the request finished"))
+            progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED,
+                                                   message="engine shut down before the request finished"))
             await self.adapter.abort(req.id)
         except Exception as exc:  # the engine must answer every request, whatever the adapter did
             log.exception("request %s failed", req.id)
             outcome = ErrorCode.INTERNAL
-            terminal = encode(StreamError(id=req.id, seq=seq + 1, code=ErrorCode.INTERNAL,
-                                          message=f"engine error: {type(exc).__name__}: {exc}"))
+            progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.INTERNAL,
+                                                   message=f"engine error: {type(exc).__name__}: {exc}"))
         finally:
-            if terminal is not None and not self.nc.is_closed:
+            if progress.terminal is not None and not self.nc.is_closed:
                 with contextlib.suppress(NatsError):
-                    await publish(reply_to, terminal)
+                    await self.nc.publish(req.reply_to, progress.terminal)
+            if outcome == "ok" and progress.cached is not None and self._responses is not None and req.cache_key:
+                self._responses.store(req.cache_key, progress.cached)  # after the terminal event, in the background
             self._active.pop(req.id, None)
             self._status_seq += 1
             self._status_changed.set()
             self.metrics.requests.labels(model, outcome).inc()
+
+    async def _generate(self, req: InferenceRequest, model: str, start: float, progress: _Progress,
+                        recorder: ResponseRecorder | None) -> None:
+        """Publish the adapter's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
+        publish, reply_to = self.nc.publish, req.reply_to
+        events = self.adapter.generate(req)
+        try:
+            async for event in events:
+                progress.seq += 1
+                if isinstance(event, Chunk):
+                    progress.first = progress.first or time.monotonic()
+                    await publish(reply_to, encode(TokenDelta(id=req.id, seq=progress.seq, text=event.text,
+                                                              token_ids=event.token_ids)))
+                    if recorder is not None:
+                        recorder.delta(event.text, event.token_ids)
+                else:
+                    usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+                    progress.terminal = encode(StreamEnd(id=req.id, seq=progress.seq, finish_reason=event.reason,
+                                                         usage=usage))
+                    if recorder is not None:
+                        progress.cached = recorder.finished(event.reason, usage)
+                    self._observe_finished(model, start, progress.first, usage)
+        finally:
+            await events.aclose()
 
     def _observe_finished(self, model: str, start: float, first: float, usage: Usage) -> None:
         now = time.monotonic()

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import msgspec
 
+from services.scheduler.selection import Strategy
+
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -29,6 +31,14 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     max_batch: Positive = 32          # most messages taken in one fetch (never more than free slots)
     recent_ttl: Seconds = 300.0       # remember cancelled and accepted request ids this long
     drain_timeout: Seconds = 10.0     # on shutdown, wait this long for dispatches under way
+    # Prompt cache: TTL and byte bound are the KV bucket's own (infra/nats/jetstream.toml, `./cy infra apply --update`).
+    cache_enabled: bool = True
+    # Routing: the strategy until KV llm_scheduler_config key `strategy` says otherwise (and again if it is deleted).
+    strategy: Strategy = Strategy.LEAST_CONNECTIONS
+    weights: dict[str, float] = {}    # per-worker weights for `weighted` (override the heartbeat `weight`)
+    affinity_load_penalty: Annotated[float, msgspec.Meta(ge=0)] = 1.0  # λ of prefix_affinity's overlap - λ·load
+    circuit_failures: Positive = 3    # consecutive unanswered dispatches that open an engine's circuit breaker
+    circuit_cooldown: Seconds = 5.0   # an open breaker half-opens (one probe) after this long
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch-timeout", type=float, default=None, help="seconds to wait for an engine's answer")
     p.add_argument("--max-attempts", type=int, default=None, help="engines tried per message before deferring it")
     p.add_argument("--retry-delay", type=float, default=None, help="seconds before a deferred message is retried")
+    p.add_argument("--strategy", choices=[s.value for s in Strategy], default=None,
+                   help="initial routing strategy (KV llm_scheduler_config key 'strategy' overrides it at run time)")
+    p.add_argument("--no-cache", dest="cache_enabled", action="store_const", const=False, default=None,
+                   help="never answer from or write to the prompt cache")
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to finish dispatches on SIGTERM")
     return p
 

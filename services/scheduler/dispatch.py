@@ -4,6 +4,10 @@
 again) and returns the I/O that is left: send the original bytes to the chosen engine, retry
 another on busy / no answer, then ``ack`` (accepted, or answered with a typed error) or
 ``nak`` with a delay (no engine can take it now: it goes back to its lane for later).
+
+A cacheable request (deterministic, not opted out) is first looked up in the prompt cache: a
+hit is replayed on its reply subject and acknowledged without touching an engine; a miss is
+dispatched with its ``cache_key`` set, so the engine stores the finished response.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
 from schemas.inference import DispatchReply, InferenceRequest
 from schemas.names import Lane
+from services.scheduler.cache_key import cache_key, is_cacheable
 from services.scheduler.metrics import Attempt, Outcome, SchedulerMetrics
 from services.scheduler.placement import Placement
+from services.scheduler.prompt_cache import PromptCache
 from services.scheduler.recent import RecentIds
 from services.scheduler.routing import (Cancelled, Dispatchable, Duplicate, Expired, InFlight, Malformed, classify,
                                         refusal_is_final, retry_delay)
@@ -62,6 +68,7 @@ class Dispatcher:
                  dispatch_timeout: float, max_attempts: int, retry_delay: float, max_retry_delay: float,
                  on_release: Callable[[], None], on_defer: Callable[[Lane, float], None]) -> None:
         self._nc = nc
+        self._cache: PromptCache | None = None
         self._placement = placement
         self._metrics = metrics
         self._memory = memory
@@ -72,17 +79,24 @@ class Dispatcher:
         self._on_release = on_release
         self._on_defer = on_defer
 
+    def use_cache(self, cache: PromptCache) -> None:
+        """Answer cacheable requests from ``cache`` from now on (and have engines fill it)."""
+        self._cache = cache
+
     def admit(self, lane: Lane, msg: Msg) -> IoWork | None:
         """Decide what to do with ``msg`` now (reserving an engine slot); return the I/O left to run."""
         verdict = classify(msg.data, now=time.time(), cancelled=self._memory.cancelled,
                            accepted=self._memory.accepted, dispatching=self._memory.dispatching)
         match verdict:
             case Dispatchable(request=req):
-                worker = self._placement.reserve(req.model)
+                worker = self._placement.reserve(req.model, request=req)
+                if self._cache is not None and is_cacheable(req):
+                    self._memory.dispatching.add(req.id)
+                    return self._cached_or_dispatch(lane, msg, req, worker, self._cache)
                 if worker is None:
                     return self._unplaced(lane, msg, req)
                 self._memory.dispatching.add(req.id)
-                return self._dispatch(lane, msg, req, worker)
+                return self._dispatch(lane, msg, req, worker, msg.data)
             case InFlight():
                 return None  # the copy being dispatched settles this message (acks are by stream sequence)
             case Duplicate():
@@ -95,13 +109,37 @@ class Dispatcher:
             case Malformed() as bad:
                 return self._reject(lane, msg, bad)
 
-    async def _dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None) -> None:
-        """Offer ``req`` to ``worker``, then to the next best engines, until one answers for good."""
+    async def _cached_or_dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
+                                  cache: PromptCache) -> None:
+        """Answer ``req`` from ``cache``, or dispatch it (to the reserved ``worker``) to be cached."""
+        try:
+            key = cache_key(req, self._placement.canonical(req.model))
+            hit = await cache.lookup(key)
+            self._metrics.cache_lookup(hit is not None)
+            if hit is not None:
+                if worker is not None:
+                    self._placement.release(worker)  # reserved in admit(), not needed after all
+                    self._on_release()
+                self._memory.accepted.add(req.id)
+                try:
+                    await cache.replay(req, hit)
+                except BUS_DOWN as exc:  # the client's edge sees its deadline or a lost stream; nothing to retry here
+                    log.warning("cached answer to %s not fully sent: %s", req.id, exc)
+                await self._settle(lane, msg, Outcome.CACHED)
+            elif worker is None:
+                await self._unplaced(lane, msg, req)
+            else:
+                await self._dispatch(lane, msg, req, worker, encode(msgspec.structs.replace(req, cache_key=key)))
+        finally:
+            self._memory.dispatching.discard(req.id)
+
+    async def _dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None, data: bytes) -> None:
+        """Offer ``data`` (``req``'s bytes) to ``worker``, then to the next best engines, until one answers for good."""
         taken_at = time.monotonic()
         tried: list[str] = []
         try:
             while worker is not None:
-                reply = await self._attempt(worker, msg.data)
+                reply = await self._attempt(worker, data)
                 if reply is not None and reply.accepted:
                     await self._accepted(lane, msg, req, taken_at)
                     return
@@ -113,7 +151,8 @@ class Dispatcher:
                     await self._settle(lane, msg, Outcome.CANCELLED)
                     return
                 tried.append(worker)
-                worker = self._placement.reserve(req.model, exclude=tried) if len(tried) < self._max_attempts else None
+                worker = self._placement.reserve(req.model, exclude=tried, request=req) \
+                    if len(tried) < self._max_attempts else None
                 if worker is not None:
                     await self._keep_alive(msg)
             await self._unplaced(lane, msg, req)
@@ -129,40 +168,46 @@ class Dispatcher:
                              Outcome.MODEL_NOT_FOUND)
 
     async def _attempt(self, worker: str, data: bytes) -> DispatchReply | None:
-        """Send the original message bytes to one engine; its reply, or ``None`` if it did not answer."""
-        reply = None
+        """Send the message bytes to one engine; its reply, or ``None`` if it did not answer."""
+        reply, failed = None, False
+        sent_at = time.monotonic()
         try:
-            reply = await self._request(worker, data)
+            reply, failed = await self._request(worker, data)
         finally:
-            self._placement.release(worker, reply)
+            answered_in = time.monotonic() - sent_at if reply is not None else None
+            if self._placement.release(worker, reply, answered_in=answered_in, failed=failed):
+                log.warning("engine %s keeps failing dispatches: circuit breaker open (no work until a probe "
+                            "succeeds)", worker)
+            self._metrics.circuits_open.set(self._placement.breakers.open_count())
             self._on_release()
         return reply
 
-    async def _request(self, worker: str, data: bytes) -> DispatchReply | None:
+    async def _request(self, worker: str, data: bytes) -> tuple[DispatchReply | None, bool]:
+        """The engine's reply (or None), and whether the engine is to blame for there being none."""
         try:
             resp = await self._nc.request(names.engine_generate(worker), data, timeout=self._timeout)
         except nats.errors.NoRespondersError:
             log.warning("engine %s has no generate subscription (gone): forgetting it", worker)
             self._placement.forget(worker)
             self._metrics.attempt(Attempt.NO_REPLY)
-            return None
+            return None, True
         except nats.errors.TimeoutError:
             log.warning("engine %s did not answer a dispatch within %.1fs", worker, self._timeout)
             self._metrics.attempt(Attempt.NO_REPLY)
-            return None
-        except BUS_DOWN as exc:
+            return None, True
+        except BUS_DOWN as exc:  # our connection, not the engine: no strike against it
             log.warning("dispatch to %s not sent: %s", worker, exc)
             self._metrics.attempt(Attempt.NO_REPLY)
-            return None
+            return None, False
         try:
             reply = _reply_decoder.decode(resp.data)
         except msgspec.DecodeError as exc:
             log.warning("engine %s sent a malformed DispatchReply: %s", worker, exc)
             self._metrics.attempt(Attempt.NO_REPLY)
-            return None
+            return None, True
         self._metrics.attempt(Attempt.ACCEPTED if reply.accepted else
                               Attempt.REFUSED if refusal_is_final(reply) else Attempt.BUSY)
-        return reply
+        return reply, False
 
     async def _accepted(self, lane: Lane, msg: Msg, req: InferenceRequest, taken_at: float) -> None:
         self._memory.accepted.add(req.id)

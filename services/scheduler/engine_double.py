@@ -31,13 +31,15 @@ class EngineDouble:
 
     Accepted requests stay in flight until ``finish()`` (or for ``service_time`` seconds when
     set). ``busy=True`` makes it refuse every dispatch as busy, ``refusal`` (an error code)
-    refuses it with that code; ``reply_delay`` delays answers; ``on_accept`` is called with
-    each accepted request.
+    refuses it with that code; ``silent=True`` never answers (a hung engine: the dispatch times
+    out); ``reply_delay`` delays answers; ``on_accept`` is called with each accepted request;
+    ``weight`` is the heartbeat's weight.
     Like a real engine it heart-beats every ``interval`` seconds and on every in-flight change.
     """
 
     def __init__(self, nc: Client, worker: str, *, models: tuple[str, ...] = ("test-model",), slots: int = 1,
-                 in_flight: int = 0, interval: float = 0.2, service_time: float | None = None) -> None:
+                 in_flight: int = 0, interval: float = 0.2, service_time: float | None = None,
+                 weight: float = 1.0) -> None:
         self.nc = nc
         self.worker = worker
         self.models = models
@@ -46,6 +48,8 @@ class EngineDouble:
         self.interval = interval
         self.service_time = service_time
         self.busy = False
+        self.silent = False
+        self.weight = weight
         self.refusal: str | None = None
         self.on_accept: Callable[[InferenceRequest], None] | None = None
         self.reply_delay = 0.0
@@ -96,7 +100,7 @@ class EngineDouble:
         return EngineHeartbeat(worker=self.worker, engine="double", device="cpu",
                                models=[ServedModel(id=m) for m in self.models], slots=self.slots,
                                in_flight=self.in_flight, seq=self._seq, ts=time.time(), interval=self.interval,
-                               started=self._started)
+                               started=self._started, weight=self.weight)
 
     async def heartbeat(self) -> None:
         """Publish a heartbeat now."""
@@ -114,6 +118,8 @@ class EngineDouble:
 
     async def _on_generate(self, msg: Msg) -> None:
         self.dispatch_requests += 1
+        if self.silent:
+            return
         if self.reply_delay:
             await asyncio.sleep(self.reply_delay)
         if self.refusal or self.busy or self.in_flight >= self.slots:

@@ -25,6 +25,7 @@ class Outcome(enum.StrEnum):
     EXPIRED = "expired"              # deadline passed before dispatch: timeout error sent
     MODEL_NOT_FOUND = "model_not_found"  # no live engine serves the model: error sent
     REFUSED = "refused"              # an engine refused the request itself: its error sent
+    CACHED = "cached"                # answered from the prompt cache, no engine involved
     INVALID = "invalid"              # not a valid InferenceRequest: terminated
 
 
@@ -56,6 +57,16 @@ class SchedulerMetrics:
                                     buckets=_WAIT_BUCKETS, registry=registry)
         self.attempts = Counter("coordinator_dispatch_attempts", "Sends to an engine, by result", ["result"],
                                 registry=registry)
+        self.cache_hits = Counter("coordinator_cache_hits", "Cacheable requests answered from the prompt cache",
+                                  registry=registry)
+        self.cache_misses = Counter("coordinator_cache_misses", "Cacheable requests not found in the prompt cache",
+                                    registry=registry)
+        self.cache_hit_rate = Gauge("coordinator_cache_hit_rate", "Hits over cacheable lookups since start",
+                                    registry=registry)
+        self.circuits_open = Gauge("coordinator_circuits_open", "Engines whose circuit breaker is open or half-open",
+                                   registry=registry)
+        self._hits = 0
+        self._lookups = 0
         # Label children resolved once: these are touched for every request.
         self._pending = {lane: self.queue_pending.labels(lane.value) for lane in LANES_BY_PRIORITY}
         self._latency = {lane: self.dispatch_latency.labels(lane.value) for lane in LANES_BY_PRIORITY}
@@ -71,6 +82,16 @@ class SchedulerMetrics:
     def attempt(self, result: Attempt) -> None:
         """Count one send to an engine."""
         self._attempts[result].inc()
+
+    def cache_lookup(self, hit: bool) -> None:
+        """Count one prompt-cache lookup and update the hit rate."""
+        self._lookups += 1
+        if hit:
+            self._hits += 1
+            self.cache_hits.inc()
+        else:
+            self.cache_misses.inc()
+        self.cache_hit_rate.set(self._hits / self._lookups)
 
     def dispatched(self, lane: Lane, taken_for: float, queued_for: float | None) -> None:
         """Record the latencies of one accepted dispatch (seconds)."""

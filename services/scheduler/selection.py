@@ -1,17 +1,53 @@
-"""Which engine gets the next request: a pure policy over the worker table.
+"""Which engine gets the next request: routing strategies as pure functions over the worker table.
 
 An engine's *effective* free slots are what it reported free minus the dispatches this
 scheduler has sent it and not yet heard back about (``reserved``), so a burst of concurrent
-dispatches never overfills an engine between two of its heartbeats.
+dispatches never overfills an engine between two of its heartbeats. Every strategy chooses
+only among *eligible* engines: live, not draining, not excluded, circuit not open, and with an
+effective free slot; none ever sends to a full engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import enum
+import random
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from services.common.worker_table import WorkerState
 
 _NONE: Mapping[str, int] = {}
+
+
+class Strategy(enum.StrEnum):
+    """The routing strategies; the active one is KV ``llm_scheduler_config`` key ``strategy``."""
+
+    LEAST_CONNECTIONS = "least_connections"
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+    RANDOM = "random"
+    RESPONSE_TIME = "response_time"
+    PREFIX_AFFINITY = "prefix_affinity"
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """What a strategy may look at besides the engines themselves.
+
+    ``turn`` counts this scheduler's choices (round robin, tie breaks); ``weights`` are per-worker
+    overrides of the heartbeat ``weight``; ``response_times`` the dispatch round-trip averages;
+    ``overlap`` how many leading prompt blocks of the request each engine served, out of
+    ``blocks``; ``load_penalty`` the λ of prefix affinity's ``overlap - λ·load``.
+    """
+
+    reserved: Mapping[str, int] = field(default_factory=dict)
+    turn: int = 0
+    weights: Mapping[str, float] = field(default_factory=dict)
+    response_times: Mapping[str, float] = field(default_factory=dict)
+    overlap: Mapping[str, int] = field(default_factory=dict)
+    blocks: int = 0
+    load_penalty: float = 1.0
+    rng: random.Random = field(default_factory=random.Random)
 
 
 def effective_free(state: WorkerState, reserved: Mapping[str, int] = _NONE) -> int:
@@ -24,28 +60,89 @@ def free_capacity(workers: Iterable[WorkerState], reserved: Mapping[str, int] = 
     return sum(effective_free(s, reserved) for s in workers if not s.heartbeat.draining)
 
 
+def eligible(candidates: Iterable[WorkerState], *, reserved: Mapping[str, int] = _NONE,
+             exclude: Collection[str] = (), allows: Callable[[str], bool] = lambda _: True) -> list[WorkerState]:
+    """Candidates that may get work now, sorted by worker id (see the module docstring)."""
+    out = [s for s in candidates if not s.heartbeat.draining and s.worker not in exclude
+           and effective_free(s, reserved) > 0 and allows(s.worker)]
+    out.sort(key=lambda s: s.worker)
+    return out
+
+
+def _load(state: WorkerState, ctx: RoutingContext) -> int:
+    return state.in_flight + ctx.reserved.get(state.worker, 0)
+
+
+def _best(workers: Sequence[WorkerState], key: Callable[[WorkerState], tuple], turn: int) -> WorkerState | None:
+    """The worker with the smallest ``key``; a tie is broken round robin by ``turn`` (``workers`` sorted by id)."""
+    if not workers:
+        return None
+    keys = [key(s) for s in workers]
+    low = min(keys)
+    tied = [s for s, k in zip(workers, keys, strict=True) if k == low]
+    return tied[turn % len(tied)]
+
+
+def least_connections(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """Most effective free slots; then fewest requests in flight (reserved included); then round robin."""
+    return _best(workers, lambda s: (-effective_free(s, ctx.reserved), _load(s, ctx)), ctx.turn)
+
+
+def round_robin(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """Each eligible engine in turn, whatever its load."""
+    return workers[ctx.turn % len(workers)] if workers else None
+
+
+def _weight(state: WorkerState, ctx: RoutingContext) -> float:
+    return ctx.weights.get(state.worker, state.heartbeat.weight)
+
+
+def weighted(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """Load proportional to weight: the smallest (in flight + 1) / weight; weight <= 0 gets nothing."""
+    positive = [s for s in workers if _weight(s, ctx) > 0]
+    return _best(positive, lambda s: ((_load(s, ctx) + 1) / _weight(s, ctx),), ctx.turn)
+
+
+def random_choice(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """Any eligible engine, uniformly at random (``ctx.rng``, seedable in tests)."""
+    return ctx.rng.choice(workers) if workers else None
+
+
+def response_time(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """The lowest dispatch round-trip average; an engine never measured counts as 0 (it gets tried)."""
+    return _best(workers, lambda s: (ctx.response_times.get(s.worker, 0.0), _load(s, ctx)), ctx.turn)
+
+
+def prefix_affinity(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """Highest ``overlap/blocks - λ·(in flight/slots)``; a tie goes to least connections.
+
+    With no shared prefix this is least-loaded routing; with one, the engine holding the
+    prefix wins unless it is loaded more than λ times the overlap fraction above another.
+    """
+    def key(s: WorkerState) -> tuple:
+        share = ctx.overlap.get(s.worker, 0) / ctx.blocks if ctx.blocks else 0.0
+        load = _load(s, ctx) / max(1, s.heartbeat.slots)
+        return (-(share - ctx.load_penalty * load), -effective_free(s, ctx.reserved), _load(s, ctx))
+    return _best(workers, key, ctx.turn)
+
+
+STRATEGIES: dict[Strategy, Callable[[Sequence[WorkerState], RoutingContext], WorkerState | None]] = {
+    Strategy.LEAST_CONNECTIONS: least_connections,
+    Strategy.ROUND_ROBIN: round_robin,
+    Strategy.WEIGHTED: weighted,
+    Strategy.RANDOM: random_choice,
+    Strategy.RESPONSE_TIME: response_time,
+    Strategy.PREFIX_AFFINITY: prefix_affinity,
+}
+
+
+def choose(strategy: Strategy, workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
+    """The engine ``strategy`` picks among eligible ``workers`` (see ``eligible``), or None if there is none."""
+    return STRATEGIES[strategy](workers, ctx)
+
+
 def select_worker(candidates: Sequence[WorkerState], *, reserved: Mapping[str, int] = _NONE,
                   exclude: Collection[str] = (), turn: int = 0) -> WorkerState | None:
-    """The least-loaded candidate with a free slot, or ``None`` if every one is full.
-
-    Most effective free slots wins; a tie goes to the fewest requests in flight (reserved
-    included); a remaining tie is broken round robin by ``turn`` over the tied worker ids, so
-    equal engines share the load. Draining engines and ids in ``exclude`` are never chosen.
-    """
-    best: list[WorkerState] = []
-    best_key: tuple[int, int] | None = None
-    for state in candidates:
-        if state.heartbeat.draining or state.worker in exclude:
-            continue
-        free = effective_free(state, reserved)
-        if free <= 0:
-            continue
-        key = (-free, state.in_flight + reserved.get(state.worker, 0))
-        if best_key is None or key < best_key:
-            best, best_key = [state], key
-        elif key == best_key:
-            best.append(state)
-    if not best:
-        return None
-    best.sort(key=lambda s: s.worker)
-    return best[turn % len(best)]
+    """The least-loaded candidate with a free slot, or ``None`` if every one is full (``least_connections``)."""
+    workers = eligible(candidates, reserved=reserved, exclude=exclude)
+    return least_connections(workers, RoutingContext(reserved=reserved, turn=turn))

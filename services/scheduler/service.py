@@ -34,9 +34,13 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatch import BUS_DOWN, Dispatcher, RequestMemory
 from services.scheduler.lanes import LaneBook, Take
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.circuit import CircuitBreakers
 from services.scheduler.placement import Placement
+from services.scheduler.prompt_cache import PromptCache, bind as bind_prompt_cache
 from services.scheduler.recent import RecentIds
+from services.scheduler.selection import Strategy
 from services.scheduler.status import SchedulerStatus, register, worker_views
+from services.scheduler.strategy_watch import StrategyWatch
 from services.scheduler.workers import WorkerFeed
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,10 @@ class Scheduler:
     def __init__(self, nc: Client, config: SchedulerConfig, registry: CollectorRegistry) -> None:
         self.config = config
         self.table = WorkerTable()
-        self.placement = Placement(self.table)
+        self.placement = Placement(self.table, strategy=config.strategy, weights=config.weights,
+                                   load_penalty=config.affinity_load_penalty,
+                                   breakers=CircuitBreakers(failures=config.circuit_failures,
+                                                            cooldown=config.circuit_cooldown))
         self.metrics = SchedulerMetrics(registry)
         self.memory = RequestMemory(cancelled=RecentIds(config.recent_ttl), accepted=RecentIds(config.recent_ttl))
         self.lanes = LaneBook(fetch_wait=config.fetch_wait, probe_wait=config.probe_wait, max_batch=config.max_batch)
@@ -83,6 +90,7 @@ class Scheduler:
                                       dispatch_timeout=config.dispatch_timeout, max_attempts=config.max_attempts,
                                       retry_delay=config.retry_delay, max_retry_delay=config.max_retry_delay,
                                       on_release=self._wake.set, on_defer=self._expect_later)
+        self._strategy_watch = StrategyWatch(self._js, self._set_strategy)
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -104,6 +112,10 @@ class Scheduler:
             self._consumers[lane] = await self._bind(lane)
         await self._feed.start()
         self._stack.push_async_callback(self._feed.stop)
+        if self.config.cache_enabled and (kv := await bind_prompt_cache(self._js)) is not None:
+            self._dispatcher.use_cache(PromptCache(self._nc, kv))
+        await self._strategy_watch.start()
+        self._stack.push_async_callback(self._strategy_watch.stop)
         for subject, cb in ((names.INFER_CANCEL, self._on_cancel), (names.INFER_SUBMIT_ALL, self._on_doorbell)):
             sub = await self._nc.subscribe(subject, cb=cb)
             self._stack.push_async_callback(sub.unsubscribe)
@@ -219,6 +231,13 @@ class Scheduler:
         self.lanes.expect(lane)
         self._wake.set()
 
+    def _set_strategy(self, strategy: Strategy | None) -> None:
+        """Switch routing to ``strategy`` (None: back to the configured one), from the watched KV key."""
+        chosen = strategy or self.config.strategy
+        if chosen is not self.placement.strategy:
+            log.info("routing strategy: %s -> %s", self.placement.strategy, chosen)
+            self.placement.strategy = chosen
+
     # --- subscriptions ---
 
     async def _on_doorbell(self, msg: Msg) -> None:
@@ -270,4 +289,6 @@ class Scheduler:
             lanes={lane.value: self.lanes.expected(lane) for lane in LANES_BY_PRIORITY},
             requests=self.metrics.request_counts(),
             workers=worker_views(self.table, self.placement.reserved, time.monotonic()),
+            strategy=self.placement.strategy.value,
+            circuits_open=self.placement.breakers.open_count(),
         )

@@ -49,6 +49,8 @@ class SchedulerStatus(msgspec.Struct, kw_only=True):
     lanes: dict[str, int]
     requests: dict[str, dict[str, int]]
     workers: list[WorkerView]
+    strategy: str = ""      # the routing strategy in force on this replica
+    circuits_open: int = 0  # engines whose circuit breaker is open or half-open
 
 
 def worker_views(table: WorkerTable, reserved: Mapping[str, int], now: float) -> list[WorkerView]:
