@@ -6,6 +6,8 @@ and a delta costs one JSON encode (of the text) plus a concatenation.
 
 from __future__ import annotations
 
+import abc
+
 import msgspec
 
 from schemas.events import Usage
@@ -48,7 +50,7 @@ def text_completion(*, request_id: str, created: int, model: str, text: str, fin
     })
 
 
-class ChunkFormatter:
+class ChunkFormatter(abc.ABC):
     """SSE chunks of one streamed request; subclasses fix the object type and choice shape."""
 
     object_type = ""
@@ -77,9 +79,9 @@ class ChunkFormatter:
         """A chunk carrying new text."""
         return self._prefix + _encode(text) + self._suffix
 
+    @abc.abstractmethod
     def finish(self, finish_reason: str) -> bytes:
         """The chunk carrying ``finish_reason``."""
-        raise NotImplementedError
 
     def usage(self, usage: Usage) -> bytes:
         """The final usage chunk (``choices: []``) if ``stream_options.include_usage`` was set, else nothing."""

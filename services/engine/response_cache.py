@@ -13,11 +13,8 @@ import logging
 import time
 
 import nats.errors
-import nats.js.errors
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from schemas import names
 from schemas.cache import CachedDelta, CachedResponse
 from schemas.events import Usage, encode
 
@@ -39,16 +36,6 @@ class ResponseRecorder:
         """The complete response, once the request ended with ``reason``."""
         return CachedResponse(model=self._model, deltas=self._deltas, finish_reason=reason, usage=usage,
                               created=time.time())
-
-
-async def bind(js: JetStreamContext) -> KeyValue | None:
-    """The prompt-cache bucket, or None (logged) if it is missing: the engine then stores nothing."""
-    try:
-        return await js.key_value(names.PROMPT_CACHE_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        log.warning("KV bucket %s is missing (run ./cy infra apply): responses are not cached",
-                    names.PROMPT_CACHE_BUCKET)
-        return None
 
 
 class ResponseStore:

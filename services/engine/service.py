@@ -25,11 +25,11 @@ from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usag
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus
+from services.common.buckets import optional_kv
 from services.engine.adapter import Chunk, EngineAdapter
 from services.engine.config import EngineConfig
 from services.engine.metrics import EngineMetrics
 from services.engine.response_cache import ResponseRecorder, ResponseStore
-from services.engine.response_cache import bind as bind_prompt_cache
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class EngineService:
         try:
             self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
             self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
-            if (cache_kv := await bind_prompt_cache(self.nc.jetstream())) is not None:
+            if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,
+                                                       "responses are not cached")) is not None:
                 self._responses = ResponseStore(cache_kv)
             service = await nats.micro.add_service(
                 self.nc, name=names.MICRO_ENGINE, version="0.1.0",

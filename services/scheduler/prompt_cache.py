@@ -14,10 +14,8 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from schemas import names
 from schemas.cache import CachedResponse
 from schemas.events import StreamEnd, StreamStart, TokenDelta, encode
 from schemas.inference import InferenceRequest
@@ -29,16 +27,6 @@ _decoder = msgspec.json.Decoder(CachedResponse)
 _LOOKUP_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError,
                   nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
                   nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError)
-
-
-async def bind(js: JetStreamContext) -> KeyValue | None:
-    """The prompt-cache bucket, or None (logged) if provisioning has not created it."""
-    try:
-        return await js.key_value(names.PROMPT_CACHE_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        log.warning("KV bucket %s is missing (run ./cy infra apply): the prompt cache is off",
-                    names.PROMPT_CACHE_BUCKET)
-        return None
 
 
 class PromptCache:

@@ -36,7 +36,8 @@ from services.scheduler.lanes import LaneBook, Take
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.circuit import CircuitBreakers
 from services.scheduler.placement import Placement
-from services.scheduler.prompt_cache import PromptCache, bind as bind_prompt_cache
+from services.common.buckets import optional_kv
+from services.scheduler.prompt_cache import PromptCache
 from services.scheduler.recent import RecentIds
 from services.scheduler.selection import Strategy
 from services.scheduler.status import SchedulerStatus, register, worker_views
@@ -112,7 +113,7 @@ class Scheduler:
             self._consumers[lane] = await self._bind(lane)
         await self._feed.start()
         self._stack.push_async_callback(self._feed.stop)
-        if self.config.cache_enabled and (kv := await bind_prompt_cache(self._js)) is not None:
+        if self.config.cache_enabled and (kv := await optional_kv(self._js, names.PROMPT_CACHE_BUCKET, "the prompt cache is off")) is not None:
             self._dispatcher.use_cache(PromptCache(self._nc, kv))
         await self._strategy_watch.start()
         self._stack.push_async_callback(self._strategy_watch.stop)
