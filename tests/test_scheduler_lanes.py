@@ -9,8 +9,8 @@ from services.scheduler.recent import RecentIds
 HIGH, NORMAL, LOW = Lane.HIGH, Lane.NORMAL, Lane.LOW
 
 
-def book(max_batch: int = 8) -> LaneBook:
-    b = LaneBook(fetch_wait=0.05, probe_wait=0.005, max_batch=max_batch)
+def book(max_batch: int = 8, starvation_limit: int = 0) -> LaneBook:
+    b = LaneBook(fetch_wait=0.05, probe_wait=0.005, max_batch=max_batch, starvation_limit=starvation_limit)
     for _ in (HIGH, NORMAL, LOW):  # start-up probes found every lane empty
         b.settle(b.plan(1), 0)
     return b
@@ -115,3 +115,37 @@ def test_recent_ids_forget_after_ttl_and_beyond_max_size():
     for x in ("c", "d", "e"):
         ids.add(x)
     assert len(ids) == 3 and "b" not in ids
+
+
+def _serve_one(b: LaneBook, backlog: dict) -> Lane:
+    """Plan one message (one free slot) against a simulated backlog and settle the fetch."""
+    take = b.plan(1)
+    backlog[take.lane] -= 1
+    b.settle(take, 1, num_pending=backlog[take.lane])
+    return take.lane
+
+
+def test_strict_priority_starves_the_low_lane_under_sustained_high_load():
+    b = book(starvation_limit=0)
+    backlog = {HIGH: 0, NORMAL: 0, LOW: 5}
+    b.hint(LOW, 5)
+    served = []
+    for _ in range(100):  # a new high-priority request arrives for every one served
+        backlog[HIGH] += 1
+        b.ring(HIGH)
+        served.append(_serve_one(b, backlog))
+    assert LOW not in served
+
+
+def test_starvation_guard_lets_the_low_lane_progress():
+    b = book(starvation_limit=4)
+    backlog = {HIGH: 0, NORMAL: 0, LOW: 5}
+    b.hint(LOW, 5)
+    served = []
+    for _ in range(25):
+        backlog[HIGH] += 1
+        b.ring(HIGH)
+        served.append(_serve_one(b, backlog))
+    # One low message after every four high ones, and high still gets most of the capacity.
+    assert served[:5] == [HIGH, HIGH, HIGH, HIGH, LOW]
+    assert served.count(LOW) == 5 and served.count(HIGH) == 20

@@ -29,6 +29,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     expire_interval: Seconds = 0.25   # drop engines silent for three heartbeat intervals this often
     stats_interval: Seconds = 2.0     # reconcile lanes with consumer info (depth, redeliveries) this often
     max_batch: Positive = 32          # most messages taken in one fetch (never more than free slots)
+    # Starvation guard: after this many messages from higher lanes while a lower lane waited, the
+    # lower lane gets one (0 = strict priority, a low lane may wait forever under sustained load).
+    starvation_limit: Annotated[int, msgspec.Meta(ge=0)] = 32
     recent_ttl: Seconds = 300.0       # remember cancelled and accepted request ids this long
     drain_timeout: Seconds = 10.0     # on shutdown, wait this long for dispatches under way
     # Prompt cache: TTL and byte bound are the KV bucket's own (infra/nats/jetstream.toml, `./cy infra apply --update`).
@@ -57,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="cache_enabled", action="store_const", const=False, default=None,
                    help="never answer from or write to the prompt cache")
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to finish dispatches on SIGTERM")
+    p.add_argument("--starvation-limit", type=int, default=None,
+                   help="messages taken from higher lanes before a waiting lower lane gets one (0 = strict priority)")
     return p
 
 

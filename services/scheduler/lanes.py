@@ -45,28 +45,50 @@ class _LaneView:
 class LaneBook:
     """The scheduler's belief about each lane's backlog, and the strict-priority take plan."""
 
-    def __init__(self, *, fetch_wait: float, probe_wait: float, max_batch: int,
+    def __init__(self, *, fetch_wait: float, probe_wait: float, max_batch: int, starvation_limit: int = 0,
                  lanes: tuple[Lane, ...] = LANES_BY_PRIORITY) -> None:
         self._fetch_wait = fetch_wait
         self._probe_wait = probe_wait
         self._max_batch = max_batch
+        self._starvation_limit = starvation_limit
         self._order = lanes
         self._lanes = {lane: _LaneView() for lane in lanes}
+        # Messages taken from higher lanes while this lane was believed to hold work.
+        self._passed_over = {lane: 0 for lane in lanes}
 
     def plan(self, free: int) -> Take | None:
         """Fetch from the highest lane that may hold work, never more than ``free`` messages.
 
+        Strict priority, except the starvation guard: once ``starvation_limit`` messages (0 = never)
+        have been taken from higher lanes while a lower lane waited, that lane gets one message.
         ``None`` when there is no free capacity or every lane is believed empty.
         """
         if free <= 0:
             return None
-        for lane in self._order:
-            view = self._lanes[lane]
-            if view.expected > 0:
-                return Take(lane, min(view.expected, free, self._max_batch), self._fetch_wait, view.rings)
-            if view.suspect:
-                return Take(lane, 1, self._probe_wait, view.rings)
-        return None
+        waiting = [lane for lane in self._order if self._lanes[lane].expected > 0 or self._lanes[lane].suspect]
+        if not waiting:
+            return None
+        chosen, batch = waiting[0], None
+        if self._starvation_limit:
+            starved = [lane for lane in waiting[1:] if self._passed_over[lane] >= self._starvation_limit]
+            if starved:
+                chosen, batch = starved[0], 1
+        view = self._lanes[chosen]
+        if view.expected > 0:
+            take = Take(chosen, batch or min(view.expected, free, self._max_batch), self._fetch_wait, view.rings)
+        else:
+            take = Take(chosen, 1, self._probe_wait, view.rings)
+        self._account(take, waiting)
+        return take
+
+    def _account(self, take: Take, waiting: list[Lane]) -> None:
+        self._passed_over[take.lane] = 0
+        below = False
+        for lane in waiting:
+            if lane == take.lane:
+                below = True
+            elif below and self._lanes[lane].expected > 0:
+                self._passed_over[lane] += take.batch
 
     def ring(self, lane: Lane) -> None:
         """A message was published to ``lane`` (it may not be stored yet)."""

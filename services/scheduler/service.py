@@ -72,7 +72,8 @@ class Scheduler:
                                                             cooldown=config.circuit_cooldown))
         self.metrics = SchedulerMetrics(registry)
         self.memory = RequestMemory(cancelled=RecentIds(config.recent_ttl), accepted=RecentIds(config.recent_ttl))
-        self.lanes = LaneBook(fetch_wait=config.fetch_wait, probe_wait=config.probe_wait, max_batch=config.max_batch)
+        self.lanes = LaneBook(fetch_wait=config.fetch_wait, probe_wait=config.probe_wait, max_batch=config.max_batch,
+                              starvation_limit=config.starvation_limit)
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
         self._wake = asyncio.Event()
