@@ -32,11 +32,14 @@ class ErrorCode(enum.StrEnum):
 class BusError(Exception):
     """An error with a code from the shared vocabulary, raised inside a service and sent as a typed message."""
 
-    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code = str(code)
         self.message = message
         self.param = param
+        # Seconds a client should wait before retrying, when the raiser knows better than the default.
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"BusError({self.code!r}, {self.message!r})"

@@ -25,6 +25,7 @@ from services.edge.config import EdgeConfig
 from services.edge.dispatch import Dispatcher
 from services.edge.metrics import EdgeMetrics
 from services.edge.middleware import error_middleware, metrics_middleware
+from services.edge.queue_gauge import QueueGauge
 from services.edge.replies import ReplyRouter
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
 from services.edge.workers import WorkerFeed
@@ -61,7 +62,11 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         feed = WorkerFeed(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace)
         await feed.start(nc, nc.jetstream())
         stack.push_async_callback(feed.stop)
-        dispatcher = Dispatcher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout)
+        gauge = QueueGauge(nc.jetstream())
+        gauge.start()
+        stack.push_async_callback(gauge.stop)
+        dispatcher = Dispatcher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout,
+                                queue=gauge.drain)
         service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,
                                                description="CY-LLM edge (OpenAI-compatible HTTP)",
                                                metadata={"edge_id": edge_id, "http": f"{config.host}:{config.port}"})

@@ -21,6 +21,7 @@ from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamEvent, encode
 from schemas.inference import CancelRequest, InferenceRequest
+from services.edge.queue_gauge import DrainRate
 from services.edge.replies import PendingReply, ReplyRouter
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,13 @@ _BUS_DOWN = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingEr
 class Dispatcher:
     """Publishes requests to ``llm.v1.infer.submit.<lane>`` and cancels to ``llm.v1.infer.cancel``."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, router: ReplyRouter, *, publish_timeout: float) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, router: ReplyRouter, *, publish_timeout: float,
+                 queue: DrainRate | None = None) -> None:
         self._nc = nc
         self._js = js
         self.router = router
         self._publish_timeout = publish_timeout
+        self._queue = queue
 
     def call(self, request: InferenceRequest, timeout: float) -> InferenceCall:
         """An in-flight request: ``async with dispatcher.call(req, timeout) as call: await call.next_event()``."""
@@ -56,8 +59,9 @@ class Dispatcher:
                                    headers={"Nats-Msg-Id": request.id})
         except nats.js.errors.APIError as exc:
             if exc.err_code == _STORE_FULL or "exceeded" in (exc.description or ""):
+                wait = self._queue.retry_after() if self._queue is not None else None
                 raise BusError(ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc.description}); "
-                                                     "retry later") from None
+                                                     f"retry in {wait or 'a few'} seconds", retry_after=wait) from None
             raise BusError(ErrorCode.NO_WORKER, f"the inference queue refused the request: {exc.description} "
                                                 f"(JetStream error {exc.err_code})") from None
         except nats.js.errors.NoStreamResponseError:

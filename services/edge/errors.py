@@ -89,6 +89,7 @@ def error_response(err: BusError, *, retry_after: int | None = None,
     out = dict(headers) if headers else {}
     if status in _CHALLENGES:
         out["WWW-Authenticate"] = _CHALLENGES[status]
+    retry_after = err.retry_after if err.retry_after is not None else retry_after
     if retry_after is not None and status in _RETRYABLE_STATUSES:
         out["Retry-After"] = str(retry_after)
     return web.Response(status=status, body=error_json(err), content_type="application/json", headers=out)
