@@ -41,7 +41,8 @@ COMPLETION = Endpoint(
 )
 
 
-async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """Validate, resolve the model, publish and answer one request of ``endpoint``'s kind."""
     edge = request.app[EDGE]
     parsed = endpoint.parse(await request.read(), edge.config)
     edge.check_accepting()
@@ -65,9 +66,9 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions, streaming (SSE) or not."""
-    return await _serve(request, CHAT)
+    return await serve(request, CHAT)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI legacy text completions, streaming (SSE) or not."""
-    return await _serve(request, COMPLETION)
+    return await serve(request, COMPLETION)
