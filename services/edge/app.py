@@ -18,7 +18,7 @@ from schemas import names
 from services.common import bus
 from services.common.api_key_store import ApiKeyStore
 from services.common.worker_table import WorkerTable
-from services.edge import catalog, completions, health, native_api
+from services.edge import catalog, completions, health, management, native_api
 from services.edge.api_key_cache import ApiKeyCache
 from services.edge.auth import Authenticator, auth_middleware
 from services.edge.config import EdgeConfig
@@ -124,5 +124,10 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.router.add_post("/api/v1/inference/stream", native_api.inference_stream)
     app.router.add_get("/api/v1/models", native_api.list_models)
     app.router.add_get("/api/v1/health", native_api.health_check)
+    app.router.add_get("/v1/system/health", management.system_health)
+    app.router.add_get("/v1/system/status", management.system_status)
+    app.router.add_get("/v1/system/metrics", management.system_metrics)
+    app.router.add_get("/v1/cluster/status", management.cluster_status)
+    app.router.add_post("/v1/cluster/strategy", management.set_strategy)
     app.router.add_get("/metrics", health.metrics)
     return app

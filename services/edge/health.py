@@ -10,7 +10,8 @@ from services.edge.state import EDGE, METRICS
 _encode = msgspec.json.Encoder().encode
 
 
-def _nats_state(nc) -> str:
+def nats_state(nc) -> str:
+    """The connection's state in one word."""
     if nc.is_connected:
         return "connected"
     if nc.is_reconnecting:
@@ -23,11 +24,11 @@ def _nats_state(nc) -> str:
 async def healthz(request: web.Request) -> web.Response:
     """200 when connected to NATS and accepting requests, else 503; lists live engines and their models."""
     edge = request.app[EDGE]
-    nats_state = _nats_state(edge.nc)
-    ok = nats_state == "connected" and edge.accepting
+    state = nats_state(edge.nc)
+    ok = state == "connected" and edge.accepting
     body = {
         "status": "ok" if ok else ("draining" if not edge.accepting else "unavailable"),
-        "nats": nats_state,
+        "nats": state,
         "engines": len(edge.table.live()),
         "models": sorted(edge.table.models()),
         "in_flight": len(edge.router),

@@ -9,25 +9,14 @@ effective free slot; none ever sends to a full engine.
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from schemas.routing import Strategy  # noqa: F401 - re-exported for the scheduler's modules
 from services.common.worker_table import WorkerState
 
 _NONE: Mapping[str, int] = {}
-
-
-class Strategy(enum.StrEnum):
-    """The routing strategies; the active one is KV ``llm_scheduler_config`` key ``strategy``."""
-
-    LEAST_CONNECTIONS = "least_connections"
-    ROUND_ROBIN = "round_robin"
-    WEIGHTED = "weighted"
-    RANDOM = "random"
-    RESPONSE_TIME = "response_time"
-    PREFIX_AFFINITY = "prefix_affinity"
 
 
 @dataclass(frozen=True)
