@@ -83,7 +83,8 @@ def direct_runner(adapter, max_tokens: int):
 
 def pipeline_runner(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int):
     async def one(i: int) -> tuple[float, int]:
-        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+        # cache off: the same prompts repeat, and a prompt-cache hit would skip the engine entirely.
+        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "cache": False,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
         start = time.perf_counter()
