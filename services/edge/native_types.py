@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
-from services.edge.openai_types import Int32, Int64, MessageBody
+from services.edge.openai_types import Int32, MessageBody, SamplingFields
 
 
-class NativeGeneration(msgspec.Struct, kw_only=True):
+class NativeGeneration(SamplingFields, kw_only=True):
     """``generation``: the seed documents' sampling block (HF ``generate`` names)."""
 
     max_new_tokens: Int32 | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: Int32 | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: Int64 | None = None
-    stop: str | list[str] | None = None
-    n: Int32 | None = None
 
 
 class NativeInferenceBody(msgspec.Struct, kw_only=True):

@@ -15,7 +15,7 @@ import msgspec
 
 from schemas.errors import BusError, ErrorCode
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
-from services.edge.openai_types import ChatCompletionBody, CompletionBody, MessageBody
+from services.edge.openai_types import ChatCompletionBody, CompletionBody, MessageBody, SamplingFields
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_STOP = 4
@@ -91,7 +91,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return list(stops)
 
 
-def _sampling(body: ChatCompletionBody | CompletionBody, max_tokens: int | None, default_max_tokens: int,
+def _sampling(body: SamplingFields, max_tokens: int | None, default_max_tokens: int,
               max_tokens_param: str) -> SamplingParams:
     """Check every sampling field's range and build ``SamplingParams`` (unset fields keep defaults)."""
     if body.n is not None and body.n != 1:

@@ -37,24 +37,29 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class _CommonBody(msgspec.Struct, kw_only=True):
-    """Fields shared by chat and legacy completion requests, OpenAI's plus the platform's extras."""
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """The sampling fields every request body shares (OpenAI's and the native API's ``generation``)."""
 
-    model: str
-    max_tokens: Int32 | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: Int32 | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: Int64 | None = None
-    user: str | None = None
     # platform extras
     top_k: Int32 | None = None
     repetition_penalty: float | None = None
+
+
+class _CommonBody(SamplingFields, kw_only=True):
+    """Fields shared by chat and legacy completion requests, OpenAI's plus the platform's extras."""
+
+    model: str
+    max_tokens: Int32 | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     priority: Int32 = 0
     adapter: str | None = None
     timeout: float | None = None
