@@ -62,6 +62,8 @@ def _stream_config(name: str, d: dict[str, Any], replicas: int) -> api.StreamCon
         allow_rollup_hdrs=d.get("allow_rollup_hdrs", False),
         deny_delete=d.get("deny_delete", False),
         allow_direct=d.get("allow_direct", False),
+        # Omitted unless set, so older servers and existing streams see the same request as before.
+        allow_msg_counter=d.get("allow_msg_counter") or None,
         num_replicas=replicas,
     )
 

@@ -37,3 +37,7 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
     created: float
     revoked: bool = False
     revoked_at: float | None = None
+    # Per-key rate limits overriding the edge's --rate-* defaults: None = the default, 0 = unlimited.
+    rate_rpm: int | None = None
+    rate_tpm: int | None = None
+    rate_streams: int | None = None

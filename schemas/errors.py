@@ -27,6 +27,13 @@ class ErrorCode(enum.StrEnum):
     # Auth, answered by the edge itself: missing/unknown/expired credentials, and a scope the credential lacks.
     INVALID_API_KEY = "invalid_api_key"
     INSUFFICIENT_SCOPE = "insufficient_scope"
+    # A per-key budget (requests or tokens per minute, concurrent streams) is spent, on every edge together.
+    RATE_LIMITED = "rate_limit_exceeded"
+    # Resources the edge manages (uploaded files, fine-tuning jobs).
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the resource's state forbids the change (cancelling a finished job)
+    REQUEST_TOO_LARGE = "request_too_large"
+    UNAVAILABLE = "unavailable"  # a bus resource the request needs is missing or not answering
 
 
 class BusError(Exception):

@@ -123,6 +123,7 @@ TRAIN_SUBMIT = f"{ROOT}.train.submit"
 TRAIN_EVENTS_STREAM = "LLM_TRAIN_EVENTS"
 TRAIN_DURABLE = "trainers"
 TRAIN_JOBS_BUCKET = "llm_train_jobs"
+TRAIN_CANCEL = f"{ROOT}.train.cancel"  # core broadcast of TrainCancel
 
 
 def train_job_events(job_id: str) -> str:
@@ -130,7 +131,23 @@ def train_job_events(job_id: str) -> str:
     return f"{ROOT}.train.job.{token(job_id)}.event"
 
 
+# --- rate limits (JetStream counter stream, shared by every edge replica) ---
+RATE_STREAM = "LLM_RATE"
+RATE_ALL = f"{ROOT}.rate.>"
+
+
+def rate_counter(principal: str, kind: str, window: int) -> str:
+    """Counter subject of one caller's usage of ``kind`` (requests, tokens, streams) in one time window.
+
+    ``principal`` is any caller identity (an API key id, a JWT subject, an address); it is slugged.
+    """
+    if kind not in ("requests", "tokens", "streams"):
+        raise ValueError(f"unknown rate counter kind {kind!r}")
+    return f"{ROOT}.rate.{slug(principal)}.{kind}.{int(window)}"
+
+
 # --- NATS micro service names ---
 MICRO_EDGE = "cy-edge"
 MICRO_SCHEDULER = "cy-scheduler"
 MICRO_ENGINE = "cy-engine"
+MICRO_TRAINER = "cy-trainer"
