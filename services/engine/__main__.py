@@ -8,6 +8,7 @@ import logging
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.lifecycle import install_stop_signals, run, setup_logging
+from services.common.model_store import default_state_dir
 from services.engine.adapters import adapter_class
 from services.engine.config import EngineConfig, parse_args
 from services.engine.metrics import EngineMetrics
@@ -23,7 +24,9 @@ def build_adapter(cfg: EngineConfig):
         return cls(model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots, token_rate=cfg.sim_token_rate,
                    ttft=cfg.sim_ttft, context_length=cfg.context_length or 8192)
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
-               device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length)
+               device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, adapter_dirs=cfg.adapter_dirs,
+               adapter_cache_dir=cfg.adapter_cache_dir or default_state_dir() / "adapters",
+               max_adapters=cfg.max_adapters)
 
 
 async def main(cfg: EngineConfig) -> None:

@@ -8,9 +8,10 @@ lazily (see ``adapters/__init__.py``) so running one engine never imports anothe
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 
@@ -35,11 +36,22 @@ class Finished:
 GenerationEvent = Chunk | Finished
 
 
+@dataclass(slots=True)
+class AdapterChange:
+    """The engine's loaded PEFT adapters changed: the set now, and loads/evictions since the last change."""
+
+    loaded: list[str]
+    loads: int = 0
+    evictions: int = 0
+
+
 class EngineAdapter(abc.ABC):
     """A loaded engine serving one or more models."""
 
     #: Engine name reported in heartbeats (``transformers``, ``llama.cpp``, ``vllm``...).
     name: str = "abstract"
+    #: Set by the service: called on the event loop whenever the loaded adapters change.
+    adapter_listener: Callable[[AdapterChange], None] | None = None
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -79,3 +91,14 @@ class EngineAdapter(abc.ABC):
 
     async def close(self) -> None:
         """Release models and threads."""
+
+    def bind_bus(self, js) -> None:
+        """The JetStream context the engine may read the model registry and artifacts through."""
+
+    async def check_adapter(self, adapter: str) -> None:
+        """Raise ``BusError`` now if ``adapter`` cannot be served (unknown, another base, unsupported method)."""
+        raise BusError(ErrorCode.UNSUPPORTED, f"the {self.name} engine does not serve adapters", param="adapter")
+
+    def loaded_adapters(self) -> list[str]:
+        """Adapter ids loaded now, as advertised in heartbeats."""
+        return []

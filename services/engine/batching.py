@@ -1,10 +1,12 @@
 """Iteration-level (continuous) batching over a Hugging Face causal LM, in one model thread.
 
-Every step decodes one token for every active sequence in a single forward pass. A new
-sequence is prefilled on its own and then merged into the batch's KV cache, left-padded to
-a common length (the padding is masked out and positions are per row); finished or aborted
-sequences are dropped from the batch between steps. Each sequence keeps its own sampling
-parameters and RNG, so batching never changes what a seeded request samples from.
+Every step decodes one token for every running sequence. Sequences are grouped by the PEFT
+adapter they asked for (``None``: the base model); each group is its own ``RowBatch`` (KV
+cache, mask, left-padded rows), and each step runs one forward per group with that group's
+adapter alone active (``AdapterSlots.activate``). That is exact for every layer-modifying
+PEFT method (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, ...), unlike a mixed-adapter forward.
+Adapters are loaded, evicted and switched only here, between forwards. Each sequence keeps
+its own sampling parameters and RNG, so batching never changes what a seeded request samples.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
-from schemas.errors import ErrorCode
+from schemas.errors import BusError, ErrorCode
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
+from services.engine.adapter_slots import AdapterSlots
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.row_batch import RowBatch
 from services.engine.sampling import apply_penalties, sample_row
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ PREFILL_TOKEN_BUDGET = 8192
 
 @dataclass(slots=True)
 class Failed:
-    """A sequence could not be generated (the forward pass raised)."""
+    """A sequence could not be generated (the forward pass raised, or its adapter could not be loaded)."""
 
     code: str
     message: str
@@ -41,7 +44,7 @@ class Failed:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's state inside the batch."""
+    """One request's state inside the batch; ``adapter`` (with its local ``adapter_path``) or the base model."""
 
     request_id: str
     prompt_ids: list[int]
@@ -50,6 +53,8 @@ class Sequence:
     detok: IncrementalDetokenizer
     stop: StopMatcher
     generator: torch.Generator
+    adapter: str | None = None
+    adapter_path: Path | None = None
     counts: dict[int, int] = field(default_factory=dict)
     generated: int = 0
     last_token: int = -1
@@ -58,25 +63,27 @@ class Sequence:
 
 
 Delivery = Callable[[list[tuple[str, "Chunk | Finished | Failed"]]], None]
+# Called from the model thread when the loaded adapters change: (loaded ids, total loads, total evictions).
+AdapterListener = Callable[[list[str], int, int], None]
 
 
 class BatchGenerator(threading.Thread):
     """The model thread: admits sequences, runs batched decode steps, delivers events per step."""
 
-    def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int, deliver: Delivery) -> None:
+    def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int, deliver: Delivery, *,
+                 max_adapters: int = 8, on_adapters: AdapterListener | None = None) -> None:
         super().__init__(name="cy-batch-generator", daemon=True)
-        self._model = model
+        self._slots = AdapterSlots(model, max_adapters)
         self._eos = eos_ids
         self._device = device
         self._max_batch = max_batch
         self._deliver = deliver
+        self._on_adapters = on_adapters
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
-        self._active: list[Sequence] = []
+        self._batches: dict[str | None, RowBatch] = {}
         self._waiting: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
         self._stopping = False
         self.steps = 0
 
@@ -99,7 +106,7 @@ class BatchGenerator(threading.Thread):
     def run(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                self._collect(block=not self._active and not self._waiting)
+                self._collect(block=not self._running() and not self._waiting)
                 events: list[tuple[str, Chunk | Finished | Failed]] = []
                 try:
                     self._drop_aborted()
@@ -107,15 +114,25 @@ class BatchGenerator(threading.Thread):
                     if events:  # first tokens go out before the next decode step
                         self._deliver(events)
                         events = []
-                    if self._active:
+                    if self._running():
                         self._decode_step(events)
                 except Exception as exc:  # a failed forward must fail its requests, not kill the engine
-                    log.exception("batch step failed; failing %d sequences", len(self._active))
-                    for seq in self._active:
+                    log.exception("batch step failed; failing %d sequences", self._running())
+                    for seq in self._rows():
                         events.append((seq.request_id, Failed(ErrorCode.ENGINE_FAILED, f"generation failed: {exc}")))
-                    self._active, self._cache, self._mask = [], None, None
+                    self._batches = {}
                 if events:
                     self._deliver(events)
+
+    def _rows(self) -> Iterator[Sequence]:
+        for batch in self._batches.values():
+            yield from batch.rows
+
+    def _running(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    def _prune(self) -> None:
+        self._batches = {a: b for a, b in self._batches.items() if b}
 
     def _collect(self, block: bool) -> None:
         try:
@@ -133,51 +150,85 @@ class BatchGenerator(threading.Thread):
                 return
             aborted, self._aborted = self._aborted, set()
         self._waiting = [s for s in self._waiting if s.request_id not in aborted]
-        for seq in self._active:
-            if seq.request_id in aborted:
-                seq.done = True
-        self._compact()
+        for batch in self._batches.values():
+            for seq in batch.rows:
+                if seq.request_id in aborted:
+                    seq.done = True
+            batch.compact()
+        self._prune()
 
     def _admit(self, events: list) -> None:
-        """Prefill waiting sequences together (left-padded) and merge them into the batch."""
-        room = self._max_batch - len(self._active)
+        """Prefill admissible waiting sequences, one forward per adapter, and merge them into their batches."""
+        room = self._max_batch - self._running()
         if not self._waiting or room <= 0:
             return
-        group: list[Sequence] = []
-        longest = 0
-        for seq in self._waiting[:room]:
-            longest = max(longest, len(seq.prompt_ids))
-            if group and longest * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
-                break
+        before = self._slots.loaded
+        picked = self._pick(room, events)
+        if self._slots.loaded != before and self._on_adapters is not None:
+            self._on_adapters(self._slots.loaded, self._slots.loads, self._slots.evictions)
+        for adapter, group in picked.items():
+            batch = self._batches.setdefault(adapter, RowBatch(self._device))
+            try:
+                with self._slots.activate(adapter):
+                    logits = batch.prefill(self._slots.base, group)
+            except Exception as exc:  # a failed prefill fails its own sequences only
+                log.exception("prefill of %d sequences failed", len(group))
+                events.extend((s.request_id, Failed(ErrorCode.ENGINE_FAILED, f"generation failed: {exc}"))
+                              for s in group)
+                continue
+            for i, seq in enumerate(group):
+                self._advance(seq, logits[i], events)
+            batch.compact()
+        self._prune()
+
+    def _pick(self, room: int, events: list) -> dict[str | None, list[Sequence]]:
+        """Waiting sequences to prefill now, by adapter, loading adapters as needed.
+
+        An adapter that cannot be loaded until busy ones go idle blocks every later adapter
+        request (so busy adapters drain and it is not starved); base-model requests still pass.
+        """
+        picked: dict[str | None, list[Sequence]] = {}
+        longest: dict[str | None, int] = {}
+        left: list[Sequence] = []
+        blocked = False
+        for seq in self._waiting:
+            if room <= 0 or (blocked and seq.adapter is not None):
+                left.append(seq)
+                continue
+            if seq.adapter is not None:
+                busy = {a for a, b in self._batches.items() if b} | set(picked)
+                try:
+                    ready = self._slots.ensure(seq.adapter, seq.adapter_path, busy)
+                except BusError as exc:
+                    events.append((seq.request_id, Failed(exc.code, exc.message)))
+                    continue
+                if not ready:
+                    blocked = True
+                    left.append(seq)
+                    continue
+            group = picked.setdefault(seq.adapter, [])
+            width = max(longest.get(seq.adapter, 0), len(seq.prompt_ids))
+            if group and width * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
+                left.append(seq)
+                continue
+            longest[seq.adapter] = width
             group.append(seq)
-        self._waiting = self._waiting[len(group):]
-        width = max(len(s.prompt_ids) for s in group)
-        ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group], device=self._device)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group],
-                            device=self._device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1)
-        self._merge(cache, mask)
-        self._active.extend(group)
-        logits = out.logits[:, -1, :].float()
-        for i, seq in enumerate(group):
-            self._advance(seq, logits[i], events)
-        self._compact()
+            room -= 1
+        self._waiting = left
+        return picked
 
     def _decode_step(self, events: list) -> None:
-        batch = len(self._active)
-        input_ids = torch.tensor([[s.last_token] for s in self._active], device=self._device)
-        positions = self._mask.sum(dim=1, keepdim=True)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((batch, 1))], dim=1)
-        out = self._model(input_ids=input_ids, attention_mask=self._mask, position_ids=positions,
-                          past_key_values=self._cache, use_cache=True)
-        logits = out.logits[:, -1, :].float()
-        for i, seq in enumerate(self._active):
-            self._advance(seq, logits[i], events)
+        """One token for every running sequence: one forward per adapter batch, its adapter alone active."""
+        for adapter, batch in list(self._batches.items()):
+            if not batch:
+                continue
+            with self._slots.activate(adapter):
+                logits = batch.decode(self._slots.base)
+            for i, seq in enumerate(batch.rows):
+                self._advance(seq, logits[i], events)
+            batch.compact()
         self.steps += 1
-        self._compact()
+        self._prune()
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, events: list) -> None:
         """Sample one token for ``seq`` and turn it into events."""
@@ -205,38 +256,3 @@ class BatchGenerator(threading.Thread):
             events.append((seq.request_id, Chunk(rest, seq.pending_ids)))
         events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated)))
         seq.done = True
-
-    # --- KV cache bookkeeping ---
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append prefilled rows to the batch, left-padding both sides to a common length."""
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-            return
-        have, new = self._mask.shape[1], mask.shape[1]
-        width = max(have, new)
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width - have), _left_pad(theirs.keys, width - new)])
-            mine.values = torch.cat([_left_pad(mine.values, width - have), _left_pad(theirs.values, width - new)])
-        self._mask = torch.cat([F.pad(self._mask, (width - have, 0)), F.pad(mask, (width - new, 0))])
-
-    def _compact(self) -> None:
-        """Drop finished rows from the batch and trim columns that are padding in every row."""
-        keep = [i for i, s in enumerate(self._active) if not s.done]
-        if len(keep) == len(self._active):
-            return
-        self._active = [self._active[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        idx = torch.tensor(keep, device=self._device)
-        mask = self._mask.index_select(0, idx)
-        first = int(torch.nonzero(mask.sum(dim=0))[0])
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-            layer.values = layer.values.index_select(0, idx)[:, :, first:]
-        self._mask = mask[:, first:]
-
-
-def _left_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Left-pad a ``[batch, heads, time, dim]`` tensor along time."""
-    return F.pad(x, (0, 0, pad, 0)) if pad else x

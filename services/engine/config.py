@@ -29,6 +29,9 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_port: int = 0
     sim_token_rate: float = 0.0
     sim_ttft: float = 0.0
+    adapter_dirs: list[str] = []
+    adapter_cache_dir: str = ""
+    max_adapters: int = 8
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
@@ -50,9 +53,17 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
     p.add_argument("--sim-token-rate", type=float, default=0.0, help="simulated engine: tokens/s per request (0 = max)")
     p.add_argument("--sim-ttft", type=float, default=0.0, help="simulated engine: seconds before the first token")
+    p.add_argument("--adapter-dir", action="append", default=[], dest="adapter_dirs",
+                   help="directory whose subdirectories <adapter id>/ hold PEFT adapters (repeatable)")
+    p.add_argument("--adapter-cache-dir", default="",
+                   help="where adapters from the object store are unpacked (default: <state dir>/adapters)")
+    p.add_argument("--max-adapters", type=int, default=8,
+                   help="PEFT adapters kept loaded at once; the least recently used idle one is evicted")
     args = p.parse_args(argv)
     if not args.worker_id:
         args.worker_id = slug(f"{socket.gethostname()}-{os.getpid()}")
     if args.slots < 1:
         p.error("--slots must be at least 1")
+    if args.max_adapters < 1:
+        p.error("--max-adapters must be at least 1")
     return msgspec.convert(vars(args), EngineConfig)

@@ -28,3 +28,9 @@ class EngineMetrics:
         self.memory = Gauge("worker_memory_used_bytes", "Memory used by the engine (GPU memory on GPU, RSS on CPU)",
                             registry=registry)
         self.models_loaded = Gauge("worker_models_loaded", "Models loaded", registry=registry)
+        self.adapters_loaded = Gauge("worker_adapters_loaded", "PEFT adapters loaded", registry=registry)
+        self.adapter_loads = Counter("worker_adapter_loads", "PEFT adapters loaded into the model",
+                                     registry=registry)
+        self.adapter_evictions = Counter("worker_adapter_evictions",
+                                         "PEFT adapters unloaded to make room (least recently used, idle)",
+                                         registry=registry)

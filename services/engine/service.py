@@ -26,7 +26,7 @@ from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus
 from services.common.buckets import optional_kv
-from services.engine.adapter import Chunk, EngineAdapter
+from services.engine.adapter import AdapterChange, Chunk, EngineAdapter
 from services.engine.config import EngineConfig
 from services.engine.metrics import EngineMetrics
 from services.engine.response_cache import ResponseRecorder, ResponseStore
@@ -64,6 +64,7 @@ class EngineService:
         self.nc = None
         self._kv = None
         self._responses: ResponseStore | None = None
+        adapter.adapter_listener = self._on_adapters
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
@@ -73,6 +74,7 @@ class EngineService:
         try:
             self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
             self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
+            self.adapter.bind_bus(self.nc.jetstream())
             if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,
                                                        "responses are not cached")) is not None:
                 self._responses = ResponseStore(cache_kv)
@@ -127,6 +129,12 @@ class EngineService:
         except msgspec.DecodeError as exc:
             await request.respond(self._reply(False, ErrorCode.INVALID_REQUEST, f"bad request: {exc}"))
             return
+        if req.adapter and req.id not in self._active:
+            try:  # an unknown adapter is refused now, not after the dispatch was accepted
+                await self.adapter.check_adapter(req.adapter)
+            except BusError as exc:
+                await request.respond(self._reply(False, exc.code, exc.message))
+                return
         if req.id in self._active:  # a re-dispatch of a request we already run: idempotent
             await request.respond(self._reply(True))
             return
@@ -235,12 +243,21 @@ class EngineService:
             if usage.completion_tokens > 1:
                 self.metrics.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))
 
+    def _on_adapters(self, change: AdapterChange) -> None:
+        """The engine loaded or evicted adapters: count it and heartbeat the new set at once."""
+        self.metrics.adapters_loaded.set(len(change.loaded))
+        self.metrics.adapter_loads.inc(change.loads)
+        self.metrics.adapter_evictions.inc(change.evictions)
+        self._status_seq += 1
+        self._status_changed.set()
+
     # --- heartbeats ---
     def heartbeat(self) -> EngineHeartbeat:
         """This engine's status now."""
         return EngineHeartbeat(
             worker=self.worker, engine=self.adapter.name, device=self.adapter.device,
-            models=self.adapter.served_models(), slots=self.adapter.slots, in_flight=len(self._active),
+            models=self.adapter.served_models(), adapters=self.adapter.loaded_adapters(), slots=self.adapter.slots,
+            in_flight=len(self._active),
             seq=self._status_seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
             memory_bytes=self.adapter.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
             started=self._started)

@@ -137,6 +137,7 @@ class Dispatcher:
         """Offer ``data`` (``req``'s bytes) to ``worker``, then to the next best engines, until one answers for good."""
         taken_at = time.monotonic()
         tried: list[str] = []
+        unknown_adapter: DispatchReply | None = None
         try:
             while worker is not None:
                 reply = await self._attempt(worker, data)
@@ -150,11 +151,17 @@ class Dispatcher:
                 if req.id in self._memory.cancelled:
                     await self._settle(lane, msg, Outcome.CANCELLED)
                     return
+                if reply is not None and req.adapter and reply.code == ErrorCode.MODEL_NOT_FOUND:
+                    unknown_adapter = reply  # another engine may have it in its --adapter-dir: try that first
                 tried.append(worker)
                 worker = self._placement.reserve(req.model, exclude=tried, request=req) \
                     if len(tried) < self._max_attempts else None
                 if worker is not None:
                     await self._keep_alive(msg)
+            if unknown_adapter is not None:  # waiting in the queue would not make the adapter appear
+                await self._fail(lane, msg, req, ErrorCode.MODEL_NOT_FOUND,
+                                 unknown_adapter.message or f"adapter {req.adapter!r} not found", Outcome.REFUSED)
+                return
             await self._unplaced(lane, msg, req)
         finally:
             self._memory.dispatching.discard(req.id)

@@ -17,7 +17,7 @@ from services.common.worker_table import WorkerTable
 from services.scheduler.circuit import CircuitBreakers
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.response_times import ResponseTimes
-from services.scheduler.selection import RoutingContext, Strategy, choose, eligible, free_capacity
+from services.scheduler.selection import RoutingContext, Strategy, choose, eligible, free_capacity, prefer_adapter
 
 
 class Placement:
@@ -61,6 +61,8 @@ class Placement:
                            allows=self.breakers.allows)
         if not workers:
             return None
+        if request is not None and request.adapter:
+            workers = prefer_adapter(workers, request.adapter, self._reserved)
         blocks = self.prefixes.blocks(request) if request is not None and \
             self.strategy is Strategy.PREFIX_AFFINITY else []
         ctx = RoutingContext(reserved=self._reserved, turn=self._turn, weights=self._weights,

@@ -58,6 +58,32 @@ def eligible(candidates: Iterable[WorkerState], *, reserved: Mapping[str, int] =
     return out
 
 
+# An engine holding the request's adapter is preferred unless its load (a fraction of its slots) exceeds the
+# least-loaded eligible engine's by more than this: loading an adapter costs about as much as a short request.
+ADAPTER_LOAD_SLACK = 0.5
+
+
+def prefer_adapter(workers: Sequence[WorkerState], adapter: str | None, reserved: Mapping[str, int] = _NONE,
+                   slack: float = ADAPTER_LOAD_SLACK) -> list[WorkerState]:
+    """The eligible ``workers`` that already have ``adapter`` loaded and are not much busier than the rest.
+
+    Falls back to every worker when none holds the adapter, or when each holder is loaded more
+    than ``slack`` (a fraction of its slots) above the least-loaded engine.
+    """
+    if not adapter:
+        return list(workers)
+    holders = [s for s in workers if adapter in s.heartbeat.adapters]
+    if not holders:
+        return list(workers)
+
+    def busy(s: WorkerState) -> float:
+        return (s.in_flight + reserved.get(s.worker, 0)) / max(1, s.heartbeat.slots)
+
+    low = min(busy(s) for s in workers)
+    near = [s for s in holders if busy(s) - low <= slack]
+    return near or list(workers)
+
+
 def _load(state: WorkerState, ctx: RoutingContext) -> int:
     return state.in_flight + ctx.reserved.get(state.worker, 0)
 

@@ -2,7 +2,8 @@
 
 Requests are rendered with the model's chat template on the event loop (sub-millisecond),
 then generated in the model thread (``batching.BatchGenerator``); events come back once per
-decode step through ``call_soon_threadsafe``.
+decode step through ``call_soon_threadsafe``. A request naming a PEFT adapter has its files
+located and downloaded here (``lora.AdapterResolver``), then the model thread loads it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.adapter import Chunk, EngineAdapter, Finished, GenerationEvent
+from services.engine.adapter import AdapterChange, Chunk, EngineAdapter, Finished, GenerationEvent
 from services.engine.batching import BatchGenerator, Failed, Sequence
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.lora import AdapterResolver
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ class TransformersEngine(EngineAdapter):
     name = "transformers"
 
     def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
-                 device: str = "auto", dtype: str = "auto", context_length: int = 0) -> None:
+                 device: str = "auto", dtype: str = "auto", context_length: int = 0,
+                 adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8) -> None:
         self._path = Path(model_path)
         self._model_id = model_id
         self._aliases = list(aliases)
@@ -61,6 +64,11 @@ class TransformersEngine(EngineAdapter):
         self._batcher: BatchGenerator | None = None
         self.tokenizer = None
         self.model = None
+        self._max_adapters = max_adapters
+        self._adapters = AdapterResolver(adapter_dirs=adapter_dirs, base_names=[model_id, *self._aliases],
+                                         cache_dir=adapter_cache_dir or self._path.parent.parent / "adapters")
+        self._loaded_adapters: list[str] = []
+        self._adapter_totals = (0, 0)
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -69,7 +77,8 @@ class TransformersEngine(EngineAdapter):
             raise FileNotFoundError(f"no model at {self._path} (expected a transformers directory with config.json)")
         await asyncio.to_thread(self._load)
         self._loop = asyncio.get_running_loop()
-        self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._deliver)
+        self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._deliver,
+                                       max_adapters=self._max_adapters, on_adapters=self._adapters_changed)
         self._batcher.start()
         log.info("loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self._device,
                  self._dtype, self._slots, self._context_length)
@@ -125,6 +134,30 @@ class TransformersEngine(EngineAdapter):
             return int(torch.cuda.memory_allocated(self._device))
         return super().memory_bytes()
 
+    # --- adapters ---
+    def bind_bus(self, js) -> None:
+        """Resolve adapters through the model registry and the artifact store of ``js`` too."""
+        self._adapters.bind(js)
+
+    async def check_adapter(self, adapter: str) -> None:
+        """Known (locally or in the registry) and for this base model, else ``BusError``."""
+        await self._adapters.locate(adapter)
+
+    def loaded_adapters(self) -> list[str]:
+        """Adapters in the model now, least recently used first."""
+        return list(self._loaded_adapters)
+
+    def _adapters_changed(self, loaded: list[str], loads: int, evictions: int) -> None:
+        # Runs in the model thread.
+        self._loop.call_soon_threadsafe(self._publish_adapters, loaded, loads, evictions)
+
+    def _publish_adapters(self, loaded: list[str], loads: int, evictions: int) -> None:
+        before_loads, before_evictions = self._adapter_totals
+        self._adapter_totals = (loads, evictions)
+        self._loaded_adapters = loaded
+        if self.adapter_listener is not None:
+            self.adapter_listener(AdapterChange(loaded, loads - before_loads, evictions - before_evictions))
+
     # --- generation ---
     def render(self, request: InferenceRequest) -> list[int]:
         """Token ids the model sees: the chat template for messages, the raw prompt for completions."""
@@ -137,7 +170,7 @@ class TransformersEngine(EngineAdapter):
             return self.tokenizer(text).input_ids
         return self.tokenizer(request.prompt or "").input_ids
 
-    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int]) -> Sequence:
+    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None) -> Sequence:
         params = request.sampling
         generator = torch.Generator(device=self._device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -149,6 +182,8 @@ class TransformersEngine(EngineAdapter):
             detok=IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)),
             stop=StopMatcher(params.stop),
             generator=generator,
+            adapter=request.adapter if adapter_path is not None else None,
+            adapter_path=adapter_path,
         )
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
@@ -161,10 +196,11 @@ class TransformersEngine(EngineAdapter):
                            f"this model's maximum context length is {self._context_length} tokens, "
                            f"but the prompt has {len(prompt_ids)} tokens", param="messages")
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[request.id] = q
-        self._batcher.submit(self._new_sequence(request, prompt_ids))
+        self._queues[request.id] = q  # before the adapter download, so a cancel meanwhile is not lost
         finished = False
         try:
+            adapter_path = await self._adapters.fetch(request.adapter) if request.adapter else None
+            self._batcher.submit(self._new_sequence(request, prompt_ids, adapter_path))
             while True:
                 event = await q.get()
                 if isinstance(event, Failed):

@@ -1,0 +1,42 @@
+"""Test PEFT adapters with non-trivial weights on the default model (outputs differ from the base)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_adapter(base_dir: Path, out: Path, method: str, seed: int) -> Path:
+    """Save a ``method`` adapter (lora, dora, ia3, loha, prefix) with random non-identity weights into ``out``."""
+    from peft import (IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    if method in ("lora", "dora"):
+        config = LoraConfig(r=8, lora_alpha=64, target_modules=targets, init_lora_weights=False,
+                            use_dora=method == "dora", task_type=TaskType.CAUSAL_LM)
+    elif method == "ia3":
+        config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                           init_ia3_weights=False, task_type=TaskType.CAUSAL_LM)
+    elif method == "loha":
+        config = LoHaConfig(r=8, alpha=64, target_modules=targets, init_weights=False, task_type=TaskType.CAUSAL_LM)
+    elif method == "prefix":
+        config = PrefixTuningConfig(num_virtual_tokens=4, task_type=TaskType.CAUSAL_LM)
+    else:
+        raise ValueError(method)
+    peft_model = get_peft_model(model, config)
+    if method == "ia3":  # init_ia3_weights=False draws from N(1, 0.02)-ish; push further from identity
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "ia3_l" in name:
+                    p.mul_(torch.empty_like(p).uniform_(0.2, 1.8))
+    if method == "loha":  # the random init barely moves the logits; a 2.5x larger factor moves them 40x
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "hada_" in name:
+                    p.mul_(2.5)
+    peft_model.save_pretrained(out)
+    return out
