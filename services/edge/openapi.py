@@ -1,0 +1,180 @@
+"""``GET /openapi.json``: an OpenAPI 3.1 description of the edge's HTTP API.
+
+Request bodies are generated from the msgspec Structs the edge decodes them with, so the
+document cannot drift from what is accepted; response shapes are written here, next to the
+route list. ``tests/test_edge_openapi.py`` checks every documented route exists, every
+inference, model and management route is documented, and (with schemathesis) that answers
+to generated requests conform.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from schemas.routing import Strategy
+from services.edge.errors import ErrorBody
+from services.edge.native_types import NativeInferenceBody
+from services.edge.openai_types import ChatCompletionBody, CompletionBody
+
+TITLE = "CY-LLM edge"
+VERSION = "0.1.0"
+_REF = "#/components/schemas/{name}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _obj(required: list[str] | None = None, **props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props, **({"required": required} if required else {})}
+
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT,
+              completion_tokens=_INT, total_tokens=_INT)
+_NATIVE_USAGE = _obj(["promptTokens", "completionTokens", "totalTokens"], promptTokens=_INT,
+                     completionTokens=_INT, totalTokens=_INT)
+_ANY_OBJECT = {"type": "object"}
+
+# Response schemas written by hand (the edge builds these bodies with msgspec from dicts).
+_RESPONSES: dict[str, Any] = {
+    "Usage": _USAGE,
+    "ChatCompletion": _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR,
+                           object={"const": "chat.completion"}, created=_INT, model=_STR, usage=_ref("Usage"),
+                           choices={"type": "array", "items": _obj(
+                               ["index", "message", "finish_reason"], index=_INT, finish_reason=_NULLABLE_STR,
+                               message=_obj(["role", "content"], role=_STR, content=_NULLABLE_STR))}),
+    "TextCompletion": _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR,
+                           object={"const": "text_completion"}, created=_INT, model=_STR, usage=_ref("Usage"),
+                           choices={"type": "array", "items": _obj(["text", "index", "finish_reason"], text=_STR,
+                                                                   index=_INT, finish_reason=_NULLABLE_STR)}),
+    "Model": _obj(["id", "object", "created", "owned_by"], id=_STR, object={"const": "model"}, created=_INT,
+                  owned_by=_STR),
+    "ModelList": _obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": _ref("Model")}),
+    "NativeInference": _obj(["requestId", "modelId", "created", "text", "finishReason", "usage"], requestId=_STR,
+                            modelId=_STR, created=_INT, text=_STR, finishReason=_STR, usage=_NATIVE_USAGE),
+    "NativeModelList": _obj(["models"], models={"type": "array", "items": _obj(
+        ["modelId", "contextLength", "aliases", "engines"], modelId=_STR, contextLength={"type": ["integer", "null"]},
+        aliases={"type": "array", "items": _STR}, engines=_INT)}),
+    "Health": _obj(["status", "nats", "engines", "models", "in_flight", "edge_id"], status=_STR, nats=_STR,
+                   engines=_INT, models={"type": "array", "items": _STR}, in_flight=_INT, edge_id=_STR,
+                   engineDetails={"type": "array", "items": _ANY_OBJECT}),
+    "StrategyBody": _obj(["strategy"], strategy={"type": "string", "examples": [s.value for s in Strategy]}),
+}
+
+_RATE_HEADERS = {name: {"description": desc, "schema": _STR} for name, desc in (
+    ("x-ratelimit-limit-requests", "requests per minute allowed (when --rate-rpm or the key sets one)"),
+    ("x-ratelimit-remaining-requests", "requests left in this minute"),
+    ("x-ratelimit-reset-requests", "time until the request budget resets, e.g. 17s"),
+    ("x-ratelimit-limit-tokens", "tokens per minute allowed"),
+    ("x-ratelimit-remaining-tokens", "tokens left in this minute"),
+    ("x-ratelimit-reset-tokens", "time until the token budget resets"))}
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_ERROR = _json(_ref("ErrorBody"), "an OpenAI error body: 400 invalid, 401/403 credentials, 404 unknown model, "
+               "413 too large, 429 rate limit or full queue (Retry-After), 503 no engine, 504 timeout")
+_SSE = {"text/event-stream": {"schema": _STR}}
+
+
+def _op(summary: str, ok: dict[str, Any], *, body: str | None = None, scope: str | None = "inference",
+        tag: str = "inference") -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": {"200": ok, "default": _ERROR}}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if scope is None:
+        op["security"] = []
+    else:
+        op["description"] = f"Needs the '{scope}' scope when authentication is on."
+    return op
+
+
+def _streamable(schema: str, description: str) -> dict[str, Any]:
+    ok = _json(_ref(schema), description + "; with \"stream\": true, server-sent events ending with "
+               "'data: [DONE]'", _RATE_HEADERS)
+    ok["content"].update(_SSE)
+    return ok
+
+
+def _paths() -> dict[str, dict[str, Any]]:
+    health = _json(_ref("Health"), "this edge is connected and accepting (503 with the same body otherwise)")
+    any_json = _json(_ANY_OBJECT, "a JSON object")
+    stream_ok = {"description": "server-sent events {requestId, token}, then {requestId, finishReason, usage, "
+                                "done: true}, then 'data: [DONE]'", "content": _SSE, "headers": _RATE_HEADERS}
+    return {
+        "/v1/chat/completions": {"post": _op("Chat completion (OpenAI)", _streamable("ChatCompletion", "a chat "
+                                                                                     "completion"),
+                                             body="ChatCompletionBody")},
+        "/v1/completions": {"post": _op("Text completion (OpenAI, legacy)", _streamable("TextCompletion", "a text "
+                                                                                        "completion"),
+                                        body="CompletionBody")},
+        "/v1/models": {"get": _op("Models live engines serve", _json(_ref("ModelList"), "the model list"))},
+        "/v1/models/{model}": {"get": {
+            **_op("One model by id or alias", _json(_ref("Model"), "the model")),
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR}]}},
+        "/api/v1/inference": {"post": _op("Native inference, one JSON answer", _json(
+            _ref("NativeInference"), "the whole answer", _RATE_HEADERS), body="NativeInferenceBody")},
+        "/api/v1/inference/stream": {"post": _op("Native inference over SSE", stream_ok, body="NativeInferenceBody")},
+        "/api/v1/inference/ws": {"get": {
+            **_op("Native inference over a WebSocket (many requests per socket)",
+                  {"description": "not a WebSocket upgrade request"}),
+            "description": "Upgrade to a WebSocket. Send NativeInferenceBody frames with an optional 'id'; "
+                           "receive {requestId, id, token} frames, then {requestId, id, finishReason, usage, "
+                           "done: true}; {\"type\": \"cancel\", \"id\"} cancels; errors are {id, requestId, "
+                           "error} frames. Needs the 'inference' scope when authentication is on.",
+            "responses": {"101": {"description": "switching to the WebSocket protocol"}, "default": _ERROR}}},
+        "/api/v1/models": {"get": _op("Models (native)", _json(_ref("NativeModelList"), "the models"))},
+        "/api/v1/health": {"get": {
+            **_op("Health (native); ?detail=true adds engine details", health, scope=None, tag="health"),
+            "parameters": [{"name": "detail", "in": "query", "required": False, "schema": _STR}]}},
+        "/healthz": {"get": _op("Health of this edge", health, scope=None, tag="health")},
+        "/metrics": {"get": _op("Prometheus metrics", {"description": "Prometheus text exposition",
+                                                       "content": {"text/plain": {"schema": _STR}}},
+                                scope=None, tag="health")},
+        "/openapi.json": {"get": _op("This document", _json(_ANY_OBJECT, "OpenAPI 3.1"), scope=None, tag="health")},
+        "/v1/system/health": {"get": _op("Detailed health", health, scope="admin", tag="management")},
+        "/v1/system/status": {"get": _op("This edge's status", any_json, scope="admin", tag="management")},
+        "/v1/system/metrics": {"get": _op("This edge's metrics as JSON", any_json, scope="admin", tag="management")},
+        "/v1/cluster/status": {"get": _op("Engines, models, strategy and queue depth", any_json, scope="admin",
+                                          tag="management")},
+        "/v1/cluster/strategy": {"post": _op("Switch every scheduler's routing strategy", _json(
+            _ref("StrategyBody"), "the strategy now active"), body="StrategyBody", scope="admin", tag="management")},
+    }
+
+
+def build_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (built once per process)."""
+    _, components = msgspec.json.schema_components(
+        (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody), ref_template=_REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": TITLE, "version": VERSION,
+                 "description": "OpenAI-compatible and native LLM inference in front of NATS JetStream."},
+        "paths": _paths(),
+        "components": {
+            "schemas": {**components, **_RESPONSES},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "an API key (cy-...) or a JWT"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+        },
+        "security": [{"bearer": []}, {"apiKey": []}],
+    }
+
+
+_DOCUMENT = msgspec.json.encode(build_document())
+
+
+async def serve_document(request: web.Request) -> web.Response:
+    """``GET /openapi.json``."""
+    return web.Response(body=_DOCUMENT, content_type="application/json")
