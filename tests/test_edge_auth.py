@@ -109,7 +109,8 @@ async def test_scopes_are_enforced_and_admin_implies_all(client, store):
         assert await _status(client, path, headers=bearer(admin)) == 200
     # Training routes need training (or admin), not inference.
     assert await _status(client, "/v1/fine_tuning/jobs", headers=bearer(inference)) == 403
-    assert await _status(client, "/v1/fine_tuning/jobs", headers=bearer(training)) == 404
+    assert await _status(client, "/v1/fine_tuning/jobs", headers=bearer(training)) == 200
+    assert await _status(client, "/api/v1/training/jobs", headers=bearer(inference)) == 403
     resp = await client.delete(f"/v1/models/{MODEL}", headers=bearer(inference))
     assert resp.status == 403
 

@@ -16,7 +16,8 @@ EXPECTED_STATUS = {
     "invalid_request": 400, "unsupported": 400, "context_length_exceeded": 400, "model_not_found": 404,
     "queue_full": 429, "no_worker_available": 503, "engine_busy": 503, "engine_failed": 502,
     "worker_lost": 502, "timeout": 504, "cancelled": 499, "internal_error": 500,
-    "invalid_api_key": 401, "insufficient_scope": 403,
+    "invalid_api_key": 401, "insufficient_scope": 403, "rate_limit_exceeded": 429,
+    "not_found": 404, "conflict": 409, "request_too_large": 413, "unavailable": 503,
 }
 
 

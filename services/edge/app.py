@@ -18,14 +18,18 @@ from schemas import names
 from services.common import bus
 from services.common.api_key_store import ApiKeyStore
 from services.common.worker_table import WorkerTable
-from services.edge import catalog, completions, health, management, native_api
+from services.edge import catalog, completions, health, management, native_api, openapi, websocket
+from services.edge import training_routes
 from services.edge.api_key_cache import ApiKeyCache
 from services.edge.auth import Authenticator, auth_middleware
 from services.edge.config import EdgeConfig
+from services.edge.cors import CorsPolicy, cors_headers, cors_middleware
 from services.edge.dispatch import Dispatcher
 from services.edge.metrics import EdgeMetrics
 from services.edge.middleware import error_middleware, metrics_middleware
 from services.edge.queue_gauge import QueueGauge
+from services.edge.rate_limit import RateLimiter, add_rate_headers
+from services.edge.rate_window import RateLimits
 from services.edge.replies import ReplyRouter
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
 from services.edge.workers import WorkerFeed
@@ -73,7 +77,11 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(service.stop)
         if config.uses_keys:
             await _bind_api_keys(app, nc)
-        app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher)
+        limiter = await _rate_limiter(app, nc)
+        limiter.leases.start()
+        stack.push_async_callback(limiter.leases.stop)
+        app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher,
+                         limiter=limiter)
         log.info("edge %s connected to %s", edge_id, config.nats_url)
         yield
 
@@ -86,6 +94,20 @@ async def _bind_api_keys(app: web.Application, nc) -> None:
         raise RuntimeError(f"--auth {app[CONFIG].auth}: KV bucket {names.API_KEYS_BUCKET} does not exist; "
                            "run ./cy infra apply against this NATS server") from None
     app[AUTHENTICATOR].bind_keys(ApiKeyCache(store, app[CONFIG].auth_cache_ttl))
+
+
+async def _rate_limiter(app: web.Application, nc) -> RateLimiter:
+    """The limiter on the ``LLM_RATE`` counters; with budgets configured, the stream must exist."""
+    config = app[CONFIG]
+    defaults = RateLimits(rpm=config.rate_rpm, tpm=config.rate_tpm, streams=config.rate_streams)
+    js = nc.jetstream()
+    if defaults.enabled:
+        try:
+            await js.stream_info(names.RATE_STREAM)
+        except nats.js.errors.NotFoundError:
+            raise RuntimeError(f"--rate-*: stream {names.RATE_STREAM} does not exist; "
+                               "run ./cy infra apply against this NATS server") from None
+    return RateLimiter(js, defaults, app[METRICS], timeout=config.publish_timeout, retry_after=config.retry_after)
 
 
 async def _stop_accepting(app: web.Application) -> None:
@@ -105,6 +127,9 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     """
     metrics = EdgeMetrics(registry if registry is not None else CollectorRegistry())
     middlewares = [metrics_middleware(metrics), error_middleware(config.retry_after)]
+    cors = CorsPolicy(config.cors_origins) if config.cors_origins else None
+    if cors is not None:
+        middlewares.insert(0, cors_middleware(cors))  # outermost: a preflight carries no credentials
     authenticator = Authenticator(config) if config.auth != "none" else None
     if authenticator is not None:
         middlewares.append(auth_middleware(authenticator))  # inside error_middleware: 401/403 are OpenAI bodies
@@ -115,6 +140,9 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app[METRICS] = metrics
     app.cleanup_ctx.append(_bus_context)
     app.on_shutdown.append(_stop_accepting)
+    app.on_response_prepare.append(add_rate_headers)
+    if cors is not None:
+        app.on_response_prepare.append(cors_headers(cors))
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_get("/v1/models", catalog.list_models)
@@ -122,6 +150,7 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_post("/api/v1/inference", native_api.inference)
     app.router.add_post("/api/v1/inference/stream", native_api.inference_stream)
+    app.router.add_get("/api/v1/inference/ws", websocket.inference_ws)
     app.router.add_get("/api/v1/models", native_api.list_models)
     app.router.add_get("/api/v1/health", native_api.health_check)
     app.router.add_get("/v1/system/health", management.system_health)
@@ -130,4 +159,6 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.router.add_get("/v1/cluster/status", management.cluster_status)
     app.router.add_post("/v1/cluster/strategy", management.set_strategy)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", openapi.serve_document)
+    training_routes.add_routes(app)
     return app

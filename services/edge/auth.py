@@ -26,11 +26,16 @@ from services.edge.jwt_auth import JwtRejected, JwtVerifier, looks_like_jwt
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: ``kind`` is ``key`` or ``jwt``; ``id`` the key id or the token's ``sub``."""
+    """Who is calling: ``kind`` is ``key`` or ``jwt``; ``id`` the key id or the token's ``sub``.
+
+    ``limits`` are the key's own (requests/min, tokens/min, concurrent streams) overriding the
+    edge's defaults where not ``None``.
+    """
 
     kind: str
     id: str
     scopes: frozenset[str]
+    limits: tuple[int | None, int | None, int | None] = (None, None, None)
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -88,7 +93,8 @@ class Authenticator:
         # The hash is compared even for a revoked record, so both failures take the same path.
         if record is None or not key_matches(key, record.hash) or record.revoked:
             raise _denied("incorrect API key provided")
-        return Principal("key", record.id, frozenset(record.scopes))
+        return Principal("key", record.id, frozenset(record.scopes),
+                         (record.rate_rpm, record.rate_tpm, record.rate_streams))
 
 
 def auth_middleware(authenticator: Authenticator) -> Middleware:

@@ -31,6 +31,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("/healthz", OPEN),
     Rule("/metrics", OPEN),
+    Rule("/openapi.json", OPEN),
     Rule("/api/v1/health", OPEN),
     # Management.
     Rule("/v1/models/load", Scope.ADMIN),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -10,10 +11,13 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from schemas.errors import BusError, ErrorCode
-from services.edge import openai_format, openai_translate, streaming
+from schemas.inference import InferenceRequest
+from services.common.model_ref import adapter_model_id, split_model
+from services.edge import json_depth, openai_format, openai_translate, rate_limit, streaming
 from services.edge.config import EdgeConfig
+from services.edge.dispatch import InferenceCall
 from services.edge.openai_translate import ParsedRequest
-from services.edge.state import EDGE
+from services.edge.state import EDGE, Edge
 
 
 @dataclass(frozen=True)
@@ -41,27 +45,54 @@ COMPLETION = Endpoint(
 )
 
 
+def parse_body(raw: bytes, endpoint: Endpoint, config: EdgeConfig) -> ParsedRequest:
+    """Validate a request body (its nesting depth first) into the request every endpoint shares."""
+    json_depth.check_depth(raw, config.max_json_depth)
+    return endpoint.parse(raw, config)
+
+
+def build_request(edge: Edge, parsed: ParsedRequest, id_prefix: str) -> InferenceRequest:
+    """Resolve the model (``<base>:<adapter>`` split here) and build the bus message, with a fresh id,
+    reply subject and deadline."""
+    edge.check_accepting()
+    base, adapter = split_model(parsed.model, parsed.adapter, lambda name: edge.table.resolve(name) is not None)
+    model = edge.table.resolve(base)
+    if model is None:
+        raise BusError(ErrorCode.MODEL_NOT_FOUND, f"The model '{base}' does not exist or no engine "
+                                                  "serves it now (see GET /v1/models)", param="model")
+    parsed = dataclasses.replace(parsed, adapter=adapter)
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    now = time.time()
+    timeout = parsed.timeout or edge.config.request_timeout
+    return openai_translate.to_request(parsed, request_id=request_id, model=model.id,
+                                       reply_to=edge.router.reply_to(request_id), created=now,
+                                       deadline=now + timeout)
+
+
+def charged_tokens(call: InferenceCall | None) -> int:
+    """The tokens a finished call costs its caller's budget (0 if it ended without usage)."""
+    return call.usage.total_tokens if call is not None and call.usage is not None else 0
+
+
 async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Validate, resolve the model, publish and answer one request of ``endpoint``'s kind."""
     edge = request.app[EDGE]
-    parsed = endpoint.parse(await request.read(), edge.config)
-    edge.check_accepting()
-    model = edge.table.resolve(parsed.model)
-    if model is None:
-        raise BusError(ErrorCode.MODEL_NOT_FOUND, f"The model '{parsed.model}' does not exist or no engine "
-                                                  "serves it now (see GET /v1/models)", param="model")
-    request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
-    now = time.time()
-    timeout = parsed.timeout or edge.config.request_timeout
-    req = openai_translate.to_request(parsed, request_id=request_id, model=model.id,
-                                      reply_to=edge.router.reply_to(request_id), created=now, deadline=now + timeout)
-    created = int(now)
-    async with edge.dispatcher.call(req, timeout) as call:
-        if parsed.stream:
-            fmt = endpoint.chunks(request_id=request_id, created=created, model=model.id,
-                                  include_usage=parsed.include_usage)
-            return await streaming.stream(request, call, fmt)
-        return await streaming.collect(call, endpoint.body, created=created, model=model.id)
+    parsed = parse_body(await request.read(), endpoint, edge.config)
+    req = build_request(edge, parsed, endpoint.id_prefix)
+    admission = await rate_limit.admit_request(edge.limiter, request, stream=parsed.stream)
+    created = int(req.created)
+    shown = adapter_model_id(req.model, req.adapter)  # a fine-tuned model is answered under the name asked for
+    timeout = req.deadline - req.created
+    call = None
+    try:
+        async with edge.dispatcher.call(req, timeout) as call:
+            if parsed.stream:
+                fmt = endpoint.chunks(request_id=req.id, created=created, model=shown,
+                                      include_usage=parsed.include_usage)
+                return await streaming.stream(request, call, fmt)
+            return await streaming.collect(call, endpoint.body, created=created, model=shown)
+    finally:
+        await admission.finish(charged_tokens(call))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -14,6 +14,7 @@ from services.common.hosts import is_loopback
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 AuthMode = Literal["none", "keys", "jwt", "keys+jwt"]
 AUTH_MODES: tuple[str, ...] = ("none", "keys", "jwt", "keys+jwt")
 # JWT algorithms verified with the shared secret, and with the public key ("none" is never accepted).
@@ -47,6 +48,10 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     default_max_tokens: Positive = 256
     default_completion_max_tokens: Positive = 16
     max_body_bytes: Positive = 1 << 20
+    # Largest file ``POST /v1/files`` stores (streamed to the object store, not bound by max_body_bytes).
+    max_upload_bytes: Positive = 512 << 20
+    # Seconds between SSE keep-alive comments on an idle training progress stream.
+    training_keepalive: Seconds = 15.0
     # Subject token of this edge's reply inbox; empty means a fresh random one per start.
     edge_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
     access_log: bool = False
@@ -62,6 +67,19 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     jwt_issuer: str | None = None
     jwt_scope_claim: str = "scope"
     jwt_leeway: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Per-caller budgets shared by every edge (counted in the LLM_RATE stream); 0 = unlimited.
+    # An API key's own rate_rpm/rate_tpm/rate_streams override these.
+    rate_rpm: NonNegative = 0
+    rate_tpm: NonNegative = 0
+    rate_streams: NonNegative = 0
+    # Origins browsers may call from (CORS); empty = no CORS headers at all; "*" = any origin.
+    cors_origins: list[str] = []
+    # WebSocket ping interval; a peer that misses a pong is disconnected (and its requests cancelled).
+    ws_heartbeat: Seconds = 20.0
+    # Deepest JSON nesting a request body may have (bounds the decoder's work on hostile input).
+    max_json_depth: Positive = 64
+    # Longest request line and single header aiohttp accepts (longer: 400).
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8190
 
     @property
     def uses_keys(self) -> bool:
@@ -117,10 +135,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=int, default=defaults.retry_after)
     p.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes,
+                   help="largest training file POST /v1/files accepts (default: %(default)s = 512 MiB)")
     p.add_argument("--edge-id", default=defaults.edge_id)
     p.add_argument("--access-log", action="store_true")
     _auth_arguments(p, defaults)
+    _limit_arguments(p, defaults)
     return p
+
+
+def _limit_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:
+    g = p.add_argument_group("limits", "budgets per API key / JWT subject (per client address without auth), "
+                             "enforced across all edge replicas; 0 = unlimited")
+    g.add_argument("--rate-rpm", type=int, default=defaults.rate_rpm, metavar="N", help="requests per minute")
+    g.add_argument("--rate-tpm", type=int, default=defaults.rate_tpm, metavar="N",
+                   help="tokens (prompt + completion) per minute")
+    g.add_argument("--rate-streams", type=int, default=defaults.rate_streams, metavar="N",
+                   help="concurrent streaming requests (SSE and WebSocket)")
+    g.add_argument("--cors-origins", type=lambda v: [o.strip() for o in v.split(",") if o.strip()],
+                   default=[], metavar="ORIGIN,...",
+                   help="browser origins allowed to call the API ('*' for any); default: no CORS")
+    g.add_argument("--ws-heartbeat", type=float, default=defaults.ws_heartbeat, metavar="SECONDS",
+                   help="WebSocket ping interval (%(default)s)")
+    g.add_argument("--max-json-depth", type=int, default=defaults.max_json_depth,
+                   help="deepest JSON nesting accepted in a request body (%(default)s)")
+    g.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
+                   help="longest request line / header field accepted (%(default)s)")
 
 
 def _auth_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:

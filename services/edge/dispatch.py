@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamError, StreamEvent, encode
+from schemas.events import StreamEnd, StreamError, StreamEvent, Usage, encode
 from schemas.inference import CancelRequest, InferenceRequest
 from services.edge.queue_gauge import DrainRate
 from services.edge.replies import PendingReply, ReplyRouter
@@ -89,7 +89,8 @@ class Dispatcher:
 class InferenceCall:
     """One request from publication to its terminal event (see ``Dispatcher.call``)."""
 
-    __slots__ = ("_cancel_reason", "_dispatcher", "_ended", "_loop_deadline", "_pending", "request", "timeout")
+    __slots__ = ("_cancel_reason", "_dispatcher", "_ended", "_loop_deadline", "_pending", "request", "timeout",
+                 "usage")
 
     def __init__(self, dispatcher: Dispatcher, request: InferenceRequest, timeout: float) -> None:
         self._dispatcher = dispatcher
@@ -100,6 +101,8 @@ class InferenceCall:
         self._loop_deadline = loop.time() + max(0.0, request.deadline - time.time())
         self._ended = False
         self._cancel_reason: str | None = None
+        # The usage reported by the request's ``StreamEnd`` (what rate limits charge), once it arrived.
+        self.usage: Usage | None = None
 
     async def __aenter__(self) -> InferenceCall:
         router = self._dispatcher.router
@@ -126,7 +129,10 @@ class InferenceCall:
         return "cancelled"
 
     def _take(self, event: StreamEvent) -> StreamEvent:
-        if type(event) is StreamEnd or type(event) is StreamError:
+        if type(event) is StreamEnd:
+            self._ended = True
+            self.usage = event.usage
+        elif type(event) is StreamError:
             self._ended = True
         return event
 

@@ -30,6 +30,11 @@ _STATUS_AND_TYPE: dict[str, tuple[int, str]] = {
     ErrorCode.INTERNAL: (500, "server_error"),
     ErrorCode.INVALID_API_KEY: (401, "authentication_error"),
     ErrorCode.INSUFFICIENT_SCOPE: (403, "permission_error"),
+    ErrorCode.RATE_LIMITED: (429, "rate_limit_error"),
+    ErrorCode.NOT_FOUND: (404, "invalid_request_error"),
+    ErrorCode.CONFLICT: (409, "invalid_request_error"),
+    ErrorCode.REQUEST_TOO_LARGE: (413, "invalid_request_error"),
+    ErrorCode.UNAVAILABLE: (503, "server_error"),
 }
 _RETRYABLE_STATUSES = frozenset({429, 503})
 # RFC 6750: a 401 names the scheme to use; a 403 for a missing scope says so.

@@ -23,6 +23,9 @@ class EdgeMetrics:
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.in_flight = Gauge("gateway_in_flight_requests", "HTTP requests being answered now",
                                registry=registry)
+        self.rate_limited = Counter("llm_edge_rate_limited_total",
+                                    "Requests refused with 429 because a per-caller budget was spent",
+                                    ["reason"], registry=registry)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""

@@ -15,7 +15,7 @@ from schemas.events import Usage
 from services.edge import completions, health
 from services.edge.config import EdgeConfig
 from services.edge.native_types import NativeInferenceBody
-from services.edge.openai_format import ChunkFormatter, sse
+from services.edge.openai_format import ChunkFormatter
 from services.edge.openai_translate import ParsedRequest, _decode, _messages, _sampling
 from services.edge.state import EDGE
 
@@ -56,13 +56,21 @@ def inference_body(*, request_id: str, created: int, model: str, text: str, fini
 
 
 class NativeChunkFormatter(ChunkFormatter):
-    """SSE events ``{"requestId", "token"}`` per delta, then ``{"requestId", "finishReason", "usage", "done": true}``."""
+    """SSE events ``{"requestId", "token"}`` per delta, then ``{"requestId", "finishReason", "usage", "done": true}``.
 
-    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool) -> None:
+    With ``client_id`` every event also carries ``"id": client_id``; with ``framed=False`` the
+    events are bare JSON (one WebSocket frame each) instead of SSE ``data:`` events.
+    """
+
+    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool,
+                 client_id: str | None = None, framed: bool = True) -> None:
         super().__init__(request_id=request_id, created=created, model=model, include_usage=include_usage)
-        self._request_id = request_id
-        self._prefix = b'data: {"requestId":' + _encode(request_id) + b',"token":'
-        self._suffix = b"}\n\n"
+        self._event_head = {"requestId": request_id}
+        if client_id is not None:
+            self._event_head["id"] = client_id
+        self._open, self._close = (b"data: ", b"\n\n") if framed else (b"", b"")
+        self._prefix = self._open + _encode(self._event_head)[:-1] + b',"token":'
+        self._suffix = b"}" + self._close
         self._finish_reason = ""
 
     def finish(self, finish_reason: str) -> bytes:
@@ -72,8 +80,8 @@ class NativeChunkFormatter(ChunkFormatter):
 
     def usage(self, usage: Usage) -> bytes:
         """The closing event."""
-        return sse(_encode({"requestId": self._request_id, "finishReason": self._finish_reason,
-                            "usage": _usage(usage), "done": True}))
+        return self._open + _encode(dict(self._event_head, finishReason=self._finish_reason, usage=_usage(usage),
+                                         done=True)) + self._close
 
 
 def _endpoint(stream: bool) -> completions.Endpoint:

@@ -14,6 +14,11 @@ from services.edge.config import EdgeConfig, config_problems
 log = logging.getLogger(__name__)
 
 
+def protocol_limits(config: EdgeConfig) -> dict[str, int]:
+    """aiohttp's HTTP parser limits from the config: a longer request line or header is a 400."""
+    return {"max_line_size": config.max_header_bytes, "max_field_size": config.max_header_bytes}
+
+
 async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (SIGTERM/SIGINT when not given), then shut down in order.
 
@@ -29,6 +34,7 @@ async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> Non
         install_stop_signals(stop)
     app = create_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,
+                           **protocol_limits(config),
                            access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
     await runner.setup()
     try:

@@ -13,6 +13,7 @@ from services.edge.auth import Authenticator
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import Dispatcher
 from services.edge.metrics import EdgeMetrics
+from services.edge.rate_limit import RateLimiter
 from services.edge.replies import ReplyRouter
 
 
@@ -27,6 +28,8 @@ class Edge:
     router: ReplyRouter
     dispatcher: Dispatcher
     accepting: bool = field(default=True)
+    # Per-caller budgets counted on the bus; None when rate limiting is off.
+    limiter: RateLimiter | None = None
 
     def check_accepting(self) -> None:
         """Refuse new inference requests once shutdown has begun."""
