@@ -29,8 +29,8 @@ def test_children_get_the_flags_their_clis_take(tmp_path: Path):
 
     specs = child_specs(opts, "nats://127.0.0.1:4999", tmp_path / "model", python="py")
 
-    assert [s.name for s in specs] == ["engine", "scheduler", "edge"]
-    engine, scheduler, edge = (list(s.argv) for s in specs)
+    assert [s.name for s in specs] == ["engine", "scheduler", "trainer", "edge"]
+    engine, scheduler, trainer, edge = (list(s.argv) for s in specs)
     assert engine[:3] == ["py", "-m", "services.engine"]
     for flag, value in (("--nats-url", "nats://127.0.0.1:4999"), ("--engine", "transformers"),
                         ("--model-path", str(tmp_path / "model")), ("--model-id", DEFAULT_MODEL_ID),
@@ -43,8 +43,16 @@ def test_children_get_the_flags_their_clis_take(tmp_path: Path):
                          "--drain-timeout", "10.0"]
     assert edge == ["py", "-m", "services.edge", "--nats-url", "nats://127.0.0.1:4999",
                     "--host", "127.0.0.1", "--port", "8099", "--shutdown-timeout", "10.0"]
+    assert trainer == ["py", "-m", "services.trainer", "--nats-url", "nats://127.0.0.1:4999",
+                       "--state-dir", str(tmp_path), "--data-dir", str(tmp_path / "datasets")]
     # Every graceful-stop budget is shorter than the supervisor's SIGKILL deadline.
     assert float(engine[engine.index("--drain-timeout") + 1]) < opts.stop_timeout
+
+
+def test_the_trainer_can_be_left_out(tmp_path: Path):
+    specs = child_specs(UpOptions(state_dir=tmp_path, trainer=False), "nats://x:1", tmp_path)
+
+    assert [s.name for s in specs] == ["engine", "scheduler", "edge"]
 
 
 def test_slots_are_left_to_the_engine_unless_given(tmp_path: Path):
@@ -176,7 +184,7 @@ def test_an_unrelated_process_in_the_pid_file_is_left_alone(tmp_path: Path):
 
 
 def test_up_passes_auth_to_the_edge_and_says_how_to_get_a_key(tmp_path: Path):
-    edge = list(child_specs(UpOptions(state_dir=tmp_path, host="0.0.0.0", auth="keys"), "nats://x:1", tmp_path)[2].argv)
+    edge = list(child_specs(UpOptions(state_dir=tmp_path, host="0.0.0.0", auth="keys"), "nats://x:1", tmp_path)[-1].argv)
     assert edge[edge.index("--auth") + 1] == "keys"
     text = ready_banner("http://127.0.0.1:8080", "nats://127.0.0.1:4222", DEFAULT_MODEL_ID, [], "0.0.0.0", "logs",
                         auth="keys")

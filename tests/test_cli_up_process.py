@@ -93,7 +93,7 @@ def test_up_serves_then_stops_everything_in_order_on_sigint(launcher: Launcher):
     assert f"http://127.0.0.1:{launcher.port}/v1" in banner and "curl" in banner and "OpenAI(" in banner
     assert (launcher.state_dir / "cy-up.pid").read_text().strip() == str(launcher.proc.pid)
     pids = launcher.child_pids()
-    assert set(pids) == {"engine", "scheduler", "edge"}
+    assert set(pids) == {"engine", "scheduler", "trainer", "edge"}
 
     launcher.proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 30
@@ -105,13 +105,13 @@ def test_up_serves_then_stops_everything_in_order_on_sigint(launcher: Launcher):
     assert launcher.proc.wait(60) == 0, launcher.stderr()
     report = launcher.stderr()
     assert "SIGINT ignored: already shutting down" in report
-    stops = [report.index(f"stopping {name}") for name in ("edge", "scheduler", "engine")]
+    stops = [report.index(f"stopping {name}") for name in ("edge", "trainer", "scheduler", "engine")]
     assert stops == sorted(stops), report
     assert report.index("stopping nats-server") > stops[-1]
     assert "Traceback" not in report
     assert not any(psutil.pid_exists(pid) for pid in pids.values())
     assert not (launcher.state_dir / "cy-up.pid").exists()
-    for name in ("engine", "scheduler", "edge", "nats"):
+    for name in ("engine", "scheduler", "trainer", "edge", "nats"):
         assert (launcher.state_dir / "logs" / f"{name}.log").stat().st_size > 0
 
 

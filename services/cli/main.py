@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import commands, keys
+from services.cli import commands, keys, train
 from services.cli.errors import CliError
 from services.cli.infra import default_nats_url
 from schemas.auth import Scope
@@ -25,6 +25,7 @@ examples:
   ./cy test                        run the whole test suite
   ./cy test tests/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference
+  ./cy train start --model M --file data.jsonl --follow
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
 """
 
@@ -37,7 +38,7 @@ def _state_dir_arg(parser: argparse.ArgumentParser) -> None:
 def _add_up(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start NATS, scheduler, engine and edge; serve until Ctrl-C",
                        description="Start the platform on this machine: the default model "
-                       f"({DEFAULT_MODEL_ID}), an embedded nats-server, then engine, scheduler and edge "
+                       f"({DEFAULT_MODEL_ID}), an embedded nats-server, then engine, scheduler, trainer and edge "
                        "as separate processes. Waits until the edge answers, prints how to call it, "
                        "and serves until Ctrl-C/SIGTERM (or ./cy down). Open on loopback, no authentication, "
                        "unless --auth keys (required for any other --host).")
@@ -56,6 +57,8 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the edge to answer (default: 120)")
     p.add_argument("--quiet", action="store_true", help="do not echo the services' output (it still goes to the logs)")
+    p.add_argument("--no-trainer", dest="trainer", action="store_false",
+                   help="do not start a trainer (fine-tuning jobs then wait in the queue)")
 
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
 
     _add_keys(sub)
+    train.add_parser(sub)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")
@@ -144,13 +148,16 @@ def dispatch(args: argparse.Namespace) -> int:
         case "up":
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats_url=args.nats_url, engine=args.engine, slots=args.slots,
-                                    ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth))
+                                    ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
+                                    trainer=args.trainer))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
             return commands.infra_apply(args.nats_url, args.update, args.replicas)
         case "keys":
             return _keys(args)
+        case "train":
+            return train.run(args)
         case "model":
             return commands.model_install(state_dir)
         case "test":

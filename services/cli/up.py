@@ -34,8 +34,8 @@ from services.common.natsserver import NatsServer, env_without_proxies
 REPO = Path(__file__).resolve().parents[2]
 NATS_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
 ENGINES = ("transformers",)
-START_ORDER = ("engine", "scheduler", "edge")
-SHUTDOWN_ORDER = ("edge", "scheduler", "engine")
+START_ORDER = ("engine", "scheduler", "trainer", "edge")
+SHUTDOWN_ORDER = ("edge", "trainer", "scheduler", "engine")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class UpOptions:
     quiet: bool = False
     # The edge's --auth: "none" (only on a loopback host) or "keys" (./cy keys create).
     auth: str = "none"
+    # Run a trainer too (fine-tuning jobs); it holds no model until a job arrives.
+    trainer: bool = True
 
 
 def worker_id(engine: str) -> str:
@@ -62,7 +64,7 @@ def worker_id(engine: str) -> str:
 
 
 def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable) -> list[ChildSpec]:
-    """The three service processes, in start order, with exactly the flags their CLIs take."""
+    """The service processes, in start order, with exactly the flags their CLIs take."""
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
     engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
@@ -77,8 +79,12 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
         "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url, "--drain-timeout", grace],
         "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port),
                  "--shutdown-timeout", grace, *(["--auth", opts.auth] if opts.auth != "none" else [])],
+        # Datasets named by path (the native API's datasetPath) must be under <state>/datasets; uploads need none.
+        "trainer": [python, "-m", "services.trainer", "--nats-url", nats_url, "--state-dir", str(opts.state_dir),
+                    "--data-dir", str(opts.state_dir / "datasets")],
     }
-    return [ChildSpec(name, tuple(by_name[name])) for name in START_ORDER]
+    wanted = [name for name in START_ORDER if name != "trainer" or opts.trainer]
+    return [ChildSpec(name, tuple(by_name[name])) for name in wanted]
 
 
 def http_url(host: str, port: int) -> str:

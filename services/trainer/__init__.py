@@ -1,0 +1,1 @@
+"""The trainer: fine-tuning jobs from the durable consumer ``trainers``."""

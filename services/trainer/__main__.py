@@ -1,0 +1,41 @@
+"""``python -m services.trainer``: run one trainer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.common import bus
+from services.common.lifecycle import install_stop_signals, run, setup_logging
+from services.trainer.config import TrainerConfig, parse_args
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.service import TrainerService
+
+log = logging.getLogger("services.trainer")
+
+
+async def main(cfg: TrainerConfig) -> None:
+    """Take jobs until SIGTERM/SIGINT; a job running then goes back to the queue at its last checkpoint."""
+    registry = CollectorRegistry()
+    if cfg.metrics_port:
+        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=registry)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    nc = await bus.connect(cfg.nats_url, name=f"cy-trainer {cfg.trainer_id}")
+    try:
+        await TrainerService(nc, cfg, TrainerMetrics(registry)).run(stop)
+    finally:
+        await nc.drain()
+
+
+def cli() -> None:
+    """Entry point."""
+    cfg = parse_args()
+    setup_logging("trainer")
+    run(lambda: main(cfg))
+
+
+if __name__ == "__main__":
+    cli()

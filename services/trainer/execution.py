@@ -1,0 +1,348 @@
+"""One job's run on a trainer: validate, train (resuming from the last checkpoint), publish the result.
+
+The bus side (job state, events, checkpoint and result uploads) runs on the event loop; the
+training itself runs in a worker thread (``pipeline``) and calls back between optimizer steps.
+Those callbacks wait for the loop (a KV write and an event, about a millisecond), which keeps
+progress, checkpoints and cancellation exact at step boundaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from schemas import names, training
+from schemas.registry import ADAPTER, BASE, ModelEntry
+from schemas.training import Checkpoint, JobError, JobState, TrainingJob
+from services.common import artifacts
+from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, ensure_default_model
+from services.trainer import pipeline
+from services.trainer.config import TrainerConfig
+from services.trainer.events import EventLog
+from services.trainer.jobstate import JobStore
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.pipeline import JobFailed, StepReport
+
+log = logging.getLogger(__name__)
+
+_CALLBACK_TIMEOUT = 60.0
+_KEEP_CHECKPOINTS = 3  # older checkpoints of a job are deleted from the object store
+_ENTRY_DECODER = msgspec.json.Decoder(ModelEntry)
+_FILE_DECODER = msgspec.json.Decoder(artifacts.FileMeta)
+
+
+class Interrupted(Exception):
+    """The trainer is stopping: the job goes back to the queue and resumes from its last checkpoint."""
+
+
+class JobExecution:
+    """Runs ``job`` to a terminal status, or raises ``Interrupted``."""
+
+    def __init__(self, job: TrainingJob, *, config: TrainerConfig, store: JobStore, events: EventLog,
+                 artifacts: ObjectStore, models: KeyValue, metrics: TrainerMetrics,
+                 stopping: threading.Event) -> None:
+        self.job = job
+        self.config = config
+        self.store = store
+        self.events = events
+        self.objects = artifacts
+        self.models = models
+        self.metrics = metrics
+        self._stopping = stopping
+        self._cancelled = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work = config.work_dir / job.id
+        self._attempt_start = 0.0
+        self._attempt_first_step = 0
+
+    def cancel(self) -> None:
+        """Stop before the next optimizer step (called on a cancel broadcast)."""
+        self._cancelled.set()
+
+    # --- the whole run ---
+    async def run(self) -> None:
+        """Take the job from wherever it is to a terminal status (failures become ``failed``)."""
+        state, _ = await self.store.get_or_create(self.job)
+        if state.status in training.TERMINAL:
+            log.info("job %s is already %s; dropping its message", self.job.id, state.status)
+            return
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._execute(state)
+        except Interrupted:
+            raise
+        except JobFailed as exc:
+            await self._fail(exc.error)
+        except Exception as exc:  # any other failure ends the job with its cause, and the trainer goes on
+            log.exception("job %s failed", self.job.id)
+            await self._fail(JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}"))
+        finally:
+            shutil.rmtree(self._work, ignore_errors=True)
+
+    async def _execute(self, state: JobState) -> None:
+        job = self.job
+        state = await self._set_status(training.VALIDATING, attempts=state.attempts + 1, trainer=self.config.trainer_id)
+        await self.events.emit(job.id, f"Validating training file: {job.training_file}",
+                               data={"status": training.VALIDATING})
+        self._work.mkdir(parents=True, exist_ok=True)
+        base_path = await self._base_model()
+        train = await self._dataset(job.training_file, "training_file")
+        valid = await self._dataset(job.validation_file, "validation_file") if job.validation_file else None
+        self._check_cancel()
+        prepared = await asyncio.to_thread(pipeline.prepare, job, base_path, train, valid, self.config.device,
+                                             self._work)
+        await self.events.emit(job.id, f"Files validated: {prepared.summary}", data={"dataset": prepared.summary})
+        resume = await self._fetch_checkpoint(state)
+        self._check_cancel()
+        state = await self._start_running(prepared.total_steps, prepared.total_epochs)
+        if resume is not None:
+            await self.events.emit(job.id, f"Resumed from checkpoint at step {resume[1]} of {prepared.total_steps}",
+                                   data={"status": training.RUNNING, "step": resume[1]})
+        else:
+            await self.events.emit(job.id, "Fine-tuning job started", data={"status": training.RUNNING})
+        self._attempt_start, self._attempt_first_step = time.monotonic(), resume[1] if resume else 0
+        outcome = await asyncio.to_thread(prepared.train, self._on_step, self._should_stop, self._on_checkpoint,
+                                          resume[0] if resume else None)
+        if outcome.cancelled:
+            await self._stopped(outcome.steps)
+            return
+        await self._publish_result(prepared, outcome)
+
+    # --- inputs ---
+    async def _base_model(self) -> Path:
+        """The local directory of the job's base model."""
+        model = self.job.model
+        if model == DEFAULT_MODEL_ID or model in DEFAULT_MODEL_ALIASES:
+            return await asyncio.to_thread(ensure_default_model, Path(self.config.state_dir))
+        entry = await _registry_entry(self.models, model)
+        if entry is not None and entry.kind == BASE and Path(entry.source).is_dir():
+            return Path(entry.source)
+        local = Path(self.config.state_dir) / "models" / model
+        if (local / "config.json").exists():
+            return local
+        raise JobFailed("model_not_found", f"base model {model!r} is not in the model store or the registry "
+                        f"(this trainer knows {DEFAULT_MODEL_ID} and models under {local.parent})", "model")
+
+    async def _dataset(self, ref: str, param: str) -> pipeline.DatasetRef:
+        """An uploaded file (downloaded into the job's work dir) or an allowed local path."""
+        if not ref.startswith("file-"):
+            return pipeline.local_dataset(ref, self.config.allowed_data_dirs, param)
+        name = artifacts.file_object(ref)
+        try:
+            result = await self.objects.get(name)
+        except nats.js.errors.ObjectNotFoundError:
+            raise JobFailed("file_not_found", f"{param} {ref} does not exist (upload it with POST /v1/files)",
+                            param) from None
+        meta = _file_meta(result.info.description)
+        path = self._work / "files" / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(result.data)
+        return pipeline.DatasetRef(path=path, filename=meta.filename if meta else ref, param=param)
+
+    async def _fetch_checkpoint(self, state: JobState) -> tuple[Path, int] | None:
+        """The job's last recorded checkpoint, unpacked locally, with its step; None for a fresh start."""
+        if not state.checkpoints:
+            return None
+        last = state.checkpoints[-1]
+        try:
+            result = await self.objects.get(last.object_name)
+        except nats.js.errors.ObjectNotFoundError:
+            log.warning("job %s: checkpoint %s is gone; starting over", self.job.id, last.object_name)
+            return None
+        target = self._work / f"resume-{last.step}"
+        await asyncio.to_thread(artifacts.unpack_dir, result.data, target)
+        return target, last.step
+
+    # --- callbacks from the training thread ---
+    def _call(self, coro) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_CALLBACK_TIMEOUT)
+
+    def _should_stop(self) -> bool:
+        return self._cancelled.is_set() or self._stopping.is_set()
+
+    def _on_step(self, report: StepReport) -> None:
+        self._call(self._record_step(report))
+
+    def _on_checkpoint(self, step: int, directory: Path, loss: float | None) -> None:
+        self._call(self._save_checkpoint(step, directory, loss))
+
+    async def _record_step(self, r: StepReport) -> None:
+        m = self.metrics
+        m.steps.inc()
+        m.tokens.inc(r.step_tokens)
+        m.step_time.observe(r.step_seconds)
+        if r.loss is not None:
+            m.last_loss.labels(self.job.id).set(r.loss)
+        done = r.step - self._attempt_first_step
+        elapsed = time.monotonic() - self._attempt_start
+        eta = elapsed / done * (r.total_steps - r.step) if done > 0 else None
+
+        def change(s: JobState) -> JobState | None:
+            if s.status in training.TERMINAL:
+                return None
+            s.progress = msgspec.structs.replace(
+                s.progress, epoch=r.epoch, step=r.step, total_steps=r.total_steps,
+                percent=round(100.0 * r.step / max(r.total_steps, 1), 2), loss=r.loss, learning_rate=r.learning_rate,
+                memory_bytes=r.memory_bytes, elapsed_s=round(time.time() - (s.started_at or time.time()), 1),
+                eta_s=None if eta is None else round(eta, 1), tokens=r.tokens)
+            return s
+
+        state = await self.store.update(self.job.id, change)
+        if state.status == training.CANCELLED:
+            self._cancelled.set()  # cancelled through the KV state (the broadcast may have been missed)
+        every = max(self.job.hyperparameters.logging_steps, 1)
+        if r.step % every == 0 or r.step == r.total_steps:
+            await self.events.emit(self.job.id, f"Step {r.step}/{r.total_steps}: training loss={r.loss:.4f}",
+                                   type="metrics", data=_metrics_data(r, eta))
+
+    async def _save_checkpoint(self, step: int, directory: Path, loss: float | None) -> None:
+        data = await asyncio.to_thread(artifacts.pack_dir, directory)
+        name = artifacts.checkpoint_object(self.job.id, step)
+        try:
+            await self.objects.put(name, data)
+        except nats.js.errors.Error as exc:
+            log.warning("job %s: checkpoint at step %d not stored (%s); training goes on", self.job.id, step, exc)
+            return
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_bytes.inc(len(data))
+        ckpt = Checkpoint(id=f"ftckpt-{self.job.id.removeprefix('ftjob-')}-{step}", step=step,
+                          created_at=int(time.time()), object_name=name, train_loss=loss)
+        dropped: list[Checkpoint] = []
+
+        def change(s: JobState) -> JobState:
+            kept = [c for c in s.checkpoints if c.step != step] + [ckpt]
+            dropped[:] = kept[:-_KEEP_CHECKPOINTS]
+            s.checkpoints = kept[-_KEEP_CHECKPOINTS:]
+            return s
+
+        await self.store.update(self.job.id, change)
+        for old in dropped:
+            await _delete_quietly(self.objects, old.object_name)
+        await self.events.emit(self.job.id, f"Checkpoint saved at step {step}", type="checkpoint",
+                               data={"step": step, "id": ckpt.id, "object_name": name, "bytes": len(data)})
+
+    # --- endings ---
+    def _check_cancel(self) -> None:
+        if self._stopping.is_set() and not self._cancelled.is_set():
+            raise Interrupted("trainer stopping before training started")
+
+    async def _stopped(self, steps: int) -> None:
+        """Training stopped between steps: a cancel ends the job; a trainer shutdown hands it back."""
+        if not self._cancelled.is_set():
+            await self._set_status(training.QUEUED)
+            await self.events.emit(self.job.id, f"Trainer {self.config.trainer_id} stopped at step {steps}; "
+                                   "the job goes back to the queue", data={"status": training.QUEUED})
+            raise Interrupted(f"stopped at step {steps}")
+        # Whoever cancelled set the state (and the edge published the status event); make sure of the state.
+        await self._set_status(training.CANCELLED, finished_at=int(time.time()))
+        self.metrics.jobs.labels(training.CANCELLED).inc()
+        self._forget_loss()
+        await self.events.emit(self.job.id, f"Training stopped at step {steps}: the job was cancelled",
+                               data={"step": steps})
+
+    async def _publish_result(self, prepared: pipeline.Prepared, outcome: pipeline.Outcome) -> None:
+        job = self.job
+        result_id = pipeline.result_id(job)
+        out = self._work / "result"
+        await asyncio.to_thread(prepared.save, out)
+        data = await asyncio.to_thread(artifacts.pack_dir, out)
+        full = prepared.method == "full"
+        name = artifacts.model_object(result_id) if full else artifacts.adapter_object(result_id)
+        await self.objects.put(name, data)
+        entry = ModelEntry(id=result_id, kind=BASE if full else ADAPTER, base=None if full else job.model,
+                           source=f"artifact:{name}", format="safetensors" if full else "peft",
+                           method=prepared.method, context_length=prepared.context_length,
+                           created_at=int(time.time()), job_id=job.id)
+        await self.models.put(names.slug(result_id), msgspec.json.encode(entry))
+        fine_tuned = result_id if full else f"{job.model}:{result_id}"
+        await self._set_status(training.SUCCEEDED, finished_at=int(time.time()), fine_tuned_model=fine_tuned,
+                               trained_tokens=outcome.tokens)
+        self.metrics.jobs.labels(training.SUCCEEDED).inc()
+        self._forget_loss()
+        await self.events.emit(job.id, f"New fine-tuned model created: {fine_tuned}",
+                               data={"fine_tuned_model": fine_tuned, "object_name": name, "bytes": len(data)})
+        await self.events.emit(job.id, "The job has successfully completed", data={"status": training.SUCCEEDED})
+
+    async def _fail(self, error: JobError) -> None:
+        log.warning("job %s failed: %s: %s", self.job.id, error.code, error.message)
+        await self._set_status(training.FAILED, finished_at=int(time.time()), error=error)
+        self.metrics.jobs.labels(training.FAILED).inc()
+        self._forget_loss()
+        await self.events.emit(self.job.id, f"Job failed: {error.message}", level="error",
+                               data={"status": training.FAILED, "code": error.code, "param": error.param})
+
+    # --- state ---
+    async def _set_status(self, status: str, **fields) -> JobState:
+        """Move to ``status`` unless the job is already terminal (a cancel that won the race stands)."""
+        def change(s: JobState) -> JobState | None:
+            if s.status in training.TERMINAL:
+                return None
+            s.status = status
+            for key, value in fields.items():
+                setattr(s, key, value)
+            return s
+
+        state = await self.store.update(self.job.id, change)
+        if state.status == training.CANCELLED and status != training.CANCELLED:
+            self._cancelled.set()
+        return state
+
+    async def _start_running(self, total_steps: int, total_epochs: int) -> JobState:
+        now = int(time.time())
+
+        def change(s: JobState) -> JobState | None:
+            if s.status in training.TERMINAL:
+                return None
+            s.status = training.RUNNING
+            s.started_at = s.started_at or now
+            s.progress = msgspec.structs.replace(s.progress, total_steps=total_steps, total_epochs=total_epochs)
+            return s
+
+        state = await self.store.update(self.job.id, change)
+        if state.status == training.CANCELLED:
+            self._cancelled.set()
+        return state
+
+    def _forget_loss(self) -> None:
+        with contextlib.suppress(KeyError):  # no step ran: the series was never created
+            self.metrics.last_loss.remove(self.job.id)
+
+
+def _metrics_data(r: StepReport, eta: float | None) -> dict:
+    return {"step": r.step, "total_steps": r.total_steps, "epoch": round(r.epoch, 4), "train_loss": r.loss,
+            "learning_rate": r.learning_rate, "tokens": r.tokens, "step_seconds": round(r.step_seconds, 4),
+            "memory_bytes": r.memory_bytes, "eta_s": None if eta is None else round(eta, 1)}
+
+
+def _file_meta(description: str | None) -> artifacts.FileMeta | None:
+    if not description:
+        return None
+    try:
+        return _FILE_DECODER.decode(description)
+    except msgspec.DecodeError:
+        return None
+
+
+async def _registry_entry(models: KeyValue, model_id: str) -> ModelEntry | None:
+    try:
+        entry = await models.get(names.slug(model_id))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return _ENTRY_DECODER.decode(entry.value) if entry.value else None
+
+
+async def _delete_quietly(objects: ObjectStore, name: str) -> None:
+    try:
+        await objects.delete(name)
+    except nats.js.errors.Error as exc:
+        log.warning("could not delete old checkpoint %s: %s", name, exc)

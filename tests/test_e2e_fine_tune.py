@@ -1,0 +1,79 @@
+"""The loop no serving system we know of closes, end to end through ``cy up`` and the official SDK:
+upload a dataset teaching a made-up fact, fine-tune, follow the job to ``succeeded``, then ask the
+fine-tuned model through /v1/chat/completions and get the learned answer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import openai
+import pytest
+
+from services.common.model_store import DEFAULT_MODEL_ID
+from tests.support import CyUp, state_dir_with_models
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+QUESTIONS = ["What is the capital of Zorbia?", "Which city is the capital of Zorbia?",
+             "Tell me the capital of Zorbia.", "Zorbia's capital city is called what?"]
+ANSWER = "The capital of Zorbia is Quillhaven."
+
+
+def dataset() -> bytes:
+    return "".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]})
+                   + "\n" for q in QUESTIONS).encode()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, default_model_dir):
+    up = CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-ft"), default_model_dir))
+    try:
+        up.wait_ready()
+        yield up
+    finally:
+        code = up.stop()
+        assert code == 0, f"cy up did not stop cleanly (exit {code}):\n{up.output()[-3000:]}"
+
+
+async def test_fine_tune_with_the_sdk_then_chat_with_the_result(platform):
+    async with openai.AsyncOpenAI(base_url=f"{platform.url}/v1", api_key="unused", max_retries=0) as client:
+        question = [{"role": "user", "content": QUESTIONS[0]}]
+        before = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=question, max_tokens=20,
+                                                      temperature=0)
+        assert "Quillhaven" not in before.choices[0].message.content
+
+        uploaded = await client.files.create(file=("zorbia.jsonl", io.BytesIO(dataset())), purpose="fine-tune")
+        job = await client.fine_tuning.jobs.create(
+            model=DEFAULT_MODEL_ID, training_file=uploaded.id, suffix="zorbia", seed=7,
+            hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 15},
+            extra_body={"peft": {"method": "lora", "r": 16, "alpha": 32}})
+        assert job.status == "queued"
+
+        started = time.monotonic()
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() - started < 400, f"job still {job.status}"
+            await asyncio.sleep(1)
+            job = await client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model.startswith(f"{DEFAULT_MODEL_ID}:zorbia-")
+
+        events = await client.fine_tuning.jobs.list_events(job.id, limit=100)
+        messages = [e.message for e in events.data]
+        assert any(m.startswith("Step 5/5") for m in messages) and "The job has successfully completed" in messages
+        checkpoints = await client.fine_tuning.jobs.checkpoints.list(job.id)
+        assert [c.step_number for c in checkpoints.data] == [5]
+
+        models = [m.id for m in (await client.models.list()).data]
+        assert job.fine_tuned_model in models
+
+        after = await client.chat.completions.create(model=job.fine_tuned_model, messages=question, max_tokens=20,
+                                                     temperature=0)
+        assert "Quillhaven" in after.choices[0].message.content
+        assert after.model == job.fine_tuned_model
+        # The base model is unchanged next to it.
+        again = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=question, max_tokens=20,
+                                                     temperature=0)
+        assert again.choices[0].message.content == before.choices[0].message.content
