@@ -88,6 +88,10 @@ class TrainingJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: dict[str, str] | None = None
     created_at: int = 0
     owner: str | None = None  # API key id or JWT subject that created the job
+    # A user-supplied training script (admin scope only; trainers run it only with --allow-scripts):
+    # a path under the trainer's data directories, run in a subprocess with time and memory limits.
+    script: str | None = None
+    script_args: list[str] = []
 
 
 class JobError(msgspec.Struct, kw_only=True, omit_defaults=True):

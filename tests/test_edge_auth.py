@@ -111,6 +111,10 @@ async def test_scopes_are_enforced_and_admin_implies_all(client, store):
     assert await _status(client, "/v1/fine_tuning/jobs", headers=bearer(inference)) == 403
     assert await _status(client, "/v1/fine_tuning/jobs", headers=bearer(training)) == 200
     assert await _status(client, "/api/v1/training/jobs", headers=bearer(inference)) == 403
+    # A custom training script needs admin on top of training.
+    script_job = {"baseModel": MODEL, "datasetPath": "/data/train.jsonl", "script": "/data/train.py"}
+    resp = await client.post("/api/v1/training/start", json=script_job, headers=bearer(training))
+    assert resp.status == 403 and (await resp.json())["error"]["param"] == "script"
     resp = await client.delete(f"/v1/models/{MODEL}", headers=bearer(inference))
     assert resp.status == 403
 

@@ -309,3 +309,80 @@ async def _stream_empty(js) -> bool:
 def _exposition(registry: CollectorRegistry) -> str:
     from prometheus_client import generate_latest
     return generate_latest(registry).decode()
+
+
+SCRIPT = '''
+import os, sys, json
+print("script starting for", os.environ["CY_JOB_ID"], flush=True)
+mode = sys.argv[1] if len(sys.argv) > 1 else "adapter"
+if mode == "sleep":
+    import time; time.sleep(60)
+if mode == "hog":
+    block = bytearray(3 * 1024 ** 3)
+if mode == "adapter":
+    import peft
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(os.environ["CY_BASE_MODEL_PATH"])
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    print("step 1 loss 0.5", flush=True)
+    model.save_pretrained(os.environ["CY_OUTPUT_DIR"])
+print("done", flush=True)
+'''
+
+
+async def _script_trainer(nc, trainer_state: Path, data_dir: Path, **cfg):
+    config = TrainerConfig(nats_url="", trainer_id=f"t-{uuid.uuid4().hex[:6]}", state_dir=str(trainer_state),
+                           data_dirs=[str(data_dir)], device="cpu", **cfg)
+    service = TrainerService(nc, config, TrainerMetrics(CollectorRegistry()))
+    stop = asyncio.Event()
+    return stop, asyncio.create_task(service.run(stop))
+
+
+async def test_training_scripts_are_off_unless_the_trainer_allows_them(nc, js, trainer):
+    (trainer.data_dir / "train.py").write_text(SCRIPT)
+    job = make_job(await upload(js, chat_jsonl(2)), script=str(trainer.data_dir / "train.py"))
+    await submit(js, job)
+
+    state = await wait_status(js, job.id, training.TERMINAL)
+    assert state.status == training.FAILED and state.error.code == "scripts_disabled"
+
+
+async def test_an_allowed_script_runs_limited_and_its_adapter_is_registered(nc, js, trainer_state, tmp_path):
+    events = Events()
+    await events.start(nc)
+    data_dir = tmp_path / "scripts"
+    data_dir.mkdir()
+    (data_dir / "train.py").write_text(SCRIPT)
+    stop, task = await _script_trainer(nc, trainer_state, data_dir, allow_scripts=True, script_timeout=3.0 * 60,
+                                       script_memory_bytes=2 << 30)
+    file_id = await upload(js, chat_jsonl(2))
+    good = make_job(file_id, script=str(data_dir / "train.py"))
+    hog = make_job(file_id, script=str(data_dir / "train.py"), script_args=["hog"])
+    for job in (good, hog):
+        await submit(js, job)
+    try:
+        ok = await wait_status(js, good.id, training.TERMINAL)
+        assert ok.status == training.SUCCEEDED, ok.error
+        assert ok.fine_tuned_model.startswith(f"{DEFAULT_MODEL_ID}:")
+        assert "step 1 loss 0.5" in [e.message for e in events.of(good.id)]
+        hogged = await wait_status(js, hog.id, training.TERMINAL)
+        assert hogged.status == training.FAILED and hogged.error.code == "script_failed"
+        assert "MemoryError" in hogged.error.message
+    finally:
+        stop.set()
+        await task
+
+
+async def test_a_script_past_its_time_limit_is_killed(nc, js, trainer_state, tmp_path):
+    data_dir = tmp_path / "scripts"
+    data_dir.mkdir()
+    (data_dir / "train.py").write_text(SCRIPT)
+    stop, task = await _script_trainer(nc, trainer_state, data_dir, allow_scripts=True, script_timeout=2.0)
+    job = make_job(await upload(js, chat_jsonl(2)), script=str(data_dir / "train.py"), script_args=["sleep"])
+    await submit(js, job)
+    try:
+        state = await wait_status(js, job.id, training.TERMINAL, timeout=60)
+        assert state.status == training.FAILED and state.error.code == "script_timeout"
+    finally:
+        stop.set()
+        await task

@@ -15,7 +15,10 @@ import time
 import msgspec
 from aiohttp import web
 
+from schemas.auth import Scope, grants
+from schemas.errors import BusError, ErrorCode
 from schemas.training import TERMINAL, TrainEvent
+from services.edge.auth import PRINCIPAL
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai_format import SSE_HEADERS, sse
 from services.edge.state import CONFIG, EDGE
@@ -37,6 +40,9 @@ def _json(body: object) -> web.Response:
 async def start(request: web.Request) -> web.Response:
     """``POST /api/v1/training/start``: queue a job; its status (``queued``)."""
     parsed = parse_native_job(await request.read(), created_at=int(time.time()), owner=owner_of(request))
+    principal = request.get(PRINCIPAL)
+    if parsed.job.script is not None and principal is not None and not grants(principal.scopes, Scope.ADMIN):
+        raise BusError(ErrorCode.INSUFFICIENT_SCOPE, "a training 'script' needs the admin scope", param="script")
     state = await start_job(store_of(request), request.app[EDGE].table, parsed)
     return _json(native_status(state, now=time.time()))
 

@@ -274,7 +274,8 @@ def parse_native_job(raw: bytes, *, created_at: int, owner: str | None) -> Parse
                       validation_file=body.validation_file, dataset_format=body.dataset_format or "auto",
                       peft=_peft(body.lora, body.method, "lora", "method"),
                       hyperparameters=_native_hyperparameters(body.hyperparameters), suffix=body.suffix,
-                      metadata=body.metadata, created_at=created_at, owner=owner, **_seed(body.seed))
+                      metadata=body.metadata, created_at=created_at, owner=owner, script=body.script,
+                      script_args=body.script_args or [], **_seed(body.seed))
     files = _uploaded(training_file, file_param) if file_param != "datasetPath" else []  # a path is the trainer's
     files += _uploaded(body.validation_file, "validationFile")
     return ParsedJob(job=job, model_param="baseModel", uploaded=files)

@@ -129,3 +129,6 @@ class NativeStartBody(msgspec.Struct, kw_only=True):
     suffix: str | None = None
     seed: Seed | None = None
     metadata: dict[str, str] | None = None
+    # Admin scope only: a training script on the trainer's machine (see docs/training.md).
+    script: str | None = None
+    script_args: list[str] | None = None

@@ -23,6 +23,9 @@ class TrainerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device: str = "auto"
     keepalive: float = 10.0
     metrics_port: int = 0
+    allow_scripts: bool = False
+    script_timeout: float = 3600.0
+    script_memory_bytes: int = 16 << 30
 
     @property
     def work_dir(self) -> Path:
@@ -50,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     p.add_argument("--keepalive", type=float, default=10.0,
                    help="seconds between in-progress acks of the running job (below the consumer's ack_wait)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--allow-scripts", action="store_true",
+                   help="run user-supplied training scripts (jobs with 'script', admin scope only); off by default")
+    p.add_argument("--script-timeout", type=float, default=3600.0, help="seconds a training script may run")
+    p.add_argument("--script-memory-bytes", type=int, default=16 << 30,
+                   help="address-space limit of a training script's process (bytes)")
     args = p.parse_args(argv)
     if not args.trainer_id:
         args.trainer_id = slug(f"trainer-{socket.gethostname()}-{os.getpid()}")

@@ -26,7 +26,7 @@ from schemas.registry import ADAPTER, BASE, ModelEntry
 from schemas.training import Checkpoint, JobError, JobState, TrainingJob
 from services.common import artifacts
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, ensure_default_model
-from services.trainer import pipeline
+from services.trainer import pipeline, script_runner
 from services.trainer.config import TrainerConfig
 from services.trainer.events import EventLog
 from services.trainer.jobstate import JobStore
@@ -99,6 +99,9 @@ class JobExecution:
         train = await self._dataset(job.training_file, "training_file")
         valid = await self._dataset(job.validation_file, "validation_file") if job.validation_file else None
         self._check_cancel()
+        if job.script is not None:
+            await self._run_script(base_path, train)
+            return
         prepared = await asyncio.to_thread(pipeline.prepare, job, base_path, train, valid, self.config.device,
                                              self._work)
         await self.events.emit(job.id, f"Files validated: {prepared.summary}", data={"dataset": prepared.summary})
@@ -116,7 +119,42 @@ class JobExecution:
         if outcome.cancelled:
             await self._stopped(outcome.steps)
             return
-        await self._publish_result(prepared, outcome)
+        out = self._work / "result"
+        await asyncio.to_thread(prepared.save, out)
+        await self._publish_result(out, full=prepared.method == "full", method=prepared.method,
+                                   context_length=prepared.context_length, tokens=outcome.tokens)
+        if outcome.valid_loss is not None:
+            await self.events.emit(job.id, f"Validation loss: {outcome.valid_loss:.4f}", type="metrics",
+                                   data={"step": outcome.steps, "valid_loss": outcome.valid_loss,
+                                         "train_loss": outcome.loss})
+        await self._succeeded()
+
+    async def _run_script(self, base_path: Path, train: pipeline.DatasetRef) -> None:
+        """A user-supplied training script (admin scope, trainer opt-in) in a limited subprocess."""
+        job = self.job
+        if not self.config.allow_scripts:
+            raise JobFailed("scripts_disabled", "this trainer does not run training scripts (start it with "
+                            "--allow-scripts)", "script")
+        script = pipeline.local_dataset(job.script, self.config.allowed_data_dirs, "script").path
+        out = self._work / "result"
+        out.mkdir(parents=True, exist_ok=True)
+        env = script_runner.script_env(job_id=job.id, base_model=base_path, training_file=train.path,
+                                       output_dir=out, job_json=msgspec.json.encode(job))
+        await self._start_running(0, 0)
+        await self.events.emit(job.id, f"Training script {script.name} started", data={"status": training.RUNNING})
+
+        async def on_line(text: str) -> None:
+            await self.events.emit(job.id, text, data={"source": "script"})
+
+        limits = script_runner.ScriptLimits(self.config.script_timeout, self.config.script_memory_bytes)
+        finished = await script_runner.run_script(script, list(job.script_args), env, limits, on_line=on_line,
+                                                  should_stop=self._should_stop)
+        if not finished:
+            await self._stopped(0)
+            return
+        kind = script_runner.result_kind(out)
+        await self._publish_result(out, full=kind == "full", method="script", context_length=0, tokens=None)
+        await self._succeeded()
 
     # --- inputs ---
     async def _base_model(self) -> Path:
@@ -250,28 +288,28 @@ class JobExecution:
         await self.events.emit(self.job.id, f"Training stopped at step {steps}: the job was cancelled",
                                data={"step": steps})
 
-    async def _publish_result(self, prepared: pipeline.Prepared, outcome: pipeline.Outcome) -> None:
+    async def _publish_result(self, out: Path, *, full: bool, method: str, context_length: int,
+                              tokens: int | None) -> None:
+        """Store the result, register it for the engines, and mark the job succeeded."""
         job = self.job
         result_id = pipeline.result_id(job)
-        out = self._work / "result"
-        await asyncio.to_thread(prepared.save, out)
         data = await asyncio.to_thread(artifacts.pack_dir, out)
-        full = prepared.method == "full"
         name = artifacts.model_object(result_id) if full else artifacts.adapter_object(result_id)
         await self.objects.put(name, data)
         entry = ModelEntry(id=result_id, kind=BASE if full else ADAPTER, base=None if full else job.model,
-                           source=f"artifact:{name}", format="safetensors" if full else "peft",
-                           method=prepared.method, context_length=prepared.context_length,
-                           created_at=int(time.time()), job_id=job.id)
+                           source=f"artifact:{name}", format="safetensors" if full else "peft", method=method,
+                           context_length=context_length, created_at=int(time.time()), job_id=job.id)
         await self.models.put(names.slug(result_id), msgspec.json.encode(entry))
         fine_tuned = result_id if full else f"{job.model}:{result_id}"
         await self._set_status(training.SUCCEEDED, finished_at=int(time.time()), fine_tuned_model=fine_tuned,
-                               trained_tokens=outcome.tokens)
-        self.metrics.jobs.labels(training.SUCCEEDED).inc()
-        self._forget_loss()
+                               trained_tokens=tokens)
         await self.events.emit(job.id, f"New fine-tuned model created: {fine_tuned}",
                                data={"fine_tuned_model": fine_tuned, "object_name": name, "bytes": len(data)})
-        await self.events.emit(job.id, "The job has successfully completed", data={"status": training.SUCCEEDED})
+
+    async def _succeeded(self) -> None:
+        self.metrics.jobs.labels(training.SUCCEEDED).inc()
+        self._forget_loss()
+        await self.events.emit(self.job.id, "The job has successfully completed", data={"status": training.SUCCEEDED})
 
     async def _fail(self, error: JobError) -> None:
         log.warning("job %s failed: %s: %s", self.job.id, error.code, error.message)
