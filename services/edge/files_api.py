@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from schemas.errors import BusError, ErrorCode
 from services.common.artifacts import FileMeta
@@ -82,21 +83,13 @@ async def upload_file(request: web.Request) -> web.Response:
         raise _too_large(limit)
     if not request.content_type.startswith("multipart/"):
         raise _invalid("upload the file as multipart/form-data with fields 'file' and 'purpose'", "file")
-    reader = await request.multipart()
-    purpose = filename = None
-    size = -1
     sink = await asyncio.to_thread(tempfile.TemporaryFile)
     try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise _invalid("nested multipart bodies are not supported", None)
-            if part.name == "purpose":
-                purpose = _check_purpose(await _field_text(part, "purpose"))
-            elif part.name == "file" and size < 0:
-                filename = part.filename or "upload"
-                size = await _spool(part, sink, limit)
-            else:
-                await part.release()
+        try:
+            purpose, filename, size = await _read_form(await request.multipart(), sink, limit)
+        except (HttpProcessingError, ValueError, UnicodeDecodeError) as exc:  # a malformed form is the client's
+            raise _invalid(f"malformed multipart/form-data body: {getattr(exc, 'message', None) or exc}",
+                           "file") from None
         _check_purpose(purpose)
         if size < 0:
             raise _invalid("the form has no 'file' field", "file")
@@ -108,6 +101,23 @@ async def upload_file(request: web.Request) -> web.Response:
     finally:
         await asyncio.to_thread(sink.close)
     return _json(file_object(meta))
+
+
+async def _read_form(reader, sink, limit: int) -> tuple[str | None, str | None, int]:
+    """The form's ``purpose``, the file's name and size (spooled into ``sink``; -1 when absent)."""
+    purpose = filename = None
+    size = -1
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise _invalid("nested multipart bodies are not supported", None)
+        if part.name == "purpose":
+            purpose = _check_purpose(await _field_text(part, "purpose"))
+        elif part.name == "file" and size < 0:
+            filename = part.filename or "upload"
+            size = await _spool(part, sink, limit)
+        else:
+            await part.release()
+    return purpose, filename, size
 
 
 async def list_files(request: web.Request) -> web.Response:

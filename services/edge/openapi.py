@@ -18,6 +18,7 @@ from schemas.routing import Strategy
 from services.edge.errors import ErrorBody
 from services.edge.native_types import NativeInferenceBody
 from services.edge.openai_types import ChatCompletionBody, CompletionBody
+from services.edge.training_types import FineTuningJobBody, NativeStartBody
 
 TITLE = "CY-LLM edge"
 VERSION = "0.1.0"
@@ -65,7 +66,27 @@ _RESPONSES: dict[str, Any] = {
                    engines=_INT, models={"type": "array", "items": _STR}, in_flight=_INT, edge_id=_STR,
                    engineDetails={"type": "array", "items": _ANY_OBJECT}),
     "StrategyBody": _obj(["strategy"], strategy={"type": "string", "examples": [s.value for s in Strategy]}),
+    # Fine-tuning (OpenAI's shapes; the job object also carries the peft/progress extensions).
+    "FileObject": _obj(["id", "object", "bytes", "created_at", "filename", "purpose"], id=_STR,
+                       object={"const": "file"}, bytes=_INT, created_at=_INT, filename=_STR, purpose=_STR),
+    "FileDeleted": _obj(["id", "object", "deleted"], id=_STR, object={"const": "file"}, deleted={"type": "boolean"}),
+    "FineTuningJob": _obj(["id", "object", "created_at", "model", "status", "training_file"], id=_STR,
+                          object={"const": "fine_tuning.job"}, created_at=_INT, model=_STR, training_file=_STR,
+                          fine_tuned_model=_NULLABLE_STR, status={"enum": [
+                              "validating_files", "queued", "running", "succeeded", "failed", "cancelled"]}),
+    "FineTuningEvent": _obj(["id", "object", "created_at", "level", "message"], id=_STR,
+                            object={"const": "fine_tuning.job.event"}, created_at=_INT, level=_STR, message=_STR),
+    "FineTuningCheckpoint": _obj(["id", "object", "created_at", "fine_tuning_job_id", "step_number"], id=_STR,
+                                 object={"const": "fine_tuning.job.checkpoint"}, created_at=_INT,
+                                 fine_tuning_job_id=_STR, step_number=_INT),
+    "NativeTrainingStatus": _obj(["jobId", "status", "baseModel", "step", "totalSteps", "percent"], jobId=_STR,
+                                 status=_STR, baseModel=_STR, step=_INT, totalSteps=_INT, percent={"type": "number"}),
 }
+
+
+def _list_of(item: str) -> dict[str, Any]:
+    return _obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": _ref(item)},
+                has_more={"type": "boolean"})
 
 _RATE_HEADERS = {name: {"description": desc, "schema": _STR} for name, desc in (
     ("x-ratelimit-limit-requests", "requests per minute allowed (when --rate-rpm or the key sets one)"),
@@ -150,13 +171,74 @@ def _paths() -> dict[str, dict[str, Any]]:
                                           tag="management")},
         "/v1/cluster/strategy": {"post": _op("Switch every scheduler's routing strategy", _json(
             _ref("StrategyBody"), "the strategy now active"), body="StrategyBody", scope="admin", tag="management")},
+        **_training_paths(),
+    }
+
+
+def _path_param(name: str) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": _STR}]
+
+
+def _paged(name: str) -> list[dict[str, Any]]:
+    return [{"name": "after", "in": "query", "required": False, "schema": _STR},
+            {"name": "limit", "in": "query", "required": False, "schema": _INT}] + (_path_param(name) if name else [])
+
+
+def _training_op(summary: str, ok: dict[str, Any], params: list | None = None, body: str | None = None,
+                 ) -> dict[str, Any]:
+    op = _op(summary, ok, body=body, scope="training", tag="fine-tuning")
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _training_paths() -> dict[str, dict[str, Any]]:
+    job = _json(_ref("FineTuningJob"), "the job")
+    native = _json(_ref("NativeTrainingStatus"), "the job's status")
+    upload = _training_op("Upload a training file (purpose fine-tune)", _json(_ref("FileObject"), "the file"))
+    upload["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _obj(
+        ["file", "purpose"], file={"type": "string", "contentMediaType": "application/octet-stream"},
+        purpose={"type": "string", "enum": ["fine-tune"]})}}}
+    return {
+        "/v1/files": {"post": upload,
+                      "get": _training_op("Uploaded files", _json(_list_of("FileObject"), "the files"), [
+                          {"name": "purpose", "in": "query", "required": False, "schema": _STR}] + _paged(""))},
+        "/v1/files/{file_id}": {
+            "get": _training_op("One file", _json(_ref("FileObject"), "the file"), _path_param("file_id")),
+            "delete": _training_op("Delete a file", _json(_ref("FileDeleted"), "deleted"), _path_param("file_id"))},
+        "/v1/files/{file_id}/content": {"get": _training_op("A file's bytes", {
+            "description": "the file as uploaded", "content": {"application/octet-stream": {"schema": _STR}}},
+            _path_param("file_id"))},
+        "/v1/fine_tuning/jobs": {
+            "post": _training_op("Create a fine-tuning job (OpenAI; extensions peft, extra_hyperparameters)", job,
+                                 body="FineTuningJobBody"),
+            "get": _training_op("Fine-tuning jobs, newest first", _json(_list_of("FineTuningJob"), "the jobs"),
+                                _paged(""))},
+        "/v1/fine_tuning/jobs/{job_id}": {"get": _training_op("One job", job, _path_param("job_id"))},
+        "/v1/fine_tuning/jobs/{job_id}/cancel": {"post": _training_op("Cancel a job", job, _path_param("job_id"))},
+        "/v1/fine_tuning/jobs/{job_id}/events": {"get": _training_op(
+            "A job's events, newest first", _json(_list_of("FineTuningEvent"), "the events"), _paged("job_id"))},
+        "/v1/fine_tuning/jobs/{job_id}/checkpoints": {"get": _training_op(
+            "A job's checkpoints", _json(_list_of("FineTuningCheckpoint"), "the checkpoints"), _paged("job_id"))},
+        "/api/v1/training/start": {"post": _training_op("Start a job (native; camelCase or snake_case)", native,
+                                                        body="NativeStartBody")},
+        "/api/v1/training/jobs": {"get": _training_op("Jobs (native)", _json(_ANY_OBJECT, "the jobs"), [
+            {"name": "status", "in": "query", "required": False, "schema": _STR}])},
+        "/api/v1/training/status/{job_id}": {"get": _training_op("A job's status (native)", native,
+                                                                  _path_param("job_id"))},
+        "/api/v1/training/{job_id}/cancel": {"post": _training_op("Cancel a job (native)", native,
+                                                                  _path_param("job_id"))},
+        "/api/v1/training/{job_id}/stream": {"get": _training_op("A job's events live over SSE", {
+            "description": "server-sent events, one per job event, ending when the job ends", "content": _SSE},
+            _path_param("job_id"))},
     }
 
 
 def build_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once per process)."""
     _, components = msgspec.json.schema_components(
-        (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody), ref_template=_REF)
+        (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody, FineTuningJobBody, NativeStartBody),
+        ref_template=_REF)
     return {
         "openapi": "3.1.0",
         "info": {"title": TITLE, "version": VERSION,
