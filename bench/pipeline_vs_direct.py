@@ -1,6 +1,6 @@
 """Same model, same requests: straight through the engine adapter vs the whole pipeline over HTTP.
 
-    .venv/bin/python bench/pipeline_vs_direct.py [--engine transformers|simulated] [--requests N]
+    .venv/bin/python bench/pipeline_vs_direct.py [--engine transformers|llamacpp|simulated] [--requests N]
 
 Starts a private nats-server, scheduler, engine and edge (separate processes, as ``./cy up``
 does), and in this process the same adapter with the same settings. For each concurrency it
@@ -30,7 +30,7 @@ from schemas import ChatMessage, InferenceRequest, SamplingParams  # noqa: E402
 from services.cli.readiness import wait_until_ready  # noqa: E402
 from services.cli.supervisor import ChildSpec, Supervisor  # noqa: E402
 from services.common import bus  # noqa: E402
-from services.common.model_store import default_state_dir, ensure_default_model  # noqa: E402
+from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 from services.common.natsserver import NatsServer  # noqa: E402
 from services.engine.adapter import Chunk, Finished  # noqa: E402
 from services.engine.adapters import adapter_class  # noqa: E402
@@ -112,7 +112,7 @@ async def start_pipeline(tmp: Path, args, model_path: Path, port: int) -> tuple[
     py = sys.executable
     engine = [py, "-m", "services.engine", "--nats-url", server.url, "--engine", args.engine, "--model-id", "m",
               "--worker-id", "bench-engine", "--slots", str(args.slots)]
-    if args.engine == "transformers":
+    if args.engine in ("transformers", "llamacpp"):
         engine += ["--model-path", str(model_path)]
     sup = Supervisor(tmp / "logs", cwd=REPO, console=None, report=lambda _m: None)
     await sup.start(ChildSpec("engine", tuple(engine)))
@@ -130,7 +130,7 @@ def row(label: str, c: int, ttfts: list[float], tokens: int, secs: float) -> dic
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engine", default="transformers", choices=["transformers", "simulated"])
+    p.add_argument("--engine", default="transformers", choices=["transformers", "llamacpp", "simulated"])
     p.add_argument("--requests", type=int, default=32, help="requests per path and concurrency")
     p.add_argument("--rounds", type=int, default=4, help="alternations of direct and pipeline per concurrency")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -138,9 +138,10 @@ async def main() -> None:
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--port", type=int, default=18080)
     args = p.parse_args()
-    model_path = ensure_default_model(default_state_dir())
+    # llama.cpp serves the default model's GGUF itself; transformers its safetensors copy.
+    model_path = default_model_gguf() if args.engine == "llamacpp" else ensure_default_model(default_state_dir())
     cls = adapter_class(args.engine)
-    adapter = (cls(model_path=model_path, model_id="m", slots=args.slots) if args.engine == "transformers"
+    adapter = (cls(model_path=model_path, model_id="m", slots=args.slots) if args.engine != "simulated"
                else cls(model_id="m", slots=max(args.slots, 64)))
     await adapter.start()
     with tempfile.TemporaryDirectory(prefix="cy-bench-") as tmpdir:

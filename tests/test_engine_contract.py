@@ -1,6 +1,6 @@
 """The contract every engine adapter passes (issue: engines share one contract test suite).
 
-Run against the real transformers engine on the default model, and against the simulated
+Run against the real transformers, llama.cpp and vLLM engines on the default model, and against the simulated
 engine (which load tests use) so it cannot drift from the real one's behaviour.
 """
 
@@ -12,20 +12,24 @@ import uuid
 
 import pytest
 import pytest_asyncio
+from transformers import AutoTokenizer
 
 from schemas import ChatMessage, InferenceRequest, SamplingParams
 from schemas.errors import BusError, ErrorCode
+from services.common.model_store import default_model_gguf
 from services.engine.adapter import Chunk, Finished
 from services.engine.adapters import adapter_class
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["transformers", "simulated"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["transformers", "simulated", "llamacpp", "vllm"])
 async def engine(request, default_model_dir):
     cls = adapter_class(request.param)
-    if request.param == "transformers":
+    if request.param in ("transformers", "vllm"):
         eng = cls(model_path=default_model_dir, model_id="m", slots=4)
+    elif request.param == "llamacpp":
+        eng = cls(model_path=default_model_gguf(), model_id="m", slots=4)
     else:
         eng = cls(model_id="m", slots=4, token_rate=200)
     await eng.start()
@@ -106,13 +110,15 @@ async def test_concurrent_requests_each_get_their_own_answer(engine):
     assert [t[0] for t in together] == [s[0] for s in solo]
 
 
-async def test_usage_matches_the_tokenizer(engine):
+async def test_usage_matches_the_tokenizer(engine, default_model_dir):
     req = chat("Tell me about the sea.", max_tokens=16)
     text, fin, _ = await collect(engine, req)
     if engine.name == "simulated":  # its tokens are words by definition
         assert (fin.prompt_tokens, fin.completion_tokens) == (5, len(text.split()))
         return
-    tok = engine.tokenizer
+    # Engines without a Hugging Face tokenizer (llama.cpp reads the GGUF's) are checked against the
+    # same model's Hugging Face tokenizer and chat template, which they must agree with.
+    tok = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(default_model_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
                                      add_generation_prompt=True, tokenize=True)["input_ids"]
     assert fin.prompt_tokens == len(prompt)

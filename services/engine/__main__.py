@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.common.model_store import default_state_dir
 from services.engine.adapters import adapter_class
 from services.engine.config import EngineConfig, parse_args
+from services.engine.engine_choice import NoEngineFits, choose_engine, probe_platform
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
 
@@ -23,10 +25,24 @@ def build_adapter(cfg: EngineConfig):
     if cfg.engine == "simulated":
         return cls(model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots, token_rate=cfg.sim_token_rate,
                    ttft=cfg.sim_ttft, context_length=cfg.context_length or 8192)
+    if hasattr(cls, "from_config"):  # adapters over external engines take what they need from the config
+        return cls.from_config(cfg)
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
                device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, adapter_dirs=cfg.adapter_dirs,
                adapter_cache_dir=cfg.adapter_cache_dir or default_state_dir() / "adapters",
                max_adapters=cfg.max_adapters)
+
+
+def resolve_auto(cfg: EngineConfig) -> EngineConfig:
+    """``--engine auto``: the engine for this machine and model, with the reason logged and heartbeated."""
+    if cfg.engine != "auto":
+        return cfg
+    try:
+        engine, reason = choose_engine(probe_platform(cfg.model_path))
+    except NoEngineFits as exc:
+        raise SystemExit(f"--engine auto: {exc}") from None
+    log.info("--engine auto chose %s: %s", engine, reason)
+    return msgspec.structs.replace(cfg, engine=engine, engine_reason=reason)
 
 
 async def main(cfg: EngineConfig) -> None:
@@ -36,7 +52,8 @@ async def main(cfg: EngineConfig) -> None:
         start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=registry)
     stop = asyncio.Event()
     install_stop_signals(stop)
-    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(registry))
+    # Models loaded at run time (control subject ``load``) are built the same way, from a copy of cfg.
+    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(registry), factory=build_adapter)
     await service.run(stop)
 
 
@@ -44,6 +61,7 @@ def cli() -> None:
     """Entry point."""
     cfg = parse_args()
     setup_logging("engine")
+    cfg = resolve_auto(cfg)
     run(lambda: main(cfg))
 
 

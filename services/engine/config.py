@@ -32,6 +32,11 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     adapter_dirs: list[str] = []
     adapter_cache_dir: str = ""
     max_adapters: int = 8
+    # ``--engine auto``: why this engine was chosen (heartbeat ``engine_reason``), set after parsing.
+    engine_reason: str = ""
+    mindie_url: str = "http://127.0.0.1:1025"
+    max_models: int = 2
+    memory_budget: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
@@ -39,9 +44,12 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p = argparse.ArgumentParser(prog="python -m services.engine",
                                 description="CY-LLM engine: serves a model behind the common adapter interface.")
     p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
-    p.add_argument("--engine", default="transformers", help="transformers | simulated (simulated: tests and benchmarks only)")
+    p.add_argument("--engine", default="transformers",
+                   help="auto | transformers | vllm | llamacpp | tensorrt-llm | mindie | mlx | simulated (auto: "
+                        "chosen for this machine and model, see docs/engines.md; simulated: tests and benchmarks only)")
     p.add_argument("--model-id", required=True, help="the name clients use in 'model'")
-    p.add_argument("--model-path", default="", help="local model directory (transformers)")
+    p.add_argument("--model-path", default="",
+                   help="local model directory (transformers) or .gguf file (llamacpp; default model: its GGUF)")
     p.add_argument("--alias", action="append", default=[], dest="aliases", help="another name for the model (repeatable)")
     p.add_argument("--worker-id", default="", help="unique worker id (default: <host>-<pid>)")
     p.add_argument("--slots", type=int, default=8, help="requests generated concurrently (batch size)")
@@ -57,13 +65,23 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                    help="directory whose subdirectories <adapter id>/ hold PEFT adapters (repeatable)")
     p.add_argument("--adapter-cache-dir", default="",
                    help="where adapters from the object store are unpacked (default: <state dir>/adapters)")
+    p.add_argument("--mindie-url", default=os.environ.get("CY_MINDIE_URL", "http://127.0.0.1:1025"),
+                   help="mindie engine: address of the MindIE Server it streams from")
     p.add_argument("--max-adapters", type=int, default=8,
                    help="PEFT adapters kept loaded at once; the least recently used idle one is evicted")
+    p.add_argument("--max-models", type=int, default=2,
+                   help="models kept loaded at once; loading one more unloads the least recently used idle one")
+    p.add_argument("--memory-budget", type=int, default=0,
+                   help="bytes of model memory (RSS on CPU, CUDA allocations on GPU) loads may use; 0 = no budget")
     args = p.parse_args(argv)
     if not args.worker_id:
         args.worker_id = slug(f"{socket.gethostname()}-{os.getpid()}")
     if args.slots < 1:
         p.error("--slots must be at least 1")
+    if args.max_models < 1:
+        p.error("--max-models must be at least 1")
+    if args.memory_budget < 0:
+        p.error("--memory-budget must be 0 (off) or a number of bytes")
     if args.max_adapters < 1:
         p.error("--max-adapters must be at least 1")
     return msgspec.convert(vars(args), EngineConfig)

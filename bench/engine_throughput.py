@@ -1,0 +1,102 @@
+"""Generation throughput of engine adapters called directly (no NATS): tokens/s at given concurrencies.
+
+    .venv/bin/python bench/engine_throughput.py [--engine vllm transformers] [--concurrency 1 8]
+                                                [--max-tokens 64] [--rounds 2] [--vllm-no-lora]
+
+Each engine serves the default model (safetensors copy) with ``slots`` = the highest concurrency.
+For every concurrency ``c``, ``c`` greedy chat requests with distinct prompts run at once, ``rounds``
+times after one warm-up; tok/s is completion tokens over wall time, summed over all requests.
+Engines run one after another so they do not compete for the CPU. vLLM runs with LoRA support on
+(as ``--engine vllm`` does); ``--vllm-no-lora`` measures it without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from schemas import ChatMessage, InferenceRequest, SamplingParams  # noqa: E402
+from services.common.model_store import default_state_dir, ensure_default_model  # noqa: E402
+from services.engine.adapter import Chunk, Finished  # noqa: E402
+from services.engine.adapters import adapter_class  # noqa: E402
+
+TOPICS = ["a brave cat", "the sea", "a lighthouse", "a robot", "a dragon", "the moon", "a forest", "a train",
+          "a baker", "a comet", "a violin", "a desert"]
+
+
+def request(i: int, max_tokens: int) -> InferenceRequest:
+    """A greedy chat request with a prompt of its own."""
+    return InferenceRequest(id=f"b-{uuid.uuid4().hex[:12]}", model="m", reply_to="unused",
+                            messages=[ChatMessage(role="user", content=f"Write a long story about {TOPICS[i % 12]}.")],
+                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def one(engine, req: InferenceRequest) -> tuple[int, float]:
+    """Completion tokens and time to first token of one request."""
+    start, ttft, fin = time.perf_counter(), None, None
+    async for ev in engine.generate(req):
+        if isinstance(ev, Chunk) and ttft is None:
+            ttft = time.perf_counter() - start
+        elif isinstance(ev, Finished):
+            fin = ev
+    return fin.completion_tokens, ttft or 0.0
+
+
+async def measure(engine, concurrency: int, max_tokens: int, rounds: int) -> tuple[float, float]:
+    """Aggregate tok/s and median TTFT (s) over ``rounds`` batches of ``concurrency`` requests."""
+    tokens, wall, ttfts = 0, 0.0, []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        results = await asyncio.gather(*[one(engine, request(i, max_tokens)) for i in range(concurrency)])
+        wall += time.perf_counter() - start
+        tokens += sum(n for n, _ in results)
+        ttfts += [t for _, t in results]
+    return tokens / wall, statistics.median(ttfts)
+
+
+async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, rounds: int,
+                extra: dict) -> list[tuple]:
+    """Start ``name`` on the default model, warm it up, then measure every concurrency level."""
+    engine = adapter_class(name)(model_path=model_dir, model_id="m", slots=max(levels), **extra)
+    started = time.perf_counter()
+    await engine.start()
+    startup = time.perf_counter() - started
+    rows = []
+    try:
+        await one(engine, request(0, 8))
+        for c in levels:
+            tok_s, ttft = await measure(engine, c, max_tokens, rounds)
+            rows.append((name + (" (no LoRA)" if extra else ""), c, tok_s, tok_s / c, ttft, startup))
+    finally:
+        await engine.close()
+    return rows
+
+
+async def main(args) -> None:
+    """Run every engine and print one table."""
+    model_dir = ensure_default_model(default_state_dir())
+    rows = []
+    for name in args.engine:
+        extra = {"enable_lora": False} if name == "vllm" and args.vllm_no_lora else {}
+        rows += await bench(name, model_dir, args.concurrency, args.max_tokens, args.rounds, extra)
+    print(f"\n{'engine':<20}{'conc':>5}{'tok/s':>10}{'tok/s/req':>11}{'ttft p50':>10}{'startup':>9}")
+    for name, c, tok_s, per, ttft, startup in rows:
+        print(f"{name:<20}{c:>5}{tok_s:>10.1f}{per:>11.1f}{ttft * 1000:>8.0f}ms{startup:>8.0f}s")
+
+
+if __name__ == "__main__":  # vLLM spawns worker processes that re-import this module
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", nargs="+", default=["vllm", "transformers"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--vllm-no-lora", action="store_true", help="start vLLM without LoRA support")
+    asyncio.run(main(p.parse_args()))

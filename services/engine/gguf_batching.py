@@ -1,0 +1,240 @@
+"""Iteration-level (continuous) batching over llama.cpp, in one model thread.
+
+A llama.cpp context is not thread-safe, so one thread owns it. Every step builds one
+``llama_batch``: the last sampled token of every decoding sequence (one row each, its own
+sequence id, so its own KV stream) plus chunks of waiting prompts up to
+``PREFILL_TOKEN_BUDGET`` tokens (chunked prefill: a long prompt never stalls the others for
+more than one chunk). One ``llama_decode`` runs it, then each sequence whose logits came out
+samples with its own sampler chain (own parameters, own seeded RNG, own penalty history), so
+batching never changes what a seeded request draws. A sequence that ends or is aborted has
+its KV cells removed (``llama_memory_seq_rm``) and its sequence id returned at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from schemas.errors import ErrorCode
+from schemas.inference import SamplingParams
+from services.engine.adapter import Chunk, Finished
+from services.engine.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.gguf_model import PREFILL_TOKEN_BUDGET, GgufModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Failed:
+    """A sequence could not be generated (``llama_decode`` failed)."""
+
+    code: str
+    message: str
+
+
+@dataclass(eq=False)
+class GgufSequence:
+    """One request's state in the batch."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_new_tokens: int
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    seq_id: int = -1
+    sampler: object = None
+    n_past: int = 0  # tokens of this sequence in its KV stream
+    generated: int = 0
+    last_token: int = -1
+    pending_ids: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        """Some prompt tokens are not in the KV cache yet."""
+        return self.n_past < len(self.prompt_ids)
+
+
+Event = Chunk | Finished | Failed
+Delivery = Callable[[list[tuple[str, Event]]], None]
+
+
+class GgufBatchGenerator(threading.Thread):
+    """The model thread: admits sequences, runs one batched decode per step, delivers events per step."""
+
+    def __init__(self, model: GgufModel, deliver: Delivery) -> None:
+        super().__init__(name="cy-llamacpp-batch", daemon=True)
+        self._model = model
+        self._deliver = deliver
+        self._free_ids = list(range(model.shape.n_seq - 1, -1, -1))
+        self._inbox: queue.SimpleQueue[GgufSequence | None] = queue.SimpleQueue()
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting: list[GgufSequence] = []
+        self._running: list[GgufSequence] = []
+        self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
+        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._stopping = False
+        self.steps = 0
+
+    # --- called from the event loop ---
+    def submit(self, seq: GgufSequence) -> None:
+        """Queue ``seq`` for admission at the next step."""
+        self._inbox.put(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop ``request_id`` (and free its KV cells) at the next step."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def stop(self) -> None:
+        """Ask the thread to exit after the current step."""
+        self._stopping = True
+        self._inbox.put(None)
+
+    # --- the model thread ---
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                self._collect(block=not self._running and not self._waiting)
+                events: list[tuple[str, Event]] = []
+                self._drop_aborted()
+                self._admit()
+                try:
+                    if self._running:
+                        self._step(events)
+                except Exception as exc:  # a failed step must fail its requests, not kill the engine
+                    log.exception("batch step failed; failing %d sequences", len(self._running))
+                    for seq in self._running:
+                        events.append((seq.request_id, Failed(ErrorCode.ENGINE_FAILED, f"generation failed: {exc}")))
+                        self._release(seq)
+                    self._running = []
+                if events:
+                    self._deliver(events)
+        finally:
+            for seq in self._running:
+                self._release(seq)
+            llama_cpp.llama_batch_free(self._batch)
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            if not self._aborted:
+                return
+            aborted, self._aborted = self._aborted, set()
+        self._waiting = [s for s in self._waiting if s.request_id not in aborted]
+        for seq in self._running:
+            if seq.request_id in aborted:
+                self._release(seq)
+        self._running = [s for s in self._running if not s.done]
+
+    def _admit(self) -> None:
+        """Give waiting sequences a free sequence id and a sampler; their prompts feed from the next step."""
+        while self._waiting and self._free_ids:
+            seq = self._waiting.pop(0)
+            seq.seq_id = self._free_ids.pop()
+            seq.sampler = self._model.new_sampler(seq.params, seq.seed, seq.max_new_tokens)
+            self._running.append(seq)
+
+    def _step(self, events: list) -> None:
+        """One ``llama_decode``: a token per decoding sequence, then prompt chunks; sample where logits came out."""
+        outputs = self._fill_batch()
+        rc = llama_cpp.llama_decode(self._model.ctx, self._batch)
+        if rc != 0:
+            # 1: no KV slot; 2: aborted; <0: error. The step's sequences are in an unknown state: fail them.
+            log.error("llama_decode failed (%d); failing %d sequences", rc, len(self._running))
+            for seq in self._running:
+                events.append((seq.request_id, Failed(ErrorCode.ENGINE_FAILED, f"llama_decode failed with {rc}")))
+                self._release(seq)
+            self._running = []
+            return
+        for seq, index in outputs:
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, index)
+            self._advance(seq, token, events)
+        self.steps += 1
+        for seq in self._running:
+            if seq.done:
+                self._release(seq)
+        self._running = [s for s in self._running if not s.done]
+
+    def _fill_batch(self) -> list[tuple[GgufSequence, int]]:
+        """Write this step's tokens into the batch; return (sequence, batch index) of every row with logits."""
+        batch, n, outputs = self._batch, 0, []
+
+        def put(seq: GgufSequence, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = seq.n_past
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq.seq_id
+            batch.logits[n] = logits
+            if logits:
+                outputs.append((seq, n))
+            seq.n_past += 1
+            n += 1
+
+        for seq in self._running:
+            if not seq.prefilling:
+                put(seq, seq.last_token, True)
+        budget = self._capacity - n
+        for seq in self._running:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                take = min(budget, len(seq.prompt_ids) - seq.n_past)
+                budget -= take
+                for token in seq.prompt_ids[seq.n_past:seq.n_past + take]:
+                    put(seq, token, seq.n_past == len(seq.prompt_ids) - 1)
+        batch.n_tokens = n
+        return outputs
+
+    def _advance(self, seq: GgufSequence, token: int, events: list) -> None:
+        """Turn one sampled token into events."""
+        seq.last_token = token
+        if self._model.is_end_of_generation(token):
+            self._finish(seq, "stop", events)
+            return
+        seq.generated += 1
+        seq.pending_ids.append(token)
+        text = seq.stop.feed(seq.detok.push(token))
+        if text:
+            events.append((seq.request_id, Chunk(text, seq.pending_ids)))
+            seq.pending_ids = []
+        if seq.stop.stopped:
+            self._finish(seq, "stop", events)
+        elif seq.generated >= seq.max_new_tokens:
+            self._finish(seq, "length", events)
+
+    def _finish(self, seq: GgufSequence, reason: str, events: list) -> None:
+        rest = seq.stop.flush() if not seq.stop.stopped else ""
+        if rest or seq.pending_ids:
+            events.append((seq.request_id, Chunk(rest, seq.pending_ids)))
+        events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated)))
+        seq.done = True
+
+    def _release(self, seq: GgufSequence) -> None:
+        """Remove the sequence's KV cells, free its sampler and return its sequence id."""
+        seq.done = True
+        if seq.seq_id >= 0:
+            llama_cpp.llama_memory_seq_rm(self._model.memory, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = -1
+        if seq.sampler is not None:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler = None

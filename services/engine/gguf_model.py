@@ -1,0 +1,260 @@
+"""A GGUF model loaded through llama.cpp's C API (``llama-cpp-python``'s ctypes bindings).
+
+Owns the model, its vocabulary and one context whose KV cache holds ``n_seq`` independent
+sequences (``kv_unified=False``: one KV stream per sequence id, each ``ctx_per_seq`` cells),
+which is what lets one ``llama_decode`` advance several requests at once. Tokenizing,
+detokenizing and rendering the chat template read only the vocabulary and metadata and are
+safe from any thread; decoding and sampling happen only in the model thread
+(``gguf_batching.GgufBatchGenerator``), because a llama.cpp context is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# llama.cpp's CPU backend runs each graph in an OpenMP team; idle members spinning ("active" waiting)
+# between decodes starve everything else on a busy host (measured here: 0.8-3.6 tok/s with two
+# threads and spinning, 24 tok/s passive). Must be set before libgomp loads with llama_cpp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import llama_cpp  # noqa: E402
+from llama_cpp import _logger as llama_logger  # noqa: E402
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
+
+from schemas.inference import SamplingParams  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Most prompt tokens (over all sequences) fed to one llama_decode; longer prompts are prefilled in chunks.
+PREFILL_TOKEN_BUDGET = 512
+# KV cells per sequence when --context-length is not given: the GGUF's training context, capped,
+# because llama.cpp allocates the whole KV cache (sequences x cells) up front.
+DEFAULT_MAX_CONTEXT = 8192
+# llama_sampler_init_dist treats this seed as "pick a random one" (LLAMA_DEFAULT_SEED).
+_RANDOM_SEED = 0xFFFFFFFF
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            # llama.cpp logs every tensor at load; keep its output for debug logging only.
+            llama_logger.set_verbose(log.isEnabledFor(logging.DEBUG))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def find_gguf(path: Path) -> Path:
+    """``path`` itself when it is a file, else the one ``*.gguf`` file in the directory ``path``."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+        raise FileNotFoundError(f"{path} holds {len(found)} .gguf files; pass --model-path of one of them")
+    raise FileNotFoundError(f"no GGUF model at {path}")
+
+
+def default_threads() -> int:
+    """Half the logical CPUs (about the physical cores), at least one.
+
+    ggml synchronises its threads with a spinning barrier after every op, so a thread that loses
+    its core stalls the whole team: on this 2-vCPU host under load, 1 thread decoded 27-32 tok/s
+    and 2 threads 5 tok/s. Fewer threads than cores is the robust default.
+    """
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextShape:
+    """How the context is sized: sequences decoded together and the KV cells each one gets (0: default)."""
+
+    n_seq: int
+    ctx_per_seq: int = 0
+    threads: int = 0  # 0: default_threads()
+    gpu_layers: int = 0
+
+
+class GgufModel:
+    """A loaded GGUF model plus a multi-sequence context; see the module docstring for threading."""
+
+    def __init__(self, path: Path, shape: ContextShape) -> None:
+        self.path = path
+        self.shape = shape
+        self._model = None
+        self.ctx = None
+        self.memory = None
+        self.vocab = None
+        self.n_vocab = 0
+        self.n_ctx_train = 0
+        self.ctx_per_seq = 0
+        self._pieces: dict[int, bytes] = {}
+        self._formatter: Jinja2ChatFormatter | None = None
+
+    # --- lifecycle ---
+    def load(self) -> None:
+        """Load weights and create the context (blocking; call from a worker thread)."""
+        _init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = self.shape.gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {self.path} (not a GGUF model it supports?)")
+        self._model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        threads = self.shape.threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_seq_max = self.shape.n_seq
+        wanted = self.shape.ctx_per_seq or min(self.n_ctx_train or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+        cparams.n_ctx = self.shape.n_seq * wanted
+        cparams.n_batch = max(PREFILL_TOKEN_BUDGET, self.shape.n_seq)
+        cparams.n_ubatch = cparams.n_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = False  # one KV stream per sequence: no cross-sequence attention work or masking
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}")
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.ctx_per_seq = min(wanted, int(llama_cpp.llama_n_ctx_seq(ctx)))
+        self._warm_up()
+        template = self.metadata("tokenizer.chat_template")
+        if template:
+            self._formatter = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self.eos_id),
+                                                  bos_token=self._token_text(self.bos_id))
+
+    def _warm_up(self) -> None:
+        # One throw-away decode, as llama.cpp's own tools do: the first decode builds and allocates
+        # the compute graph, which would otherwise land on the first request's time to first token.
+        batch = llama_cpp.llama_batch_init(1, 0, 1)
+        try:
+            batch.token[0] = self.bos_id if self.bos_id >= 0 else self.eos_id
+            batch.pos[0] = 0
+            batch.n_seq_id[0] = 1
+            batch.seq_id[0][0] = 0
+            batch.logits[0] = True
+            batch.n_tokens = 1
+            llama_cpp.llama_decode(self.ctx, batch)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        """Free the context and the model."""
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    # --- metadata ---
+    def metadata(self, key: str) -> str | None:
+        """A string value from the GGUF header, or ``None``."""
+        size = 1 << 16
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n >= size:
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def model_bytes(self) -> int:
+        """Size of the model's tensors."""
+        return int(llama_cpp.llama_model_size(self._model))
+
+    @property
+    def bos_id(self) -> int:
+        """Beginning-of-sequence token (-1 if none)."""
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence token (-1 if none)."""
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """EOS, EOT and every other token the model ends a turn with."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+    # --- text <-> tokens ---
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS/EOS as the vocabulary asks."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # the buffer was too small; -n is the size needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise ValueError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token stands for (control tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            cached = buf.raw[:n]
+            self._pieces[token] = cached
+        return cached
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; an incomplete UTF-8 character at the end shows as U+FFFD."""
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids for a chat: the GGUF's own template (as llama-cpp-python renders it), tokenized."""
+        if self._formatter is None:
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return self.tokenize(text, add_special=True, parse_special=False)
+        # The template writes any BOS itself (llama-cpp-python's ``added_special``); special tokens in it are real.
+        return self.tokenize(self._formatter(messages=messages).prompt, add_special=False, parse_special=True)
+
+    # --- sampling ---
+    def new_sampler(self, params: SamplingParams, seed: int, window: int):
+        """A per-request sampler chain: penalties over its last ``window`` tokens, then greedy or
+        temperature -> top-k -> top-p -> a seeded draw (HF/OpenAI order: temperature first)."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_params(no_perf=True))
+        add = llama_cpp.llama_sampler_chain_add
+        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(chain, llama_cpp.llama_sampler_init_penalties(self.n_vocab, max(1, window), params.repetition_penalty,
+                                                              params.frequency_penalty, params.presence_penalty))
+        if params.temperature <= 0.0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        if params.top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        seed %= _RANDOM_SEED  # never the "random" sentinel: a seeded request must be reproducible
+        add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain

@@ -1,0 +1,75 @@
+"""What the model sees for a request: chat template or raw prompt, then a migrated answer so far.
+
+Shared by the adapters that tokenize on our side (TensorRT-LLM, MindIE, MLX) so every engine
+renders a request the same way as the transformers engine does. ``tokenizer`` is anything with a
+Hugging Face tokenizer's ``encode``/``apply_chat_template``/``chat_template`` (mlx_lm's
+``TokenizerWrapper`` forwards them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.errors import BusError, ErrorCode
+from schemas.inference import InferenceRequest
+
+
+@dataclass(slots=True)
+class RenderedPrompt:
+    """Token ids to feed the engine, and how many of them are a failover continuation (not billed as prompt)."""
+
+    ids: list[int]
+    continued: int = 0
+
+    @property
+    def billed(self) -> int:
+        """Prompt tokens reported in usage: the prompt without the continuation."""
+        return len(self.ids) - self.continued
+
+
+def _chat_ids(tokenizer, request: InferenceRequest) -> list[int]:
+    messages = [{"role": m.role, "content": m.content} for m in request.messages or []]
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # transformers 5 returns a BatchEncoding; older versions and mlx_lm a plain list.
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+    return list(tokenizer.encode(text))
+
+
+def render_prompt(tokenizer, request: InferenceRequest) -> RenderedPrompt:
+    """The chat template for messages, the raw prompt for completions, then ``request.continuation``."""
+    if request.messages is not None:
+        ids = _chat_ids(tokenizer, request)
+    else:
+        ids = list(tokenizer.encode(request.prompt or ""))
+    continued = 0
+    if request.continuation:
+        extra = list(tokenizer.encode(request.continuation, add_special_tokens=False))
+        ids += extra
+        continued = len(extra)
+    return RenderedPrompt(ids, continued)
+
+
+def check_context(prompt_tokens: int, context_length: int) -> None:
+    """A prompt that leaves no room to generate is a typed error before it reaches the engine."""
+    if context_length and prompt_tokens >= context_length:
+        raise BusError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                       f"this model's maximum context length is {context_length} tokens, "
+                       f"but the prompt has {prompt_tokens} tokens", param="messages")
+
+
+def config_context_length(model_dir) -> int:
+    """``max_position_embeddings`` (or a known alias) from a Hugging Face ``config.json``; 0 when absent."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
