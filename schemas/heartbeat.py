@@ -12,6 +12,11 @@ class ServedModel(msgspec.Struct, kw_only=True, omit_defaults=True):
     context_length: int = 0
     aliases: list[str] = []
     owned_by: str = "cy-llm"
+    # Engines serving several models (issue 4): memory the model took when loaded, its requests now,
+    # and the PEFT adapters loaded into it.
+    memory_bytes: int = 0
+    in_flight: int = 0
+    adapters: list[str] = []
 
 
 class EngineHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -39,3 +44,7 @@ class EngineHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     started: float = 0.0
     engine_reason: str = ""
     weight: float = 1.0  # relative share of work under the scheduler's ``weighted`` strategy
+    # How many models the engine keeps loaded at once and its memory budget in bytes (0 = none); a
+    # scheduler cold-starting a model prefers an engine with room.
+    max_models: int = 0
+    memory_budget: int = 0

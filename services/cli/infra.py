@@ -15,7 +15,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, ServiceUnavailableError
 
 from infra import provision
+from schemas.errors import BusError
 from services.cli.errors import CliError
+from services.common import model_registry
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -56,5 +58,21 @@ async def apply_definitions(url: str, *, update: bool = False, replicas: int = 1
         raise CliError(f"JetStream does not answer at {url}: is the server started with JetStream (-js)?") from None
     except APIError as exc:  # e.g. 10074: more replicas asked for than the cluster has servers
         raise CliError(f"the NATS server refused a definition: {exc.description or exc}") from None
+    finally:
+        await nc.close()
+
+
+async def register_default_model(url: str) -> str:
+    """Put the shipped default model (with its aliases) into the model registry; what was done."""
+    nc = await connect_once(url, "cy-register-default-model")
+    try:
+        kv = await model_registry.bind(nc.jetstream())
+        entry = model_registry.default_entry()
+        if await model_registry.get_entry(kv, entry.id) == entry:
+            return f"model registry: {entry.id} already registered"
+        await model_registry.put_entry(kv, entry)
+        return f"model registry: registered {entry.id} ({entry.source}, aliases {', '.join(entry.aliases)})"
+    except BusError as exc:
+        raise CliError(exc.message) from None
     finally:
         await nc.close()

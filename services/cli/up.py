@@ -24,7 +24,7 @@ from services.cli import pidfile
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
-from services.cli.infra import apply_definitions
+from services.cli.infra import apply_definitions, register_default_model
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
 from services.common.lifecycle import install_stop_signals
@@ -168,6 +168,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
     install_stop_signals(stop)
     for action in await apply_definitions(nats_url):
         report_stderr(f"provision: {action}")
+    report_stderr(await register_default_model(nats_url))
     if stop.is_set():
         return 0
     log_dir = state_dir / "logs"

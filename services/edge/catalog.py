@@ -51,9 +51,12 @@ def model_objects(table: WorkerTable, registry: Iterable[ModelEntry] = ()) -> di
                 out[m.id] = {"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by}
             elif created and (not entry["created"] or created < entry["created"]):
                 entry["created"] = created
-        if len(hb.models) == 1:  # an adapter is reported per engine, and applies to its one base model
-            for adapter in hb.adapters:
-                obj = _fine_tuned(hb.models[0].id, adapter, created)
+        per_model = [(m.id, m.adapters) for m in hb.models if m.adapters]
+        if not per_model and len(hb.models) == 1:  # an older engine reports adapters per engine, for its one model
+            per_model = [(hb.models[0].id, hb.adapters)]
+        for base, adapters in per_model:
+            for adapter in adapters:
+                obj = _fine_tuned(base, adapter, created)
                 out.setdefault(obj["id"], obj)
     for entry in registry:
         served = table.resolve(entry.base) if entry.kind == ADAPTER and entry.base else None

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from schemas.routing import Strategy
 from services.edge.errors import ErrorBody
+from services.edge.model_admin import LoadBody
 from services.edge.native_types import NativeInferenceBody
 from services.edge.openai_types import ChatCompletionBody, CompletionBody
 from services.edge.training_types import FineTuningJobBody, NativeStartBody
@@ -66,6 +67,13 @@ _RESPONSES: dict[str, Any] = {
                    engines=_INT, models={"type": "array", "items": _STR}, in_flight=_INT, edge_id=_STR,
                    engineDetails={"type": "array", "items": _ANY_OBJECT}),
     "StrategyBody": _obj(["strategy"], strategy={"type": "string", "examples": [s.value for s in Strategy]}),
+    "ModelLoaded": _obj(["object", "model", "worker", "evicted", "load_seconds", "models"],
+                        object={"const": "model.load"}, model=_STR, worker=_STR,
+                        evicted={"type": "array", "items": _STR}, load_seconds={"type": "number"},
+                        models={"type": "array", "items": _STR}),
+    "ModelDeleted": _obj(["id", "object", "deleted", "workers", "errors"], id=_STR, object={"const": "model"},
+                         deleted={"type": "boolean"}, workers={"type": "array", "items": _STR},
+                         errors={"type": "array", "items": _obj(["code", "message"], code=_STR, message=_STR)}),
     # Fine-tuning (OpenAI's shapes; the job object also carries the peft/progress extensions).
     "FileObject": _obj(["id", "object", "bytes", "created_at", "filename", "purpose"], id=_STR,
                        object={"const": "file"}, bytes=_INT, created_at=_INT, filename=_STR, purpose=_STR),
@@ -141,9 +149,17 @@ def _paths() -> dict[str, dict[str, Any]]:
                                                                                         "completion"),
                                         body="CompletionBody")},
         "/v1/models": {"get": _op("Models live engines serve", _json(_ref("ModelList"), "the model list"))},
-        "/v1/models/{model}": {"get": {
-            **_op("One model by id or alias", _json(_ref("Model"), "the model")),
-            "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR}]}},
+        "/v1/models/load": {"post": _op("Load a registered model on an engine (the named worker, else the best "
+                                        "one)", _json(_ref("ModelLoaded"), "the model is served"), body="LoadBody",
+                                        scope="admin", tag="management")},
+        "/v1/models/{model}": {
+            "get": {**_op("One model by id or alias", _json(_ref("Model"), "the model")),
+                    "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR}]},
+            "delete": {**_op("Unload a model from every engine serving it (or from ?worker=)",
+                             _json(_ref("ModelDeleted"), "the engines that unloaded it"), scope="admin",
+                             tag="management"),
+                       "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR},
+                                      {"name": "worker", "in": "query", "required": False, "schema": _STR}]}},
         "/api/v1/inference": {"post": _op("Native inference, one JSON answer", _json(
             _ref("NativeInference"), "the whole answer", _RATE_HEADERS), body="NativeInferenceBody")},
         "/api/v1/inference/stream": {"post": _op("Native inference over SSE", stream_ok, body="NativeInferenceBody")},
@@ -237,7 +253,8 @@ def _training_paths() -> dict[str, dict[str, Any]]:
 def build_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once per process)."""
     _, components = msgspec.json.schema_components(
-        (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody, FineTuningJobBody, NativeStartBody),
+        (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody, FineTuningJobBody, NativeStartBody,
+         LoadBody),
         ref_template=_REF)
     return {
         "openapi": "3.1.0",

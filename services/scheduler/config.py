@@ -42,6 +42,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     affinity_load_penalty: Annotated[float, msgspec.Meta(ge=0)] = 1.0  # λ of prefix_affinity's overlap - λ·load
     circuit_failures: Positive = 3    # consecutive unanswered dispatches that open an engine's circuit breaker
     circuit_cooldown: Seconds = 5.0   # an open breaker half-opens (one probe) after this long
+    # Cold start: a model no live engine serves but the registry (KV llm_models) knows is loaded on an engine first.
+    cold_start: bool = True
+    cold_start_timeout: Seconds = 120.0  # the longest wait for an engine to load a model (the deadline bounds it too)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="cache_enabled", action="store_const", const=False, default=None,
                    help="never answer from or write to the prompt cache")
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to finish dispatches on SIGTERM")
+    p.add_argument("--no-cold-start", dest="cold_start", action="store_const", const=False, default=None,
+                   help="never ask an engine to load a registered model nobody serves (answer model_not_found)")
     p.add_argument("--starvation-limit", type=int, default=None,
                    help="messages taken from higher lanes before a waiting lower lane gets one (0 = strict priority)")
     return p

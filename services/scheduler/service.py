@@ -35,6 +35,7 @@ from services.scheduler.dispatch import BUS_DOWN, Dispatcher, RequestMemory
 from services.scheduler.lanes import LaneBook, Take
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.circuit import CircuitBreakers
+from services.scheduler.cold_start import ColdStarter
 from services.scheduler.placement import Placement
 from services.common.buckets import optional_kv
 from services.scheduler.prompt_cache import PromptCache
@@ -116,6 +117,9 @@ class Scheduler:
         self._stack.push_async_callback(self._feed.stop)
         if self.config.cache_enabled and (kv := await optional_kv(self._js, names.PROMPT_CACHE_BUCKET, "the prompt cache is off")) is not None:
             self._dispatcher.use_cache(PromptCache(self._nc, kv))
+        if self.config.cold_start:
+            self._dispatcher.use_cold_start(ColdStarter(self._nc, self._js, self.placement,
+                                                        timeout=self.config.cold_start_timeout))
         await self._strategy_watch.start()
         self._stack.push_async_callback(self._strategy_watch.stop)
         for subject, cb in ((names.INFER_CANCEL, self._on_cancel), (names.INFER_SUBMIT_ALL, self._on_doorbell)):
