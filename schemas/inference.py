@@ -55,6 +55,17 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # cacheable miss, telling the engine to store the finished response under that key.
     cache: bool = True
     cache_key: str | None = None
+    # Failover (issue 3). ``attempt`` > 0 marks a re-publication by the producer after the engine
+    # running the request was lost; its ``id`` is ``names.attempt_id(original, attempt)``.
+    # ``continuation`` is the text already delivered to the client: the engine renders the prompt
+    # (chat: with the generation prompt) followed by this text and continues from there, with
+    # ``sampling.max_tokens`` already reduced to the remaining budget; its usage counts the
+    # prompt without the continuation and only the new tokens.
+    attempt: int = 0
+    continuation: str = ""
+    # Set by a scheduler only on a redelivered message: "are you running (or did you just finish)
+    # this id?" An engine answers accepted=True if so and never starts the request.
+    probe: bool = False
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):

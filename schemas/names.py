@@ -62,6 +62,22 @@ def infer_submit(lane: Lane | str) -> str:
     return f"{ROOT}.infer.submit.{Lane(lane).value}"
 
 
+def attempt_id(request_id: str, attempt: int) -> str:
+    """The bus id of a request's ``attempt``-th re-publication after failover (attempt 0 is the id itself).
+
+    Each attempt has its own id (its own reply subject, ``Nats-Msg-Id`` and cancel), so a lost engine
+    that is only partitioned, not dead, cannot interleave its tokens with the new attempt's.
+    """
+    if attempt == 0:
+        return request_id
+    return token(f"{request_id[:120]}-r{attempt}")
+
+
+def idempotency_msg_id(scoped_key: str, run: int) -> str:
+    """``Nats-Msg-Id`` of the ``run``-th publication under an ``Idempotency-Key`` (already scoped + hashed)."""
+    return f"idem-{scoped_key}" if run == 0 else f"idem-{scoped_key}-{run}"
+
+
 def lane_of_subject(subject: str) -> Lane:
     """The lane a ``llm.v1.infer.submit.<lane>`` subject belongs to."""
     return Lane(subject.rsplit(".", 1)[-1])
@@ -114,6 +130,8 @@ MODELS_BUCKET = "llm_models"
 SCHEDULER_CONFIG_BUCKET = "llm_scheduler_config"
 STRATEGY_KEY = "strategy"  # key in SCHEDULER_CONFIG_BUCKET: the active routing strategy, watched by every replica
 ARTIFACTS_STORE = "llm_artifacts"
+# Idempotency-Key records: scoped key hash -> IdempotencyRecord; TTL = LLM_INFER's duplicate window.
+IDEMPOTENCY_BUCKET = "llm_idempotency"
 # API keys: key id -> ApiKeyRecord (only the SHA-256 of the key is stored).
 API_KEYS_BUCKET = "llm_api_keys"
 

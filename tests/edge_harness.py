@@ -68,11 +68,10 @@ class BusEngine:
     async def stop_heartbeats(self) -> None:
         """Go silent, as a crashed engine does."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # nats.py's flush() can swallow one cancellation: cancel until the loop really ended.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=0.5)
             self._task = None
 
     async def next_request(self, lane: str = "normal", timeout: float = 5.0) -> InferenceRequest:

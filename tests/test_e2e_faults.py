@@ -119,7 +119,7 @@ async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path
         await cluster.sup.stop_all(["solo"])
 
 
-async def test_sigkilled_engine_ends_its_requests_with_an_error_and_gets_no_new_work(tmp_path, default_model_dir):
+async def test_sigkilled_engine_its_requests_migrate_and_it_gets_no_new_work(tmp_path, default_model_dir):
     cluster = Cluster(tmp_path, default_model_dir)
     await cluster.start({"eng-a": 2, "eng-b": 2})
     try:
@@ -129,11 +129,11 @@ async def test_sigkilled_engine_ends_its_requests_with_an_error_and_gets_no_new_
             assert await busy_engines(cluster.server.url, {"eng-a", "eng-b"}, timeout=120)
             os.kill(cluster.sup.children["eng-a"].proc.pid, signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*streams), timeout=280)
-            failed = [r for r in results if r["status"] != 200]
-            assert failed, "requests on the killed engine should have failed"
-            for r in failed:
-                # worker_lost, not timeout: the loss was detected from missing heartbeats, inside the deadline.
-                assert r["status"] == 502 and r["body"]["error"]["code"] == "worker_lost", r
+            # The requests on the killed engine continued on eng-b (issue 3): every client has a whole answer.
+            for r in results:
+                assert r["status"] == 200, r
+                assert r["body"]["choices"][0]["message"]["content"], r
+                assert r["body"]["usage"]["completion_tokens"] <= 120
             # New requests all go to the surviving engine and succeed.
             again = await asyncio.gather(*[chat(http, cluster.url, "Say hi.", 4) for _ in range(4)])
             assert all(r["status"] == 200 for r in again), again

@@ -78,3 +78,11 @@ def test_only_deterministic_requests_that_did_not_opt_out_are_cacheable():
     assert is_cacheable(chat())
     assert not is_cacheable(chat(cache=False))
     assert not is_cacheable(chat(sampling=SamplingParams(temperature=0.7)))
+
+
+def test_a_migrated_request_is_never_cached_but_a_plain_re_dispatch_is():
+    # The continuation's engine produces only the rest of the answer: storing it under the key would
+    # answer the next identical request with half a response.
+    assert not is_cacheable(chat(id="r1-r1", attempt=1, continuation="tok1 tok2 "))
+    assert is_cacheable(chat(id="r1-r1", attempt=1))  # lost before the first token: the whole answer again
+    assert cache_key(chat(id="r1-r1", attempt=1)) == cache_key(chat())

@@ -140,6 +140,29 @@ async def test_a_message_taken_by_a_replica_that_died_is_dispatched_after_ack_wa
         await until_stream_holds(nc, 0)
 
 
+async def test_a_redelivered_message_an_engine_already_accepted_is_not_dispatched_again(nc, js, start_scheduler,
+                                                                                      engines):
+    # A replica died between the engine's accept and its ack: the engine runs the request, JetStream
+    # redelivers it to another replica, which must not start it a second time (on any engine).
+    info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable("normal"))
+    await js.add_consumer(names.INFER_STREAM, dataclasses.replace(info.config, ack_wait=0.5))
+    runner = await engines("runner", slots=4)
+    other = await engines("other", slots=8)  # emptier: a blind re-dispatch would pick it
+    req = await submit(nc, new_request())
+    dead_replica = await js.pull_subscribe_bind(durable=names.scheduler_durable("normal"), stream=names.INFER_STREAM)
+    [taken] = await dead_replica.fetch(1, timeout=2)
+    await nc.request(names.engine_generate(runner.worker), taken.data, timeout=2)  # accepted; the replica dies
+    await dead_replica.unsubscribe()
+    async with start_scheduler(stats_interval=0.2) as scheduler:
+        await eventually(lambda: count(scheduler, "duplicate") == 1, timeout=4.0, what="the redelivery settled")
+        await until_stream_holds(nc, 0)
+        assert runner.received_ids == [req.id] and other.received_ids == []
+        assert runner.probes + other.probes == 2  # one probe round, to every engine serving the model
+        fresh = await submit(nc, new_request())  # first deliveries are never probed
+        await eventually(lambda: fresh.id in runner.received_ids + other.received_ids)
+        assert runner.probes + other.probes == 2
+
+
 async def test_status_endpoint_answers_the_worker_table_and_counters(nc, start_scheduler, engines):
     engine = await engines("e", slots=3)
     async with start_scheduler() as scheduler:

@@ -17,17 +17,20 @@ from prometheus_client import CollectorRegistry
 from schemas import names
 from services.common import bus
 from services.common.api_key_store import ApiKeyStore
+from services.common.buckets import optional_kv
 from services.common.worker_table import WorkerTable
-from services.edge import catalog, completions, health, management, native_api, openapi, websocket
+from services.edge import catalog, completions, health, management, model_admin, native_api, openapi, websocket
 from services.edge import training_routes
 from services.edge.api_key_cache import ApiKeyCache
 from services.edge.auth import Authenticator, auth_middleware
 from services.edge.config import EdgeConfig
 from services.edge.cors import CorsPolicy, cors_headers, cors_middleware
 from services.edge.dispatch import Dispatcher
+from services.edge.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
 from services.edge.middleware import error_middleware, metrics_middleware
 from services.edge.queue_gauge import QueueGauge
+from services.edge.registry_view import RegistryView
 from services.edge.rate_limit import RateLimiter, add_rate_headers
 from services.edge.rate_window import RateLimits
 from services.edge.replies import ReplyRouter
@@ -69,8 +72,10 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         gauge = QueueGauge(nc.jetstream())
         gauge.start()
         stack.push_async_callback(gauge.stop)
+        failovers = app[METRICS].failovers
         dispatcher = Dispatcher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout,
-                                queue=gauge.drain)
+                                queue=gauge.drain, table=table, max_failovers=config.max_failovers,
+                                on_failover=lambda outcome: failovers.labels(outcome).inc())
         service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,
                                                description="CY-LLM edge (OpenAI-compatible HTTP)",
                                                metadata={"edge_id": edge_id, "http": f"{config.host}:{config.port}"})
@@ -80,8 +85,14 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         limiter = await _rate_limiter(app, nc)
         limiter.leases.start()
         stack.push_async_callback(limiter.leases.stop)
+        idempotency_kv = await optional_kv(nc.jetstream(), names.IDEMPOTENCY_BUCKET,
+                                           "Idempotency-Key relies on JetStream's duplicate window alone")
+        registry = RegistryView()
+        await registry.start(nc.jetstream())
+        stack.push_async_callback(registry.stop)
         app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher,
-                         limiter=limiter)
+                         limiter=limiter, registry=registry,
+                         idempotency=IdempotencyStore(idempotency_kv) if idempotency_kv is not None else None)
         log.info("edge %s connected to %s", edge_id, config.nats_url)
         yield
 
@@ -146,7 +157,9 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_get("/v1/models", catalog.list_models)
+    app.router.add_post("/v1/models/load", model_admin.load_model)
     app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
+    app.router.add_delete("/v1/models/{model:.+}", model_admin.unload_model)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_post("/api/v1/inference", native_api.inference)
     app.router.add_post("/api/v1/inference/stream", native_api.inference_stream)

@@ -10,14 +10,22 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from schemas import names
 from schemas.errors import BusError, ErrorCode
+from schemas.events import Usage
+from schemas.idempotency import IdempotencyRecord
 from schemas.inference import InferenceRequest
 from services.common.model_ref import adapter_model_id, split_model
 from services.edge import json_depth, openai_format, openai_translate, rate_limit, streaming
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import InferenceCall
+from services.edge.idempotency import Claimed, Finished, IdempotencyStore, request_digest, scoped_key
 from services.edge.openai_translate import ParsedRequest
 from services.edge.state import EDGE, Edge
+
+
+# A client's retry with the same value never generates twice (see ``idempotency``).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 @dataclass(frozen=True)
@@ -55,18 +63,24 @@ def build_request(edge: Edge, parsed: ParsedRequest, id_prefix: str) -> Inferenc
     """Resolve the model (``<base>:<adapter>`` split here) and build the bus message, with a fresh id,
     reply subject and deadline."""
     edge.check_accepting()
-    base, adapter = split_model(parsed.model, parsed.adapter, lambda name: edge.table.resolve(name) is not None)
-    model = edge.table.resolve(base)
-    if model is None:
+    base, adapter = split_model(parsed.model, parsed.adapter, lambda name: _known(edge, name) is not None)
+    model_id = _known(edge, base)
+    if model_id is None:
         raise BusError(ErrorCode.MODEL_NOT_FOUND, f"The model '{base}' does not exist or no engine "
                                                   "serves it now (see GET /v1/models)", param="model")
     parsed = dataclasses.replace(parsed, adapter=adapter)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     now = time.time()
     timeout = parsed.timeout or edge.config.request_timeout
-    return openai_translate.to_request(parsed, request_id=request_id, model=model.id,
+    return openai_translate.to_request(parsed, request_id=request_id, model=model_id,
                                        reply_to=edge.router.reply_to(request_id), created=now,
                                        deadline=now + timeout)
+
+
+def _known(edge: Edge, name: str) -> str | None:
+    """The canonical id of a model a live engine serves, or the registry knows (the scheduler cold-starts it)."""
+    served = edge.table.resolve(name)
+    return served.id if served is not None else edge.registry.resolve(name)
 
 
 def charged_tokens(call: InferenceCall | None) -> int:
@@ -83,16 +97,55 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     created = int(req.created)
     shown = adapter_model_id(req.model, req.adapter)  # a fine-tuned model is answered under the name asked for
     timeout = req.deadline - req.created
-    call = None
+    call = claim = None
     try:
-        async with edge.dispatcher.call(req, timeout) as call:
+        keyed = await _claim(edge, request, endpoint, req, stream=parsed.stream)
+        if isinstance(keyed, Finished):  # a retry of a request that already finished: the same answer again
+            return await _replay(request, endpoint, parsed, keyed.record)
+        claim = keyed
+        async with edge.dispatcher.call(req, timeout, claim.msg_id if claim else None) as call:
             if parsed.stream:
                 fmt = endpoint.chunks(request_id=req.id, created=created, model=shown,
                                       include_usage=parsed.include_usage)
                 return await streaming.stream(request, call, fmt)
             return await streaming.collect(call, endpoint.body, created=created, model=shown)
     finally:
+        if claim is not None and edge.idempotency is not None:
+            _settle(edge.idempotency, claim, call, req, request_digest(req), created=created, model=shown)
         await admission.finish(charged_tokens(call))
+
+
+async def _claim(edge: Edge, request: web.Request, endpoint: Endpoint, req: InferenceRequest, *,
+                 stream: bool) -> Claimed | Finished | None:
+    """Claim the request's ``Idempotency-Key`` (None without one); see ``idempotency``."""
+    header = request.headers.get(IDEMPOTENCY_HEADER)
+    if header is None:
+        return None
+    key = scoped_key(rate_limit.caller_of(request)[0], endpoint.id_prefix, header)
+    if edge.idempotency is None:  # no bucket: JetStream's duplicate window alone (a retry gets 409)
+        return Claimed(key, names.idempotency_msg_id(key, 0), 0)
+    return await edge.idempotency.claim(key, request_digest(req), req, wait=not stream)
+
+
+def _settle(store: IdempotencyStore, claim: Claimed, call: InferenceCall | None, req: InferenceRequest,
+            body_sha: str, *, created: int, model: str) -> None:
+    if call is not None and call.usage is not None and call.finish_reason:
+        store.finish(claim, req, body_sha, created=created, model=model, text=call.text,
+                     finish_reason=call.finish_reason, usage=call.usage)
+    else:
+        store.fail(claim, req, body_sha)
+
+
+async def _replay(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest,
+                  record: IdempotencyRecord) -> web.StreamResponse:
+    usage = record.usage or Usage(prompt_tokens=0, completion_tokens=0)
+    if not parsed.stream:
+        body = endpoint.body(request_id=record.request_id, created=record.created, model=record.model,
+                             text=record.text, finish_reason=record.finish_reason, usage=usage)
+        return web.Response(body=body, content_type="application/json")
+    fmt = endpoint.chunks(request_id=record.request_id, created=record.created, model=record.model,
+                          include_usage=parsed.include_usage)
+    return await streaming.replay(request, fmt, record.text, record.finish_reason, usage)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

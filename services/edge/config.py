@@ -43,6 +43,8 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     # How often engine liveness is checked, and how long a dead engine's requests wait for a re-dispatch.
     liveness_interval: Seconds = 0.5
     worker_lost_grace: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # How many times one request may be re-published after losing its engine (0: fail it with worker_lost).
+    max_failovers: NonNegative = 3
     # ``Retry-After`` (seconds) on 429 queue_full and 503 answers.
     retry_after: Positive = 1
     default_max_tokens: Positive = 256
@@ -133,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                    help="seconds open streams may take to finish on SIGTERM (%(default)s)")
     p.add_argument("--retry-after", type=int, default=defaults.retry_after)
+    p.add_argument("--max-failovers", type=int, default=defaults.max_failovers,
+                   help="re-publications of a request whose engine was lost, before or mid-stream (%(default)s)")
     p.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes,

@@ -15,7 +15,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
-ALLOWED_HEADERS = ("authorization", "content-type", "x-api-key", "openai-organization", "openai-project")
+ALLOWED_HEADERS = ("authorization", "content-type", "idempotency-key", "x-api-key", "openai-organization",
+                   "openai-project")
 EXPOSED_HEADERS = ", ".join((
     "Retry-After", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
     "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"))

@@ -26,6 +26,10 @@ class EdgeMetrics:
         self.rate_limited = Counter("llm_edge_rate_limited_total",
                                     "Requests refused with 429 because a per-caller budget was spent",
                                     ["reason"], registry=registry)
+        self.failovers = Counter("llm_edge_failovers_total",
+                                 "Requests whose engine was lost: re-dispatched before the first token, migrated "
+                                 "mid-stream, or ended because no failover was possible", ["outcome"],
+                                 registry=registry)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""

@@ -3,7 +3,8 @@
 A request registers a queue under its id before it is published; events on
 ``_INBOX.<edge>.<request id>`` are decoded once and put on that queue. The router also
 remembers which engine (from ``StreamStart``) runs each request, so requests on an engine that
-stopped heart-beating end with ``worker_lost`` instead of waiting for their deadline.
+stopped heart-beating get a local ``worker_lost`` event instead of waiting for their deadline
+(``InferenceCall`` then fails them over to another engine, see ``failover``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class PendingReply:
     """The reply side of one in-flight request."""
 
-    __slots__ = ("abandon_reason", "dead_since", "queue", "worker")
+    __slots__ = ("abandon_reason", "dead_since", "lost", "queue", "worker")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -37,6 +38,14 @@ class PendingReply:
         self.dead_since: float | None = None
         # Set when the edge ended the request itself; the engine may still be running it.
         self.abandon_reason: str | None = None
+        # The engine that stopped heart-beating while running the request (failover avoids it).
+        self.lost: str | None = None
+
+    def restart(self) -> None:
+        """Forget the lost attempt: its queued events and its engine (a new attempt is about to start)."""
+        while self.queue.qsize():
+            self.queue.get_nowait()
+        self.worker = self.dead_since = self.abandon_reason = None
 
     def fail(self, request_id: str, code: ErrorCode, message: str, reason: str) -> None:
         """End the request locally with a typed error (it still owes the bus a cancel)."""
@@ -80,6 +89,12 @@ class ReplyRouter:
         self._pending[request_id] = pending
         return pending
 
+    def rebind(self, old_id: str, new_id: str) -> PendingReply:
+        """Route ``new_id``'s events (a failover attempt) to ``old_id``'s queue; ``old_id``'s are dropped."""
+        pending = self._pending.pop(old_id)
+        self._pending[new_id] = pending
+        return pending
+
     def unregister(self, request_id: str) -> None:
         """Stop routing events for ``request_id``; late events are dropped."""
         self._pending.pop(request_id, None)
@@ -119,6 +134,7 @@ class ReplyRouter:
             if pending.dead_since is None:
                 pending.dead_since = now
             if now - pending.dead_since >= grace:
+                pending.lost = worker
                 pending.fail(request_id, ErrorCode.WORKER_LOST,
                              f"engine {worker} stopped heart-beating while running this request", "worker_lost")
                 failed.append(request_id)

@@ -12,8 +12,10 @@ from services.common.worker_table import WorkerTable
 from services.edge.auth import Authenticator
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import Dispatcher
+from services.edge.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
 from services.edge.rate_limit import RateLimiter
+from services.edge.registry_view import RegistryView
 from services.edge.replies import ReplyRouter
 
 
@@ -30,6 +32,10 @@ class Edge:
     accepting: bool = field(default=True)
     # Per-caller budgets counted on the bus; None when rate limiting is off.
     limiter: RateLimiter | None = None
+    # Idempotency-Key records (KV llm_idempotency); None when the bucket is not provisioned.
+    idempotency: IdempotencyStore | None = None
+    # Base models the registry knows (for cold starts); empty without the llm_models bucket.
+    registry: RegistryView = field(default_factory=RegistryView)
 
     def check_accepting(self) -> None:
         """Refuse new inference requests once shutdown has begun."""

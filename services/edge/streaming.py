@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from schemas.errors import BusError
-from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta
+from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage
 from services.edge.dispatch import InferenceCall
 from services.edge.errors import error_json
 from services.edge.middleware import SSE_RESPONSE
@@ -95,4 +95,15 @@ async def stream(request: web.Request, call: InferenceCall, fmt: ChunkFormatter)
         await _pump(resp, call, fmt, first, fmt.start())
     except BusError as err:  # the deadline passed mid-stream
         await resp.write(sse(error_json(err)) + DONE)
+    return resp
+
+
+async def replay(request: web.Request, fmt: ChunkFormatter, text: str, finish_reason: str,
+                 usage: Usage) -> web.StreamResponse:
+    """Send a stored, finished response as one SSE stream (an ``Idempotency-Key`` retry)."""
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    request[SSE_RESPONSE] = resp
+    await resp.prepare(request)
+    await resp.write(fmt.start() + (fmt.delta(text) if text else b"") + fmt.finish(finish_reason) + fmt.usage(usage)
+                     + DONE)
     return resp

@@ -26,8 +26,12 @@ from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus
 from services.common.buckets import optional_kv
+from services.common.recent import RecentIds
+from services.common.model_store import default_state_dir
 from services.engine.adapter import AdapterChange, Chunk, EngineAdapter
 from services.engine.config import EngineConfig
+from services.engine.control import ModelControl
+from services.engine.model_host import AdapterFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
 from services.engine.response_cache import ResponseRecorder, ResponseStore
 
@@ -43,6 +47,10 @@ class _Progress:
     terminal: bytes | None = None
     cached: CachedResponse | None = None
 
+# Longer than the inference consumers' ack_wait: a message redelivered after a scheduler died
+# between the engine's accept and its ack arrives within it.
+_FINISHED_TTL = 300.0
+
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 
@@ -50,12 +58,18 @@ _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 class EngineService:
     """One engine worker: ``llm.v1.engine.<worker>.generate`` in, token events out."""
 
-    def __init__(self, config: EngineConfig, adapter: EngineAdapter, metrics: EngineMetrics) -> None:
+    def __init__(self, config: EngineConfig, adapter: EngineAdapter, metrics: EngineMetrics, *,
+                 factory: AdapterFactory | None = None, state_dir=None) -> None:
         self.cfg = config
-        self.adapter = adapter
         self.metrics = metrics
+        self.host = ModelHost(config, adapter, factory, state_dir=state_dir or default_state_dir(),
+                              on_change=self._on_models, on_adapters=self._on_adapters)
+        # Which loaded model each active request runs on.
+        self._running_on: dict[str, HostedModel] = {}
         self.worker = names.token(config.worker_id)
         self._active: dict[str, asyncio.Task] = {}
+        # Ids that ended here lately: a redelivered copy must not run them again (see ``probe``).
+        self._finished = RecentIds(_FINISHED_TTL)
         self._status_seq = 0
         self._status_changed = asyncio.Event()
         self._draining = False
@@ -64,30 +78,33 @@ class EngineService:
         self.nc = None
         self._kv = None
         self._responses: ResponseStore | None = None
-        adapter.adapter_listener = self._on_adapters
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain in the fixed order of STYLE.md."""
-        await self.adapter.start()
-        self.metrics.models_loaded.set(len(self.adapter.served_models()))
+        await self.host.start()
+        control: ModelControl | None = None
         try:
             self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
             self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
-            self.adapter.bind_bus(self.nc.jetstream())
+            self.host.bind_bus(self.nc.jetstream())
             if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,
                                                        "responses are not cached")) is not None:
                 self._responses = ResponseStore(cache_kv)
             service = await nats.micro.add_service(
                 self.nc, name=names.MICRO_ENGINE, version="0.1.0",
-                description=f"{self.adapter.name} engine serving {', '.join(m.id for m in self.adapter.served_models())}",
-                metadata={"worker": self.worker, "engine": self.adapter.name, "device": self.adapter.device})
+                description=f"{self.host.name} engine serving {', '.join(m.id for m in self.host.served_models())}",
+                metadata={"worker": self.worker, "engine": self.host.name, "device": self.host.device})
             await service.add_endpoint(name="generate", subject=names.engine_generate(self.worker),
                                        handler=self._on_generate)
             await self.nc.subscribe(names.INFER_CANCEL, cb=self._on_cancel)
+            control = ModelControl(self.host, self.worker, heartbeat=self.heartbeat, draining=lambda: self._draining,
+                                   unload_timeout=self.cfg.drain_timeout)
+            for subject in (names.engine_control(self.worker), names.ENGINE_CONTROL_ALL):
+                await self.nc.subscribe(subject, cb=control.on_message)
             heartbeat = asyncio.create_task(self._heartbeat_loop())
-            log.info("engine %s (%s on %s) serving %s", self.worker, self.adapter.name, self.adapter.device,
-                     [m.id for m in self.adapter.served_models()])
+            log.info("engine %s (%s on %s) serving %s", self.worker, self.host.name, self.host.device,
+                     [m.id for m in self.host.served_models()])
             await stop.wait()
             await self._drain()
             self._stopping = True
@@ -99,7 +116,9 @@ class EngineService:
             with contextlib.suppress(NatsError, asyncio.TimeoutError):
                 await self._kv.delete(self.worker)
         finally:
-            await self.adapter.close()
+            if control is not None:
+                await control.close()
+            await self.host.close()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(NatsError, asyncio.TimeoutError):
                     await self.nc.drain()
@@ -120,7 +139,7 @@ class EngineService:
     # --- dispatch ---
     def _reply(self, accepted: bool, code: str | None = None, message: str | None = None) -> bytes:
         return encode(DispatchReply(accepted=accepted, worker=self.worker, in_flight=len(self._active),
-                                    slots=self.adapter.slots, status_seq=self._status_seq, code=code,
+                                    slots=self.host.slots, status_seq=self._status_seq, code=code,
                                     message=message))
 
     async def _on_generate(self, request: Request) -> None:
@@ -129,9 +148,12 @@ class EngineService:
         except msgspec.DecodeError as exc:
             await request.respond(self._reply(False, ErrorCode.INVALID_REQUEST, f"bad request: {exc}"))
             return
-        if req.adapter and req.id not in self._active:
+        if req.probe:  # a scheduler re-taking a redelivered message: only "is it (or was it just) here?"
+            await request.respond(self._reply(req.id in self._active or req.id in self._finished))
+            return
+        if req.adapter and req.id not in self._active and (target := self.host.route(req.model)) is not None:
             try:  # an unknown adapter is refused now, not after the dispatch was accepted
-                await self.adapter.check_adapter(req.adapter)
+                await target.adapter.check_adapter(req.adapter)
             except BusError as exc:
                 await request.respond(self._reply(False, exc.code, exc.message))
                 return
@@ -141,21 +163,23 @@ class EngineService:
         if self._draining:
             await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY, "engine is draining"))
             return
-        if len(self._active) >= self.adapter.slots:
+        if len(self._active) >= self.host.slots:
             await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY, "all slots are busy"))
             return
-        model = self._served_id(req.model)
-        if model is None:
+        hosted = self.host.route(req.model)
+        if hosted is None:
             await request.respond(self._reply(False, ErrorCode.MODEL_NOT_FOUND,
                                               f"model {req.model!r} is not loaded on {self.worker}"))
             return
-        self._active[req.id] = asyncio.create_task(self._run(req, model))
+        self.host.begin(hosted)  # before any await: an eviction must see the request
+        self._running_on[req.id] = hosted
+        self._active[req.id] = asyncio.create_task(self._run(req, self._served_id(req.model) or hosted.id))
         self._status_seq += 1
         await request.respond(self._reply(True))
         self._status_changed.set()
 
     def _served_id(self, name: str) -> str | None:
-        for m in self.adapter.served_models():
+        for m in self.host.served_models():
             if m.id == name or name in m.aliases:
                 return m.id
         return None
@@ -166,9 +190,9 @@ class EngineService:
         except msgspec.DecodeError:
             log.warning("ignoring malformed cancel on %s", msg.subject)
             return
-        if cancel.id in self._active:
+        if cancel.id in self._active and (hosted := self._running_on.get(cancel.id)) is not None:
             log.info("cancel %s (%s)", cancel.id, cancel.reason)
-            await self.adapter.abort(cancel.id)
+            await hosted.adapter.abort(cancel.id)
 
     # --- one request ---
     async def _run(self, req: InferenceRequest, model: str) -> None:
@@ -192,7 +216,7 @@ class EngineService:
             outcome = "aborted"
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED,
                                                    message="engine shut down before the request finished"))
-            await self.adapter.abort(req.id)
+            await self._running_on[req.id].adapter.abort(req.id)
         except Exception as exc:  # the engine must answer every request, whatever the adapter did
             log.exception("request %s failed", req.id)
             outcome = ErrorCode.INTERNAL
@@ -205,6 +229,8 @@ class EngineService:
             if outcome == "ok" and progress.cached is not None and self._responses is not None and req.cache_key:
                 self._responses.store(req.cache_key, progress.cached)  # after the terminal event, in the background
             self._active.pop(req.id, None)
+            self.host.end(self._running_on.pop(req.id))
+            self._finished.add(req.id)
             self._status_seq += 1
             self._status_changed.set()
             self.metrics.requests.labels(model, outcome).inc()
@@ -213,7 +239,7 @@ class EngineService:
                         recorder: ResponseRecorder | None) -> None:
         """Publish the adapter's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
         publish, reply_to = self.nc.publish, req.reply_to
-        events = self.adapter.generate(req)
+        events = self._running_on[req.id].adapter.generate(req)
         try:
             async for event in events:
                 progress.seq += 1
@@ -245,9 +271,15 @@ class EngineService:
 
     def _on_adapters(self, change: AdapterChange) -> None:
         """The engine loaded or evicted adapters: count it and heartbeat the new set at once."""
-        self.metrics.adapters_loaded.set(len(change.loaded))
+        self.metrics.adapters_loaded.set(len(self.host.loaded_adapters()))
         self.metrics.adapter_loads.inc(change.loads)
         self.metrics.adapter_evictions.inc(change.evictions)
+        self._status_seq += 1
+        self._status_changed.set()
+
+    def _on_models(self) -> None:
+        """A model was loaded or unloaded: count it and heartbeat the new set at once."""
+        self.metrics.models_loaded.set(len(self.host))
         self._status_seq += 1
         self._status_changed.set()
 
@@ -255,12 +287,13 @@ class EngineService:
     def heartbeat(self) -> EngineHeartbeat:
         """This engine's status now."""
         return EngineHeartbeat(
-            worker=self.worker, engine=self.adapter.name, device=self.adapter.device,
-            models=self.adapter.served_models(), adapters=self.adapter.loaded_adapters(), slots=self.adapter.slots,
+            worker=self.worker, engine=self.host.name, device=self.host.device,
+            models=self.host.served_models(), adapters=self.host.loaded_adapters(), slots=self.host.slots,
+            max_models=self.cfg.max_models, memory_budget=self.cfg.memory_budget,
             in_flight=len(self._active),
             seq=self._status_seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
-            memory_bytes=self.adapter.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
-            started=self._started)
+            memory_bytes=self.host.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
+            started=self._started, engine_reason=self.cfg.engine_reason)
 
     async def _publish_status(self, force_kv: bool) -> None:
         data = encode(self.heartbeat())
@@ -286,5 +319,5 @@ class EngineService:
             if periodic:
                 next_kv = now + interval
                 self.metrics.in_flight.set(len(self._active))
-                self.metrics.memory.set(self.adapter.memory_bytes())
+                self.metrics.memory.set(self.host.memory_bytes())
             await self._publish_status(force_kv=periodic)

@@ -43,8 +43,12 @@ def is_deterministic(sampling: SamplingParams) -> bool:
 
 
 def is_cacheable(req: InferenceRequest) -> bool:
-    """Whether ``req`` may be answered from, and stored in, the prompt cache."""
-    return req.cache and is_deterministic(req.sampling)
+    """Whether ``req`` may be answered from, and stored in, the prompt cache.
+
+    A migrated request (``continuation`` set) never is: its engine produces only the rest of a
+    response, which must not be stored or found under the whole request's key.
+    """
+    return req.cache and not req.continuation and is_deterministic(req.sampling)
 
 
 def _messages(messages: list[ChatMessage] | None) -> list[tuple[str, str, str | None]] | None:

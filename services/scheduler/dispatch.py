@@ -12,6 +12,7 @@ dispatched with its ``cache_key`` set, so the engine stores the finished respons
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,7 @@ from schemas.events import StreamError, encode
 from schemas.inference import DispatchReply, InferenceRequest
 from schemas.names import Lane
 from services.scheduler.cache_key import cache_key, is_cacheable
+from services.scheduler.cold_start import ColdStarter
 from services.scheduler.metrics import Attempt, Outcome, SchedulerMetrics
 from services.scheduler.placement import Placement
 from services.scheduler.prompt_cache import PromptCache
@@ -69,6 +71,7 @@ class Dispatcher:
                  on_release: Callable[[], None], on_defer: Callable[[Lane, float], None]) -> None:
         self._nc = nc
         self._cache: PromptCache | None = None
+        self._cold: ColdStarter | None = None
         self._placement = placement
         self._metrics = metrics
         self._memory = memory
@@ -83,20 +86,21 @@ class Dispatcher:
         """Answer cacheable requests from ``cache`` from now on (and have engines fill it)."""
         self._cache = cache
 
+    def use_cold_start(self, cold: ColdStarter) -> None:
+        """Load models only the registry knows on some engine before dispatching to them (issue 4)."""
+        self._cold = cold
+
     def admit(self, lane: Lane, msg: Msg) -> IoWork | None:
         """Decide what to do with ``msg`` now (reserving an engine slot); return the I/O left to run."""
         verdict = classify(msg.data, now=time.time(), cancelled=self._memory.cancelled,
                            accepted=self._memory.accepted, dispatching=self._memory.dispatching)
         match verdict:
-            case Dispatchable(request=req):
-                worker = self._placement.reserve(req.model, request=req)
-                if self._cache is not None and is_cacheable(req):
-                    self._memory.dispatching.add(req.id)
-                    return self._cached_or_dispatch(lane, msg, req, worker, self._cache)
-                if worker is None:
-                    return self._unplaced(lane, msg, req)
+            case Dispatchable(request=req) if msg.metadata.num_delivered > 1:
+                # Redelivered: a replica may have died between an engine's accept and its ack.
                 self._memory.dispatching.add(req.id)
-                return self._dispatch(lane, msg, req, worker, msg.data)
+                return self._unless_running(lane, msg, req)
+            case Dispatchable(request=req):
+                return self._admit_fresh(lane, msg, req)
             case InFlight():
                 return None  # the copy being dispatched settles this message (acks are by stream sequence)
             case Duplicate():
@@ -108,6 +112,46 @@ class Dispatcher:
                                   "the request's deadline passed while it waited in the queue", Outcome.EXPIRED)
             case Malformed() as bad:
                 return self._reject(lane, msg, bad)
+
+    async def _unless_running(self, lane: Lane, msg: Msg, req: InferenceRequest) -> None:
+        """Settle a redelivered ``req`` as a duplicate if some engine runs (or just ran) it, else admit it.
+
+        This makes dispatch idempotent by request id across replicas: the probe asks every live
+        engine serving the model at once, so it costs one round trip, and only on redelivery.
+        """
+        try:
+            if await self._running_somewhere(req):
+                self._memory.accepted.add(req.id)
+                await self._settle(lane, msg, Outcome.DUPLICATE)
+                return
+        finally:
+            self._memory.dispatching.discard(req.id)
+        await self._admit_fresh(lane, msg, req)
+
+    def _admit_fresh(self, lane: Lane, msg: Msg, req: InferenceRequest) -> IoWork:
+        """What ``admit`` does with a ``Dispatchable`` request: reserve an engine, then the I/O."""
+        worker = self._placement.reserve(req.model, request=req)
+        self._memory.dispatching.add(req.id)
+        if self._cache is not None and is_cacheable(req):
+            return self._cached_or_dispatch(lane, msg, req, worker, self._cache)
+        if worker is None:
+            self._memory.dispatching.discard(req.id)
+            return self._unplaced(lane, msg, req)
+        return self._dispatch(lane, msg, req, worker, msg.data)
+
+    async def _running_somewhere(self, req: InferenceRequest) -> bool:
+        """Whether any live engine serving ``req.model`` says it runs or recently finished ``req.id``."""
+        probe = encode(msgspec.structs.replace(req, probe=True))
+        workers = [s.worker for s in self._placement.table.live() if s.serves(req.model)]
+
+        async def ask(worker: str) -> bool:
+            try:
+                resp = await self._nc.request(names.engine_generate(worker), probe, timeout=self._timeout)
+                return _reply_decoder.decode(resp.data).accepted
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, msgspec.DecodeError, *BUS_DOWN):
+                return False  # a dead or silent engine runs nothing this client will see
+
+        return any(await asyncio.gather(*(ask(w) for w in workers)))
 
     async def _cached_or_dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
                                   cache: PromptCache) -> None:
@@ -167,12 +211,31 @@ class Dispatcher:
             self._memory.dispatching.discard(req.id)
 
     async def _unplaced(self, lane: Lane, msg: Msg, req: InferenceRequest) -> None:
-        """No engine took ``req``: an error if none serves its model at all, else back to the queue for later."""
+        """No engine took ``req``: back to the queue for later if some engine serves its model; else a model
+        the registry knows is loaded first (cold start) and ``req`` dispatched; else ``model_not_found``."""
         if self._placement.serves(req.model):
             await self._defer(lane, msg)
+        elif self._cold is not None:
+            await self._cold_start(lane, msg, req, self._cold)
         else:
             await self._fail(lane, msg, req, ErrorCode.MODEL_NOT_FOUND, f"no live engine serves model {req.model!r}",
                              Outcome.MODEL_NOT_FOUND)
+
+    async def _cold_start(self, lane: Lane, msg: Msg, req: InferenceRequest, cold: ColdStarter) -> None:
+        """Have an engine load ``req.model`` (one load for all requests waiting on it), then dispatch ``req``."""
+        self._memory.dispatching.add(req.id)  # a redelivered copy meanwhile is in flight, not new
+        try:
+            started = await cold.start(req.model, req.deadline, keep_alive=lambda: self._keep_alive(msg))
+        finally:
+            self._memory.dispatching.discard(req.id)
+        if started.ready and (worker := self._placement.reserve(req.model, request=req)) is not None:
+            self._memory.dispatching.add(req.id)
+            await self._dispatch(lane, msg, req, worker, msg.data)
+        elif started.ready or started.retry:
+            await self._defer(lane, msg)
+        else:
+            await self._fail(lane, msg, req, started.code or ErrorCode.MODEL_NOT_FOUND, started.message,
+                             Outcome.MODEL_NOT_FOUND if started.code == ErrorCode.MODEL_NOT_FOUND else Outcome.REFUSED)
 
     async def _attempt(self, worker: str, data: bytes) -> DispatchReply | None:
         """Send the message bytes to one engine; its reply, or ``None`` if it did not answer."""

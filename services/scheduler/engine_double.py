@@ -54,6 +54,7 @@ class EngineDouble:
         self.on_accept: Callable[[InferenceRequest], None] | None = None
         self.reply_delay = 0.0
         self.received: list[InferenceRequest] = []
+        self.probes = 0  # redelivery probes answered (never counted as dispatches)
         self.dispatch_requests = 0
         self._seq = 0
         self._started = time.time()
@@ -117,6 +118,12 @@ class EngineDouble:
             await asyncio.sleep(self.interval)
 
     async def _on_generate(self, msg: Msg) -> None:
+        req = _request_decoder.decode(msg.data)
+        if req.probe and not self.silent:  # like the real engine: "do you run this id?", never a dispatch
+            self.probes += 1
+            await msg.respond(encode(DispatchReply(accepted=req.id in self.received_ids, worker=self.worker,
+                                                   in_flight=self.in_flight, slots=self.slots)))
+            return
         self.dispatch_requests += 1
         if self.silent:
             return
@@ -129,7 +136,6 @@ class EngineDouble:
                                   status_seq=self.status().seq, code=code, message=text)
             await msg.respond(encode(reply))
             return
-        req = _request_decoder.decode(msg.data)
         self.received.append(req)
         if self.on_accept is not None:
             self.on_accept(req)
