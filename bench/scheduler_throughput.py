@@ -1,6 +1,6 @@
 """How many requests per second one scheduler routes, and how much latency it adds.
 
-    .venv/bin/python bench/scheduler_throughput.py [--engines 4] [--slots 64] [--seconds 5] [--inprocess]
+    .venv/bin/python bench/scheduler_throughput.py [--engines 4] [--slots 64] [--seconds 5] [--replicas N] [--inprocess]
 
 Starts a private nats-server (provisioned as in production) and one scheduler, by default as
 its own process (``python -m services.scheduler``, as ``./cy up`` runs it). This process plays
@@ -180,17 +180,19 @@ async def measure_sustained(nc, arrivals: Arrivals, seconds: float, producers: i
     return (arrivals.count - start_count) / elapsed, full
 
 
-async def wait_ready(nc, engines: list[EngineDouble]) -> None:
+async def wait_ready(nc, engines: list[EngineDouble], replicas: int = 1) -> None:
+    """Until ``replicas`` scheduler instances each report every engine (status answers come from any one)."""
     want = {e.worker for e in engines}
-    async with asyncio.timeout(15):
-        while True:
+    ready: set[str] = set()
+    async with asyncio.timeout(30):
+        while len(ready) < replicas:
             try:
                 status = json.loads((await nc.request(STATUS_SUBJECT, b"", timeout=0.5)).data)
                 if want <= {w["worker"] for w in status["workers"]}:
-                    return
+                    ready.add(status["instance"])
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 pass
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -204,16 +206,19 @@ async def run(args: argparse.Namespace) -> None:
         for e in engines:
             e.on_accept = arrivals
             await e.start()
-        child = scheduler = sched_nc = None
+        children: list[asyncio.subprocess.Process] = []
+        scheduler = sched_nc = None
         if args.inprocess:
             sched_nc = await nats.connect(server.url, name="bench-scheduler")
             scheduler = Scheduler(sched_nc, SchedulerConfig(nats_url=server.url), CollectorRegistry())
             await scheduler.start()
         else:
-            child = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.scheduler", "--nats-url",
-                                                         server.url, cwd=REPO, stderr=asyncio.subprocess.DEVNULL)
+            for _ in range(args.replicas):
+                children.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "services.scheduler", "--nats-url", server.url, cwd=REPO,
+                    stderr=asyncio.subprocess.DEVNULL))
         try:
-            await wait_ready(admin, engines)
+            await wait_ready(admin, engines, 1 if args.inprocess else args.replicas)
             producer = await nats.connect(server.url, name="bench-producer")
             await measure_latency(producer, arrivals, 50)  # warm-up
             e2e, base = await measure_latency(producer, arrivals, args.latency_requests)
@@ -226,7 +231,7 @@ async def run(args: argparse.Namespace) -> None:
             if scheduler is not None:
                 await scheduler.stop()
                 await sched_nc.drain()
-            if child is not None:
+            for child in children:
                 child.terminate()
                 await child.wait()
             for e in engines:
@@ -239,7 +244,7 @@ def report(args, rtt: list[float], e2e: list[float], base: list[float], drain: l
            full: int) -> None:
     ms = lambda xs, q: percentile(xs, q) * 1e3  # noqa: E731
     added = [a - b for a, b in zip(e2e, base, strict=True)]
-    where = "in-process" if args.inprocess else "own process"
+    where = "in-process" if args.inprocess else f"{args.replicas} replica process(es)"
     print(f"\nscheduler ({where}), {args.engines} engine doubles x {args.slots} slots, 2-core host\n")
     print(f"{'measure':<52} {'value':>12}")
     print(f"{'-' * 52} {'-' * 12}")
@@ -265,7 +270,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=500, help="most requests queued at once in the sustained phase")
     p.add_argument("--latency-requests", type=int, default=300)
     p.add_argument("--inprocess", action="store_true", help="run the scheduler in this process (shares its CPU)")
+    p.add_argument("--replicas", type=int, default=1, help="scheduler processes sharing the durable consumers")
     args = p.parse_args()
+    if args.inprocess and args.replicas != 1:
+        p.error("--inprocess runs exactly one scheduler")
     # SIGTERM (e.g. from `timeout`) unwinds normally, so the private nats-server is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
