@@ -23,6 +23,7 @@ import torch
 from schemas.errors import BusError, ErrorCode
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
+from services.engine.model_thread import Failed
 from services.engine.adapter_slots import AdapterSlots
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.row_batch import RowBatch
@@ -32,14 +33,6 @@ log = logging.getLogger(__name__)
 
 # Most prompt tokens (padding included) prefilled in one forward pass.
 PREFILL_TOKEN_BUDGET = 8192
-
-
-@dataclass(slots=True)
-class Failed:
-    """A sequence could not be generated (the forward pass raised, or its adapter could not be loaded)."""
-
-    code: str
-    message: str
 
 
 @dataclass(eq=False)

@@ -23,18 +23,11 @@ import llama_cpp
 from schemas.errors import ErrorCode
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
+from services.engine.model_thread import Failed
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.gguf_model import PREFILL_TOKEN_BUDGET, GgufModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Failed:
-    """A sequence could not be generated (``llama_decode`` failed)."""
-
-    code: str
-    message: str
 
 
 @dataclass(eq=False)

@@ -24,9 +24,10 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
-from services.engine.adapter import Chunk, EngineAdapter, Finished, GenerationEvent
+from services.engine.adapter import EngineAdapter, GenerationEvent
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
-from services.engine.gguf_batching import Failed, GgufBatchGenerator, GgufSequence
+from services.engine.gguf_batching import GgufBatchGenerator, GgufSequence
+from services.engine.model_thread import EventQueues
 from services.engine.gguf_model import ContextShape, GgufModel, find_gguf
 from services.engine.prompt import RenderedPrompt, check_context
 
@@ -65,8 +66,7 @@ class LlamaCppEngine(EngineAdapter):
         self._device = device
         self._context_length = context_length
         self._threads = threads
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events = EventQueues()
         self._batcher: GgufBatchGenerator | None = None
         self.model: GgufModel | None = None
 
@@ -85,8 +85,8 @@ class LlamaCppEngine(EngineAdapter):
                              gpu_layers=gpu_layers_for(self._device))
         self.model = GgufModel(path, shape)
         await asyncio.to_thread(self.model.load)
-        self._loop = asyncio.get_running_loop()
-        self._batcher = GgufBatchGenerator(self.model, self._deliver)
+        self._events.bind(asyncio.get_running_loop())
+        self._batcher = GgufBatchGenerator(self.model, self._events.deliver)
         self._batcher.start()
         log.info("loaded %s from %s with llama.cpp on %s, %d slots, context %d (trained %d)", self._model_id, path,
                  self.device, self._slots, self.model.ctx_per_seq, self.model.n_ctx_train)
@@ -166,40 +166,17 @@ class LlamaCppEngine(EngineAdapter):
             raise BusError(ErrorCode.UNSUPPORTED, _NO_ADAPTERS, param="adapter")
         prompt = self.render(request)
         check_context(len(prompt.ids), self.model.ctx_per_seq)
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request.id] = q
-        finished = False
-        try:
+        async def submit() -> None:
             self._batcher.submit(self._new_sequence(request, prompt.ids))
-            while True:
-                event = await q.get()
-                if isinstance(event, Failed):
-                    finished = True
-                    raise BusError(event.code, event.message)
-                if isinstance(event, Finished):
-                    finished = True
-                    yield Finished(event.reason, event.prompt_tokens - prompt.continued, event.completion_tokens)
-                    return
-                yield event
-        finally:
-            self._queues.pop(request.id, None)
-            if not finished and self._batcher is not None:
-                self._batcher.abort(request.id)
 
-    async def abort(self, request_id: str) -> None:
-        """Drop the sequence (and its KV cells) at the next step; its generator ends with ``cancelled``."""
+        async for event in self._events.follow(request.id, submit, self._abort_sequence, prompt.continued):
+            yield event
+
+    def _abort_sequence(self, request_id: str) -> None:
         if self._batcher is not None:
             self._batcher.abort(request_id)
-        q = self._queues.pop(request_id, None)
-        if q is not None:
-            q.put_nowait(Failed(ErrorCode.CANCELLED, "request aborted"))
 
-    def _deliver(self, items: list[tuple[str, Chunk | Finished | Failed]]) -> None:
-        # Runs in the model thread: hand the whole step's events to the loop in one wake-up.
-        self._loop.call_soon_threadsafe(self._dispatch, items)
-
-    def _dispatch(self, items: list[tuple[str, Chunk | Finished | Failed]]) -> None:
-        for request_id, event in items:
-            q = self._queues.get(request_id)
-            if q is not None:
-                q.put_nowait(event)
+    async def abort(self, request_id: str) -> None:
+        """Drop the sequence (and its KV cells) at the next step; its stream ends with ``cancelled``."""
+        self._abort_sequence(request_id)
+        self._events.cancel(request_id)

@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.adapter import AdapterChange, Chunk, EngineAdapter, Finished, GenerationEvent
-from services.engine.batching import BatchGenerator, Failed, Sequence
+from services.engine.adapter import AdapterChange, EngineAdapter, GenerationEvent
+from services.engine.batching import BatchGenerator, Sequence
+from services.engine.model_thread import EventQueues
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.lora import AdapterResolver
 
@@ -59,7 +60,7 @@ class TransformersEngine(EngineAdapter):
         self._device = pick_device(device)
         self._dtype = pick_dtype(dtype, self._device)
         self._context_length = context_length
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._events = EventQueues()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: BatchGenerator | None = None
         self.tokenizer = None
@@ -77,7 +78,8 @@ class TransformersEngine(EngineAdapter):
             raise FileNotFoundError(f"no model at {self._path} (expected a transformers directory with config.json)")
         await asyncio.to_thread(self._load)
         self._loop = asyncio.get_running_loop()
-        self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._deliver,
+        self._events.bind(self._loop)
+        self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._events.deliver,
                                        max_adapters=self._max_adapters, on_adapters=self._adapters_changed)
         self._batcher.start()
         log.info("loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self._device,
@@ -209,42 +211,19 @@ class TransformersEngine(EngineAdapter):
             raise BusError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                            f"this model's maximum context length is {self._context_length} tokens, "
                            f"but the prompt has {len(prompt_ids)} tokens", param="messages")
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request.id] = q  # before the adapter download, so a cancel meanwhile is not lost
-        finished = False
-        try:
+
+        async def submit() -> None:
             adapter_path = await self._adapters.fetch(request.adapter) if request.adapter else None
             self._batcher.submit(self._new_sequence(request, prompt_ids, adapter_path))
-            while True:
-                event = await q.get()
-                if isinstance(event, Failed):
-                    finished = True
-                    raise BusError(event.code, event.message)
-                if isinstance(event, Finished):
-                    finished = True
-                    # Usage of a continuation: its prompt without the answer so far (the producer adds that).
-                    yield Finished(event.reason, event.prompt_tokens - continued, event.completion_tokens)
-                    return
-                yield event
-        finally:
-            self._queues.pop(request.id, None)
-            if not finished and self._batcher is not None:
-                self._batcher.abort(request.id)
 
-    async def abort(self, request_id: str) -> None:
-        """Drop the sequence at the next step; its generator ends with no further events."""
+        async for event in self._events.follow(request.id, submit, self._abort_sequence, continued):
+            yield event
+
+    def _abort_sequence(self, request_id: str) -> None:
         if self._batcher is not None:
             self._batcher.abort(request_id)
-        q = self._queues.pop(request_id, None)
-        if q is not None:
-            q.put_nowait(Failed(ErrorCode.CANCELLED, "request aborted"))
 
-    def _deliver(self, items: list[tuple[str, Chunk | Finished | Failed]]) -> None:
-        # Runs in the model thread: hand the whole step's events to the loop in one wake-up.
-        self._loop.call_soon_threadsafe(self._dispatch, items)
-
-    def _dispatch(self, items: list[tuple[str, Chunk | Finished | Failed]]) -> None:
-        for request_id, event in items:
-            q = self._queues.get(request_id)
-            if q is not None:
-                q.put_nowait(event)
+    async def abort(self, request_id: str) -> None:
+        """Drop the sequence at the next step; its stream ends with ``cancelled``."""
+        self._abort_sequence(request_id)
+        self._events.cancel(request_id)
