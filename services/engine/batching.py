@@ -12,8 +12,6 @@ its own sampling parameters and RNG, so batching never changes what a seeded req
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from schemas.errors import BusError, ErrorCode
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
-from services.engine.model_thread import Failed
+from services.engine.model_thread import Failed, ModelThread
 from services.engine.adapter_slots import AdapterSlots
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.row_batch import RowBatch
@@ -60,40 +58,18 @@ Delivery = Callable[[list[tuple[str, "Chunk | Finished | Failed"]]], None]
 AdapterListener = Callable[[list[str], int, int], None]
 
 
-class BatchGenerator(threading.Thread):
+class BatchGenerator(ModelThread):
     """The model thread: admits sequences, runs batched decode steps, delivers events per step."""
 
     def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int, deliver: Delivery, *,
                  max_adapters: int = 8, on_adapters: AdapterListener | None = None) -> None:
-        super().__init__(name="cy-batch-generator", daemon=True)
+        super().__init__("cy-batch-generator", deliver)
         self._slots = AdapterSlots(model, max_adapters)
         self._eos = eos_ids
         self._device = device
         self._max_batch = max_batch
-        self._deliver = deliver
         self._on_adapters = on_adapters
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
-        self._aborted: set[str] = set()
-        self._lock = threading.Lock()
         self._batches: dict[str | None, RowBatch] = {}
-        self._waiting: list[Sequence] = []
-        self._stopping = False
-        self.steps = 0
-
-    # --- called from the event loop ---
-    def submit(self, seq: Sequence) -> None:
-        """Queue ``seq`` for admission at the next step."""
-        self._inbox.put(seq)
-
-    def abort(self, request_id: str) -> None:
-        """Drop ``request_id`` at the next step."""
-        with self._lock:
-            self._aborted.add(request_id)
-
-    def stop(self) -> None:
-        """Ask the thread to exit after the current step."""
-        self._stopping = True
-        self._inbox.put(None)
 
     # --- the model thread ---
     def run(self) -> None:
@@ -127,22 +103,10 @@ class BatchGenerator(threading.Thread):
     def _prune(self) -> None:
         self._batches = {a: b for a, b in self._batches.items() if b}
 
-    def _collect(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-            while True:
-                if item is not None:
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-
     def _drop_aborted(self) -> None:
-        with self._lock:
-            if not self._aborted:
-                return
-            aborted, self._aborted = self._aborted, set()
-        self._waiting = [s for s in self._waiting if s.request_id not in aborted]
+        aborted = self._take_aborted()
+        if not aborted:
+            return
         for batch in self._batches.values():
             for seq in batch.rows:
                 if seq.request_id in aborted:

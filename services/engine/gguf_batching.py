@@ -13,8 +13,6 @@ its KV cells removed (``llama_memory_seq_rm``) and its sequence id returned at o
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +21,7 @@ import llama_cpp
 from schemas.errors import ErrorCode
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
-from services.engine.model_thread import Failed
+from services.engine.model_thread import Failed, ModelThread
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.gguf_model import PREFILL_TOKEN_BUDGET, GgufModel
 
@@ -59,38 +57,16 @@ Event = Chunk | Finished | Failed
 Delivery = Callable[[list[tuple[str, Event]]], None]
 
 
-class GgufBatchGenerator(threading.Thread):
+class GgufBatchGenerator(ModelThread):
     """The model thread: admits sequences, runs one batched decode per step, delivers events per step."""
 
     def __init__(self, model: GgufModel, deliver: Delivery) -> None:
-        super().__init__(name="cy-llamacpp-batch", daemon=True)
+        super().__init__("cy-llamacpp-batch", deliver)
         self._model = model
-        self._deliver = deliver
         self._free_ids = list(range(model.shape.n_seq - 1, -1, -1))
-        self._inbox: queue.SimpleQueue[GgufSequence | None] = queue.SimpleQueue()
-        self._aborted: set[str] = set()
-        self._lock = threading.Lock()
-        self._waiting: list[GgufSequence] = []
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
-        self._stopping = False
-        self.steps = 0
-
-    # --- called from the event loop ---
-    def submit(self, seq: GgufSequence) -> None:
-        """Queue ``seq`` for admission at the next step."""
-        self._inbox.put(seq)
-
-    def abort(self, request_id: str) -> None:
-        """Drop ``request_id`` (and free its KV cells) at the next step."""
-        with self._lock:
-            self._aborted.add(request_id)
-
-    def stop(self) -> None:
-        """Ask the thread to exit after the current step."""
-        self._stopping = True
-        self._inbox.put(None)
 
     # --- the model thread ---
     def run(self) -> None:
@@ -116,22 +92,10 @@ class GgufBatchGenerator(threading.Thread):
                 self._release(seq)
             llama_cpp.llama_batch_free(self._batch)
 
-    def _collect(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-            while True:
-                if item is not None:
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-
     def _drop_aborted(self) -> None:
-        with self._lock:
-            if not self._aborted:
-                return
-            aborted, self._aborted = self._aborted, set()
-        self._waiting = [s for s in self._waiting if s.request_id not in aborted]
+        aborted = self._take_aborted()
+        if not aborted:
+            return
         for seq in self._running:
             if seq.request_id in aborted:
                 self._release(seq)

@@ -8,6 +8,8 @@ error); a consumer that stops early aborts the sequence in the model thread.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -79,3 +81,57 @@ class EventQueues:
             self._queues.pop(request_id, None)
             if not finished:
                 abort(request_id)
+
+
+class ModelThread(threading.Thread):
+    """The inbox side of a model thread: sequences submitted and aborted from the loop, taken between steps.
+
+    Subclasses run the steps (``run``); they read ``_waiting`` after ``_collect`` and drop what
+    ``_take_aborted`` returns from their running batch.
+    """
+
+    def __init__(self, name: str, deliver: Callable[[list[tuple[str, StepEvent]]], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self._deliver = deliver
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting: list = []
+        self._stopping = False
+        self.steps = 0
+
+    # --- called from the event loop ---
+    def submit(self, seq) -> None:
+        """Queue ``seq`` for admission at the next step."""
+        self._inbox.put(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop ``request_id`` (and free what it holds) at the next step."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def stop(self) -> None:
+        """Ask the thread to exit after the current step."""
+        self._stopping = True
+        self._inbox.put(None)
+
+    # --- the model thread ---
+    def _collect(self, block: bool) -> None:
+        """Move submitted sequences to ``_waiting`` (waiting up to 0.5 s for one when ``block``)."""
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _take_aborted(self) -> set[str]:
+        """Request ids aborted since the last step, already removed from ``_waiting``."""
+        with self._lock:
+            if not self._aborted:
+                return set()
+            aborted, self._aborted = self._aborted, set()
+        self._waiting = [s for s in self._waiting if s.request_id not in aborted]
+        return aborted
