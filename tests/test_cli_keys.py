@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
 from schemas import names
 from services.common.api_keys import hash_key
-from services.edge import EdgeConfig, create_app
+from services.edge import EdgeConfig, create_app, rate_window
+from tests.edge_harness import MODEL, BusEngine, wait_until_served
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_RE = re.compile(r"^cy-[0-9a-f]{12}\.[A-Za-z0-9_-]{40,}$", re.M)
@@ -77,3 +79,66 @@ async def test_keys_usage_errors(nats_server, nc):
 async def test_keys_without_provisioning_says_to_run_infra_apply(nats_server):
     rc, _, err = await cy("keys", "list", "--nats-url", nats_server.url)
     assert rc == 1 and "./cy infra apply" in err
+
+
+async def test_create_with_limits_list_shows_them_and_limits_changes_them(nats_server, nc):
+    left = rate_window.minute_window(time.time())[1]
+    if left < 20:  # budgets are per epoch minute: keep the two counted requests in one
+        await asyncio.sleep(left + 0.05)
+    rc, out, err = await cy("keys", "create", "--name", "carol", "--scope", "inference", "--rpm", "1",
+                            "--max-streams", "0", "--nats-url", nats_server.url)
+    assert rc == 0, err
+    key = KEY_RE.findall(out)[0]
+    key_id = key[3:15]
+    assert "rpm=1 tpm=default max-streams=unlimited" in out
+
+    rc, out, err = await cy("keys", "list", "--nats-url", nats_server.url)
+    assert rc == 0, err
+    header = out.splitlines()[0].split()
+    assert header == ["ID", "NAME", "SCOPES", "RPM", "TPM", "STREAMS", "CREATED", "REVOKED"]
+    row = next(line for line in out.splitlines() if line.startswith(key_id)).split()
+    assert row[3:6] == ["1", "default", "unlimited"]
+
+    config = EdgeConfig(nats_url=nats_server.url, auth="keys", auth_cache_ttl=0.2)
+    engine = await BusEngine(nc, nc.jetstream()).start()
+    try:
+        async with TestClient(TestServer(create_app(config))) as client:
+            await wait_until_served(client)
+            post = asyncio.create_task(client.post("/v1/completions", json={"model": MODEL, "prompt": "p"},
+                                                   headers={"x-api-key": key}))
+            await engine.serve_one(["ok"])
+            first = await post
+            assert first.status == 200 and first.headers["x-ratelimit-limit-requests"] == "1"
+            second = await client.post("/v1/completions", json={"model": MODEL, "prompt": "p"},
+                                       headers={"x-api-key": key})
+            assert second.status == 429 and "Retry-After" in second.headers
+
+            rc, out, err = await cy("keys", "limits", key_id, "--rpm", "0", "--tpm", "500",
+                                    "--nats-url", nats_server.url)
+            assert rc == 0, err
+            assert f"key {key_id} (carol): rpm=unlimited tpm=500 max-streams=unlimited" in out
+            await asyncio.sleep(0.3)
+            post = asyncio.create_task(client.post("/v1/completions", json={"model": MODEL, "prompt": "p"},
+                                                   headers={"x-api-key": key}))
+            await engine.serve_one(["ok"])
+            third = await post
+            assert third.status == 200
+            assert "x-ratelimit-limit-requests" not in third.headers
+            assert third.headers["x-ratelimit-limit-tokens"] == "500"
+    finally:
+        await engine.stop_heartbeats()
+
+    rc, out, err = await cy("keys", "limits", key_id, "--tpm", "default", "--nats-url", nats_server.url)
+    assert rc == 0 and "rpm=unlimited tpm=default max-streams=unlimited" in out, err
+    rc, out, err = await cy("keys", "limits", key_id, "--nats-url", nats_server.url)
+    assert rc == 0 and "rpm=unlimited tpm=default" in out and "within" not in out, err
+
+
+async def test_keys_limits_usage_errors(nats_server, nc):
+    rc, _, err = await cy("keys", "create", "--name", "x", "--scope", "inference", "--rpm", "-1",
+                          "--nats-url", nats_server.url)
+    assert rc == 2 and "negative" in err
+    rc, _, err = await cy("keys", "limits", "0123456789ab", "--rpm", "many", "--nats-url", nats_server.url)
+    assert rc == 2 and "not a whole number" in err
+    rc, _, err = await cy("keys", "limits", "0123456789ab", "--rpm", "3", "--nats-url", nats_server.url)
+    assert rc == 1 and "no API key with id '0123456789ab'" in err

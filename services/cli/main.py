@@ -13,7 +13,6 @@ from pathlib import Path
 from services.cli import commands, keys, train
 from services.cli.errors import CliError
 from services.cli.infra import default_nats_url
-from schemas.auth import Scope
 from services.cli.up import ENGINES, UpOptions, run_up
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
@@ -24,7 +23,7 @@ examples:
   ./cy down                        stop a running ./cy up
   ./cy test                        run the whole test suite
   ./cy test tests/test_cli_main.py -k help -x
-  ./cy keys create --name alice --scope inference
+  ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
 """
@@ -61,35 +60,6 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="do not start a trainer (fine-tuning jobs then wait in the queue)")
 
 
-def _add_keys(sub: argparse._SubParsersAction) -> None:
-    actions = sub.add_parser("keys", help="API keys of the edge (--auth keys)").add_subparsers(
-        dest="keys_command", required=True, metavar="ACTION")
-    p = actions.add_parser("create", help="create an API key and print it (once)",
-                           description="Create an API key with the given scopes and print it. Only its SHA-256 "
-                           "is stored: the key cannot be shown again.")
-    p.add_argument("--name", required=True, help="who or what the key is for")
-    p.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope],
-                   help="a scope to grant (repeatable; admin implies the others)")
-    lst = actions.add_parser("list", help="list keys: id, name, scopes, created, revoked (never the key)")
-    rev = actions.add_parser("revoke", help="revoke a key by id",
-                             description="Revoke a key; edges refuse it within their --auth-cache-ttl (5s default).")
-    rev.add_argument("key_id", metavar="ID", help="the key id shown by ./cy keys list")
-    for p in (p, lst, rev):
-        p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                       help="NATS server (default: $CY_NATS_URL or %(default)s)")
-
-
-def _keys(args: argparse.Namespace) -> int:
-    match args.keys_command:
-        case "create":
-            return keys.create(args.nats_url, args.name, args.scope)
-        case "list":
-            return keys.list_keys(args.nats_url)
-        case "revoke":
-            return keys.revoke(args.nats_url, args.key_id)
-    raise AssertionError(f"unhandled keys command {args.keys_command!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full ``cy`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -116,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
 
-    _add_keys(sub)
+    keys.add_parser(sub)
     train.add_parser(sub)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
@@ -155,7 +125,7 @@ def dispatch(args: argparse.Namespace) -> int:
         case "infra":
             return commands.infra_apply(args.nats_url, args.update, args.replicas)
         case "keys":
-            return _keys(args)
+            return keys.run(args)
         case "train":
             return train.run(args)
         case "model":

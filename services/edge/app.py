@@ -28,7 +28,7 @@ from services.edge.cors import CorsPolicy, cors_headers, cors_middleware
 from services.edge.dispatch import Dispatcher
 from services.edge.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
-from services.edge.middleware import error_middleware, metrics_middleware
+from services.edge.middleware import error_middleware, first_output_metrics, metrics_middleware
 from services.edge.queue_gauge import QueueGauge
 from services.edge.registry_view import RegistryView
 from services.edge.rate_limit import RateLimiter, add_rate_headers
@@ -134,10 +134,11 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     With ``config.auth`` other than ``none``, every route but the open ones (``auth_policy``) needs a
     credential with the right scope. Serve it with ``handler_cancellation=True`` (``server.serve`` and
     aiohttp's ``TestServer`` do), so that a client that disconnects cancels its handler and the request
-    is cancelled on the bus.
+    is cancelled on the bus; ``server.edge_runner`` also answers what aiohttp's HTTP parser refuses
+    (oversized headers, a malformed request) with OpenAI error bodies.
     """
     metrics = EdgeMetrics(registry if registry is not None else CollectorRegistry())
-    middlewares = [metrics_middleware(metrics), error_middleware(config.retry_after)]
+    middlewares = [metrics_middleware(metrics), error_middleware(config.retry_after, metrics)]
     cors = CorsPolicy(config.cors_origins) if config.cors_origins else None
     if cors is not None:
         middlewares.insert(0, cors_middleware(cors))  # outermost: a preflight carries no credentials
@@ -152,6 +153,7 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.cleanup_ctx.append(_bus_context)
     app.on_shutdown.append(_stop_accepting)
     app.on_response_prepare.append(add_rate_headers)
+    app.on_response_prepare.append(first_output_metrics(metrics))
     if cors is not None:
         app.on_response_prepare.append(cors_headers(cors))
     app.router.add_post("/v1/chat/completions", completions.chat_completions)

@@ -41,6 +41,9 @@ class Principal:
 PRINCIPAL = web.RequestKey("principal", Principal)
 log = logging.getLogger(__name__)
 
+# Optional JWT claims with the caller's own budgets, as an API key record has them (0 = unlimited).
+JWT_LIMIT_CLAIMS = ("rate_rpm", "rate_tpm", "rate_streams")
+
 
 def _denied(message: str) -> BusError:
     return BusError(ErrorCode.INVALID_API_KEY, message)
@@ -78,7 +81,8 @@ class Authenticator:
                 claims = self.jwt.verify(credential)
             except JwtRejected as exc:
                 raise _denied(f"invalid token: {exc}") from None
-            return Principal("jwt", str(claims.get("sub", "")), frozenset(self.jwt.scopes(claims)))
+            return Principal("jwt", str(claims.get("sub", "")), frozenset(self.jwt.scopes(claims)),
+                             jwt_limits(claims))
         if self.keys is None:
             raise _denied("this server accepts only JWT bearer tokens")
         return await self._api_key(credential)
@@ -95,6 +99,18 @@ class Authenticator:
             raise _denied("incorrect API key provided")
         return Principal("key", record.id, frozenset(record.scopes),
                          (record.rate_rpm, record.rate_tpm, record.rate_streams))
+
+
+def jwt_limits(claims: dict) -> tuple[int | None, int | None, int | None]:
+    """The budgets a verified token grants itself (``rate_rpm``, ``rate_tpm``, ``rate_streams``); an
+    absent claim leaves the edge's default, a malformed one is a 401 (the issuer made a mistake)."""
+    values = []
+    for name in JWT_LIMIT_CLAIMS:
+        value = claims.get(name)
+        if value is not None and (type(value) is not int or value < 0):
+            raise _denied(f"invalid token: claim {name!r} must be a non-negative integer")
+        values.append(value)
+    return values[0], values[1], values[2]
 
 
 def auth_middleware(authenticator: Authenticator) -> Middleware:

@@ -42,11 +42,36 @@ _CHALLENGES = {401: 'Bearer realm="cy-llm"', 403: 'Bearer realm="cy-llm", error=
 # A code this edge does not know (a newer peer's) is still reported, as a server error.
 _UNKNOWN = (500, "server_error")
 
-# Plain HTTP failures that never were bus errors (routing, body size): status -> code.
+# Plain HTTP failures that never were bus errors (routing, body size, header size): status -> code.
+HEADERS_TOO_LARGE = "headers_too_large"
+METHOD_NOT_ALLOWED = "method_not_allowed"
 _HTTP_CODES: dict[int, str] = {
     404: "not_found",
-    405: "method_not_allowed",
+    405: METHOD_NOT_ALLOWED,
     413: "request_too_large",
+    431: HEADERS_TOO_LARGE,
+}
+
+# Refusals by the edge itself (the ``reason`` of ``gateway_rejected_requests_total``); codes not here
+# (an engine that failed, a lost worker, an internal error, a cancel) are failures, not refusals.
+_REJECTION_REASONS: dict[str, str] = {
+    ErrorCode.INVALID_API_KEY: "auth",
+    ErrorCode.INSUFFICIENT_SCOPE: "scope",
+    ErrorCode.RATE_LIMITED: "rate_limit",
+    ErrorCode.QUEUE_FULL: "queue_full",
+    ErrorCode.REQUEST_TOO_LARGE: "body_too_large",
+    HEADERS_TOO_LARGE: "headers_too_large",
+    ErrorCode.INVALID_REQUEST: "bad_request",
+    ErrorCode.UNSUPPORTED: "bad_request",
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: "bad_request",
+    ErrorCode.MODEL_NOT_FOUND: "not_found",
+    ErrorCode.NOT_FOUND: "not_found",
+    METHOD_NOT_ALLOWED: "method_not_allowed",
+    ErrorCode.CONFLICT: "conflict",
+    ErrorCode.TIMEOUT: "timeout",
+    ErrorCode.NO_WORKER: "unavailable",
+    ErrorCode.ENGINE_BUSY: "unavailable",
+    ErrorCode.UNAVAILABLE: "unavailable",
 }
 
 _encoder = msgspec.json.Encoder()
@@ -65,6 +90,16 @@ class ErrorBody(msgspec.Struct):
     """An OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
 
     error: ErrorDetail
+
+
+def rejection_reason(code: str) -> str | None:
+    """The ``reason`` label a refusal with ``code`` is counted under, or ``None`` when it is no refusal."""
+    return _REJECTION_REASONS.get(code)
+
+
+def http_error_code(status: int) -> str:
+    """The error code of a plain HTTP failure (no bus error behind it) with ``status``."""
+    return _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
 
 
 def status_for(code: str) -> int:
@@ -103,8 +138,7 @@ def error_response(err: BusError, *, retry_after: int | None = None,
 def http_error_response(exc: web.HTTPException, method: str, path: str) -> web.Response:
     """An aiohttp HTTP error (unknown route, wrong method, body too large) as an OpenAI error body."""
     status = exc.status
-    code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = http_error_code(status)
     allow = exc.headers.get("Allow")
     if status == 404:
         message = (f"unknown route {method} {path}; the API serves /v1/chat/completions, /v1/completions, "
@@ -113,6 +147,12 @@ def http_error_response(exc: web.HTTPException, method: str, path: str) -> web.R
         message = f"{method} is not allowed on {path} (allowed: {allow or 'none'})"
     else:
         message = exc.text or exc.reason
+    return plain_error_response(status, code, message, headers={"Allow": allow} if allow else None)
+
+
+def plain_error_response(status: int, code: str, message: str,
+                         headers: Mapping[str, str] | None = None) -> web.Response:
+    """An OpenAI error body for a failure that never was a bus error (routing, sizes, a malformed request)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
     body = _encoder.encode(ErrorBody(ErrorDetail(message=message, type=kind, param=None, code=code)))
-    return web.Response(status=status, body=body, content_type="application/json",
-                        headers={"Allow": allow} if allow else None)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)

@@ -1,7 +1,13 @@
 """The edge's Prometheus metrics, on an injected registry.
 
 Names follow the seed's promise (``gateway_requests_total``, ``gateway_latency_seconds``);
-labels are bounded: the route template (never the raw path) and the status code.
+labels are bounded: the route template (never the raw path), the status code, the kind of
+stream (``sse``, ``json``, ``websocket``) and a rejection reason from a fixed set.
+
+Time to first token is measured as a client sees it: from the request's arrival (for a
+WebSocket, the arrival of the request frame) to the moment its first output goes out: the SSE
+headers with the first chunk, the first WebSocket frame, or, for an answer that is not
+streamed, the whole JSON body (which is its first byte, so there it equals the latency).
 """
 
 from __future__ import annotations
@@ -10,10 +16,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+# Kinds of answer, the ``kind`` label of the stream metrics.
+SSE = "sse"
+JSON = "json"
+WEBSOCKET = "websocket"
+
+# The route label of a request aiohttp's HTTP parser refused before any route was matched.
+UNMATCHED = "unmatched"
 
 
 class EdgeMetrics:
-    """Request counts, latency (to the last byte, streams included) and requests in flight."""
+    """Request counts, latency (to the last byte, streams included), time to first token, open
+    streams, rejections by reason, and requests in flight."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -21,6 +37,15 @@ class EdgeMetrics:
                                 ["route", "status"], registry=registry)
         self.latency = Histogram("gateway_latency_seconds", "Time from request arrival to its last byte",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds",
+                              "Time from a generation request's arrival to its first output sent to the client "
+                              "(SSE: first chunk; websocket: first frame; json: the whole body)",
+                              ["route", "kind"], buckets=_TTFT_BUCKETS, registry=registry)
+        self.open_streams = Gauge("gateway_open_streams", "SSE responses and WebSockets open now",
+                                  ["route", "kind"], registry=registry)
+        self.rejected = Counter("gateway_rejected_requests_total",
+                                "Requests (and WebSocket request frames) the edge refused, by reason",
+                                ["reason"], registry=registry)
         self.in_flight = Gauge("gateway_in_flight_requests", "HTTP requests being answered now",
                                registry=registry)
         self.rate_limited = Counter("llm_edge_rate_limited_total",
@@ -35,6 +60,16 @@ class EdgeMetrics:
         """Count one answered request."""
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def reject(self, reason: str | None) -> None:
+        """Count one refused request (``None``: the failure was not a refusal, e.g. an engine crash)."""
+        if reason is not None:
+            self.rejected.labels(reason).inc()
+
+    def refused_unparsed(self, status: int, reason: str) -> None:
+        """Count a request aiohttp's parser refused (no route, no handler, no timing)."""
+        self.requests.labels(UNMATCHED, str(status)).inc()
+        self.rejected.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

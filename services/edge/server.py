@@ -10,13 +10,22 @@ from aiohttp import web
 from services.common.lifecycle import install_stop_signals
 from services.edge.app import create_app
 from services.edge.config import EdgeConfig, config_problems
+from services.edge.protocol import EdgeRunner, count_refusals
+from services.edge.state import METRICS
 
 log = logging.getLogger(__name__)
 
 
 def protocol_limits(config: EdgeConfig) -> dict[str, int]:
-    """aiohttp's HTTP parser limits from the config: a longer request line or header is a 400."""
-    return {"max_line_size": config.max_header_bytes, "max_field_size": config.max_header_bytes}
+    """aiohttp's HTTP parser limits from the config: a longer request line or header, or more
+    headers, is a 431 OpenAI error body (see ``services.edge.protocol``)."""
+    return {"max_line_size": config.max_header_bytes, "max_field_size": config.max_header_bytes,
+            "max_headers": config.max_headers}
+
+
+def edge_runner(app: web.Application, config: EdgeConfig, **kwargs) -> EdgeRunner:
+    """The runner that serves the edge app: parser limits from ``config``, parser refusals as OpenAI bodies."""
+    return EdgeRunner(app, on_refused=count_refusals(app[METRICS]), **protocol_limits(config), **kwargs)
 
 
 async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> None:
@@ -33,9 +42,8 @@ async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> Non
         stop = asyncio.Event()
         install_stop_signals(stop)
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,
-                           **protocol_limits(config),
-                           access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
+    runner = edge_runner(app, config, handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,
+                         access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

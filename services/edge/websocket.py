@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Annotated, Literal
 
 import msgspec
@@ -28,11 +29,12 @@ from aiohttp import WSMsgType, web
 from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, TokenDelta
 from services.edge import completions, json_depth, native_api, rate_limit
-from services.edge.errors import error_body
+from services.edge.errors import error_body, rejection_reason
+from services.edge.metrics import WEBSOCKET, EdgeMetrics
 from services.edge.native_api import NativeChunkFormatter
 from services.edge.openai_translate import _decode
 from services.edge.rate_limit import UNLIMITED, Admission
-from services.edge.state import EDGE, Edge
+from services.edge.state import EDGE, METRICS, Edge
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class InferenceSocket:
         self._numbers = itertools.count(1)
         self._send_lock = asyncio.Lock()
         self._closing = False
+        self._metrics: EdgeMetrics = request.app[METRICS]
+        self._route = request.match_info.route.resource.canonical
 
     async def _send(self, frame: bytes) -> None:
         if self._closing or self._ws.closed:
@@ -93,30 +97,37 @@ class InferenceSocket:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _refuse(self, client_id: str | None, err: BusError, request_id: str | None = None) -> None:
+        """Answer one request or frame with an error frame (counted when it is a refusal)."""
+        self._metrics.reject(rejection_reason(err.code))
+        await self._send(error_frame(client_id, err, request_id))
+
     async def _on_frame(self, raw: bytes) -> None:
+        arrived = time.perf_counter()
         try:
             json_depth.check_depth(raw, self._edge.config.max_json_depth)
             frame = _decode(_frame_decoder, raw)
         except BusError as err:
-            await self._send(error_frame(None, err))
+            await self._refuse(None, err)
             return
         if frame.type == "cancel":
             await self._cancel(frame.id)
             return
         client_id = frame.id if frame.id is not None else str(next(self._numbers))
         if client_id in self._running:
-            await self._send(error_frame(client_id, BusError(
+            await self._refuse(client_id, BusError(
                 ErrorCode.INVALID_REQUEST, f"a request with id {client_id!r} is already running on this socket",
-                param="id")))
+                param="id"))
             return
-        self._running[client_id] = asyncio.create_task(self._run(client_id, raw), name=f"ws-request-{client_id}")
+        self._running[client_id] = asyncio.create_task(self._run(client_id, raw, arrived),
+                                                       name=f"ws-request-{client_id}")
 
     async def _cancel(self, client_id: str | None) -> None:
         task = self._running.get(client_id) if client_id is not None else None
         if task is None:
-            await self._send(error_frame(client_id, BusError(
+            await self._refuse(client_id, BusError(
                 ErrorCode.INVALID_REQUEST, f"no request with id {client_id!r} is running on this socket",
-                param="id")))
+                param="id"))
             return
         self._cancelled.add(client_id)
         task.cancel()
@@ -128,7 +139,7 @@ class InferenceSocket:
         caller, overrides = rate_limit.caller_of(self._request)
         return await limiter.admit(caller, limiter.defaults.overridden(*overrides), stream=True)
 
-    async def _run(self, client_id: str, raw: bytes) -> None:
+    async def _run(self, client_id: str, raw: bytes, arrived: float) -> None:
         edge = self._edge
         admission, call, request_id = UNLIMITED, None, None
         try:
@@ -139,9 +150,9 @@ class InferenceSocket:
             async with edge.dispatcher.call(req, req.deadline - req.created) as call:
                 fmt = NativeChunkFormatter(request_id=req.id, created=int(req.created), model=req.model,
                                            include_usage=True, client_id=client_id, framed=False)
-                await self._pump(call, fmt)
+                await self._pump(call, fmt, arrived)
         except BusError as err:
-            await self._send(error_frame(client_id, err, request_id))
+            await self._refuse(client_id, err, request_id)
         except asyncio.CancelledError:
             if client_id not in self._cancelled:
                 raise  # the socket is closing
@@ -152,15 +163,23 @@ class InferenceSocket:
             self._cancelled.discard(client_id)
             await admission.finish(completions.charged_tokens(call))
 
-    async def _pump(self, call, fmt: NativeChunkFormatter) -> None:
+    def _first_output(self, arrived: float | None) -> None:
+        """Time to first token of one socket request: from its frame's arrival to its first output frame."""
+        if arrived is not None:
+            self._metrics.ttft.labels(self._route, WEBSOCKET).observe(time.perf_counter() - arrived)
+
+    async def _pump(self, call, fmt: NativeChunkFormatter, arrived: float | None = None) -> None:
         """Send each event as a frame until the terminal one."""
         while True:
             match await call.next_event():
                 case TokenDelta(text=text) if text:
                     await self._send(fmt.delta(text))
+                    self._first_output(arrived)
+                    arrived = None
                 case StreamEnd(finish_reason=finish_reason, usage=usage):
                     fmt.finish(finish_reason)
                     await self._send(fmt.usage(usage))
+                    self._first_output(arrived)
                     return
                 case StreamError(code=code, message=message, param=param):
                     raise BusError(code, message, param=param)
