@@ -32,14 +32,36 @@ class StreamStart(msgspec.Struct, tag="start", tag_field="type", kw_only=True, o
     prompt_tokens: int = 0
 
 
+class TopLogprob(msgspec.Struct, kw_only=True):
+    """One likely token at a position: its id, its text (the token decoded alone) and log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A generated token's log-probability and, if asked for, the most likely alternatives (best first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class TokenDelta(msgspec.Struct, tag="delta", tag_field="type", kw_only=True, omit_defaults=True):
-    """New text for choice ``index``; ``seq`` counts deltas from 1 so gaps are detectable."""
+    """New text for choice ``index``; ``seq`` counts deltas from 1 so gaps are detectable.
+
+    ``logprobs`` (only when the request asked for them, else omitted) holds one entry per
+    ``token_ids`` entry, in the same order.
+    """
 
     id: str
     seq: int
     text: str
     token_ids: list[int] = []
     index: int = 0
+    logprobs: list[TokenLogprob] = []
 
 
 class StreamEnd(msgspec.Struct, tag="end", tag_field="type", kw_only=True, omit_defaults=True):

@@ -16,7 +16,12 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Every parameter that changes the output. Defaults mirror OpenAI's.
 
-    ``top_k == 0`` disables top-k; ``seed is None`` means a fresh random seed.
+    ``top_k == 0`` disables top-k; ``seed is None`` means a fresh random seed. ``logprobs`` asks
+    for each generated token's log-probability plus that many most likely alternatives (0: the
+    sampled token's alone); ``None`` (the default) asks for none. They are the model's raw
+    log-probabilities (log-softmax of its logits, before temperature, penalties, top-k/top-p), as
+    OpenAI and vLLM report them. The OpenAI ``n`` is fanned out by the edge into ``n`` requests
+    with ``n == 1`` each, so engines always see 1 here.
     """
 
     max_tokens: int = 256
@@ -29,6 +34,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     n: int = 1
+    logprobs: int | None = None
 
 
 class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):

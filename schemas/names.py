@@ -73,6 +73,15 @@ def attempt_id(request_id: str, attempt: int) -> str:
     return token(f"{request_id[:120]}-r{attempt}")
 
 
+def choice_id(request_id: str, index: int) -> str:
+    """The bus id of choice ``index`` of a request the edge fans out into ``n`` requests (OpenAI ``n``).
+
+    Each choice is an ordinary request with its own id, reply subject and cancel (and its own
+    failover attempts, ``attempt_id`` of this id).
+    """
+    return token(f"{request_id[:110]}-c{index}")
+
+
 def idempotency_msg_id(scoped_key: str, run: int) -> str:
     """``Nats-Msg-Id`` of the ``run``-th publication under an ``Idempotency-Key`` (already scoped + hashed)."""
     return f"idem-{scoped_key}" if run == 0 else f"idem-{scoped_key}-{run}"

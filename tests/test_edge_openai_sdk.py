@@ -63,8 +63,8 @@ async def test_sdk_raises_typed_errors(sdk):
         await sdk.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "hi"}])
     assert not_found.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
-        await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
-    assert bad.value.code == "unsupported" and bad.value.param == "n"
+        await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=17)
+    assert bad.value.code == "invalid_request" and bad.value.param == "n"
 
 
 async def test_sdk_sees_a_mid_stream_error_event_as_an_api_error(sdk, engine):

@@ -17,9 +17,9 @@ def chat(**fields) -> bytes:
     return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
 
 
-def rejects(raw: bytes, code: str, param: str | None, *, completion: bool = False) -> BusError:
+def rejects(raw: bytes, code: str, param: str | None, *, completion: bool = False, **kw) -> BusError:
     with pytest.raises(BusError) as info:
-        (parse_completion if completion else parse_chat)(raw)
+        (parse_completion if completion else parse_chat)(raw, **kw)
     assert (info.value.code, info.value.param) == (code, param), info.value.message
     return info.value
 
@@ -109,8 +109,12 @@ def test_boundaries_are_accepted():
     parse_chat(chat(temperature=2, n=1))
 
 
-def test_n_other_than_one_is_unsupported():
-    assert "'n' must be 1" in rejects(chat(n=3), "unsupported", "n").message
+def test_n_is_bounded_and_fanned_out_by_the_edge_not_the_engine():
+    assert "'n' must be in [1, 16]" in rejects(chat(n=17), "invalid_request", "n").message
+    assert "'n' must be in [1, 4]" in rejects(chat(n=5), "invalid_request", "n", max_n=4).message
+    rejects(chat(n=0), "invalid_request", "n")
+    parsed = parse_chat(chat(n=3))
+    assert parsed.n == 3 and parsed.sampling.n == 1
 
 
 def test_legacy_prompt_forms():

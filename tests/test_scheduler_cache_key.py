@@ -15,6 +15,7 @@ BASE_SAMPLING = SamplingParams(max_tokens=32, temperature=0.0, top_p=0.9, top_k=
 SAMPLING_CHANGES = {
     "max_tokens": 33, "temperature": 0.5, "top_p": 0.8, "top_k": 41, "seed": 8, "stop": ["\n\n"],
     "presence_penalty": 0.3, "frequency_penalty": 0.4, "repetition_penalty": 1.2, "n": 2,
+    "logprobs": 2,
 }
 
 
@@ -86,3 +87,18 @@ def test_a_migrated_request_is_never_cached_but_a_plain_re_dispatch_is():
     assert not is_cacheable(chat(id="r1-r1", attempt=1, continuation="tok1 tok2 "))
     assert is_cacheable(chat(id="r1-r1", attempt=1))  # lost before the first token: the whole answer again
     assert cache_key(chat(id="r1-r1", attempt=1)) == cache_key(chat())
+
+
+def test_a_request_asking_for_logprobs_is_keyed_apart_and_never_cached():
+    # The cache stores text only: a hit would answer without the log-probabilities asked for.
+    with_logprobs = chat(sampling=msgspec.structs.replace(BASE_SAMPLING, logprobs=0))
+    assert cache_key(with_logprobs) != cache_key(chat())
+    assert not is_cacheable(with_logprobs)
+
+
+def test_fanned_out_choices_of_a_seeded_request_have_keys_of_their_own():
+    # The edge sends OpenAI n=3 as three n=1 requests seeded seed, seed+1, seed+2: each is cacheable
+    # (reproducible) and a later identical n=3 request finds each choice under its own key.
+    keys = {cache_key(chat(sampling=msgspec.structs.replace(BASE_SAMPLING, temperature=0.8, seed=7 + i)))
+            for i in range(3)}
+    assert len(keys) == 3

@@ -16,7 +16,8 @@ from schemas.events import Usage
 from schemas.idempotency import IdempotencyRecord
 from schemas.inference import InferenceRequest
 from services.common.model_ref import adapter_model_id, split_model
-from services.edge import json_depth, openai_format, openai_translate, rate_limit, streaming
+from services.edge import choices, json_depth, openai_format, openai_translate, rate_limit, streaming
+from services.edge.choices import ChoiceCalls
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import InferenceCall
 from services.edge.idempotency import Claimed, Finished, IdempotencyStore, request_digest, scoped_key
@@ -40,14 +41,15 @@ class Endpoint:
 
 CHAT = Endpoint(
     id_prefix="chatcmpl",
-    parse=lambda raw, cfg: openai_translate.parse_chat(raw, default_max_tokens=cfg.default_max_tokens),
+    parse=lambda raw, cfg: openai_translate.parse_chat(raw, default_max_tokens=cfg.default_max_tokens,
+                                                       max_n=cfg.max_choices),
     body=openai_format.chat_completion,
     chunks=openai_format.ChatChunkFormatter,
 )
 COMPLETION = Endpoint(
     id_prefix="cmpl",
     parse=lambda raw, cfg: openai_translate.parse_completion(
-        raw, default_max_tokens=cfg.default_completion_max_tokens),
+        raw, default_max_tokens=cfg.default_completion_max_tokens, max_n=cfg.max_choices),
     body=openai_format.text_completion,
     chunks=openai_format.CompletionChunkFormatter,
 )
@@ -83,8 +85,11 @@ def _known(edge: Edge, name: str) -> str | None:
     return served.id if served is not None else edge.registry.resolve(name)
 
 
-def charged_tokens(call: InferenceCall | None) -> int:
-    """The tokens a finished call costs its caller's budget (0 if it ended without usage)."""
+def charged_tokens(call: InferenceCall | ChoiceCalls | None) -> int:
+    """The tokens a finished call costs its caller's budget (0 if it ended without usage).
+
+    For ``n`` choices: the usage the client is shown, the prompt once plus every choice's completion.
+    """
     return call.usage.total_tokens if call is not None and call.usage is not None else 0
 
 
@@ -99,6 +104,13 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     timeout = req.deadline - req.created
     call = claim = None
     try:
+        if parsed.n > 1 or req.sampling.logprobs is not None:
+            _check_not_idempotent(request, "n" if parsed.n > 1 else "logprobs")
+        if parsed.n > 1:
+            call = ChoiceCalls(edge.dispatcher, openai_translate.choice_requests(req, parsed.n, edge.router.reply_to),
+                               timeout)
+            async with call:
+                return await _answer_choices(request, endpoint, parsed, req, call, created=created, model=shown)
         keyed = await _claim(edge, request, endpoint, req, stream=parsed.stream)
         if isinstance(keyed, Finished):  # a retry of a request that already finished: the same answer again
             return await _replay(request, endpoint, parsed, keyed.record)
@@ -113,6 +125,23 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if claim is not None and edge.idempotency is not None:
             _settle(edge.idempotency, claim, call, req, request_digest(req), created=created, model=shown)
         await admission.finish(charged_tokens(call))
+
+
+async def _answer_choices(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest, req: InferenceRequest,
+                          calls: ChoiceCalls, *, created: int, model: str) -> web.StreamResponse:
+    if parsed.stream:
+        fmts = [endpoint.chunks(request_id=req.id, created=created, model=model,
+                                include_usage=parsed.include_usage, index=i) for i in range(parsed.n)]
+        return await choices.stream(request, calls, fmts)
+    return await choices.collect(calls, endpoint.body, request_id=req.id, created=created, model=model,
+                                 logprobs=req.sampling.logprobs is not None)
+
+
+def _check_not_idempotent(request: web.Request, param: str) -> None:
+    """An ``Idempotency-Key`` record keeps one choice's text only: refuse rather than replay a partial answer."""
+    if IDEMPOTENCY_HEADER in request.headers:
+        raise BusError(ErrorCode.UNSUPPORTED, f"'{IDEMPOTENCY_HEADER}' cannot be combined with '{param}' "
+                                              f"(a stored answer keeps one choice's text only)", param=param)
 
 
 async def _claim(edge: Edge, request: web.Request, endpoint: Endpoint, req: InferenceRequest, *,

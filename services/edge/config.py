@@ -80,8 +80,12 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     ws_heartbeat: Seconds = 20.0
     # Deepest JSON nesting a request body may have (bounds the decoder's work on hostile input).
     max_json_depth: Positive = 64
-    # Longest request line and single header aiohttp accepts (longer: 400).
+    # Most choices (OpenAI ``n``) one request may ask for; each is generated as a request of its own.
+    max_choices: Positive = 16
+    # Longest request line and single header aiohttp accepts (longer: 431 headers_too_large).
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8190
+    # Most header fields a request may have (more: 431 headers_too_large).
+    max_headers: Annotated[int, msgspec.Meta(ge=16)] = 128
 
     @property
     def uses_keys(self) -> bool:
@@ -163,8 +167,12 @@ def _limit_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:
                    help="WebSocket ping interval (%(default)s)")
     g.add_argument("--max-json-depth", type=int, default=defaults.max_json_depth,
                    help="deepest JSON nesting accepted in a request body (%(default)s)")
+    g.add_argument("--max-choices", type=int, default=defaults.max_choices,
+                   help="largest OpenAI 'n' (choices per request) accepted (%(default)s)")
     g.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
-                   help="longest request line / header field accepted (%(default)s)")
+                   help="longest request line / header field accepted; longer: 431 (%(default)s)")
+    g.add_argument("--max-headers", type=int, default=defaults.max_headers,
+                   help="most header fields a request may have; more: 431 (%(default)s)")
 
 
 def _auth_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:

@@ -3,22 +3,29 @@
 ``parse_chat`` / ``parse_completion`` decode and validate a raw body, raising ``BusError``
 (``invalid_request`` or ``unsupported``, with the JSON path of the offending field as
 ``param``). ``to_request`` then builds the bus message once the edge has resolved the model
-and chosen the request id, reply subject and deadline.
+and chosen the request id, reply subject and deadline; ``choice_requests`` fans a request with
+OpenAI ``n`` > 1 out into ``n`` ordinary requests (see its docstring for seeds).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 
+from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
 from services.edge.openai_types import ChatCompletionBody, CompletionBody, MessageBody, SamplingFields
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_STOP = 4
+MAX_CHOICES = 16  # default bound on ``n`` (the edge's ``max_choices``)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat ``top_logprobs``
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the legacy completions ``logprobs``
+_INT64 = 1 << 64
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionBody)
 _completion_decoder = msgspec.json.Decoder(CompletionBody)
@@ -43,6 +50,7 @@ class ParsedRequest:
     user: str | None
     timeout: float | None
     cache: bool = True
+    n: int = 1  # choices asked for; ``sampling.n`` stays 1 (each choice is a request of its own)
 
 
 def _invalid(message: str, param: str | None) -> BusError:
@@ -91,12 +99,40 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return list(stops)
 
 
+def _choices(n: int | None, max_n: int) -> int:
+    """The number of choices asked for, in 1..``max_n`` (a ``max_n`` of 1: the API serves one choice only)."""
+    if n is None:
+        return 1
+    if max_n == 1 and n != 1:
+        raise BusError(ErrorCode.UNSUPPORTED, f"'n' must be 1 here (several choices per request are served by "
+                                              f"the OpenAI endpoints), got {n}", param="n")
+    if not 1 <= n <= max_n:
+        raise _invalid(f"'n' must be in [1, {max_n}], got {n}", "n")
+    return n
+
+
+def _chat_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """``SamplingParams.logprobs`` for chat's ``logprobs`` (bool) and ``top_logprobs`` (0..20, needs logprobs)."""
+    if top_logprobs is not None:
+        if not logprobs:
+            raise _invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        _check_range(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    return (top_logprobs or 0) if logprobs else None
+
+
+def _completion_logprobs(logprobs: int | None) -> int | None:
+    """``SamplingParams.logprobs`` for the legacy completions ``logprobs`` (an integer 0..5)."""
+    _check_range(logprobs, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    return logprobs
+
+
 def _sampling(body: SamplingFields, max_tokens: int | None, default_max_tokens: int,
-              max_tokens_param: str) -> SamplingParams:
-    """Check every sampling field's range and build ``SamplingParams`` (unset fields keep defaults)."""
-    if body.n is not None and body.n != 1:
-        raise BusError(ErrorCode.UNSUPPORTED, f"'n' must be 1 (several choices per request are not supported yet), "
-                                              f"got {body.n}", param="n")
+              max_tokens_param: str, max_n: int = 1) -> SamplingParams:
+    """Check every sampling field's range and build ``SamplingParams`` (unset fields keep defaults).
+
+    ``n`` is only checked (1..``max_n``): ``SamplingParams.n`` stays 1, choices are fanned out by the edge.
+    """
+    _choices(body.n, max_n)
     _check_min(max_tokens, max_tokens_param, 1)
     _check_range(body.temperature, "temperature", 0.0, 2.0)
     _check_range(body.top_p, "top_p", 0.0, 1.0, low_open=True)
@@ -154,7 +190,7 @@ def _common(body: ChatCompletionBody | CompletionBody) -> dict:
                 cache=body.cache)
 
 
-def parse_chat(raw: bytes, *, default_max_tokens: int = 256) -> ParsedRequest:
+def parse_chat(raw: bytes, *, default_max_tokens: int = 256, max_n: int = MAX_CHOICES) -> ParsedRequest:
     """Decode and validate a ``/v1/chat/completions`` body (``max_completion_tokens`` wins over ``max_tokens``)."""
     body = _decode(_chat_decoder, raw)
     if body.max_completion_tokens is not None:
@@ -162,11 +198,13 @@ def parse_chat(raw: bytes, *, default_max_tokens: int = 256) -> ParsedRequest:
     else:
         max_tokens, param = body.max_tokens, "max_tokens"
     common = _common(body)
-    return ParsedRequest(messages=_messages(body.messages), prompt=None,
-                         sampling=_sampling(body, max_tokens, default_max_tokens, param), **common)
+    sampling = _sampling(body, max_tokens, default_max_tokens, param, max_n)
+    sampling.logprobs = _chat_logprobs(body.logprobs, body.top_logprobs)
+    return ParsedRequest(messages=_messages(body.messages), prompt=None, sampling=sampling,
+                         n=_choices(body.n, max_n), **common)
 
 
-def parse_completion(raw: bytes, *, default_max_tokens: int = 16) -> ParsedRequest:
+def parse_completion(raw: bytes, *, default_max_tokens: int = 16, max_n: int = MAX_CHOICES) -> ParsedRequest:
     """Decode and validate a legacy ``/v1/completions`` body (OpenAI's default ``max_tokens`` there is 16)."""
     body = _decode(_completion_decoder, raw)
     prompt = body.prompt
@@ -177,8 +215,9 @@ def parse_completion(raw: bytes, *, default_max_tokens: int = 16) -> ParsedReque
                            param="prompt")
         prompt = prompt[0]
     common = _common(body)
-    return ParsedRequest(messages=None, prompt=prompt,
-                         sampling=_sampling(body, body.max_tokens, default_max_tokens, "max_tokens"), **common)
+    sampling = _sampling(body, body.max_tokens, default_max_tokens, "max_tokens", max_n)
+    sampling.logprobs = _completion_logprobs(body.logprobs)
+    return ParsedRequest(messages=None, prompt=prompt, sampling=sampling, n=_choices(body.n, max_n), **common)
 
 
 def to_request(parsed: ParsedRequest, *, request_id: str, model: str, reply_to: str, created: float,
@@ -188,3 +227,27 @@ def to_request(parsed: ParsedRequest, *, request_id: str, model: str, reply_to: 
                             prompt=parsed.prompt, sampling=parsed.sampling, stream=parsed.stream,
                             priority=parsed.priority, deadline=deadline, created=created,
                             adapter=parsed.adapter, user=parsed.user, cache=parsed.cache)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice ``index``'s seed: ``seed + index`` (wrapped to a signed 64-bit value), or None (random) without one."""
+    if seed is None:
+        return None
+    return (seed + index + (1 << 63)) % _INT64 - (1 << 63)
+
+
+def choice_requests(req: InferenceRequest, n: int, reply_to: Callable[[str], str]) -> list[InferenceRequest]:
+    """``req`` (OpenAI ``n`` choices) as ``n`` ordinary requests, each ``n`` 1 with an id of its own.
+
+    Choice ``i`` has the id ``names.choice_id(req.id, i)`` (its reply subject ``reply_to(id)``) and
+    the seed ``seed + i``: a seeded request is reproducible as a whole, yet its choices differ;
+    without a seed each choice draws its own. ``n`` 1 is ``[req]`` itself.
+    """
+    if n == 1:
+        return [req]
+    out = []
+    for i in range(n):
+        choice_id = names.choice_id(req.id, i)
+        sampling = msgspec.structs.replace(req.sampling, n=1, seed=choice_seed(req.sampling.seed, i))
+        out.append(msgspec.structs.replace(req, id=choice_id, reply_to=reply_to(choice_id), sampling=sampling))
+    return out

@@ -42,7 +42,9 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 
     temperature: float | None = None
     top_p: float | None = None
-    n: Int32 | None = None
+    n: Annotated[Int32 | None, msgspec.Meta(
+        description="choices to generate (1..the edge's max_choices, 16 by default); each is generated as a "
+                    "request of its own, choice i with seed + i when a seed is given")] = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -71,9 +73,16 @@ class ChatCompletionBody(_CommonBody, kw_only=True):
 
     messages: list[MessageBody]
     max_completion_tokens: Int32 | None = None
+    logprobs: Annotated[bool | None, msgspec.Meta(
+        description="return each generated token's log-probability (the model's raw distribution)")] = None
+    top_logprobs: Annotated[Int32 | None, msgspec.Meta(
+        description="0..20 most likely alternatives per token; needs logprobs: true")] = None
 
 
 class CompletionBody(_CommonBody, kw_only=True):
     """``POST /v1/completions`` (legacy): ``prompt`` is a string or a list of exactly one string."""
 
     prompt: str | list[str]
+    # legacy: the number of alternatives per token (0..5), not a bool
+    logprobs: Annotated[Int32 | None, msgspec.Meta(
+        description="0..5: return each token's log-probability and that many most likely alternatives")] = None

@@ -42,6 +42,18 @@ _USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tok
 _NATIVE_USAGE = _obj(["promptTokens", "completionTokens", "totalTokens"], promptTokens=_INT,
                      completionTokens=_INT, totalTokens=_INT)
 _ANY_OBJECT = {"type": "object"}
+_NUMBER = {"type": "number"}
+_BYTES = {"type": ["array", "null"], "items": _INT}
+_TOP_LOGPROB = _obj(["token", "logprob", "bytes"], token=_STR, logprob=_NUMBER, bytes=_BYTES)
+# ``logprobs`` of a choice: null unless the request asked for them.
+_CHAT_LOGPROBS = {"anyOf": [{"type": "null"}, _obj(["content"], content={"type": "array", "items": _obj(
+    ["token", "logprob", "bytes", "top_logprobs"], token=_STR, logprob=_NUMBER, bytes=_BYTES,
+    top_logprobs={"type": "array", "items": _TOP_LOGPROB})})]}
+_COMPLETION_LOGPROBS = {"anyOf": [{"type": "null"}, _obj(
+    ["tokens", "token_logprobs", "top_logprobs", "text_offset"], tokens={"type": "array", "items": _STR},
+    token_logprobs={"type": "array", "items": _NUMBER},
+    top_logprobs={"type": "array", "items": {"type": "object", "additionalProperties": _NUMBER}},
+    text_offset={"type": "array", "items": _INT})]}
 
 # Response schemas written by hand (the edge builds these bodies with msgspec from dicts).
 _RESPONSES: dict[str, Any] = {
@@ -50,11 +62,13 @@ _RESPONSES: dict[str, Any] = {
                            object={"const": "chat.completion"}, created=_INT, model=_STR, usage=_ref("Usage"),
                            choices={"type": "array", "items": _obj(
                                ["index", "message", "finish_reason"], index=_INT, finish_reason=_NULLABLE_STR,
+                               logprobs=_CHAT_LOGPROBS,
                                message=_obj(["role", "content"], role=_STR, content=_NULLABLE_STR))}),
     "TextCompletion": _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR,
                            object={"const": "text_completion"}, created=_INT, model=_STR, usage=_ref("Usage"),
                            choices={"type": "array", "items": _obj(["text", "index", "finish_reason"], text=_STR,
-                                                                   index=_INT, finish_reason=_NULLABLE_STR)}),
+                                                                   index=_INT, finish_reason=_NULLABLE_STR,
+                                                                   logprobs=_COMPLETION_LOGPROBS)}),
     "Model": _obj(["id", "object", "created", "owned_by"], id=_STR, object={"const": "model"}, created=_INT,
                   owned_by=_STR),
     "ModelList": _obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": _ref("Model")}),
@@ -112,8 +126,10 @@ def _json(schema: dict[str, Any], description: str, headers: dict | None = None)
     return out
 
 
-_ERROR = _json(_ref("ErrorBody"), "an OpenAI error body: 400 invalid, 401/403 credentials, 404 unknown model, "
-               "413 too large, 429 rate limit or full queue (Retry-After), 503 no engine, 504 timeout")
+_ERROR = _json(_ref("ErrorBody"), "an OpenAI error body: 400 invalid (also a malformed HTTP request), "
+               "401/403 credentials, 404 unknown model or route, 405 wrong method, 413 body too large, "
+               "431 request line or headers too large, 429 rate limit or full queue (Retry-After), "
+               "503 no engine, 504 timeout")
 _SSE = {"text/event-stream": {"schema": _STR}}
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from schemas.errors import BusError
-from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage
+from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage
 from services.edge.dispatch import InferenceCall
 from services.edge.errors import error_json
 from services.edge.middleware import SSE_RESPONSE
@@ -21,23 +21,46 @@ from services.edge.openai_format import DONE, SSE_HEADERS, ChunkFormatter, sse
 BodyBuilder = Callable[..., bytes]
 
 
-def _raise(event: StreamError) -> None:
+def raise_error(event: StreamError) -> None:
+    """Raise ``event`` as the ``BusError`` it carries (before the first byte: an HTTP error answer)."""
     raise BusError(event.code, event.message, param=event.param)
 
 
 async def collect(call: InferenceCall, build: BodyBuilder, *, created: int, model: str) -> web.Response:
-    """Wait for the whole answer and return it as one JSON body built by ``build``."""
+    """Wait for the whole answer and return it as one JSON body built by ``build``.
+
+    A request that asked for ``logprobs`` hands ``build`` every token's entries as ``logprobs``.
+    """
     parts: list[str] = []
+    entries: list[TokenLogprob] = []
     while True:
         match await call.next_event():
-            case TokenDelta(text=text):
+            case TokenDelta(text=text, logprobs=logprobs):
                 parts.append(text)
+                if logprobs:
+                    entries.extend(logprobs)
             case StreamEnd(finish_reason=finish_reason, usage=usage):
+                extra = {"logprobs": entries} if call.request.sampling.logprobs is not None else {}
                 body = build(request_id=call.request.id, created=created, model=model, text="".join(parts),
-                             finish_reason=finish_reason, usage=usage)
+                             finish_reason=finish_reason, usage=usage, **extra)
                 return web.Response(body=body, content_type="application/json")
             case StreamError() as error:
-                _raise(error)
+                raise_error(error)
+
+
+def render_delta(event: TokenDelta, fmt: ChunkFormatter, out: list[bytes]) -> None:
+    """Append the SSE chunk of one delta (none for an empty one), with its log-probabilities if it has any."""
+    if event.logprobs:
+        out.append(fmt.delta_logprobs(event.text, event.logprobs))
+    elif event.text:
+        out.append(fmt.delta(event.text))
+
+
+def error_event(error: StreamError | BusError) -> bytes:
+    """An error after the first SSE byte: the OpenAI error body as an SSE event, then ``[DONE]``."""
+    if type(error) is StreamError:
+        error = BusError(error.code, error.message, param=error.param)
+    return sse(error_json(error)) + DONE
 
 
 async def _first_output(call: InferenceCall) -> StreamEvent:
@@ -45,7 +68,7 @@ async def _first_output(call: InferenceCall) -> StreamEvent:
     while True:
         event = await call.next_event()
         if type(event) is StreamError:
-            _raise(event)
+            raise_error(event)
         if type(event) is not StreamStart:
             return event
 
@@ -53,18 +76,16 @@ async def _first_output(call: InferenceCall) -> StreamEvent:
 def _render(event: StreamEvent, fmt: ChunkFormatter, out: list[bytes]) -> bool:
     """Append the SSE bytes of ``event`` to ``out``; return whether it ended the stream."""
     match event:
-        case TokenDelta(text=text):
-            if text:
-                out.append(fmt.delta(text))
+        case TokenDelta():
+            render_delta(event, fmt, out)
             return False
         case StreamEnd(finish_reason=finish_reason, usage=usage):
             out.append(fmt.finish(finish_reason))
             out.append(fmt.usage(usage))
             out.append(DONE)
             return True
-        case StreamError(code=code, message=message, param=param):
-            out.append(sse(error_json(BusError(code, message, param=param))))
-            out.append(DONE)
+        case StreamError():
+            out.append(error_event(event))
             return True
     return False  # StreamStart (e.g. a re-dispatch to another engine): nothing to send
 
@@ -94,7 +115,7 @@ async def stream(request: web.Request, call: InferenceCall, fmt: ChunkFormatter)
     try:
         await _pump(resp, call, fmt, first, fmt.start())
     except BusError as err:  # the deadline passed mid-stream
-        await resp.write(sse(error_json(err)) + DONE)
+        await resp.write(error_event(err))
     return resp
 
 

@@ -12,16 +12,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from schemas.errors import BusError, ErrorCode
+from schemas.events import TokenLogprob
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 
 
 @dataclass(slots=True)
 class Chunk:
-    """Newly generated text and the token ids that produced it."""
+    """Newly generated text and the token ids that produced it (and their log-probabilities, if asked for)."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -34,6 +36,13 @@ class Finished:
 
 
 GenerationEvent = Chunk | Finished
+
+
+def refuse_logprobs(request: InferenceRequest, engine: str) -> None:
+    """Raise ``unsupported`` (param ``logprobs``) if ``request`` asks for log-probabilities ``engine`` cannot give."""
+    if request.sampling.logprobs is not None:
+        raise BusError(ErrorCode.UNSUPPORTED, f"the {engine} engine does not report log-probabilities; "
+                       "use the transformers or vllm engine for 'logprobs'", param="logprobs")
 
 
 @dataclass(slots=True)

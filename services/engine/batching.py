@@ -7,6 +7,10 @@ adapter alone active (``AdapterSlots.activate``). That is exact for every layer-
 PEFT method (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, ...), unlike a mixed-adapter forward.
 Adapters are loaded, evicted and switched only here, between forwards. Each sequence keeps
 its own sampling parameters and RNG, so batching never changes what a seeded request samples.
+
+A sequence that asked for ``logprobs`` gets, for every token, the log-softmax of the model's raw
+logits at that step (before penalties, temperature, top-k/top-p: what OpenAI and vLLM report),
+the sampled token's entry and the ``logprobs`` most likely alternatives.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from pathlib import Path
 import torch
 
 from schemas.errors import BusError, ErrorCode
+from schemas.events import TokenLogprob, TopLogprob
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
 from services.engine.model_thread import Failed, ModelThread
 from services.engine.adapter_slots import AdapterSlots
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.row_batch import RowBatch
-from services.engine.sampling import apply_penalties, sample_row
+from services.engine.sampling import apply_penalties, sample_row, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,23 @@ class Sequence:
     last_token: int = -1
     pending_ids: list[int] = field(default_factory=list)
     done: bool = False
+    # With ``params.logprobs`` set: one token's text (decoded alone), and the entries of ``pending_ids``.
+    token_text: Callable[[int], str] = str
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def take_pending(self, text: str) -> Chunk:
+        """The chunk of ``text`` with the token ids (and log-probabilities) not sent yet."""
+        chunk = Chunk(text, self.pending_ids, self.pending_logprobs or None)
+        self.pending_ids, self.pending_logprobs = [], []
+        return chunk
+
+    def record_logprobs(self, logprobs: torch.Tensor, token: int) -> None:
+        """Keep ``token``'s log-probability (and the top alternatives asked for) from the step's raw logits."""
+        chosen, top = token_logprobs(logprobs, token, self.params.logprobs or 0)
+        text = self.token_text
+        self.pending_logprobs.append(TokenLogprob(
+            token_id=token, token=text(token), logprob=chosen,
+            top=[TopLogprob(token_id=i, token=text(i), logprob=lp) for i, lp in top]))
 
 
 Delivery = Callable[[list[tuple[str, "Chunk | Finished | Failed"]]], None]
@@ -189,6 +211,8 @@ class BatchGenerator(ModelThread):
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, events: list) -> None:
         """Sample one token for ``seq`` and turn it into events."""
+        # Before the penalties, which change ``logits`` in place: the model's own distribution.
+        raw = torch.log_softmax(logits, dim=-1) if seq.params.logprobs is not None else None
         logits = apply_penalties(logits, seq.params, seq.counts, None)
         token = sample_row(logits, seq.params, seq.generator)
         seq.last_token = token
@@ -198,10 +222,11 @@ class BatchGenerator(ModelThread):
         seq.generated += 1
         seq.counts[token] = seq.counts.get(token, 0) + 1
         seq.pending_ids.append(token)
+        if raw is not None:
+            seq.record_logprobs(raw, token)
         text = seq.stop.feed(seq.detok.push(token))
         if text:
-            events.append((seq.request_id, Chunk(text, seq.pending_ids)))
-            seq.pending_ids = []
+            events.append((seq.request_id, seq.take_pending(text)))
         if seq.stop.stopped:
             self._finish(seq, "stop", events)
         elif seq.generated >= seq.max_new_tokens:
@@ -210,6 +235,6 @@ class BatchGenerator(ModelThread):
     def _finish(self, seq: Sequence, reason: str, events: list) -> None:
         rest = seq.stop.flush() if not seq.stop.stopped else ""
         if rest or seq.pending_ids:
-            events.append((seq.request_id, Chunk(rest, seq.pending_ids)))
+            events.append((seq.request_id, seq.take_pending(rest)))
         events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated)))
         seq.done = True

@@ -43,3 +43,12 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logprobs: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s entry in one row of log-probabilities, and the ``top`` most likely ``(id, logprob)``, best first."""
+    chosen = float(logprobs[token])
+    if top <= 0:
+        return chosen, []
+    values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+    return chosen, list(zip(ids.tolist(), values.tolist()))

@@ -246,7 +246,8 @@ class EngineService:
                 if isinstance(event, Chunk):
                     progress.first = progress.first or time.monotonic()
                     await publish(reply_to, encode(TokenDelta(id=req.id, seq=progress.seq, text=event.text,
-                                                              token_ids=event.token_ids)))
+                                                              token_ids=event.token_ids,
+                                                              logprobs=event.logprobs or [])))
                     if recorder is not None:
                         recorder.delta(event.text, event.token_ids)
                 else:

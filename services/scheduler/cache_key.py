@@ -46,9 +46,12 @@ def is_cacheable(req: InferenceRequest) -> bool:
     """Whether ``req`` may be answered from, and stored in, the prompt cache.
 
     A migrated request (``continuation`` set) never is: its engine produces only the rest of a
-    response, which must not be stored or found under the whole request's key.
+    response, which must not be stored or found under the whole request's key. Nor is one asking
+    for ``logprobs``: the cache stores text only. (``n`` > 1 needs no rule: the edge fans it out
+    into requests with ``n`` 1 and a seed of their own each, ``seed + i``.)
     """
-    return req.cache and not req.continuation and is_deterministic(req.sampling)
+    return (req.cache and not req.continuation and req.sampling.logprobs is None
+            and is_deterministic(req.sampling))
 
 
 def _messages(messages: list[ChatMessage] | None) -> list[tuple[str, str, str | None]] | None:

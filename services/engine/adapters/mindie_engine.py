@@ -45,7 +45,7 @@ import aiohttp
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.adapter import EngineAdapter, Finished, GenerationEvent
+from services.engine.adapter import EngineAdapter, Finished, GenerationEvent, refuse_logprobs
 from services.engine.adapters.library import import_library
 from services.engine.prompt import check_context, config_context_length, render_prompt
 from services.engine.text_stream import TextStream
@@ -254,6 +254,7 @@ class MindIEEngine(EngineAdapter):
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
         if request.adapter:
             raise BusError(ErrorCode.UNSUPPORTED, "the mindie engine does not serve adapters", param="adapter")
+        refuse_logprobs(request, "mindie")
         rendered = render_prompt(self.tokenizer, request)
         check_context(len(rendered.ids), self._context_length)
         max_tokens = min(request.sampling.max_tokens, self._context_length - len(rendered.ids))

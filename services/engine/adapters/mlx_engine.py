@@ -31,7 +31,7 @@ from pathlib import Path
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.adapter import EngineAdapter, Finished, GenerationEvent
+from services.engine.adapter import EngineAdapter, Finished, GenerationEvent, refuse_logprobs
 from services.engine.adapters.library import import_library
 from services.engine.prompt import check_context, config_context_length, render_prompt
 from services.engine.text_stream import TextStream
@@ -210,6 +210,7 @@ class MlxEngine(EngineAdapter):
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
         if request.adapter:
             raise BusError(ErrorCode.UNSUPPORTED, "the mlx engine does not serve adapters", param="adapter")
+        refuse_logprobs(request, "mlx")
         rendered = render_prompt(self.tokenizer, request)
         check_context(len(rendered.ids), self._context_length)
         q: asyncio.Queue = asyncio.Queue()

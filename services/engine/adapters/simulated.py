@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.adapter import Chunk, EngineAdapter, Finished, GenerationEvent
+from services.engine.adapter import Chunk, EngineAdapter, Finished, GenerationEvent, refuse_logprobs
 from services.engine.detok import StopMatcher
 
 
@@ -51,7 +51,8 @@ class SimulatedEngine(EngineAdapter):
         return [ServedModel(id=self._model_id, context_length=self._context_length, aliases=self._aliases)]
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
-        """Yield ``tokN`` words until ``max_tokens`` or a stop string."""
+        """Yield ``tokN`` words until ``max_tokens`` or a stop string (``logprobs``: ``unsupported``, it has no model)."""
+        refuse_logprobs(request, "simulated")
         text = request.prompt if request.prompt is not None else " ".join(m.content for m in request.messages or [])
         prompt_tokens = max(1, len(text.split()))
         if prompt_tokens >= self._context_length:

@@ -26,7 +26,7 @@ from pathlib import Path
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.adapter import AdapterChange, EngineAdapter, Finished, GenerationEvent
+from services.engine.adapter import AdapterChange, EngineAdapter, Finished, GenerationEvent, refuse_logprobs
 from services.common.model_store import default_state_dir
 from services.engine.adapters.library import import_library
 from services.engine.lora import AdapterResolver, read_adapter_config
@@ -251,6 +251,7 @@ class TensorRTLLMEngine(EngineAdapter):
         """Stream ``request`` through ``LLM.generate_async(..., streaming=True)``."""
         if self._llm is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        refuse_logprobs(request, "tensorrt-llm")
         rendered = render_prompt(self.tokenizer, request)
         check_context(len(rendered.ids), self._context_length)
         lora = await self._lora_request(request.adapter) if request.adapter else None

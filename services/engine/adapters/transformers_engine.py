@@ -198,6 +198,7 @@ class TransformersEngine(EngineAdapter):
             generator=generator,
             adapter=request.adapter if adapter_path is not None else None,
             adapter_path=adapter_path,
+            token_text=lambda token: self.tokenizer.decode([token]),
         )
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:

@@ -25,10 +25,11 @@ import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from pathlib import Path
 
 from schemas.errors import BusError, ErrorCode
+from schemas.events import TokenLogprob, TopLogprob
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
 from services.engine.adapter import AdapterChange, Chunk, EngineAdapter, Finished, GenerationEvent
@@ -86,7 +87,29 @@ def vllm_sampling(params: SamplingParams, max_tokens: int):
         max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         seed=params.seed, stop=list(params.stop) or None, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
-        output_kind=RequestOutputKind.DELTA, skip_special_tokens=True)
+        output_kind=RequestOutputKind.DELTA, skip_special_tokens=True, logprobs=params.logprobs)
+
+
+def token_logprobs(token_ids: Seq[int], positions, top: int, token_text: Callable[[int], str]) -> list[TokenLogprob]:
+    """vLLM's sample logprobs of one delta (one ``{token id: Logprob}`` per token) as ours.
+
+    vLLM puts the sampled token and the ``top`` best (ranks 1..top) in each position; it reports
+    raw log-probabilities (its default ``logprobs_mode``), as the transformers engine does.
+    """
+    out = []
+    for token, position in zip(token_ids, positions):
+        position = position or {}
+
+        def text(token_id: int, logprob) -> str:
+            return logprob.decoded_token if logprob.decoded_token is not None else token_text(token_id)
+
+        chosen = position.get(token)
+        ranked = sorted((lp.rank, tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top)
+        out.append(TokenLogprob(
+            token_id=token, token=text(token, chosen) if chosen is not None else token_text(token),
+            logprob=chosen.logprob if chosen is not None else float("nan"),
+            top=[TopLogprob(token_id=tid, token=text(tid, lp), logprob=lp.logprob) for _, tid, lp in ranked]))
+    return out
 
 
 def check_lora_config(config: dict, adapter: str, max_rank: int) -> None:
@@ -296,6 +319,9 @@ class VllmEngine(EngineAdapter):
         """Token ids the model sees for ``request`` (a migrated request's answer so far included)."""
         return render_prompt(self.tokenizer, request)
 
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
     def _engine_input(self, prompt_ids: list[int]):
         """Token ids as vLLM's rendered input (vLLM >= 0.32 deprecates raw prompts; older ones take the dict)."""
         tokens = {"prompt_token_ids": prompt_ids}
@@ -317,7 +343,7 @@ class VllmEngine(EngineAdapter):
                 raise BusError(ErrorCode.CANCELLED, "request aborted")
             params = vllm_sampling(request.sampling, min(request.sampling.max_tokens,
                                                          self._context_length - len(prompt_ids)))
-            produced = 0
+            produced, top = 0, request.sampling.logprobs
             stream = self.engine.generate(self._engine_input(prompt_ids), params, request.id, lora_request=lora)
             async with contextlib.aclosing(stream):
                 with translated_errors():
@@ -328,7 +354,8 @@ class VllmEngine(EngineAdapter):
                         if step.finish_reason == "abort" or request.id in self._aborted:
                             raise BusError(ErrorCode.CANCELLED, "request aborted")
                         if step.text or step.token_ids:
-                            yield Chunk(step.text, list(step.token_ids))
+                            yield Chunk(step.text, list(step.token_ids), None if top is None else token_logprobs(
+                                step.token_ids, step.logprobs or (), top, self._token_text))
                         if done:
                             yield Finished("length" if step.finish_reason == "length" else "stop", prompt.billed,
                                            produced)
