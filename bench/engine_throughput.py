@@ -1,9 +1,13 @@
 """Generation throughput of engine adapters called directly (no NATS): tokens/s at given concurrencies.
 
-    .venv/bin/python bench/engine_throughput.py [--engine vllm transformers] [--concurrency 1 8]
-                                                [--max-tokens 64] [--rounds 2] [--vllm-no-lora]
+    .venv/bin/python bench/engine_throughput.py [--engine vllm transformers llamacpp llama-cpp-python]
+                                                [--concurrency 1 8] [--max-tokens 64] [--rounds 2]
+                                                [--vllm-no-lora] [--threads N]
 
-Each engine serves the default model (safetensors copy) with ``slots`` = the highest concurrency.
+Each engine serves the default model (safetensors copy; the shipped GGUF for ``llamacpp``) with
+``slots`` = the highest concurrency. ``llama-cpp-python`` is the reference for the llama.cpp
+adapter: the library's own ``Llama.create_chat_completion`` streaming on the same GGUF, with the
+same threads; it is not thread-safe, so its requests run one after another at every concurrency.
 For every concurrency ``c``, ``c`` greedy chat requests with distinct prompts run at once, ``rounds``
 times after one warm-up; tok/s is completion tokens over wall time, summed over all requests.
 Engines run one after another so they do not compete for the CPU. vLLM runs with LoRA support on
@@ -24,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from schemas import ChatMessage, InferenceRequest, SamplingParams  # noqa: E402
-from services.common.model_store import default_state_dir, ensure_default_model  # noqa: E402
+from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 from services.engine.adapter import Chunk, Finished  # noqa: E402
 from services.engine.adapters import adapter_class  # noqa: E402
 
@@ -62,10 +66,45 @@ async def measure(engine, concurrency: int, max_tokens: int, rounds: int) -> tup
     return tokens / wall, statistics.median(ttfts)
 
 
+def reference_llama_cpp(levels: list[int], max_tokens: int, rounds: int, threads: int) -> list[tuple]:
+    """llama-cpp-python's own streaming loop on the shipped GGUF, requests one after another."""
+    import llama_cpp
+
+    from services.engine.gguf_model import default_threads
+
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(str(default_model_gguf()), n_ctx=2048, n_threads=threads or default_threads(),
+                          n_threads_batch=threads or default_threads(), verbose=False)
+    startup = time.perf_counter() - started
+
+    def one_ref(i: int, n: int) -> tuple[int, float]:
+        start, ttft, count = time.perf_counter(), None, 0
+        messages = [{"role": "user", "content": request(i, n).messages[0].content}]
+        for chunk in llm.create_chat_completion(messages, max_tokens=n, temperature=0.0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                ttft = ttft or time.perf_counter() - start
+                count += 1  # llama-cpp-python streams one chunk per token
+        return count, ttft or 0.0
+
+    one_ref(0, 8)
+    rows = []
+    for c in levels:
+        tokens, wall, ttfts = 0, 0.0, []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            results = [one_ref(i, max_tokens) for i in range(c)]
+            wall += time.perf_counter() - start
+            tokens += sum(n for n, _ in results)
+            ttfts += [t for _, t in results]
+        rows.append(("llama-cpp-python", c, tokens / wall, tokens / wall / c, statistics.median(ttfts), startup))
+    return rows
+
+
 async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, rounds: int,
                 extra: dict) -> list[tuple]:
     """Start ``name`` on the default model, warm it up, then measure every concurrency level."""
-    engine = adapter_class(name)(model_path=model_dir, model_id="m", slots=max(levels), **extra)
+    path = default_model_gguf() if name == "llamacpp" else model_dir
+    engine = adapter_class(name)(model_path=path, model_id="m", slots=max(levels), **extra)
     started = time.perf_counter()
     await engine.start()
     startup = time.perf_counter() - started
@@ -74,7 +113,8 @@ async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, 
         await one(engine, request(0, 8))
         for c in levels:
             tok_s, ttft = await measure(engine, c, max_tokens, rounds)
-            rows.append((name + (" (no LoRA)" if extra else ""), c, tok_s, tok_s / c, ttft, startup))
+            rows.append((name + (" (no LoRA)" if extra.get("enable_lora") is False else ""), c, tok_s, tok_s / c,
+                         ttft, startup))
     finally:
         await engine.close()
     return rows
@@ -85,7 +125,12 @@ async def main(args) -> None:
     model_dir = ensure_default_model(default_state_dir())
     rows = []
     for name in args.engine:
+        if name == "llama-cpp-python":
+            rows += reference_llama_cpp(args.concurrency, args.max_tokens, args.rounds, args.threads)
+            continue
         extra = {"enable_lora": False} if name == "vllm" and args.vllm_no_lora else {}
+        if args.threads:
+            extra["threads"] = args.threads
         rows += await bench(name, model_dir, args.concurrency, args.max_tokens, args.rounds, extra)
     print(f"\n{'engine':<20}{'conc':>5}{'tok/s':>10}{'tok/s/req':>11}{'ttft p50':>10}{'startup':>9}")
     for name, c, tok_s, per, ttft, startup in rows:
@@ -99,4 +144,5 @@ if __name__ == "__main__":  # vLLM spawns worker processes that re-import this m
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--vllm-no-lora", action="store_true", help="start vLLM without LoRA support")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for every engine (0: each one's default)")
     asyncio.run(main(p.parse_args()))

@@ -83,6 +83,38 @@ async def test_eight_seeded_requests_in_one_batch_match_each_run_alone(engine):
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_requests_joining_and_leaving_a_running_batch_match_each_run_alone(engine):
+    # Different lengths and staggered arrivals: sequences end out of order, leave gaps in the sequence
+    # ids that later requests fill, and every step mixes runs of ids (llama.cpp splits those into
+    # micro-batches); each answer must still be exactly the one it gets alone.
+    reqs = [dict(content=f"Describe the colour number {i} in a few words.", max_tokens=4 + 5 * (i % 4))
+            for i in range(12)]
+    alone = [await run(engine, chat(**r)) for r in reqs]
+
+    async def later(i: int, r: dict):
+        await asyncio.sleep(0.05 * i)
+        return await run(engine, chat(**r))
+
+    mixed = await asyncio.gather(*[later(i, r) for i, r in enumerate(reqs)])
+    assert [t for t, _ in mixed] == [t for t, _ in alone]
+    assert [f.completion_tokens for _, f in mixed] == [f.completion_tokens for _, f in alone]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_prompt_sharing_a_prefix_with_a_finished_one_reuses_its_kv(engine):
+    first, _ = await run(engine, chat("Name a color.", max_tokens=8))
+    before = engine._batcher.reused_tokens
+    again, _ = await run(engine, chat("Name a color.", max_tokens=8))  # all but the last prompt token kept
+    prompt = engine.render(chat("Name a color.")).ids
+    assert again == first
+    assert engine._batcher.reused_tokens - before == len(prompt) - 1
+    # A different question still shares the chat template's system turn.
+    before = engine._batcher.reused_tokens
+    await run(engine, chat("Name a fruit.", max_tokens=4))
+    assert engine._batcher.reused_tokens - before >= 10
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_an_adapter_request_is_refused_as_unsupported(engine):
     with pytest.raises(BusError) as info:
         await run(engine, chat(adapter="my-lora", max_tokens=4))
@@ -105,8 +137,9 @@ async def test_a_continuation_carries_on_the_answer_and_bills_only_the_prompt(en
 async def test_the_engine_service_serves_the_default_gguf_on_the_bus(nc, nats_server):
     worker = f"w-{uuid.uuid4().hex[:8]}"
     cfg = parse_args(["--nats-url", nats_server.url, "--engine", "llamacpp", "--model-id", DEFAULT_MODEL_ID,
-                      "--worker-id", worker, "--heartbeat-interval", "0.2", "--slots", "2"])
-    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(CollectorRegistry()))
+                      "--worker-id", worker, "--heartbeat-interval", "0.2", "--slots", "2", "--threads", "1"])
+    adapter = build_adapter(cfg)
+    service = EngineService(cfg, adapter, EngineMetrics(CollectorRegistry()))
     beats = await nc.subscribe(names.WORKER_STATUS_ALL)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
@@ -114,6 +147,7 @@ async def test_the_engine_service_serves_the_default_gguf_on_the_bus(nc, nats_se
         hb = msgspec.json.decode((await beats.next_msg(timeout=60)).data, type=EngineHeartbeat)
         assert (hb.engine, hb.device, hb.slots) == ("llama.cpp", "cpu", 2)
         assert hb.models[0].id == DEFAULT_MODEL_ID and hb.models[0].context_length == 8192
+        assert adapter.model.shape.threads == 1  # --threads reaches llama.cpp's context
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         req = InferenceRequest(id=f"r-{uuid.uuid4().hex[:10]}", model=DEFAULT_MODEL_ID, reply_to=inbox,
@@ -132,3 +166,9 @@ async def test_the_engine_service_serves_the_default_gguf_on_the_bus(nc, nats_se
         stop.set()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(task, 30)
+
+
+def test_threads_must_not_be_negative(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--engine", "llamacpp", "--model-id", "m", "--threads", "-1"])
+    assert "--threads" in capsys.readouterr().err

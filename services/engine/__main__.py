@@ -28,7 +28,8 @@ def build_adapter(cfg: EngineConfig):
     if hasattr(cls, "from_config"):  # adapters over external engines take what they need from the config
         return cls.from_config(cfg)
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
-               device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, adapter_dirs=cfg.adapter_dirs,
+               device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, threads=cfg.threads,
+               adapter_dirs=cfg.adapter_dirs,
                adapter_cache_dir=cfg.adapter_cache_dir or default_state_dir() / "adapters",
                max_adapters=cfg.max_adapters)
 

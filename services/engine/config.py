@@ -24,6 +24,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device: str = "auto"
     dtype: str = "auto"
     context_length: int = 0
+    threads: int = 0
     heartbeat_interval: float = 1.0
     drain_timeout: float = 30.0
     metrics_port: int = 0
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--context-length", type=int, default=0, help="override the model's maximum context")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for generation (llama.cpp: its thread team; transformers: torch's intra-op "
+                        "threads; vLLM on CPU: the first N CPUs, unless VLLM_CPU_OMP_THREADS_BIND is set); "
+                        "0 = the engine's default")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
@@ -82,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--max-models must be at least 1")
     if args.memory_budget < 0:
         p.error("--memory-budget must be 0 (off) or a number of bytes")
+    if args.threads < 0:
+        p.error("--threads must be 0 (the engine's default) or a number of threads")
     if args.max_adapters < 1:
         p.error("--max-adapters must be at least 1")
     return msgspec.convert(vars(args), EngineConfig)

@@ -51,7 +51,7 @@ class TransformersEngine(EngineAdapter):
     name = "transformers"
 
     def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
-                 device: str = "auto", dtype: str = "auto", context_length: int = 0,
+                 device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
                  adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8) -> None:
         self._path = Path(model_path)
         self._model_id = model_id
@@ -60,6 +60,7 @@ class TransformersEngine(EngineAdapter):
         self._device = pick_device(device)
         self._dtype = pick_dtype(dtype, self._device)
         self._context_length = context_length
+        self._threads = threads
         self._events = EventQueues()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: BatchGenerator | None = None
@@ -86,6 +87,8 @@ class TransformersEngine(EngineAdapter):
                  self._dtype, self._slots, self._context_length)
 
     def _load(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)  # process-wide: one engine process serves its models
         self.tokenizer = AutoTokenizer.from_pretrained(self._path)
         model = AutoModelForCausalLM.from_pretrained(self._path, dtype=self._dtype, attn_implementation="sdpa")
         self.model = model.to(self._device).eval()

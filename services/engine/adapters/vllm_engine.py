@@ -62,14 +62,18 @@ def platform_of(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prepare_environment(device: str) -> str:
-    """Set the environment vLLM reads at start-up for ``device``; returns the platform (before importing vllm)."""
+def prepare_environment(device: str, threads: int = 0) -> str:
+    """Set the environment vLLM reads at start-up for ``device``; returns the platform (before importing vllm).
+
+    On CPU, ``threads`` > 0 binds vLLM's OpenMP threads to the first ``threads`` CPUs this process may use.
+    """
     platform = platform_of(device)
     index = device.split(":", 1)[1] if ":" in device else ""
     if platform == "cpu":
         # vLLM's automatic binding reserves a core for the frontend; on small hosts that halves the model's
         # threads, so bind to every CPU this process may use unless the operator chose otherwise.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus[:threads] if threads else cpus)))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     elif platform == "cuda" and index:
         os.environ["CUDA_VISIBLE_DEVICES"] = index
@@ -149,7 +153,7 @@ class VllmEngine(EngineAdapter):
     name = "vllm"
 
     def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
-                 device: str = "auto", dtype: str = "auto", context_length: int = 0,
+                 device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
                  adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8,
                  max_lora_rank: int = 64, gpu_memory_utilization: float = 0.9, enable_lora: bool = True) -> None:
         self._path = Path(model_path)
@@ -161,6 +165,7 @@ class VllmEngine(EngineAdapter):
         # On CPU, auto is float32 like the transformers engine: half precision is slow or unsupported on many CPUs.
         self._dtype = "float32" if dtype == "auto" and self._platform == "cpu" else dtype
         self._context_length = context_length
+        self._threads = threads
         self._gpu_memory_utilization = gpu_memory_utilization
         self._max_adapters = max_adapters
         # LoRA is on by default so adapters the trainer registers are served; on CPU it costs vLLM 2-3.5x
@@ -184,7 +189,7 @@ class VllmEngine(EngineAdapter):
         if not (self._path / "config.json").exists():
             raise FileNotFoundError(f"no model at {self._path} (expected a safetensors directory with config.json; "
                                     "vLLM does not serve GGUF here)")
-        prepare_environment(self._device_arg)
+        prepare_environment(self._device_arg, self._threads)
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
