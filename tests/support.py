@@ -38,11 +38,13 @@ class CyUp:
         self.state_dir = state_dir
         self.port = free_port()
         self.nats_port = free_port()
+        self.metrics_port = free_port()  # the scheduler's; engine and trainer take the next two if free
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.log = state_dir / "cy-up.out"
         argv = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--nats-port",
-                str(self.nats_port), "--state-dir", str(state_dir), "--quiet", *extra]
+                str(self.nats_port), "--metrics-port", str(self.metrics_port), "--state-dir", str(state_dir),
+                "--quiet", *extra]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 

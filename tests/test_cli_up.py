@@ -18,7 +18,7 @@ from services.cli import pidfile
 from services.cli.banner import ready_banner
 from services.cli.errors import CliError
 from services.cli.readiness import NotReady, wait_until_ready
-from services.cli.up import UpOptions, child_specs, http_url
+from services.cli.up import UpOptions, child_specs, http_url, metrics_ports
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +47,26 @@ def test_children_get_the_flags_their_clis_take(tmp_path: Path):
                        "--state-dir", str(tmp_path), "--data-dir", str(tmp_path / "datasets")]
     # Every graceful-stop budget is shorter than the supervisor's SIGKILL deadline.
     assert float(engine[engine.index("--drain-timeout") + 1]) < opts.stop_timeout
+
+
+def test_metrics_ports_go_to_the_services_that_get_them(tmp_path: Path):
+    specs = child_specs(UpOptions(state_dir=tmp_path), "nats://x:1", tmp_path,
+                        metrics={"scheduler": 9101, "engine": 9102, "trainer": 9103})
+    argv = {s.name: list(s.argv) for s in specs}
+    for name, port in (("scheduler", "9101"), ("engine", "9102"), ("trainer", "9103")):
+        assert argv[name][argv[name].index("--metrics-port") + 1] == port
+    assert "--metrics-port" not in argv["edge"]  # the edge serves /metrics on its HTTP port
+
+
+def test_a_busy_metrics_port_is_skipped_and_zero_turns_them_off(tmp_path: Path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        base = busy.getsockname()[1]
+        ports = metrics_ports(UpOptions(state_dir=tmp_path, metrics_port=base, trainer=False))
+    assert "scheduler" not in ports and "trainer" not in ports
+    assert f"port {base} is busy" in capsys.readouterr().err
+    assert metrics_ports(UpOptions(state_dir=tmp_path, metrics_port=0)) == {}
 
 
 def test_the_trainer_can_be_left_out(tmp_path: Path):

@@ -50,6 +50,20 @@ async def test_banner_tells_how_to_use_it(platform):
     assert platform.url in out and platform.nats_url in out and "curl" in out
 
 
+async def test_services_serve_prometheus_metrics_on_the_ports_the_banner_names(platform, client):
+    await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=4)
+    out = platform.output()
+    assert f":{platform.metrics_port}" in out
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{platform.metrics_port}/metrics") as resp:
+            text = await resp.text()
+    assert "coordinator_inference_requests_total" in text  # the scheduler's own series
+    if f"engine :{platform.metrics_port + 1}" in out:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{platform.metrics_port + 1}/metrics") as resp:
+                assert "worker_inference_latency" in await resp.text()
+
+
 async def test_models_lists_what_live_engines_serve(client):
     models = await client.models.list()
     assert DEFAULT_MODEL_ID in [m.id for m in models.data]

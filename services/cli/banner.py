@@ -10,8 +10,9 @@ __all__ = ["is_loopback", "ready_banner"]
 
 
 def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
-                 auth: str = "none") -> str:
+                 auth: str = "none", metrics: dict[str, int] | None = None) -> str:
     """The ready message: URLs, a curl and an OpenAI SDK example, and the (absent) security."""
+    scrape = ", ".join([f"edge {http_url}/metrics"] + [f"{name} :{port}" for name, port in (metrics or {}).items()])
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Say hello in five words."}],
                        "max_tokens": 32})
     if auth != "none":
@@ -29,6 +30,7 @@ CY-LLM is up.
   NATS                      {nats_url}
   model                     {model_id}  (aliases: {", ".join(aliases)})
   logs                      {log_dir}
+  Prometheus metrics        {scrape}
   {exposure}
 
 Try it with curl:

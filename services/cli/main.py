@@ -56,6 +56,10 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the edge to answer (default: 120)")
     p.add_argument("--quiet", action="store_true", help="do not echo the services' output (it still goes to the logs)")
+    p.add_argument("--metrics-port", type=int, default=9101, metavar="PORT",
+                   help="Prometheus metrics of the scheduler on PORT, the engine on PORT+1, the trainer on "
+                        "PORT+2, as infra/prometheus/prometheus.yml expects (default: 9101; 0: none; the edge "
+                        "serves /metrics on its HTTP port)")
     p.add_argument("--no-trainer", dest="trainer", action="store_false",
                    help="do not start a trainer (fine-tuning jobs then wait in the queue)")
 
@@ -119,7 +123,7 @@ def dispatch(args: argparse.Namespace) -> int:
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats_url=args.nats_url, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
-                                    trainer=args.trainer))
+                                    trainer=args.trainer, metrics_port=args.metrics_port))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":

@@ -56,6 +56,12 @@ class UpOptions:
     auth: str = "none"
     # Run a trainer too (fine-tuning jobs); it holds no model until a job arrives.
     trainer: bool = True
+    # Prometheus ports: scheduler at this one, engine +1, trainer +2 (the edge serves /metrics on
+    # its HTTP port); infra/prometheus/prometheus.yml scrapes these. 0: none.
+    metrics_port: int = 9101
+
+
+METRICS_OFFSETS = {"scheduler": 0, "engine": 1, "trainer": 2}
 
 
 def worker_id(engine: str) -> str:
@@ -63,8 +69,12 @@ def worker_id(engine: str) -> str:
     return names.slug(f"{socket.gethostname()}-{engine}")
 
 
-def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable) -> list[ChildSpec]:
-    """The service processes, in start order, with exactly the flags their CLIs take."""
+def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable,
+                metrics: dict[str, int] | None = None) -> list[ChildSpec]:
+    """The service processes, in start order, with exactly the flags their CLIs take.
+
+    ``metrics`` maps a service name to the port it serves Prometheus metrics on.
+    """
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
     engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
@@ -83,8 +93,28 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
         "trainer": [python, "-m", "services.trainer", "--nats-url", nats_url, "--state-dir", str(opts.state_dir),
                     "--data-dir", str(opts.state_dir / "datasets")],
     }
+    for name, port in (metrics or {}).items():
+        by_name[name] += ["--metrics-port", str(port)]
     wanted = [name for name in START_ORDER if name != "trainer" or opts.trainer]
     return [ChildSpec(name, tuple(by_name[name])) for name in wanted]
+
+
+def metrics_ports(opts: UpOptions) -> dict[str, int]:
+    """The metrics port of each service that will get one: a busy port is skipped with a warning."""
+    if opts.metrics_port <= 0:
+        return {}
+    ports = {}
+    for name, offset in METRICS_OFFSETS.items():
+        if name == "trainer" and not opts.trainer:
+            continue
+        port = opts.metrics_port + offset
+        try:
+            _check_port_free("127.0.0.1", port)
+        except CliError:
+            report_stderr(f"port {port} is busy: the {name} serves no Prometheus metrics (choose --metrics-port)")
+            continue
+        ports[name] = port
+    return ports
 
 
 def http_url(host: str, port: int) -> str:
@@ -176,7 +206,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
     supervisor = Supervisor(log_dir, env=env, cwd=REPO, console=None if opts.quiet else sys.stdout,
                             stop_timeout=opts.stop_timeout)
     try:
-        for spec in child_specs(opts, nats_url, model_path):
+        metrics = metrics_ports(opts)
+        for spec in child_specs(opts, nats_url, model_path, metrics=metrics):
             await supervisor.start(spec)
         url = http_url(opts.host, opts.port)
         ready = wait_until_ready(url, [DEFAULT_MODEL_ID, *DEFAULT_MODEL_ALIASES], opts.ready_timeout)
@@ -187,7 +218,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
             print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
-                               auth=opts.auth), flush=True)
+                               auth=opts.auth, metrics=metrics), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "
