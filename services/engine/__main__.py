@@ -27,11 +27,12 @@ def build_adapter(cfg: EngineConfig):
                    ttft=cfg.sim_ttft, context_length=cfg.context_length or 8192)
     if hasattr(cls, "from_config"):  # adapters over external engines take what they need from the config
         return cls.from_config(cfg)
+    extra = {"enable_lora": False} if cfg.no_lora and cfg.engine == "vllm" else {}
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
                device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, threads=cfg.threads,
                adapter_dirs=cfg.adapter_dirs,
                adapter_cache_dir=cfg.adapter_cache_dir or default_state_dir() / "adapters",
-               max_adapters=cfg.max_adapters)
+               max_adapters=cfg.max_adapters, **extra)
 
 
 def resolve_auto(cfg: EngineConfig) -> EngineConfig:
