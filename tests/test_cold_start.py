@@ -8,11 +8,12 @@ import time
 from schemas import names
 from schemas.control import LoadModel, decode_command
 from schemas.errors import ErrorCode
-from schemas.events import StreamEnd, StreamStart
+from schemas.events import StreamEnd, StreamError, StreamStart
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 from schemas.inference import SamplingParams
-from schemas.registry import ModelEntry
-from services.common.model_store import DEFAULT_MODEL_ID
+from schemas.registry import BASE, ModelEntry
+from services.common import artifacts
+from services.common.model_store import DEFAULT_MODEL_ID, model_dir
 from services.common.worker_table import WorkerState
 from services.common.load_placement import EVICT, FULL, ROOM, loader_candidates, room
 from tests.engine_models_harness import real_engine, register
@@ -94,3 +95,28 @@ async def test_a_registered_model_that_fails_to_load_is_a_typed_error(nc, js, na
             error = await inbox.error(timeout=30)
             assert error.code == ErrorCode.MODEL_NOT_FOUND and "no-such-dir" in error.message
             await asyncio.sleep(0)
+
+
+async def test_a_fully_fine_tuned_model_in_the_object_store_cold_starts(nc, js, nats_server, start_scheduler,
+                                                                        default_model_dir, tmp_path):
+    # What the trainer publishes for method "full": a tar of the model directory under models/<id>
+    # and a base-model registry entry whose source is that artifact.
+    model_id = "smol-full-ft"
+    store = await js.object_store(names.ARTIFACTS_STORE)
+    await store.put(artifacts.model_object(model_id), artifacts.pack_dir(default_model_dir))
+    await register(js, model_id, f"artifact:{artifacts.model_object(model_id)}", kind=BASE, format="safetensors",
+                   method="full", context_length=2048)
+    async with real_engine(nats_server.url, default_model_dir, tmp_path) as (service, worker):
+        async with start_scheduler() as scheduler, ReplyInbox(nc) as inbox:
+            await eventually(lambda: scheduler.table.get(worker) is not None, what="the engine's heartbeat")
+            await submit(nc, new_request(model=model_id, reply_to=inbox.subject, deadline=time.time() + 90,
+                                         sampling=SamplingParams(max_tokens=6, temperature=0.0)))
+            await eventually(lambda: any(isinstance(e, (StreamEnd, StreamError)) for e in inbox.events), 90,
+                             "the cold-started full model to answer")
+            assert not [e for e in inbox.events if isinstance(e, StreamError)], inbox.events
+            start = next(e for e in inbox.events if isinstance(e, StreamStart))
+            assert (start.model, start.worker) == (model_id, worker)
+            served = {m.id: m for m in service.host.served_models()}
+            assert served[model_id].context_length == 2048
+            # Downloaded once into the engine's model store, where a restart finds it.
+            assert (model_dir(tmp_path, names.slug(model_id)) / "config.json").exists()

@@ -208,7 +208,7 @@ async def fetch_source(entry: ModelEntry, engine: str, state_dir: Path, js: JetS
     obj = entry.source[len(ARTIFACT_PREFIX):]
     try:
         store = await js.object_store(names.ARTIFACTS_STORE)
-        result = await store.get(obj)
+        result = await artifacts.read_object(store, obj)
     except nats.js.errors.ObjectNotFoundError:
         raise _not_found(entry, f"its artifact {obj!r} is missing from the object store") from None
     except (NatsError, asyncio.TimeoutError) as exc:

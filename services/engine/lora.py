@@ -153,7 +153,7 @@ class AdapterResolver:
         obj = ref.entry.source[len(ARTIFACT_SOURCE):]
         try:
             store = await self._js.object_store(names.ARTIFACTS_STORE)
-            result = await store.get(obj)
+            result = await artifacts.read_object(store, obj)
         except nats.js.errors.ObjectNotFoundError:
             raise BusError(ErrorCode.MODEL_NOT_FOUND, f"adapter {ref.id!r} is registered but its artifact {obj!r} "
                                                       "is missing from the object store", param="model") from None

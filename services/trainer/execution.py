@@ -177,7 +177,7 @@ class JobExecution:
             return pipeline.local_dataset(ref, self.config.allowed_data_dirs, param)
         name = artifacts.file_object(ref)
         try:
-            result = await self.objects.get(name)
+            result = await artifacts.read_object(self.objects, name)
         except nats.js.errors.ObjectNotFoundError:
             raise JobFailed("file_not_found", f"{param} {ref} does not exist (upload it with POST /v1/files)",
                             param) from None
@@ -193,7 +193,7 @@ class JobExecution:
             return None
         last = state.checkpoints[-1]
         try:
-            result = await self.objects.get(last.object_name)
+            result = await artifacts.read_object(self.objects, last.object_name)
         except nats.js.errors.ObjectNotFoundError:
             log.warning("job %s: checkpoint %s is gone; starting over", self.job.id, last.object_name)
             return None
