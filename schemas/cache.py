@@ -1,8 +1,8 @@
 """The prompt cache's stored value: one complete response, as KV ``llm_prompt_cache`` holds it.
 
 Written by the engine that generated the response (it saw every delta), read by the scheduler
-to replay a hit as the same event stream: ``StreamStart``, one ``TokenDelta`` per stored delta,
-``StreamEnd`` with ``cached=True``.
+to replay a hit as the same event stream: ``StreamStart``, one ``TokenDelta`` per stored delta
+(joined into one for a request that is not streamed), ``StreamEnd`` with ``cached=True``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,13 @@ class Usage(msgspec.Struct, kw_only=True):
 
 
 class StreamStart(msgspec.Struct, tag="start", tag_field="type", kw_only=True, omit_defaults=True):
-    """The engine ``worker`` accepted request ``id`` and is generating."""
+    """The engine ``worker`` accepted request ``id`` and is generating.
+
+    An engine publishes it *before* its ``DispatchReply(accepted=True)``, on the same connection,
+    so the producer learns which engine runs the request no later than the scheduler learns it was
+    accepted: an engine that dies right after accepting is found by its missed heartbeats rather
+    than by the request's deadline. A cached answer starts with ``worker`` ``"cache"``.
+    """
 
     id: str
     worker: str

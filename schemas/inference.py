@@ -78,8 +78,9 @@ class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     """An engine's immediate answer to ``llm.v1.engine.<worker>.generate``.
 
     ``accepted`` true means the engine owns the request and will stream events to its
-    ``reply_to``. ``in_flight``/``slots`` and ``status_seq`` let the scheduler update its view
-    of the engine without waiting for the next heartbeat.
+    ``reply_to``; it has already published the request's ``StreamStart`` there before answering.
+    ``in_flight``/``slots`` and ``status_seq`` let the scheduler update its view of the engine
+    without waiting for the next heartbeat.
     """
 
     accepted: bool

@@ -144,6 +144,17 @@ IDEMPOTENCY_BUCKET = "llm_idempotency"
 # API keys: key id -> ApiKeyRecord (only the SHA-256 of the key is stored).
 API_KEYS_BUCKET = "llm_api_keys"
 
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind KV ``bucket`` (JetStream's own naming: ``KV_<bucket>``)."""
+    return f"KV_{bucket}"
+
+
+def kv_subjects(bucket: str) -> str:
+    """Every key's subject of KV ``bucket`` (``$KV.<bucket>.>``); a key's is this prefix plus the key."""
+    return f"$KV.{bucket}.>"
+
+
 # --- training (used by the trainer issue) ---
 TRAIN_STREAM = "LLM_TRAIN"
 TRAIN_SUBMIT = f"{ROOT}.train.submit"

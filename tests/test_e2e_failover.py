@@ -54,7 +54,7 @@ class SimCluster:
         self.schedulers: list[str] = []
 
     async def start(self, engines: dict[str, int], *, schedulers: int = 1, token_rate: float = 0.0,
-                    ttft: float = 0.0, ack_wait: float | None = None) -> None:
+                    ttft: float = 0.0, ack_wait: float | None = None, scheduler_args: tuple[str, ...] = ()) -> None:
         self.server.start()
         nc = await nats.connect(self.server.url)
         js = nc.jetstream()
@@ -73,7 +73,8 @@ class SimCluster:
             self.engines.append(worker)
         for i in range(schedulers):
             name = f"scheduler-{i}"
-            await self.sup.start(ChildSpec(name, (py, "-m", "services.scheduler", "--nats-url", url, "--no-cache")))
+            await self.sup.start(ChildSpec(name, (py, "-m", "services.scheduler", "--nats-url", url, "--no-cache",
+                                                    *scheduler_args)))
             self.schedulers.append(name)
         await self.sup.start(ChildSpec("edge", (py, "-m", "services.edge", "--nats-url", url, "--port",
                                                 str(self.port))))

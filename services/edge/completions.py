@@ -70,7 +70,8 @@ def build_request(edge: Edge, parsed: ParsedRequest, id_prefix: str) -> Inferenc
     if model_id is None:
         raise BusError(ErrorCode.MODEL_NOT_FOUND, f"The model '{base}' does not exist or no engine "
                                                   "serves it now (see GET /v1/models)", param="model")
-    parsed = dataclasses.replace(parsed, adapter=adapter)
+    if adapter != parsed.adapter:
+        parsed = dataclasses.replace(parsed, adapter=adapter)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     now = time.time()
     timeout = parsed.timeout or edge.config.request_timeout

@@ -55,11 +55,17 @@ class EdgeMetrics:
                                  "Requests whose engine was lost: re-dispatched before the first token, migrated "
                                  "mid-stream, or ended because no failover was possible", ["outcome"],
                                  registry=registry)
+        # Both labels are bounded (route templates, HTTP statuses), so this stays small.
+        self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        children = self._answered.get((route, status))
+        if children is None:  # label children resolved once per (route, status): this runs for every request
+            children = self._answered[(route, status)] = (self.requests.labels(route, str(status)),
+                                                          self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def reject(self, reason: str | None) -> None:
         """Count one refused request (``None``: the failure was not a refusal, e.g. an engine crash)."""

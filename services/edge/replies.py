@@ -4,7 +4,9 @@ A request registers a queue under its id before it is published; events on
 ``_INBOX.<edge>.<request id>`` are decoded once and put on that queue. The router also
 remembers which engine (from ``StreamStart``) runs each request, so requests on an engine that
 stopped heart-beating get a local ``worker_lost`` event instead of waiting for their deadline
-(``InferenceCall`` then fails them over to another engine, see ``failover``).
+(``InferenceCall`` then fails them over to another engine, see ``failover``). Engines send
+``StreamStart`` before answering the scheduler "accepted", so an engine that dies between its
+accept and its first token is covered too.
 """
 
 from __future__ import annotations

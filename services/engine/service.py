@@ -173,8 +173,15 @@ class EngineService:
             return
         self.host.begin(hosted)  # before any await: an eviction must see the request
         self._running_on[req.id] = hosted
-        self._active[req.id] = asyncio.create_task(self._run(req, self._served_id(req.model) or hosted.id))
+        model = self._served_id(req.model) or hosted.id
+        self._active[req.id] = asyncio.create_task(self._run(req, model))
         self._status_seq += 1
+        # StreamStart before "accepted", on the same connection: NATS delivers one connection's
+        # messages in the order sent, so the producer knows which engine runs the request no later
+        # than the scheduler learns it was accepted (and acks it). An engine that dies right after
+        # accepting is then found by its missed heartbeats and the producer re-dispatches (issue 3),
+        # instead of waiting for its deadline. Both go out in the same socket write: no added latency.
+        await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model)))
         await request.respond(self._reply(True))
         self._status_changed.set()
 
@@ -196,13 +203,13 @@ class EngineService:
 
     # --- one request ---
     async def _run(self, req: InferenceRequest, model: str) -> None:
-        """Generate ``req`` and publish its events to ``req.reply_to``; always ends with one terminal event."""
+        """Generate ``req`` and publish its events to ``req.reply_to`` (after the ``StreamStart`` that
+        ``_on_generate`` sent); always ends with one terminal event."""
         progress = _Progress()
         start = time.monotonic()
         outcome = "ok"
         recorder = ResponseRecorder(model) if req.cache_key and self._responses is not None else None
         try:
-            await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model)))
             await self._generate(req, model, start, progress, recorder)
             if progress.terminal is None:
                 outcome = "cancelled"

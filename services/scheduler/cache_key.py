@@ -60,12 +60,17 @@ def _messages(messages: list[ChatMessage] | None) -> list[tuple[str, str, str | 
     return [(m.role, m.content, m.name) for m in messages]
 
 
+# The sampling fields whose default is a float (computed once: this runs for every request).
+_FLOAT_FIELDS = frozenset(name for name in SamplingParams.__struct_fields__
+                          if isinstance(getattr(SamplingParams(), name), float))
+
+
 def _normalised(sampling: SamplingParams) -> _KeySampling:
     """Every sampling field, with floats as floats (``0`` and ``0.0`` give the same key)."""
     values = msgspec.structs.asdict(sampling)
-    for name, value in values.items():
-        if isinstance(value, int) and isinstance(getattr(SamplingParams(), name), float):
-            values[name] = float(value)
+    for name in _FLOAT_FIELDS:
+        if isinstance(values[name], int):
+            values[name] = float(values[name])
     values["stop"] = list(sampling.stop)
     return _KeySampling(**values)
 

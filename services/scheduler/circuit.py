@@ -81,6 +81,10 @@ class CircuitBreakers:
             return True
         return False
 
+    def tracked(self) -> list[str]:
+        """Engines with a breaker on record (a failure since their last answer)."""
+        return list(self._breakers)
+
     def open_count(self) -> int:
         """Engines whose breaker is not closed (open or half-open): the ``coordinator_circuits_open`` gauge."""
         return sum(1 for b in self._breakers.values() if b.opened_at is not None)

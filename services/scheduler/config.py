@@ -36,6 +36,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     drain_timeout: Seconds = 10.0     # on shutdown, wait this long for dispatches under way
     # Prompt cache: TTL and byte bound are the KV bucket's own (infra/nats/jetstream.toml, `./cy infra apply --update`).
     cache_enabled: bool = True
+    # Hits read lately are kept in memory up to this many bytes (0 = every lookup reads KV); a kept entry is
+    # dropped at once when its key changes, and at most cache_mirror_check seconds after the bucket expired it.
+    cache_mirror_bytes: Annotated[int, msgspec.Meta(ge=0)] = 32 * 1024 * 1024
+    cache_mirror_check: Seconds = 1.0
     # Routing: the strategy until KV llm_scheduler_config key `strategy` says otherwise (and again if it is deleted).
     strategy: Strategy = Strategy.LEAST_CONNECTIONS
     weights: dict[str, float] = {}    # per-worker weights for `weighted` (override the heartbeat `weight`)

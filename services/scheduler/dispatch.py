@@ -25,13 +25,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from schemas import names
+from schemas.cache import CachedResponse
 from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
 from schemas.inference import DispatchReply, InferenceRequest
 from schemas.names import Lane
 from services.scheduler.cache_key import cache_key, is_cacheable
 from services.scheduler.cold_start import ColdStarter
-from services.scheduler.metrics import Attempt, Outcome, SchedulerMetrics
+from services.scheduler.metrics import Attempt, FailoverKind, Outcome, SchedulerMetrics
 from services.scheduler.placement import Placement
 from services.scheduler.prompt_cache import PromptCache
 from services.scheduler.recent import RecentIds
@@ -129,11 +130,21 @@ class Dispatcher:
         await self._admit_fresh(lane, msg, req)
 
     def _admit_fresh(self, lane: Lane, msg: Msg, req: InferenceRequest) -> IoWork:
-        """What ``admit`` does with a ``Dispatchable`` request: reserve an engine, then the I/O."""
+        """What ``admit`` does with a ``Dispatchable`` request: reserve an engine, then the I/O.
+
+        A hit this replica keeps in memory needs no engine: it is replayed without reserving one.
+        """
+        cache = self._cache
+        if cache is not None and is_cacheable(req):
+            key = cache_key(req, self._placement.canonical(req.model))
+            self._memory.dispatching.add(req.id)
+            if (hit := cache.kept(key)) is not None:
+                self._metrics.cache_lookup(True, local=True)
+                return self._answer_cached(lane, msg, req, hit, cache)
+            worker = self._placement.reserve(req.model, request=req)
+            return self._cached_or_dispatch(lane, msg, req, worker, cache, key)
         worker = self._placement.reserve(req.model, request=req)
         self._memory.dispatching.add(req.id)
-        if self._cache is not None and is_cacheable(req):
-            return self._cached_or_dispatch(lane, msg, req, worker, self._cache)
         if worker is None:
             self._memory.dispatching.discard(req.id)
             return self._unplaced(lane, msg, req)
@@ -153,23 +164,34 @@ class Dispatcher:
 
         return any(await asyncio.gather(*(ask(w) for w in workers)))
 
-    async def _cached_or_dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
-                                  cache: PromptCache) -> None:
-        """Answer ``req`` from ``cache``, or dispatch it (to the reserved ``worker``) to be cached."""
+    async def _answer_cached(self, lane: Lane, msg: Msg, req: InferenceRequest, hit: CachedResponse,
+                             cache: PromptCache) -> None:
+        """Replay ``hit`` to ``req``'s producer and settle the message (a replica kept the entry in memory)."""
         try:
-            key = cache_key(req, self._placement.canonical(req.model))
+            await self._replay(lane, msg, req, hit, cache)
+        finally:
+            self._memory.dispatching.discard(req.id)
+
+    async def _replay(self, lane: Lane, msg: Msg, req: InferenceRequest, hit: CachedResponse,
+                      cache: PromptCache) -> None:
+        self._memory.accepted.add(req.id)
+        try:
+            await cache.replay(req, hit)
+        except BUS_DOWN as exc:  # the client's edge sees its deadline or a lost stream; nothing to retry here
+            log.warning("cached answer to %s not fully sent: %s", req.id, exc)
+        await self._settle(lane, msg, Outcome.CACHED)
+
+    async def _cached_or_dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
+                                  cache: PromptCache, key: str) -> None:
+        """Answer ``req`` from ``cache``, or dispatch it (to the reserved ``worker``) to be cached under ``key``."""
+        try:
             hit = await cache.lookup(key)
             self._metrics.cache_lookup(hit is not None)
             if hit is not None:
                 if worker is not None:
                     self._placement.release(worker)  # reserved in admit(), not needed after all
                     self._on_release()
-                self._memory.accepted.add(req.id)
-                try:
-                    await cache.replay(req, hit)
-                except BUS_DOWN as exc:  # the client's edge sees its deadline or a lost stream; nothing to retry here
-                    log.warning("cached answer to %s not fully sent: %s", req.id, exc)
-                await self._settle(lane, msg, Outcome.CACHED)
+                await self._replay(lane, msg, req, hit, cache)
             elif worker is None:
                 await self._unplaced(lane, msg, req)
             else:
@@ -201,6 +223,7 @@ class Dispatcher:
                 worker = self._placement.reserve(req.model, exclude=tried, request=req) \
                     if len(tried) < self._max_attempts else None
                 if worker is not None:
+                    self._metrics.retry()
                     await self._keep_alive(msg)
             if unknown_adapter is not None:  # waiting in the queue would not make the adapter appear
                 await self._fail(lane, msg, req, ErrorCode.MODEL_NOT_FOUND,
@@ -283,7 +306,9 @@ class Dispatcher:
         self._memory.accepted.add(req.id)
         await self._jetstream(msg.ack())
         self._metrics.outcome(lane, Outcome.DISPATCHED)
-        self._metrics.dispatched(lane, time.monotonic() - taken_at, time.time() - req.created if req.created else None)
+        failover = None if not req.attempt else FailoverKind.MIGRATION if req.continuation else FailoverKind.REDISPATCH
+        self._metrics.dispatched(lane, time.monotonic() - taken_at, time.time() - req.created if req.created else None,
+                                 failover)
 
     async def _settle(self, lane: Lane, msg: Msg, outcome: Outcome) -> None:
         await self._jetstream(msg.ack())

@@ -1,15 +1,25 @@
 """Prometheus metrics of one scheduler replica (registry injected; bounded labels only).
 
-Named ``coordinator_*`` after the seed documents, like the engine's ``worker_*``.
+Named ``coordinator_*`` after the seed documents, like the engine's ``worker_*``. Failover is
+decided by the edge (it alone knows what the client was sent, see ``services.edge.failover``), so
+the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each scheduler replica
+counts the failover attempts it dispatched (``coordinator_failover_dispatches_total{kind}``), its
+own retries of a dispatch on another engine (``coordinator_dispatch_retries_total``) and every
+known engine's circuit-breaker state (``coordinator_circuit_state{worker,state}``, 1 for the
+current state, read from the breakers at scrape time).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from schemas.names import LANES_BY_PRIORITY, Lane
+from services.scheduler.circuit import CircuitState
 
 _DISPATCH_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -38,6 +48,49 @@ class Attempt(enum.StrEnum):
     NO_REPLY = "no_reply"
 
 
+class FailoverKind(enum.StrEnum):
+    """What a failover attempt re-published by the edge asks for (the ``kind`` label)."""
+
+    REDISPATCH = "redispatch"  # the engine was lost before any token reached the client: the same request
+    MIGRATION = "migration"    # lost mid-stream: the prompt plus the text so far, the remaining budget
+
+
+class CircuitStates(Collector):
+    """``coordinator_circuit_state{worker,state}``: 1 for each engine's breaker state now, 0 for the others.
+
+    Collected at scrape time because a breaker half-opens by the clock, not by an event.
+    """
+
+    NAME = "coordinator_circuit_state"
+
+    def __init__(self, states: Callable[[], Mapping[str, CircuitState]]) -> None:
+        self._states = states
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.NAME, "Circuit-breaker state of each engine (1 = current state)",
+                                 labels=["worker", "state"])
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (registration checks names only)."""
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per engine and state."""
+        family = self._family()
+        for _ in range(3):
+            try:
+                states = self._states()
+                break
+            except RuntimeError:  # the exporter scrapes on its own thread: the table changed while read
+                continue
+        else:
+            states = {}
+        for worker, current in sorted(states.items()):
+            for state in CircuitState:
+                family.add_metric([worker, state.value], 1.0 if state is current else 0.0)
+        yield family
+
+
 class SchedulerMetrics:
     """Every metric of the scheduler, registered on the injected ``registry``."""
 
@@ -61,10 +114,18 @@ class SchedulerMetrics:
                                   registry=registry)
         self.cache_misses = Counter("coordinator_cache_misses", "Cacheable requests not found in the prompt cache",
                                     registry=registry)
+        self.cache_local_hits = Counter("coordinator_cache_local_hits", "Prompt-cache hits served from this "
+                                        "replica's memory (no KV read); included in coordinator_cache_hits_total",
+                                        registry=registry)
         self.cache_hit_rate = Gauge("coordinator_cache_hit_rate", "Hits over cacheable lookups since start",
                                     registry=registry)
         self.circuits_open = Gauge("coordinator_circuits_open", "Engines whose circuit breaker is open or half-open",
                                    registry=registry)
+        self.retries = Counter("coordinator_dispatch_retries", "Dispatches offered to another engine after one "
+                               "answered busy or did not answer", registry=registry)
+        self.failover_dispatches = Counter("coordinator_failover_dispatches",
+                                           "Failover attempts (re-published by the edge after losing an engine) "
+                                           "accepted by an engine, by kind", ["kind"], registry=registry)
         self._hits = 0
         self._lookups = 0
         # Label children resolved once: these are touched for every request.
@@ -74,6 +135,11 @@ class SchedulerMetrics:
         self._outcomes = {(lane, o): self.requests.labels(lane.value, o.value)
                           for lane in LANES_BY_PRIORITY for o in Outcome}
         self._attempts = {a: self.attempts.labels(a.value) for a in Attempt}
+        self._failovers = {k: self.failover_dispatches.labels(k.value) for k in FailoverKind}
+
+    def watch_circuits(self, states: Callable[[], Mapping[str, CircuitState]]) -> None:
+        """Export ``states()`` (engine -> breaker state) as ``coordinator_circuit_state`` at every scrape."""
+        self.registry.register(CircuitStates(states))
 
     def outcome(self, lane: Lane, outcome: Outcome) -> None:
         """Count one message of ``lane`` ending with ``outcome``."""
@@ -83,19 +149,28 @@ class SchedulerMetrics:
         """Count one send to an engine."""
         self._attempts[result].inc()
 
-    def cache_lookup(self, hit: bool) -> None:
-        """Count one prompt-cache lookup and update the hit rate."""
+    def cache_lookup(self, hit: bool, *, local: bool = False) -> None:
+        """Count one prompt-cache lookup (``local``: a hit from memory) and update the hit rate."""
         self._lookups += 1
         if hit:
             self._hits += 1
             self.cache_hits.inc()
+            if local:
+                self.cache_local_hits.inc()
         else:
             self.cache_misses.inc()
         self.cache_hit_rate.set(self._hits / self._lookups)
 
-    def dispatched(self, lane: Lane, taken_for: float, queued_for: float | None) -> None:
-        """Record the latencies of one accepted dispatch (seconds)."""
+    def retry(self) -> None:
+        """Count one dispatch re-offered to another engine."""
+        self.retries.inc()
+
+    def dispatched(self, lane: Lane, taken_for: float, queued_for: float | None,
+                   failover: FailoverKind | None = None) -> None:
+        """Record the latencies of one accepted dispatch (seconds), and whether it was a failover attempt."""
         self._latency[lane].observe(taken_for)
+        if failover is not None:
+            self._failovers[failover].inc()
         if queued_for is not None and queued_for >= 0:
             self._wait[lane].observe(queued_for)
 

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 
 from schemas.inference import DispatchReply, InferenceRequest
 from services.common.worker_table import WorkerTable
-from services.scheduler.circuit import CircuitBreakers
+from services.scheduler.circuit import CircuitBreakers, CircuitState
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.response_times import ResponseTimes
 from services.scheduler.selection import RoutingContext, Strategy, choose, eligible, free_capacity, prefer_adapter
@@ -79,6 +79,11 @@ class Placement:
         if blocks:
             self.prefixes.record(blocks, state.worker)
         return state.worker
+
+    def circuit_states(self) -> dict[str, CircuitState]:
+        """The breaker state of every live engine and of every engine with a breaker on record."""
+        workers = {s.worker for s in self.table.live()}.union(self.breakers.tracked())
+        return {worker: self.breakers.state(worker) for worker in workers}
 
     def forget(self, worker: str) -> None:
         """``worker`` is gone (nothing listens on its generate subject): stop choosing it until it heartbeats again."""

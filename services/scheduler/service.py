@@ -72,6 +72,7 @@ class Scheduler:
                                    breakers=CircuitBreakers(failures=config.circuit_failures,
                                                             cooldown=config.circuit_cooldown))
         self.metrics = SchedulerMetrics(registry)
+        self.metrics.watch_circuits(self.placement.circuit_states)
         self.memory = RequestMemory(cancelled=RecentIds(config.recent_ttl), accepted=RecentIds(config.recent_ttl))
         self.lanes = LaneBook(fetch_wait=config.fetch_wait, probe_wait=config.probe_wait, max_batch=config.max_batch,
                               starvation_limit=config.starvation_limit)
@@ -116,7 +117,10 @@ class Scheduler:
         await self._feed.start()
         self._stack.push_async_callback(self._feed.stop)
         if self.config.cache_enabled and (kv := await optional_kv(self._js, names.PROMPT_CACHE_BUCKET, "the prompt cache is off")) is not None:
-            self._dispatcher.use_cache(PromptCache(self._nc, kv))
+            cache = await self._stack.enter_async_context(PromptCache(
+                self._nc, kv, mirror_bytes=self.config.cache_mirror_bytes,
+                check_interval=self.config.cache_mirror_check))
+            self._dispatcher.use_cache(cache)
         if self.config.cold_start:
             self._dispatcher.use_cold_start(ColdStarter(self._nc, self._js, self.placement,
                                                         timeout=self.config.cold_start_timeout))
