@@ -114,6 +114,8 @@ async def start_pipeline(tmp: Path, args, model_path: Path, port: int) -> tuple[
               "--worker-id", "bench-engine", "--slots", str(args.slots)]
     if args.engine in ("transformers", "llamacpp"):
         engine += ["--model-path", str(model_path)]
+    if args.threads:
+        engine += ["--threads", str(args.threads)]
     sup = Supervisor(tmp / "logs", cwd=REPO, console=None, report=lambda _m: None)
     await sup.start(ChildSpec("engine", tuple(engine)))
     await sup.start(ChildSpec("scheduler", (py, "-m", "services.scheduler", "--nats-url", server.url)))
@@ -137,11 +139,13 @@ async def main() -> None:
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--port", type=int, default=18080)
+    p.add_argument("--threads", type=int, default=0, help="engine CPU threads, both paths (0: the engine's default)")
     args = p.parse_args()
     # llama.cpp serves the default model's GGUF itself; transformers its safetensors copy.
     model_path = default_model_gguf() if args.engine == "llamacpp" else ensure_default_model(default_state_dir())
     cls = adapter_class(args.engine)
-    adapter = (cls(model_path=model_path, model_id="m", slots=args.slots) if args.engine != "simulated"
+    threads = {"threads": args.threads} if args.threads else {}
+    adapter = (cls(model_path=model_path, model_id="m", slots=args.slots, **threads) if args.engine != "simulated"
                else cls(model_id="m", slots=max(args.slots, 64)))
     await adapter.start()
     with tempfile.TemporaryDirectory(prefix="cy-bench-") as tmpdir:
@@ -168,7 +172,8 @@ async def main() -> None:
             await sup.stop_all(["edge", "scheduler", "engine"])
             server.stop()
             await adapter.close()
-    print(f"\nengine={args.engine} requests={args.requests} max_tokens={args.max_tokens} slots={args.slots}\n")
+    print(f"\nengine={args.engine} requests={args.requests} max_tokens={args.max_tokens} slots={args.slots} "
+          f"threads={args.threads or 'default'}\n")
     print("| mode | concurrency | requests | TTFT p50 ms | TTFT p99 ms | tokens/s | TTFT p50 added ms | tokens/s ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for i in range(0, len(rows), 2):
