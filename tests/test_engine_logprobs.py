@@ -114,23 +114,6 @@ async def test_the_simulated_engine_refuses_logprobs_as_unsupported():
     assert (info.value.code, info.value.param) == ("unsupported", "logprobs")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the llama.cpp engine needs [llamacpp]")
-async def test_the_llamacpp_engine_refuses_logprobs_as_unsupported():
-    from services.common.model_store import default_model_gguf
-
-    eng = adapter_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=1)
-    await eng.start()
-    try:
-        with pytest.raises(BusError) as info:
-            await run(eng, chat(logprobs=3))
-        assert (info.value.code, info.value.param) == ("unsupported", "logprobs")
-        assert "llama.cpp" in info.value.message
-        chunks, fin = await run(eng, chat(temperature=0.0, max_tokens=3))  # and still serves the rest
-        assert fin.completion_tokens > 0
-    finally:
-        await eng.close()
-
-
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (the [vllm] extra)")
 async def test_vllm_sample_logprobs_map_to_ours():
     from vllm.logprobs import FlatLogprobs, Logprob

@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 
 from schemas.errors import ErrorCode
+from schemas.events import TokenLogprob, TopLogprob
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
 from services.engine.model_thread import Failed, ModelThread
@@ -53,6 +55,7 @@ class GgufSequence:
     out_ids: list[int] = field(default_factory=list)
     last_token: int = -1
     pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
 
     @property
@@ -166,8 +169,10 @@ class GgufBatchGenerator(ModelThread):
             self._running = []
             return
         for seq, index in outputs:
+            # Before sampling: the model's own distribution, as OpenAI and vLLM report it.
+            raw = self._log_softmax(index) if seq.params.logprobs is not None else None
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, index)
-            self._advance(seq, token, events)
+            self._advance(seq, token, events, raw)
         self.steps += 1
         for seq in self._running:
             if seq.done:
@@ -205,7 +210,30 @@ class GgufBatchGenerator(ModelThread):
         batch.n_tokens = n
         return outputs
 
-    def _advance(self, seq: GgufSequence, token: int, events: list) -> None:
+    def _log_softmax(self, index: int) -> np.ndarray:
+        """Log-probabilities of the batch row ``index``'s raw logits (before penalties and temperature)."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._model.ctx, index),
+                                       shape=(self._model.n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        return shifted - np.log(np.exp(shifted).sum())
+
+    def _record_logprobs(self, seq: GgufSequence, raw: np.ndarray, token: int) -> None:
+        """Keep ``token``'s log-probability and the ``params.logprobs`` most likely alternatives."""
+        k = min(seq.params.logprobs or 0, raw.shape[0])
+        top: list[TopLogprob] = []
+        if k:
+            ids = np.argpartition(raw, -k)[-k:]
+            ids = ids[np.argsort(raw[ids])[::-1]]
+            top = [TopLogprob(token_id=int(i), token=self._model.decode([int(i)]), logprob=float(raw[i])) for i in ids]
+        seq.pending_logprobs.append(TokenLogprob(token_id=token, token=self._model.decode([token]),
+                                                 logprob=float(raw[token]), top=top))
+
+    def _take_pending(self, seq: GgufSequence, text: str) -> Chunk:
+        chunk = Chunk(text, seq.pending_ids, seq.pending_logprobs or None)
+        seq.pending_ids, seq.pending_logprobs = [], []
+        return chunk
+
+    def _advance(self, seq: GgufSequence, token: int, events: list, raw: np.ndarray | None = None) -> None:
         """Turn one sampled token into events."""
         seq.last_token = token
         if self._model.is_end_of_generation(token):
@@ -214,10 +242,11 @@ class GgufBatchGenerator(ModelThread):
         seq.generated += 1
         seq.out_ids.append(token)
         seq.pending_ids.append(token)
+        if raw is not None:
+            self._record_logprobs(seq, raw, token)
         text = seq.stop.feed(seq.detok.push(token))
         if text:
-            events.append((seq.request_id, Chunk(text, seq.pending_ids)))
-            seq.pending_ids = []
+            events.append((seq.request_id, self._take_pending(seq, text)))
         if seq.stop.stopped:
             self._finish(seq, "stop", events)
         elif seq.generated >= seq.max_new_tokens:
@@ -226,7 +255,7 @@ class GgufBatchGenerator(ModelThread):
     def _finish(self, seq: GgufSequence, reason: str, events: list) -> None:
         rest = seq.stop.flush() if not seq.stop.stopped else ""
         if rest or seq.pending_ids:
-            events.append((seq.request_id, Chunk(rest, seq.pending_ids)))
+            events.append((seq.request_id, self._take_pending(seq, rest)))
         events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated)))
         seq.done = True
 

@@ -10,7 +10,8 @@ streams (``gguf_batching.GgufBatchGenerator``); events come back once per step.
 PEFT adapters are refused with ``unsupported``: llama.cpp applies LoRA only in GGUF form, and
 turning a peft safetensors adapter into one needs llama.cpp's ``convert_lora_to_gguf.py``
 (with its ``convert_hf_to_gguf.py``), which the ``llama-cpp-python`` wheel does not ship.
-Requests asking for ``logprobs`` are refused with ``unsupported`` too.
+``logprobs`` are the log-softmax of llama.cpp's raw logits for each sampled token (before
+penalties and temperature, as OpenAI and vLLM report them).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
-from services.engine.adapter import EngineAdapter, GenerationEvent, refuse_logprobs
+from services.engine.adapter import EngineAdapter, GenerationEvent
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.gguf_batching import GgufBatchGenerator, GgufSequence
 from services.engine.model_thread import EventQueues
@@ -165,8 +166,6 @@ class LlamaCppEngine(EngineAdapter):
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
         if request.adapter:
             raise BusError(ErrorCode.UNSUPPORTED, _NO_ADAPTERS, param="adapter")
-        # The batch generator (gguf_batching) samples without keeping the distribution.
-        refuse_logprobs(request, "llama.cpp")
         prompt = self.render(request)
         check_context(len(prompt.ids), self.model.ctx_per_seq)
         async def submit() -> None:
