@@ -11,11 +11,16 @@ from typing import Union
 import msgspec
 
 
-class Usage(msgspec.Struct, kw_only=True):
-    """Real token counts: prompt tokens as fed to the model, completion tokens as generated."""
+class Usage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Real token counts: prompt tokens as fed to the model, completion tokens as generated.
+
+    ``cached_tokens`` of the prompt tokens were not computed again: the engine reused their KV
+    cache from an earlier request with the same prefix (OpenAI's ``prompt_tokens_details``).
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

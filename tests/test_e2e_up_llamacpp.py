@@ -25,6 +25,10 @@ def test_up_with_the_llamacpp_engine_serves_the_default_model(tmp_path, default_
             model=DEFAULT_MODEL_ID, messages=question, max_tokens=16, temperature=0, stream=True,
             extra_body={"cache": False}) if c.choices]
         assert "".join(pieces) == reply.choices[0].message.content  # greedy: the stream is the same answer
+        # The engine kept the first answer's KV: the same prompt again reuses all but its last token.
+        again = client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=question, max_tokens=16,
+                                               temperature=0, extra_body={"cache": False})
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
         engines = [m for m in client.models.list().data if m.id == DEFAULT_MODEL_ID]
         assert engines, "the llama.cpp engine's model is listed"
     finally:

@@ -87,7 +87,8 @@ class ChoiceCalls:
         ended = [call.usage for call in self.calls if call.usage is not None]
         if not ended:
             return None
-        return Usage(prompt_tokens=ended[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in ended))
+        return Usage(prompt_tokens=ended[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in ended),
+                     cached_tokens=ended[0].cached_tokens)
 
 
 def _raise(item: StreamEvent | BusError) -> None:

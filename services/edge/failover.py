@@ -59,8 +59,8 @@ class Delivered:
                 if self.attempt:
                     return msgspec.structs.replace(event, id=request_id, seq=self.seq)
             case StreamEnd() if self.attempt:
-                usage = Usage(prompt_tokens=event.usage.prompt_tokens,
-                              completion_tokens=event.usage.completion_tokens + self.carried)
+                usage = msgspec.structs.replace(event.usage,
+                                                completion_tokens=event.usage.completion_tokens + self.carried)
                 return msgspec.structs.replace(event, id=request_id, seq=self.seq + 1, usage=usage)
             case StreamError() if self.attempt:
                 return msgspec.structs.replace(event, id=request_id, seq=self.seq + 1)

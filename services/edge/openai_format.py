@@ -21,10 +21,13 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 _encode = msgspec.json.Encoder().encode
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
-    """OpenAI's usage object."""
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+def usage_dict(usage: Usage) -> dict:
+    """OpenAI's usage object (``prompt_tokens_details.cached_tokens`` when the engine reused a prefix)."""
+    body = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens}
+    if usage.cached_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return body
 
 
 def sse(payload: bytes) -> bytes:

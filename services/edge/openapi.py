@@ -38,7 +38,8 @@ _INT = {"type": "integer"}
 _STR = {"type": "string"}
 _NULLABLE_STR = {"type": ["string", "null"]}
 _USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT,
-              completion_tokens=_INT, total_tokens=_INT)
+              completion_tokens=_INT, total_tokens=_INT,
+              prompt_tokens_details=_obj(["cached_tokens"], cached_tokens=_INT))
 _NATIVE_USAGE = _obj(["promptTokens", "completionTokens", "totalTokens"], promptTokens=_INT,
                      completionTokens=_INT, totalTokens=_INT)
 _ANY_OBJECT = {"type": "object"}

@@ -33,6 +33,7 @@ class Finished:
     reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier request (prefix caching)
 
 
 GenerationEvent = Chunk | Finished

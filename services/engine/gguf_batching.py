@@ -256,7 +256,7 @@ class GgufBatchGenerator(ModelThread):
         rest = seq.stop.flush() if not seq.stop.stopped else ""
         if rest or seq.pending_ids:
             events.append((seq.request_id, self._take_pending(seq, rest)))
-        events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated)))
+        events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated, seq.reused)))
         seq.done = True
 
     def _release(self, seq: GgufSequence, keep: bool = True) -> None:

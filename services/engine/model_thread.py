@@ -74,7 +74,8 @@ class EventQueues:
                     raise BusError(event.code, event.message)
                 if isinstance(event, Finished):
                     finished = True
-                    yield Finished(event.reason, event.prompt_tokens - continued, event.completion_tokens)
+                    billed = event.prompt_tokens - continued
+                    yield Finished(event.reason, billed, event.completion_tokens, min(event.cached_tokens, billed))
                     return
                 yield event
         finally:

@@ -259,8 +259,9 @@ class EngineService:
                         recorder.delta(event.text, event.token_ids)
                 else:
                     usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-                    progress.terminal = encode(StreamEnd(id=req.id, seq=progress.seq, finish_reason=event.reason,
-                                                         usage=usage))
+                    progress.terminal = encode(StreamEnd(
+                        id=req.id, seq=progress.seq, finish_reason=event.reason,
+                        usage=msgspec.structs.replace(usage, cached_tokens=event.cached_tokens)))
                     if recorder is not None:
                         progress.cached = recorder.finished(event.reason, usage)
                     self._observe_finished(model, start, progress.first, usage)
