@@ -63,6 +63,20 @@ class CyUp:
             time.sleep(0.2)
         raise TimeoutError(f"cy up was not ready within {timeout}s:\n{self.output()}")
 
+    def __enter__(self) -> "CyUp":
+        """Wait until it serves (a failed start still stops it)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Stop it, as Ctrl-C would; it must exit cleanly."""
+        code = self.stop()
+        assert code == 0, f"cy up did not stop cleanly (exit {code}):\n{self.output()[-3000:]}"
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; the exit status."""
         if self.proc.poll() is None:

@@ -16,13 +16,8 @@ STORY = [{"role": "user", "content": "Tell me a short story about a fox."}]
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, default_model_dir):
-    up = CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-choices"), default_model_dir))
-    try:
-        up.wait_ready()
+    with CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-choices"), default_model_dir)) as up:
         yield up
-    finally:
-        code = up.stop()
-        assert code == 0, f"cy up did not stop cleanly (exit {code}):\n{up.output()[-3000:]}"
 
 
 @pytest_asyncio.fixture(loop_scope="module")

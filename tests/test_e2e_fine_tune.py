@@ -29,13 +29,8 @@ def dataset() -> bytes:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, default_model_dir):
-    up = CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-ft"), default_model_dir))
-    try:
-        up.wait_ready()
+    with CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-ft"), default_model_dir)) as up:
         yield up
-    finally:
-        code = up.stop()
-        assert code == 0, f"cy up did not stop cleanly (exit {code}):\n{up.output()[-3000:]}"
 
 
 async def test_fine_tune_with_the_sdk_then_chat_with_the_result(platform):

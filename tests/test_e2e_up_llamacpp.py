@@ -13,9 +13,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_up_with_the_llamacpp_engine_serves_the_default_model(tmp_path, default_model_dir):
-    up = CyUp(state_dir_with_models(tmp_path, default_model_dir), "--engine", "llamacpp", "--no-trainer")
-    try:
-        up.wait_ready()
+    with CyUp(state_dir_with_models(tmp_path, default_model_dir), "--engine", "llamacpp", "--no-trainer") as up:
         client = openai.OpenAI(base_url=f"{up.url}/v1", api_key="unused", max_retries=0)
         question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
         reply = client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=question, max_tokens=16,
@@ -31,6 +29,3 @@ def test_up_with_the_llamacpp_engine_serves_the_default_model(tmp_path, default_
         assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
         engines = [m for m in client.models.list().data if m.id == DEFAULT_MODEL_ID]
         assert engines, "the llama.cpp engine's model is listed"
-    finally:
-        code = up.stop()
-        assert code == 0, f"cy up did not stop cleanly (exit {code}):\n{up.output()[-3000:]}"
