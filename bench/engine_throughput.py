@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/engine_throughput.py [--engine vllm transformers llamacpp llama-cpp-python]
                                                 [--concurrency 1 8] [--max-tokens 64] [--rounds 2]
-                                                [--vllm-no-lora] [--threads N]
+                                                [--vllm-no-lora] [--threads N] [--adapters 0 1 4]
 
 Each engine serves the default model (safetensors copy; the shipped GGUF for ``llamacpp``) with
 ``slots`` = the highest concurrency. ``llama-cpp-python`` is the reference for the llama.cpp
@@ -12,6 +12,10 @@ For every concurrency ``c``, ``c`` greedy chat requests with distinct prompts ru
 times after one warm-up; tok/s is completion tokens over wall time, summed over all requests.
 Engines run one after another so they do not compete for the CPU. vLLM runs with LoRA support on
 (as ``--engine vllm`` does); ``--vllm-no-lora`` measures it without.
+
+``--adapters K...`` measures multi-LoRA serving: for each K, the requests are spread round-robin
+over K different LoRA adapters (r=8 on q/v/o/down, random weights, made once under the state
+directory; 0 = the base model), so K=4 at concurrency 8 is two requests per adapter.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ TOPICS = ["a brave cat", "the sea", "a lighthouse", "a robot", "a dragon", "the 
           "a baker", "a comet", "a violin", "a desert"]
 
 
-def request(i: int, max_tokens: int) -> InferenceRequest:
-    """A greedy chat request with a prompt of its own."""
+def request(i: int, max_tokens: int, adapters: list[str] = ()) -> InferenceRequest:
+    """A greedy chat request with a prompt of its own (and the ``i``-th of ``adapters``, round-robin)."""
     return InferenceRequest(id=f"b-{uuid.uuid4().hex[:12]}", model="m", reply_to="unused",
+                            adapter=adapters[i % len(adapters)] if adapters else None,
                             messages=[ChatMessage(role="user", content=f"Write a long story about {TOPICS[i % 12]}.")],
                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
@@ -54,12 +59,13 @@ async def one(engine, req: InferenceRequest) -> tuple[int, float]:
     return fin.completion_tokens, ttft or 0.0
 
 
-async def measure(engine, concurrency: int, max_tokens: int, rounds: int) -> tuple[float, float]:
+async def measure(engine, concurrency: int, max_tokens: int, rounds: int, adapters: list[str] = ()
+                  ) -> tuple[float, float]:
     """Aggregate tok/s and median TTFT (s) over ``rounds`` batches of ``concurrency`` requests."""
     tokens, wall, ttfts = 0, 0.0, []
     for _ in range(rounds):
         start = time.perf_counter()
-        results = await asyncio.gather(*[one(engine, request(i, max_tokens)) for i in range(concurrency)])
+        results = await asyncio.gather(*[one(engine, request(i, max_tokens, adapters)) for i in range(concurrency)])
         wall += time.perf_counter() - start
         tokens += sum(n for n, _ in results)
         ttfts += [t for _, t in results]
@@ -100,10 +106,24 @@ def reference_llama_cpp(levels: list[int], max_tokens: int, rounds: int, threads
     return rows
 
 
+def make_adapters(model_dir: Path, count: int) -> Path:
+    """``count`` LoRA adapters ``bench-lora-<i>`` for the default model, made once; their root directory."""
+    from tests.lora_support import make_adapter
+
+    root = default_state_dir() / "bench-adapters"
+    for i in range(count):
+        if not (root / f"bench-lora-{i}" / "adapter_config.json").is_file():
+            make_adapter(model_dir, root / f"bench-lora-{i}", "lora", 100 + i)
+    return root
+
+
 async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, rounds: int,
-                extra: dict) -> list[tuple]:
-    """Start ``name`` on the default model, warm it up, then measure every concurrency level."""
+                extra: dict, adapter_levels: list[int] = (0,)) -> list[tuple]:
+    """Start ``name`` on the default model, warm it up, then measure every concurrency level (per adapter count)."""
     path = default_model_gguf() if name == "llamacpp" else model_dir
+    if max(adapter_levels):
+        extra = extra | {"adapter_dirs": [str(make_adapters(model_dir, max(adapter_levels)))],
+                         "max_adapters": max(adapter_levels)}
     engine = adapter_class(name)(model_path=path, model_id="m", slots=max(levels), **extra)
     started = time.perf_counter()
     await engine.start()
@@ -111,10 +131,14 @@ async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, 
     rows = []
     try:
         await one(engine, request(0, 8))
-        for c in levels:
-            tok_s, ttft = await measure(engine, c, max_tokens, rounds)
-            rows.append((name + (" (no LoRA)" if extra.get("enable_lora") is False else ""), c, tok_s, tok_s / c,
-                         ttft, startup))
+        for k in adapter_levels:
+            adapters = [f"bench-lora-{i}" for i in range(k)]
+            for a in adapters:  # load (and for llama.cpp convert) each adapter outside the measurement
+                await one(engine, request(0, 2, [a]))
+            label = name + (" (no LoRA)" if extra.get("enable_lora") is False else "") + (f" {k} LoRA" if k else "")
+            for c in levels:
+                tok_s, ttft = await measure(engine, c, max_tokens, rounds, adapters)
+                rows.append((label, c, tok_s, tok_s / c, ttft, startup))
     finally:
         await engine.close()
     return rows
@@ -131,10 +155,10 @@ async def main(args) -> None:
         extra = {"enable_lora": False} if name == "vllm" and args.vllm_no_lora else {}
         if args.threads:
             extra["threads"] = args.threads
-        rows += await bench(name, model_dir, args.concurrency, args.max_tokens, args.rounds, extra)
-    print(f"\n{'engine':<20}{'conc':>5}{'tok/s':>10}{'tok/s/req':>11}{'ttft p50':>10}{'startup':>9}")
+        rows += await bench(name, model_dir, args.concurrency, args.max_tokens, args.rounds, extra, args.adapters)
+    print(f"\n{'engine':<26}{'conc':>5}{'tok/s':>10}{'tok/s/req':>11}{'ttft p50':>10}{'startup':>9}")
     for name, c, tok_s, per, ttft, startup in rows:
-        print(f"{name:<20}{c:>5}{tok_s:>10.1f}{per:>11.1f}{ttft * 1000:>8.0f}ms{startup:>8.0f}s")
+        print(f"{name:<26}{c:>5}{tok_s:>10.1f}{per:>11.1f}{ttft * 1000:>8.0f}ms{startup:>8.0f}s")
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that re-import this module
@@ -145,4 +169,6 @@ if __name__ == "__main__":  # vLLM spawns worker processes that re-import this m
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--vllm-no-lora", action="store_true", help="start vLLM without LoRA support")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every engine (0: each one's default)")
+    p.add_argument("--adapters", nargs="+", type=int, default=[0],
+                   help="LoRA adapter counts to spread the requests over (0: the base model)")
     asyncio.run(main(p.parse_args()))

@@ -145,16 +145,6 @@ async def test_logprobs_are_llama_cpps_own_log_softmax(engine):
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_an_adapter_request_is_refused_as_unsupported(engine):
-    with pytest.raises(BusError) as info:
-        await run(engine, chat(adapter="my-lora", max_tokens=4))
-    assert info.value.code == ErrorCode.UNSUPPORTED and "GGUF" in info.value.message
-    with pytest.raises(BusError) as info:
-        await engine.check_adapter("my-lora")
-    assert info.value.code == ErrorCode.UNSUPPORTED
-
-
-@pytest.mark.asyncio(loop_scope="module")
 async def test_a_continuation_carries_on_the_answer_and_bills_only_the_prompt(engine):
     full, whole = await run(engine, chat(max_tokens=20))
     head = full[: full.rindex(" ", 0, len(full) // 2)]  # at a word boundary, so it tokenizes as generated

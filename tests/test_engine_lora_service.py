@@ -29,11 +29,12 @@ BASE = "SmolLM2-135M-Instruct"
 
 
 @contextlib.asynccontextmanager
-async def transformers_engine(nats_url: str, model_dir, cache_dir):
+async def engine_service(nats_url: str, engine: str, model_dir, cache_dir):
     worker = f"w-{uuid.uuid4().hex[:8]}"
-    cfg = parse_args(["--nats-url", nats_url, "--engine", "transformers", "--model-id", BASE, "--model-path",
-                      str(model_dir), "--worker-id", worker, "--heartbeat-interval", "0.5",
-                      "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
+    # llama.cpp serves the GGUF shipped for the default model; transformers its safetensors copy.
+    model = ["--model-path", str(model_dir)] if engine == "transformers" else []
+    cfg = parse_args(["--nats-url", nats_url, "--engine", engine, "--model-id", BASE, *model, "--worker-id", worker,
+                      "--heartbeat-interval", "0.5", "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
     service = EngineService(cfg, build_adapter(cfg), EngineMetrics(CollectorRegistry()))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
@@ -60,8 +61,11 @@ async def generated(nc, worker: str, adapter: str | None) -> list[int]:
     return [t for e in events if isinstance(e, TokenDelta) for t in e.token_ids]
 
 
+@pytest.mark.parametrize("engine", ["transformers", "llamacpp"])
 async def test_adapter_is_fetched_from_the_object_store_and_served(nc, js, nats_server, default_model_dir,
-                                                                  tmp_path):
+                                                                  tmp_path, engine):
+    if engine == "llamacpp":
+        pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
     adapter_id = f"ft-bot-{uuid.uuid4().hex[:6]}"
     src = make_adapter(default_model_dir, tmp_path / "src", "lora", 11)
     store = await js.object_store(names.ARTIFACTS_STORE)
@@ -72,7 +76,7 @@ async def test_adapter_is_fetched_from_the_object_store_and_served(nc, js, nats_
     await registry.put(names.slug(adapter_id), msgspec.json.encode(entry))
     status = await nc.subscribe(names.WORKER_STATUS_ALL)
 
-    async with transformers_engine(nats_server.url, default_model_dir, tmp_path / "cache") as (service, worker):
+    async with engine_service(nats_server.url, engine, default_model_dir, tmp_path / "cache") as (service, worker):
         base = await generated(nc, worker, None)
         tuned = await generated(nc, worker, adapter_id)
         assert tuned != base
@@ -101,5 +105,11 @@ async def test_adapter_is_fetched_from_the_object_store_and_served(nc, js, nats_
         assert (await dispatch(nc, worker, req)).accepted
         events = await events_until_terminal(sub, timeout=30)
         assert isinstance(events[-1], StreamError) and events[-1].code == ErrorCode.MODEL_NOT_FOUND
+        if engine == "llamacpp":  # a registered method llama.cpp cannot apply is refused before the dispatch
+            dora = f"ft-dora-{uuid.uuid4().hex[:6]}"
+            await registry.put(names.slug(dora), msgspec.json.encode(ModelEntry(
+                id=dora, kind=ADAPTER, base=BASE, method="dora", source=f"artifact:{artifacts.adapter_object(dora)}")))
+            reply = await dispatch(nc, worker, msgspec.structs.replace(request(inbox, model=BASE), adapter=dora))
+            assert not reply.accepted and reply.code == ErrorCode.UNSUPPORTED and "DORA" in reply.message
         # The base model is still served as before.
         assert await generated(nc, worker, None) == base

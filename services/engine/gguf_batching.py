@@ -14,6 +14,11 @@ ascending order, into one micro-batch; anything else is split into one graph per
 So rows go into the batch sorted by sequence id and a new sequence takes the lowest free id
 (filling the gap a finished one left). Before this, ids came back in finishing order and a
 step of 8 sequences could run as 8 graphs: 63-65 tok/s for 8 streams instead of 161-169.
+
+LoRA adapters (``gguf_lora.GgufLoras``): llama.cpp applies one adapter set to a whole
+``llama_decode``, so a step runs one decode per adapter among its sequences (the base model's
+first), switching the context's adapter before each. Kept KV is reused only by a sequence
+with the same adapter (an adapter on q/k/v changes the cached keys and values).
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-from schemas.errors import ErrorCode
+from schemas.errors import BusError, ErrorCode
 from schemas.events import TokenLogprob, TopLogprob
 from schemas.inference import SamplingParams
 from services.engine.adapter import Chunk, Finished
 from services.engine.model_thread import Failed, ModelThread
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.gguf_lora import AdapterListener, GgufLoras
 from services.engine.gguf_model import PREFILL_TOKEN_BUDGET, GgufModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,8 @@ class GgufSequence:
     max_new_tokens: int
     detok: IncrementalDetokenizer
     stop: StopMatcher
+    adapter: str | None = None  # with the GGUF form of it at adapter_path; None: the base model
+    adapter_path: Path | None = None
     seq_id: int = -1
     sampler: object = None
     n_past: int = 0  # tokens of this sequence in its KV stream
@@ -71,6 +81,10 @@ def _by_seq_id(seq: GgufSequence) -> int:
     return seq.seq_id
 
 
+def _by_adapter(seq: GgufSequence) -> tuple[bool, str]:
+    return seq.adapter is not None, seq.adapter or ""
+
+
 def _common_prefix(a, b) -> int:
     """Length of the common prefix of two token lists."""
     n = 0
@@ -79,19 +93,23 @@ def _common_prefix(a, b) -> int:
             break
         n += 1
     return n
+
+
 Delivery = Callable[[list[tuple[str, Event]]], None]
 
 
 class GgufBatchGenerator(ModelThread):
     """The model thread: admits sequences, runs one batched decode per step, delivers events per step."""
 
-    def __init__(self, model: GgufModel, deliver: Delivery) -> None:
+    def __init__(self, model: GgufModel, deliver: Delivery, *, max_adapters: int = 8,
+                 on_adapters: AdapterListener | None = None) -> None:
         super().__init__("cy-llamacpp-batch", deliver)
         self._model = model
+        self.loras = GgufLoras(model, max_adapters, on_adapters)
         self._free_ids = list(range(model.shape.n_seq - 1, -1, -1))
-        # Tokens whose KV a free stream still holds (what its last sequence had fed): the next
-        # sequence that shares a prefix with them skips prefilling it.
-        self._cached: dict[int, list[int]] = {}
+        # Tokens whose KV a free stream still holds (what its last sequence had fed), with the adapter
+        # that computed them: the next sequence with that adapter sharing a prefix skips prefilling it.
+        self._cached: dict[int, tuple[str | None, list[int]]] = {}
         self.reused_tokens = 0
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
@@ -104,7 +122,7 @@ class GgufBatchGenerator(ModelThread):
                 self._collect(block=not self._running and not self._waiting)
                 events: list[tuple[str, Event]] = []
                 self._drop_aborted()
-                self._admit()
+                self._admit(events)
                 try:
                     if self._running:
                         self._step(events)
@@ -119,6 +137,7 @@ class GgufBatchGenerator(ModelThread):
         finally:
             for seq in self._running:
                 self._release(seq)
+            self.loras.close()
             llama_cpp.llama_batch_free(self._batch)
 
     def _drop_aborted(self) -> None:
@@ -130,19 +149,30 @@ class GgufBatchGenerator(ModelThread):
                 self._release(seq)
         self._running = [s for s in self._running if not s.done]
 
-    def _admit(self) -> None:
+    def _admit(self, events: list) -> None:
         """Give waiting sequences a free sequence id and a sampler; their prompts feed from the next step.
 
         A sequence takes the free stream whose kept tokens share the longest prefix with its
         prompt (a shared system prompt, the earlier turns of a chat), else the lowest free id.
         The kept cells past the shared prefix are dropped; at least the prompt's last token is
-        decoded again, because its logits are what the first sample needs.
+        decoded again, because its logits are what the first sample needs. A sequence whose adapter
+        cannot be loaded until a busy one goes idle waits; one llama.cpp refuses fails alone.
         """
+        blocked: list[GgufSequence] = []
         while self._waiting and self._free_ids:
             seq = self._waiting.pop(0)
+            if seq.adapter is not None:
+                try:
+                    if not self.loras.ensure(seq.adapter, seq.adapter_path, {s.adapter for s in self._running}):
+                        blocked.append(seq)
+                        continue
+                except BusError as exc:
+                    events.append((seq.request_id, Failed(exc.code, exc.message)))
+                    continue
             best, shared = self._free_ids[-1], 0  # _free_ids is kept in descending order
             for seq_id in reversed(self._free_ids):  # lowest id first, so ties keep ids low
-                common = _common_prefix(self._cached.get(seq_id, ()), seq.prompt_ids)
+                adapter, kept = self._cached.get(seq_id, (None, ()))
+                common = _common_prefix(kept, seq.prompt_ids) if adapter == seq.adapter else 0
                 if common > shared:
                     best, shared = seq_id, common
             self._free_ids.remove(best)
@@ -154,32 +184,39 @@ class GgufBatchGenerator(ModelThread):
             self.reused_tokens += seq.reused
             seq.sampler = self._model.new_sampler(seq.params, seq.seed, seq.max_new_tokens)
             self._running.append(seq)
+        self._waiting[:0] = blocked
         self._running.sort(key=_by_seq_id)
 
     def _step(self, events: list) -> None:
-        """One ``llama_decode``: a token per decoding sequence, then prompt chunks; sample where logits came out."""
-        outputs = self._fill_batch()
-        rc = llama_cpp.llama_decode(self._model.ctx, self._batch)
-        if rc != 0:
-            # 1: no KV slot; 2: aborted; <0: error. The step's sequences are in an unknown state: fail them.
-            log.error("llama_decode failed (%d); failing %d sequences", rc, len(self._running))
-            for seq in self._running:
-                events.append((seq.request_id, Failed(ErrorCode.ENGINE_FAILED, f"llama_decode failed with {rc}")))
-                self._release(seq, keep=False)
-            self._running = []
-            return
-        for seq, index in outputs:
-            # Before sampling: the model's own distribution, as OpenAI and vLLM report it.
-            raw = self._log_softmax(index) if seq.params.logprobs is not None else None
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, index)
-            self._advance(seq, token, events, raw)
+        """One step: a ``llama_decode`` per adapter in use (base model first), each with its sequences' rows."""
+        groups = [list(g) for _, g in groupby(sorted(self._running, key=_by_adapter), key=_by_adapter)]
+        for seqs in groups:  # sorted() is stable: each group stays in ascending sequence id
+            self.loras.apply(seqs[0].adapter)
+            self._decode(seqs, events)
         self.steps += 1
         for seq in self._running:
             if seq.done:
                 self._release(seq)
         self._running = [s for s in self._running if not s.done]
 
-    def _fill_batch(self) -> list[tuple[GgufSequence, int]]:
+    def _decode(self, seqs: list[GgufSequence], events: list) -> None:
+        """One ``llama_decode``: a token per decoding sequence, then prompt chunks; sample where logits came out."""
+        outputs = self._fill_batch(seqs)
+        rc = llama_cpp.llama_decode(self._model.ctx, self._batch)
+        if rc != 0:
+            # 1: no KV slot; 2: aborted; <0: error. These sequences are in an unknown state: fail them.
+            log.error("llama_decode failed (%d); failing %d sequences", rc, len(seqs))
+            for seq in seqs:
+                events.append((seq.request_id, Failed(ErrorCode.ENGINE_FAILED, f"llama_decode failed with {rc}")))
+                self._release(seq, keep=False)
+            return
+        for seq, index in outputs:
+            # Before sampling: the model's own distribution, as OpenAI and vLLM report it.
+            raw = self._log_softmax(index) if seq.params.logprobs is not None else None
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, index)
+            self._advance(seq, token, events, raw)
+
+    def _fill_batch(self, seqs: list[GgufSequence]) -> list[tuple[GgufSequence, int]]:
         """Write this step's tokens into the batch; return (sequence, batch index) of every row with logits."""
         batch, n, outputs = self._batch, 0, []
 
@@ -195,11 +232,11 @@ class GgufBatchGenerator(ModelThread):
             seq.n_past += 1
             n += 1
 
-        for seq in self._running:  # in ascending sequence id: see the module docstring
+        for seq in seqs:  # in ascending sequence id: see the module docstring
             if not seq.prefilling:
                 put(seq, seq.last_token, True)
         budget = self._capacity - n
-        for seq in self._running:
+        for seq in seqs:
             if budget <= 0:
                 break
             if seq.prefilling:
@@ -265,7 +302,7 @@ class GgufBatchGenerator(ModelThread):
         seq.done = True
         if seq.seq_id >= 0:
             if keep:
-                self._cached[seq.seq_id] = (seq.prompt_ids + seq.out_ids)[:seq.n_past]
+                self._cached[seq.seq_id] = (seq.adapter, (seq.prompt_ids + seq.out_ids)[:seq.n_past])
             else:
                 llama_cpp.llama_memory_seq_rm(self._model.memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)

@@ -187,6 +187,11 @@ class GgufModel:
             llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
         return buf.value.decode("utf-8", errors="replace")
 
+    @property
+    def handle(self):
+        """The ``llama_model`` pointer (for adapters loaded into it)."""
+        return self._model
+
     def model_bytes(self) -> int:
         """Size of the model's tensors."""
         return int(llama_cpp.llama_model_size(self._model))

@@ -31,6 +31,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.registry import ADAPTER, ModelEntry
 from services.common import artifacts
 from services.common.model_ref import check_adapter_id
+from services.engine.adapter import AdapterChange
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +178,42 @@ def _unpack_atomically(data: bytes, target: Path, adapter: str) -> None:
                        param="model") from None
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+class ThreadedAdapters:
+    """Mixin for an engine whose model thread loads adapters (transformers, llama.cpp): the loop-side half.
+
+    Resolves adapters (``self._adapters``, an ``AdapterResolver``) and turns the model thread's
+    ``(loaded, loads, evictions)`` reports into ``AdapterChange`` events on the loop. Call
+    ``_init_adapters`` in ``__init__``; set ``self._loop`` when the engine starts.
+    """
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _init_adapters(self, resolver: AdapterResolver) -> None:
+        self._adapters = resolver
+        self._loaded_adapters: list[str] = []
+        self._adapter_totals = (0, 0)
+
+    def bind_bus(self, js: JetStreamContext) -> None:
+        """Resolve adapters through the model registry and the artifact store of ``js`` too."""
+        self._adapters.bind(js)
+
+    async def check_adapter(self, adapter: str) -> None:
+        """Known (locally or in the registry) and for this base model, else ``BusError``."""
+        await self._adapters.locate(adapter)
+
+    def loaded_adapters(self) -> list[str]:
+        """Adapters in the model now, least recently used first."""
+        return list(self._loaded_adapters)
+
+    def _adapters_changed(self, loaded: list[str], loads: int, evictions: int) -> None:
+        # Runs in the model thread.
+        self._loop.call_soon_threadsafe(self._publish_adapters, loaded, loads, evictions)
+
+    def _publish_adapters(self, loaded: list[str], loads: int, evictions: int) -> None:
+        before_loads, before_evictions = self._adapter_totals
+        self._adapter_totals = (loads, evictions)
+        self._loaded_adapters = loaded
+        if self.adapter_listener is not None:
+            self.adapter_listener(AdapterChange(loaded, loads - before_loads, evictions - before_evictions))

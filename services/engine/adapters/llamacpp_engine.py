@@ -7,9 +7,12 @@ with the GGUF vocabulary on the event loop, so the prompt counted in usage is ex
 decoded. Generation runs in one model thread with continuous batching over per-sequence KV
 streams (``gguf_batching.GgufBatchGenerator``); events come back once per step.
 
-PEFT adapters are refused with ``unsupported``: llama.cpp applies LoRA only in GGUF form, and
-turning a peft safetensors adapter into one needs llama.cpp's ``convert_lora_to_gguf.py``
-(with its ``convert_hf_to_gguf.py``), which the ``llama-cpp-python`` wheel does not ship.
+PEFT LoRA adapters are served per request: llama.cpp applies LoRA only in GGUF form, so an
+adapter is located like on every engine (``lora.AdapterResolver``), converted once into a GGUF
+LoRA (``lora_gguf``; cached by content under the adapter cache directory) and loaded into the
+model by the model thread, which decodes each adapter's sequences in their own ``llama_decode``
+(``gguf_lora``). Other PEFT methods (DoRA, IA3, LoHa...) have no llama.cpp form and are
+refused with ``unsupported`` before the dispatch is accepted.
 ``logprobs`` are the log-softmax of llama.cpp's raw logits for each sampled token (before
 penalties and temperature, as OpenAI and vLLM report them).
 """
@@ -25,19 +28,18 @@ from pathlib import Path
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
+from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
+                                         default_state_dir)
 from services.engine.adapter import EngineAdapter, GenerationEvent
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.gguf_batching import GgufBatchGenerator, GgufSequence
 from services.engine.model_thread import EventQueues
 from services.engine.gguf_model import ContextShape, GgufModel, find_gguf
+from services.engine.lora import AdapterResolver, ThreadedAdapters, read_adapter_config
+from services.engine.lora_gguf import LORA_METHODS, BaseHeader, check_config, converted_adapter, read_base_header
 from services.engine.prompt import RenderedPrompt, check_context
 
 log = logging.getLogger(__name__)
-
-_NO_ADAPTERS = ("the llama.cpp engine does not serve PEFT adapters: llama.cpp needs them converted to GGUF "
-                "(convert_lora_to_gguf.py, not shipped with llama-cpp-python); use the transformers engine")
-
 
 def gpu_layers_for(device: str) -> int:
     """Layers to offload: none on ``cpu``; all on ``cuda``/``gpu`` (or ``auto`` with a GPU build)."""
@@ -52,7 +54,7 @@ def gpu_layers_for(device: str) -> int:
     return 999
 
 
-class LlamaCppEngine(EngineAdapter):
+class LlamaCppEngine(ThreadedAdapters, EngineAdapter):
     """Serves one GGUF model with llama.cpp; see the module docstring."""
 
     name = "llama.cpp"
@@ -60,7 +62,7 @@ class LlamaCppEngine(EngineAdapter):
     def __init__(self, *, model_path: str | Path = "", model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
                  adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8) -> None:
-        # dtype and the adapter settings belong to other engines: a GGUF fixes its own types.
+        # dtype belongs to other engines: a GGUF fixes its own types.
         self._path = Path(model_path) if str(model_path) else None
         self._model_id = model_id
         self._aliases = list(aliases)
@@ -71,6 +73,12 @@ class LlamaCppEngine(EngineAdapter):
         self._events = EventQueues()
         self._batcher: GgufBatchGenerator | None = None
         self.model: GgufModel | None = None
+        self._max_adapters = max_adapters
+        self._lora_dir = Path(adapter_cache_dir or default_state_dir() / "adapters")
+        self._init_adapters(AdapterResolver(adapter_dirs=adapter_dirs, base_names=[model_id, *self._aliases],
+                                            cache_dir=self._lora_dir))
+        self._base_header: BaseHeader | None = None
+        self._converting: dict[Path, asyncio.Future[Path]] = {}
 
     # --- lifecycle ---
     def _gguf_path(self) -> Path:
@@ -87,8 +95,10 @@ class LlamaCppEngine(EngineAdapter):
                              gpu_layers=gpu_layers_for(self._device))
         self.model = GgufModel(path, shape)
         await asyncio.to_thread(self.model.load)
-        self._events.bind(asyncio.get_running_loop())
-        self._batcher = GgufBatchGenerator(self.model, self._events.deliver)
+        self._loop = asyncio.get_running_loop()
+        self._events.bind(self._loop)
+        self._batcher = GgufBatchGenerator(self.model, self._events.deliver, max_adapters=self._max_adapters,
+                                           on_adapters=self._adapters_changed)
         self._batcher.start()
         log.info("loaded %s from %s with llama.cpp on %s, %d slots, context %d (trained %d)", self._model_id, path,
                  self.device, self._slots, self.model.ctx_per_seq, self.model.n_ctx_train)
@@ -130,8 +140,28 @@ class LlamaCppEngine(EngineAdapter):
 
     # --- adapters ---
     async def check_adapter(self, adapter: str) -> None:
-        """Always refused; see the module docstring."""
-        raise BusError(ErrorCode.UNSUPPORTED, _NO_ADAPTERS, param="adapter")
+        """Known, for this base model, and a LoRA llama.cpp can apply (checked on its config when local)."""
+        ref = await self._adapters.locate(adapter)
+        if ref.path is not None:
+            check_config(read_adapter_config(ref.path, adapter), adapter)
+        elif ref.entry is not None and ref.entry.method and ref.entry.method not in LORA_METHODS:
+            check_config({"peft_type": ref.entry.method.upper()}, adapter)  # refused with the method's name
+
+    async def _gguf_adapter(self, adapter: str) -> Path:
+        """The adapter's GGUF LoRA file: fetched, then converted once (in a worker thread) and cached."""
+        path = await self._adapters.fetch(adapter)
+        pending = self._converting.get(path)
+        if pending is None:  # one conversion per adapter directory, however many requests wait for it
+            pending = asyncio.ensure_future(self._convert(adapter, path))
+            self._converting[path] = pending
+            pending.add_done_callback(lambda _: self._converting.pop(path, None))
+        return await asyncio.shield(pending)
+
+    async def _convert(self, adapter: str, path: Path) -> Path:
+        if self._base_header is None:  # the base GGUF's header, read once (about 2 s for a large vocabulary)
+            self._base_header = await asyncio.to_thread(read_base_header, self.model.path)
+        return await asyncio.to_thread(converted_adapter, path, adapter, self.model.path, self._base_header,
+                                       self._lora_dir / "gguf")
 
     # --- generation ---
     def render(self, request: InferenceRequest) -> RenderedPrompt:
@@ -148,7 +178,8 @@ class LlamaCppEngine(EngineAdapter):
         extra = self.model.tokenize(request.continuation, add_special=False, parse_special=False)
         return RenderedPrompt(ids + extra, len(extra))
 
-    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int]) -> GgufSequence:
+    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None
+                      ) -> GgufSequence:
         params = request.sampling
         return GgufSequence(
             request_id=request.id,
@@ -158,18 +189,20 @@ class LlamaCppEngine(EngineAdapter):
             max_new_tokens=min(params.max_tokens, self.model.ctx_per_seq - len(prompt_ids)),
             detok=IncrementalDetokenizer(self.model.decode),
             stop=StopMatcher(params.stop),
+            adapter=request.adapter if adapter_path is not None else None,
+            adapter_path=adapter_path,
         )
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
         """Stream ``request``; events arrive from the model thread as tokens are sampled."""
         if self._batcher is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
-        if request.adapter:
-            raise BusError(ErrorCode.UNSUPPORTED, _NO_ADAPTERS, param="adapter")
         prompt = self.render(request)
         check_context(len(prompt.ids), self.model.ctx_per_seq)
+
         async def submit() -> None:
-            self._batcher.submit(self._new_sequence(request, prompt.ids))
+            adapter_path = await self._gguf_adapter(request.adapter) if request.adapter else None
+            self._batcher.submit(self._new_sequence(request, prompt.ids, adapter_path))
 
         async for event in self._events.follow(request.id, submit, self._abort_sequence, prompt.continued):
             yield event

@@ -20,11 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.adapter import AdapterChange, EngineAdapter, GenerationEvent
+from services.engine.adapter import EngineAdapter, GenerationEvent
 from services.engine.batching import BatchGenerator, Sequence
 from services.engine.model_thread import EventQueues
 from services.engine.detok import IncrementalDetokenizer, StopMatcher
-from services.engine.lora import AdapterResolver
+from services.engine.lora import AdapterResolver, ThreadedAdapters
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class TransformersEngine(EngineAdapter):
+class TransformersEngine(ThreadedAdapters, EngineAdapter):
     """Serves one local model directory (safetensors + tokenizer) with transformers."""
 
     name = "transformers"
@@ -67,10 +67,8 @@ class TransformersEngine(EngineAdapter):
         self.tokenizer = None
         self.model = None
         self._max_adapters = max_adapters
-        self._adapters = AdapterResolver(adapter_dirs=adapter_dirs, base_names=[model_id, *self._aliases],
-                                         cache_dir=adapter_cache_dir or self._path.parent.parent / "adapters")
-        self._loaded_adapters: list[str] = []
-        self._adapter_totals = (0, 0)
+        self._init_adapters(AdapterResolver(adapter_dirs=adapter_dirs, base_names=[model_id, *self._aliases],
+                                            cache_dir=adapter_cache_dir or self._path.parent.parent / "adapters"))
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -140,30 +138,6 @@ class TransformersEngine(EngineAdapter):
         if self._device.type == "cuda":
             return int(torch.cuda.memory_allocated(self._device))
         return super().memory_bytes()
-
-    # --- adapters ---
-    def bind_bus(self, js) -> None:
-        """Resolve adapters through the model registry and the artifact store of ``js`` too."""
-        self._adapters.bind(js)
-
-    async def check_adapter(self, adapter: str) -> None:
-        """Known (locally or in the registry) and for this base model, else ``BusError``."""
-        await self._adapters.locate(adapter)
-
-    def loaded_adapters(self) -> list[str]:
-        """Adapters in the model now, least recently used first."""
-        return list(self._loaded_adapters)
-
-    def _adapters_changed(self, loaded: list[str], loads: int, evictions: int) -> None:
-        # Runs in the model thread.
-        self._loop.call_soon_threadsafe(self._publish_adapters, loaded, loads, evictions)
-
-    def _publish_adapters(self, loaded: list[str], loads: int, evictions: int) -> None:
-        before_loads, before_evictions = self._adapter_totals
-        self._adapter_totals = (loads, evictions)
-        self._loaded_adapters = loaded
-        if self.adapter_listener is not None:
-            self.adapter_listener(AdapterChange(loaded, loads - before_loads, evictions - before_evictions))
 
     # --- generation ---
     def render(self, request: InferenceRequest) -> list[int]:
