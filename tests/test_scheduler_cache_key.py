@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
-from services.scheduler.cache_key import cache_key, is_cacheable, is_deterministic
+from services.common.cache_key import cache_key, is_cacheable, is_deterministic
 
 BASE_SAMPLING = SamplingParams(max_tokens=32, temperature=0.0, top_p=0.9, top_k=40, seed=7, stop=["\n"],
                                presence_penalty=0.1, frequency_penalty=0.2, repetition_penalty=1.1, n=1)

@@ -10,7 +10,7 @@ from nats.js.api import KeyValueConfig
 
 from schemas.cache import CachedDelta, CachedResponse
 from schemas.events import Usage, encode
-from services.scheduler.cache_mirror import CacheMirror
+from services.common.cache_mirror import CacheMirror
 from services.scheduler.prompt_cache import PromptCache
 
 

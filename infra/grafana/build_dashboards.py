@@ -104,8 +104,9 @@ OVERVIEW = Dashboard(
             Panel("Queued requests", (q("cy:coordinator_queue_pending:sum"),), kind="stat", width=4, height=4,
                   description="Messages waiting in LLM_INFER (bound: 1000, then 429 queue_full)."),
             Panel("Open streams", (q("sum(gateway_open_streams)"),), kind="stat", width=4, height=4),
-            Panel("Prompt cache hit rate (5m)", (q("cy:coordinator_cache_hit:ratio_rate5m"),), unit="percentunit",
-                  kind="stat", width=4, height=4),
+            Panel("Prompt cache hit rate (5m)", (q("cy:prompt_cache_hit:ratio_rate5m"),), unit="percentunit",
+                  kind="stat", width=4, height=4,
+                  description="Hits answered by the edges and by the schedulers, over all cacheable lookups."),
         )),
         ("Edge", (
             Panel("Requests/s by route and status",
@@ -132,9 +133,12 @@ OVERVIEW = Dashboard(
         ("Queue and engines", (
             Panel("Queue depth per lane", (q("lane:coordinator_queue_pending:max", "{{lane}}"),), stack=True,
                   width=8),
-            Panel("Prompt cache hit rate", (q("cy:coordinator_cache_hit:ratio_rate5m", "last 5m"),
-                                            q("max(coordinator_cache_hit_rate)", "since scheduler start")),
-                  unit="percentunit", width=8),
+            Panel("Prompt cache hit rate", (q("cy:prompt_cache_hit:ratio_rate5m", "last 5m (edges and schedulers)"),
+                                            q("max(coordinator_cache_hit_rate)",
+                                              "since scheduler start (the scheduler's own lookups)")),
+                  unit="percentunit", width=8,
+                  description="The edges answer most hits of HTTP requests themselves; those never reach a "
+                              "scheduler, so its own rate counts only what passed the edge (mostly misses)."),
             Panel("Healthy engines and open circuit breakers",
                   (q("max(coordinator_workers_healthy)", "healthy engines"),
                    q("max(coordinator_circuits_open)", "circuits open")), width=8),
@@ -227,12 +231,17 @@ SCHEDULER = Dashboard(
                   description="The edge decides (redispatched before the first token, migrated mid-stream, "
                               "impossible = the request ended with its engine); schedulers count the failover "
                               "attempts engines accepted."),
-            Panel("Prompt cache", (q(f"sum(rate(coordinator_cache_hits_total[{RATE}]))", "hits"),
-                                   q(f"sum(rate(coordinator_cache_misses_total[{RATE}]))", "misses"),
+            Panel("Prompt cache", (q(f"sum by (source) (rate(gateway_cache_hits_total[{RATE}]))",
+                                     "edge hits from {{source}}"),
+                                   q(f"sum(rate(gateway_cache_misses_total[{RATE}]))", "edge misses (to the queue)"),
+                                   q(f"sum(rate(coordinator_cache_hits_total[{RATE}]))", "scheduler hits"),
+                                   q(f"sum(rate(coordinator_cache_misses_total[{RATE}]))", "scheduler misses"),
                                    q(f"sum(rate(coordinator_cache_local_hits_total[{RATE}]))",
-                                     "hits served from the replica's memory")),
+                                     "scheduler hits served from the replica's memory")),
                   unit="ops",
-                  description="Memory hits are the part of the hits answered without a KV read."),
+                  description="The edge answers hits of HTTP requests itself (from its memory mirror or one KV "
+                              "read); its misses go to the queue, where a scheduler looks again. Scheduler "
+                              "memory hits are the part of its hits answered without a KV read."),
         )),
         ("Engines as the scheduler sees them", (
             Panel("Healthy engines per replica", (q("coordinator_workers_healthy", "{{instance}}"),)),

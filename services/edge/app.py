@@ -18,11 +18,13 @@ from schemas import names
 from services.common import bus
 from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
+from services.common.prompt_cache import PromptCacheReader
 from services.common.worker_table import WorkerTable
 from services.edge import catalog, completions, health, management, model_admin, native_api, openapi, websocket
 from services.edge import training_routes
 from services.edge.api_key_cache import ApiKeyCache
 from services.edge.auth import Authenticator, auth_middleware
+from services.edge.cache_hits import EdgeCache
 from services.edge.config import EdgeConfig
 from services.edge.cors import CorsPolicy, cors_headers, cors_middleware
 from services.edge.dispatch import Dispatcher
@@ -90,11 +92,25 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         registry = RegistryView()
         await registry.start(nc.jetstream())
         stack.push_async_callback(registry.stop)
+        cache = await _prompt_cache(app, nc, stack)
         app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher,
-                         limiter=limiter, registry=registry,
+                         limiter=limiter, registry=registry, cache=cache,
                          idempotency=IdempotencyStore(idempotency_kv) if idempotency_kv is not None else None)
         log.info("edge %s connected to %s", edge_id, config.nats_url)
         yield
+
+
+async def _prompt_cache(app: web.Application, nc, stack: contextlib.AsyncExitStack) -> EdgeCache | None:
+    """The edge's reader of the prompt cache (its mirror's watch stopped by ``stack``); None when off."""
+    config = app[CONFIG]
+    if not config.cache_enabled:
+        return None
+    kv = await optional_kv(nc.jetstream(), names.PROMPT_CACHE_BUCKET, "hits are answered by the scheduler only")
+    if kv is None:
+        return None
+    reader = await stack.enter_async_context(PromptCacheReader(nc, kv, mirror_bytes=config.cache_mirror_bytes,
+                                                               check_interval=config.cache_mirror_check))
+    return EdgeCache(reader, app[METRICS])
 
 
 async def _bind_api_keys(app: web.Application, nc) -> None:

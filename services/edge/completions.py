@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from schemas import names
+from schemas.cache import CachedResponse
 from schemas.errors import BusError, ErrorCode
 from schemas.events import Usage
 from schemas.idempotency import IdempotencyRecord
@@ -103,7 +104,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     created = int(req.created)
     shown = adapter_model_id(req.model, req.adapter)  # a fine-tuned model is answered under the name asked for
     timeout = req.deadline - req.created
-    call = claim = None
+    call = claim = hit = None
     try:
         if parsed.n > 1 or req.sampling.logprobs is not None:
             _check_not_idempotent(request, "n" if parsed.n > 1 else "logprobs")
@@ -112,6 +113,11 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
                                timeout)
             async with call:
                 return await _answer_choices(request, endpoint, parsed, req, call, created=created, model=shown)
+        # A hit is answered here; with an Idempotency-Key the request takes the queue as before (its record).
+        if edge.cache is not None and IDEMPOTENCY_HEADER not in request.headers:
+            hit = await edge.cache.find(req)
+            if hit is not None:
+                return await _answer_hit(request, endpoint, parsed, req, hit, created=created, model=shown)
         keyed = await _claim(edge, request, endpoint, req, stream=parsed.stream)
         if isinstance(keyed, Finished):  # a retry of a request that already finished: the same answer again
             return await _replay(request, endpoint, parsed, keyed.record)
@@ -125,7 +131,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     finally:
         if claim is not None and edge.idempotency is not None:
             _settle(edge.idempotency, claim, call, req, request_digest(req), created=created, model=shown)
-        await admission.finish(charged_tokens(call))
+        await admission.finish(hit.usage.total_tokens if hit is not None else charged_tokens(call))
 
 
 async def _answer_choices(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest, req: InferenceRequest,
@@ -166,6 +172,22 @@ def _settle(store: IdempotencyStore, claim: Claimed, call: InferenceCall | None,
         store.fail(claim, req, body_sha)
 
 
+async def _answer_hit(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest, req: InferenceRequest,
+                      hit: CachedResponse, *, created: int, model: str) -> web.StreamResponse:
+    """Answer ``req`` from a prompt-cache entry: the same bytes as a hit the scheduler replays.
+
+    (Replayed, a hit arrives as its stored deltas, or one joined delta when not streamed, then
+    its stored finish reason and usage; ``streaming.collect``/``stream`` render them as below.)
+    """
+    if not parsed.stream:
+        body = endpoint.body(request_id=req.id, created=created, model=model,
+                             text="".join(d.text for d in hit.deltas), finish_reason=hit.finish_reason,
+                             usage=hit.usage)
+        return web.Response(body=body, content_type="application/json")
+    fmt = endpoint.chunks(request_id=req.id, created=created, model=model, include_usage=parsed.include_usage)
+    return await streaming.replay(request, fmt, [d.text for d in hit.deltas], hit.finish_reason, hit.usage)
+
+
 async def _replay(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest,
                   record: IdempotencyRecord) -> web.StreamResponse:
     usage = record.usage or Usage(prompt_tokens=0, completion_tokens=0)
@@ -175,7 +197,7 @@ async def _replay(request: web.Request, endpoint: Endpoint, parsed: ParsedReques
         return web.Response(body=body, content_type="application/json")
     fmt = endpoint.chunks(request_id=record.request_id, created=record.created, model=record.model,
                           include_usage=parsed.include_usage)
-    return await streaming.replay(request, fmt, record.text, record.finish_reason, usage)
+    return await streaming.replay(request, fmt, [record.text], record.finish_reason, usage)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

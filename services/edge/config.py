@@ -82,6 +82,13 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     max_json_depth: Positive = 64
     # Most choices (OpenAI ``n``) one request may ask for; each is generated as a request of its own.
     max_choices: Positive = 16
+    # Prompt cache (issue 3): answer hits of cacheable OpenAI requests here, without the queue (False:
+    # every request goes to the queue and the scheduler answers hits). Entries read lately are kept in
+    # memory (0 = one KV read per lookup), dropped at once when their key changes and at most
+    # cache_mirror_check seconds after the bucket expired or evicted them.
+    cache_enabled: bool = True
+    cache_mirror_bytes: NonNegative = 32 * 1024 * 1024
+    cache_mirror_check: Seconds = 1.0
     # Longest request line and single header aiohttp accepts (longer: 431 headers_too_large).
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8190
     # Most header fields a request may have (more: 431 headers_too_large).
@@ -149,7 +156,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true")
     _auth_arguments(p, defaults)
     _limit_arguments(p, defaults)
+    _cache_arguments(p, defaults)
     return p
+
+
+def _cache_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:
+    g = p.add_argument_group("prompt cache", "hits of cacheable OpenAI requests answered by the edge itself")
+    g.add_argument("--no-cache", dest="cache_enabled", action="store_false", default=defaults.cache_enabled,
+                   help="answer no hit here: every request goes to the queue (the scheduler still answers hits)")
+    g.add_argument("--cache-mirror-bytes", type=int, default=defaults.cache_mirror_bytes, metavar="BYTES",
+                   help="memory for entries read lately, 0 = read KV on every lookup (default: %(default)s)")
+    g.add_argument("--cache-mirror-check", type=float, default=defaults.cache_mirror_check, metavar="SECONDS",
+                   help="how often the bucket is checked for expired entries, the bound on serving one "
+                        "(%(default)s)")
 
 
 def _limit_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:

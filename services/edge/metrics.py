@@ -23,6 +23,11 @@ SSE = "sse"
 JSON = "json"
 WEBSOCKET = "websocket"
 
+# Where a prompt-cache hit the edge answered came from, the ``source`` label of ``gateway_cache_hits_total``.
+CACHE_MEMORY = "memory"
+CACHE_KV = "kv"
+CACHE_SOURCES = (CACHE_MEMORY, CACHE_KV)
+
 # The route label of a request aiohttp's HTTP parser refused before any route was matched.
 UNMATCHED = "unmatched"
 
@@ -55,6 +60,16 @@ class EdgeMetrics:
                                  "Requests whose engine was lost: re-dispatched before the first token, migrated "
                                  "mid-stream, or ended because no failover was possible", ["outcome"],
                                  registry=registry)
+        self.cache_hits = Counter("gateway_cache_hits",
+                                  "Cacheable requests the edge answered from the prompt cache itself, without the "
+                                  "queue or a scheduler, by where the entry came from: its memory mirror or one KV "
+                                  "read", ["source"], registry=registry)
+        self.cache_misses = Counter("gateway_cache_misses",
+                                    "Cacheable requests the edge did not find in the prompt cache (passed on to the "
+                                    "queue, where a scheduler looks again and counts coordinator_cache_*)",
+                                    registry=registry)
+        # Both sources exported from the start (at 0), so rules adding them up never see an empty vector.
+        self.cache_hit_from = {source: self.cache_hits.labels(source) for source in CACHE_SOURCES}
         # Both labels are bounded (route templates, HTTP statuses), so this stays small.
         self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 from schemas.errors import BusError, ErrorCode
 from services.common.worker_table import WorkerTable
 from services.edge.auth import Authenticator
+from services.edge.cache_hits import EdgeCache
 from services.edge.config import EdgeConfig
 from services.edge.dispatch import Dispatcher
 from services.edge.idempotency import IdempotencyStore
@@ -36,6 +37,8 @@ class Edge:
     idempotency: IdempotencyStore | None = None
     # Base models the registry knows (for cold starts); empty without the llm_models bucket.
     registry: RegistryView = field(default_factory=RegistryView)
+    # Prompt-cache hits answered here (issue 3); None when off or the bucket is not provisioned.
+    cache: EdgeCache | None = None
 
     def check_accepting(self) -> None:
         """Refuse new inference requests once shutdown has begun."""

@@ -119,12 +119,18 @@ async def stream(request: web.Request, call: InferenceCall, fmt: ChunkFormatter)
     return resp
 
 
-async def replay(request: web.Request, fmt: ChunkFormatter, text: str, finish_reason: str,
+async def replay(request: web.Request, fmt: ChunkFormatter, texts: list[str], finish_reason: str,
                  usage: Usage) -> web.StreamResponse:
-    """Send a stored, finished response as one SSE stream (an ``Idempotency-Key`` retry)."""
+    """Send a stored, finished response (one delta per entry of ``texts``) as one SSE stream, in one write.
+
+    The chunks are those ``stream`` sends for the same events (an empty delta sends none): an
+    ``Idempotency-Key`` retry, or a prompt-cache hit answered by the edge.
+    """
     resp = web.StreamResponse(headers=SSE_HEADERS)
     request[SSE_RESPONSE] = resp
     await resp.prepare(request)
-    await resp.write(fmt.start() + (fmt.delta(text) if text else b"") + fmt.finish(finish_reason) + fmt.usage(usage)
-                     + DONE)
+    out = [fmt.start()]
+    out += [fmt.delta(text) for text in texts if text]
+    out += [fmt.finish(finish_reason), fmt.usage(usage), DONE]
+    await resp.write(b"".join(out))
     return resp

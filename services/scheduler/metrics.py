@@ -110,14 +110,17 @@ class SchedulerMetrics:
                                     buckets=_WAIT_BUCKETS, registry=registry)
         self.attempts = Counter("coordinator_dispatch_attempts", "Sends to an engine, by result", ["result"],
                                 registry=registry)
-        self.cache_hits = Counter("coordinator_cache_hits", "Cacheable requests answered from the prompt cache",
+        # The scheduler's view only: hits the edge answers itself never reach it (gateway_cache_hits_total).
+        self.cache_hits = Counter("coordinator_cache_hits", "Cacheable requests this scheduler answered from the "
+                                  "prompt cache (hits answered by the edge are in gateway_cache_hits_total)",
                                   registry=registry)
         self.cache_misses = Counter("coordinator_cache_misses", "Cacheable requests not found in the prompt cache",
                                     registry=registry)
         self.cache_local_hits = Counter("coordinator_cache_local_hits", "Prompt-cache hits served from this "
                                         "replica's memory (no KV read); included in coordinator_cache_hits_total",
                                         registry=registry)
-        self.cache_hit_rate = Gauge("coordinator_cache_hit_rate", "Hits over cacheable lookups since start",
+        self.cache_hit_rate = Gauge("coordinator_cache_hit_rate", "Hits over the cacheable lookups this scheduler "
+                                    "made since start (not counting hits the edge answered itself)",
                                     registry=registry)
         self.circuits_open = Gauge("coordinator_circuits_open", "Engines whose circuit breaker is open or half-open",
                                    registry=registry)

@@ -1,6 +1,7 @@
-"""Prompt-cache entries this replica read lately, kept in memory while the bucket still holds them.
+"""Prompt-cache entries this process read lately, kept in memory while the bucket still holds them.
 
-Pure: no I/O. A hit read from KV ``llm_prompt_cache`` is kept (with its stream sequence, the
+Pure: no I/O. Used by every reader of the cache (``services.common.prompt_cache``: the edge and
+each scheduler replica). A hit read from KV ``llm_prompt_cache`` is kept (with its stream sequence, the
 entry's revision) so the next hit on the same key costs no round trip. An entry kept here is
 served only as long as the bucket provably still has it:
 
