@@ -2,6 +2,10 @@
 
 A stream is ``StreamStart``, then ``TokenDelta``s with ``seq`` 1, 2, 3..., then exactly one
 terminal event: ``StreamEnd`` or ``StreamError``. Each is a JSON object tagged by ``type``.
+
+Every event carries the ``dispatch`` number of the request it answers (``InferenceRequest.dispatch``,
+omitted when 0): if an engine the scheduler gave up on accepts late, its events are told apart from
+the current engine's by that number alone, and the producer drops them (issue 3).
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ class StreamStart(msgspec.Struct, tag="start", tag_field="type", kw_only=True, o
     so the producer learns which engine runs the request no later than the scheduler learns it was
     accepted: an engine that dies right after accepting is found by its missed heartbeats rather
     than by the request's deadline. A cached answer starts with ``worker`` ``"cache"``.
+    ``dispatch`` (every event has it) is the request's ``dispatch`` number, echoed.
     """
 
     id: str
     worker: str
     model: str
     prompt_tokens: int = 0
+    dispatch: int = 0
 
 
 class TopLogprob(msgspec.Struct, kw_only=True):
@@ -73,6 +79,7 @@ class TokenDelta(msgspec.Struct, tag="delta", tag_field="type", kw_only=True, om
     token_ids: list[int] = []
     index: int = 0
     logprobs: list[TokenLogprob] = []
+    dispatch: int = 0
 
 
 class StreamEnd(msgspec.Struct, tag="end", tag_field="type", kw_only=True, omit_defaults=True):
@@ -84,6 +91,7 @@ class StreamEnd(msgspec.Struct, tag="end", tag_field="type", kw_only=True, omit_
     usage: Usage
     index: int = 0
     cached: bool = False
+    dispatch: int = 0
 
 
 class StreamError(msgspec.Struct, tag="error", tag_field="type", kw_only=True, omit_defaults=True):
@@ -94,6 +102,7 @@ class StreamError(msgspec.Struct, tag="error", tag_field="type", kw_only=True, o
     message: str
     seq: int = 0
     param: str | None = None
+    dispatch: int = 0
 
 
 StreamEvent = Union[StreamStart, TokenDelta, StreamEnd, StreamError]

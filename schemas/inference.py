@@ -72,6 +72,12 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Set by a scheduler only on a redelivered message: "are you running (or did you just finish)
     # this id?" An engine answers accepted=True if so and never starts the request.
     probe: bool = False
+    # Which offer of this request to an engine this is (issue 3, late accepts): set by the scheduler,
+    # 0 for the first offer of the first delivery and larger for every later one (another engine
+    # after no answer, a redelivery), so a later offer always has a larger number. The engine echoes
+    # it in every event; a producer follows only the largest it has seen, and the scheduler withdraws
+    # an offer it gave up on by this number (``CancelRequest.dispatch`` on ``names.engine_cancel``).
+    dispatch: int = 0
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -97,7 +103,14 @@ class CancelRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     ``reason`` is informational; the edge sends ``client_disconnected``, ``timeout``,
     ``worker_lost``, ``publish_timeout`` or ``edge_shutdown``.
+
+    The same message on one engine's ``llm.v1.engine.<worker>.cancel`` withdraws only offer
+    ``dispatch`` of the request from that engine: the scheduler gave up waiting for its answer
+    (``dispatch_timeout``) or the producer follows another engine (``stray_dispatch``). The engine
+    stops that run without a terminal event (the reply subject is another engine's now) and refuses
+    that offer if it only reads it later.
     """
 
     id: str
     reason: str = "cancelled"
+    dispatch: int = 0

@@ -112,6 +112,11 @@ def engine_generate(worker: str) -> str:
     return f"{ROOT}.engine.{token(worker)}.generate"
 
 
+def engine_cancel(worker: str) -> str:
+    """Core subject: withdraw one offer of a request from one engine (``CancelRequest`` with ``dispatch``)."""
+    return f"{ROOT}.engine.{token(worker)}.cancel"
+
+
 def engine_control(worker: str) -> str:
     """Core request/reply subject for model load/unload/list on one engine."""
     return f"{ROOT}.engine.{token(worker)}.control"

@@ -12,8 +12,8 @@ import asyncio
 import msgspec
 
 from schemas import names
-from schemas.events import StreamEnd, TokenDelta, Usage
-from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
+from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage
+from schemas.inference import CancelRequest, ChatMessage, InferenceRequest, SamplingParams
 from services.edge.failover import Delivered, Impossible, begin, next_attempt
 from tests.edge_harness import (  # noqa: F401 - fixtures
     BusEngine,
@@ -100,6 +100,69 @@ async def test_a_late_event_of_the_lost_attempt_never_reaches_the_client(client,
         await spare.answer(again, ["b "])
         body = await (await asyncio.wait_for(post, 5)).json()
         assert body["choices"][0]["message"]["content"] == "a b "
+    finally:
+        await spare.stop_heartbeats()
+
+
+async def _withdrawals(nc, worker: str) -> list[CancelRequest]:
+    """Every withdrawal sent to ``worker`` from now on (``llm.v1.engine.<worker>.cancel``)."""
+    got: list[CancelRequest] = []
+
+    async def on_msg(msg) -> None:
+        got.append(msgspec.json.decode(msg.data, type=CancelRequest))
+
+    await nc.subscribe(names.engine_cancel(worker), cb=on_msg)
+    await nc.flush()
+    return got
+
+
+def _offer(events: list, dispatch: int) -> list:
+    return [msgspec.structs.replace(e, dispatch=dispatch) for e in events]
+
+
+async def test_an_engine_that_accepted_an_older_offer_late_never_reaches_the_client(client, engine, nc, js):
+    # Issue 3: the scheduler gave up on ``engine`` (offer 0) and offered the request to ``spare`` (offer 1);
+    # ``engine`` accepted late anyway and streams onto the same reply subject.
+    spare = await BusEngine(nc, js, interval=SPARE_INTERVAL).start()
+    stopped = await _withdrawals(nc, engine.worker)
+    try:
+        post = asyncio.create_task(client.post(CHAT, json=chat_body(max_tokens=8)))
+        req = await engine.next_request()
+        await spare.send(req, *_offer([spare.start_event(req), *_deltas(req, ["a "])], 1))
+        await engine.send(req, engine.start_event(req), *_deltas(req, ["LATE ", "LATE "]),
+                          StreamEnd(id=req.id, seq=3, finish_reason="stop",
+                                    usage=Usage(prompt_tokens=5, completion_tokens=2)))
+        await spare.send(req, *_offer([*_deltas(req, ["b "], first=2), StreamEnd(
+            id=req.id, seq=3, finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=2))], 1))
+        body = await (await asyncio.wait_for(post, 5)).json()
+        assert body["choices"][0]["message"]["content"] == "a b "
+        assert body["usage"]["completion_tokens"] == 2
+        assert [(c.id, c.dispatch, c.reason) for c in stopped] == [(req.id, 0, "stray_dispatch")]
+    finally:
+        await spare.stop_heartbeats()
+
+
+async def test_a_newer_offer_starting_after_tokens_of_an_older_one_continues_without_repeating(
+        client, engine, nc, js, cancels):
+    # The late engine's StreamStart and first token beat the current engine's StreamStart to the edge:
+    # following the newer engine from its start would repeat "tok1 ", so the request moves on instead.
+    spare = await BusEngine(nc, js, interval=SPARE_INTERVAL).start()
+    stopped = await _withdrawals(nc, engine.worker)
+    try:
+        post = asyncio.create_task(client.post(CHAT, json=chat_body(max_tokens=3)))
+        req = await engine.next_request()
+        await engine.send(req, engine.start_event(req), *_deltas(req, ["tok1 "]))
+        await spare.send(req, *_offer([spare.start_event(req)], 1))
+        again = await spare.next_request()
+        assert again.id == names.attempt_id(req.id, 1) and again.continuation == "tok1 "
+        assert (await cancels.wait_for(req.id)).id == req.id  # both engines of the old id are stopped
+        await spare.send(again, spare.start_event(again), *_deltas(again, ["tok2 ", "tok3 "]),
+                         StreamEnd(id=again.id, seq=3, finish_reason="length",
+                                   usage=Usage(prompt_tokens=5, completion_tokens=2)))
+        body = await (await asyncio.wait_for(post, 5)).json()
+        assert body["choices"][0]["message"]["content"] == "tok1 tok2 tok3 "
+        assert body["usage"]["completion_tokens"] == 3
+        assert [(c.id, c.dispatch) for c in stopped] == [(req.id, 0)]
     finally:
         await spare.stop_heartbeats()
 

@@ -124,6 +124,48 @@ async def test_cancel_stops_generation_and_frees_the_slot(nc, nats_server):
         assert (await dispatch(nc, worker, request(inbox))).accepted
 
 
+async def test_an_offer_withdrawn_before_the_engine_reads_it_is_refused_and_a_newer_offer_runs(nc, nats_server):
+    # Issue 3: the scheduler stopped waiting for this engine and withdrew the offer; the engine reads the
+    # offer only afterwards (its loop was blocked). It must refuse it and publish nothing for it.
+    async with running_engine(nats_server.url) as (service, worker):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        req = request(inbox, max_tokens=3)
+        await nc.publish(names.engine_cancel(worker), encode(CancelRequest(id=req.id, reason="dispatch_timeout")))
+        refused = await dispatch(nc, worker, req)
+        assert not refused.accepted and refused.code == "cancelled"
+        assert (await dispatch(nc, worker, msgspec.structs.replace(req, dispatch=1))).accepted  # a newer offer
+        events = await events_until_terminal(sub)
+        assert isinstance(events[0], StreamStart) and isinstance(events[-1], StreamEnd)
+        assert [e.dispatch for e in events] == [1] * len(events)  # nothing from the refused offer
+        assert sum(isinstance(e, TokenDelta) for e in events) == 3
+
+
+async def test_a_withdrawn_offer_under_way_stops_without_a_terminal_event(nc, nats_server):
+    async with running_engine(nats_server.url, "--sim-token-rate", "50") as (service, worker):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        req = request(inbox, max_tokens=10_000)
+        assert (await dispatch(nc, worker, req)).accepted
+        assert isinstance(decode_event((await sub.next_msg(timeout=2)).data), StreamStart)
+        await sub.next_msg(timeout=2)  # first token
+        await nc.publish(names.engine_cancel(worker), encode(CancelRequest(id=req.id, reason="stray_dispatch")))
+        for _ in range(200):
+            if not service._active:
+                break
+            await asyncio.sleep(0.01)
+        assert not service._active
+        # The probe is answered after anything the run published (one connection, in order).
+        probe = msgspec.structs.replace(req, probe=True)
+        assert (await dispatch(nc, worker, probe)).accepted  # it ran here (a redelivery would not start it)
+        left = []
+        while sub.pending_msgs:  # already here: next_msg does not wait
+            left.append(decode_event((await sub.next_msg(timeout=1)).data))
+        assert all(isinstance(e, TokenDelta) for e in left), left  # no StreamError/StreamEnd for the withdrawn run
+        refused = await dispatch(nc, worker, req)
+        assert not refused.accepted and refused.code == "cancelled"
+
+
 async def test_redispatch_of_a_running_request_is_idempotent(nc, nats_server):
     async with running_engine(nats_server.url, "--sim-token-rate", "50") as (service, worker):
         inbox = nc.new_inbox()

@@ -6,10 +6,13 @@ import asyncio
 import dataclasses
 import json
 
+import msgspec
+
 from nats.micro.service import ServiceVerb, control_subject
 
 from schemas import names
 from schemas.errors import ErrorCode
+from schemas.inference import CancelRequest
 from services.scheduler.status import STATUS_SUBJECT
 from tests.test_scheduler_harness import (INTERVAL, ReplyInbox, count, engines, eventually, known,  # noqa: F401
                                           new_request, start_scheduler, stream_messages, submit,
@@ -42,6 +45,30 @@ async def test_a_busy_answer_sends_the_request_to_another_engine(nc, start_sched
         assert liar.dispatch_requests == 1 and not liar.received
         await eventually(lambda: count(scheduler, "dispatched") == 1)
         await until_stream_holds(nc, 0)
+
+
+async def test_an_engine_that_does_not_answer_in_time_has_the_offer_withdrawn_before_the_next_one(
+        nc, start_scheduler, engines):
+    # Issue 3: a hung engine may still read the offer later; the withdrawal tells it not to run it, and the
+    # next engine's offer carries a larger number, so a late accept's events are told apart by producers.
+    hung = await engines("hung", slots=8)  # the emptier one: offered the request first
+    hung.silent = True
+    spare = await engines("spare", slots=2)
+    withdrawn: list[tuple[CancelRequest, list[str]]] = []
+
+    async def on_withdraw(msg) -> None:
+        withdrawn.append((msgspec.json.decode(msg.data, type=CancelRequest), spare.received_ids))
+
+    await nc.subscribe(names.engine_cancel(hung.worker), cb=on_withdraw)
+    async with start_scheduler(dispatch_timeout=0.3) as scheduler:
+        await known(scheduler, hung, spare)
+        req = await submit(nc, new_request())
+        await eventually(lambda: spare.received_ids == [req.id], what="the offer to the spare engine")
+        await eventually(lambda: len(withdrawn) == 1, what="the withdrawal from the hung engine")
+        [(cancel, offered_by_then)] = withdrawn
+        assert (cancel.id, cancel.dispatch, cancel.reason) == (req.id, 0, "dispatch_timeout")
+        assert offered_by_then == []  # withdrawn before the next engine was offered it
+        assert hung.dispatch_requests == 1 and spare.received[0].dispatch == 1
 
 
 async def test_a_vanished_engine_is_skipped_at_once(nc, start_scheduler, engines):

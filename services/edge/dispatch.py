@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamError, StreamEvent, Usage, encode
+from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage, encode
 from schemas.inference import CancelRequest, InferenceRequest
 from services.common.worker_table import WorkerTable
 from services.edge.failover import MIGRATABLE, Delivered, Impossible, begin, next_attempt
@@ -119,7 +119,9 @@ class InferenceCall:
 
     If the engine running it is lost (``worker_lost`` from the liveness sweep, or the engine's own
     ``engine_failed``), the call re-publishes it as a new attempt (``failover.next_attempt``) and
-    keeps the client's stream going; the client sees one continuous answer.
+    keeps the client's stream going; the client sees one continuous answer. It does the same when a
+    second engine starts the request after the first one streamed tokens (the router follows the
+    newest offer; the client must not get those tokens twice).
     """
 
     __slots__ = ("_bus_id", "_cancel_reason", "_delivered", "_dispatcher", "_ended", "_held", "_loop_deadline",
@@ -187,8 +189,19 @@ class InferenceCall:
             self._ended = True
         return event
 
-    def _migratable(self, event: StreamEvent) -> bool:
-        return type(event) is StreamError and event.code in MIGRATABLE and self._dispatcher.max_failovers > 0
+    def _failover_error(self, event: StreamEvent) -> StreamError | None:
+        """The error to fail over on if ``event`` loses the request's engine, else ``None``."""
+        if type(event) is TokenDelta:  # the hot path: one comparison
+            return None
+        if type(event) is StreamStart:
+            if not self._delivered.restarted():
+                return None
+            return StreamError(id=event.id, code=ErrorCode.ENGINE_FAILED, dispatch=event.dispatch,
+                               message=f"engine {event.worker} started this request after another engine had "
+                                       "streamed part of it")
+        if type(event) is StreamError and event.code in MIGRATABLE and self._dispatcher.max_failovers > 0:
+            return event
+        return None
 
     def next_nowait(self) -> StreamEvent | None:
         """The next event if one has already arrived, else ``None``."""
@@ -196,8 +209,8 @@ class InferenceCall:
         if self._held is not None or not queue.qsize():
             return None
         event = queue.get_nowait()
-        if self._migratable(event):
-            self._held = event  # failing over needs I/O: next_event does it
+        if (error := self._failover_error(event)) is not None:
+            self._held = error  # failing over needs I/O: next_event does it
             return None
         return self._take(event)
 
@@ -208,8 +221,8 @@ class InferenceCall:
                 event, self._held = self._held, None
             else:
                 event = await self._next_queued()
-            if self._migratable(event):
-                outcome = await self._fail_over(event)
+            if (error := self._failover_error(event)) is not None:
+                outcome = await self._fail_over(error)
                 if outcome is None:
                     continue  # a new attempt is on its way: keep waiting for its events
                 event = outcome

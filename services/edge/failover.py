@@ -43,6 +43,17 @@ class Delivered:
     # Tokens delivered before the current attempt started (added to its usage).
     carried: int = 0
     attempt: int = 0
+    # ``seq`` when the engine now followed started (its ``StreamStart``, or the attempt's start).
+    mark: int = 0
+
+    def restarted(self) -> bool:
+        """Note a ``StreamStart``: whether deltas were delivered since the previous one of this attempt.
+
+        A second engine starting after the first one streamed tokens (it accepted an offer the scheduler
+        had given up on, issue 3) cannot just be followed: the client would get those tokens twice.
+        """
+        streamed, self.mark = self.seq > self.mark, self.seq
+        return streamed
 
     @property
     def text(self) -> str:
@@ -101,3 +112,4 @@ def begin(delivered: Delivered, attempt: int) -> None:
     """Start counting a new attempt: what was delivered so far is carried into its usage."""
     delivered.attempt = attempt
     delivered.carried = delivered.tokens
+    delivered.mark = delivered.seq

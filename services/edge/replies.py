@@ -7,6 +7,12 @@ stopped heart-beating get a local ``worker_lost`` event instead of waiting for t
 (``InferenceCall`` then fails them over to another engine, see ``failover``). Engines send
 ``StreamStart`` before answering the scheduler "accepted", so an engine that dies between its
 accept and its first token is covered too.
+
+Each event carries the scheduler's offer number (``dispatch``); the router follows the newest
+offer it has seen (issue 3). An engine that accepted an older offer late (after the scheduler had
+stopped waiting for it and offered the request to another engine) has its events dropped and is
+told to stop that offer, so two engines never stream into one answer. Per event this costs one
+integer comparison; only a mismatch takes the slow path.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from nats.aio.subscription import Subscription
 
 from schemas import names
 from schemas.errors import ErrorCode
-from schemas.events import StreamError, StreamEvent, StreamStart, decode_event
+from schemas.events import StreamError, StreamEvent, StreamStart, decode_event, encode
+from schemas.inference import CancelRequest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ log = logging.getLogger(__name__)
 class PendingReply:
     """The reply side of one in-flight request."""
 
-    __slots__ = ("abandon_reason", "dead_since", "lost", "queue", "worker")
+    __slots__ = ("abandon_reason", "dead_since", "dispatch", "lost", "queue", "worker")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -42,12 +49,15 @@ class PendingReply:
         self.abandon_reason: str | None = None
         # The engine that stopped heart-beating while running the request (failover avoids it).
         self.lost: str | None = None
+        # The newest offer of the request seen (``InferenceRequest.dispatch``): its engine is the one followed.
+        self.dispatch = 0
 
     def restart(self) -> None:
         """Forget the lost attempt: its queued events and its engine (a new attempt is about to start)."""
         while self.queue.qsize():
             self.queue.get_nowait()
         self.worker = self.dead_since = self.abandon_reason = None
+        self.dispatch = 0  # the new attempt is a new request id: the scheduler numbers its offers from 0
 
     def fail(self, request_id: str, code: ErrorCode, message: str, reason: str) -> None:
         """End the request locally with a typed error (it still owes the bus a cancel)."""
@@ -63,13 +73,16 @@ class ReplyRouter:
         self.edge_id = names.token(edge_id)
         self._pending: dict[str, PendingReply] = {}
         self._sub: Subscription | None = None
+        self._nc: Client | None = None
         self.unrouted = 0
+        self.strays = 0  # events dropped because they came from an older offer than the one followed
 
     def __len__(self) -> int:
         return len(self._pending)
 
     async def start(self, nc: Client) -> None:
         """Subscribe to ``_INBOX.<edge>.*`` (once, for every request this edge will make)."""
+        self._nc = nc
         self._sub = await nc.subscribe(names.reply_inbox_all(self.edge_id), cb=self._on_msg)
 
     async def stop(self) -> None:
@@ -114,10 +127,46 @@ class ReplyRouter:
             log.warning("malformed event for request %s: %s", request_id, exc)
             pending.fail(request_id, ErrorCode.INTERNAL, f"malformed event from the engine: {exc}", "bad_event")
             return
+        if event.dispatch != pending.dispatch or type(event) is StreamStart:
+            if not await self._follows(request_id, pending, event):
+                return
+        pending.queue.put_nowait(event)
+
+    async def _follows(self, request_id: str, pending: PendingReply, event: StreamEvent) -> bool:
+        """Whether ``event`` belongs to the newest offer of the request (noting a ``StreamStart``'s engine).
+
+        An older offer's events come from an engine that accepted after the scheduler gave up on it:
+        dropped, and that engine told to stop the offer. A newer offer's ``StreamStart`` replaces the
+        engine followed, and the engine of the older offer is told to stop it (the call itself fails over
+        if that engine had already streamed tokens, see ``InferenceCall``).
+        """
+        if event.dispatch < pending.dispatch:
+            self.strays += 1
+            if type(event) is StreamStart:
+                log.warning("engine %s started offer %d of %s after offer %d: stopping it", event.worker,
+                            event.dispatch, request_id, pending.dispatch)
+                await self._withdraw(event.worker, request_id, event.dispatch)
+            return False
         if type(event) is StreamStart:
+            if event.dispatch > pending.dispatch and pending.worker is not None:
+                log.warning("offer %d of %s started on %s after offer %d on %s: following the newer", event.dispatch,
+                            request_id, event.worker, pending.dispatch, pending.worker)
+                await self._withdraw(pending.worker, request_id, pending.dispatch)
             pending.worker = event.worker
             pending.dead_since = None
-        pending.queue.put_nowait(event)
+        pending.dispatch = event.dispatch
+        return True
+
+    async def _withdraw(self, worker: str, request_id: str, dispatch: int) -> None:
+        """Tell ``worker`` to stop offer ``dispatch`` of ``request_id`` (best effort: its events are dropped anyway)."""
+        if self._nc is None:
+            return
+        try:
+            await self._nc.publish(names.engine_cancel(worker), encode(CancelRequest(
+                id=request_id, reason="stray_dispatch", dispatch=dispatch)))
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+                nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError) as exc:
+            log.warning("could not stop offer %d of %s on %s: %s", dispatch, request_id, worker, type(exc).__name__)
 
     def sweep_lost_workers(self, is_alive: Callable[[str], bool], now: float, grace: float) -> list[str]:
         """End requests whose engine has not been alive for ``grace`` seconds; return their ids.

@@ -1,12 +1,19 @@
 """The engine process on the bus: accepts dispatches, streams tokens, heartbeats, honours cancel.
 
 Only this module talks to NATS; the model work is behind ``EngineAdapter``.
+
+Cancels leave tombstones (issue 3, late accepts): an id cancelled on ``llm.v1.infer.cancel``, or
+one offer of it withdrawn on ``llm.v1.engine.<worker>.cancel`` (the scheduler stopped waiting for
+this engine's answer), is refused if its dispatch is only read afterwards, for as long as a
+redelivered message could still arrive. A withdrawn offer that is already running stops without a
+terminal event: the reply subject belongs to the engine the request was offered to next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -55,6 +62,11 @@ _request_decoder = msgspec.json.Decoder(InferenceRequest)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 
 
+def _offer_key(request_id: str, dispatch: int) -> str:
+    """The tombstone of one offer (``InferenceRequest.dispatch``) of a request."""
+    return f"{request_id}#{dispatch}"
+
+
 class EngineService:
     """One engine worker: ``llm.v1.engine.<worker>.generate`` in, token events out."""
 
@@ -70,6 +82,11 @@ class EngineService:
         self._active: dict[str, asyncio.Task] = {}
         # Ids that ended here lately: a redelivered copy must not run them again (see ``probe``).
         self._finished = RecentIds(_FINISHED_TTL)
+        # Tombstones: ids cancelled, and offers (``_offer_key``) withdrawn from this engine, lately.
+        self._cancelled = RecentIds(_FINISHED_TTL)
+        self._withdrawn = RecentIds(_FINISHED_TTL)
+        self._offer_of: dict[str, int] = {}  # active id -> the ``dispatch`` number it runs under
+        self._silenced: set[str] = set()  # active ids whose offer was withdrawn: they publish nothing more
         self._status_seq = 0
         self._status_changed = asyncio.Event()
         self._draining = False
@@ -98,6 +115,7 @@ class EngineService:
             await service.add_endpoint(name="generate", subject=names.engine_generate(self.worker),
                                        handler=self._on_generate)
             await self.nc.subscribe(names.INFER_CANCEL, cb=self._on_cancel)
+            await self.nc.subscribe(names.engine_cancel(self.worker), cb=self._on_withdraw)
             control = ModelControl(self.host, self.worker, heartbeat=self.heartbeat, draining=lambda: self._draining,
                                    unload_timeout=self.cfg.drain_timeout)
             for subject in (names.engine_control(self.worker), names.ENGINE_CONTROL_ALL):
@@ -151,6 +169,17 @@ class EngineService:
         if req.probe:  # a scheduler re-taking a redelivered message: only "is it (or was it just) here?"
             await request.respond(self._reply(req.id in self._active or req.id in self._finished))
             return
+        # Let the cancels already read from the socket run first: an engine whose event loop was blocked
+        # past the scheduler's dispatch_timeout reads the offer and its withdrawal in the same read.
+        await asyncio.sleep(0)
+        if req.id in self._cancelled or _offer_key(req.id, req.dispatch) in self._withdrawn:
+            await request.respond(self._reply(False, ErrorCode.CANCELLED,
+                                              f"request {req.id} was cancelled or withdrawn from {self.worker}"))
+            return
+        if req.id in self._silenced:  # an older, withdrawn offer of it is still stopping here
+            await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY,
+                                              "an earlier offer of this request is still stopping"))
+            return
         if req.adapter and req.id not in self._active and (target := self.host.route(req.model)) is not None:
             try:  # an unknown adapter is refused now, not after the dispatch was accepted
                 await target.adapter.check_adapter(req.adapter)
@@ -173,6 +202,7 @@ class EngineService:
             return
         self.host.begin(hosted)  # before any await: an eviction must see the request
         self._running_on[req.id] = hosted
+        self._offer_of[req.id] = req.dispatch
         model = self._served_id(req.model) or hosted.id
         self._active[req.id] = asyncio.create_task(self._run(req, model))
         self._status_seq += 1
@@ -181,7 +211,8 @@ class EngineService:
         # than the scheduler learns it was accepted (and acks it). An engine that dies right after
         # accepting is then found by its missed heartbeats and the producer re-dispatches (issue 3),
         # instead of waiting for its deadline. Both go out in the same socket write: no added latency.
-        await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model)))
+        await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model,
+                                                               dispatch=req.dispatch)))
         await request.respond(self._reply(True))
         self._status_changed.set()
 
@@ -197,9 +228,29 @@ class EngineService:
         except msgspec.DecodeError:
             log.warning("ignoring malformed cancel on %s", msg.subject)
             return
+        self._cancelled.add(cancel.id)  # a dispatch of it read after this is refused
         if cancel.id in self._active and (hosted := self._running_on.get(cancel.id)) is not None:
             log.info("cancel %s (%s)", cancel.id, cancel.reason)
             await hosted.adapter.abort(cancel.id)
+
+    async def _on_withdraw(self, msg) -> None:
+        """One offer of a request is withdrawn from this engine: refuse it if it comes later, stop it silently
+        if it runs (its reply subject is another engine's now)."""
+        try:
+            cancel = _cancel_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("ignoring malformed withdrawal on %s", msg.subject)
+            return
+        self._withdrawn.add(_offer_key(cancel.id, cancel.dispatch))
+        task = self._active.get(cancel.id)
+        if task is not None and self._offer_of.get(cancel.id) == cancel.dispatch:
+            log.warning("offer %d of %s withdrawn (%s): stopping it without a word", cancel.dispatch, cancel.id,
+                        cancel.reason)
+            self._silenced.add(cancel.id)
+            # At once, even before the adapter knows the id; a task that has not begun is never cancelled
+            # (its ``finally`` would not run): ``_run`` sees ``_silenced`` first thing instead.
+            if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
+                task.cancel()
 
     # --- one request ---
     async def _run(self, req: InferenceRequest, model: str) -> None:
@@ -210,32 +261,40 @@ class EngineService:
         outcome = "ok"
         recorder = ResponseRecorder(model) if req.cache_key and self._responses is not None else None
         try:
+            if req.id in self._silenced:
+                raise asyncio.CancelledError  # withdrawn before it began: the same path as a withdrawal under way
             await self._generate(req, model, start, progress, recorder)
             if progress.terminal is None:
                 outcome = "cancelled"
                 progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.CANCELLED,
-                                                       message="request cancelled"))
+                                                       message="request cancelled", dispatch=req.dispatch))
         except BusError as exc:
             outcome = exc.code
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=exc.code,
-                                                   message=exc.message, param=exc.param))
+                                                   message=exc.message, param=exc.param, dispatch=req.dispatch))
         except asyncio.CancelledError:
-            outcome = "aborted"
+            outcome = "withdrawn" if req.id in self._silenced else "aborted"
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED,
-                                                   message="engine shut down before the request finished"))
+                                                   message="engine shut down before the request finished",
+                                                   dispatch=req.dispatch))
             await self._running_on[req.id].adapter.abort(req.id)
         except Exception as exc:  # the engine must answer every request, whatever the adapter did
             log.exception("request %s failed", req.id)
             outcome = ErrorCode.INTERNAL
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.INTERNAL,
-                                                   message=f"engine error: {type(exc).__name__}: {exc}"))
+                                                   message=f"engine error: {type(exc).__name__}: {exc}",
+                                                   dispatch=req.dispatch))
         finally:
+            if req.id in self._silenced:  # withdrawn: the reply subject is another engine's now
+                self._silenced.discard(req.id)
+                progress.terminal = None
             if progress.terminal is not None and not self.nc.is_closed:
                 with contextlib.suppress(NatsError):
                     await self.nc.publish(req.reply_to, progress.terminal)
             if outcome == "ok" and progress.cached is not None and self._responses is not None and req.cache_key:
                 self._responses.store(req.cache_key, progress.cached)  # after the terminal event, in the background
             self._active.pop(req.id, None)
+            self._offer_of.pop(req.id, None)
             self.host.end(self._running_on.pop(req.id))
             self._finished.add(req.id)
             self._status_seq += 1
@@ -254,14 +313,14 @@ class EngineService:
                     progress.first = progress.first or time.monotonic()
                     await publish(reply_to, encode(TokenDelta(id=req.id, seq=progress.seq, text=event.text,
                                                               token_ids=event.token_ids,
-                                                              logprobs=event.logprobs or [])))
+                                                              logprobs=event.logprobs or [], dispatch=req.dispatch)))
                     if recorder is not None:
                         recorder.delta(event.text, event.token_ids)
                 else:
                     usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
                     progress.terminal = encode(StreamEnd(
                         id=req.id, seq=progress.seq, finish_reason=event.reason,
-                        usage=msgspec.structs.replace(usage, cached_tokens=event.cached_tokens)))
+                        usage=msgspec.structs.replace(usage, cached_tokens=event.cached_tokens), dispatch=req.dispatch))
                     if recorder is not None:
                         progress.cached = recorder.finished(event.reason, usage)
                     self._observe_finished(model, start, progress.first, usage)

@@ -2,7 +2,8 @@
 
 ``Dispatcher.admit`` decides synchronously (so capacity is reserved before the take loop looks
 again) and returns the I/O that is left: send the original bytes to the chosen engine, retry
-another on busy / no answer, then ``ack`` (accepted, or answered with a typed error) or
+another on busy / no answer (withdrawing the offer from an engine that did not answer in time, so
+a late accept cannot run it too), then ``ack`` (accepted, or answered with a typed error) or
 ``nak`` with a delay (no engine can take it now: it goes back to its lane for later).
 
 A cacheable request (deterministic, not opted out) is first looked up in the prompt cache: a
@@ -28,16 +29,16 @@ from schemas import names
 from schemas.cache import CachedResponse
 from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
-from schemas.inference import DispatchReply, InferenceRequest
+from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from schemas.names import Lane
-from services.scheduler.cache_key import cache_key, is_cacheable
+from services.common.cache_key import cache_key, is_cacheable
 from services.scheduler.cold_start import ColdStarter
 from services.scheduler.metrics import Attempt, FailoverKind, Outcome, SchedulerMetrics
 from services.scheduler.placement import Placement
 from services.scheduler.prompt_cache import PromptCache
 from services.scheduler.recent import RecentIds
 from services.scheduler.routing import (Cancelled, Dispatchable, Duplicate, Expired, InFlight, Malformed, classify,
-                                        refusal_is_final, retry_delay)
+                                        dispatch_number, refusal_is_final, retry_delay)
 
 log = logging.getLogger(__name__)
 
@@ -195,18 +196,27 @@ class Dispatcher:
             elif worker is None:
                 await self._unplaced(lane, msg, req)
             else:
-                await self._dispatch(lane, msg, req, worker, encode(msgspec.structs.replace(req, cache_key=key)))
+                await self._dispatch(lane, msg, msgspec.structs.replace(req, cache_key=key), worker)
         finally:
             self._memory.dispatching.discard(req.id)
 
-    async def _dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None, data: bytes) -> None:
-        """Offer ``data`` (``req``'s bytes) to ``worker``, then to the next best engines, until one answers for good."""
+    async def _dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
+                        data: bytes | None = None) -> None:
+        """Offer ``req`` to ``worker``, then to the next best engines, until one answers for good.
+
+        ``data`` is ``req``'s bytes as taken from the queue, sent as they are when the offer's
+        ``dispatch`` number is 0 (the first offer of the first delivery: no re-encoding).
+        """
         taken_at = time.monotonic()
         tried: list[str] = []
         unknown_adapter: DispatchReply | None = None
+        deliveries = msg.metadata.num_delivered
         try:
             while worker is not None:
-                reply = await self._attempt(worker, data)
+                number = dispatch_number(deliveries, len(tried))
+                offer = data if number == 0 and data is not None else \
+                    encode(msgspec.structs.replace(req, dispatch=number))
+                reply = await self._attempt(worker, offer, req.id, number)
                 if reply is not None and reply.accepted:
                     await self._accepted(lane, msg, req, taken_at)
                     return
@@ -260,12 +270,15 @@ class Dispatcher:
             await self._fail(lane, msg, req, started.code or ErrorCode.MODEL_NOT_FOUND, started.message,
                              Outcome.MODEL_NOT_FOUND if started.code == ErrorCode.MODEL_NOT_FOUND else Outcome.REFUSED)
 
-    async def _attempt(self, worker: str, data: bytes) -> DispatchReply | None:
-        """Send the message bytes to one engine; its reply, or ``None`` if it did not answer."""
+    async def _attempt(self, worker: str, data: bytes, request_id: str, number: int) -> DispatchReply | None:
+        """Send offer ``number`` of ``request_id`` (its bytes) to one engine; its reply, or ``None`` if it did
+        not answer (then the offer is withdrawn from it)."""
         reply, failed = None, False
         sent_at = time.monotonic()
         try:
             reply, failed = await self._request(worker, data)
+            if reply is None and failed:
+                await self._withdraw(worker, request_id, number)
         finally:
             answered_in = time.monotonic() - sent_at if reply is not None else None
             if self._placement.release(worker, reply, answered_in=answered_in, failed=failed):
@@ -274,6 +287,16 @@ class Dispatcher:
             self._metrics.circuits_open.set(self._placement.breakers.open_count())
             self._on_release()
         return reply
+
+    async def _withdraw(self, worker: str, request_id: str, number: int) -> None:
+        """Tell ``worker`` that offer ``number`` of ``request_id`` is off: if it only reads the offer now (its
+        event loop was blocked past dispatch_timeout) it refuses it; if it accepted it meanwhile, it stops it
+        without a word. Sent before the next offer goes out, so only one engine streams to the client."""
+        try:
+            await self._nc.publish(names.engine_cancel(worker), encode(CancelRequest(
+                id=request_id, reason="dispatch_timeout", dispatch=number)))
+        except BUS_DOWN as exc:  # the producer still follows only the newest offer's events
+            log.warning("could not withdraw %s from %s: %s", request_id, worker, exc)
 
     async def _request(self, worker: str, data: bytes) -> tuple[DispatchReply | None, bool]:
         """The engine's reply (or None), and whether the engine is to blame for there being none."""

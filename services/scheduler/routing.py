@@ -131,3 +131,18 @@ def retry_delay(deliveries: int, base: float, cap: float) -> float:
 def refusal_is_final(reply: DispatchReply) -> bool:
     """Whether a not-accepted reply is about the request itself (report it) rather than the engine (retry)."""
     return not reply.accepted and reply.code in _FINAL_REFUSALS
+
+
+# Offers of one delivery are numbered below this; more engines than this are never tried for one.
+_OFFERS_PER_DELIVERY = 1000
+
+
+def dispatch_number(deliveries: int, offered: int) -> int:
+    """The ``InferenceRequest.dispatch`` of the ``offered``-th engine (0 first) tried for a message
+    JetStream has delivered ``deliveries`` times (1 the first time).
+
+    Later offers always get larger numbers, on any replica: a redelivery counts on from the
+    previous delivery's offers, so a producer can tell the engine of the newest offer from one
+    that accepted an older offer late (issue 3).
+    """
+    return (max(deliveries, 1) - 1) * _OFFERS_PER_DELIVERY + min(offered, _OFFERS_PER_DELIVERY - 1)
