@@ -78,6 +78,12 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # it in every event; a producer follows only the largest it has seen, and the scheduler withdraws
     # an offer it gave up on by this number (``CancelRequest.dispatch`` on ``names.engine_cancel``).
     dispatch: int = 0
+    # Who notices a dead engine (issue 3). False (a NATS-native producer): the scheduler replica that
+    # got the engine's accept remembers the request until its deadline and, if the engine misses three
+    # heartbeats, sends a ``worker_lost`` StreamError to ``reply_to``. True: the producer follows the
+    # engine's heartbeats itself (the edge sets it on every request it publishes, and migrates a
+    # request whose engine died); the scheduler then sends no such error, which would pre-empt that.
+    producer_watches: bool = False
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -132,6 +132,7 @@ def test_to_request_builds_a_wire_message_that_round_trips():
     assert (req.id, req.model, req.reply_to, req.created, req.deadline) == \
         ("chatcmpl-1", "canonical", "_INBOX.e.chatcmpl-1", 100.0, 700.0)
     assert (req.priority, req.adapter, req.stream, req.prompt) == (-1, "a", True, None)
+    assert req.producer_watches  # the edge follows the engine itself: no worker_lost from the scheduler
     assert msgspec.json.decode(encode(req), type=InferenceRequest) == req
 
 

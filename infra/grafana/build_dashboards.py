@@ -226,11 +226,13 @@ SCHEDULER = Dashboard(
                               "then the message goes back to the queue (outcome deferred)."),
             Panel("Failovers and migrations",
                   (q(f"sum by (outcome) (rate(llm_edge_failovers_total[{RATE}]))", "edge decided: {{outcome}}"),
-                   q(f"sum by (kind) (rate(coordinator_failover_dispatches_total[{RATE}]))", "dispatched: {{kind}}")),
+                   q(f"sum by (kind) (rate(coordinator_failover_dispatches_total[{RATE}]))", "dispatched: {{kind}}"),
+                   q(f"sum(rate(coordinator_worker_lost_requests_total[{RATE}]))", "NATS producers told worker_lost")),
                   unit="ops",
                   description="The edge decides (redispatched before the first token, migrated mid-stream, "
                               "impossible = the request ended with its engine); schedulers count the failover "
-                              "attempts engines accepted."),
+                              "attempts engines accepted, and the requests of NATS-native producers (no "
+                              "migration for them) they ended with worker_lost because the engine died."),
             Panel("Prompt cache", (q(f"sum by (source) (rate(gateway_cache_hits_total[{RATE}]))",
                                      "edge hits from {{source}}"),
                                    q(f"sum(rate(gateway_cache_misses_total[{RATE}]))", "edge misses (to the queue)"),

@@ -84,6 +84,10 @@ class WorkerTable:
         state = self._workers.get(worker)
         return state is not None and not self._is_dead(state, self._clock())
 
+    def silent_too_long(self, state: WorkerState) -> bool:
+        """Whether the engine whose newest known status is ``state`` (in the table or not) is dead by now."""
+        return self._is_dead(state, self._clock())
+
     def _is_dead(self, state: WorkerState, now: float) -> bool:
         return now - state.last_seen > self._dead_after * state.heartbeat.interval
 

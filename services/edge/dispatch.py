@@ -76,9 +76,12 @@ class Dispatcher:
         """Publish ``request`` to its lane; raise ``BusError`` (``queue_full`` 429, ``no_worker_available`` 503).
 
         ``Nats-Msg-Id`` is ``msg_id`` or the request id: JetStream drops a second publication with
-        the same one inside the stream's duplicate window.
+        the same one inside the stream's duplicate window. It goes out marked ``producer_watches``:
+        the edge follows the engine's heartbeats itself, so no scheduler sends it ``worker_lost``.
         """
         subject = names.infer_submit(names.lane_for_priority(request.priority))
+        if not request.producer_watches:  # built outside to_request: the edge watches every request it sends
+            request = msgspec.structs.replace(request, producer_watches=True)
         try:
             ack = await self._js.publish(subject, encode(request), timeout=self._publish_timeout,
                                          headers={"Nats-Msg-Id": msg_id or request.id})

@@ -226,7 +226,8 @@ def to_request(parsed: ParsedRequest, *, request_id: str, model: str, reply_to: 
     return InferenceRequest(id=request_id, model=model, reply_to=reply_to, messages=parsed.messages,
                             prompt=parsed.prompt, sampling=parsed.sampling, stream=parsed.stream,
                             priority=parsed.priority, deadline=deadline, created=created,
-                            adapter=parsed.adapter, user=parsed.user, cache=parsed.cache)
+                            adapter=parsed.adapter, user=parsed.user, cache=parsed.cache,
+                            producer_watches=True)  # the edge follows the engine itself (failover)
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

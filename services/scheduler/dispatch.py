@@ -37,6 +37,7 @@ from services.scheduler.metrics import Attempt, FailoverKind, Outcome, Scheduler
 from services.scheduler.placement import Placement
 from services.scheduler.prompt_cache import PromptCache
 from services.scheduler.recent import RecentIds
+from services.scheduler.running import RunningRequests
 from services.scheduler.routing import (Cancelled, Dispatchable, Duplicate, Expired, InFlight, Malformed, classify,
                                         dispatch_number, refusal_is_final, retry_delay)
 
@@ -54,11 +55,13 @@ IoWork = Coroutine[Any, Any, None]
 
 @dataclass
 class RequestMemory:
-    """Request ids the scheduler remembers: cancelled, accepted by an engine, being dispatched."""
+    """Request ids the scheduler remembers: cancelled, accepted by an engine, being dispatched, and the
+    accepted ones whose producer does not watch the engine (``running``: told ``worker_lost`` if it dies)."""
 
     cancelled: RecentIds
     accepted: RecentIds
     dispatching: set[str] = field(default_factory=set)
+    running: RunningRequests = field(default_factory=RunningRequests)
 
 
 class Dispatcher:
@@ -218,7 +221,7 @@ class Dispatcher:
                     encode(msgspec.structs.replace(req, dispatch=number))
                 reply = await self._attempt(worker, offer, req.id, number)
                 if reply is not None and reply.accepted:
-                    await self._accepted(lane, msg, req, taken_at)
+                    await self._accepted(lane, msg, req, taken_at, worker, number)
                     return
                 if reply is not None and refusal_is_final(reply):
                     await self._fail(lane, msg, req, reply.code or ErrorCode.INVALID_REQUEST,
@@ -325,8 +328,11 @@ class Dispatcher:
                               Attempt.REFUSED if refusal_is_final(reply) else Attempt.BUSY)
         return reply, False
 
-    async def _accepted(self, lane: Lane, msg: Msg, req: InferenceRequest, taken_at: float) -> None:
+    async def _accepted(self, lane: Lane, msg: Msg, req: InferenceRequest, taken_at: float, worker: str,
+                        number: int) -> None:
         self._memory.accepted.add(req.id)
+        if not req.producer_watches:  # a NATS-native producer: tell it if ``worker`` dies (issue 3)
+            self._memory.running.add(req, worker, number, self._placement.table.get(worker))
         await self._jetstream(msg.ack())
         self._metrics.outcome(lane, Outcome.DISPATCHED)
         failover = None if not req.attempt else FailoverKind.MIGRATION if req.continuation else FailoverKind.REDISPATCH

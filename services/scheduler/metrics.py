@@ -6,7 +6,9 @@ the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each sche
 counts the failover attempts it dispatched (``coordinator_failover_dispatches_total{kind}``), its
 own retries of a dispatch on another engine (``coordinator_dispatch_retries_total``) and every
 known engine's circuit-breaker state (``coordinator_circuit_state{worker,state}``, 1 for the
-current state, read from the breakers at scrape time).
+current state, read from the breakers at scrape time). Requests of NATS-native producers (which
+the edge does not watch) whose engine died are ended by the scheduler with ``worker_lost`` and
+counted in ``coordinator_worker_lost_requests_total``.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class SchedulerMetrics:
         self.failover_dispatches = Counter("coordinator_failover_dispatches",
                                            "Failover attempts (re-published by the edge after losing an engine) "
                                            "accepted by an engine, by kind", ["kind"], registry=registry)
+        self.worker_lost = Counter("coordinator_worker_lost_requests",
+                                   "Requests of NATS-native producers ended with worker_lost because the engine "
+                                   "running them stopped heart-beating (edge requests are failed over by the edge)",
+                                   registry=registry)
         self._hits = 0
         self._lookups = 0
         # Label children resolved once: these are touched for every request.

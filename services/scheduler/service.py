@@ -27,6 +27,8 @@ from nats.micro.service import Service
 from prometheus_client import CollectorRegistry
 
 from schemas import names
+from schemas.errors import ErrorCode
+from schemas.events import StreamError, encode
 from schemas.inference import CancelRequest
 from schemas.names import LANES_BY_PRIORITY, Lane
 from services.common.worker_table import WorkerTable
@@ -89,7 +91,8 @@ class Scheduler:
         self._micro: Service | None = None
         self._stack = AsyncExitStack()
         self._feed = WorkerFeed(nc, self._js, self.table, expire_interval=config.expire_interval,
-                                on_change=self._wake.set, on_health=self.metrics.workers_healthy.set)
+                                on_change=self._wake.set, on_health=self.metrics.workers_healthy.set,
+                                after_expiry=self._end_lost_requests)
         self._dispatcher = Dispatcher(nc, self.placement, self.metrics, self.memory,
                                       dispatch_timeout=config.dispatch_timeout, max_attempts=config.max_attempts,
                                       retry_delay=config.retry_delay, max_retry_delay=config.max_retry_delay,
@@ -265,6 +268,23 @@ class Scheduler:
             log.warning("ignoring malformed cancel: %s", exc)
             return
         self.memory.cancelled.add(cancel.id)
+        self.memory.running.discard(cancel.id)  # its producer is gone: no worker_lost for it
+
+    async def _end_lost_requests(self) -> None:
+        """Send ``worker_lost`` to the producer of each request this replica saw accepted by an engine that
+        is dead now (missed three heartbeats) and that does not watch the engine itself (issue 3)."""
+        lost = self.memory.running.lost(self.table)
+        if not lost:
+            return
+        for run in lost:
+            error = StreamError(id=run.request_id, code=ErrorCode.WORKER_LOST, dispatch=run.dispatch,
+                                message=f"engine {run.worker} stopped heart-beating while running this request")
+            try:
+                await self._nc.publish(run.reply_to, encode(error))
+            except BUS_DOWN as exc:  # the producer falls back on its own deadline
+                log.warning("could not send worker_lost to request %s: %s", run.request_id, exc)
+        self.metrics.worker_lost.inc(len(lost))
+        log.warning("%d request(s) ended with worker_lost: their engine stopped heart-beating", len(lost))
 
     async def _stats_loop(self) -> None:
         """Every ``stats_interval``, reconcile each lane with consumer info, off the take loop.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -21,11 +21,13 @@ class WorkerFeed:
 
     ``on_change`` is called after every heartbeat (capacity may have freed up); ``on_health``
     with the number of live, non-draining engines when an engine joins or changes its draining
-    flag, and on every expiry pass (every ``expire_interval``).
+    flag, and on every expiry pass (every ``expire_interval``); ``after_expiry`` is awaited after
+    every expiry pass (the scheduler ends the requests of engines found dead).
     """
 
     def __init__(self, nc: Client, js: JetStreamContext, table: WorkerTable, *, expire_interval: float,
-                 on_change: Callable[[], None], on_health: Callable[[int], None]) -> None:
+                 on_change: Callable[[], None], on_health: Callable[[int], None],
+                 after_expiry: Callable[[], Awaitable[None]] | None = None) -> None:
         self._nc = nc
         self._js = js
         self._table = table
@@ -33,6 +35,7 @@ class WorkerFeed:
         self._expire_interval = expire_interval
         self._on_change = on_change
         self._on_health = on_health
+        self._after_expiry = after_expiry
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -61,4 +64,6 @@ class WorkerFeed:
             for worker in dead:
                 log.warning("engine %s missed %d heartbeats: no more work goes to it", worker, DEAD_AFTER_INTERVALS)
             self._report_health()  # also catches engines forgotten on a failed dispatch
+            if self._after_expiry is not None:
+                await self._after_expiry()
             await asyncio.sleep(self._expire_interval)
