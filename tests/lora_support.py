@@ -1,10 +1,15 @@
-"""Test PEFT adapters with non-trivial weights on the default model (outputs differ from the base)."""
+"""Test PEFT adapters with non-trivial weights on the default model (outputs differ from the base), and the
+greedy requests the adapter tests send."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import torch
+
+from schemas import ChatMessage, InferenceRequest, SamplingParams
+from services.engine.adapter import Chunk, Finished
 
 
 def make_adapter(base_dir: Path, out: Path, method: str, seed: int) -> Path:
@@ -40,3 +45,25 @@ def make_adapter(base_dir: Path, out: Path, method: str, seed: int) -> Path:
                     p.mul_(2.5)
     peft_model.save_pretrained(out)
     return out
+
+
+PROMPT = "Tell me a short story about a lighthouse."
+
+
+def chat(adapter: str | None = None, content: str = PROMPT, max_tokens: int = 16) -> InferenceRequest:
+    """A greedy chat request for engine ``m``, with ``adapter`` (None: the base model)."""
+    return InferenceRequest(id=f"t-{uuid.uuid4().hex[:12]}", model="m", reply_to="unused", adapter=adapter,
+                            messages=[ChatMessage(role="user", content=content)],
+                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def token_ids(engine, req: InferenceRequest) -> list[int]:
+    """The token ids ``engine`` generates for ``req`` (which must finish)."""
+    ids, fin = [], None
+    async for ev in engine.generate(req):
+        if isinstance(ev, Chunk):
+            ids.extend(ev.token_ids)
+        else:
+            fin = ev
+    assert isinstance(fin, Finished)
+    return ids

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +12,13 @@ import pytest
 import pytest_asyncio
 
 from schemas.errors import BusError, ErrorCode
-from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
 from services.common.model_store import default_model_gguf
-from services.engine.adapter import AdapterChange, Chunk, Finished
-from tests.lora_support import make_adapter
+from services.engine.adapter import AdapterChange
+from tests.lora_support import chat, make_adapter, token_ids
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
 pytestmark = [pytest.mark.slow]
 
-PROMPT = "Tell me a short story about a lighthouse."
 # Token ids of an arbitrary short text; the conversion check looks at the logits of every position.
 IDS = [1, 504, 3458, 282, 8820, 314, 253, 1789, 30, 2, 905, 2000]
 
@@ -75,21 +72,6 @@ async def engine(adapter_root):
     await eng.close()
 
 
-def chat(adapter: str | None = None, max_tokens: int = 16) -> InferenceRequest:
-    return InferenceRequest(id=f"g-{uuid.uuid4().hex[:12]}", model="m", reply_to="unused", adapter=adapter,
-                            messages=[ChatMessage(role="user", content=PROMPT)],
-                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
-
-
-async def token_ids(engine, req) -> list[int]:
-    ids, fin = [], None
-    async for ev in engine.generate(req):
-        if isinstance(ev, Chunk):
-            ids.extend(ev.token_ids)
-        else:
-            fin = ev
-    assert isinstance(fin, Finished)
-    return ids
 
 
 def llama_logits(gguf_lora: Path | None) -> np.ndarray:

@@ -6,21 +6,18 @@ The contract itself (streaming, stop, seed, abort, usage...) runs on vLLM in tes
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from schemas import ChatMessage, InferenceRequest, SamplingParams
 from schemas.errors import BusError, ErrorCode
-from services.engine.adapter import AdapterChange, Chunk, Finished
-from tests.lora_support import make_adapter
+from services.engine.adapter import AdapterChange, Chunk
+from tests.lora_support import chat, make_adapter, token_ids
 
 pytest.importorskip("vllm", reason="the vllm engine needs the [vllm] extra")
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
-PROMPT = "Tell me a short story about a lighthouse."
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +48,6 @@ async def engine(default_model_dir, adapter_root):
     await eng.close()
 
 
-def chat(adapter: str | None = None, content: str = PROMPT, max_tokens: int = 16) -> InferenceRequest:
-    return InferenceRequest(id=f"t-{uuid.uuid4().hex[:12]}", model="m", reply_to="unused", adapter=adapter,
-                            messages=[ChatMessage(role="user", content=content)],
-                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
-
-
-async def token_ids(engine, req) -> list[int]:
-    ids, fin = [], None
-    async for ev in engine.generate(req):
-        if isinstance(ev, Chunk):
-            ids.extend(ev.token_ids)
-        else:
-            fin = ev
-    assert isinstance(fin, Finished)
-    return ids
 
 
 def peft_reference(default_model_dir, adapter_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
