@@ -108,8 +108,9 @@ class GgufBatchGenerator(ModelThread):
         self.loras = GgufLoras(model, max_adapters, on_adapters)
         self._free_ids = list(range(model.shape.n_seq - 1, -1, -1))
         # Tokens whose KV a free stream still holds (what its last sequence had fed), with the adapter
-        # that computed them: the next sequence with that adapter sharing a prefix skips prefilling it.
-        self._cached: dict[int, tuple[str | None, list[int]]] = {}
+        # file that computed them (None: the base model): the next sequence with that same file
+        # sharing a prefix skips prefilling it (a re-converted adapter never reuses the old one's KV).
+        self._cached: dict[int, tuple[Path | None, list[int]]] = {}
         self.reused_tokens = 0
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
@@ -172,7 +173,7 @@ class GgufBatchGenerator(ModelThread):
             best, shared = self._free_ids[-1], 0  # _free_ids is kept in descending order
             for seq_id in reversed(self._free_ids):  # lowest id first, so ties keep ids low
                 adapter, kept = self._cached.get(seq_id, (None, ()))
-                common = _common_prefix(kept, seq.prompt_ids) if adapter == seq.adapter else 0
+                common = _common_prefix(kept, seq.prompt_ids) if adapter == seq.adapter_path else 0
                 if common > shared:
                     best, shared = seq_id, common
             self._free_ids.remove(best)
@@ -302,7 +303,7 @@ class GgufBatchGenerator(ModelThread):
         seq.done = True
         if seq.seq_id >= 0:
             if keep:
-                self._cached[seq.seq_id] = (seq.adapter, (seq.prompt_ids + seq.out_ids)[:seq.n_past])
+                self._cached[seq.seq_id] = (seq.adapter_path, (seq.prompt_ids + seq.out_ids)[:seq.n_past])
             else:
                 llama_cpp.llama_memory_seq_rm(self._model.memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
