@@ -1,6 +1,7 @@
 """The loop no serving system we know of closes, end to end through ``cy up`` and the official SDK:
 upload a dataset teaching a made-up fact, fine-tune, follow the job to ``succeeded``, then ask the
-fine-tuned model through /v1/chat/completions and get the learned answer."""
+fine-tuned model through /v1/chat/completions and get the learned answer — served by the
+transformers engine and by the llama.cpp engine."""
 
 from __future__ import annotations
 
@@ -27,9 +28,14 @@ def dataset() -> bytes:
                    + "\n" for q in QUESTIONS).encode()
 
 
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory, default_model_dir):
-    with CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-ft"), default_model_dir)) as up:
+@pytest.fixture(scope="module", params=["transformers", "llamacpp"])
+def platform(request, tmp_path_factory, default_model_dir):
+    """The platform with the default engine (transformers), and with llama.cpp serving the shipped GGUF: there
+    the trained peft adapter is converted to a GGUF LoRA and applied to the quantized base."""
+    if request.param == "llamacpp":
+        pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
+    with CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-ft"), default_model_dir),
+              "--engine", request.param) as up:
         yield up
 
 
