@@ -54,20 +54,25 @@ async def test_an_engine_that_does_not_answer_in_time_has_the_offer_withdrawn_be
     hung = await engines("hung", slots=8)  # the emptier one: offered the request first
     hung.silent = True
     spare = await engines("spare", slots=2)
-    withdrawn: list[tuple[CancelRequest, list[str]]] = []
+    # One subscription sees the scheduler's messages to both engines in the order it sent them (separate
+    # subscriptions each have their own callback task, so their relative order would prove nothing).
+    seen: list[tuple[str, bytes]] = []
+    watched = {names.engine_cancel(hung.worker), names.engine_generate(spare.worker)}
 
-    async def on_withdraw(msg) -> None:
-        withdrawn.append((msgspec.json.decode(msg.data, type=CancelRequest), spare.received_ids))
+    async def on_engine_subject(msg) -> None:
+        if msg.subject in watched:
+            seen.append((msg.subject, msg.data))
 
-    await nc.subscribe(names.engine_cancel(hung.worker), cb=on_withdraw)
+    await nc.subscribe(f"{names.ROOT}.engine.>", cb=on_engine_subject)
     async with start_scheduler(dispatch_timeout=0.3) as scheduler:
         await known(scheduler, hung, spare)
         req = await submit(nc, new_request())
         await eventually(lambda: spare.received_ids == [req.id], what="the offer to the spare engine")
-        await eventually(lambda: len(withdrawn) == 1, what="the withdrawal from the hung engine")
-        [(cancel, offered_by_then)] = withdrawn
+        await eventually(lambda: len(seen) == 2, what="the withdrawal and the next offer")
+        (first, data), (second, _) = seen
+        assert (first, second) == (names.engine_cancel(hung.worker), names.engine_generate(spare.worker))
+        cancel = msgspec.json.decode(data, type=CancelRequest)  # withdrawn before the next engine was offered it
         assert (cancel.id, cancel.dispatch, cancel.reason) == (req.id, 0, "dispatch_timeout")
-        assert offered_by_then == []  # withdrawn before the next engine was offered it
         assert hung.dispatch_requests == 1 and spare.received[0].dispatch == 1
 
 
@@ -106,6 +111,27 @@ async def test_an_engine_refusing_the_request_itself_is_reported_to_the_client(n
         assert (error.id, error.code) == (req.id, ErrorCode.CONTEXT_LENGTH_EXCEEDED)
         assert a.dispatch_requests + b.dispatch_requests == 1  # not retried: it would fail anywhere
         await eventually(lambda: count(scheduler, "refused") == 1)
+
+
+async def test_an_unsupported_request_goes_to_an_engine_that_supports_it(nc, start_scheduler, engines):
+    """Engines differ in what they serve (a DoRA adapter on llama.cpp, logprobs on MLX): ``unsupported`` from
+    one engine sends the request to the next; only when every engine tried refuses is it reported."""
+    narrow = await engines("narrow", slots=8)  # the emptier one: offered first
+    narrow.refusal = ErrorCode.UNSUPPORTED
+    wide = await engines("wide", slots=2)
+    async with start_scheduler() as scheduler, ReplyInbox(nc) as inbox:
+        await known(scheduler, narrow, wide)
+        req = await submit(nc, new_request())
+        await eventually(lambda: wide.received_ids == [req.id], what="the request on the engine that supports it")
+        assert narrow.dispatch_requests == 1
+        wide.refusal = ErrorCode.UNSUPPORTED
+        await wide.finish()
+        other = await submit(nc, new_request(reply_to=inbox.subject))
+        error = await inbox.error()
+        assert (error.id, error.code) == (other.id, ErrorCode.UNSUPPORTED)
+        assert narrow.dispatch_requests == 2 and wide.dispatch_requests == 2
+        await eventually(lambda: count(scheduler, "refused") == 1)
+        await until_stream_holds(nc, 0)
 
 
 async def test_a_malformed_message_is_terminated_with_invalid_request(nc, start_scheduler, engines):

@@ -69,6 +69,7 @@ def test_request_level_refusals_are_final_engine_level_ones_are_not():
     assert refusal_is_final(refuse(ErrorCode.INVALID_REQUEST))
     assert not refusal_is_final(refuse(ErrorCode.ENGINE_BUSY))
     assert not refusal_is_final(refuse(ErrorCode.MODEL_NOT_FOUND))
+    assert not refusal_is_final(refuse(ErrorCode.UNSUPPORTED))  # another engine may support it
     assert not refusal_is_final(refuse(None))
     assert not refusal_is_final(DispatchReply(accepted=True, worker="w"))
 

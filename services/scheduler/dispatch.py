@@ -212,7 +212,9 @@ class Dispatcher:
         """
         taken_at = time.monotonic()
         tried: list[str] = []
-        unknown_adapter: DispatchReply | None = None
+        # A refusal another engine may not give (an adapter it lacks, a feature it does not support):
+        # the next engine is tried, and this is reported if none takes the request.
+        not_here: DispatchReply | None = None
         deliveries = msg.metadata.num_delivered
         try:
             while worker is not None:
@@ -230,17 +232,18 @@ class Dispatcher:
                 if req.id in self._memory.cancelled:
                     await self._settle(lane, msg, Outcome.CANCELLED)
                     return
-                if reply is not None and req.adapter and reply.code == ErrorCode.MODEL_NOT_FOUND:
-                    unknown_adapter = reply  # another engine may have it in its --adapter-dir: try that first
+                if reply is not None and not_here is None and (
+                        reply.code == ErrorCode.UNSUPPORTED or (req.adapter and reply.code == ErrorCode.MODEL_NOT_FOUND)):
+                    not_here = reply  # another engine may support it, or have the adapter in its --adapter-dir
                 tried.append(worker)
                 worker = self._placement.reserve(req.model, exclude=tried, request=req) \
                     if len(tried) < self._max_attempts else None
                 if worker is not None:
                     self._metrics.retry()
                     await self._keep_alive(msg)
-            if unknown_adapter is not None:  # waiting in the queue would not make the adapter appear
-                await self._fail(lane, msg, req, ErrorCode.MODEL_NOT_FOUND,
-                                 unknown_adapter.message or f"adapter {req.adapter!r} not found", Outcome.REFUSED)
+            if not_here is not None:  # waiting in the queue would not make the adapter or the feature appear
+                await self._fail(lane, msg, req, not_here.code,
+                                 not_here.message or f"engine {not_here.worker} refused the request", Outcome.REFUSED)
                 return
             await self._unplaced(lane, msg, req)
         finally:

@@ -23,7 +23,11 @@ _request_decoder = msgspec.json.Decoder(InferenceRequest)
 _SUBJECT_RE = re.compile(r"^[^.\s*>]+(\.[^.\s*>]+)*$")
 
 # Refusals about the request itself: retrying on another engine would only fail again.
-_FINAL_REFUSALS = frozenset({ErrorCode.INVALID_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED, ErrorCode.UNSUPPORTED})
+# Refusals about the request itself: it would fail on any engine. ``unsupported`` is not one of them:
+# engines differ in what they support (a DoRA adapter or logprobs on one engine, not on another),
+# so the scheduler offers the request to the next engine and reports ``unsupported`` only when
+# none of the engines tried would take it.
+_FINAL_REFUSALS = frozenset({ErrorCode.INVALID_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED})
 
 
 class _Envelope(msgspec.Struct):
