@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p.add_argument("--adapter-dir", action="append", default=[], dest="adapter_dirs",
                    help="directory whose subdirectories <adapter id>/ hold PEFT adapters (repeatable)")
     p.add_argument("--adapter-cache-dir", default="",
-                   help="where adapters from the object store are unpacked (default: <state dir>/adapters)")
+                   help="where adapters from the object store are unpacked, and where the llama.cpp engine keeps "
+                        "their GGUF conversions (gguf/) (default: <state dir>/adapters)")
     p.add_argument("--mindie-url", default=os.environ.get("CY_MINDIE_URL", "http://127.0.0.1:1025"),
                    help="mindie engine: address of the MindIE Server it streams from")
     p.add_argument("--no-lora", action="store_true",
