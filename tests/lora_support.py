@@ -47,6 +47,17 @@ def make_adapter(base_dir: Path, out: Path, method: str, seed: int) -> Path:
     return out
 
 
+
+def make_misfit_lora(base_dir: Path, out: Path, seed: int = 8) -> Path:
+    """A LoRA whose A matrices are 3 columns wide: made for a model with other layer sizes than the default."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_dir, out, "lora", seed)
+    weights = {k: v[:, :3].contiguous() if "lora_A" in k else v
+               for k, v in load_file(out / "adapter_model.safetensors").items()}
+    save_file(weights, out / "adapter_model.safetensors")
+    return out
+
 PROMPT = "Tell me a short story about a lighthouse."
 
 

@@ -14,7 +14,7 @@ import pytest_asyncio
 from schemas.errors import BusError, ErrorCode
 from services.common.model_store import default_model_gguf
 from services.engine.adapter import AdapterChange
-from tests.lora_support import chat, make_adapter, token_ids
+from tests.lora_support import chat, make_adapter, make_misfit_lora, token_ids
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
 pytestmark = [pytest.mark.slow]
@@ -44,12 +44,7 @@ def adapter_root(tmp_path_factory, default_model_dir) -> Path:
                                ("dora-d", "dora", 4), ("ia3-e", "ia3", 5), ("prefix-g", "prefix", 7)]:
         make_adapter(default_model_dir, root / name, method, seed)
     make_qk_adapter(default_model_dir, root / "lora-qk")
-    broken = root / "broken-shape"  # a LoRA for a model with other layer sizes
-    make_adapter(default_model_dir, broken, "lora", 8)
-    from safetensors.torch import load_file, save_file
-    weights = {k: v[:, :3].contiguous() if "lora_A" in k else v
-               for k, v in load_file(broken / "adapter_model.safetensors").items()}
-    save_file(weights, broken / "adapter_model.safetensors")
+    make_misfit_lora(default_model_dir, root / "broken-shape")
     return root
 
 

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from schemas.errors import BusError, ErrorCode
 from services.engine.adapter import AdapterChange, Chunk
-from tests.lora_support import chat, make_adapter, token_ids
+from tests.lora_support import chat, make_adapter, make_misfit_lora, token_ids
 
 pytest.importorskip("vllm", reason="the vllm engine needs the [vllm] extra")
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -26,12 +26,7 @@ def adapter_root(tmp_path_factory, default_model_dir) -> Path:
     for name, method, seed in [("lora-a", "lora", 1), ("lora-b", "lora", 2), ("dora-d", "dora", 4),
                                ("ia3-e", "ia3", 5), ("prefix-g", "prefix", 7)]:
         make_adapter(default_model_dir, root / name, method, seed)
-    broken = root / "broken-shape"  # a LoRA for a model with other layer sizes
-    make_adapter(default_model_dir, broken, "lora", 8)
-    from safetensors.torch import load_file, save_file
-    weights = {k: v[:, :3].contiguous() if "lora_A" in k else v
-               for k, v in load_file(broken / "adapter_model.safetensors").items()}
-    save_file(weights, broken / "adapter_model.safetensors")
+    make_misfit_lora(default_model_dir, root / "broken-shape")
     return root
 
 
