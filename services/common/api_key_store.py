@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas import names
 from schemas.auth import ApiKeyRecord, Scope
 from services.common.api_keys import hash_key, new_api_key
+from services.common.buckets import kv_keys
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ApiKeyRecord)
@@ -91,10 +92,7 @@ class ApiKeyStore:
 
     async def records(self) -> list[ApiKeyRecord]:
         """Every record, oldest first."""
-        try:
-            ids = await self.kv.keys()
-        except NoKeysError:
-            return []
+        ids = await kv_keys(self.kv)
         records = [r for r in [await self.get(i) for i in ids] if r is not None]
         return sorted(records, key=lambda r: r.created)
 

@@ -18,10 +18,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from schemas import names
 from schemas.heartbeat import EngineHeartbeat
+from services.common.buckets import kv_keys
 from services.common.worker_table import DEAD_AFTER_INTERVALS, WorkerState, WorkerTable
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ class HeartbeatFeed:
     async def _bootstrap(self, js: JetStreamContext) -> int:
         try:
             kv = await js.key_value(names.WORKERS_BUCKET)
-            keys = await kv.keys()
-        except NoKeysError:  # an empty bucket: no engine heart-beat within its TTL
-            return 0
+            keys = await kv_keys(kv)
         except BucketNotFoundError:
             log.warning("KV bucket %s is missing (run ./cy infra apply); heartbeats alone will fill the table",
                         names.WORKERS_BUCKET)
@@ -91,7 +90,7 @@ class HeartbeatFeed:
         for key in keys:
             try:
                 entry = await kv.get(key)
-            except KeyNotFoundError:  # expired or deleted since keys() listed it
+            except KeyNotFoundError:  # expired or deleted (a delete marker), or gone since it was listed
                 continue
             hb = self.decode(entry.value or b"", f"{names.WORKERS_BUCKET}/{key}")
             if hb is not None and now - hb.ts <= DEAD_AFTER_INTERVALS * hb.interval:

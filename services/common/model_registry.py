@@ -26,6 +26,7 @@ from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.registry import ADAPTER, BASE, ModelEntry
 from services.common import artifacts
+from services.common.buckets import kv_keys
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          ensure_default_model, model_dir)
 
@@ -73,10 +74,7 @@ async def delete_entry(kv: KeyValue, model_id: str) -> None:
 
 async def list_entries(kv: KeyValue) -> list[ModelEntry]:
     """Every readable entry, sorted by id (malformed values are skipped and logged)."""
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+    keys = await kv_keys(kv)
     out = []
     for key in keys:
         try:

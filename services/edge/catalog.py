@@ -19,6 +19,7 @@ from nats.errors import Error as NatsError
 from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.registry import ADAPTER, ModelEntry
+from services.common.buckets import kv_keys
 from services.common.model_ref import adapter_model_id, split_model
 from services.common.worker_table import WorkerTable
 from services.edge.state import EDGE
@@ -70,8 +71,8 @@ async def registry_adapters(js) -> list[ModelEntry]:
     """Adapter entries of the model registry; empty (logged) when it cannot be read."""
     try:
         kv = await js.key_value(names.MODELS_BUCKET)
-        keys = await kv.keys()
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+        keys = await kv_keys(kv)
+    except nats.js.errors.BucketNotFoundError:
         return []
     except (NatsError, asyncio.TimeoutError) as exc:
         log.warning("model registry not read: %s", exc)
