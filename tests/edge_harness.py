@@ -21,6 +21,7 @@ from schemas import names
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 from schemas.inference import CancelRequest, InferenceRequest
+from services.common.lifecycle import cancel_and_wait
 from services.edge import EdgeConfig, create_app
 
 MODEL = "test-org/test-model"
@@ -68,10 +69,7 @@ class BusEngine:
     async def stop_heartbeats(self) -> None:
         """Go silent, as a crashed engine does."""
         if self._task is not None:
-            # nats.py's flush() can swallow one cancellation: cancel until the loop really ended.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=0.5)
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def next_request(self, lane: str = "normal", timeout: float = 5.0) -> InferenceRequest:

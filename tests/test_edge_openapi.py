@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from schemas import names
+from services.common.lifecycle import cancel_and_wait
 from services.edge import create_app
 from services.edge.openapi import build_document
 from tests.edge_harness import (  # noqa: F401 - fixtures
@@ -97,8 +98,6 @@ async def test_generated_requests_get_no_5xx_and_conform_to_the_document(nc, edg
         try:
             ran = await asyncio.to_thread(_run_schemathesis, str(c.make_url("")).rstrip("/"))
         finally:
-            answering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await answering
+            await cancel_and_wait(answering)
     operations = sum(len(ops) for path, ops in build_document()["paths"].items() if path not in _NOT_FUZZED)
     assert ran == operations

@@ -1,4 +1,4 @@
-"""Process lifecycle shared by every service: logging, event loop, signals."""
+"""Process lifecycle shared by every service: logging, event loop, signals, stopping tasks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import signal
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
+
+# How long a cancelled task gets to end before it is cancelled again (see ``cancel_and_wait``).
+_RECANCEL_AFTER = 0.1
 
 
 def setup_logging(service: str) -> None:
@@ -40,3 +43,20 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
         asyncio.run(main())
         return
     uvloop.run(main())
+
+
+async def cancel_and_wait(*tasks: asyncio.Future | None) -> None:
+    """Cancel ``tasks`` (``None`` entries are skipped) and return once every one has ended.
+
+    A single ``cancel()`` is not enough on Python 3.11: when it lands just as the future that
+    ``asyncio.wait_for`` guards completes (every nats-py request and JetStream API call runs under
+    one), ``wait_for`` returns the result instead of raising, the cancellation is lost, and a
+    ``while True`` loop goes on for ever; whoever awaits it hangs. So a task still running after
+    ``_RECANCEL_AFTER`` seconds is cancelled again. The tasks' exceptions are retrieved, not raised.
+    """
+    pending = {task for task in tasks if task is not None}
+    while pending := {task for task in pending if not task.done()}:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=_RECANCEL_AFTER)
+    await asyncio.gather(*(task for task in tasks if task is not None), return_exceptions=True)

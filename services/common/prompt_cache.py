@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 from schemas import names
 from schemas.cache import CachedResponse
 from services.common.cache_mirror import CacheMirror
+from services.common.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ class PromptCacheReader:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._checks is not None:
-            self._checks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checks
+            await cancel_and_wait(self._checks)
         if self._watch is not None:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing: nothing to unsubscribe
                 await self._watch.unsubscribe()

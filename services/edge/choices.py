@@ -24,6 +24,7 @@ from aiohttp import web
 from schemas.errors import BusError
 from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage
 from schemas.inference import InferenceRequest
+from services.common.lifecycle import cancel_and_wait
 from services.edge.dispatch import Dispatcher, InferenceCall
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai_format import DONE, SSE_HEADERS, ChoiceResult, ChunkFormatter
@@ -55,9 +56,7 @@ class ChoiceCalls:
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
-        for task in self._pumps:
-            task.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await cancel_and_wait(*self._pumps)
         # Each call cancels its request on the bus unless it ended there (client gone, deadline, another's error).
         await self._stack.__aexit__(exc_type, exc, tb)
 

@@ -8,7 +8,6 @@ off the queue; its growth over time is the drain rate of the whole cluster (all 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from schemas import names
+from services.common.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ class QueueGauge:
     async def stop(self) -> None:
         """Stop sampling."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def sample(self) -> None:
         """Read the stream state once (errors are logged: the estimate just ages)."""

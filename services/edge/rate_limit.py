@@ -14,7 +14,6 @@ protects the platform, it must not be the reason it is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -28,6 +27,7 @@ from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
+from services.common.lifecycle import cancel_and_wait
 from services.edge import rate_window
 from services.edge.auth import PRINCIPAL
 from services.edge.metrics import EdgeMetrics
@@ -139,9 +139,7 @@ class StreamLeases:
     async def stop(self) -> None:
         """Stop renewing; leases still held expire with their epoch."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
 

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.registry import BASE, ModelEntry
+from services.common.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _REMOVED = ("DEL", "PURGE")
@@ -50,8 +51,7 @@ class RegistryView:
     async def stop(self) -> None:
         """Stop following the registry."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         if self._watcher is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._watcher.stop()

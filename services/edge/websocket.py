@@ -28,6 +28,7 @@ from aiohttp import WSMsgType, web
 
 from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, TokenDelta
+from services.common.lifecycle import cancel_and_wait
 from services.edge import completions, json_depth, native_api, rate_limit
 from services.edge.errors import error_body, rejection_reason
 from services.edge.metrics import WEBSOCKET, EdgeMetrics
@@ -92,10 +93,7 @@ class InferenceSocket:
                     await self._on_frame(msg.data)
         finally:
             self._closing = True
-            tasks = list(self._running.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(*self._running.values())
 
     async def _refuse(self, client_id: str | None, err: BusError, request_id: str | None = None) -> None:
         """Answer one request or frame with an error frame (counted when it is a refusal)."""

@@ -7,7 +7,6 @@ running this request alive" (the sweep, every ``interval`` seconds).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -15,6 +14,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from services.common.heartbeat_feed import HeartbeatFeed
+from services.common.lifecycle import cancel_and_wait
 from services.common.worker_table import WorkerTable
 from services.edge.replies import ReplyRouter
 
@@ -40,9 +40,7 @@ class WorkerFeed:
     async def stop(self) -> None:
         """Stop sweeping and unsubscribe."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self._feed.stop()
 

@@ -8,7 +8,6 @@ It speaks the engine's side of the scheduler's two channels and nothing else: he
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ from schemas.errors import ErrorCode
 from schemas.events import encode
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 from schemas.inference import DispatchReply, InferenceRequest
+from services.common.lifecycle import cancel_and_wait
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 
@@ -83,9 +83,7 @@ class EngineDouble:
     async def stop_heartbeats(self) -> None:
         """Fall silent, as a hung or partitioned engine does (dispatches are still answered)."""
         if self._beat is not None:
-            self._beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._beat
+            await cancel_and_wait(self._beat)
             self._beat = None
 
     async def stop(self) -> None:

@@ -31,6 +31,7 @@ from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
 from schemas.inference import CancelRequest
 from schemas.names import LANES_BY_PRIORITY, Lane
+from services.common.lifecycle import cancel_and_wait
 from services.common.worker_table import WorkerTable
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatch import BUS_DOWN, Dispatcher, RequestMemory
@@ -163,9 +164,9 @@ class Scheduler:
 
     async def _stop_loops(self) -> None:
         take, stats = self._loops
-        stats.cancel()
+        await cancel_and_wait(stats)
         # The take loop ends after its current fetch (at most fetch_wait) once _stopping is set.
-        await asyncio.gather(take, stats, return_exceptions=True)
+        await asyncio.gather(take, return_exceptions=True)
         await self._drain_dispatches()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
@@ -181,9 +182,7 @@ class Scheduler:
         if pending:
             log.warning("%d dispatch(es) still under way after %.1fs: abandoned (JetStream redelivers them)",
                         len(pending), self.config.drain_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(*pending)
 
     # --- the take loop ---
 

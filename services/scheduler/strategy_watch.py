@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas import names
+from services.common.lifecycle import cancel_and_wait
 from services.scheduler.selection import Strategy
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ class StrategyWatch:
     async def stop(self) -> None:
         """Stop following the key."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         if self._watcher is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._watcher.stop()

@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 
 from schemas.heartbeat import EngineHeartbeat
 from services.common.heartbeat_feed import HeartbeatFeed
+from services.common.lifecycle import cancel_and_wait
 from services.common.worker_table import DEAD_AFTER_INTERVALS, WorkerState, WorkerTable
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ class WorkerFeed:
     async def stop(self) -> None:
         """Stop listening and expiring."""
         if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
+            await cancel_and_wait(self._expiry)
         await self._feed.stop()
 
     def _observed(self, hb: EngineHeartbeat, before: WorkerState | None) -> None:

@@ -25,6 +25,7 @@ from nats.micro.request import Request
 
 from schemas import names
 from schemas.training import TrainCancel, TrainingJob
+from services.common.lifecycle import cancel_and_wait
 from services.trainer.config import TrainerConfig
 from services.trainer.events import EventLog
 from services.trainer.execution import Interrupted, JobExecution
@@ -119,7 +120,7 @@ class TrainerService:
             return
         finally:
             self.metrics.running.dec()
-            keepalive.cancel()
+            await cancel_and_wait(keepalive)
             self._current = None
         self._jobs_done += 1
         await _settle(msg.ack_sync())
