@@ -20,6 +20,7 @@ from schemas import names
 from schemas.cache import CachedDelta, CachedResponse
 from schemas.events import Usage, encode
 from schemas.inference import InferenceRequest
+from services.common.buckets import kv_keys
 from services.common.cache_key import cache_key
 from services.edge import EdgeConfig, create_app, openai_translate
 from services.edge.state import EDGE, METRICS
@@ -189,7 +190,7 @@ async def test_a_changed_or_deleted_entry_is_never_served_from_the_edges_memory(
     await post(new, CHAT, chat())
     assert edge_hits(new) == (1, 1, 1)  # one read from KV, then kept in memory
     kv = await js.key_value(names.PROMPT_CACHE_BUCKET)
-    [key] = await kv.keys()
+    [key] = await kv_keys(kv)
     replaced = CachedResponse(model="sim", deltas=[CachedDelta(text="a new "), CachedDelta(text="value")],
                               finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2))
     await kv.put(key, encode(replaced))

@@ -6,12 +6,12 @@ import asyncio
 import time
 import uuid
 
-import nats.js.errors
 import pytest
 
 from schemas import names
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
+from services.common.buckets import kv_values
 from tests.test_engine_service import running_engine
 from tests.test_scheduler_harness import (ReplyInbox, count, engines, eventually, known, new_request,  # noqa: F401
                                           start_scheduler, submit)
@@ -47,11 +47,7 @@ async def until_entries(js, expected: int, what: str) -> None:
 
 
 async def cache_entries(js) -> int:
-    kv = await js.key_value(names.PROMPT_CACHE_BUCKET)
-    try:
-        return len(await kv.keys())
-    except nats.js.errors.NoKeysError:
-        return 0
+    return len(await kv_values(await js.key_value(names.PROMPT_CACHE_BUCKET)))
 
 
 def accepted(scheduler) -> float:

@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 
 from schemas.events import StreamEnd, StreamStart, TokenDelta
+from services.common.buckets import kv_keys
 from tests.test_scheduler_cache import ask, chat, engine, until_entries  # noqa: F401
 from tests.test_scheduler_harness import count, eventually, start_scheduler  # noqa: F401
 
@@ -43,7 +44,7 @@ async def test_a_repeated_hit_is_served_from_memory_until_the_entry_is_deleted(n
         assert sample("coordinator_cache_hits_total") == 3
         assert sample("coordinator_cache_local_hits_total") == 2  # the first hit read KV, the next two did not
         kv = await js.key_value("llm_prompt_cache")
-        for key in await kv.keys():
+        for key in await kv_keys(kv):
             await kv.delete(key)
         await asyncio.sleep(0.2)  # the watch delivers the delete
         again = await ask(nc, chat())

@@ -31,6 +31,7 @@ from schemas.registry import ModelEntry
 from schemas.training import CANCELLED, TERMINAL, JobState, TrainCancel, TrainEvent
 from services.common import artifacts
 from services.common.artifacts import FileMeta
+from services.common.buckets import kv_values
 
 log = logging.getLogger(__name__)
 
@@ -241,20 +242,16 @@ class TrainingStore:
             raise BusError(ErrorCode.INTERNAL, f"the state of job '{job_id}' is unreadable: {exc}") from None
 
     async def jobs(self) -> list[JobState]:
-        """Every job's current state, in no particular order (one watcher pass over the bucket)."""
+        """Every job's current state, in no particular order (one pass over the bucket)."""
         kv = await self._job_bucket()
-        out: list[JobState] = []
         with _bus("listing jobs"):
-            watcher = await kv.watchall(ignore_deletes=True)
+            values = await kv_values(kv, timeout=self._publish_timeout)
+        out: list[JobState] = []
+        for key, value in values.items():
             try:
-                while (entry := await watcher.updates(timeout=self._publish_timeout)) is not None:
-                    if entry.value:
-                        try:
-                            out.append(_state_decoder.decode(entry.value))
-                        except msgspec.DecodeError:
-                            log.warning("job state %s is unreadable; not listed", entry.key)
-            finally:
-                await watcher.stop()
+                out.append(_state_decoder.decode(value))
+            except msgspec.DecodeError:
+                log.warning("job state %s is unreadable; not listed", key)
         return out
 
     async def cancel(self, job_id: str, reason: str = "cancelled by the API") -> JobState:
