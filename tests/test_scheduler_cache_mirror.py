@@ -12,6 +12,7 @@ from schemas.cache import CachedDelta, CachedResponse
 from schemas.events import Usage, encode
 from services.common.cache_mirror import CacheMirror
 from services.scheduler.prompt_cache import PromptCache
+from tests.test_scheduler_harness import eventually
 
 
 def response(text: str) -> CachedResponse:
@@ -130,13 +131,14 @@ async def test_a_purge_of_the_whole_stream_or_the_ttl_empties_the_mirror_within_
         assert await cache.lookup("k1") is not None
         assert await cache.lookup("k1") is not None and cache.mirror_hits == 1
         await js.purge_stream(f"KV_{name}")  # no per-key markers: only the stream's first sequence moves
-        await asyncio.sleep(0.3)
+        await eventually(lambda: cache.mirror.get("k1") is None, what="a check to notice the purge")
         assert await cache.lookup("k1") is None
         await kv.put("k2", encode(response("y")))
         assert await cache.lookup("k2") is not None
-        await asyncio.sleep(0.1)  # the watch delivers the put of k2
+        await eventually(lambda: cache.mirror.get("k2") is not None, what="the watch to deliver the put of k2")
         assert await cache.lookup("k2") is not None and cache.mirror_hits == 2
-        await asyncio.sleep(1.0 + 0.6)  # past the bucket's TTL and at least one check
+        await asyncio.sleep(1.0)  # the bucket's TTL
+        await eventually(lambda: cache.mirror.get("k2") is None, what="a check to notice the expiry")
         assert await cache.lookup("k2") is None
         assert cache.mirror.usable
 

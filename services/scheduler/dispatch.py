@@ -87,6 +87,11 @@ class Dispatcher:
         self._on_release = on_release
         self._on_defer = on_defer
 
+    @property
+    def cache(self) -> PromptCache | None:
+        """The prompt cache requests are answered from, if it is on."""
+        return self._cache
+
     def use_cache(self, cache: PromptCache) -> None:
         """Answer cacheable requests from ``cache`` from now on (and have engines fill it)."""
         self._cache = cache

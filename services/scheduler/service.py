@@ -243,6 +243,11 @@ class Scheduler:
         self.lanes.expect(lane)
         self._wake.set()
 
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        """The prompt cache this replica answers hits from (None when it is off or its bucket is missing)."""
+        return self._dispatcher.cache
+
     def _set_strategy(self, strategy: Strategy | None) -> None:
         """Switch routing to ``strategy`` (None: back to the configured one), from the watched KV key."""
         chosen = strategy or self.config.strategy
