@@ -24,6 +24,7 @@ from services.engine.__main__ import build_adapter
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
+from tests.test_engine_service import until_serving
 
 
 @contextlib.asynccontextmanager
@@ -41,13 +42,7 @@ async def real_engine(nats_url: str, model_dir: Path, state_dir: Path, *extra: s
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        for _ in range(600):
-            if service.nc is not None and service._kv is not None or task.done():
-                break
-            await asyncio.sleep(0.05)
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.1)
+        await until_serving(service, task)
         yield service, worker
     finally:
         stop.set()

@@ -15,6 +15,7 @@ from schemas.errors import BusError, ErrorCode
 from services.common.model_store import default_model_gguf
 from services.engine.adapter import AdapterChange
 from tests.lora_support import chat, make_adapter, make_misfit_lora, token_ids
+from tests.test_scheduler_harness import eventually
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
 pytestmark = [pytest.mark.slow]
@@ -212,8 +213,8 @@ async def test_lru_bound_evicts_idle_adapters_and_never_a_busy_one(adapter_root)
         assert await token_ids(eng, chat("lora-c", max_tokens=8)) == solo["lora-c"]
         # Greedy: a busy adapter evicted under its request would change the rest of its answer.
         assert [ids[:8] for ids in await asyncio.gather(*long)] == [solo["lora-a"], solo["lora-b"]]
-        await asyncio.sleep(0.1)  # adapter changes reach the loop with call_soon_threadsafe
-        changes: list[AdapterChange] = eng.changes
+        changes: list[AdapterChange] = eng.changes  # they reach the loop with call_soon_threadsafe
+        await eventually(lambda: sum(c.loads for c in changes) == 4, what="the fourth adapter load")
         assert sum(c.loads for c in changes) == 4 and sum(c.evictions for c in changes) == 2
         assert "lora-c" in eng.loaded_adapters() and len(eng.loaded_adapters()) == 2
     finally:

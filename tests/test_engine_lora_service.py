@@ -21,7 +21,7 @@ from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
 from tests.lora_support import make_adapter
-from tests.test_engine_service import dispatch, events_until_terminal, request
+from tests.test_engine_service import dispatch, events_until_terminal, request, until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,7 @@ async def engine_service(nats_url: str, engine: str, model_dir, cache_dir):
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        for _ in range(600):
-            if service.nc is not None and service._kv is not None:
-                break
-            await asyncio.sleep(0.05)
+        await until_serving(service, task)
         yield service, worker
     finally:
         stop.set()

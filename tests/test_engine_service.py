@@ -29,15 +29,24 @@ async def running_engine(nats_url: str, *extra: str):
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        for _ in range(100):
-            if service.nc is not None and service._kv is not None:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)
+        await until_serving(service, task)
         yield service, worker
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def until_serving(service: EngineService, task: asyncio.Task, timeout: float = 60.0) -> None:
+    """Wait until ``service`` (run by ``task``) answers dispatches; raise what ended ``task`` if it ended first."""
+    ready = asyncio.ensure_future(service.ready.wait())
+    try:
+        await asyncio.wait({ready, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()
+    if task.done():
+        task.result()
+        raise AssertionError("the engine service stopped before it served")
+    assert service.ready.is_set(), f"the engine service was not serving within {timeout}s"
 
 
 def request(inbox: str, max_tokens: int = 5, model: str = "sim", **kw) -> InferenceRequest:

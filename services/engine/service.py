@@ -95,6 +95,7 @@ class EngineService:
         self.nc = None
         self._kv = None
         self._responses: ResponseStore | None = None
+        self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
@@ -121,6 +122,8 @@ class EngineService:
             for subject in (names.engine_control(self.worker), names.ENGINE_CONTROL_ALL):
                 await self.nc.subscribe(subject, cb=control.on_message)
             heartbeat = asyncio.create_task(self._heartbeat_loop())
+            await self.nc.flush()
+            self.ready.set()
             log.info("engine %s (%s on %s) serving %s", self.worker, self.host.name, self.host.device,
                      [m.id for m in self.host.served_models()])
             await stop.wait()
