@@ -71,6 +71,7 @@ class InferenceSocket:
         self._edge = edge
         self._running: dict[str, asyncio.Task] = {}
         self._cancelled: set[str] = set()
+        self._stoppers: set[asyncio.Task] = set()  # cancel_and_wait of client-cancelled requests
         self._numbers = itertools.count(1)
         self._send_lock = asyncio.Lock()
         self._closing = False
@@ -128,7 +129,10 @@ class InferenceSocket:
                 param="id"))
             return
         self._cancelled.add(client_id)
-        task.cancel()
+        # Cancelled until it ends: one cancel() can be lost while the request awaits a bus round trip.
+        stopper = asyncio.create_task(cancel_and_wait(task))
+        self._stoppers.add(stopper)
+        stopper.add_done_callback(self._stoppers.discard)
 
     async def _admit(self) -> Admission:
         limiter = self._edge.limiter
