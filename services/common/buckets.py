@@ -58,7 +58,13 @@ async def kv_values(kv: KeyValue, *, timeout: float = 5.0) -> dict[str, bytes]:
         try:
             left = info.num_pending or 0
             while left > 0:
-                for msg in await psub.fetch(min(left, _KV_BATCH), timeout=timeout):
+                try:
+                    msgs = await psub.fetch(min(left, _KV_BATCH), timeout=timeout)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    if (await psub.consumer_info()).num_pending:
+                        raise  # the server is slow: no partial listing
+                    break  # keys purged since the consumer was created: everything left was read
+                for msg in msgs:
                     left -= 1
                     key = msg.subject[len(kv._pre):]
                     headers = msg.headers or {}
