@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from schemas import ChatMessage, InferenceRequest, SamplingParams  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
-from services.engine.adapter import Chunk, Finished  # noqa: E402
-from services.engine.adapters import adapter_class  # noqa: E402
+from services.engine.backend import Chunk, Finished  # noqa: E402
+from services.engine.backends import adapter_class  # noqa: E402
 
 TOPICS = ["a brave cat", "the sea", "a lighthouse", "a robot", "a dragon", "the moon", "a forest", "a train",
           "a baker", "a comet", "a violin", "a desert"]
@@ -76,7 +76,7 @@ def reference_llama_cpp(levels: list[int], max_tokens: int, rounds: int, threads
     """llama-cpp-python's own streaming loop on the shipped GGUF, requests one after another."""
     import llama_cpp
 
-    from services.engine.gguf_model import default_threads
+    from services.engine.backends.llamacpp.model import default_threads
 
     started = time.perf_counter()
     llm = llama_cpp.Llama(str(default_model_gguf()), n_ctx=2048, n_threads=threads or default_threads(),

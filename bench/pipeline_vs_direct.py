@@ -32,8 +32,8 @@ from services.cli.supervisor import ChildSpec, Supervisor  # noqa: E402
 from services.common import bus  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 from services.common.natsserver import NatsServer  # noqa: E402
-from services.engine.adapter import Chunk, Finished  # noqa: E402
-from services.engine.adapters import adapter_class  # noqa: E402
+from services.engine.backend import Chunk, Finished  # noqa: E402
+from services.engine.backends import adapter_class  # noqa: E402
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.",
            "Give three tips for learning to cook.", "Describe a walk through a forest in autumn.",

@@ -44,7 +44,7 @@ from schemas.events import encode  # noqa: E402
 from schemas.inference import InferenceRequest  # noqa: E402
 from services.common.natsserver import NatsServer  # noqa: E402
 from services.scheduler.config import SchedulerConfig  # noqa: E402
-from services.scheduler.engine_double import EngineDouble  # noqa: E402
+from tests.engine_double import EngineDouble  # noqa: E402
 from services.scheduler.service import Scheduler  # noqa: E402
 from services.scheduler.status import STATUS_SUBJECT  # noqa: E402
 

@@ -24,7 +24,7 @@ from services.engine.__main__ import build_adapter
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
-from tests.test_engine_service import until_serving
+from tests.engine.test_engine_service import until_serving
 
 
 @contextlib.asynccontextmanager

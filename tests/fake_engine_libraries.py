@@ -1,7 +1,7 @@
 """TEST DOUBLES of engine libraries this machine cannot run (tensorrt_llm, mlx_lm) and of MindIE Server.
 
 They exist only to drive OUR adapter code paths (argument mapping, output translation, abort,
-lifecycle) in tests/test_engine_gpu_adapters.py. They mimic the shapes those libraries' current
+lifecycle) in tests/engine/test_engine_gpu_adapters.py. They mimic the shapes those libraries' current
 sources document (cited in each adapter's docstring) and nothing more: a test passing against
 them says nothing about the real library. Each is injected through ``sys.modules`` (or, for
 MindIE, served on a loopback port) by the test that uses it, never by default.

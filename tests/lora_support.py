@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from schemas import ChatMessage, InferenceRequest, SamplingParams
-from services.engine.adapter import Chunk, Finished
+from services.engine.backend import Chunk, Finished
 
 
 def make_adapter(base_dir: Path, out: Path, method: str, seed: int) -> Path:

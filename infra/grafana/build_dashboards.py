@@ -2,7 +2,7 @@
 
 The JSON files are generated, never edited by hand: change a panel here, then run
 ``python infra/grafana/build_dashboards.py`` (``--check`` only reports whether the committed files
-are current, as tests/test_infra_observability.py does). Only the standard library is used, so
+are current, as tests/infra/test_infra_observability.py does). Only the standard library is used, so
 the script runs with any Python 3.11.
 
 Every query uses metric names the services export (services/*/metrics.py) or a record of

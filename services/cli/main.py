@@ -22,7 +22,7 @@ examples:
   ./cy up                          start everything on http://127.0.0.1:8080 (Ctrl-C stops it)
   ./cy down                        stop a running ./cy up
   ./cy test                        run the whole test suite
-  ./cy test tests/test_cli_main.py -k help -x
+  ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223

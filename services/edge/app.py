@@ -20,24 +20,26 @@ from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
 from services.common.prompt_cache import PromptCacheReader
 from services.common.worker_table import WorkerTable
-from services.edge import catalog, completions, health, management, model_admin, native_api, openapi, websocket
-from services.edge import training_routes
-from services.edge.api_key_cache import ApiKeyCache
-from services.edge.auth import Authenticator, auth_middleware
-from services.edge.cache_hits import EdgeCache
+from services.edge.openai import catalog, completions, model_admin
+from services.edge.system import health, management, openapi
+from services.edge.native import api as native_api, websocket
+from services.edge.training import routes as training_routes
+from services.edge.auth.key_cache import ApiKeyCache
+from services.edge.auth.authenticator import Authenticator, auth_middleware
+from services.edge.bus.cache_hits import EdgeCache
 from services.edge.config import EdgeConfig
-from services.edge.cors import CorsPolicy, cors_headers, cors_middleware
-from services.edge.dispatch import Dispatcher
-from services.edge.idempotency import IdempotencyStore
+from services.edge.http.cors import CorsPolicy, cors_headers, cors_middleware
+from services.edge.bus.publish import Dispatcher
+from services.edge.bus.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
 from services.edge.middleware import error_middleware, first_output_metrics, metrics_middleware
-from services.edge.queue_gauge import QueueGauge
-from services.edge.registry_view import RegistryView
-from services.edge.rate_limit import RateLimiter, add_rate_headers
-from services.edge.rate_window import RateLimits
-from services.edge.replies import ReplyRouter
+from services.edge.bus.queue_gauge import QueueGauge
+from services.edge.bus.registry_view import RegistryView
+from services.edge.auth.rate_limit import RateLimiter, add_rate_headers
+from services.edge.auth.rate_window import RateLimits
+from services.edge.bus.replies import ReplyRouter
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
-from services.edge.workers import WorkerFeed
+from services.edge.bus.liveness import WorkerFeed
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from services.edge.errors import (
     rejection_reason,
 )
 from services.edge.metrics import EdgeMetrics
-from services.edge.openai_format import DONE, sse
+from services.edge.openai.bodies import DONE, sse
 
 log = logging.getLogger(__name__)
 

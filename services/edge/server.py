@@ -10,7 +10,7 @@ from aiohttp import web
 from services.common.lifecycle import install_stop_signals
 from services.edge.app import create_app
 from services.edge.config import EdgeConfig, config_problems
-from services.edge.protocol import EdgeRunner, count_refusals
+from services.edge.http.parser_refusals import EdgeRunner, count_refusals
 from services.edge.state import METRICS
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def protocol_limits(config: EdgeConfig) -> dict[str, int]:
     """aiohttp's HTTP parser limits from the config: a longer request line or header, or more
-    headers, is a 431 OpenAI error body (see ``services.edge.protocol``)."""
+    headers, is a 431 OpenAI error body (see ``services.edge.http.parser_refusals``)."""
     return {"max_line_size": config.max_header_bytes, "max_field_size": config.max_header_bytes,
             "max_headers": config.max_headers}
 

@@ -9,15 +9,15 @@ from nats.aio.client import Client
 
 from schemas.errors import BusError, ErrorCode
 from services.common.worker_table import WorkerTable
-from services.edge.auth import Authenticator
-from services.edge.cache_hits import EdgeCache
+from services.edge.auth.authenticator import Authenticator
+from services.edge.bus.cache_hits import EdgeCache
 from services.edge.config import EdgeConfig
-from services.edge.dispatch import Dispatcher
-from services.edge.idempotency import IdempotencyStore
+from services.edge.bus.publish import Dispatcher
+from services.edge.bus.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
-from services.edge.rate_limit import RateLimiter
-from services.edge.registry_view import RegistryView
-from services.edge.replies import ReplyRouter
+from services.edge.auth.rate_limit import RateLimiter
+from services.edge.bus.registry_view import RegistryView
+from services.edge.bus.replies import ReplyRouter
 
 
 @dataclass

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.common.model_store import default_state_dir
-from services.engine.adapters import adapter_class
+from services.engine.backends import adapter_class
 from services.engine.config import EngineConfig, parse_args
 from services.engine.engine_choice import NoEngineFits, choose_engine, probe_platform
 from services.engine.metrics import EngineMetrics

@@ -32,7 +32,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.registry import ModelEntry
 from services.common import model_registry
-from services.engine.adapter import AdapterChange, EngineAdapter
+from services.engine.backend import AdapterChange, EngineAdapter
 from services.engine.config import EngineConfig
 from services.engine.eviction import ModelUsage, NoRoom, plan_evictions
 

@@ -35,7 +35,7 @@ from services.common import bus
 from services.common.buckets import optional_kv
 from services.common.recent import RecentIds
 from services.common.model_store import default_state_dir
-from services.engine.adapter import AdapterChange, Chunk, EngineAdapter
+from services.engine.backend import AdapterChange, Chunk, EngineAdapter
 from services.engine.config import EngineConfig
 from services.engine.control import ModelControl
 from services.engine.model_host import AdapterFactory, HostedModel, ModelHost

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import msgspec
 
-from services.scheduler.selection import Strategy
+from services.scheduler.strategies import Strategy
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]

@@ -36,9 +36,9 @@ from services.scheduler.cold_start import ColdStarter
 from services.scheduler.metrics import Attempt, FailoverKind, Outcome, SchedulerMetrics
 from services.scheduler.placement import Placement
 from services.scheduler.prompt_cache import PromptCache
-from services.scheduler.recent import RecentIds
+from services.common.recent import RecentIds
 from services.scheduler.running import RunningRequests
-from services.scheduler.routing import (Cancelled, Dispatchable, Duplicate, Expired, InFlight, Malformed, classify,
+from services.scheduler.triage import (Cancelled, Dispatchable, Duplicate, Expired, InFlight, Malformed, classify,
                                         dispatch_number, refusal_is_final, retry_delay)
 
 log = logging.getLogger(__name__)

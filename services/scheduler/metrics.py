@@ -1,7 +1,7 @@
 """Prometheus metrics of one scheduler replica (registry injected; bounded labels only).
 
 Named ``coordinator_*`` after the seed documents, like the engine's ``worker_*``. Failover is
-decided by the edge (it alone knows what the client was sent, see ``services.edge.failover``), so
+decided by the edge (it alone knows what the client was sent, see ``services.edge.bus.failover``), so
 the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each scheduler replica
 counts the failover attempts it dispatched (``coordinator_failover_dispatches_total{kind}``), its
 own retries of a dispatch on another engine (``coordinator_dispatch_retries_total``) and every

@@ -17,7 +17,7 @@ from services.common.worker_table import WorkerTable
 from services.scheduler.circuit import CircuitBreakers, CircuitState
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.response_times import ResponseTimes
-from services.scheduler.selection import RoutingContext, Strategy, choose, eligible, free_capacity, prefer_adapter
+from services.scheduler.strategies import RoutingContext, Strategy, choose, eligible, free_capacity, prefer_adapter
 
 
 class Placement:

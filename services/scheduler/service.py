@@ -42,8 +42,8 @@ from services.scheduler.cold_start import ColdStarter
 from services.scheduler.placement import Placement
 from services.common.buckets import optional_kv
 from services.scheduler.prompt_cache import PromptCache
-from services.scheduler.recent import RecentIds
-from services.scheduler.selection import Strategy
+from services.common.recent import RecentIds
+from services.scheduler.strategies import Strategy
 from services.scheduler.status import SchedulerStatus, register, worker_views
 from services.scheduler.strategy_watch import StrategyWatch
 from services.scheduler.workers import WorkerFeed

@@ -18,7 +18,7 @@ from nats.micro.service import EndpointStats, Service
 
 from schemas import names
 from services.common.worker_table import WorkerTable
-from services.scheduler.selection import effective_free
+from services.scheduler.strategies import effective_free
 
 STATUS_ENDPOINT = "status"
 # The endpoint's subject as nats.micro builds it: group name, then endpoint name.

