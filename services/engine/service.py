@@ -38,6 +38,7 @@ from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineAdapter
 from services.engine.config import EngineConfig
 from services.engine.control import ModelControl
+from services.engine.grammar.compiler import set_compile_observer
 from services.engine.model_host import AdapterFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
 from services.engine.response_cache import ResponseRecorder, ResponseStore
@@ -96,6 +97,7 @@ class EngineService:
         self._kv = None
         self._responses: ResponseStore | None = None
         self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
+        set_compile_observer(metrics.grammar_compile.observe)
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
@@ -183,9 +185,11 @@ class EngineService:
             await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY,
                                               "an earlier offer of this request is still stopping"))
             return
-        if req.adapter and req.id not in self._active and (target := self.host.route(req.model)) is not None:
-            try:  # an unknown adapter is refused now, not after the dispatch was accepted
-                await target.adapter.check_adapter(req.adapter)
+        if req.id not in self._active and (target := self.host.route(req.model)) is not None:
+            try:  # what this engine cannot serve is refused now, not after the dispatch was accepted
+                target.adapter.check_request(req)
+                if req.adapter:
+                    await target.adapter.check_adapter(req.adapter)
             except BusError as exc:
                 await request.respond(self._reply(False, exc.code, exc.message))
                 return
