@@ -73,6 +73,7 @@ class GrammarCompiler:
         self._time_limit = time_limit
         self._limits = limits or llguidance.LLParserLimits(verbose_errors=False)
         self._too_slow: OrderedDict[bytes, None] = OrderedDict()
+        self._pending: dict[bytes, asyncio.Future[str]] = {}
         self.compiles = 0
 
     def _compile(self, structured: StructuredOutput) -> str:
@@ -102,6 +103,14 @@ class GrammarCompiler:
             return cached
         if key in self._too_slow:
             raise self._timeout_error()
+        pending = self._pending.get(key)
+        if pending is None:  # one compile per constraint, however many requests wait for it
+            pending = asyncio.ensure_future(self._compile_in_time(key, structured))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _compile_in_time(self, key: bytes, structured: StructuredOutput) -> str:
         try:
             async with asyncio.timeout(self._time_limit):
                 grammar = await asyncio.to_thread(self._compile, structured)
