@@ -193,6 +193,15 @@ ENGINES = Dashboard(
                   description="Evictions keep pace with loads when more adapters are in use than fit: raise the "
                               "adapter slots or spread them over engines."),
         )),
+        ("Structured outputs", (
+            Panel("Grammar compile time",
+                  (q(f'histogram_quantile(0.99, sum by (instance, le) (rate(llm_engine_grammar_compile_seconds_bucket'
+                     f'{{instance=~"$instance"}}[{RATE}])))', "p99 {{instance}}"),
+                   q(f'sum by (instance) (rate(llm_engine_grammar_compile_seconds_count{{instance=~"$instance"}}'
+                     f'[{RATE}]))', "compiles/s {{instance}}")), unit="s", width=24,
+                  description="Compiling a response_format / structured_outputs constraint (cache misses only); "
+                              "a constraint past the engine's time limit is refused with invalid_request."),
+        )),
     ),
 )
 
