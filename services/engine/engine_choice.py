@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Engine names, as registered in ``services.engine.backends.ADAPTERS``.
+# Engine names, as registered in ``services.engine.backends.BACKENDS``.
 TRANSFORMERS = "transformers"
 VLLM = "vllm"
 LLAMA_CPP = "llama.cpp"

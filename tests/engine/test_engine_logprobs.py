@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from schemas.errors import BusError
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -40,7 +40,7 @@ async def run(engine, req) -> tuple[list[Chunk], Finished]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(default_model_dir):
-    eng = adapter_class("transformers")(model_path=default_model_dir, model_id="m", slots=4, device="cpu")
+    eng = backend_class("transformers")(model_path=default_model_dir, model_id="m", slots=4, device="cpu")
     await eng.start()
     yield eng
     await eng.close()
@@ -107,7 +107,7 @@ async def test_logprobs_in_one_batch_with_requests_without_them(engine, referenc
 
 
 async def test_the_simulated_engine_refuses_logprobs_as_unsupported():
-    eng = adapter_class("simulated")(model_id="m")
+    eng = backend_class("simulated")(model_id="m")
     await eng.start()
     with pytest.raises(BusError) as info:
         await run(eng, chat(logprobs=0))

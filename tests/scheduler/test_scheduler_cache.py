@@ -1,4 +1,4 @@
-"""The prompt cache on a real nats-server: a real engine (simulated adapter) fills it, the scheduler replays hits."""
+"""The prompt cache on a real nats-server: a real engine (simulated backend) fills it, the scheduler replays hits."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""Engine adapters, imported lazily by name so one engine never imports another's library."""
+"""Engine backends, imported lazily by name so one engine never imports another's library."""
 
 from __future__ import annotations
 
 import importlib
 
-from services.engine.backend import EngineAdapter
+from services.engine.backend import EngineBackend
 
 # name -> (module, class, the package a user must install)
-ADAPTERS: dict[str, tuple[str, str, str]] = {
+BACKENDS: dict[str, tuple[str, str, str]] = {
     "transformers": ("services.engine.backends.transformers.engine", "TransformersEngine", "transformers torch"),
     "simulated": ("services.engine.backends.simulated", "SimulatedEngine", ""),
     # Written against their libraries' current APIs, not run on this project's machines (docs/engines.md).
@@ -20,12 +20,12 @@ ADAPTERS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def adapter_class(name: str) -> type[EngineAdapter]:
-    """Import and return the adapter class called ``name``, with a clear error if its library is missing."""
+def backend_class(name: str) -> type[EngineBackend]:
+    """Import and return the backend class called ``name``, with a clear error if its library is missing."""
     try:
-        module_name, class_name, packages = ADAPTERS[name]
+        module_name, class_name, packages = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(ADAPTERS))}") from None
+        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(BACKENDS))}") from None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

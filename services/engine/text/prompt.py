@@ -1,6 +1,6 @@
 """What the model sees for a request: chat template or raw prompt, then a migrated answer so far.
 
-Shared by the adapters that tokenize on our side (TensorRT-LLM, MindIE, MLX) so every engine
+Shared by the backends that tokenize on our side (TensorRT-LLM, MindIE, MLX) so every engine
 renders a request the same way as the transformers engine does. ``tokenizer`` is anything with a
 Hugging Face tokenizer's ``encode``/``apply_chat_template``/``chat_template`` (mlx_lm's
 ``TokenizerWrapper`` forwards them).

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import EngineAdapter, GenerationEvent
+from services.engine.backend import EngineBackend, GenerationEvent
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
 from services.engine.backends.model_thread import EventQueues
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
@@ -45,7 +45,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class TransformersEngine(ThreadedAdapters, EngineAdapter):
+class TransformersEngine(ThreadedAdapters, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with transformers."""
 
     name = "transformers"
