@@ -1,6 +1,6 @@
 """Handing one queued message to an engine, and settling it with JetStream.
 
-``Dispatcher.admit`` decides synchronously (so capacity is reserved before the take loop looks
+``QueueDispatcher.admit`` decides synchronously (so capacity is reserved before the take loop looks
 again) and returns the I/O that is left: send the original bytes to the chosen engine, retry
 another on busy / no answer (withdrawing the offer from an engine that did not answer in time, so
 a late accept cannot run it too), then ``ack`` (accepted, or answered with a typed error) or
@@ -64,7 +64,7 @@ class RequestMemory:
     running: RunningRequests = field(default_factory=RunningRequests)
 
 
-class Dispatcher:
+class QueueDispatcher:
     """Routes messages taken from the queue to engines (see the module docstring).
 
     ``on_release`` is called whenever an engine answers (capacity may have changed);

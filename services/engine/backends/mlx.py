@@ -33,6 +33,7 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
 from services.engine.backend import EngineBackend, Finished, GenerationEvent, refuse_logprobs
 from services.engine.backends.library import import_library
+from services.engine.backends.model_thread import Failed
 from services.engine.text.prompt import check_context, config_context_length, render_prompt
 from services.engine.text.deltas import TextStream
 
@@ -103,14 +104,6 @@ class OutputTranslator:
         out.append(Finished("length" if reason == "length" else "stop", self._prompt_tokens, self.generated))
         self.done = True
         return out
-
-
-@dataclass(slots=True)
-class Failed:
-    """The request could not be generated, or was aborted (delivered in place of further events)."""
-
-    code: str
-    message: str
 
 
 @dataclass
