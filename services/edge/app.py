@@ -20,9 +20,9 @@ from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
 from services.common.prompt_cache import PromptCacheReader
 from services.common.worker_table import WorkerTable
-from services.edge.openai import catalog, completions, model_admin
-from services.edge.system import health, management, openapi
-from services.edge.native import api as native_api, websocket
+from services.edge.native import routes as native_routes
+from services.edge.openai import routes as openai_routes
+from services.edge.system import routes as system_routes
 from services.edge.training import routes as training_routes
 from services.edge.auth.key_cache import ApiKeyCache
 from services.edge.auth.authenticator import Authenticator, auth_middleware
@@ -174,24 +174,6 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.on_response_prepare.append(first_output_metrics(metrics))
     if cors is not None:
         app.on_response_prepare.append(cors_headers(cors))
-    app.router.add_post("/v1/chat/completions", completions.chat_completions)
-    app.router.add_post("/v1/completions", completions.completions)
-    app.router.add_get("/v1/models", catalog.list_models)
-    app.router.add_post("/v1/models/load", model_admin.load_model)
-    app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
-    app.router.add_delete("/v1/models/{model:.+}", model_admin.unload_model)
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_post("/api/v1/inference", native_api.inference)
-    app.router.add_post("/api/v1/inference/stream", native_api.inference_stream)
-    app.router.add_get("/api/v1/inference/ws", websocket.inference_ws)
-    app.router.add_get("/api/v1/models", native_api.list_models)
-    app.router.add_get("/api/v1/health", native_api.health_check)
-    app.router.add_get("/v1/system/health", management.system_health)
-    app.router.add_get("/v1/system/status", management.system_status)
-    app.router.add_get("/v1/system/metrics", management.system_metrics)
-    app.router.add_get("/v1/cluster/status", management.cluster_status)
-    app.router.add_post("/v1/cluster/strategy", management.set_strategy)
-    app.router.add_get("/metrics", health.metrics)
-    app.router.add_get("/openapi.json", openapi.serve_document)
-    training_routes.add_routes(app)
+    for routes in (openai_routes, native_routes, system_routes, training_routes):
+        routes.add_routes(app)
     return app
