@@ -31,10 +31,11 @@ from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
 from schemas.inference import CancelRequest
 from schemas.names import LANES_BY_PRIORITY, Lane
+from services.common.bus import BUS_DOWN
 from services.common.lifecycle import cancel_and_wait
 from services.common.worker_table import WorkerTable
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.dispatch import BUS_DOWN, QueueDispatcher, RequestMemory
+from services.scheduler.dispatch import QueueDispatcher, RequestMemory
 from services.scheduler.lanes import LaneBook, Take
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.circuit import CircuitBreakers

@@ -23,6 +23,7 @@ from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage, encode
 from schemas.inference import CancelRequest, InferenceRequest
+from services.common.bus import BUS_DOWN
 from services.common.worker_table import WorkerTable
 from services.edge.bus.failover import MIGRATABLE, Delivered, Impossible, begin, next_attempt
 from services.edge.bus.queue_gauge import DrainRate
@@ -33,11 +34,6 @@ log = logging.getLogger(__name__)
 # JetStream 10077 (JSStreamStoreFailedF): "maximum messages exceeded" and friends — the bounded
 # LLM_INFER stream with discard=new is full.
 _STORE_FULL = 10077
-
-# Connection states in which nothing can be published right now.
-_BUS_DOWN = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-             nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
-             nats.errors.StaleConnectionError)
 
 
 class RequestPublisher:
@@ -103,7 +99,7 @@ class RequestPublisher:
         except nats.errors.MaxPayloadError:
             raise BusError(ErrorCode.INVALID_REQUEST, "the request is larger than the bus accepts "
                                                       f"({self._nc.max_payload} bytes)") from None
-        except _BUS_DOWN as exc:
+        except BUS_DOWN as exc:
             raise BusError(ErrorCode.NO_WORKER, f"the edge is not connected to NATS ({type(exc).__name__})") from None
         if ack.duplicate:
             # Only with an Idempotency-Key whose record was lost: the first copy's replies go to another call.
@@ -113,7 +109,7 @@ class RequestPublisher:
         """Broadcast ``CancelRequest`` (best effort: if NATS is down there is nobody to tell)."""
         try:
             await self._nc.publish(names.INFER_CANCEL, encode(CancelRequest(id=request_id, reason=reason)))
-        except _BUS_DOWN as exc:
+        except BUS_DOWN as exc:
             log.warning("could not publish cancel of %s (%s): %s", request_id, reason, type(exc).__name__)
 
 

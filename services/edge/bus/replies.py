@@ -32,6 +32,7 @@ from schemas import names
 from schemas.errors import ErrorCode
 from schemas.events import StreamError, StreamEvent, StreamStart, decode_event, encode
 from schemas.inference import CancelRequest
+from services.common.bus import BUS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,7 @@ class ReplyRouter:
         try:
             await self._nc.publish(names.engine_cancel(worker), encode(CancelRequest(
                 id=request_id, reason="stray_dispatch", dispatch=dispatch)))
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-                nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError) as exc:
+        except BUS_DOWN as exc:
             log.warning("could not stop offer %d of %s on %s: %s", dispatch, request_id, worker, type(exc).__name__)
 
     def sweep_lost_workers(self, is_alive: Callable[[str], bool], now: float, grace: float) -> list[str]:
