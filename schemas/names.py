@@ -160,7 +160,7 @@ def kv_subjects(bucket: str) -> str:
     return f"$KV.{bucket}.>"
 
 
-# --- training (used by the trainer issue) ---
+# --- training ---
 TRAIN_STREAM = "LLM_TRAIN"
 TRAIN_SUBMIT = f"{ROOT}.train.submit"
 TRAIN_EVENTS_STREAM = "LLM_TRAIN_EVENTS"
@@ -176,7 +176,6 @@ def train_job_events(job_id: str) -> str:
 
 # --- rate limits (JetStream counter stream, shared by every edge replica) ---
 RATE_STREAM = "LLM_RATE"
-RATE_ALL = f"{ROOT}.rate.>"
 
 
 def rate_counter(principal: str, kind: str, window: int) -> str:

@@ -37,7 +37,7 @@ class Edge:
     idempotency: IdempotencyStore | None = None
     # Base models the registry knows (for cold starts); empty without the llm_models bucket.
     registry: RegistryView = field(default_factory=RegistryView)
-    # Prompt-cache hits answered here (issue 3); None when off or the bucket is not provisioned.
+    # Prompt-cache hits answered here (no queue, scheduler or engine); None when off or the bucket is not provisioned.
     cache: EdgeCache | None = None
 
     def check_accepting(self) -> None:

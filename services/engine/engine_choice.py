@@ -1,4 +1,4 @@
-"""``--engine auto``: which engine fits this machine and this model (issue 4).
+"""``--engine auto``: which engine fits this machine and this model.
 
 ``choose_engine`` is a pure function of a ``PlatformProbe``; ``probe_platform`` is the only part
 that looks at the machine (devices, importable packages, the model path). The rules, first

@@ -2,7 +2,7 @@
 
 Only this module talks to NATS; the model work is behind ``EngineBackend``.
 
-Cancels leave tombstones (issue 3, late accepts): an id cancelled on ``llm.v1.infer.cancel``, or
+Cancels leave tombstones, so that a late read of a dispatch never runs it: an id cancelled on ``llm.v1.infer.cancel``, or
 one offer of it withdrawn on ``llm.v1.engine.<worker>.cancel`` (the scheduler stopped waiting for
 this engine's answer), is refused if its dispatch is only read afterwards, for as long as a
 redelivered message could still arrive. A withdrawn offer that is already running stops without a
@@ -212,7 +212,7 @@ class EngineService:
         # StreamStart before "accepted", on the same connection: NATS delivers one connection's
         # messages in the order sent, so the producer knows which engine runs the request no later
         # than the scheduler learns it was accepted (and acks it). An engine that dies right after
-        # accepting is then found by its missed heartbeats and the producer re-dispatches (issue 3),
+        # accepting is then found by its missed heartbeats and the producer re-dispatches,
         # instead of waiting for its deadline. Both go out in the same socket write: no added latency.
         await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model,
                                                                dispatch=req.dispatch)))

@@ -109,7 +109,7 @@ class QueueDispatcher:
         self._cache = cache
 
     def use_cold_start(self, cold: ColdStarter) -> None:
-        """Load models only the registry knows on some engine before dispatching to them (issue 4)."""
+        """Load models only the registry knows on some engine before dispatching to them (cold start)."""
         self._cold = cold
 
     def admit(self, lane: Lane, msg: Msg) -> IoWork | None:
@@ -326,7 +326,7 @@ class QueueDispatcher:
     async def _accepted(self, lane: Lane, msg: Msg, req: InferenceRequest, taken_at: float, worker: str,
                         number: int) -> None:
         self._memory.accepted.add(req.id)
-        if not req.producer_watches:  # a NATS-native producer: tell it if ``worker`` dies (issue 3)
+        if not req.producer_watches:  # a NATS-native producer: tell it if ``worker`` dies (it does not watch heartbeats)
             self._memory.running.add(req, worker, number, self._placement.table.get(worker))
         await self._jetstream(msg.ack())
         self._metrics.outcome(lane, Outcome.DISPATCHED)

@@ -277,7 +277,7 @@ class Scheduler:
 
     async def _end_lost_requests(self) -> None:
         """Send ``worker_lost`` to the producer of each request this replica saw accepted by an engine that
-        is dead now (missed three heartbeats) and that does not watch the engine itself (issue 3)."""
+        is dead now (missed three heartbeats) and that does not watch the engine itself, so it never hangs on a dead one."""
         lost = self.memory.running.lost(self.table)
         if not lost:
             return

@@ -1,4 +1,4 @@
-"""An engine lost between accepting a dispatch and its first token (issue 3).
+"""An engine lost between accepting a dispatch and its first token: the request fails over, never hangs.
 
 The edge learns which engine runs a request from its ``StreamStart``; the engine sends it before
 it answers the scheduler "accepted", on the same connection, so the edge knows the engine by the

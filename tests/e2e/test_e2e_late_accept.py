@@ -1,4 +1,4 @@
-"""A late accept never doubles an answer (issue 3, "Failover (nothing lost)").
+"""A late accept never doubles an answer: failover loses nothing and repeats nothing.
 
 An engine whose event loop is frozen past the scheduler's ``dispatch_timeout`` (SIGSTOP here, a
 blocking call in production) still has the dispatch in its socket. The scheduler gives up on it

@@ -1,4 +1,4 @@
-"""``--engine auto`` (issue 4): every branch of the choice, the model-format rule, and its wiring."""
+"""``--engine auto``: every branch of the choice, the model-format rule, and its wiring."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ async def test_greedy_logprobs_are_the_models_own_and_the_sampled_token_is_the_t
     chunks, fin = await run(engine, req)
     ids, entries = entries_of(chunks)
     assert len(ids) == fin.completion_tokens > 0
-    expected = reference(engine.render(req), ids)
+    expected = reference(engine.render(req).ids, ids)
     for j, entry in enumerate(entries):
         assert entry.logprob == pytest.approx(float(expected[j, ids[j]]), abs=2e-3)
         assert entry.token == engine.tokenizer.decode([ids[j]])
@@ -88,7 +88,7 @@ async def test_sampled_logprobs_are_raw_not_after_temperature_or_penalties(engin
     req = chat(temperature=1.7, top_k=5, presence_penalty=1.5, seed=11, logprobs=0, max_tokens=6)
     chunks, _ = await run(engine, req)
     ids, entries = entries_of(chunks)
-    expected = reference(engine.render(req), ids)
+    expected = reference(engine.render(req).ids, ids)
     for j, entry in enumerate(entries):
         assert entry.top == []  # logprobs 0: the sampled token's alone
         assert entry.logprob == pytest.approx(float(expected[j, ids[j]]), abs=2e-3)
@@ -102,7 +102,7 @@ async def test_logprobs_in_one_batch_with_requests_without_them(engine, referenc
     with_lp, without = chat(temperature=0.0, logprobs=2), chat(temperature=0.0, max_tokens=12)
     (chunks, _), _ = await asyncio.gather(run(engine, with_lp), run(engine, without))
     ids, entries = entries_of(chunks)
-    expected = reference(engine.render(with_lp), ids)
+    expected = reference(engine.render(with_lp).ids, ids)
     assert [e.logprob for e in entries] == pytest.approx([float(expected[j, t]) for j, t in enumerate(ids)], abs=2e-3)
 
 

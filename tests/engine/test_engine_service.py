@@ -149,7 +149,7 @@ async def test_cancel_stops_generation_and_frees_the_slot(nc, nats_server):
 
 
 async def test_an_offer_withdrawn_before_the_engine_reads_it_is_refused_and_a_newer_offer_runs(nc, nats_server):
-    # Issue 3: the scheduler stopped waiting for this engine and withdrew the offer; the engine reads the
+    # A withdrawn offer: the scheduler stopped waiting for this engine and withdrew the offer; the engine reads the
     # offer only afterwards (its loop was blocked). It must refuse it and publish nothing for it.
     async with running_engine(nats_server.url) as (service, worker):
         inbox = nc.new_inbox()

@@ -49,7 +49,7 @@ async def test_a_busy_answer_sends_the_request_to_another_engine(nc, start_sched
 
 async def test_an_engine_that_does_not_answer_in_time_has_the_offer_withdrawn_before_the_next_one(
         nc, start_scheduler, engines):
-    # Issue 3: a hung engine may still read the offer later; the withdrawal tells it not to run it, and the
+    # A hung engine may still read the offer later; the withdrawal tells it not to run it, and the
     # next engine's offer carries a larger number, so a late accept's events are told apart by producers.
     hung = await engines("hung", slots=8)  # the emptier one: offered the request first
     hung.silent = True

@@ -1,4 +1,4 @@
-"""A NATS-native producer whose engine dies gets a typed ``worker_lost`` error, never a hang (issue 3).
+"""A NATS-native producer whose engine dies gets a typed ``worker_lost`` error, never a hang.
 
 The edge follows its own requests' engines (and migrates them), so requests it publishes carry
 ``producer_watches`` and get no such error from the scheduler. Three layers: the pure table of

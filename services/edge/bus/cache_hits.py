@@ -1,4 +1,4 @@
-"""Prompt-cache hits found by the edge itself (issue 3): answered without the queue, a scheduler or an engine.
+"""Prompt-cache hits found by the edge itself: answered without the queue, a scheduler or an engine.
 
 A hit replayed by the scheduler crosses five process hops (edge → nats-server → scheduler →
 nats-server → edge) before the edge can answer; on a 2-core host most of its time is spent

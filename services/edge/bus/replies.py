@@ -9,7 +9,7 @@ stopped heart-beating get a local ``worker_lost`` event instead of waiting for t
 accept and its first token is covered too.
 
 Each event carries the scheduler's offer number (``dispatch``); the router follows the newest
-offer it has seen (issue 3). An engine that accepted an older offer late (after the scheduler had
+offer it has seen. An engine that accepted an older offer late (after the scheduler had
 stopped waiting for it and offered the request to another engine) has its events dropped and is
 told to stop that offer, so two engines never stream into one answer. Per event this costs one
 integer comparison; only a mismatch takes the slow path.
