@@ -1,4 +1,15 @@
-"""Engine backends, imported lazily by name so one engine never imports another's library."""
+"""Engine backends, imported lazily by name so one engine never imports another's library.
+
+``BACKENDS`` maps an ``--engine`` name to its module and class; ``backend_class`` imports one.
+
+- ``transformers/``: Hugging Face causal LMs on CPU or CUDA, continuous batching, PEFT adapters.
+- ``llamacpp/``: GGUF models through llama.cpp's C API, continuous batching, LoRA adapters.
+- ``vllm``: vLLM's async engine on CPU, CUDA or Ascend.
+- ``tensorrt_llm``, ``mindie``, ``mlx``: TensorRT-LLM, a MindIE Server, Apple MLX (not run here).
+- ``simulated``: no model, a configurable token rate: for load and fault tests only.
+- ``model_thread``: the loop side of a backend whose model runs in its own thread.
+- ``library``: importing a backend's library at start, with an error that says what to install.
+"""
 
 from __future__ import annotations
 
