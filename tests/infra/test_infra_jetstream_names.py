@@ -54,7 +54,8 @@ def test_names_py_builds_what_the_services_subscribe_to():
 
 @pytest.mark.parametrize(("defs", "expected"), [
     (_changed("streams", names.INFER_STREAM, subjects=["llm.v1.infer.queue.*"]),
-     r"\[streams.LLM_INFER\] subjects = \['llm.v1.infer.queue.\*'\], schemas/names.py has \['llm.v1.infer.submit.\*'\]"),
+     r"\[streams.LLM_INFER\] subjects = \['llm.v1.infer.queue.\*'\], "
+     r"schemas/names.py has \['llm.v1.infer.submit.\*'\]"),
     (_changed("consumers", names.scheduler_durable("low"), filter_subject="llm.v1.infer.submit.normal"),
      r"\[consumers.schedulers_low\] stream, filter_subject = 'LLM_INFER', 'llm.v1.infer.submit.normal'"),
     (_changed("consumers", names.TRAIN_DURABLE, stream="LLM_TRAINING"),
