@@ -1,9 +1,8 @@
 """Prometheus metrics of one scheduler replica (registry injected; bounded labels only).
 
 Named ``llm_scheduler_*`` (the seed documents' ``coordinator_*``; docs/observability.md maps the
-old names). Failover is
-decided by the edge (it alone knows what the client was sent, see ``services.edge.bus.failover``), so
-the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each scheduler replica
+old names). Failover is decided by the edge (it alone knows what the client was sent, see
+``services.edge.bus.failover``), so the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each scheduler replica
 counts the failover attempts it dispatched (``llm_scheduler_failover_dispatches_total{kind}``), its
 own retries of a dispatch on another engine (``llm_scheduler_dispatch_retries_total``) and every
 known engine's circuit-breaker state (``llm_scheduler_circuit_state{worker,state}``, 1 for the
