@@ -31,7 +31,7 @@ async def test_an_engine_that_stops_heartbeating_gets_no_work_after_three_interv
         assert silent.dispatch_requests == 0
         assert alive.received_ids == [r.id for r in reqs]
         assert scheduler.table.get(silent.worker) is None  # expired from the table
-        assert scheduler.metrics.registry.get_sample_value("coordinator_workers_healthy") == 1
+        assert scheduler.metrics.registry.get_sample_value("llm_scheduler_workers_healthy") == 1
 
 
 async def test_a_busy_answer_sends_the_request_to_another_engine(nc, start_scheduler, engines):

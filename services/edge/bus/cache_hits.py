@@ -8,7 +8,7 @@ reader (``services.common.prompt_cache``: a memory mirror of the entries it read
 honest by a watch of the bucket, else one KV read). A hit is answered at once (``completions``
 renders it exactly as it renders a hit the scheduler replays); a miss goes to the queue
 unchanged, where the scheduler looks it up again (one more KV read per miss, nothing against a
-generation) and counts it in ``coordinator_cache_*``.
+generation) and counts it in ``llm_scheduler_cache_*``.
 
 Staleness is the mirror's: a kept entry is dropped as soon as its key changes (new value,
 delete, purge), and at most ``cache_mirror_check`` seconds after the bucket expired or evicted it.
