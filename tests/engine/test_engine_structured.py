@@ -14,7 +14,7 @@ from schemas.errors import BusError
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams, StructuredOutput
 from services.common.model_store import default_model_gguf
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 from services.engine.grammar.compiler import GrammarCompiler
 
 # The model is real and the host shared: generous per-test limits, sized for a loaded 2-CPU machine.
@@ -45,9 +45,9 @@ async def run(engine, req) -> tuple[str, list[int], Finished]:
 async def engine(request, default_model_dir):
     if request.param == "llamacpp":
         pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
-        eng = adapter_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8)
+        eng = backend_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8)
     else:
-        eng = adapter_class("transformers")(model_path=default_model_dir, model_id="m", slots=8, device="cpu")
+        eng = backend_class("transformers")(model_path=default_model_dir, model_id="m", slots=8, device="cpu")
     await eng.start()
     yield eng
     await eng.close()
@@ -107,7 +107,7 @@ async def test_a_constraint_the_library_cannot_compile_is_invalid_request(engine
 
 
 def test_engines_that_cannot_constrain_refuse_before_accepting():
-    sim = adapter_class("simulated")(model_id="m")
+    sim = backend_class("simulated")(model_id="m")
     for req, param in ((request(StructuredOutput(kind="json_object")), "response_format"),
                        (request(logit_bias={1: 1.0}), "logit_bias")):
         with pytest.raises(BusError) as info:

@@ -32,7 +32,7 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import EngineAdapter, GenerationEvent, check_logit_bias
+from services.engine.backend import EngineBackend, GenerationEvent, check_logit_bias
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.batching import GgufBatchGenerator, GgufSequence
@@ -57,7 +57,7 @@ def gpu_layers_for(device: str) -> int:
     return 999
 
 
-class LlamaCppEngine(ThreadedAdapters, EngineAdapter):
+class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     """Serves one GGUF model with llama.cpp; see the module docstring."""
 
     name = "llama.cpp"
