@@ -61,9 +61,9 @@ def client(up: CyUp) -> openai.AsyncOpenAI:
 
 
 async def ask(api: openai.AsyncOpenAI, seed: int, **kwargs):
+    extra = {"cache": False, "timeout": DEADLINE, **kwargs.pop("extra_body", {})}
     reply = await api.chat.completions.create(model=DEFAULT_MODEL_ID, messages=ASK, temperature=1.0, seed=seed,
-                                              extra_body={"cache": False, "timeout": DEADLINE, **kwargs.pop("extra_body", {})},
-                                              **kwargs)
+                                              extra_body=extra, **kwargs)
     return reply.choices[0]
 
 
