@@ -146,3 +146,20 @@ async def test_a_compile_past_the_time_limit_is_refused_and_remembered(tokenizer
             await compiler.grammar(slow)
         assert info.value.code == "invalid_request" and "longer than" in info.value.message
     assert compiler.compiles <= 1  # the second was refused without compiling again
+
+
+def test_vllm_gets_its_own_structured_outputs_params_and_logit_bias():
+    pytest.importorskip("vllm", reason="the vllm engine needs the [vllm] extra")
+    from services.engine.backends.vllm import vllm_sampling
+
+    def mapped(structured: StructuredOutput):
+        return vllm_sampling(SamplingParams(logit_bias={5: -2.0}), 8, structured).structured_outputs
+
+    params = vllm_sampling(SamplingParams(logit_bias={5: -2.0}), 8)
+    assert params.logit_bias == {5: -2.0} and params.structured_outputs is None
+    schema = mapped(StructuredOutput(kind="json_schema", json='{"type":"object"}'))
+    assert schema.json == '{"type":"object"}' and schema.disable_any_whitespace
+    assert mapped(StructuredOutput(kind="json_object")).json_object is True
+    assert mapped(StructuredOutput(kind="regex", regex="a+")).regex == "a+"
+    assert mapped(StructuredOutput(kind="choice", choice=["a", "b"])).choice == ["a", "b"]
+    assert mapped(StructuredOutput(kind="grammar", grammar="start: \"a\"")).grammar == "start: \"a\""
