@@ -163,3 +163,25 @@ def test_vllm_gets_its_own_structured_outputs_params_and_logit_bias():
     assert mapped(StructuredOutput(kind="regex", regex="a+")).regex == "a+"
     assert mapped(StructuredOutput(kind="choice", choice=["a", "b"])).choice == ["a", "b"]
     assert mapped(StructuredOutput(kind="grammar", grammar="start: \"a\"")).grammar == "start: \"a\""
+
+
+async def test_vllm_enforces_structured_outputs_and_refuses_a_bad_regex(default_model_dir):
+    pytest.importorskip("vllm", reason="the vllm engine needs the [vllm] extra")
+    from services.engine.backends.vllm import VllmEngine
+
+    engine = VllmEngine(model_path=default_model_dir, model_id="m", slots=4, enable_lora=False)
+    await engine.start()
+    try:
+        schema = StructuredOutput(kind="json_schema", json=json.dumps(SCHEMA))
+        for seed in range(2):
+            text, _, fin = await run(engine, request(schema, temperature=1.0, seed=seed))
+            assert fin.reason == "stop" and set(json.loads(text)) == {"name", "age"}, text
+        text, _, _ = await run(engine, request(StructuredOutput(kind="choice", choice=["left", "right"]), seed=1))
+        assert text in ("left", "right")
+        with pytest.raises(BusError) as info:
+            await run(engine, request(StructuredOutput(kind="regex", regex="((")))
+        assert info.value.code == "invalid_request"
+        text, _, _ = await run(engine, request(StructuredOutput(kind="choice", choice=["still here"])))
+        assert text == "still here"
+    finally:
+        await engine.close()
