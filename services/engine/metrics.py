@@ -34,3 +34,5 @@ class EngineMetrics:
         self.adapter_evictions = Counter("worker_adapter_evictions",
                                          "PEFT adapters unloaded to make room (least recently used, idle)",
                                          registry=registry)
+        self.health_checks = Counter("llm_engine_health_checks", "Health checks of the loaded backends, by verdict",
+                                     ["health"], registry=registry)

@@ -38,6 +38,8 @@ class WorkerView(msgspec.Struct, kw_only=True):
     free: int
     draining: bool
     seen_ago: float
+    health: str = "ok"  # the engine's own health checks (``schemas.heartbeat.Health``), and why when not ok
+    health_reason: str = ""
 
 
 class SchedulerStatus(msgspec.Struct, kw_only=True):
@@ -61,7 +63,8 @@ def worker_views(table: WorkerTable, reserved: Mapping[str, int], now: float) ->
         views.append(WorkerView(worker=s.worker, engine=hb.engine, device=hb.device,
                                 models=[m.id for m in hb.models], slots=hb.slots, in_flight=s.in_flight,
                                 reserved=reserved.get(s.worker, 0), free=effective_free(s, reserved),
-                                draining=hb.draining, seen_ago=round(now - s.last_seen, 3)))
+                                draining=hb.draining, seen_ago=round(now - s.last_seen, 3), health=hb.health,
+                                health_reason=hb.health_reason))
     return views
 
 
