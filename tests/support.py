@@ -52,6 +52,18 @@ class CyUp:
         """Everything ``up`` printed so far."""
         return self.log.read_text(errors="replace")
 
+    async def generated_tokens(self) -> float:
+        """Completion tokens the engine has generated so far, from its own Prometheus counter.
+
+        A response replayed from the prompt cache adds nothing to it, so a test comparing two answers
+        reads it before and after to prove both were really generated.
+        """
+        port = self.metrics_port + 1  # ``up`` gives the engine the port after the scheduler's
+        assert f"engine :{port}" in self.output(), "the engine serves no metrics (its port was busy)"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                return counter_total(await resp.text(), "generated_tokens_total")
+
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Block until ``up`` printed its ready banner; fail with its output if it died."""
         deadline = time.monotonic() + timeout
@@ -87,6 +99,15 @@ class CyUp:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             raise
+
+
+def counter_total(exposition: str, suffix: str) -> float:
+    """The sum of every sample whose name ends with ``suffix`` in a Prometheus text exposition (by suffix:
+    the service prefix of a metric's name may change, its noun and unit do not)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(exposition)
+               for sample in family.samples if sample.name.endswith(suffix))
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:

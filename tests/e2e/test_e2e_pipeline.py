@@ -72,11 +72,13 @@ async def test_chat_non_streaming(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
-async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(client):
+async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(platform, client):
+    # Both generated (no prompt cache): with it, the second would be a replay of the first.
+    before = await platform.generated_tokens()
     whole = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=24,
-                                                 temperature=0)
+                                                 temperature=0, extra_body={"cache": False})
     stream = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=24,
-                                                  temperature=0, stream=True,
+                                                  temperature=0, stream=True, extra_body={"cache": False},
                                                   stream_options={"include_usage": True})
     pieces, usage, finish = [], None, None
     async for chunk in stream:
@@ -90,6 +92,7 @@ async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(client
     assert "".join(pieces) == whole.choices[0].message.content
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert finish == whole.choices[0].finish_reason
+    assert await platform.generated_tokens() - before == 2 * usage.completion_tokens  # the engine made both
 
 
 async def test_legacy_completion(client):
