@@ -101,6 +101,13 @@ class CyUp:
             raise
 
 
+def frozen_minute():
+    """A wall clock stopped one second into the current minute, for ``create_app(rate_clock=...)``: per-minute
+    rate budgets counted on it never reset in the middle of a test (no waiting for a minute boundary)."""
+    start = (time.time() // 60) * 60 + 1.0
+    return lambda: start
+
+
 def counter_total(exposition: str, suffix: str) -> float:
     """The sum of every sample whose name ends with ``suffix`` in a Prometheus text exposition (by suffix:
     the service prefix of a metric's name may change, its noun and unit do not)."""

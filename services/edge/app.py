@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
@@ -38,7 +39,7 @@ from services.edge.bus.registry_view import RegistryView
 from services.edge.auth.rate_limit import RateLimiter, add_rate_headers
 from services.edge.auth.rate_window import RateLimits
 from services.edge.bus.replies import ReplyRouter
-from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
+from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, RATE_CLOCK, Edge
 from services.edge.bus.liveness import WorkerFeed
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ async def _rate_limiter(app: web.Application, nc) -> RateLimiter:
         except nats.js.errors.NotFoundError:
             raise RuntimeError(f"--rate-*: stream {names.RATE_STREAM} does not exist; "
                                "run ./cy infra apply against this NATS server") from None
-    return RateLimiter(js, defaults, app[METRICS], timeout=config.publish_timeout, retry_after=config.retry_after)
+    return RateLimiter(js, defaults, app[METRICS], timeout=config.publish_timeout, retry_after=config.retry_after,
+                       clock=app[RATE_CLOCK])
 
 
 async def _stop_accepting(app: web.Application) -> None:
@@ -146,14 +148,16 @@ async def _stop_accepting(app: web.Application) -> None:
         edge.accepting = False
 
 
-def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None,
+               rate_clock: Callable[[], float] = time.time) -> web.Application:
     """The edge as an aiohttp application; connecting to NATS happens on startup (``cleanup_ctx``).
 
     With ``config.auth`` other than ``none``, every route but the open ones (``auth_policy``) needs a
     credential with the right scope. Serve it with ``handler_cancellation=True`` (``server.serve`` and
     aiohttp's ``TestServer`` do), so that a client that disconnects cancels its handler and the request
     is cancelled on the bus; ``server.edge_runner`` also answers what aiohttp's HTTP parser refuses
-    (oversized headers, a malformed request) with OpenAI error bodies.
+    (oversized headers, a malformed request) with OpenAI error bodies. ``rate_clock`` is the wall clock
+    the per-minute rate budgets are counted on.
     """
     metrics = EdgeMetrics(registry if registry is not None else CollectorRegistry())
     middlewares = [metrics_middleware(metrics), error_middleware(config.retry_after, metrics)]
@@ -168,6 +172,7 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     if authenticator is not None:
         app[AUTHENTICATOR] = authenticator
     app[METRICS] = metrics
+    app[RATE_CLOCK] = rate_clock
     app.cleanup_ctx.append(_bus_context)
     app.on_shutdown.append(_stop_accepting)
     app.on_response_prepare.append(add_rate_headers)

@@ -98,6 +98,22 @@ async def busy_engines(nats_url: str, workers: set[str], timeout: float) -> bool
         await nc.close()
 
 
+async def queued(url: str, lane: str, count: int, timeout: float) -> bool:
+    """Wait until ``count`` requests are in ``lane`` of the inference queue (waiting, or held un-acked by a
+    scheduler that has no free engine for them)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def enough():
+        info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+        return info.num_pending + info.num_ack_pending >= count
+
+    try:
+        return await wait_for(enough, timeout=timeout)
+    finally:
+        await nc.close()
+
+
 async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path, default_model_dir):
     cluster = Cluster(tmp_path, default_model_dir)
     await cluster.start({"solo": 1})
@@ -105,10 +121,9 @@ async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path
         async with aiohttp.ClientSession() as http:
             blocker = asyncio.create_task(chat(http, cluster.url, "Write a long story about a dragon.", 60))
             assert await busy_engines(cluster.server.url, {"solo"}, timeout=60)  # its only slot is taken
-            lows = []
-            for i in range(3):
-                lows.append(asyncio.create_task(chat(http, cluster.url, f"Count to {i + 3}.", 12, priority=-1)))
-                await asyncio.sleep(0.2)
+            lows = [asyncio.create_task(chat(http, cluster.url, f"Count to {i + 3}.", 12, priority=-1))
+                    for i in range(3)]
+            assert await queued(cluster.server.url, "low", 3, timeout=60)  # all three wait in the low lane
             high = asyncio.create_task(chat(http, cluster.url, "Say yes.", 4, priority=5))
             results = await asyncio.wait_for(asyncio.gather(blocker, high, *lows), timeout=240)
         assert all(r["status"] == 200 for r in results), results
