@@ -127,6 +127,14 @@ async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:
     return out
 
 
+async def log_shows(path: Path, text: str, timeout: float = 15.0) -> bool:
+    """Wait until the log file at ``path`` contains ``text`` (a process said it reached a point); whether it did."""
+    async def shows() -> bool:
+        return path.exists() and text in path.read_text(errors="replace")
+
+    return await wait_for(shows, timeout=timeout)
+
+
 async def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
     """Poll an async predicate until true or ``timeout``; its last answer."""
     deadline = time.monotonic() + timeout
