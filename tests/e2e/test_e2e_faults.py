@@ -134,21 +134,29 @@ async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path
         await cluster.sup.stop_all(["solo"])
 
 
+@pytest.mark.timeout(600)
 async def test_sigkilled_engine_its_requests_migrate_and_it_gets_no_new_work(tmp_path, default_model_dir):
     cluster = Cluster(tmp_path, default_model_dir)
     await cluster.start({"eng-a": 2, "eng-b": 2})
+    prompts = [f"Write a long poem number {i}." for i in range(4)]
     try:
         async with aiohttp.ClientSession() as http:
-            streams = [asyncio.create_task(chat(http, cluster.url, f"Write a long poem number {i}.", 120))
-                       for i in range(4)]
+            # The uninterrupted greedy answers first, generated the same way (never from the prompt cache).
+            uninterrupted = await asyncio.gather(*[chat(http, cluster.url, p, 48, cache=False) for p in prompts])
+            assert all(r["status"] == 200 for r in uninterrupted), uninterrupted
+            streams = [asyncio.create_task(chat(http, cluster.url, p, 48, cache=False)) for p in prompts]
             assert await busy_engines(cluster.server.url, {"eng-a", "eng-b"}, timeout=120)
             os.kill(cluster.sup.children["eng-a"].proc.pid, signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*streams), timeout=280)
-            # The requests on the killed engine continued on eng-b (issue 3): every client has a whole answer.
-            for r in results:
+            # The requests on the killed engine continued on eng-b (issue 3): every client has the answer it
+            # would have had without the kill, token for token (greedy), billed once.
+            for r, whole in zip(results, uninterrupted):
                 assert r["status"] == 200, r
-                assert r["body"]["choices"][0]["message"]["content"], r
-                assert r["body"]["usage"]["completion_tokens"] <= 120
+                assert r["body"]["choices"][0]["message"]["content"] == whole["body"]["choices"][0]["message"]["content"]
+                assert r["body"]["usage"]["completion_tokens"] == whole["body"]["usage"]["completion_tokens"]
+            async with http.get(f"{cluster.url}/metrics") as resp:
+                failovers = await resp.text()
+            assert "llm_edge_failovers_total{" in failovers, "no request was running on the killed engine"
             # New requests all go to the surviving engine and succeed.
             again = await asyncio.gather(*[chat(http, cluster.url, "Say hi.", 4) for _ in range(4)])
             assert all(r["status"] == 200 for r in again), again
