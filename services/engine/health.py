@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from schemas.errors import BusError
 from schemas.heartbeat import Health
 from services.common.lifecycle import cancel_and_wait
-from services.engine.backend import EngineAdapter
+from services.engine.backend import EngineBackend
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class HealthState:
         return self.health is Health.FAILED
 
 
-async def check_backends(backends: Iterable[tuple[str, EngineAdapter]], timeout: float) -> HealthState:
+async def check_backends(backends: Iterable[tuple[str, EngineBackend]], timeout: float) -> HealthState:
     """Run each ``(model id, backend)``'s ``check_health`` (at most ``timeout`` seconds each).
 
     A check that raises fails the engine, naming the model and the cause; a check that does not
@@ -67,7 +67,7 @@ async def check_backends(backends: Iterable[tuple[str, EngineAdapter]], timeout:
 class HealthMonitor:
     """Checks the backends every ``interval`` seconds and when poked; reports each change of state."""
 
-    def __init__(self, backends: Callable[[], Iterable[tuple[str, EngineAdapter]]], *, interval: float,
+    def __init__(self, backends: Callable[[], Iterable[tuple[str, EngineBackend]]], *, interval: float,
                  on_change: Callable[[HealthState, HealthState], None],
                  on_check: Callable[[HealthState], None] = lambda _: None) -> None:
         self._backends = backends

@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from schemas import ChatMessage, InferenceRequest, SamplingParams
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -19,7 +19,7 @@ QUESTION = "Write a long story about a brave cat."
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(default_model_dir):
-    eng = adapter_class("transformers")(model_path=default_model_dir, model_id="m", slots=2)
+    eng = backend_class("transformers")(model_path=default_model_dir, model_id="m", slots=2)
     await eng.start()
     yield eng
     await eng.close()

@@ -15,7 +15,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamError, StreamStart, TokenDelta, decode_event
 from schemas.heartbeat import EngineHeartbeat, Health
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
-from services.engine.__main__ import build_adapter
+from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 from services.engine.health import check_backends
 from services.engine.metrics import EngineMetrics
@@ -78,8 +78,8 @@ async def test_a_dead_model_thread_ends_its_requests_and_the_engine_heartbeats_f
                       "--model-path", str(default_model_dir), "--worker-id", worker, "--heartbeat-interval", "0.2",
                       "--slots", "2"])
     metrics = EngineMetrics(CollectorRegistry())
-    adapter = build_adapter(cfg)
-    service = EngineService(cfg, adapter, metrics)
+    backend = build_backend(cfg)
+    service = EngineService(cfg, backend, metrics)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     beats = await nc.subscribe(names.worker_status(worker))
@@ -91,7 +91,7 @@ async def test_a_dead_model_thread_ends_its_requests_and_the_engine_heartbeats_f
         assert (await dispatch(nc, worker, req)).accepted
         assert isinstance(decode_event((await sub.next_msg(timeout=10)).data), StreamStart)
         assert isinstance(decode_event((await sub.next_msg(timeout=60)).data), TokenDelta)
-        adapter._batcher.stop()  # the model thread exits with the request still in it: it dies under it
+        backend._batcher.stop()  # the model thread exits with the request still in it: it dies under it
 
         # The request ends with a typed, failover-able error naming the cause (not at its deadline).
         while not isinstance(event := decode_event((await sub.next_msg(timeout=30)).data), StreamError):
