@@ -43,7 +43,7 @@ async def test_engine_error_before_output_is_a_json_error_with_mapped_status(cli
     assert "8192" in body["error"]["message"]
     # A marker cancel sent after the answer on the edge's own connection arrives after any cancel the edge
     # sent for the request (one connection's messages keep their order): once it is here, none came.
-    await client.app[EDGE].dispatcher.cancel("marker", "test")
+    await client.app[EDGE].publisher.cancel("marker", "test")
     await cancels.wait_for("marker")
     assert [c.id for c in cancels.cancels] == ["marker"]  # the request ended on the bus: nothing to cancel
 
