@@ -181,11 +181,17 @@ async def test_engine_killed_mid_stream_every_client_gets_one_complete_continuou
     await cluster.start({"eng-a": 10, "eng-b": 10}, token_rate=10)
     tokens = 30  # 3 s per answer: the kill lands in the middle of every stream
     async with aiohttp.ClientSession() as http:
-        started = asyncio.Event()
-        streams = [asyncio.create_task(stream_chat(http, cluster.url, tokens, started)) for _ in range(20)]
-        assert await cluster.heartbeating({"eng-a", "eng-b"}, busy=True)
-        await started.wait()
-        await asyncio.sleep(0.8)  # several tokens into each stream
+        tap = await InboxTap().start(cluster.server.url)
+        try:
+            streams = [asyncio.create_task(stream_chat(http, cluster.url, tokens)) for _ in range(20)]
+            assert await cluster.heartbeating({"eng-a", "eng-b"}, busy=True)
+
+            async def several_tokens_into_each_stream() -> bool:
+                return len(tap.deltas) == 20 and all(len(seqs) >= 3 for seqs in tap.deltas.values())
+
+            assert await wait_for(several_tokens_into_each_stream, timeout=30)
+        finally:
+            await tap.close()
         cluster.kill("eng-a")
         results = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
         for r in results:
