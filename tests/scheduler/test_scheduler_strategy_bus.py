@@ -12,7 +12,8 @@ from tests.scheduler.test_scheduler_harness import (engines, eventually, known, 
                                           submit)
 
 
-async def test_a_strategy_put_in_kv_switches_routing_on_every_running_replica(nc, js, start_scheduler, engines):
+async def test_a_strategy_put_in_kv_switches_routing_on_every_running_replica(nc, js, start_scheduler, engines,
+                                                                             caplog):
     light = await engines("light", slots=8, in_flight=0)
     loaded = await engines("loaded", slots=8, in_flight=6)
     kv = await js.key_value(names.SCHEDULER_CONFIG_BUCKET)
@@ -34,7 +35,8 @@ async def test_a_strategy_put_in_kv_switches_routing_on_every_running_replica(nc
         assert len(loaded.received) >= 1, "round robin never chose the loaded engine"
 
         await kv.put(names.STRATEGY_KEY, b"fastest-please")  # unknown: logged and ignored
-        await asyncio.sleep(0.3)
+        await eventually(lambda: caplog.text.count("ignoring unknown routing strategy b'fastest-please'") == 2,
+                         what="both replicas to read the unknown strategy")
         assert s1.placement.strategy is s2.placement.strategy is Strategy.ROUND_ROBIN
 
         await kv.delete(names.STRATEGY_KEY)  # back to the configured strategy
