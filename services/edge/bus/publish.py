@@ -130,6 +130,10 @@ class InferenceCall:
     __slots__ = ("_bus_id", "_cancel_reason", "_delivered", "_dispatcher", "_ended", "_held", "_loop_deadline",
                  "_msg_id", "_pending", "finish_reason", "request", "timeout", "usage")
 
+    # As a ``pump.Source``: one choice, so every event is choice 0's.
+    index = 0
+    width = 1
+
     def __init__(self, dispatcher: Dispatcher, request: InferenceRequest, timeout: float,
                  msg_id: str | None = None) -> None:
         self._dispatcher = dispatcher
