@@ -3,10 +3,11 @@
 ``pump(source, writer)`` reads the events of one answer until it ended and hands each to a
 ``Writer``, one per wire format (a JSON body, OpenAI or native SSE, WebSocket frames). A
 ``Source`` is an in-flight request (``InferenceCall``, which fails over to another engine
-itself), its ``n`` choices merged (``ChoiceCalls``), or an answer the edge already has
-(``StoredAnswer``: a prompt-cache hit, an ``Idempotency-Key`` record). The pump stops at the
-answer's end, at its first error, or at its deadline (``BusError(timeout)`` from the source); a
-cancel (client gone, WebSocket cancel frame) cancels the task running it.
+itself) or its ``n`` choices merged (``ChoiceCalls``); the pump stops at the answer's end, at its
+first error, or at its deadline (``BusError(timeout)`` from the source); a cancel (client gone,
+WebSocket cancel frame) cancels the task running it. An answer the edge already has
+(``StoredAnswer``: a prompt-cache hit, an ``Idempotency-Key`` record) goes to the same writers
+as the events a scheduler's replay of it would bring.
 
 A writer opens its answer with the first output (not a ``StreamStart``), so an error before it
 can still be a plain HTTP error (the writer raises it); after it, the writer renders the error
@@ -16,11 +17,12 @@ in its own format. Events that already arrived are handed over together and sent
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Protocol
 
 from schemas.errors import BusError
-from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage
+from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage
 
 
 class Source(Protocol):
@@ -46,10 +48,10 @@ class Writer(Protocol):
     async def open(self) -> None:
         """The answer has its first output: start it (an SSE response's headers and opening chunk)."""
 
-    def delta(self, index: int, event: TokenDelta) -> None:
-        """New text (and log-probabilities) of choice ``index``."""
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """New text (and the log-probabilities of its tokens, when asked for) of choice ``index``."""
 
-    def end(self, index: int, event: StreamEnd) -> None:
+    def end(self, index: int, finish_reason: str) -> None:
         """Choice ``index`` ended."""
 
     def done(self, usage: Usage | None) -> None:
@@ -58,21 +60,26 @@ class Writer(Protocol):
     def error(self, error: StreamError | BusError) -> None:
         """The answer ends with ``error``; raised as a ``BusError`` if the format can still say it otherwise."""
 
-    async def flush(self) -> None:
-        """Send what was buffered."""
+    def flush(self) -> Awaitable[None] | None:
+        """Send what was buffered: the write to await, or ``None`` when there is nothing to send.
+
+        Not a coroutine itself, so a batch costs no more than the one write it needs.
+        """
 
 
-async def pump(source: Source, writer: Writer) -> None:
+async def pump(source: Source | StoredAnswer, writer: Writer) -> None:
     """Hand every event of ``source`` to ``writer`` until the answer ended (every choice, or an error)."""
-    left = source.width
+    if type(source) is StoredAnswer:
+        return await _replay(source, writer)
+    left = source.width  # choices still running
     opened = False
-    while True:
+    while left:
         try:
             event = await source.next_event()
         except BusError as err:  # the deadline passed
             writer.error(err)
-            break
-        if not opened:
+            event, left = None, 0
+        if not opened and event is not None:
             if type(event) is StreamStart:
                 continue
             if type(event) is not StreamError:
@@ -81,43 +88,46 @@ async def pump(source: Source, writer: Writer) -> None:
         while event is not None:  # events already queued share one flush
             kind = type(event)
             if kind is TokenDelta:
-                writer.delta(source.index, event)
+                writer.delta(source.index, event.text, event.logprobs)
             elif kind is StreamEnd:
-                writer.end(source.index, event)
+                writer.end(source.index, event.finish_reason)
                 left -= 1
                 if not left:
                     writer.done(source.usage)
-                    return await writer.flush()
+                    break
             elif kind is StreamError:
                 writer.error(event)
-                return await writer.flush()
+                left = 0
+                break
             # else a StreamStart (a re-dispatch to another engine): nothing to send
             event = source.next_nowait()
-        await writer.flush()
-    await writer.flush()
+        if (sending := writer.flush()) is not None:
+            await sending
 
 
+@dataclass(frozen=True, slots=True)
 class StoredAnswer:
-    """A finished answer the edge already has, read as the events a scheduler would replay for it.
+    """A finished answer the edge already has (a prompt-cache hit, an ``Idempotency-Key`` record).
 
     ``texts`` are its deltas (one joined delta for an answer that is not streamed, as a replayed
-    prompt-cache hit gives); ``request_id`` is the id it is shown under.
+    prompt-cache hit gives). ``pump`` hands them to the writer as a scheduler's replay of the
+    answer would arrive: the deltas, then the end, in one flush.
     """
 
-    index = 0
-    width = 1
+    texts: list[str]
+    finish_reason: str
+    usage: Usage
 
-    def __init__(self, request_id: str, texts: list[str], finish_reason: str, usage: Usage) -> None:
-        events: list[StreamEvent] = [TokenDelta(id=request_id, seq=seq, text=text)
-                                     for seq, text in enumerate(texts, start=1)]
-        events.append(StreamEnd(id=request_id, seq=len(texts) + 1, finish_reason=finish_reason, usage=usage))
-        self._events: Iterator[StreamEvent] = iter(events)
-        self.usage = usage
 
-    async def next_event(self) -> StreamEvent:
-        """The next stored event (all are there already; ``pump`` stops at the last)."""
-        return next(self._events)
+async def _replay(answer: StoredAnswer, writer: Writer) -> None:
+    """``pump`` for an answer that is all there: its texts straight to the writer, one flush."""
+    await writer.open()
+    for text in answer.texts:
+        writer.delta(0, text, _NO_LOGPROBS)
+    writer.end(0, answer.finish_reason)
+    writer.done(answer.usage)
+    if (sending := writer.flush()) is not None:
+        await sending
 
-    def next_nowait(self) -> StreamEvent | None:
-        """The next stored event, ``None`` after the last."""
-        return next(self._events, None)
+
+_NO_LOGPROBS: list[TokenLogprob] = []  # a stored answer has none (never read-modified by a writer)

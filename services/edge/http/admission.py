@@ -45,7 +45,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 class Admitted:
     """What an admitted request is answered from, and the id, ``created`` and model its answer shows."""
 
-    source: Source
+    source: Source | StoredAnswer
     request_id: str
     created: int
     model: str
@@ -62,8 +62,9 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
     admission = await rate_limit.admit_request(edge.limiter, request, stream=stream)
     shown = adapter_model_id(req.model, req.adapter)  # a fine-tuned model is answered under the name asked for
     created = int(req.created)
-    source: Source | None = None
+    source: Source | None = None  # the request on the bus, once published
     claim: Claimed | None = None
+    charged = 0  # a hit is charged its stored usage; a replayed record was charged when it ran
     try:
         if key is not None and (n > 1 or req.sampling.logprobs is not None):
             param = "n" if n > 1 else "logprobs"
@@ -77,16 +78,17 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
         if edge.cache is not None and key is None:
             hit = await edge.cache.find(req)
             if hit is not None:
-                texts = [d.text for d in hit.deltas]
-                source = StoredAnswer(req.id, texts if stream else ["".join(texts)], hit.finish_reason, hit.usage)
-                yield Admitted(source, req.id, created, shown)
+                texts = [d.text for d in hit.deltas] if stream else ["".join(d.text for d in hit.deltas)]
+                stored = StoredAnswer(texts, hit.finish_reason, hit.usage)
+                charged = hit.usage.total_tokens
+                yield Admitted(stored, req.id, created, shown)
                 return
         keyed = await _claim(edge, request, route, req, key, stream=stream)
         if isinstance(keyed, Finished):  # a retry of a request that already finished: the same answer again
             record = keyed.record
             usage = record.usage or Usage(prompt_tokens=0, completion_tokens=0)
-            yield Admitted(StoredAnswer(record.request_id, [record.text], record.finish_reason, usage),
-                           record.request_id, record.created, record.model)
+            yield Admitted(StoredAnswer([record.text], record.finish_reason, usage), record.request_id,
+                           record.created, record.model)
             return
         claim = keyed
         async with edge.dispatcher.call(req, req.deadline - req.created, claim.msg_id if claim else None) as source:
@@ -94,8 +96,9 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
     finally:
         if claim is not None and edge.idempotency is not None:
             _settle(edge.idempotency, claim, source, req, created=created, model=shown)
-        usage = source.usage if source is not None else None
-        await admission.finish(usage.total_tokens if usage is not None else 0)
+        if source is not None and source.usage is not None:
+            charged = source.usage.total_tokens
+        await admission.finish(charged)
 
 
 async def _claim(edge: Edge, request: web.Request, route: str, req: InferenceRequest, key: str | None, *,

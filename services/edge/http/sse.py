@@ -10,12 +10,12 @@ an SSE error event followed by ``[DONE]``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from schemas.errors import BusError
-from schemas.events import StreamEnd, StreamError, TokenDelta, TokenLogprob, Usage
+from schemas.events import StreamError, TokenLogprob, Usage
 from services.edge.errors import error_json
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai.bodies import DONE, SSE_HEADERS, ChoiceResult, ChunkFormatter, sse
@@ -47,44 +47,46 @@ class JsonWriter:
     def __init__(self, build: BodyBuilder, *, request_id: str, created: int, model: str, width: int,
                  logprobs: bool) -> None:
         self._build = build
-        self._head = {"request_id": request_id, "created": created, "model": model}
-        self._logprobs = logprobs
+        self._request_id = request_id
+        self._created = created
+        self._model = model
         self._parts: list[list[str]] = [[] for _ in range(width)]
-        self._entries: list[list[TokenLogprob]] = [[] for _ in range(width)]
+        self._entries: list[list[TokenLogprob]] | None = [[] for _ in range(width)] if logprobs else None
         self._results: list[ChoiceResult | None] = [None] * width
         self.response: web.Response | None = None
 
     async def open(self) -> None:
         """Nothing goes out before the end."""
 
-    def delta(self, index: int, event: TokenDelta) -> None:
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
         """Keep the text (and log-probabilities) of choice ``index``."""
-        self._parts[index].append(event.text)
-        if event.logprobs:
-            self._entries[index].extend(event.logprobs)
+        self._parts[index].append(text)
+        if logprobs and self._entries is not None:
+            self._entries[index].extend(logprobs)
 
-    def end(self, index: int, event: StreamEnd) -> None:
+    def end(self, index: int, finish_reason: str) -> None:
         """Choice ``index`` is complete."""
-        self._results[index] = ChoiceResult("".join(self._parts[index]), event.finish_reason,
-                                            self._entries[index] if self._logprobs else None)
+        self._results[index] = ChoiceResult("".join(self._parts[index]), finish_reason,
+                                            self._entries[index] if self._entries is not None else None)
 
     def done(self, usage: Usage | None) -> None:
         """Build the body."""
         if len(self._results) == 1:
             [result] = self._results
-            extra = {"logprobs": result.logprobs} if self._logprobs else {}
-            body = self._build(**self._head, text=result.text, finish_reason=result.finish_reason, usage=usage,
-                               **extra)
+            extra = {"logprobs": result.logprobs} if result.logprobs is not None else {}
+            body = self._build(request_id=self._request_id, created=self._created, model=self._model,
+                               text=result.text, finish_reason=result.finish_reason, usage=usage, **extra)
         else:
-            body = self._build(**self._head, choices=self._results, usage=usage)
+            body = self._build(request_id=self._request_id, created=self._created, model=self._model,
+                               choices=self._results, usage=usage)
         self.response = web.Response(body=body, content_type="application/json")
 
     def error(self, error: StreamError | BusError) -> None:
         """Nothing was sent: the error is the HTTP answer."""
         raise_error(error)
 
-    async def flush(self) -> None:
-        """Nothing goes out before the end."""
+    def flush(self) -> None:
+        """Nothing goes out before the end (the handler returns ``response``)."""
 
 
 class SseWriter:
@@ -106,16 +108,16 @@ class SseWriter:
         if lead:
             self._out.append(lead)
 
-    def delta(self, index: int, event: TokenDelta) -> None:
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
         """The chunk of one delta (none for an empty one), with its log-probabilities if it has any."""
-        if event.logprobs:
-            self._out.append(self._fmts[index].delta_logprobs(event.text, event.logprobs))
-        elif event.text:
-            self._out.append(self._fmts[index].delta(event.text))
+        if logprobs:
+            self._out.append(self._fmts[index].delta_logprobs(text, logprobs))
+        elif text:
+            self._out.append(self._fmts[index].delta(text))
 
-    def end(self, index: int, event: StreamEnd) -> None:
+    def end(self, index: int, finish_reason: str) -> None:
         """Choice ``index``'s finish chunk."""
-        self._out.append(self._fmts[index].finish(event.finish_reason))
+        self._out.append(self._fmts[index].finish(finish_reason))
 
     def done(self, usage: Usage | None) -> None:
         """The usage chunk (if asked for) and ``[DONE]``."""
@@ -128,9 +130,10 @@ class SseWriter:
             raise_error(error)
         self._out.append(error_event(error))
 
-    async def flush(self) -> None:
-        """Write what the events rendered to, in one write."""
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            await self.response.write(data)
+    def flush(self) -> Awaitable[None] | None:
+        """One write of what the events rendered to (``None`` if they rendered nothing)."""
+        if not self._out:
+            return None
+        data = b"".join(self._out)
+        self._out.clear()
+        return self.response.write(data)

@@ -26,14 +26,14 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import WSMsgType, web
 
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamError, TokenDelta, Usage
+from schemas.events import StreamError, TokenLogprob, Usage
 from services.common.lifecycle import cancel_and_wait
 from services.edge.openai import completions
 from services.edge.http import admission, json_depth
@@ -203,14 +203,14 @@ class FrameWriter:
     async def open(self) -> None:
         """A socket request has nothing to open."""
 
-    def delta(self, index: int, event: TokenDelta) -> None:
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
         """A token frame (none for an empty delta)."""
-        if event.text:
-            self._frames.append(self._fmt.delta(event.text))
+        if text:
+            self._frames.append(self._fmt.delta(text))
 
-    def end(self, index: int, event: StreamEnd) -> None:
+    def end(self, index: int, finish_reason: str) -> None:
         """Remembered for the closing frame."""
-        self._fmt.finish(event.finish_reason)
+        self._fmt.finish(finish_reason)
 
     def done(self, usage: Usage | None) -> None:
         """The closing frame, with the usage."""
@@ -224,12 +224,15 @@ class FrameWriter:
         self._frames.append(error_frame(self._client_id, error, self._request_id))
         self._arrived = None  # an error is not a first token
 
-    async def flush(self) -> None:
-        """Send the frames of the events handed over since the last flush."""
+    def flush(self) -> Awaitable[None] | None:
+        """Send the frames of the events handed over since the last flush (``None`` if there are none)."""
         if not self._frames:
-            return
-        await self._socket.send_frames(self._frames)
-        self._frames.clear()
+            return None
+        frames, self._frames = self._frames, []
+        return self._send(frames)
+
+    async def _send(self, frames: list[bytes]) -> None:
+        await self._socket.send_frames(frames)
         if self._arrived is not None:
             self._socket.first_output(self._arrived)
             self._arrived = None
