@@ -226,13 +226,11 @@ class FrameWriter:
 
     def flush(self) -> Awaitable[None] | None:
         """Send the frames of the events handed over since the last flush (``None`` if there are none)."""
-        if not self._frames:
-            return None
-        frames, self._frames = self._frames, []
-        return self._send(frames)
+        return self._send() if self._frames else None
 
-    async def _send(self, frames: list[bytes]) -> None:
-        await self._socket.send_frames(frames)
+    async def _send(self) -> None:
+        await self._socket.send_frames(self._frames)
+        self._frames.clear()  # the pump hands over nothing new before this write is done
         if self._arrived is not None:
             self._socket.first_output(self._arrived)
             self._arrived = None
