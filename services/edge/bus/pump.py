@@ -122,8 +122,9 @@ class StoredAnswer:
 async def _replay(answer: StoredAnswer, writer: Writer) -> None:
     """``pump`` for an answer that is all there: its texts straight to the writer, one flush."""
     await writer.open()
+    delta = writer.delta
     for text in answer.texts:
-        writer.delta(0, text, _NO_LOGPROBS)
+        delta(0, text, _NO_LOGPROBS)
     writer.end(0, answer.finish_reason)
     writer.done(answer.usage)
     if (sending := writer.flush()) is not None:

@@ -104,7 +104,7 @@ class SseWriter:
         self._request[SSE_RESPONSE] = resp
         await resp.prepare(self._request)
         self.response = resp
-        lead = b"".join(fmt.start() for fmt in self._fmts)
+        lead = b"".join([fmt.start() for fmt in self._fmts])
         if lead:
             self._out.append(lead)
 
