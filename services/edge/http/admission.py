@@ -30,7 +30,7 @@ from schemas.events import Usage
 from schemas.inference import InferenceRequest
 from services.common.model_ref import adapter_model_id
 from services.edge.auth import rate_limit
-from services.edge.bus.idempotency import Claimed, Finished, IdempotencyStore, request_digest, scoped_key
+from services.edge.bus.idempotency import AlreadyFinished, Claimed, IdempotencyStore, request_digest, scoped_key
 from services.edge.bus.publish import InferenceCall
 from services.edge.bus.pump import Source, StoredAnswer
 from services.edge.openai import translate as openai_translate
@@ -72,7 +72,7 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
                                                   f"(a stored answer keeps one choice's text only)", param=param)
         if n > 1:
             requests = openai_translate.choice_requests(req, n, edge.router.reply_to)
-            async with ChoiceCalls(edge.dispatcher, requests, req.deadline - req.created) as source:
+            async with ChoiceCalls(edge.publisher, requests, req.deadline - req.created) as source:
                 yield Admitted(source, req.id, created, shown)
             return
         if edge.cache is not None and key is None:
@@ -84,14 +84,14 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
                 yield Admitted(stored, req.id, created, shown)
                 return
         keyed = await _claim(edge, request, route, req, key, stream=stream)
-        if isinstance(keyed, Finished):  # a retry of a request that already finished: the same answer again
+        if isinstance(keyed, AlreadyFinished):  # a retry of a request that already finished: the same answer again
             record = keyed.record
             usage = record.usage or Usage(prompt_tokens=0, completion_tokens=0)
             yield Admitted(StoredAnswer([record.text], record.finish_reason, usage), record.request_id,
                            record.created, record.model)
             return
         claim = keyed
-        async with edge.dispatcher.call(req, req.deadline - req.created, claim.msg_id if claim else None) as source:
+        async with edge.publisher.call(req, req.deadline - req.created, claim.msg_id if claim else None) as source:
             yield Admitted(source, req.id, created, shown)
     finally:
         if claim is not None and edge.idempotency is not None:
@@ -102,7 +102,7 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
 
 
 async def _claim(edge: Edge, request: web.Request, route: str, req: InferenceRequest, key: str | None, *,
-                 stream: bool) -> Claimed | Finished | None:
+                 stream: bool) -> Claimed | AlreadyFinished | None:
     """Claim the request's ``Idempotency-Key`` (None without one); see ``idempotency``."""
     if key is None:
         return None

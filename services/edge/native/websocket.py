@@ -114,7 +114,7 @@ class InferenceSocket:
             await cancel_and_wait(*self._running.values())
 
     def count_refusal(self, err: BusError) -> None:
-        """Count an error answered with an error frame, when it is a refusal (``gateway_rejected_requests_total``)."""
+        """Count an error answered with an error frame, when it is a refusal (``llm_edge_rejected_requests_total``)."""
         self._metrics.reject(rejection_reason(err.code))
 
     async def _refuse(self, client_id: str | None, err: BusError, request_id: str | None = None) -> None:

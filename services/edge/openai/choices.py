@@ -24,7 +24,7 @@ from schemas.errors import BusError
 from schemas.events import StreamEnd, StreamError, StreamEvent, Usage
 from schemas.inference import InferenceRequest
 from services.common.lifecycle import cancel_and_wait
-from services.edge.bus.publish import Dispatcher, InferenceCall
+from services.edge.bus.publish import InferenceCall, RequestPublisher
 
 # What a choice's task hands the merger: (choice index, its next event).
 Item = tuple[int, StreamEvent]
@@ -33,8 +33,8 @@ Item = tuple[int, StreamEvent]
 class ChoiceCalls:
     """The ``n`` in-flight requests of one answer: ``async with ChoiceCalls(...) as calls: await pump(calls, ...)``."""
 
-    def __init__(self, dispatcher: Dispatcher, requests: list[InferenceRequest], timeout: float) -> None:
-        self._dispatcher = dispatcher
+    def __init__(self, publisher: RequestPublisher, requests: list[InferenceRequest], timeout: float) -> None:
+        self._publisher = publisher
         self._requests = requests
         self.width = len(requests)
         self.index = 0  # the choice of the event last returned
@@ -48,7 +48,7 @@ class ChoiceCalls:
         async with contextlib.AsyncExitStack() as stack:
             # One publication after the other: if one is refused (a full queue), the ones already out are cancelled.
             for req in self._requests:
-                self.calls.append(await stack.enter_async_context(self._dispatcher.call(req, self._timeout)))
+                self.calls.append(await stack.enter_async_context(self._publisher.call(req, self._timeout)))
             self._stack = stack.pop_all()
         self._pumps = [asyncio.create_task(self._pump(i, call)) for i, call in enumerate(self.calls)]
         return self
