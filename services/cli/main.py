@@ -16,6 +16,7 @@ from services.cli.infra import default_nats_url
 from services.cli.up import ENGINES, UpOptions, run_up
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
+from services.common.natsserver import SYNC_POLICIES
 
 EXAMPLES = """\
 examples:
@@ -49,6 +50,11 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
     p.add_argument("--nats-url", default=None, metavar="URL",
                    help="use this NATS server (comma-separated for a cluster) instead of starting one")
+    p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
+                   help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
+                        "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
+                        "two minutes, the nats-server default: about twice as fast per publish; see "
+                        "docs/reliability.md) (default: always)")
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="engine adapter (default: transformers; llamacpp serves the model's GGUF and is the "
@@ -125,7 +131,7 @@ def dispatch(args: argparse.Namespace) -> int:
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats_url=args.nats_url, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
-                                    trainer=args.trainer, metrics_port=args.metrics_port))
+                                    trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
