@@ -155,6 +155,11 @@ def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
+def obj_stream(bucket: str) -> str:
+    """The JetStream stream behind object store ``bucket`` (JetStream's own naming: ``OBJ_<bucket>``)."""
+    return f"OBJ_{bucket}"
+
+
 def kv_subjects(bucket: str) -> str:
     """Every key's subject of KV ``bucket`` (``$KV.<bucket>.>``); a key's is this prefix plus the key."""
     return f"$KV.{bucket}.>"

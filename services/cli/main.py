@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import commands, keys, train
+from services.cli import backup, commands, keys, train
 from services.cli.errors import CliError
 from services.cli.infra import default_nats_url
 from services.cli.up import ENGINES, UpOptions, run_up
@@ -26,6 +26,8 @@ examples:
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
+  ./cy backup backups/today       snapshot all platform state while it runs
+  ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
 """
 
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys.add_parser(sub)
     train.add_parser(sub)
+    backup.add_parsers(sub, _state_dir_arg)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")
@@ -140,6 +143,10 @@ def dispatch(args: argparse.Namespace) -> int:
             return keys.run(args)
         case "train":
             return train.run(args)
+        case "backup":
+            return backup.run_backup(args)
+        case "restore":
+            return backup.run_restore(args, state_dir)
         case "model":
             return commands.model_install(state_dir)
         case "test":
