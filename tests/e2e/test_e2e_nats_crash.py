@@ -23,6 +23,7 @@ import pytest
 
 from infra import provision
 from schemas import names
+from services.cli.infra import register_default_model
 from services.cli.up import NATS_CONFIG
 from services.common.model_store import DEFAULT_MODEL_ID
 from services.common.natsserver import NatsServer
@@ -72,6 +73,7 @@ async def test_acknowledged_uploads_and_jobs_survive_a_killed_nats_node(tmp_path
     nc = await nats.connect(server.url)
     await provision.apply(nc.jetstream())
     await nc.close()
+    await register_default_model(server.url)  # jobs fine-tune a model the registry knows
     http_port = free_port()
     edge = subprocess.Popen([sys.executable, "-m", "services.edge", "--nats-url", server.url, "--port", str(http_port),
                              "--publish-timeout", "2"], cwd=REPO, stdout=(tmp_path / "edge.log").open("wb"),
@@ -83,7 +85,7 @@ async def test_acknowledged_uploads_and_jobs_survive_a_killed_nats_node(tmp_path
             load = Load(client)
             workers = [asyncio.create_task(load.worker()) for _ in range(WORKERS)]
 
-            assert await wait_for(lambda: _true(len(load.jobs) >= 5), timeout=120)
+            assert await wait_for(lambda: _true(len(load.jobs) >= 5), timeout=120), load.failures[-3:]
             server.proc.kill()  # SIGKILL: no shutdown, no flush by the server
             server.proc.wait()
             failed_before = len(load.failures)
