@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from infra import provision
 from schemas import names
 from services.cli.backup import MANIFEST, plan, restore_backup, take_backup
 from services.cli.errors import CliError
+from services.cli.progress import Progress
 from services.common.natsserver import NatsServer
+from tests.infra.test_infra_nats_config import _apply_when_cluster_is_up, cluster  # noqa: F401 - fixture
 from tests.support import REPO
 
 
@@ -141,3 +144,47 @@ def test_cli_backs_up_and_restores_into_a_state_dir(nc, js, nats_server, tmp_pat
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "already holds" in again.stderr
     assert json.loads((backup_dir / MANIFEST).read_text())["format"] == "cy-backup/1"
+
+
+@pytest.mark.slow
+async def test_restore_onto_the_three_node_cluster_at_three_replicas(nc, js, nats_server, cluster, tmp_path: Path):
+    await _fill(js)
+    before = await _picture(js)
+    await take_backup(nats_server.url, tmp_path / "backup")
+    urls, _ = cluster
+    await _apply_when_cluster_is_up(urls[0])  # waits for a meta leader (then clears the server again)
+    client = await nats.connect(urls)
+    try:
+        for info in await client.jetstream().streams_info():
+            await client.jetstream().delete_stream(info.config.name)
+    finally:
+        await client.close()
+
+    await restore_backup(",".join(urls), tmp_path / "backup", replicas=3)
+    client = await nats.connect(urls)
+    try:
+        after = await _picture(client.jetstream())
+        replicas = {(await client.jetstream().stream_info(t.stream)).config.num_replicas for t in plan()[0]}
+    finally:
+        await client.close()
+
+    assert after == before and replicas == {3}
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for out in (Terminal(), io.StringIO()):
+        progress = Progress("restore", 2, total_bytes=200, out=out)
+        for name in ("A", "B"):
+            progress.begin(name)
+            progress.advance(100)
+            progress.end("ok")
+        progress.close()
+        text = out.getvalue()
+        if isinstance(out, Terminal):
+            assert "\r" in text and f"[{'#' * 28}] 100%" in text
+        else:
+            assert text.splitlines() == ["cy: restore 1/2 A: ok", "cy: restore 2/2 B: ok"]
