@@ -1,13 +1,21 @@
-"""Connecting to NATS the same way in every service."""
+"""Connecting to NATS the same way in every service, and the one meaning of "the bus is down"."""
 
 from __future__ import annotations
 
 import logging
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
+
+# Connection states in which nothing reaches the server now (closed, draining, reconnecting, a full
+# outbound buffer, a stale connection). Every service catches exactly these as "the bus is down";
+# what a caller adds to them (a timeout, no responders) is its own decision.
+BUS_DOWN: tuple[type[Exception], ...] = (
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError)
 
 
 async def connect(url: str, name: str) -> Client:
