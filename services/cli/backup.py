@@ -41,7 +41,7 @@ from schemas import names
 from services.cli import pidfile
 from services.cli.errors import CliError
 from services.cli.infra import connect_once, default_nats_url
-from services.cli.progress import Progress, human_bytes
+from services.cli.progress import TransferProgress, human_bytes
 from services.cli.snapshot import SnapshotError, file_chunks, restore_stream, snapshot_stream
 
 FORMAT = "cy-backup/1"
@@ -109,7 +109,7 @@ async def _snapshot_all(nc: Client, out_dir: Path, targets: list[Target]) -> lis
     """Snapshot every target into ``out_dir/streams``; one manifest entry per stream."""
     streams_dir = out_dir / "streams"
     streams_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress("backup", len(targets))
+    progress = TransferProgress("backup", len(targets))
     entries = []
     try:
         for t in targets:
@@ -196,7 +196,7 @@ def verify(backup_dir: Path) -> dict[str, Any]:
         for rel in (e["meta"], e["data"]):
             if rel not in files:
                 raise CliError(f"{manifest_path} lists no checksum for {rel}; nothing restored")
-    progress = Progress("verify", len(files), sum(f["bytes"] for f in files.values()))
+    progress = TransferProgress("verify", len(files), sum(f["bytes"] for f in files.values()))
     try:
         for rel, want in files.items():
             progress.begin(rel)
@@ -243,7 +243,8 @@ async def restore_backup(url: str, backup_dir: Path, replicas: int = 1) -> list[
         if present := await _existing(nc, [e["stream"] for e in entries]):
             raise CliError(f"the server at {url} already holds {', '.join(present)}: restore needs an empty server "
                            "(stop ./cy up, move its state dir's nats/ away, then ./cy restore before ./cy up)")
-        progress = Progress("restore", len(entries), sum(manifest["files"][e["data"]]["bytes"] for e in entries))
+        total = sum(manifest["files"][e["data"]]["bytes"] for e in entries)
+        progress = TransferProgress("restore", len(entries), total)
         try:
             for e in entries:
                 progress.begin(e["stream"])

@@ -21,7 +21,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-class Progress:
+class TransferProgress:
     """Bytes done out of ``total_bytes`` (0: unknown) over ``steps`` named steps."""
 
     def __init__(self, verb: str, steps: int, total_bytes: int = 0, out: TextIO | None = None) -> None:

@@ -16,7 +16,7 @@ from infra import provision
 from schemas import names
 from services.cli.backup import MANIFEST, plan, restore_backup, take_backup
 from services.cli.errors import CliError
-from services.cli.progress import Progress
+from services.cli.progress import TransferProgress
 from services.common.natsserver import NatsServer
 from tests.infra.test_infra_nats_config import _apply_when_cluster_is_up, cluster  # noqa: F401 - fixture
 from tests.support import REPO
@@ -177,7 +177,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
             return True
 
     for out in (Terminal(), io.StringIO()):
-        progress = Progress("restore", 2, total_bytes=200, out=out)
+        progress = TransferProgress("restore", 2, total_bytes=200, out=out)
         for name in ("A", "B"):
             progress.begin(name)
             progress.advance(100)
