@@ -177,7 +177,7 @@ def _write_manifest(out_dir: Path, entries: list[dict[str, Any]], skipped: list[
 # --- verification -------------------------------------------------------------------------------
 
 def verify(backup_dir: Path) -> dict[str, Any]:
-    """The manifest of ``backup_dir`` once every file matches its checksum; ``CliError`` naming the first that does not."""
+    """The manifest of ``backup_dir`` once every file matches its checksum; else ``CliError`` naming the first bad one."""
     manifest_path = backup_dir / MANIFEST
     if not manifest_path.is_file():
         raise CliError(f"{backup_dir} holds no {MANIFEST}: not a backup, or an interrupted one; nothing restored")
@@ -285,7 +285,8 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                        "or empty; its manifest.json lists every file with its SHA-256.")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                   help="NATS server of the platform, comma-separated for a cluster (default: $CY_NATS_URL or %(default)s)")
+                   help="NATS server of the platform, comma-separated for a cluster "
+                        "(default: $CY_NATS_URL or %(default)s)")
     p.add_argument("--attempts", type=int, default=5, metavar="N",
                    help="how often to retake the backup when platform state changed while it ran (default: 5)")
     p = sub.add_parser("restore", help="rebuild the platform's streams, buckets and object store from a backup",

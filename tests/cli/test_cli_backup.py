@@ -74,7 +74,8 @@ async def test_restore_gives_back_what_the_backup_saw(nc, js, nats_server, tmp_p
     assert after == before
     assert before["queue"][0] == 2 and before["consumer_acked"] == 1
     # Every stream and consumer came back as defined; only the skipped memory-backed ones were missing.
-    assert {a.name for a in actions if a.action != "unchanged"} == {names.RATE_STREAM, names.kv_stream(names.WORKERS_BUCKET)}
+    skipped = {names.RATE_STREAM, names.kv_stream(names.WORKERS_BUCKET)}
+    assert {a.name for a in actions if a.action != "unchanged"} == skipped
     assert {a.action for a in actions} == {"unchanged", "created"}
     assert [e["stream"] for e in manifest["streams"]] == [t.stream for t in plan()[0]]
     assert {s["stream"] for s in manifest["skipped"]} == {names.RATE_STREAM, names.kv_stream(names.WORKERS_BUCKET)}
