@@ -47,6 +47,8 @@ from services.cli.snapshot import SnapshotError, file_chunks, restore_stream, sn
 FORMAT = "cy-backup/1"
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.json.sha256"
+# How long restore waits for the followers of a replicated stream to catch up.
+REPLICATION_TIMEOUT = 120.0
 # Changes to these never leave a dangling reference in another stream: history (events), queued
 # inference requests (short-lived, refer to nothing backed up) and caches. A backup does not wait for them.
 _NOT_AWAITED = frozenset({names.INFER_STREAM, names.TRAIN_EVENTS_STREAM, names.kv_stream(names.PROMPT_CACHE_BUCKET),
@@ -255,6 +257,8 @@ async def restore_backup(url: str, backup_dir: Path, replicas: int = 1) -> list[
                 progress.end(f"{info.get('state', {}).get('messages', 0)} messages")
         finally:
             progress.close()
+        if replicas > 1:
+            await _until_replicated(nc, [e["stream"] for e in entries])
         return entries
     except (SnapshotError, CliError, nats.errors.Error, TimeoutError) as exc:
         await _undo(nc, restored)
@@ -263,6 +267,26 @@ async def restore_backup(url: str, backup_dir: Path, replicas: int = 1) -> list[
         raise CliError(f"{exc}; the streams restored so far were deleted again, nothing is half restored") from None
     finally:
         await nc.close()
+
+
+async def _until_replicated(nc: Client, streams: list[str], timeout: float = REPLICATION_TIMEOUT) -> None:
+    """Wait until every replica of every restored stream is current (followers catch up after a restore).
+
+    Until then a read served by a follower (KV and object store reads are direct gets, which any
+    replica answers) could see part of a stream: restore is done when all replicas hold it.
+    """
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    for stream in streams:
+        while True:
+            cluster = (await js.stream_info(stream)).cluster
+            peers = (cluster.replicas or []) if cluster is not None else []
+            if cluster is None or (cluster.leader and all(p.current and not p.offline and not p.lag for p in peers)):
+                break
+            if time.monotonic() > deadline:
+                raise CliError(f"{stream} was restored but its replicas did not catch up within {timeout:g} s")
+            await asyncio.sleep(0.2)
+    print(f"cy: restore: every replica of {len(streams)} streams is current", flush=True)
 
 
 async def _undo(nc: Client, streams: list[str]) -> None:

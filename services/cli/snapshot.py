@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 
 SNAPSHOT_API = "$JS.API.STREAM.SNAPSHOT.{}"
 RESTORE_API = "$JS.API.STREAM.RESTORE.{}"
 CHUNK_SIZE = 128 * 1024
 # The server gives up on a silent receiver after 5 s; a stalled snapshot ends well before this.
 SNAPSHOT_IDLE_TIMEOUT = 30.0
+# How long a restore chunk is resent while its subject has no subscriber yet (see ``_send``).
+NO_RESPONDERS_GRACE = 5.0
 
 
 class SnapshotError(RuntimeError):
@@ -100,15 +104,32 @@ async def restore_stream(nc: Client, meta: dict[str, Any], chunks: Iterable[byte
         raise SnapshotError(f"restore of {stream} refused: {why}")
     deliver = answer["deliver_subject"]
     for chunk in chunks:
-        reply = await nc.request(deliver, chunk, timeout=30)
+        reply = await _send(nc, deliver, chunk, timeout=30)
         if reply.data:
             raise SnapshotError(f"restore of {stream} failed: {_api_error(json.loads(reply.data)) or reply.data!r}")
         on_chunk(len(chunk))
     # The server now unpacks and checks the whole stream before answering.
-    final = json.loads((await nc.request(deliver, b"", timeout=300)).data)
+    final = json.loads((await _send(nc, deliver, b"", timeout=300)).data)
     if why := _api_error(final):
         raise SnapshotError(f"restore of {stream} failed: {why}")
     return final
+
+
+async def _send(nc: Client, subject: str, data: bytes, timeout: float) -> Msg:
+    """One restore chunk as a request; resent while nobody listens yet.
+
+    On a cluster the subject is served by the server chosen to receive the restore, and its
+    interest may reach the server this client is connected to a moment after the restore reply:
+    a 'no responders' answer means the chunk reached nobody, so sending it again is safe.
+    """
+    deadline = time.monotonic() + NO_RESPONDERS_GRACE
+    while True:
+        try:
+            return await nc.request(subject, data, timeout=timeout)
+        except NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def file_chunks(path_or_file: BinaryIO, size: int = CHUNK_SIZE) -> Iterable[bytes]:
