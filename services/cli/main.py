@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import commands, keys, train
+from services.cli import backup, commands, keys, train
 from services.cli.errors import CliError
 from services.cli.infra import default_nats_url
 from services.cli.up import ENGINES, UpOptions, run_up
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
+from services.common.natsserver import SYNC_POLICIES
 
 EXAMPLES = """\
 examples:
@@ -25,6 +26,8 @@ examples:
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
+  ./cy backup backups/today       snapshot all platform state while it runs
+  ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
 """
 
@@ -49,6 +52,11 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
     p.add_argument("--nats-url", default=None, metavar="URL",
                    help="use this NATS server (comma-separated for a cluster) instead of starting one")
+    p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
+                   help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
+                        "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
+                        "two minutes, the nats-server default: about twice as fast per publish; see "
+                        "docs/reliability.md) (default: always)")
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="engine backend (default: transformers; llamacpp serves the model's GGUF and is the "
@@ -94,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys.add_parser(sub)
     train.add_parser(sub)
+    backup.add_parsers(sub, _state_dir_arg)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")
@@ -125,7 +134,7 @@ def dispatch(args: argparse.Namespace) -> int:
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats_url=args.nats_url, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
-                                    trainer=args.trainer, metrics_port=args.metrics_port))
+                                    trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
@@ -134,6 +143,10 @@ def dispatch(args: argparse.Namespace) -> int:
             return keys.run(args)
         case "train":
             return train.run(args)
+        case "backup":
+            return backup.run_backup(args)
+        case "restore":
+            return backup.run_restore(args, state_dir)
         case "model":
             return commands.model_install(state_dir)
         case "test":
