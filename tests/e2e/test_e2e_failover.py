@@ -153,6 +153,24 @@ async def plain_chat(http: aiohttp.ClientSession, url: str, max_tokens: int, hea
         return {"status": resp.status, "body": await resp.json()}
 
 
+async def all_acknowledged(url: str, timeout: float) -> bool:
+    """Wait until no lane of the inference queue holds a message, delivered or not."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def drained() -> bool:
+        for lane in names.LANES_BY_PRIORITY:
+            info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
+
+    try:
+        return await wait_for(drained, timeout=timeout)
+    finally:
+        await nc.close()
+
+
 class InboxTap:
     """Every stream event published to any edge's reply inbox, as the engines sent them."""
 
@@ -237,7 +255,9 @@ async def test_a_scheduler_replica_sigkilled_mid_burst_loses_no_request_and_runs
                     cluster.kill("scheduler-0")
                 await asyncio.sleep(0.02)
             results = await asyncio.wait_for(asyncio.gather(*calls), timeout=90)
-            await asyncio.sleep(3)  # past ack_wait: any redelivered copy would have started by now
+            # Every message acknowledged: none can be redelivered any more, and an engine starts a copy (its
+            # StreamStart) before the scheduler can acknowledge it, so every start there will be has been sent.
+            assert await all_acknowledged(cluster.server.url, timeout=30)
         finally:
             await tap.close()
     assert cluster.sup.children["scheduler-0"].returncode == -signal.SIGKILL
