@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from schemas import names
+from services.scheduler.circuit import CircuitState
 from services.scheduler.strategies import Strategy
 from services.scheduler.status import STATUS_SUBJECT
 from tests.scheduler.test_scheduler_harness import (engines, eventually, known, new_request, start_scheduler,  # noqa: F401
@@ -74,7 +74,8 @@ async def test_circuit_opens_on_an_unanswering_engine_and_a_half_open_probe_clos
         assert hung.dispatch_requests == 2, "an engine with an open circuit was sent work"
 
         hung.silent = False
-        await asyncio.sleep(0.7)  # the cooldown: the breaker half-opens
+        await eventually(lambda: scheduler.placement.breakers.state(hung.worker) is CircuitState.HALF_OPEN,
+                         what="the cooldown: the breaker half-opens")
         probe = await submit(nc, new_request())
         await eventually(lambda: hung.received_ids == [probe.id], what="the half-open probe to reach the engine")
         await eventually(lambda: circuits_open(scheduler) == 0, what="the probe's success to close the circuit")
