@@ -124,17 +124,35 @@ def engine_control(worker: str) -> str:
 
 ENGINE_CONTROL_ALL = f"{ROOT}.engine.all.control"
 
+
+def engine_any(verb: str) -> str:
+    """One of an engine's subjects for every worker (``llm.v1.engine.*.<verb>``): what a caller of engines may address."""
+    if verb not in ("generate", "cancel", "control"):
+        raise ValueError(f"unknown engine subject {verb!r}")
+    return f"{ROOT}.engine.*.{verb}"
+
 REPLY_PREFIX = "_INBOX"
 
 
-def reply_inbox(owner: str, request_id: str) -> str:
-    """A reply subject under an owner's wildcard inbox (``_INBOX.<owner>.<request>``)."""
-    return f"{REPLY_PREFIX}.{token(owner)}.{token(request_id)}"
+def identity_inbox(identity: str, instance: str | None = None) -> str:
+    """The inbox root of one bus identity: ``_INBOX.<identity>`` (``.<instance>`` for per-instance ones).
+
+    A service connects with this as nats-py's ``inbox_prefix``, so every reply it gets (requests,
+    JetStream API answers and deliveries) lands under it, and its NATS user may subscribe to
+    nothing else under ``_INBOX``: one identity never reads another's replies.
+    """
+    root = f"{REPLY_PREFIX}.{token(identity)}"
+    return root if instance is None else f"{root}.{token(instance)}"
 
 
-def reply_inbox_all(owner: str) -> str:
+def reply_inbox(owner: str, request_id: str, root: str = REPLY_PREFIX) -> str:
+    """A reply subject under an owner's wildcard inbox (``<root>.<owner>.<request>``; root ``_INBOX``)."""
+    return f"{root}.{token(owner)}.{token(request_id)}"
+
+
+def reply_inbox_all(owner: str, root: str = REPLY_PREFIX) -> str:
     """The wildcard an owner subscribes to once to receive every one of its replies."""
-    return f"{REPLY_PREFIX}.{token(owner)}.*"
+    return f"{root}.{token(owner)}.*"
 
 
 # --- KV buckets / object store ---
@@ -160,6 +178,21 @@ def kv_subjects(bucket: str) -> str:
     return f"$KV.{bucket}.>"
 
 
+def kv_key_subject(bucket: str, key: str) -> str:
+    """The subject of one key of KV ``bucket`` (``$KV.<bucket>.<key>``)."""
+    return f"$KV.{bucket}.{key}"
+
+
+def object_stream(bucket: str) -> str:
+    """The JetStream stream behind object store ``bucket`` (JetStream's own naming: ``OBJ_<bucket>``)."""
+    return f"OBJ_{bucket}"
+
+
+def object_subjects(bucket: str) -> str:
+    """Every chunk and metadata subject of object store ``bucket`` (``$O.<bucket>.>``)."""
+    return f"$O.{bucket}.>"
+
+
 # --- training (used by the trainer issue) ---
 TRAIN_STREAM = "LLM_TRAIN"
 TRAIN_SUBMIT = f"{ROOT}.train.submit"
@@ -167,6 +200,9 @@ TRAIN_EVENTS_STREAM = "LLM_TRAIN_EVENTS"
 TRAIN_DURABLE = "trainers"
 TRAIN_JOBS_BUCKET = "llm_train_jobs"
 TRAIN_CANCEL = f"{ROOT}.train.cancel"  # core broadcast of TrainCancel
+
+
+TRAIN_EVENTS_ALL = f"{ROOT}.train.job.*.event"
 
 
 def train_job_events(job_id: str) -> str:
@@ -194,3 +230,6 @@ MICRO_EDGE = "cy-edge"
 MICRO_SCHEDULER = "cy-scheduler"
 MICRO_ENGINE = "cy-engine"
 MICRO_TRAINER = "cy-trainer"
+# The scheduler's status endpoint as nats.micro builds it: group name, then endpoint name.
+SCHEDULER_STATUS = f"{MICRO_SCHEDULER}.status"
+MICRO_ALL = "$SRV.>"  # nats.micro's discovery subjects ($SRV.PING|INFO|STATS[.<name>[.<id>]])
