@@ -232,4 +232,5 @@ MICRO_ENGINE = "cy-engine"
 MICRO_TRAINER = "cy-trainer"
 # The scheduler's status endpoint as nats.micro builds it: group name, then endpoint name.
 SCHEDULER_STATUS = f"{MICRO_SCHEDULER}.status"
+TRAINER_STATUS = f"{MICRO_TRAINER}.status"  # a trainer's status endpoint (job it runs, if any)
 MICRO_ALL = "$SRV.>"  # nats.micro's discovery subjects ($SRV.PING|INFO|STATS[.<name>[.<id>]])

@@ -23,6 +23,7 @@ from schemas import names
 from schemas.auth import ApiKeyRecord, Scope
 from services.cli.errors import CliError
 from services.cli.infra import connect_once, default_nats_url
+from services.cli.nats_auth import add_operator_nkey_argument
 from services.common.api_key_store import ApiKeyStore, KeyLimits, UnknownKeyError, limits_of
 
 T = TypeVar("T")
@@ -34,9 +35,10 @@ _LIMIT_OPTIONS = (("--rpm", "rpm", "requests per minute"), ("--tpm", "tpm", "tok
                   ("--max-streams", "streams", "concurrent streams (SSE and WebSocket requests)"))
 
 
-async def _with_store(url: str, action: Callable[[ApiKeyStore], Awaitable[T]]) -> T:
-    """Connect, bind the bucket, run ``action``, close; bus failures become ``CliError``s."""
-    nc = await connect_once(url, "cy-keys")
+async def _with_store(url: str, action: Callable[[ApiKeyStore], Awaitable[T]], nkey: str = "") -> T:
+    """Connect (as the operator: ``nkey``), bind the bucket, run ``action``, close; bus failures become
+    ``CliError``s."""
+    nc = await connect_once(url, "cy-keys", nkey=nkey)
     try:
         return await action(await ApiKeyStore.bind(nc.jetstream()))
     except BucketNotFoundError:
@@ -70,9 +72,9 @@ def format_records(records: list[ApiKeyRecord]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = None) -> int:
+def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = None, nkey: str = "") -> int:
     """Create a key and print it once, with how to use it."""
-    record, key = asyncio.run(_with_store(url, lambda store: store.create(name, scopes, limits)))
+    record, key = asyncio.run(_with_store(url, lambda store: store.create(name, scopes, limits), nkey))
     print(key)
     print(f"\ncreated key {record.id} ({record.name}; scopes: {', '.join(record.scopes)}; "
           f"{format_limits(limits_of(record))}). "
@@ -82,9 +84,9 @@ def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = No
     return 0
 
 
-def list_keys(url: str) -> int:
+def list_keys(url: str, nkey: str = "") -> int:
     """Print every key's id, name, scopes, creation and revocation time."""
-    records = asyncio.run(_with_store(url, lambda store: store.records()))
+    records = asyncio.run(_with_store(url, lambda store: store.records(), nkey))
     print(format_records(records) if records else "no API keys (create one with ./cy keys create)")
     return 0
 
@@ -94,11 +96,11 @@ def _check_id(key_id: str) -> None:
         raise CliError(f"{key_id!r} is not a key id (12 hex digits, as ./cy keys list shows)")
 
 
-def revoke(url: str, key_id: str, cache_ttl: float = 5.0) -> int:
+def revoke(url: str, key_id: str, cache_ttl: float = 5.0, nkey: str = "") -> int:
     """Revoke a key; say how soon running edges stop accepting it."""
     _check_id(key_id)
     try:
-        record = asyncio.run(_with_store(url, lambda store: store.revoke(key_id)))
+        record = asyncio.run(_with_store(url, lambda store: store.revoke(key_id), nkey))
     except UnknownKeyError:
         raise CliError(f"no API key with id {key_id!r} (see ./cy keys list)") from None
     print(f"revoked key {record.id} ({record.name}); edges refuse it within their --auth-cache-ttl "
@@ -106,7 +108,8 @@ def revoke(url: str, key_id: str, cache_ttl: float = 5.0) -> int:
     return 0
 
 
-def set_limits(url: str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0) -> int:
+def set_limits(url: str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0,
+               nkey: str = "") -> int:
     """Change a key's rate limits (``None``: back to the edge default) and print them; with no
     changes, only print them."""
     _check_id(key_id)
@@ -120,7 +123,7 @@ def set_limits(url: str, key_id: str, changes: dict[str, int | None], cache_ttl:
         return await store.set_limits(key_id, lambda current: KeyLimits(**{**vars(current), **changes}))
 
     try:
-        record = asyncio.run(_with_store(url, action))
+        record = asyncio.run(_with_store(url, action, nkey))
     except UnknownKeyError:
         raise CliError(f"no API key with id {key_id!r} (see ./cy keys list)") from None
     print(f"key {record.id} ({record.name}): {format_limits(limits_of(record))}")
@@ -172,6 +175,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for p in (p, lst, rev, lim):
         p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
                        help="NATS server (default: $CY_NATS_URL or %(default)s)")
+        add_operator_nkey_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,12 +183,12 @@ def run(args: argparse.Namespace) -> int:
     match args.keys_command:
         case "create":
             limits = KeyLimits(rpm=args.rpm, tpm=args.tpm, streams=args.streams)
-            return create(args.nats_url, args.name, args.scope, limits)
+            return create(args.nats_url, args.name, args.scope, limits, nkey=args.nats_nkey)
         case "list":
-            return list_keys(args.nats_url)
+            return list_keys(args.nats_url, nkey=args.nats_nkey)
         case "revoke":
-            return revoke(args.nats_url, args.key_id)
+            return revoke(args.nats_url, args.key_id, nkey=args.nats_nkey)
         case "limits":
             changes = {field: getattr(args, field) for _, field, _ in _LIMIT_OPTIONS if hasattr(args, field)}
-            return set_limits(args.nats_url, args.key_id, changes)
+            return set_limits(args.nats_url, args.key_id, changes, nkey=args.nats_nkey)
     raise AssertionError(f"unhandled keys command {args.keys_command!r}")

@@ -173,7 +173,7 @@ def trainer() -> Permissions:
     publish = _unique(
         (names.TRAIN_EVENTS_ALL,), queue_consumer(names.TRAIN_STREAM, names.TRAIN_DURABLE),
         kv_writer(names.TRAIN_JOBS_BUCKET), kv_writer(names.MODELS_BUCKET), object_writer(names.ARTIFACTS_STORE))
-    subscribe = (_inbox(inbox), names.TRAIN_CANCEL, names.MICRO_ALL)
+    subscribe = (_inbox(inbox), names.TRAIN_CANCEL, names.TRAINER_STATUS, names.MICRO_ALL)
     return Permissions(TRAINER, inbox, publish, subscribe, allow_responses=True,
                        description="trainer: takes the training queue, writes jobs, models, artifacts")
 
@@ -186,7 +186,7 @@ def operator() -> Permissions:
     """
     inbox = names.identity_inbox(OPERATOR)
     publish = (f"{JS_API}.>", "$KV.>", "$O.>", f"{JS_ACK}.>", f"{JS_FC}.>", names.engine_any("control"),
-               names.SCHEDULER_STATUS, names.MICRO_ALL)
+               names.SCHEDULER_STATUS, names.TRAINER_STATUS, names.MICRO_ALL)
     subscribe = (_inbox(inbox), names.WORKER_STATUS_ALL)
     return Permissions(OPERATOR, inbox, publish, subscribe,
                        description="operator CLI: provisioning, API keys, model registry (JetStream admin)")

@@ -1,0 +1,94 @@
+"""The bus identities of ``./cy up`` and ``./cy nats permissions``.
+
+``--nats-auth nkeys`` (the default): every service connects as its own nkey user, whose seed
+``./cy up`` creates once under ``<state dir>/nats/nkeys/`` and whose permissions come from
+``services.common.bus_permissions``. ``--nats-auth none`` is the unauthenticated development
+bus, refused unless every NATS address is on loopback (as the edge refuses ``--auth none``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from services.cli.errors import CliError
+from services.common import bus, bus_auth, bus_permissions
+from services.common.bus_permissions import Permissions
+from services.common.hosts import is_loopback
+from services.common.model_store import default_state_dir
+
+AUTH_MODES = ("nkeys", "none")
+
+
+@dataclass(frozen=True)
+class BusIdentities:
+    """The seed file of every identity (empty when the bus is unauthenticated)."""
+
+    seeds: dict[str, Path]
+    permissions: dict[str, Permissions]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether services authenticate (``--nats-auth nkeys``)."""
+        return bool(self.seeds)
+
+    def nkey(self, identity: str) -> str:
+        """The seed file of ``identity`` as a flag value; empty on an unauthenticated bus."""
+        return str(self.seeds[identity]) if self.enabled else ""
+
+
+def check_unauthenticated(mode: str, nats_url: str | None) -> None:
+    """Refuse ``--nats-auth none`` against any server that is not on loopback."""
+    if mode != "none" or nats_url is None:
+        return  # the embedded server always binds 127.0.0.1
+    for url in (u.strip() for u in nats_url.split(",") if u.strip()):
+        host = urlsplit(url if "://" in url else f"nats://{url}").hostname or ""
+        if not is_loopback(host):
+            raise CliError(f"refusing an unauthenticated bus at {url}: --nats-auth none is for a development "
+                           "server on loopback only; use --nats-auth nkeys (the default)")
+
+
+def prepare(mode: str, state_dir: Path, workers: list[str]) -> BusIdentities:
+    """The identities of a ``./cy up`` with engine ``workers``: seeds created on first run, kept after."""
+    permissions = bus_permissions.identities(workers)
+    if mode == "none":
+        return BusIdentities({}, permissions)
+    seeds = bus_auth.ensure_seeds(bus_auth.nkeys_dir(state_dir), permissions.values())
+    return BusIdentities(seeds, permissions)
+
+
+def write_server_config(identities: BusIdentities, base: Path, state_dir: Path) -> Path:
+    """The embedded server's config: ``base`` plus one user per identity (0600, in the state dir)."""
+    target = state_dir / "nats" / bus_auth.AUTH_CONFIG
+    return bus_auth.write_server_config(base, target, identities.seeds, identities.permissions)
+
+
+def default_operator_nkey() -> str:
+    """``$CY_NATS_NKEY``, else the operator seed of the default state dir's ``./cy up`` (if there is one)."""
+    if os.environ.get(bus.NKEY_ENV):
+        return os.environ[bus.NKEY_ENV]
+    seed = bus_auth.seed_path(bus_auth.nkeys_dir(default_state_dir()), bus_permissions.OPERATOR)
+    return str(seed) if seed.exists() else ""
+
+
+def add_operator_nkey_argument(parser: argparse.ArgumentParser) -> None:
+    """``--nats-nkey FILE`` of an operator command (``./cy keys``, ``./cy infra apply``)."""
+    parser.add_argument("--nats-nkey", default=default_operator_nkey(), metavar="FILE",
+                        help="nkey seed of the operator's NATS user (default: $CY_NATS_NKEY, else "
+                             "<state dir>/nats/nkeys/operator.nk written by ./cy up)")
+
+
+def format_permissions(permissions: dict[str, Permissions]) -> str:
+    """Every identity with what it may publish and subscribe to, one subject a line."""
+    blocks = []
+    for perms in permissions.values():
+        lines = [f"{perms.identity}  ({perms.description}; inbox {perms.inbox})"]
+        lines += [f"  publish    {s}" for s in perms.publish]
+        if perms.allow_responses:
+            lines.append("  publish    (replies to requests it received: allow_responses)")
+        lines += [f"  subscribe  {s}" for s in perms.subscribe]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
