@@ -1,0 +1,98 @@
+"""``./cy up``'s bus identities: seeds per service, the loopback rule of --nats-auth none, ./cy nats permissions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from schemas import names
+from services.cli import nats_auth
+from services.cli.banner import ready_banner
+from services.cli.errors import CliError
+from services.cli.up import UpOptions, child_specs, worker_id
+from services.common import bus_auth, bus_permissions
+from services.common.model_store import DEFAULT_MODEL_ID
+from tests.support import REPO
+
+
+def _flag(argv: tuple[str, ...], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_every_service_gets_its_own_seed(tmp_path: Path):
+    opts = UpOptions(state_dir=tmp_path)
+    identities = nats_auth.prepare("nkeys", tmp_path, [worker_id(opts.engine)])
+    specs = {spec.name: spec.argv for spec in child_specs(opts, "nats://127.0.0.1:1", tmp_path, identities=identities)}
+    seeds = {name: Path(_flag(argv, "--nats-nkey")) for name, argv in specs.items()}
+    assert len(set(seeds.values())) == len(specs) == 4
+    assert seeds["engine"] == identities.seeds[f"engine.{worker_id(opts.engine)}"]
+    assert seeds["edge"] == identities.seeds["edge"]
+    for seed in seeds.values():
+        assert seed.stat().st_mode & 0o777 == 0o600
+        assert bus_auth.public_key(seed).startswith("U")
+    again = nats_auth.prepare("nkeys", tmp_path, [worker_id(opts.engine)])
+    assert {p: s.read_bytes() for p, s in again.seeds.items()} == {p: s.read_bytes() for p, s in identities.seeds.items()}
+
+
+def test_an_unauthenticated_bus_passes_no_seed(tmp_path: Path):
+    opts = UpOptions(state_dir=tmp_path, nats_auth="none")
+    identities = nats_auth.prepare("none", tmp_path, [worker_id(opts.engine)])
+    for spec in child_specs(opts, "nats://127.0.0.1:1", tmp_path, identities=identities):
+        assert "--nats-nkey" not in spec.argv
+    assert not bus_auth.nkeys_dir(tmp_path).exists()
+
+
+@pytest.mark.parametrize("url", ["nats://10.1.2.3:4222", "nats://127.0.0.1:4222,nats://nats.example.com:4222",
+                                 "nats://0.0.0.0:4222"])
+def test_no_auth_is_refused_beyond_loopback(url: str):
+    with pytest.raises(CliError, match="--nats-auth none is for a development server on loopback only"):
+        nats_auth.check_unauthenticated("none", url)
+    nats_auth.check_unauthenticated("nkeys", url)  # authenticated: anywhere
+
+
+def test_no_auth_on_loopback_is_allowed():
+    nats_auth.check_unauthenticated("none", None)  # the embedded server binds 127.0.0.1
+    nats_auth.check_unauthenticated("none", "nats://127.0.0.1:4222,nats://localhost:4223")
+
+
+def test_up_refuses_an_unauthenticated_remote_bus_before_starting_anything(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--nats-auth", "none", "--nats-url",
+                             "nats://192.0.2.1:4222", "--state-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "refusing an unauthenticated bus at nats://192.0.2.1:4222" in result.stderr
+    assert not (tmp_path / "cy-up.pid").exists()
+
+
+def test_banner_says_whether_the_bus_is_authenticated(tmp_path: Path):
+    on = ready_banner("http://127.0.0.1:8080", "nats://127.0.0.1:4222", DEFAULT_MODEL_ID, [], "127.0.0.1", "logs",
+                      nats_seeds=tmp_path)
+    off = ready_banner("http://127.0.0.1:8080", "nats://127.0.0.1:4222", DEFAULT_MODEL_ID, [], "127.0.0.1", "logs")
+    assert "authenticated: one nkey user per service" in on and str(tmp_path / "operator.nk") in on
+    assert "unauthenticated bus" in off and "authenticated: one" not in off
+
+
+def test_nats_permissions_prints_every_identity(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "nats", "permissions", "--worker", "gpu-1",
+                             "--worker", "gpu-2", "--state-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    headers = [line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    assert headers == ["edge", "scheduler", "engine.gpu-1", "engine.gpu-2", "trainer", "operator", "producer"]
+    engine_1 = result.stdout.split("engine.gpu-1", 1)[1].split("engine.gpu-2", 1)[0]
+    assert f"subscribe  {names.engine_generate('gpu-1')}" in engine_1 and "gpu-2" not in engine_1
+    assert not bus_auth.nkeys_dir(tmp_path).exists()  # reviewing permissions creates no seeds
+
+
+def test_nats_permissions_conf_is_the_servers_authorization_block(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "nats", "permissions", "--format", "conf",
+                             "--worker", "w1", "--state-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    seeds = bus_auth.nkeys_dir(tmp_path.resolve())
+    assert result.stdout.startswith("authorization {")
+    for identity in (*bus_permissions.SERVICE_IDENTITIES, "engine.w1"):
+        seed = bus_auth.seed_path(seeds, identity)
+        assert bus_auth.public_key(seed) in result.stdout
+        assert seed.read_text().strip() not in result.stdout
