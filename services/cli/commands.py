@@ -49,6 +49,12 @@ def nats_permissions(state_dir: Path, workers: list[str], fmt: str) -> int:
     return 0
 
 
+def nats_rotate(state_dir: Path, identity: str) -> int:
+    """Give ``identity`` a new seed (and a running server the new config); print what was done."""
+    print(nats_auth.rotate(state_dir.resolve(), identity))
+    return 0
+
+
 def model_install(state_dir: Path) -> int:
     """Make sure the default model is converted into the store; print its directory."""
     print(ensure_model(state_dir))

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the engine whose ./cy up worker id is the default (default: transformers)")
     p.add_argument("--format", choices=("table", "conf"), default="table",
                    help="table: subjects per identity; conf: nats-server authorization block (default: table)")
+    p = nats.add_parser("rotate", help="give one bus identity a new nkey seed",
+                        description="Replace IDENTITY's seed under <state dir>/nats/nkeys and rewrite the embedded "
+                        "server's config: from the next ./cy up the old key is refused. Refused while ./cy up "
+                        "runs (a running service cannot switch seeds): ./cy down first.")
+    _state_dir_arg(p)
+    p.add_argument("identity", metavar="IDENTITY",
+                   help="edge, scheduler, trainer, operator, producer or engine.<worker> (see ./cy nats permissions)")
 
     keys.add_parser(sub)
     train.add_parser(sub)
@@ -153,6 +160,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return commands.down(state_dir, args.timeout)
         case "infra":
             return commands.infra_apply(args.nats_url, args.update, args.replicas, args.nats_nkey)
+        case "nats" if args.nats_command == "rotate":
+            return commands.nats_rotate(state_dir, args.identity)
         case "nats":
             return commands.nats_permissions(state_dir, args.worker or [worker_id(args.engine)], args.format)
         case "keys":

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
+
+from infra import provision
 from services.cli.errors import CliError
 from services.common import bus, bus_auth, bus_permissions
 from services.common.bus_permissions import Permissions
@@ -21,6 +24,8 @@ from services.common.hosts import is_loopback
 from services.common.model_store import default_state_dir
 
 AUTH_MODES = ("nkeys", "none")
+# The embedded server's config without users (./cy up adds them).
+SERVER_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,41 @@ def write_server_config(identities: BusIdentities, base: Path, state_dir: Path) 
     """The embedded server's config: ``base`` plus one user per identity (0600, in the state dir)."""
     target = state_dir / "nats" / bus_auth.AUTH_CONFIG
     return bus_auth.write_server_config(base, target, identities.seeds, identities.permissions)
+
+
+def rotate(state_dir: Path, identity: str, base: Path = SERVER_CONFIG) -> str:
+    """Give ``identity`` a new seed and rewrite the server config; refused while ``./cy up`` runs.
+
+    A running service cannot switch seeds: nats-py keeps the public key of its first connect
+    and would sign every reconnect with the new seed under the old key, and be refused forever.
+    What was done, as text.
+    """
+    pid = _running_server(state_dir)
+    if pid is not None:
+        raise CliError(f"nats-server of {state_dir} is running (pid {pid}): stop the platform first (./cy down), "
+                       "rotate, then ./cy up; a running service cannot switch to a new seed")
+    directory = bus_auth.nkeys_dir(state_dir)
+    present = bus_auth.identities_in(directory)
+    if identity not in present:
+        raise CliError(f"no seed for {identity!r} in {directory} (there are: {', '.join(present) or 'none'})")
+    workers = [name.split(".", 1)[1] for name in present if name.startswith(f"{bus_permissions.ENGINE}.")]
+    permissions = bus_permissions.identities(workers)
+    bus_auth.rotate_seed(directory, identity)
+    seeds = {name: bus_auth.seed_path(directory, name) for name in present if name in permissions}
+    config = bus_auth.write_server_config(base, state_dir / "nats" / bus_auth.AUTH_CONFIG, seeds, permissions)
+    return f"new seed for {identity} in {directory}; {config} rewritten: the old key is refused from the next ./cy up"
+
+
+def _running_server(state_dir: Path) -> int | None:
+    """The pid of the embedded nats-server of ``state_dir``, from its ports file, if it still runs."""
+    for ports in (state_dir / "nats" / "ports").glob("*.ports"):
+        pid = int(ports.stem.rsplit("_", 1)[1])
+        try:
+            if "nats-server" in psutil.Process(pid).name():  # a stale file's pid may be someone else's now
+                return pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
 
 
 def default_operator_nkey() -> str:

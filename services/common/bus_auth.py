@@ -57,6 +57,16 @@ def rotate_seed(directory: Path, identity: str) -> Path:
     return ensure_seed(directory, identity)
 
 
+def identities_in(directory: Path) -> list[str]:
+    """The identities that have a seed in ``directory`` (``engine-<worker>.nk`` is ``engine.<worker>``)."""
+    found = []
+    for path in sorted(directory.glob(f"*{SEED_SUFFIX}")):
+        stem = path.name[:-len(SEED_SUFFIX)]
+        kind, _, instance = stem.partition("-")
+        found.append(f"{kind}.{instance}" if kind == "engine" and instance else stem)
+    return found
+
+
 def public_key(seed_file: Path) -> str:
     """The public key (``U...``) of the seed in ``seed_file``; ``ValueError`` if it is not a user seed."""
     try:

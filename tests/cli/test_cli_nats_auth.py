@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
+import nats
+import nats.errors
 import pytest
 
 from schemas import names
@@ -15,6 +18,7 @@ from services.cli.errors import CliError
 from services.cli.up import UpOptions, child_specs, worker_id
 from services.common import bus_auth, bus_permissions
 from services.common.model_store import DEFAULT_MODEL_ID
+from services.common.natsserver import NatsServer
 from tests.support import REPO
 
 
@@ -96,3 +100,32 @@ def test_nats_permissions_conf_is_the_servers_authorization_block(tmp_path: Path
         seed = bus_auth.seed_path(seeds, identity)
         assert bus_auth.public_key(seed) in result.stdout
         assert seed.read_text().strip() not in result.stdout
+
+
+def test_rotating_a_seed_refuses_the_old_key_from_the_next_start(tmp_path: Path):
+    identities = nats_auth.prepare("nkeys", tmp_path, ["w1"])
+    config = nats_auth.write_server_config(identities, nats_auth.SERVER_CONFIG, tmp_path)
+    seed = identities.seeds["trainer"]
+    old = tmp_path / "old-trainer.nk"
+    old.write_bytes(seed.read_bytes())
+
+    async def connect(seed_file: Path) -> None:
+        nc = await nats.connect(server.url, nkeys_seed=str(seed_file), allow_reconnect=False, max_reconnect_attempts=0)
+        await nc.close()
+
+    server = NatsServer(tmp_path / "nats", config=config, log_file=tmp_path / "nats.log").start()
+    try:
+        with pytest.raises(CliError, match="stop the platform first"):
+            nats_auth.rotate(tmp_path, "trainer")  # a running service could not follow
+    finally:
+        server.stop()
+    assert "rewritten" in nats_auth.rotate(tmp_path, "trainer")
+    assert seed.read_bytes() != old.read_bytes() and seed.stat().st_mode & 0o777 == 0o600
+    server = NatsServer(tmp_path / "nats", config=config, log_file=tmp_path / "nats.log").start()
+    try:
+        asyncio.run(connect(seed))
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            asyncio.run(connect(old))
+        asyncio.run(connect(identities.seeds["edge"]))  # the others keep their keys
+    finally:
+        server.stop()
