@@ -64,6 +64,8 @@ class UpOptions:
     # Prometheus ports: scheduler at this one, engine +1, trainer +2 (the edge serves /metrics on
     # its HTTP port); infra/prometheus/prometheus.yml scrapes these. 0: none.
     metrics_port: int = 9101
+    # When the embedded nats-server fsyncs: "always" (before acknowledging) or "interval" (every 2 min).
+    fsync: str = "always"
 
 
 METRICS_OFFSETS = {"scheduler": 0, "engine": 1, "trainer": 2}
@@ -152,8 +154,9 @@ def run_up(opts: UpOptions) -> int:
                 if nats_url is None:
                     config = (nats_auth.write_server_config(identities, NATS_CONFIG, state_dir)
                               if identities.enabled else NATS_CONFIG)
+                    # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
                     server = NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
-                                        log_file=state_dir / "logs" / "nats.log")
+                                        log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
                     nats_url = _start_nats(server)
             return asyncio.run(_serve(opts, state_dir, nats_url, model_path, identities))
         except KeyboardInterrupt:
@@ -205,7 +208,8 @@ def _start_nats(server: NatsServer) -> str:
     except (RuntimeError, TimeoutError) as exc:
         tail = "\n".join(server.log_file.read_text(errors="replace").splitlines()[-5:])
         raise CliError(f"{exc}\n{tail}") from None
-    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file})")
+    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file}, "
+                  f"fsync {server.sync}, monitoring {server.monitor_url})")
     return server.url
 
 

@@ -1,4 +1,4 @@
-"""Connecting to NATS the same way in every service."""
+"""Connecting to NATS the same way in every service, and the one meaning of "the bus is down"."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import logging
 import os
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
+
+# Connection states in which nothing reaches the server now (closed, draining, reconnecting, a full
+# outbound buffer, a stale connection). Every service catches exactly these as "the bus is down";
+# what a caller adds to them (a timeout, no responders) is its own decision.
+BUS_DOWN: tuple[type[Exception], ...] = (
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError)
 
 # Env fallback of --nats-nkey: the seed file of this process's NATS user (./cy up sets the flag).
 NKEY_ENV = "CY_NATS_NKEY"
@@ -25,8 +33,8 @@ def add_nkey_argument(parser: argparse.ArgumentParser) -> None:
 async def connect(url: str, name: str, *, nkey: str = "", inbox: str | None = None) -> Client:
     """Connect with reconnects forever (a restarted server is picked up) and logged state changes.
 
-    ``nkey`` is the seed file of this service's NATS user (read again at every reconnect, so a
-    rotated seed is picked up); ``inbox`` its inbox root (``names.identity_inbox``), the only
+    ``nkey`` is the seed file of this service's NATS user (its key is fixed at the first connect:
+    a rotated seed needs a restart); ``inbox`` its inbox root (``names.identity_inbox``), the only
     ``_INBOX`` subjects its user may subscribe to.
     """
 

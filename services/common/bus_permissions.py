@@ -28,6 +28,7 @@ JS_API = "$JS.API"
 # Where JetStream sends acks and flow-control answers: one subject tree per stream.
 JS_ACK = "$JS.ACK"
 JS_FC = "$JS.FC"
+JS_SNAPSHOT = "$JS.SNAPSHOT.>"  # stream snapshot chunk acks and restore uploads (./cy backup, ./cy restore)
 
 EDGE = "edge"
 SCHEDULER = "scheduler"
@@ -103,13 +104,13 @@ def object_reader(bucket: str) -> tuple[str, ...]:
     nats-py looks the stream of an object's chunks up by subject (``STREAM.NAMES``: the names of
     the streams only, no content).
     """
-    return (*stream_reader(names.object_stream(bucket)), f"{JS_API}.STREAM.NAMES")
+    return (*stream_reader(names.obj_stream(bucket)), f"{JS_API}.STREAM.NAMES")
 
 
 def object_writer(bucket: str) -> tuple[str, ...]:
     """Read, put and delete objects of ``bucket`` (a delete purges the object's chunks; never the store)."""
-    stream = names.object_stream(bucket)
-    return (*object_reader(bucket), names.object_subjects(bucket), f"{JS_API}.STREAM.PURGE.{stream}")
+    stream = names.obj_stream(bucket)
+    return (*object_reader(bucket), *names.obj_subjects(bucket), f"{JS_API}.STREAM.PURGE.{stream}")
 
 
 def _inbox(root: str) -> str:
@@ -179,13 +180,14 @@ def trainer() -> Permissions:
 
 
 def operator() -> Permissions:
-    """The operator CLI (``./cy infra apply``, ``./cy keys``, model registration): JetStream admin.
+    """The operator CLI (``./cy infra apply``, ``./cy keys``, ``./cy backup``/``restore``, model
+    registration): JetStream admin.
 
     It may define streams and edit every bucket, ask engines to load models, query services and
     watch heartbeats; it cannot subscribe to the request subjects or to anyone else's inbox.
     """
     inbox = names.identity_inbox(OPERATOR)
-    publish = (f"{JS_API}.>", "$KV.>", "$O.>", f"{JS_ACK}.>", f"{JS_FC}.>", names.engine_any("control"),
+    publish = (f"{JS_API}.>", JS_SNAPSHOT, "$KV.>", "$O.>", f"{JS_ACK}.>", f"{JS_FC}.>", names.engine_any("control"),
                names.SCHEDULER_STATUS, names.TRAINER_STATUS, names.MICRO_ALL)
     subscribe = (_inbox(inbox), names.WORKER_STATUS_ALL)
     return Permissions(OPERATOR, inbox, publish, subscribe,

@@ -46,7 +46,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
     """Build the config from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.engine",
-                                description="CY-LLM engine: serves a model behind the common adapter interface.")
+                                description="CY-LLM engine: serves a model behind the common backend interface.")
     p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
     bus.add_nkey_argument(p)
     p.add_argument("--engine", default="transformers",

@@ -24,7 +24,7 @@ def test_each_identity_subscribes_only_to_its_own_inbox(perms: Permissions):
 def test_only_the_operator_administers_jetstream(perms: Permissions):
     assert not [s for s in perms.publish if any(admin in s for admin in STREAM_ADMIN)]
     assert not [s for s in perms.publish if s.startswith("$JS.API.STREAM.PURGE.")
-                and s != f"$JS.API.STREAM.PURGE.{names.object_stream(names.ARTIFACTS_STORE)}"]
+                and s != f"$JS.API.STREAM.PURGE.{names.obj_stream(names.ARTIFACTS_STORE)}"]
 
 
 def test_an_engine_addresses_only_its_own_subjects():

@@ -20,6 +20,7 @@ import pytest
 
 from infra import provision
 from schemas import names
+from services.cli.backup import restore_backup, take_backup
 from services.common import bus_auth, bus_permissions
 from services.common.api_key_store import ApiKeyStore
 from services.common.natsserver import NatsServer
@@ -154,7 +155,7 @@ DENIED: list[tuple[str, str, Action, str]] = [
      names.kv_key_subject(names.WORKERS_BUCKET, "w2")),
     ("engine.w1", "the edge's replies", lambda nc: _sub(nc, "_INBOX.edge.>"), "_INBOX.edge.>"),
     ("edge", "delete the object store", lambda nc: nc.jetstream().delete_object_store(names.ARTIFACTS_STORE),
-     f"$JS.API.STREAM.DELETE.{names.object_stream(names.ARTIFACTS_STORE)}"),
+     f"$JS.API.STREAM.DELETE.{names.obj_stream(names.ARTIFACTS_STORE)}"),
     ("edge", "purge the inference queue", lambda nc: nc.jetstream().purge_stream(names.INFER_STREAM),
      f"$JS.API.STREAM.PURGE.{names.INFER_STREAM}"),
     ("edge", "read every request", lambda nc: _sub(nc, "llm.v1.>"), "llm.v1.>"),
@@ -265,3 +266,17 @@ async def test_a_client_without_a_known_nkey_cannot_connect(secured, seed):
         options["nkeys_seed"] = str(bus_auth.ensure_seed(secured.tmp / "strangers", "stranger"))
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(secured.server.url, allow_reconnect=False, max_reconnect_attempts=0, **options)
+
+
+async def test_the_operator_backs_up_and_restores(secured):
+    """``./cy backup`` and ``./cy restore`` run as the operator: snapshots and restores pass its permissions."""
+    operator = str(secured.seeds["operator"])
+    manifest = await take_backup(secured.server.url, secured.tmp / "backup", nkey=operator)
+    empty = NatsServer(secured.tmp / "nats-restore", config=secured.tmp / "server.conf",
+                       log_file=secured.tmp / "nats-restore.log").start()
+    try:
+        restored = await restore_backup(empty.url, secured.tmp / "backup", nkey=operator)
+    finally:
+        empty.stop()
+    assert len(restored) == len(manifest["streams"]) > 0
+    assert "Violation" not in (secured.tmp / "nats-restore.log").read_text()

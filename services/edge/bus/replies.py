@@ -9,7 +9,7 @@ stopped heart-beating get a local ``worker_lost`` event instead of waiting for t
 accept and its first token is covered too.
 
 Each event carries the scheduler's offer number (``dispatch``); the router follows the newest
-offer it has seen (issue 3). An engine that accepted an older offer late (after the scheduler had
+offer it has seen. An engine that accepted an older offer late (after the scheduler had
 stopped waiting for it and offered the request to another engine) has its events dropped and is
 told to stop that offer, so two engines never stream into one answer. Per event this costs one
 integer comparison; only a mismatch takes the slow path.
@@ -32,6 +32,7 @@ from schemas import names
 from schemas.errors import ErrorCode
 from schemas.events import StreamError, StreamEvent, StreamStart, decode_event, encode
 from schemas.inference import CancelRequest
+from services.common.bus import BUS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,7 @@ class ReplyRouter:
         try:
             await self._nc.publish(names.engine_cancel(worker), encode(CancelRequest(
                 id=request_id, reason="stray_dispatch", dispatch=dispatch)))
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-                nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError) as exc:
+        except BUS_DOWN as exc:
             log.warning("could not stop offer %d of %s on %s: %s", dispatch, request_id, worker, type(exc).__name__)
 
     def sweep_lost_workers(self, is_alive: Callable[[str], bool], now: float, grace: float) -> list[str]:
