@@ -41,3 +41,5 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
     rate_rpm: int | None = None
     rate_tpm: int | None = None
     rate_streams: int | None = None
+    # Public nkey (``U...``) of the key's NATS-native producer user (``./cy keys create --nats``); empty: none.
+    nats_key: str = ""

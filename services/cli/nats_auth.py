@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,13 +19,17 @@ from urllib.parse import urlsplit
 import psutil
 
 from infra import provision
+from schemas.auth import ApiKeyRecord
 from services.cli.errors import CliError
+from services.cli.infra import connect_once
 from services.common import bus, bus_auth, bus_permissions
+from services.common.api_key_store import ApiKeyStore
 from services.common.bus_permissions import Permissions
 from services.common.hosts import is_loopback
 from services.common.model_store import default_state_dir
 
 AUTH_MODES = ("nkeys", "none")
+RELOADED = "Reloaded server configuration"  # nats-server's log line once a reload is in force
 # The embedded server's config without users (./cy up adds them).
 SERVER_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
 
@@ -86,12 +92,67 @@ def rotate(state_dir: Path, identity: str, base: Path = SERVER_CONFIG) -> str:
     present = bus_auth.identities_in(directory)
     if identity not in present:
         raise CliError(f"no seed for {identity!r} in {directory} (there are: {', '.join(present) or 'none'})")
+    bus_auth.rotate_seed(directory, identity)
+    config = _rewrite(state_dir, base, {})
+    return f"new seed for {identity} in {directory}; {config} rewritten: the old key is refused from the next ./cy up"
+
+
+def _rewrite(state_dir: Path, base: Path, extra: dict[str, Permissions]) -> Path:
+    """The state dir's server config from the seeds it holds, plus ``extra`` users (public key -> permissions)."""
+    directory = bus_auth.nkeys_dir(state_dir)
+    present = bus_auth.identities_in(directory)
     workers = [name.split(".", 1)[1] for name in present if name.startswith(f"{bus_permissions.ENGINE}.")]
     permissions = bus_permissions.identities(workers)
-    bus_auth.rotate_seed(directory, identity)
     seeds = {name: bus_auth.seed_path(directory, name) for name in present if name in permissions}
-    config = bus_auth.write_server_config(base, state_dir / "nats" / bus_auth.AUTH_CONFIG, seeds, permissions)
-    return f"new seed for {identity} in {directory}; {config} rewritten: the old key is refused from the next ./cy up"
+    return bus_auth.write_server_config(base, state_dir / "nats" / bus_auth.AUTH_CONFIG, seeds, permissions, extra)
+
+
+def key_users(records: list[ApiKeyRecord]) -> dict[str, Permissions]:
+    """The NATS users of the API keys that have one and are not revoked, by public key."""
+    return {r.nats_key: bus_permissions.key_producer(r.id, r.scopes) for r in records if r.nats_key and not r.revoked}
+
+
+def refresh_key_users(state_dir: Path, records: list[ApiKeyRecord], base: Path = SERVER_CONFIG) -> str:
+    """Rewrite the state dir's server config with these keys' NATS users and reload its running server.
+
+    A reload adds new users at once and closes the connections of removed (revoked) ones.
+    """
+    if not bus_auth.identities_in(bus_auth.nkeys_dir(state_dir)):
+        return (f"{state_dir} has no bus users (not a ./cy up state dir with --nats-auth nkeys): add the key's "
+                "user to your server yourself (./cy nats permissions --format conf)")
+    config = _rewrite(state_dir, base, key_users(records))
+    pid = _running_server(state_dir)
+    if pid is None:
+        return f"{config} rewritten: the next ./cy up knows the API keys' NATS users"
+    _reload(pid, state_dir / "logs" / "nats.log")
+    return f"{config} rewritten and nats-server (pid {pid}) reloaded: API keys' NATS users are current"
+
+
+def _reload(pid: int, log: Path, timeout: float = 10.0) -> None:
+    """SIGHUP the server and return once its log says the new config is in force (a connect before
+    that would still meet the old users)."""
+    def reloads() -> int:
+        return log.read_text(errors="replace").count(RELOADED) if log.exists() else 0
+
+    before = reloads()
+    os.kill(pid, signal.SIGHUP)  # nats-server reloads its config on SIGHUP
+    deadline = time.monotonic() + timeout
+    while reloads() == before:
+        if time.monotonic() > deadline:
+            raise CliError(f"nats-server (pid {pid}) did not report a config reload within {timeout:g}s; see {log}")
+        time.sleep(0.05)
+
+
+async def sync_key_users(url: str, operator_nkey: str, state_dir: Path) -> str:
+    """At ``./cy up``: give the embedded server the NATS users of the API keys that have one."""
+    nc = await connect_once(url, "cy-key-users", nkey=operator_nkey)
+    try:
+        records = await (await ApiKeyStore.bind(nc.jetstream())).records()
+    finally:
+        await nc.close()
+    if not key_users(records):
+        return "bus users: the services (no API key has a NATS user)"
+    return f"bus users: {len(key_users(records))} API key(s) with a NATS user; " + refresh_key_users(state_dir, records)
 
 
 def _running_server(state_dir: Path) -> int | None:

@@ -221,6 +221,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
     for action in await apply_definitions(nats_url, nkey=operator):
         report_stderr(f"provision: {action}")
     report_stderr(await register_default_model(nats_url, nkey=operator))
+    if identities.enabled and opts.nats_url is None:
+        report_stderr(await nats_auth.sync_key_users(nats_url, operator, state_dir))
     if stop.is_set():
         return 0
     log_dir = state_dir / "logs"

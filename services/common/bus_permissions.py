@@ -202,6 +202,16 @@ def producer() -> Permissions:
                        description="NATS-native producer: submit lanes and cancel, its own inbox")
 
 
+def key_producer(key_id: str, scopes: list[str] | tuple[str, ...]) -> Permissions:
+    """The NATS user of one API key (``./cy keys create --nats``): the ``producer`` rights if the key may
+    run inference, and only its own inbox ``_INBOX.<key id>`` (no other key's, nor the shared producer's)."""
+    inbox = names.identity_inbox(key_id)
+    infers = bool({"inference", "admin"} & set(scopes))
+    publish = (*[names.infer_submit(lane) for lane in names.LANES_BY_PRIORITY], names.INFER_CANCEL) if infers else ()
+    return Permissions(f"key.{key_id}", inbox, publish, (_inbox(inbox),),
+                       description=f"API key {key_id}'s NATS producer ({', '.join(scopes)})")
+
+
 def identities(workers: list[str] | tuple[str, ...]) -> dict[str, Permissions]:
     """Every identity of a deployment with engine ``workers``, by identity name."""
     sets = [edge(), scheduler(), *[engine(w) for w in workers], trainer(), operator(), producer()]

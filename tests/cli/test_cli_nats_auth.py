@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import nats
 import nats.errors
 import pytest
 
+from infra import provision
 from schemas import names
-from services.cli import nats_auth
+from services.cli import keys, nats_auth
 from services.cli.banner import ready_banner
 from services.cli.errors import CliError
 from services.cli.up import UpOptions, child_specs, worker_id
@@ -129,3 +131,56 @@ def test_rotating_a_seed_refuses_the_old_key_from_the_next_start(tmp_path: Path)
         asyncio.run(connect(identities.seeds["edge"]))  # the others keep their keys
     finally:
         server.stop()
+
+
+def test_an_api_keys_nats_user_joins_the_running_bus_and_leaves_it_when_revoked(tmp_path: Path, capsys):
+    identities = nats_auth.prepare("nkeys", tmp_path, ["w1"])
+    config = nats_auth.write_server_config(identities, nats_auth.SERVER_CONFIG, tmp_path)
+    operator = identities.nkey("operator")
+    (tmp_path / "logs").mkdir()  # where ./cy up keeps the server's log (reloads are read from it)
+    server = NatsServer(tmp_path / "nats", config=config, log_file=tmp_path / "logs" / "nats.log").start()
+    try:
+        asyncio.run(_provision(server.url, operator))
+        keys.create(server.url, "bob", ["inference"], nkey=operator, nats_state_dir=tmp_path)
+        out = capsys.readouterr().out
+        seed = next(line for line in out.splitlines() if line.startswith("SU"))
+        key_id = re.search(r"created key ([0-9a-f]{12})", out).group(1)
+        assert "reloaded" in out
+        asyncio.run(_producer_session(server.url, seed, key_id, revoke=lambda: keys.revoke(
+            server.url, key_id, nkey=operator, state_dir=tmp_path)))
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            asyncio.run(nats.connect(server.url, nkeys_seed_str=seed, allow_reconnect=False, max_reconnect_attempts=0))
+    finally:
+        server.stop()
+
+
+async def _provision(url: str, operator: str) -> None:
+    nc = await nats.connect(url, nkeys_seed=operator, inbox_prefix=names.identity_inbox("operator"))
+    await provision.apply(nc.jetstream())
+    await nc.close()
+
+
+async def _producer_session(url: str, seed: str, key_id: str, revoke) -> None:
+    """As the key's producer: submit and hear its own inbox; another inbox is refused; revocation cuts it off."""
+    refused, closed = asyncio.Event(), asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if '"_inbox.producer.>"' in str(exc).lower():
+            refused.set()
+
+    async def on_disconnect() -> None:
+        closed.set()
+
+    nc = await nats.connect(url, nkeys_seed_str=seed, inbox_prefix=names.identity_inbox(key_id), error_cb=on_error,
+                            disconnected_cb=on_disconnect, allow_reconnect=False, max_reconnect_attempts=0)
+    try:
+        inbox = await nc.subscribe(nc.new_inbox())
+        ack = await nc.jetstream().publish(names.infer_submit("normal"), b"{}")
+        assert ack.stream == names.INFER_STREAM and inbox.subject.startswith(f"_INBOX.{key_id}.")
+        await nc.subscribe("_INBOX.producer.>")
+        async with asyncio.timeout(30):  # hang guards: the server answers both at once
+            await refused.wait()
+            await asyncio.to_thread(revoke)  # the server reloads without this user and closes its connection
+            await closed.wait()
+    finally:
+        await nc.close()
