@@ -22,13 +22,13 @@ from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
 
 from schemas import names
 from schemas.auth import ApiKeyRecord, Scope
+from services.cli import nats_auth
 from services.cli.errors import CliError
 from services.cli.infra import connect_once, default_nats_url
-from services.cli import nats_auth
 from services.cli.nats_auth import add_operator_nkey_argument
 from services.common import bus_auth
-from services.common.model_store import default_state_dir
 from services.common.api_key_store import ApiKeyStore, KeyLimits, UnknownKeyError, limits_of
+from services.common.model_store import default_state_dir
 
 T = TypeVar("T")
 KEY_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -113,9 +113,10 @@ def _check_id(key_id: str) -> None:
         raise CliError(f"{key_id!r} is not a key id (12 hex digits, as ./cy keys list shows)")
 
 
-def revoke(url: str, key_id: str, cache_ttl: float = 5.0, nkey: str = "",
-           state_dir: Path = Path(".cy")) -> int:
-    """Revoke a key; say how soon running edges stop accepting it."""
+def revoke(url: str, key_id: str, cache_ttl: float = 5.0, nkey: str = "", state_dir: Path | None = None) -> int:
+    """Revoke a key; say how soon running edges stop accepting it (and remove its NATS user, if it has
+    one, from the bus of ``./cy up`` in ``state_dir``)."""
+    state_dir = (state_dir or default_state_dir()).resolve()
     _check_id(key_id)
     async def action(store: ApiKeyStore) -> tuple[ApiKeyRecord, str]:
         record = await store.revoke(key_id)
