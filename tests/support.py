@@ -48,6 +48,21 @@ class CyUp:
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
+    def nkey(self, identity: str) -> str:
+        """The seed file ``up`` made for bus ``identity`` (``producer``, ``operator``, ...)."""
+        return str(self.state_dir / "nats" / "nkeys" / f"{identity}.nk")
+
+    async def nats_connect(self, identity: str):
+        """A NATS client authenticated as ``identity``, its inboxes under the identity's own root."""
+        import nats
+
+        return await nats.connect(self.nats_url, nkeys_seed=self.nkey(identity), inbox_prefix=f"_INBOX.{identity}")
+
+    def bus_refusals(self) -> list[str]:
+        """The permission violations the embedded nats-server logged (a service denied something)."""
+        log = self.state_dir / "logs" / "nats.log"
+        return [line for line in log.read_text(errors="replace").splitlines() if "Violation" in line]
+
     def output(self) -> str:
         """Everything ``up`` printed so far."""
         return self.log.read_text(errors="replace")

@@ -41,6 +41,7 @@ from schemas import names
 from services.cli import pidfile
 from services.cli.errors import CliError
 from services.cli.infra import connect_once, default_nats_url
+from services.cli.nats_auth import add_operator_nkey_argument
 from services.cli.progress import TransferProgress, human_bytes
 from services.cli.snapshot import SnapshotError, file_chunks, restore_stream, snapshot_stream
 
@@ -131,13 +132,13 @@ async def _snapshot_all(nc: Client, out_dir: Path, targets: list[Target]) -> lis
     return entries
 
 
-async def take_backup(url: str, out_dir: Path, attempts: int = 5) -> dict[str, Any]:
-    """Write a backup of the platform at ``url`` into ``out_dir``; its manifest."""
+async def take_backup(url: str, out_dir: Path, attempts: int = 5, nkey: str = "") -> dict[str, Any]:
+    """Write a backup of the platform at ``url`` (as the operator: ``nkey``) into ``out_dir``; its manifest."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CliError(f"{out_dir} is not empty: back up into a new directory")
     targets, skipped = plan()
     awaited = [t for t in targets if t.stream not in _NOT_AWAITED]
-    nc = await connect_once(url, "cy-backup")
+    nc = await connect_once(url, "cy-backup", nkey=nkey)
     try:
         for attempt in range(1, attempts + 1):
             before = await _last_seqs(nc, targets)
@@ -230,7 +231,7 @@ async def _existing(nc: Client, streams: list[str]) -> list[str]:
     return found
 
 
-async def restore_backup(url: str, backup_dir: Path, replicas: int = 1) -> list[dict[str, Any]]:
+async def restore_backup(url: str, backup_dir: Path, replicas: int = 1, nkey: str = "") -> list[dict[str, Any]]:
     """Verify ``backup_dir``, then recreate each of its streams at ``replicas`` on the server at ``url``.
 
     Nothing is written unless every checksum matches and the server holds none of the streams.
@@ -239,7 +240,7 @@ async def restore_backup(url: str, backup_dir: Path, replicas: int = 1) -> list[
         raise CliError("--replicas must be at least 1")
     manifest = verify(backup_dir)
     entries = manifest["streams"]
-    nc = await connect_once(url, "cy-restore")
+    nc = await connect_once(url, "cy-restore", nkey=nkey)
     restored: list[str] = []
     try:
         if present := await _existing(nc, [e["stream"] for e in entries]):
@@ -313,6 +314,7 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                         "(default: $CY_NATS_URL or %(default)s)")
     p.add_argument("--attempts", type=int, default=5, metavar="N",
                    help="how often to retake the backup when platform state changed while it ran (default: 5)")
+    add_operator_nkey_argument(p)
     p = sub.add_parser("restore", help="rebuild the platform's streams, buckets and object store from a backup",
                        description="Check every checksum in DIR, then recreate its streams on an empty server: the "
                        "nats-server of --state-dir (started for the restore, as ./cy up would; run ./cy up after) or "
@@ -323,12 +325,13 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                    help="restore into this running server or cluster instead of the state dir's own")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every restored stream (3 on the 3-node cluster; default: 1)")
+    add_operator_nkey_argument(p)
     state_dir_arg(p)
 
 
 def run_backup(args: argparse.Namespace) -> int:
     """``./cy backup``: take it and say what it holds."""
-    manifest = asyncio.run(take_backup(args.nats_url, args.dir, max(1, args.attempts)))
+    manifest = asyncio.run(take_backup(args.nats_url, args.dir, max(1, args.attempts), nkey=args.nats_nkey))
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"backup of {len(manifest['streams'])} streams ({human_bytes(total)}) written to {args.dir}; "
           f"skipped: {', '.join(s['stream'] for s in manifest['skipped']) or 'none'}")
@@ -338,7 +341,7 @@ def run_backup(args: argparse.Namespace) -> int:
 def run_restore(args: argparse.Namespace, state_dir: Path) -> int:
     """``./cy restore``: into ``--nats-url``, or into the state dir's own nats-server started for it."""
     if args.nats_url is not None:
-        entries = asyncio.run(restore_backup(args.nats_url, args.dir, args.replicas))
+        entries = asyncio.run(restore_backup(args.nats_url, args.dir, args.replicas, nkey=args.nats_nkey))
     else:
         entries = _restore_into_state_dir(args.dir, state_dir.resolve(), args.replicas)
     print(f"restored {len(entries)} streams from {args.dir}")

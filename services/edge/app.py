@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from schemas import names
-from services.common import bus
+from services.common import bus, bus_permissions
 from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
 from services.common.prompt_cache import PromptCacheReader
@@ -64,10 +64,11 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     """Connect, subscribe (reply inbox, heartbeats), bootstrap the worker table; undo it all on cleanup."""
     config = app[CONFIG]
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
-    nc = await bus.connect(config.nats_url, name=f"{names.MICRO_EDGE} {edge_id}")
+    inbox = names.identity_inbox(bus_permissions.EDGE)
+    nc = await bus.connect(config.nats_url, name=f"{names.MICRO_EDGE} {edge_id}", nkey=config.nats_nkey, inbox=inbox)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(_drain, nc)
-        router = ReplyRouter(edge_id)
+        router = ReplyRouter(edge_id, inbox)
         await router.start(nc)
         stack.push_async_callback(router.stop)
         table = WorkerTable()

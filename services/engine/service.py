@@ -38,7 +38,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
-from services.common import bus
+from services.common import bus, bus_permissions
 from services.common.buckets import optional_kv
 from services.common.recent import RecentIds
 from services.common.model_store import default_state_dir
@@ -115,7 +115,8 @@ class EngineService:
             stack.push_async_callback(self._close_connection)  # last: after the models are closed
             await self.host.start()
             stack.push_async_callback(self.host.close)
-            self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
+            self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}", nkey=self.cfg.nats_nkey,
+                                        inbox=names.identity_inbox(bus_permissions.ENGINE, self.worker))
             workers_kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
             self.host.bind_bus(self.nc.jetstream())
             if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,

@@ -21,8 +21,8 @@ from services.common.worker_table import WorkerTable
 from services.scheduler.strategies import effective_free
 
 STATUS_ENDPOINT = "status"
-# The endpoint's subject as nats.micro builds it: group name, then endpoint name.
-STATUS_SUBJECT = ".".join((names.MICRO_SCHEDULER, STATUS_ENDPOINT))
+STATUS_SUBJECT = names.SCHEDULER_STATUS
+assert STATUS_SUBJECT == f"{names.MICRO_SCHEDULER}.{STATUS_ENDPOINT}"  # what nats.micro builds: group, endpoint
 
 
 class WorkerView(msgspec.Struct, kw_only=True):

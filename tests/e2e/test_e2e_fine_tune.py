@@ -81,3 +81,5 @@ async def test_fine_tune_with_the_sdk_then_chat_with_the_result(platform):
                                                      temperature=0, extra_body={"cache": False})
         assert again.choices[0].message.content == before.choices[0].message.content
         assert await platform.generated_tokens() - generated == again.usage.completion_tokens
+        # Edge, trainer and engine did all of it within their own NATS permissions.
+        assert platform.bus_refusals() == []
