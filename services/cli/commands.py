@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from services.cli import pidfile
+from services.cli import nats_auth, pidfile
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions
+from services.common import bus_auth
 from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,12 +25,33 @@ def down(state_dir: Path, timeout: float) -> int:
     return 0
 
 
-def infra_apply(nats_url: str, update: bool, replicas: int) -> int:
+def infra_apply(nats_url: str, update: bool, replicas: int, nkey: str = "") -> int:
     """Apply the JetStream definitions and print what happened to each object."""
     if replicas < 1:
         raise CliError("--replicas must be at least 1")
-    for action in asyncio.run(apply_definitions(nats_url, update=update, replicas=replicas)):
+    for action in asyncio.run(apply_definitions(nats_url, update=update, replicas=replicas, nkey=nkey)):
         print(action)
+    return 0
+
+
+def nats_permissions(state_dir: Path, workers: list[str], fmt: str) -> int:
+    """Print every bus identity's permissions (``conf``: the server's authorization block for the
+    seeds of ``state_dir``, created if missing)."""
+    try:
+        identities = nats_auth.prepare("nkeys" if fmt == "conf" else "none", state_dir.resolve(), workers)
+    except ValueError as exc:  # a worker id that is no subject token
+        raise CliError(str(exc)) from None
+    if fmt == "table":
+        print(nats_auth.format_permissions(identities.permissions))
+        return 0
+    users = {bus_auth.public_key(identities.seeds[name]): perms for name, perms in identities.permissions.items()}
+    print(bus_auth.authorization_block(users), end="")
+    return 0
+
+
+def nats_rotate(state_dir: Path, identity: str) -> int:
+    """Give ``identity`` a new seed (and a running server the new config); print what was done."""
+    print(nats_auth.rotate(state_dir.resolve(), identity))
     return 0
 
 

@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import commands, keys, train
+from services.cli import backup, commands, keys, nats_auth, train
 from services.cli.errors import CliError
 from services.cli.infra import default_nats_url
-from services.cli.up import ENGINES, UpOptions, run_up
+from services.cli.up import ENGINES, UpOptions, run_up, worker_id
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
+from services.common.natsserver import SYNC_POLICIES
 
 EXAMPLES = """\
 examples:
@@ -25,7 +26,10 @@ examples:
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
+  ./cy backup backups/today       snapshot all platform state while it runs
+  ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
+  ./cy nats permissions            what each service's NATS user may publish and subscribe to
 """
 
 
@@ -39,7 +43,8 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                        description="Start the platform on this machine: the default model "
                        f"({DEFAULT_MODEL_ID}), an embedded nats-server, then engine, scheduler, trainer and edge "
                        "as separate processes. Waits until the edge answers, prints how to call it, "
-                       "and serves until Ctrl-C/SIGTERM (or ./cy down). Open on loopback, no authentication, "
+                       "and serves until Ctrl-C/SIGTERM (or ./cy down). The bus authenticates every service "
+                       "(--nats-auth nkeys); the HTTP edge is open on loopback, no authentication, "
                        "unless --auth keys (required for any other --host).")
     p.add_argument("--port", type=int, default=8080, help="HTTP port of the edge (default: 8080)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address of the edge (default: 127.0.0.1)")
@@ -49,6 +54,15 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
     p.add_argument("--nats-url", default=None, metavar="URL",
                    help="use this NATS server (comma-separated for a cluster) instead of starting one")
+    p.add_argument("--nats-auth", choices=nats_auth.AUTH_MODES, default="nkeys",
+                   help="the bus: nkeys (every service its own NATS user with least-privilege permissions; seeds "
+                        "under <state dir>/nats/nkeys, created on first run) or none (no authentication: a "
+                        "development bus on loopback only) (default: nkeys)")
+    p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
+                   help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
+                        "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
+                        "two minutes, the nats-server default: about twice as fast per publish; see "
+                        "docs/reliability.md) (default: always)")
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="engine backend (default: transformers; llamacpp serves the model's GGUF and is the "
@@ -91,9 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="apply changed limits instead of refusing them")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
+    nats_auth.add_operator_nkey_argument(p)
+
+    nats = sub.add_parser("nats", help="the bus's users and permissions").add_subparsers(
+        dest="nats_command", required=True, metavar="ACTION")
+    p = nats.add_parser("permissions", help="print what each bus identity may publish and subscribe to",
+                        description="Print the NATS permissions of every identity (edge, scheduler, one per engine "
+                        "worker, trainer, operator, producer), derived from schemas/names.py: what ./cy up "
+                        "enforces. --format conf prints the server's authorization block for the seeds of "
+                        "--state-dir (for a nats-server you run yourself).")
+    _state_dir_arg(p)
+    p.add_argument("--worker", action="append", default=None, metavar="ID",
+                   help="an engine worker id (repeatable; default: the one ./cy up starts on this machine)")
+    p.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="the engine whose ./cy up worker id is the default (default: transformers)")
+    p.add_argument("--format", choices=("table", "conf"), default="table",
+                   help="table: subjects per identity; conf: nats-server authorization block (default: table)")
+    p = nats.add_parser("rotate", help="give one bus identity a new nkey seed",
+                        description="Replace IDENTITY's seed under <state dir>/nats/nkeys and rewrite the embedded "
+                        "server's config: from the next ./cy up the old key is refused. Refused while ./cy up "
+                        "runs (a running service cannot switch seeds): ./cy down first.")
+    _state_dir_arg(p)
+    p.add_argument("identity", metavar="IDENTITY",
+                   help="edge, scheduler, trainer, operator, producer or engine.<worker> (see ./cy nats permissions)")
 
     keys.add_parser(sub)
     train.add_parser(sub)
+    backup.add_parsers(sub, _state_dir_arg)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")
@@ -125,15 +163,24 @@ def dispatch(args: argparse.Namespace) -> int:
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats_url=args.nats_url, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
-                                    trainer=args.trainer, metrics_port=args.metrics_port))
+                                    nats_auth=args.nats_auth,
+                                    trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
-            return commands.infra_apply(args.nats_url, args.update, args.replicas)
+            return commands.infra_apply(args.nats_url, args.update, args.replicas, args.nats_nkey)
+        case "nats" if args.nats_command == "rotate":
+            return commands.nats_rotate(state_dir, args.identity)
+        case "nats":
+            return commands.nats_permissions(state_dir, args.worker or [worker_id(args.engine)], args.format)
         case "keys":
             return keys.run(args)
         case "train":
             return train.run(args)
+        case "backup":
+            return backup.run_backup(args)
+        case "restore":
+            return backup.run_restore(args, state_dir)
         case "model":
             return commands.model_install(state_dir)
         case "test":

@@ -20,13 +20,15 @@ from types import FrameType
 
 from infra import provision
 from schemas import names
-from services.cli import pidfile
+from services.cli import nats_auth, pidfile
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions, register_default_model
+from services.cli.nats_auth import BusIdentities
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
+from services.common import bus_auth, bus_permissions
 from services.common.lifecycle import install_stop_signals
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
 from services.common.natsserver import NatsServer, env_without_proxies
@@ -55,11 +57,15 @@ class UpOptions:
     quiet: bool = False
     # The edge's --auth: "none" (only on a loopback host) or "keys" (./cy keys create).
     auth: str = "none"
+    # The bus: "nkeys" (every service its own NATS user) or "none" (development, loopback only).
+    nats_auth: str = "nkeys"
     # Run a trainer too (fine-tuning jobs); it holds no model until a job arrives.
     trainer: bool = True
     # Prometheus ports: scheduler at this one, engine +1, trainer +2 (the edge serves /metrics on
     # its HTTP port); infra/prometheus/prometheus.yml scrapes these. 0: none.
     metrics_port: int = 9101
+    # When the embedded nats-server fsyncs: "always" (before acknowledging) or "interval" (every 2 min).
+    fsync: str = "always"
 
 
 METRICS_OFFSETS = {"scheduler": 0, "engine": 1, "trainer": 2}
@@ -71,10 +77,11 @@ def worker_id(engine: str) -> str:
 
 
 def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable,
-                metrics: dict[str, int] | None = None) -> list[ChildSpec]:
+                metrics: dict[str, int] | None = None, identities: BusIdentities | None = None) -> list[ChildSpec]:
     """The service processes, in start order, with exactly the flags their CLIs take.
 
-    ``metrics`` maps a service name to the port it serves Prometheus metrics on.
+    ``metrics`` maps a service name to the port it serves Prometheus metrics on; ``identities``
+    gives each service its own NATS user's seed (``--nats-nkey``).
     """
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
@@ -97,6 +104,11 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
     }
     for name, port in (metrics or {}).items():
         by_name[name] += ["--metrics-port", str(port)]
+    if identities is not None and identities.enabled:
+        users = {"engine": f"{bus_permissions.ENGINE}.{worker_id(opts.engine)}", "scheduler": bus_permissions.SCHEDULER,
+                 "edge": bus_permissions.EDGE, "trainer": bus_permissions.TRAINER}
+        for name, identity in users.items():
+            by_name[name] += ["--nats-nkey", identities.nkey(identity)]
     wanted = [name for name in START_ORDER if name != "trainer" or opts.trainer]
     return [ChildSpec(name, tuple(by_name[name])) for name in wanted]
 
@@ -137,12 +149,16 @@ def run_up(opts: UpOptions) -> int:
         try:
             with _sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
+                identities = nats_auth.prepare(opts.nats_auth, state_dir, [worker_id(opts.engine)])
                 nats_url = opts.nats_url
                 if nats_url is None:
-                    server = NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
-                                        log_file=state_dir / "logs" / "nats.log")
+                    config = (nats_auth.write_server_config(identities, NATS_CONFIG, state_dir)
+                              if identities.enabled else NATS_CONFIG)
+                    # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
+                    server = NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
+                                        log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
                     nats_url = _start_nats(server)
-            return asyncio.run(_serve(opts, state_dir, nats_url, model_path))
+            return asyncio.run(_serve(opts, state_dir, nats_url, model_path, identities))
         except KeyboardInterrupt:
             report_stderr("interrupted during start-up")
             return 130
@@ -159,6 +175,7 @@ def _check_exposure(opts: UpOptions) -> None:
         raise CliError(f"refusing to serve on {opts.host or 'all interfaces'} without authentication: "
                        "add --auth keys (then create keys with ./cy keys create --name NAME --scope inference), "
                        "or keep the default --host 127.0.0.1")
+    nats_auth.check_unauthenticated(opts.nats_auth, opts.nats_url)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -191,16 +208,21 @@ def _start_nats(server: NatsServer) -> str:
     except (RuntimeError, TimeoutError) as exc:
         tail = "\n".join(server.log_file.read_text(errors="replace").splitlines()[-5:])
         raise CliError(f"{exc}\n{tail}") from None
-    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file})")
+    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file}, "
+                  f"fsync {server.sync}, monitoring {server.monitor_url})")
     return server.url
 
 
-async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Path) -> int:
+async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Path,
+                 identities: BusIdentities) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    for action in await apply_definitions(nats_url):
+    operator = identities.nkey(bus_permissions.OPERATOR)
+    for action in await apply_definitions(nats_url, nkey=operator):
         report_stderr(f"provision: {action}")
-    report_stderr(await register_default_model(nats_url))
+    report_stderr(await register_default_model(nats_url, nkey=operator))
+    if identities.enabled and opts.nats_url is None:
+        report_stderr(await nats_auth.sync_key_users(nats_url, operator, state_dir))
     if stop.is_set():
         return 0
     log_dir = state_dir / "logs"
@@ -209,7 +231,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
                             stop_timeout=opts.stop_timeout)
     try:
         metrics = metrics_ports(opts)
-        for spec in child_specs(opts, nats_url, model_path, metrics=metrics):
+        for spec in child_specs(opts, nats_url, model_path, metrics=metrics, identities=identities):
             await supervisor.start(spec)
         url = http_url(opts.host, opts.port)
         ready = wait_until_ready(url, [DEFAULT_MODEL_ID, *DEFAULT_MODEL_ALIASES], opts.ready_timeout)
@@ -220,7 +242,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
             print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
-                               auth=opts.auth, metrics=metrics), flush=True)
+                               auth=opts.auth, metrics=metrics,
+                               nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 
 import nats
 import nats.errors
@@ -17,9 +19,24 @@ BUS_DOWN: tuple[type[Exception], ...] = (
     nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.ConnectionReconnectingError,
     nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError)
 
+# Env fallback of --nats-nkey: the seed file of this process's NATS user (./cy up sets the flag).
+NKEY_ENV = "CY_NATS_NKEY"
 
-async def connect(url: str, name: str) -> Client:
-    """Connect with reconnects forever (a restarted server is picked up) and logged state changes."""
+
+def add_nkey_argument(parser: argparse.ArgumentParser) -> None:
+    """``--nats-nkey FILE`` (default ``$CY_NATS_NKEY``): the nkey seed this process authenticates with."""
+    parser.add_argument("--nats-nkey", default=os.environ.get(NKEY_ENV, ""), metavar="FILE",
+                        help=f"NATS nkey seed file of this service's user (default: ${NKEY_ENV}; "
+                             "none: connect unauthenticated, for a development server on loopback)")
+
+
+async def connect(url: str, name: str, *, nkey: str = "", inbox: str | None = None) -> Client:
+    """Connect with reconnects forever (a restarted server is picked up) and logged state changes.
+
+    ``nkey`` is the seed file of this service's NATS user (its key is fixed at the first connect:
+    a rotated seed needs a restart); ``inbox`` its inbox root (``names.identity_inbox``), the only
+    ``_INBOX`` subjects its user may subscribe to.
+    """
 
     client: list[Client] = []
 
@@ -43,6 +60,17 @@ async def connect(url: str, name: str) -> Client:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
+        **_auth_options(nkey, inbox),
     )
     client.append(nc)
     return nc
+
+
+def _auth_options(nkey: str, inbox: str | None) -> dict:
+    """nats-py's options for an nkey user and its inbox root (none given: the defaults)."""
+    options: dict = {}
+    if nkey:
+        options["nkeys_seed"] = nkey
+    if inbox:
+        options["inbox_prefix"] = inbox
+    return options

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from services.common import bus
 from services.common.hosts import is_loopback
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -56,6 +57,8 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     training_keepalive: Seconds = 15.0
     # Subject token of this edge's reply inbox; empty means a fresh random one per start.
     edge_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
+    # Seed file of the edge's NATS nkey user; empty: an unauthenticated (development) bus.
+    nats_nkey: str = ""
     access_log: bool = False
     # Who may call: "none" (open; only allowed on a loopback host), API keys, JWTs, or either.
     auth: AuthMode = "none"
@@ -138,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "API in front of the NATS JetStream inference queue.")
     p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", defaults.nats_url),
                    help="NATS server URL (default: $CY_NATS_URL or %(default)s)")
+    bus.add_nkey_argument(p)
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--request-timeout", type=float, default=defaults.request_timeout,

@@ -9,12 +9,14 @@ import socket
 import msgspec
 
 from schemas.names import slug
+from services.common import bus
 
 
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Everything an engine process needs to know, from flags (with ``CY_*`` env defaults)."""
 
     nats_url: str
+    nats_nkey: str = ""  # seed file of this worker's NATS nkey user; empty: an unauthenticated bus
     engine: str
     model_id: str
     model_path: str = ""
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p = argparse.ArgumentParser(prog="python -m services.engine",
                                 description="CY-LLM engine: serves a model behind the common backend interface.")
     p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
+    bus.add_nkey_argument(p)
     p.add_argument("--engine", default="transformers",
                    help="auto | transformers | vllm | llamacpp | tensorrt-llm | mindie | mlx | simulated (auto: "
                         "chosen for this machine and model, see docs/engines.md; simulated: tests and benchmarks only)")

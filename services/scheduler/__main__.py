@@ -16,7 +16,8 @@ import nats.errors
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.common import bus, lifecycle
+from schemas import names
+from services.common import bus, bus_permissions, lifecycle
 from services.scheduler.config import SchedulerConfig, parse_args
 from services.scheduler.service import ConsumerMissing, Scheduler
 
@@ -46,9 +47,10 @@ async def _until(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-async def _connect(url: str, stop: asyncio.Event) -> Client | None:
+async def _connect(url: str, nkey: str, stop: asyncio.Event) -> Client | None:
     """Connect to NATS (retrying while it is down); ``None`` if told to stop first."""
-    connecting = asyncio.create_task(bus.connect(url, name="cy-scheduler"))
+    connecting = asyncio.create_task(bus.connect(url, name="cy-scheduler", nkey=nkey,
+                                                 inbox=names.identity_inbox(bus_permissions.SCHEDULER)))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([connecting, stopped], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
@@ -68,7 +70,7 @@ async def serve(config: SchedulerConfig) -> int:
     registry = CollectorRegistry()
     http = _serve_metrics(config.metrics_port, registry) if config.metrics_port else None
     try:
-        nc = await _connect(config.nats_url, stop)
+        nc = await _connect(config.nats_url, config.nats_nkey, stop)
         if nc is None:
             return 0
         try:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import msgspec
 
+from services.common import bus
 from services.scheduler.strategies import Strategy
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -19,6 +20,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     """Everything a scheduler replica needs; unknown keys are an error, not a silent typo."""
 
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_nkey: str = ""  # seed file of the scheduler's NATS nkey user; empty: an unauthenticated bus
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0 = not served
     dispatch_timeout: Seconds = 2.0   # wait this long for an engine's accepted/busy answer
     max_attempts: Positive = 3        # engines tried per message before it goes back to the queue
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="CY-LLM scheduler: takes requests off the JetStream queue by priority "
                                             "and dispatches each to the least-loaded engine serving its model.")
     p.add_argument("--nats-url", default=None, help="NATS server URL (default: $CY_NATS_URL or nats://127.0.0.1:4222)")
+    bus.add_nkey_argument(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = off)")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML file with any SchedulerConfig field (flags given here win)")

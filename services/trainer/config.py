@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 
 from schemas.names import slug
+from services.common import bus
 from services.common.model_store import default_state_dir
 
 
@@ -17,6 +18,7 @@ class TrainerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Everything a trainer process needs, from flags (with ``CY_*`` env defaults)."""
 
     nats_url: str
+    nats_nkey: str = ""  # seed file of the trainer's NATS nkey user; empty: an unauthenticated bus
     trainer_id: str
     state_dir: str
     data_dirs: list[str] = []
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     p = argparse.ArgumentParser(prog="python -m services.trainer",
                                 description="CY-LLM trainer: runs fine-tuning jobs from the LLM_TRAIN queue.")
     p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
+    bus.add_nkey_argument(p)
     p.add_argument("--trainer-id", default="", help="unique trainer id (default: <host>-<pid>)")
     p.add_argument("--state-dir", default=os.environ.get("CY_STATE_DIR", str(default_state_dir())),
                    help="state directory: the model store (models/) and the trainer's scratch space")

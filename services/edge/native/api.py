@@ -64,9 +64,10 @@ class NativeChunkFormatter(ChunkFormatter):
     events are bare JSON (one WebSocket frame each) instead of SSE ``data:`` events.
     """
 
-    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool,
+    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool, index: int = 0,
                  client_id: str | None = None, framed: bool = True) -> None:
-        super().__init__(request_id=request_id, created=created, model=model, include_usage=include_usage)
+        super().__init__(request_id=request_id, created=created, model=model, include_usage=include_usage,
+                         index=index)
         self._event_head = {"requestId": request_id}
         if client_id is not None:
             self._event_head["id"] = client_id
@@ -130,6 +131,7 @@ async def health_check(request: web.Request) -> web.Response:
     body["engineDetails"] = [
         {"worker": s.worker, "engine": s.heartbeat.engine, "device": s.heartbeat.device,
          "models": [m.id for m in s.heartbeat.models], "slots": s.heartbeat.slots, "inFlight": s.in_flight,
-         "draining": s.heartbeat.draining, "memoryBytes": s.heartbeat.memory_bytes}
+         "draining": s.heartbeat.draining, "memoryBytes": s.heartbeat.memory_bytes,
+         "health": s.heartbeat.health, "healthReason": s.heartbeat.health_reason}
         for s in request.app[EDGE].table.live()]
     return web.Response(status=resp.status, body=_encode(body), content_type="application/json")
