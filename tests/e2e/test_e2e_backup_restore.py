@@ -60,8 +60,8 @@ async def ask(client: openai.AsyncOpenAI, model: str) -> str:
     return reply.choices[0].message.content
 
 
-async def registry_entry(nats_url: str, model_id: str) -> ModelEntry | None:
-    nc = await nats.connect(nats_url)
+async def registry_entry(up: CyUp, model_id: str) -> ModelEntry | None:
+    nc = await up.nats_connect("operator")
     try:
         return await model_registry.get_entry(await nc.jetstream().key_value(names.MODELS_BUCKET), model_id)
     finally:
@@ -78,14 +78,14 @@ async def test_backup_wipe_restore_keeps_every_kind_of_state(tmp_path: Path, def
             file_id, job = await fine_tune(client)
             answer = await ask(client, job.fine_tuned_model)
         created = cy("keys", "create", "--name", "ops", "--scope", "inference", "--scope", "training",
-                     "--nats-url", up.nats_url)
+                     "--nats-url", up.nats_url, "--nats-nkey", up.nkey("operator"))
         assert created.returncode == 0, created.stderr
         key = created.stdout.split()[0]
-        nc = await nats.connect(up.nats_url)
+        nc = await up.nats_connect("operator")
         await model_registry.put_entry(await nc.jetstream().key_value(names.MODELS_BUCKET), extra_model)
         await nc.close()
 
-        backed_up = cy("backup", str(backup_dir), "--nats-url", up.nats_url)
+        backed_up = cy("backup", str(backup_dir), "--nats-url", up.nats_url, "--nats-nkey", up.nkey("operator"))
         assert backed_up.returncode == 0, backed_up.stderr
     assert "Quillhaven" in answer and ANSWER.startswith("The capital")
 
@@ -102,9 +102,9 @@ async def test_backup_wipe_restore_keeps_every_kind_of_state(tmp_path: Path, def
             assert (await client.files.content(file_id)).content == dataset()
             assert job.fine_tuned_model in [m.id for m in (await client.models.list()).data]
             assert await ask(client, job.fine_tuned_model) == answer  # the same adapter weights, served again
-        assert await registry_entry(up.nats_url, extra_model.id) == extra_model
+        assert await registry_entry(up, extra_model.id) == extra_model
         # The restored key authenticates at an edge that requires keys; another does not.
-        with edge_requiring_keys(up.nats_url, tmp_path / "keys-edge.log") as url:
+        with edge_requiring_keys(up, tmp_path / "keys-edge.log") as url:
             async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client:
                 assert (await client.files.retrieve(file_id)).id == file_id
             async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-not-a-key", max_retries=0) as stranger:
@@ -113,11 +113,11 @@ async def test_backup_wipe_restore_keeps_every_kind_of_state(tmp_path: Path, def
 
 
 @contextmanager
-def edge_requiring_keys(nats_url: str, log: Path) -> Iterator[str]:
-    """One more edge on the platform's NATS, with ``--auth keys``; its URL once it answers."""
+def edge_requiring_keys(up: CyUp, log: Path) -> Iterator[str]:
+    """One more edge on the platform's NATS (as the bus's edge identity), with ``--auth keys``; its URL once it answers."""
     port = free_port()
-    edge = subprocess.Popen([sys.executable, "-m", "services.edge", "--nats-url", nats_url, "--port", str(port),
-                             "--auth", "keys"], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    edge = subprocess.Popen([sys.executable, "-m", "services.edge", "--nats-url", up.nats_url, "--port", str(port),
+                             "--nats-nkey", up.nkey("edge"), "--auth", "keys"], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
