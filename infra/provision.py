@@ -2,14 +2,20 @@
 
 Applying twice changes nothing. A definition that differs from what the server holds is
 reported field by field and refused (``ProvisionError``), unless ``update=True``, which applies
-only changes the server makes without dropping data (limits, descriptions), and still refuses
-changes of retention or storage.
+only changes the server makes without dropping data (limits, descriptions, replicas), and still
+refuses changes of retention or storage.
+
+Replicas are a deploy-time setting, not part of a definition: ``replicas=None`` (what ``./cy up``
+applies) creates missing objects with one replica and leaves an existing object's count as the
+server has it, so an R3 cluster is never refused nor downgraded. ``replicas=N`` asks for N: a
+different count is a difference like any other, applied by ``update=True`` (JetStream changes a
+stream's replica count in place, copying its data to the new peers).
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,7 @@ def load_definitions(path: Path = DEFINITIONS) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def _stream_config(name: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+def _stream_config(name: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     return api.StreamConfig(
         name=name,
         description=d.get("description"),
@@ -68,7 +74,7 @@ def _stream_config(name: str, d: dict[str, Any], replicas: int) -> api.StreamCon
     )
 
 
-def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     # Mirrors what nats.py's create_key_value builds, so a bucket made either way compares equal.
     history = d.get("history", 1)
     return api.StreamConfig(
@@ -90,7 +96,7 @@ def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.Stre
     )
 
 
-def _obj_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+def _obj_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     return api.StreamConfig(
         name=f"OBJ_{bucket}",
         description=d.get("description"),
@@ -126,6 +132,8 @@ def _norm(field: str, value: Any) -> Any:
 def _differences(want: api.StreamConfig, have: api.StreamConfig) -> dict[str, tuple[Any, Any]]:
     diff = {}
     for f in _COMPARED:
+        if f == "num_replicas" and want.num_replicas is None:
+            continue  # keep what the cluster has
         w, h = _norm(f, getattr(want, f)), _norm(f, getattr(have, f))
         if w != h:
             diff[f] = (h, w)
@@ -136,7 +144,7 @@ async def _apply_stream(js: JetStreamContext, kind: str, want: api.StreamConfig,
     try:
         info = await js.stream_info(want.name)
     except NotFoundError:
-        await js.add_stream(want)
+        await js.add_stream(replace(want, num_replicas=want.num_replicas or 1))
         return Action(kind, want.name, "created")
     diff = _differences(want, info.config)
     if not diff:
@@ -148,11 +156,11 @@ async def _apply_stream(js: JetStreamContext, kind: str, want: api.StreamConfig,
                 "delete it yourself if that is what you want" if immutable else
                 "re-run with --update to apply (no data is dropped by these changes)")
         raise ProvisionError(f"{kind} {want.name} differs from infra/nats/jetstream.toml: {text}; {hint}")
-    await js.update_stream(want)
+    await js.update_stream(replace(want, num_replicas=want.num_replicas or info.config.num_replicas or 1))
     return Action(kind, want.name, "updated", text)
 
 
-def _consumer_config(name: str, d: dict[str, Any], replicas: int) -> api.ConsumerConfig:
+def _consumer_config(name: str, d: dict[str, Any], replicas: int | None) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         durable_name=name,
         description=d.get("description"),
@@ -163,11 +171,13 @@ def _consumer_config(name: str, d: dict[str, Any], replicas: int) -> api.Consume
         max_deliver=d.get("max_deliver", -1),
         max_ack_pending=d.get("max_ack_pending", 1000),
         max_waiting=d.get("max_waiting", 512),
-        num_replicas=replicas if replicas > 1 else None,
+        # 0/None: the consumer follows its stream's replica count (and follows a change of it).
+        num_replicas=replicas if replicas and replicas > 1 else None,
     )
 
 
-async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], replicas: int, update: bool) -> Action:
+async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], replicas: int | None,
+                          update: bool) -> Action:
     want = _consumer_config(name, d, replicas)
     try:
         info = await js.consumer_info(d["stream"], name)
@@ -194,9 +204,12 @@ async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], re
     return Action("consumer", name, "updated", text)
 
 
-async def apply(js: JetStreamContext, *, definitions: dict[str, Any] | None = None, replicas: int = 1,
+async def apply(js: JetStreamContext, *, definitions: dict[str, Any] | None = None, replicas: int | None = 1,
                 update: bool = False) -> list[Action]:
-    """Create every stream, consumer, KV bucket and object store that is missing; verify the rest."""
+    """Create every stream, consumer, KV bucket and object store that is missing; verify the rest.
+
+    ``replicas=None``: keep each existing object's replica count (new ones get 1).
+    """
     defs = definitions if definitions is not None else load_definitions()
     actions: list[Action] = []
     for name, d in defs.get("streams", {}).items():

@@ -13,6 +13,7 @@ from pathlib import Path
 from services.cli import pidfile
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions
+from services.common.bus import NatsOptions
 from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,11 +25,11 @@ def down(state_dir: Path, timeout: float) -> int:
     return 0
 
 
-def infra_apply(nats_url: str, update: bool, replicas: int) -> int:
+def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None) -> int:
     """Apply the JetStream definitions and print what happened to each object."""
-    if replicas < 1:
+    if replicas is not None and replicas < 1:
         raise CliError("--replicas must be at least 1")
-    for action in asyncio.run(apply_definitions(nats_url, update=update, replicas=replicas)):
+    for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas)):
         print(action)
     return 0
 

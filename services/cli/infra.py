@@ -6,7 +6,7 @@ Used by ``./cy up`` too. Unlike the services' connection (which retries forever,
 
 from __future__ import annotations
 
-import os
+import asyncio
 
 import nats
 from nats.aio.client import Client
@@ -18,38 +18,60 @@ from infra import provision
 from schemas.errors import BusError
 from services.cli.errors import CliError
 from services.common import model_registry
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-
-def default_nats_url() -> str:
-    """``$CY_NATS_URL`` or the local default server."""
-    return os.environ.get("CY_NATS_URL", DEFAULT_NATS_URL)
+from services.common.bus import NatsOptions, as_options, connect_kwargs, option_problems
 
 
-def server_list(url: str) -> list[str]:
-    """A comma-separated URL list (the cluster's nodes) as nats-py wants it."""
-    return [u.strip() for u in url.split(",") if u.strip()]
-
-
-async def connect_once(url: str, name: str, timeout: float = 5.0) -> Client:
-    """Connect without retrying forever; ``CliError`` naming the URL and the cause if it fails."""
+async def connect_once(target: NatsOptions | str, name: str, timeout: float = 5.0) -> Client:
+    """Connect (trying each server of the list once); ``CliError`` naming the servers and the cause if it fails."""
+    options = as_options(target)
+    if problems := option_problems(options):
+        raise CliError("; ".join(problems))
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
         errors.append(exc)
 
     try:
-        return await nats.connect(server_list(url), name=name, connect_timeout=timeout, allow_reconnect=False,
-                                  max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=remember)
+        return await nats.connect(**connect_kwargs(options), name=name, connect_timeout=timeout,
+                                  allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.2,
+                                  error_cb=remember)
     except (NoServersError, OSError, TimeoutError) as exc:
         cause = errors[-1] if errors else exc
-        raise CliError(f"cannot connect to NATS at {url}: {cause} (is ./cy up or nats-server running?)") from None
+        raise CliError(f"cannot connect to NATS at {options.nats_url}: {cause} "
+                       "(is ./cy up or nats-server running?)") from None
 
 
-async def apply_definitions(url: str, *, update: bool = False, replicas: int = 1) -> list[provision.Action]:
-    """Apply every stream, consumer and bucket definition; exit status 2 for a conflicting definition."""
-    nc = await connect_once(url, "cy-infra-apply")
+async def wait_for_jetstream(target: NatsOptions | str, timeout: float = 30.0) -> None:
+    """Return once JetStream answers (a new cluster has elected its meta leader); ``CliError`` after ``timeout``."""
+    options = as_options(target)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        cause: Exception | None = None
+        try:
+            nc = await connect_once(options, "cy-wait-for-jetstream", timeout=2.0)
+        except CliError as exc:
+            cause = exc
+        else:
+            try:
+                await nc.jetstream().account_info()
+                return
+            except (NoRespondersError, ServiceUnavailableError, NatsTimeoutError, APIError) as exc:
+                cause = exc  # 10008: JetStream temporarily unavailable (no meta leader yet)
+            finally:
+                await nc.close()
+        if asyncio.get_running_loop().time() >= deadline:
+            raise CliError(f"JetStream at {options.nats_url} did not become available within {timeout:g}s: {cause}")
+        await asyncio.sleep(0.25)
+
+
+async def apply_definitions(target: NatsOptions | str, *, update: bool = False,
+                            replicas: int | None = None) -> list[provision.Action]:
+    """Apply every stream, consumer and bucket definition; exit status 2 for a conflicting definition.
+
+    ``replicas=None`` keeps what the server holds (new objects get 1): how ``./cy up`` applies.
+    """
+    url = as_options(target).nats_url
+    nc = await connect_once(target, "cy-infra-apply")
     try:
         return await provision.apply(nc.jetstream(), update=update, replicas=replicas)
     except provision.ProvisionError as exc:
@@ -62,9 +84,9 @@ async def apply_definitions(url: str, *, update: bool = False, replicas: int = 1
         await nc.close()
 
 
-async def register_default_model(url: str) -> str:
+async def register_default_model(target: NatsOptions | str) -> str:
     """Put the shipped default model (with its aliases) into the model registry; what was done."""
-    nc = await connect_once(url, "cy-register-default-model")
+    nc = await connect_once(target, "cy-register-default-model")
     try:
         kv = await model_registry.bind(nc.jetstream())
         entry = model_registry.default_entry()

@@ -22,7 +22,8 @@ from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
 from schemas import names
 from schemas.auth import ApiKeyRecord, Scope
 from services.cli.errors import CliError
-from services.cli.infra import connect_once, default_nats_url
+from services.cli.infra import connect_once
+from services.common.bus import NatsOptions, add_nats_arguments, as_options, options_from_args
 from services.common.api_key_store import ApiKeyStore, KeyLimits, UnknownKeyError, limits_of
 
 T = TypeVar("T")
@@ -34,9 +35,10 @@ _LIMIT_OPTIONS = (("--rpm", "rpm", "requests per minute"), ("--tpm", "tpm", "tok
                   ("--max-streams", "streams", "concurrent streams (SSE and WebSocket requests)"))
 
 
-async def _with_store(url: str, action: Callable[[ApiKeyStore], Awaitable[T]]) -> T:
+async def _with_store(target: NatsOptions | str, action: Callable[[ApiKeyStore], Awaitable[T]]) -> T:
     """Connect, bind the bucket, run ``action``, close; bus failures become ``CliError``s."""
-    nc = await connect_once(url, "cy-keys")
+    url = as_options(target).nats_url
+    nc = await connect_once(target, "cy-keys")
     try:
         return await action(await ApiKeyStore.bind(nc.jetstream()))
     except BucketNotFoundError:
@@ -70,7 +72,7 @@ def format_records(records: list[ApiKeyRecord]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = None) -> int:
+def create(url: NatsOptions | str, name: str, scopes: list[str], limits: KeyLimits | None = None) -> int:
     """Create a key and print it once, with how to use it."""
     record, key = asyncio.run(_with_store(url, lambda store: store.create(name, scopes, limits)))
     print(key)
@@ -82,7 +84,7 @@ def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = No
     return 0
 
 
-def list_keys(url: str) -> int:
+def list_keys(url: NatsOptions | str) -> int:
     """Print every key's id, name, scopes, creation and revocation time."""
     records = asyncio.run(_with_store(url, lambda store: store.records()))
     print(format_records(records) if records else "no API keys (create one with ./cy keys create)")
@@ -94,7 +96,7 @@ def _check_id(key_id: str) -> None:
         raise CliError(f"{key_id!r} is not a key id (12 hex digits, as ./cy keys list shows)")
 
 
-def revoke(url: str, key_id: str, cache_ttl: float = 5.0) -> int:
+def revoke(url: NatsOptions | str, key_id: str, cache_ttl: float = 5.0) -> int:
     """Revoke a key; say how soon running edges stop accepting it."""
     _check_id(key_id)
     try:
@@ -106,7 +108,7 @@ def revoke(url: str, key_id: str, cache_ttl: float = 5.0) -> int:
     return 0
 
 
-def set_limits(url: str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0) -> int:
+def set_limits(url: NatsOptions | str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0) -> int:
     """Change a key's rate limits (``None``: back to the edge default) and print them; with no
     changes, only print them."""
     _check_id(key_id)
@@ -170,8 +172,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         lim.add_argument(option, dest=field, type=_count_or_default, default=argparse.SUPPRESS, metavar="N|default",
                          help=what)
     for p in (p, lst, rev, lim):
-        p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                       help="NATS server (default: $CY_NATS_URL or %(default)s)")
+        add_nats_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,12 +180,12 @@ def run(args: argparse.Namespace) -> int:
     match args.keys_command:
         case "create":
             limits = KeyLimits(rpm=args.rpm, tpm=args.tpm, streams=args.streams)
-            return create(args.nats_url, args.name, args.scope, limits)
+            return create(options_from_args(args), args.name, args.scope, limits)
         case "list":
-            return list_keys(args.nats_url)
+            return list_keys(options_from_args(args))
         case "revoke":
-            return revoke(args.nats_url, args.key_id)
+            return revoke(options_from_args(args), args.key_id)
         case "limits":
             changes = {field: getattr(args, field) for _, field, _ in _LIMIT_OPTIONS if hasattr(args, field)}
-            return set_limits(args.nats_url, args.key_id, changes)
+            return set_limits(options_from_args(args), args.key_id, changes)
     raise AssertionError(f"unhandled keys command {args.keys_command!r}")

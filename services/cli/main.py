@@ -12,8 +12,8 @@ from pathlib import Path
 
 from services.cli import commands, keys, train
 from services.cli.errors import CliError
-from services.cli.infra import default_nats_url
 from services.cli.up import ENGINES, UpOptions, run_up
+from services.common.bus import add_nats_arguments, options_from_args
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
 
@@ -47,8 +47,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="edge authentication: none (loopback only) or API keys from ./cy keys (default: none)")
     p.add_argument("--nats-port", type=int, default=4222, metavar="PORT",
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
-    p.add_argument("--nats-url", default=None, metavar="URL",
-                   help="use this NATS server (comma-separated for a cluster) instead of starting one")
+    add_nats_arguments(p, url_from_env=False)
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="engine adapter (default: transformers; llamacpp serves the model's GGUF and is the "
@@ -86,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Apply infra/nats/jetstream.toml idempotently. A definition that "
                          "differs from the server is refused (exit status 2) unless --update, which applies "
                          "only changes that keep all data.")
-    p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                   help="NATS server, comma-separated for a cluster (default: $CY_NATS_URL or %(default)s)")
-    p.add_argument("--update", action="store_true", help="apply changed limits instead of refusing them")
-    p.add_argument("--replicas", type=int, default=1, metavar="N",
-                   help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
+    add_nats_arguments(p)
+    p.add_argument("--update", action="store_true",
+                   help="apply changed limits and replica counts instead of refusing them (no data is lost)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="replicas of every stream, KV bucket and the object store (3 on a 3-node cluster); "
+                        "a different count on the server is refused unless --update (default: keep what the "
+                        "server has, 1 for new objects)")
 
     keys.add_parser(sub)
     train.add_parser(sub)
@@ -123,13 +124,14 @@ def dispatch(args: argparse.Namespace) -> int:
     match args.command:
         case "up":
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
-                                    nats_url=args.nats_url, engine=args.engine, slots=args.slots,
+                                    nats=options_from_args(args) if args.nats_url else None,
+                                    engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
                                     trainer=args.trainer, metrics_port=args.metrics_port))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
-            return commands.infra_apply(args.nats_url, args.update, args.replicas)
+            return commands.infra_apply(options_from_args(args), args.update, args.replicas)
         case "keys":
             return keys.run(args)
         case "train":

@@ -27,6 +27,7 @@ from services.cli.errors import CliError
 from services.cli.infra import apply_definitions, register_default_model
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
+from services.common.bus import NatsOptions, as_options, child_arguments
 from services.common.lifecycle import install_stop_signals
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
 from services.common.natsserver import NatsServer, env_without_proxies
@@ -47,7 +48,8 @@ class UpOptions:
     port: int = 8080
     host: str = "127.0.0.1"
     nats_port: int = 4222
-    nats_url: str | None = None
+    # An existing bus to run on (its server list, credentials, TLS); None: start an embedded one.
+    nats: NatsOptions | None = None
     engine: str = "transformers"
     slots: int | None = None
     ready_timeout: float = 120.0
@@ -70,16 +72,18 @@ def worker_id(engine: str) -> str:
     return names.slug(f"{socket.gethostname()}-{engine}")
 
 
-def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable,
+def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, python: str = sys.executable,
                 metrics: dict[str, int] | None = None) -> list[ChildSpec]:
     """The service processes, in start order, with exactly the flags their CLIs take.
 
+    ``nats`` is the bus every one of them connects to (a server list, with credentials/TLS if any);
     ``metrics`` maps a service name to the port it serves Prometheus metrics on.
     """
+    bus_args = child_arguments(as_options(nats))
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
     weights = default_model_gguf() if opts.engine == "llamacpp" else model_path
-    engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
+    engine = [python, "-m", "services.engine", *bus_args, "--engine", opts.engine,
               "--model-path", str(weights), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine),
               "--drain-timeout", grace]
     for alias in DEFAULT_MODEL_ALIASES:
@@ -88,11 +92,11 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
         engine += ["--slots", str(opts.slots)]
     by_name = {
         "engine": engine,
-        "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url, "--drain-timeout", grace],
-        "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port),
+        "scheduler": [python, "-m", "services.scheduler", *bus_args, "--drain-timeout", grace],
+        "edge": [python, "-m", "services.edge", *bus_args, "--host", opts.host, "--port", str(opts.port),
                  "--shutdown-timeout", grace, *(["--auth", opts.auth] if opts.auth != "none" else [])],
         # Datasets named by path (the native API's datasetPath) must be under <state>/datasets; uploads need none.
-        "trainer": [python, "-m", "services.trainer", "--nats-url", nats_url, "--state-dir", str(opts.state_dir),
+        "trainer": [python, "-m", "services.trainer", *bus_args, "--state-dir", str(opts.state_dir),
                     "--data-dir", str(opts.state_dir / "datasets")],
     }
     for name, port in (metrics or {}).items():
@@ -137,12 +141,12 @@ def run_up(opts: UpOptions) -> int:
         try:
             with _sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
-                nats_url = opts.nats_url
-                if nats_url is None:
+                nats = opts.nats
+                if nats is None:
                     server = NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
                                         log_file=state_dir / "logs" / "nats.log")
-                    nats_url = _start_nats(server)
-            return asyncio.run(_serve(opts, state_dir, nats_url, model_path))
+                    nats = NatsOptions(nats_url=_start_nats(server))
+            return asyncio.run(_serve(opts, state_dir, nats, model_path))
         except KeyboardInterrupt:
             report_stderr("interrupted during start-up")
             return 130
@@ -195,12 +199,12 @@ def _start_nats(server: NatsServer) -> str:
     return server.url
 
 
-async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Path) -> int:
+async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path: Path) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    for action in await apply_definitions(nats_url):
+    for action in await apply_definitions(nats):
         report_stderr(f"provision: {action}")
-    report_stderr(await register_default_model(nats_url))
+    report_stderr(await register_default_model(nats))
     if stop.is_set():
         return 0
     log_dir = state_dir / "logs"
@@ -209,7 +213,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
                             stop_timeout=opts.stop_timeout)
     try:
         metrics = metrics_ports(opts)
-        for spec in child_specs(opts, nats_url, model_path, metrics=metrics):
+        for spec in child_specs(opts, nats, model_path, metrics=metrics):
             await supervisor.start(spec)
         url = http_url(opts.host, opts.port)
         ready = wait_until_ready(url, [DEFAULT_MODEL_ID, *DEFAULT_MODEL_ALIASES], opts.ready_timeout)
@@ -219,7 +223,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
             _show_logs(supervisor.children.values())
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
-            print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
+            print(ready_banner(url, nats.nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
                                auth=opts.auth, metrics=metrics), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:

@@ -63,7 +63,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     """Connect, subscribe (reply inbox, heartbeats), bootstrap the worker table; undo it all on cleanup."""
     config = app[CONFIG]
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
-    nc = await bus.connect(config.nats_url, name=f"{names.MICRO_EDGE} {edge_id}")
+    nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}")
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(_drain, nc)
         router = ReplyRouter(edge_id)

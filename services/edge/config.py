@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 
+from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 from services.common.hosts import is_loopback
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -28,10 +28,9 @@ HOW_TO_CONFIGURE_AUTH = (
     "or --auth keys+jwt; or bind to loopback (--host 127.0.0.1) to run open")
 
 
-class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    """Everything the edge reads from outside; nothing is looked up again while serving."""
+class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Everything the edge reads from outside (NATS options inherited); nothing is looked up again while serving."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     # Default time a request may take from arrival to its last token (a request's ``timeout`` overrides).
@@ -107,7 +106,7 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
 
 def config_problems(config: EdgeConfig) -> list[str]:
     """Why ``config`` must not be served (empty when it is fine), each saying what to change."""
-    problems = []
+    problems = option_problems(config)
     if config.auth == "none" and not is_loopback(config.host):
         problems.append(f"refusing to serve on {config.host or 'all interfaces'} without authentication; "
                         + HOW_TO_CONFIGURE_AUTH)
@@ -136,8 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     defaults = EdgeConfig()
     p = argparse.ArgumentParser(prog="python -m services.edge", description="CY-LLM edge: OpenAI-compatible HTTP "
                                 "API in front of the NATS JetStream inference queue.")
-    p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", defaults.nats_url),
-                   help="NATS server URL (default: $CY_NATS_URL or %(default)s)")
+    add_nats_arguments(p)
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--request-timeout", type=float, default=defaults.request_timeout,

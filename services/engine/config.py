@@ -9,12 +9,12 @@ import socket
 import msgspec
 
 from schemas.names import slug
+from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 
 
-class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     """Everything an engine process needs to know, from flags (with ``CY_*`` env defaults)."""
 
-    nats_url: str
     engine: str
     model_id: str
     model_path: str = ""
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     """Build the config from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.engine",
                                 description="CY-LLM engine: serves a model behind the common adapter interface.")
-    p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
+    add_nats_arguments(p)
     p.add_argument("--engine", default="transformers",
                    help="auto | transformers | vllm | llamacpp | tensorrt-llm | mindie | mlx | simulated (auto: "
                         "chosen for this machine and model, see docs/engines.md; simulated: tests and benchmarks only)")
@@ -98,4 +98,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--threads must be 0 (the engine's default) or a number of threads")
     if args.max_adapters < 1:
         p.error("--max-adapters must be at least 1")
-    return msgspec.convert(vars(args), EngineConfig)
+    config = msgspec.convert(vars(args), EngineConfig)
+    if problems := option_problems(config):
+        p.error("; ".join(problems))
+    return config

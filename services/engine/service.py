@@ -103,7 +103,7 @@ class EngineService:
         await self.host.start()
         control: ModelControl | None = None
         try:
-            self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}")
+            self.nc = await bus.connect(self.cfg, f"cy-engine-{self.worker}")
             self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
             self.host.bind_bus(self.nc.jetstream())
             if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,
