@@ -171,8 +171,8 @@ def _consumer_config(name: str, d: dict[str, Any], replicas: int | None) -> api.
         max_deliver=d.get("max_deliver", -1),
         max_ack_pending=d.get("max_ack_pending", 1000),
         max_waiting=d.get("max_waiting", 512),
-        # 0/None: the consumer follows its stream's replica count (and follows a change of it).
-        num_replicas=replicas if replicas and replicas > 1 else None,
+        # None: created with its stream's replica count (it keeps that count if the stream's changes).
+        num_replicas=replicas or None,
     )
 
 
@@ -194,6 +194,11 @@ async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], re
             w, h = w or -1, h or -1
         if w != h:
             diff[f] = (h, w)
+    # A consumer keeps the replica count it was created with when its stream's changes.
+    peers = 1 + len(info.cluster.replicas or []) if info.cluster else 1
+    have_replicas = have.num_replicas or peers
+    if replicas is not None and replicas != have_replicas:
+        diff["num_replicas"] = (have_replicas, replicas)
     if not diff:
         return Action("consumer", name, "unchanged")
     text = ", ".join(f"{f}: server has {h!r}, definition wants {w!r}" for f, (h, w) in diff.items())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,8 @@ class NatsServer:
     host: str = "127.0.0.1"
     config: Path | None = None
     log_file: Path | None = None
+    # More nats-server flags (a cluster node's name, cluster URL and routes).
+    extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen | None = field(default=None, init=False)
     client_port: int = field(default=0, init=False)
 
@@ -55,7 +58,7 @@ class NatsServer:
         if self.config is not None:
             cmd += ["-c", str(self.config)]
         cmd += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir / "jetstream"),
-                "--ports_file_dir", str(ports_dir)]
+                "--ports_file_dir", str(ports_dir), *self.extra_args]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         ports_file = ports_dir / f"{Path(cmd[0]).name}_{self.proc.pid}.ports"
@@ -75,6 +78,12 @@ class NatsServer:
         self.stop()
         raise TimeoutError(f"nats-server did not report its ports within {timeout}s")
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash or a lost machine would end it (tests of node loss)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
         if self.proc is None or self.proc.poll() is not None:
@@ -87,6 +96,88 @@ class NatsServer:
             self.proc.wait()
 
     def __enter__(self) -> "NatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that were free a moment ago (bound to port 0, read back, released)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class NatsCluster:
+    """``size`` nats-server nodes with JetStream on loopback, routed to each other (one store each).
+
+    Ports are fixed at construction, so a node stopped or killed comes back at the same address
+    (clients' server lists stay valid) and rejoins through the same routes.
+    """
+
+    store_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    config: Path | None = None
+    log_dir: Path | None = None
+    name: str = "cy-cluster"
+    nodes: list[NatsServer] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        ports = free_ports(2 * self.size, self.host)
+        client_ports, route_ports = ports[:self.size], ports[self.size:]
+        routes = ",".join(f"nats://{self.host}:{p}" for p in route_ports)
+        for i, (client, route) in enumerate(zip(client_ports, route_ports, strict=True), start=1):
+            node = f"n{i}"
+            self.nodes.append(NatsServer(
+                self.store_dir / node, port=client, host=self.host, config=self.config,
+                log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None,
+                extra_args=("--server_name", f"{self.name}-{node}", "--cluster_name", self.name,
+                            "--cluster", f"nats://{self.host}:{route}", "--routes", routes)))
+            self.nodes[-1].client_port = client
+
+    @property
+    def urls(self) -> list[str]:
+        """Client URL of every node, in node order."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All nodes as one comma-separated server list (what ``--nats-url`` takes)."""
+        return ",".join(self.urls)
+
+    @property
+    def server_names(self) -> list[str]:
+        """Each node's ``server_name``, as JetStream names stream leaders and peers."""
+        return [f"{self.name}-n{i}" for i in range(1, self.size + 1)]
+
+    def node_named(self, server_name: str) -> NatsServer:
+        """The node whose ``server_name`` is ``server_name``."""
+        return self.nodes[self.server_names.index(server_name)]
+
+    def start(self, timeout: float = 15.0) -> "NatsCluster":
+        """Start every node (a failed start stops those already started)."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the nodes, last first."""
+        for node in reversed(self.nodes):
+            node.stop(timeout)
+
+    def __enter__(self) -> "NatsCluster":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
