@@ -10,8 +10,15 @@ __all__ = ["is_loopback", "ready_banner"]
 
 
 def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
-                 auth: str = "none", metrics: dict[str, int] | None = None) -> str:
-    """The ready message: URLs, a curl and an OpenAI SDK example, and the (absent) security."""
+                 auth: str = "none", metrics: dict[str, int] | None = None, replicas: int | None = None) -> str:
+    """The ready message: URLs, a curl and an OpenAI SDK example, and the (absent) security.
+
+    ``replicas``: the embedded cluster's replica count, shown with its nodes (one per line).
+    """
+    nodes = nats_url.split(",")
+    nats = nats_url if len(nodes) == 1 else "\n".join(
+        [f"{len(nodes)}-node cluster" + (f", streams and buckets R{replicas}" if replicas else "") + ":"]
+        + [f"{'':28}{node}" for node in nodes])
     scrape = ", ".join([f"edge {http_url}/metrics"] + [f"{name} :{port}" for name, port in (metrics or {}).items()])
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Say hello in five words."}],
                        "max_tokens": 32})
@@ -27,7 +34,7 @@ def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str]
     return f"""
 CY-LLM is up.
   HTTP (OpenAI-compatible)  {http_url}/v1
-  NATS                      {nats_url}
+  NATS                      {nats}
   model                     {model_id}  (aliases: {", ".join(aliases)})
   logs                      {log_dir}
   Prometheus metrics        {scrape}

@@ -21,6 +21,7 @@ EXAMPLES = """\
 examples:
   ./cy up                          start everything on http://127.0.0.1:8080 (Ctrl-C stops it)
   ./cy down                        stop a running ./cy up
+  ./cy up --nats-cluster 3         the same on three local NATS nodes (R3): survives losing one
   ./cy test                        run the whole test suite
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
@@ -47,6 +48,10 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="edge authentication: none (loopback only) or API keys from ./cy keys (default: none)")
     p.add_argument("--nats-port", type=int, default=4222, metavar="PORT",
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
+    p.add_argument("--nats-cluster", type=int, choices=(1, 3, 5), default=1, metavar="N",
+                   help="start N routed nats-server nodes (3 or 5) instead of one, on client ports --nats-port, "
+                        "+1, +2 (any free ones with --nats-port -1), a store each under the state dir, every "
+                        "stream and bucket at R3: losing a node loses nothing (default: 1)")
     add_nats_arguments(p, url_from_env=False)
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
@@ -125,7 +130,7 @@ def dispatch(args: argparse.Namespace) -> int:
         case "up":
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
                                     nats=options_from_args(args) if args.nats_url else None,
-                                    engine=args.engine, slots=args.slots,
+                                    nats_cluster=args.nats_cluster, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
                                     trainer=args.trainer, metrics_port=args.metrics_port))
         case "down":

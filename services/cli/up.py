@@ -1,9 +1,11 @@
 """``./cy up``: the whole platform on one machine, as separate processes on one NATS.
 
-Order of start-up: the default model (converted once), nats-server (unless ``--nats-url``),
-provisioning, then engine, scheduler and edge as child processes; ready when the edge answers
-``/healthz`` and lists the model. Shutdown (Ctrl-C, SIGTERM, ``./cy down``, or a child dying):
-edge first (no new requests), then scheduler, then engine, then nats-server.
+Order of start-up: the default model (converted once), nats-server (unless ``--nats-url``; with
+``--nats-cluster 3`` three routed nodes, then their JetStream meta leader), provisioning (R3 on
+the embedded cluster), then engine, scheduler and edge as child processes given every node;
+ready when the edge answers ``/healthz`` and lists the model. Shutdown (Ctrl-C, SIGTERM,
+``./cy down``, or a child dying): edge first (no new requests), then scheduler, then engine,
+then the nats-server node(s).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from services.cli import pidfile
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
-from services.cli.infra import apply_definitions, register_default_model
+from services.cli.infra import apply_definitions, register_default_model, wait_for_jetstream
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
 from services.common.bus import NatsOptions, as_options, child_arguments
 from services.common.lifecycle import install_stop_signals
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
-from services.common.natsserver import NatsServer, env_without_proxies
+from services.common.natsserver import NatsCluster, NatsServer, env_without_proxies
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
@@ -50,6 +52,8 @@ class UpOptions:
     nats_port: int = 4222
     # An existing bus to run on (its server list, credentials, TLS); None: start an embedded one.
     nats: NatsOptions | None = None
+    # Embedded nodes when no --nats-url: 1, or a routed cluster of 3 (or 5) with R3 streams and buckets.
+    nats_cluster: int = 1
     engine: str = "transformers"
     slots: int | None = None
     ready_timeout: float = 120.0
@@ -134,17 +138,18 @@ def http_url(host: str, port: int) -> str:
 def run_up(opts: UpOptions) -> int:
     """Start everything, print where it is, serve until a signal or a child's death; the exit status."""
     state_dir = opts.state_dir.resolve()
+    if opts.nats is not None and opts.nats_cluster > 1:
+        raise CliError("--nats-cluster starts nodes here, --nats-url uses running ones: give one of them")
     _check_exposure(opts)
     _check_port_free(opts.host, opts.port)
     with pidfile.claim(state_dir):
-        server: NatsServer | None = None
+        server: NatsServer | NatsCluster | None = None
         try:
             with _sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
                 nats = opts.nats
                 if nats is None:
-                    server = NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
-                                        log_file=state_dir / "logs" / "nats.log")
+                    server = _embedded_nats(opts, state_dir)
                     nats = NatsOptions(nats_url=_start_nats(server))
             return asyncio.run(_serve(opts, state_dir, nats, model_path))
         except KeyboardInterrupt:
@@ -153,7 +158,8 @@ def run_up(opts: UpOptions) -> int:
         finally:
             if server is not None:
                 with _signals_ignored():
-                    report_stderr("stopping nats-server")
+                    report_stderr("stopping nats-server" if isinstance(server, NatsServer) else
+                                  f"stopping the {server.size} nats-server nodes")
                     server.stop()
 
 
@@ -165,8 +171,8 @@ def _check_exposure(opts: UpOptions) -> None:
                        "or keep the default --host 127.0.0.1")
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Fail before starting anything if the edge could not bind its port."""
+def _check_port_free(host: str, port: int, what: str = "the edge", flag: str = "--port") -> None:
+    """Fail before starting anything if ``what`` could not bind its port."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -177,8 +183,8 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise CliError(f"cannot listen on {host}:{port} ({exc.strerror}): is another ./cy up running? "
-                           "choose another --port") from None
+            raise CliError(f"{what} cannot listen on {host}:{port} ({exc.strerror}): is another ./cy up "
+                           f"running? choose another {flag}") from None
 
 
 def _ensure_model(state_dir: Path) -> Path:
@@ -187,22 +193,46 @@ def _ensure_model(state_dir: Path) -> Path:
     return path
 
 
-def _start_nats(server: NatsServer) -> str:
-    assert server.log_file is not None  # always given by run_up
-    server.log_file.parent.mkdir(parents=True, exist_ok=True)
+def _embedded_nats(opts: UpOptions, state_dir: Path) -> NatsServer | NatsCluster:
+    """The nats-server (or routed nodes) ``up`` runs itself; each node's store under the state dir."""
+    if opts.nats_cluster <= 1:
+        return NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
+                          log_file=state_dir / "logs" / "nats.log")
+    # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
+    ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
+    for port in ports or []:
+        _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
+    return NatsCluster(state_dir / "nats-cluster", size=opts.nats_cluster, config=NATS_CONFIG,
+                       log_dir=state_dir / "logs", client_ports=ports)
+
+
+def _start_nats(server: NatsServer | NatsCluster) -> str:
+    """Start the embedded server or nodes; their client URL list."""
+    nodes = [server] if isinstance(server, NatsServer) else server.nodes
+    for node in nodes:
+        assert node.log_file is not None  # always given by _embedded_nats
+        node.log_file.parent.mkdir(parents=True, exist_ok=True)
     try:
         server.start()
     except (RuntimeError, TimeoutError) as exc:
-        tail = "\n".join(server.log_file.read_text(errors="replace").splitlines()[-5:])
-        raise CliError(f"{exc}\n{tail}") from None
-    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file})")
-    return server.url
+        tails = [f"{n.log_file}:\n" + "\n".join(n.log_file.read_text(errors="replace").splitlines()[-5:])
+                 for n in nodes if n.log_file is not None and n.log_file.exists()]
+        raise CliError("\n".join([str(exc), *tails])) from None
+    for node in nodes:
+        report_stderr(f"nats-server listening on {node.url} (store {node.store_dir}, log {node.log_file})")
+    if isinstance(server, NatsCluster):
+        report_stderr(f"cluster {server.name}: {server.size} routed nodes; waiting for a JetStream meta leader")
+    return ",".join(node.url for node in nodes)
 
 
 async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path: Path) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    for action in await apply_definitions(nats):
+    replicas = None
+    if opts.nats is None and opts.nats_cluster > 1:
+        await wait_for_jetstream(nats, timeout=60)
+        replicas = min(opts.nats_cluster, 3)  # R3 survives one lost node; R5 is not worth its writes here
+    for action in await apply_definitions(nats, replicas=replicas):
         report_stderr(f"provision: {action}")
     report_stderr(await register_default_model(nats))
     if stop.is_set():
@@ -224,7 +254,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
             print(ready_banner(url, nats.nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
-                               auth=opts.auth, metrics=metrics), flush=True)
+                               auth=opts.auth, metrics=metrics, replicas=replicas), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "

@@ -128,11 +128,13 @@ class NatsCluster:
     config: Path | None = None
     log_dir: Path | None = None
     name: str = "cy-cluster"
+    # Client port of each node; None: free ones.
+    client_ports: list[int] | None = None
     nodes: list[NatsServer] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         ports = free_ports(2 * self.size, self.host)
-        client_ports, route_ports = ports[:self.size], ports[self.size:]
+        client_ports, route_ports = self.client_ports or ports[:self.size], ports[self.size:]
         routes = ",".join(f"nats://{self.host}:{p}" for p in route_ports)
         for i, (client, route) in enumerate(zip(client_ports, route_ports, strict=True), start=1):
             node = f"n{i}"
