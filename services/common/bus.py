@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 import nats
@@ -163,11 +163,13 @@ def connect_kwargs(options: NatsOptions) -> dict[str, object]:
     return kwargs
 
 
-async def connect(target: NatsOptions | str, name: str) -> Client:
+async def connect(target: NatsOptions | str, name: str,
+                  on_reconnect: Callable[[], None] | None = None) -> Client:
     """Connect with reconnects forever, to any node of the list, with logged state changes.
 
     Reconnecting keeps every subscription (nats-py re-sends them), so pull consumers and
     inboxes survive a node's loss; the server list grows with the nodes the cluster announces.
+    ``on_reconnect`` is called after each reconnection (core messages sent meanwhile were lost).
     """
     options = as_options(target)
     client: list[Client] = []
@@ -178,9 +180,11 @@ async def connect(target: NatsOptions | str, name: str) -> Client:
             return
         log.warning("%s: disconnected from NATS", name)
 
-    async def on_reconnect() -> None:
+    async def reconnected() -> None:
         url = client[0].connected_url if client else None
         log.info("%s: reconnected to NATS at %s", name, url.netloc if url else "?")
+        if on_reconnect is not None:
+            on_reconnect()
 
     async def on_error(exc: Exception) -> None:
         log.warning("%s: NATS error: %s", name, exc)
@@ -191,7 +195,7 @@ async def connect(target: NatsOptions | str, name: str) -> Client:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        reconnected_cb=reconnected,
         error_cb=on_error,
     )
     client.append(nc)

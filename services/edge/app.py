@@ -63,10 +63,10 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     """Connect, subscribe (reply inbox, heartbeats), bootstrap the worker table; undo it all on cleanup."""
     config = app[CONFIG]
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
-    nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}")
+    router = ReplyRouter(edge_id)
+    nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(_drain, nc)
-        router = ReplyRouter(edge_id)
         await router.start(nc)
         stack.push_async_callback(router.stop)
         table = WorkerTable()
@@ -78,6 +78,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(gauge.stop)
         failovers = app[METRICS].failovers
         dispatcher = Dispatcher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout,
+                                publish_window=config.publish_retry_window,
                                 queue=gauge.drain, table=table, max_failovers=config.max_failovers,
                                 on_failover=lambda outcome: failovers.labels(outcome).inc())
         service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,

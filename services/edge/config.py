@@ -37,6 +37,9 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     request_timeout: Seconds = 600.0
     # How long JetStream may take to acknowledge a published request.
     publish_timeout: Seconds = 5.0
+    # How long a publish that meets a stream leader election (a NATS node lost) is retried, with the
+    # same Nats-Msg-Id so it is stored once; elections take seconds, the client sees a short stall.
+    publish_retry_window: Seconds = 20.0
     # On SIGTERM: how long open requests and streams may take to finish.
     shutdown_timeout: Seconds = 30.0
     # How often engine liveness is checked, and how long a dead engine's requests wait for a re-dispatch.
@@ -140,7 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
                    help="default per-request timeout in seconds (%(default)s)")
-    p.add_argument("--publish-timeout", type=float, default=defaults.publish_timeout)
+    p.add_argument("--publish-timeout", type=float, default=defaults.publish_timeout,
+                   help="seconds JetStream may take to acknowledge one publish (%(default)s)")
+    p.add_argument("--publish-retry-window", type=float, default=defaults.publish_retry_window,
+                   help="seconds a publish caught in a NATS leader election is retried, with the same "
+                        "Nats-Msg-Id (%(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                    help="seconds open streams may take to finish on SIGTERM (%(default)s)")
     p.add_argument("--retry-after", type=int, default=defaults.retry_after)

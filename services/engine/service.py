@@ -94,6 +94,7 @@ class EngineService:
         self._started = time.time()
         self.nc = None
         self._kv = None
+        self._kv_copy: asyncio.Task | None = None  # the heartbeat's KV write under way, if any
         self._responses: ResponseStore | None = None
         self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
 
@@ -131,6 +132,8 @@ class EngineService:
             self._stopping = True
             self._status_changed.set()
             await asyncio.wait([heartbeat], timeout=5)
+            if self._kv_copy is not None:
+                await asyncio.wait([self._kv_copy], timeout=5)
             await service.stop()
             if self._responses is not None:
                 await self._responses.flush()
@@ -370,10 +373,18 @@ class EngineService:
         data = encode(self.heartbeat())
         try:
             await self.nc.publish(names.worker_status(self.worker), data)
-            if force_kv:
-                await self._kv.put(self.worker, data)
-        except (NatsError, asyncio.TimeoutError) as exc:
+        except NatsError as exc:
             log.warning("heartbeat not published: %s", exc)
+        if force_kv and (self._kv_copy is None or self._kv_copy.done()):
+            # Apart from the core heartbeat: a KV write waits out a NATS leader election (seconds),
+            # which must not silence the heartbeats the schedulers and edges judge liveness by.
+            self._kv_copy = asyncio.create_task(self._put_kv_copy(data))
+
+    async def _put_kv_copy(self, data: bytes) -> None:
+        try:
+            await self._kv.put(self.worker, data)
+        except (NatsError, asyncio.TimeoutError) as exc:
+            log.warning("heartbeat not copied to KV %s: %s", names.WORKERS_BUCKET, exc)
 
     async def _heartbeat_loop(self) -> None:
         """Publish on every capacity change (coalesced) and at least every interval, with a KV copy."""
