@@ -1,4 +1,4 @@
-"""The small operator commands: ``down``, ``infra apply``, ``model install`` and ``test``.
+"""The small operator commands: ``down``, ``infra apply``, ``model install``, ``run`` and ``test``.
 
 ``up`` lives in its own module (``services.cli.up``); argument parsing in ``services.cli.main``.
 """
@@ -32,6 +32,14 @@ def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None) -> 
     for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas)):
         print(action)
     return 0
+
+
+def run_service(service: str, argv: list[str]) -> int:
+    """Become ``python -m services.<service> argv...`` (its exit status and signals are the service's own)."""
+    # services.* resolves to this checkout from any working directory (relative paths stay the caller's).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", f"services.{service}", *argv], {**os.environ, "PYTHONPATH": path})
+    return 0  # unreachable: execv does not return
 
 
 def model_install(state_dir: Path) -> int:

@@ -17,11 +17,13 @@ from services.common.bus import add_nats_arguments, options_from_args
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
 
+SERVICES = ("edge", "scheduler", "engine", "trainer")
 EXAMPLES = """\
 examples:
   ./cy up                          start everything on http://127.0.0.1:8080 (Ctrl-C stops it)
   ./cy down                        stop a running ./cy up
   ./cy up --nats-cluster 3         the same on three local NATS nodes (R3): survives losing one
+  ./cy run scheduler --nats-url nats://a:4222,nats://b:4222,nats://c:4222   one service, on this host
   ./cy test                        run the whole test suite
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
@@ -106,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("install", help=f"convert the default model ({DEFAULT_MODEL_ID}) once; print its path")
     _state_dir_arg(p)
 
+    p = sub.add_parser("run", help="run one service in the foreground (one host of a multi-host deployment)",
+                       usage="cy run {edge,scheduler,engine,trainer} [service options...]",
+                       description="Become python -m services.<service> with the given options, e.g. "
+                       "'cy run scheduler --nats-url nats://a:4222,nats://b:4222'. No NATS is started and "
+                       "nothing is provisioned (run ./cy infra apply once). 'cy run edge --help' lists its options.")
+    p.add_argument("service", choices=SERVICES, help="the service to run")
+    p.add_argument("service_args", nargs=argparse.REMAINDER, help="its options")
+
     p = sub.add_parser("test", help="run the test suite (pytest); extra arguments go to pytest",
                        usage="cy test [pytest args...]",
                        description="Convert the default model if needed, then run python -m pytest with the "
@@ -120,6 +130,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     # argparse would claim pytest's options (-x, -k) as its own; hand them over verbatim.
     if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
         return argparse.Namespace(command="test", pytest_args=list(argv[1:]))
+    if argv[:1] == ["run"] and argv[1:2] and argv[1] in SERVICES:  # its --help too is the service's own
+        return argparse.Namespace(command="run", service=argv[1], service_args=list(argv[2:]))
     return build_parser().parse_args(argv)
 
 
@@ -145,6 +157,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return commands.model_install(state_dir)
         case "test":
             return commands.run_tests(args.pytest_args)
+        case "run":
+            return commands.run_service(args.service, args.service_args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse only lets known commands through
 
 
