@@ -1,4 +1,4 @@
-"""Generation throughput of engine adapters called directly (no NATS): tokens/s at given concurrencies.
+"""Generation throughput of engine backends called directly (no NATS): tokens/s at given concurrencies.
 
     .venv/bin/python bench/engine_throughput.py [--engine vllm transformers llamacpp llama-cpp-python]
                                                 [--concurrency 1 8] [--max-tokens 64] [--rounds 2]
@@ -6,7 +6,7 @@
 
 Each engine serves the default model (safetensors copy; the shipped GGUF for ``llamacpp``) with
 ``slots`` = the highest concurrency. ``llama-cpp-python`` is the reference for the llama.cpp
-adapter: the library's own ``Llama.create_chat_completion`` streaming on the same GGUF, with the
+backend: the library's own ``Llama.create_chat_completion`` streaming on the same GGUF, with the
 same threads; it is not thread-safe, so its requests run one after another at every concurrency.
 For every concurrency ``c``, ``c`` greedy chat requests with distinct prompts run at once, ``rounds``
 times after one warm-up; tok/s is completion tokens over wall time, summed over all requests.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from schemas import ChatMessage, InferenceRequest, SamplingParams  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 from services.engine.backend import Chunk, Finished  # noqa: E402
-from services.engine.backends import adapter_class  # noqa: E402
+from services.engine.backends import backend_class  # noqa: E402
 
 TOPICS = ["a brave cat", "the sea", "a lighthouse", "a robot", "a dragon", "the moon", "a forest", "a train",
           "a baker", "a comet", "a violin", "a desert"]
@@ -124,7 +124,7 @@ async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, 
     if max(adapter_levels):
         extra = extra | {"adapter_dirs": [str(make_adapters(model_dir, max(adapter_levels)))],
                          "max_adapters": max(adapter_levels)}
-    engine = adapter_class(name)(model_path=path, model_id="m", slots=max(levels), **extra)
+    engine = backend_class(name)(model_path=path, model_id="m", slots=max(levels), **extra)
     started = time.perf_counter()
     await engine.start()
     startup = time.perf_counter() - started

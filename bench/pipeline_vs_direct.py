@@ -1,9 +1,9 @@
-"""Same model, same requests: straight through the engine adapter vs the whole pipeline over HTTP.
+"""Same model, same requests: straight through the engine backend vs the whole pipeline over HTTP.
 
     .venv/bin/python bench/pipeline_vs_direct.py [--engine transformers|llamacpp|simulated] [--requests N]
 
 Starts a private nats-server, scheduler, engine and edge (separate processes, as ``./cy up``
-does), and in this process the same adapter with the same settings. For each concurrency it
+does), and in this process the same backend with the same settings. For each concurrency it
 alternates direct and pipeline rounds, and prints time to first token
 (p50/p99) and completion tokens per second, with the pipeline/direct ratios.
 """
@@ -33,7 +33,7 @@ from services.common import bus  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 from services.common.natsserver import NatsServer  # noqa: E402
 from services.engine.backend import Chunk, Finished  # noqa: E402
-from services.engine.backends import adapter_class  # noqa: E402
+from services.engine.backends import backend_class  # noqa: E402
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.",
            "Give three tips for learning to cook.", "Describe a walk through a forest in autumn.",
@@ -65,14 +65,14 @@ async def run_load(one, concurrency: int, total: int) -> tuple[list[float], int,
     return ttfts, tokens, time.perf_counter() - start
 
 
-def direct_runner(adapter, max_tokens: int):
+def direct_runner(backend, max_tokens: int):
     async def one(i: int) -> tuple[float, int]:
         req = InferenceRequest(id=f"d-{uuid.uuid4().hex[:12]}", model="m", reply_to="-",
                                messages=[ChatMessage(role="user", content=PROMPTS[i % len(PROMPTS)])],
                                sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
         start = time.perf_counter()
         ttft, n = 0.0, 0
-        async for ev in adapter.generate(req):
+        async for ev in backend.generate(req):
             if isinstance(ev, Chunk) and not ttft and ev.text:
                 ttft = time.perf_counter() - start
             elif isinstance(ev, Finished):
@@ -143,17 +143,17 @@ async def main() -> None:
     args = p.parse_args()
     # llama.cpp serves the default model's GGUF itself; transformers its safetensors copy.
     model_path = default_model_gguf() if args.engine == "llamacpp" else ensure_default_model(default_state_dir())
-    cls = adapter_class(args.engine)
+    cls = backend_class(args.engine)
     threads = {"threads": args.threads} if args.threads else {}
-    adapter = (cls(model_path=model_path, model_id="m", slots=args.slots, **threads) if args.engine != "simulated"
+    backend = (cls(model_path=model_path, model_id="m", slots=args.slots, **threads) if args.engine != "simulated"
                else cls(model_id="m", slots=max(args.slots, 64)))
-    await adapter.start()
+    await backend.start()
     with tempfile.TemporaryDirectory(prefix="cy-bench-") as tmpdir:
         server, sup, url = await start_pipeline(Path(tmpdir), args, model_path, args.port)
         rows = []
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-                direct, piped = direct_runner(adapter, args.max_tokens), pipeline_runner(session, url, "m",
+                direct, piped = direct_runner(backend, args.max_tokens), pipeline_runner(session, url, "m",
                                                                                           args.max_tokens)
                 await run_load(direct, 2, 4)  # warm-up both paths
                 await run_load(piped, 2, 4)
@@ -171,7 +171,7 @@ async def main() -> None:
         finally:
             await sup.stop_all(["edge", "scheduler", "engine"])
             server.stop()
-            await adapter.close()
+            await backend.close()
     print(f"\nengine={args.engine} requests={args.requests} max_tokens={args.max_tokens} slots={args.slots} "
           f"threads={args.threads or 'default'}\n")
     print("| mode | concurrency | requests | TTFT p50 ms | TTFT p99 ms | tokens/s | TTFT p50 added ms | tokens/s ratio |")

@@ -10,6 +10,10 @@ applies) creates missing objects with one replica and leaves an existing object'
 server has it, so an R3 cluster is never refused nor downgraded. ``replicas=N`` asks for N: a
 different count is a difference like any other, applied by ``update=True`` (JetStream changes a
 stream's replica count in place, copying its data to the new peers).
+
+Every name (stream, subject, durable, bucket) comes from ``schemas/names.py``. The definitions
+file spells them too, for operators to read; ``name_mismatches`` compares the two and ``apply``
+refuses a file that disagrees, so a renamed subject can never be provisioned under its old name.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
+
+from schemas import names
 
 DEFINITIONS = Path(__file__).parent / "nats" / "jetstream.toml"
 
@@ -52,11 +58,37 @@ def load_definitions(path: Path = DEFINITIONS) -> dict[str, Any]:
         return tomllib.load(f)
 
 
+def _disagreement(section: str, defined: set[str], known: set[str]) -> list[str]:
+    """Names ``section`` of the file has that names.py lacks, and the other way round."""
+    out = [f"[{section}.{n}] is not a {section} name of schemas/names.py" for n in sorted(defined - known)]
+    out += [f"[{section}.{n}] is missing (schemas/names.py names it)" for n in sorted(known - defined)]
+    return out
+
+
+def name_mismatches(defs: dict[str, Any]) -> list[str]:
+    """Every place the definitions spell a name differently from ``schemas/names.py`` (empty: none)."""
+    streams, consumers = defs.get("streams", {}), defs.get("consumers", {})
+    out = _disagreement("streams", set(streams), set(names.STREAMS))
+    out += _disagreement("consumers", set(consumers), set(names.DURABLES))
+    out += _disagreement("kv", set(defs.get("kv", {})), set(names.KV_BUCKETS))
+    out += _disagreement("object_stores", set(defs.get("object_stores", {})), set(names.OBJECT_STORES))
+    for name, d in streams.items():
+        want = names.STREAMS.get(name)
+        if want is not None and sorted(d.get("subjects", [])) != sorted(want):
+            out.append(f"[streams.{name}] subjects = {d.get('subjects')!r}, schemas/names.py has {list(want)!r}")
+    for name, d in consumers.items():
+        want = names.DURABLES.get(name)
+        if want is not None and (d.get("stream"), d.get("filter_subject")) != want:
+            out.append(f"[consumers.{name}] stream, filter_subject = {d.get('stream')!r}, "
+                       f"{d.get('filter_subject')!r}; schemas/names.py has {want[0]!r}, {want[1]!r}")
+    return out
+
+
 def _stream_config(name: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     return api.StreamConfig(
         name=name,
         description=d.get("description"),
-        subjects=d.get("subjects"),
+        subjects=list(names.STREAMS[name]),
         retention=api.RetentionPolicy(d.get("retention", "limits")),
         storage=api.StorageType(d.get("storage", "file")),
         max_msgs=d.get("max_msgs", -1),
@@ -78,9 +110,9 @@ def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> a
     # Mirrors what nats.py's create_key_value builds, so a bucket made either way compares equal.
     history = d.get("history", 1)
     return api.StreamConfig(
-        name=f"KV_{bucket}",
+        name=names.kv_stream(bucket),
         description=d.get("description"),
-        subjects=[f"$KV.{bucket}.>"],
+        subjects=[names.kv_subjects(bucket)],
         retention=api.RetentionPolicy.LIMITS,
         storage=api.StorageType(d.get("storage", "file")),
         max_msgs=-1,
@@ -98,9 +130,9 @@ def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> a
 
 def _obj_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     return api.StreamConfig(
-        name=f"OBJ_{bucket}",
+        name=names.obj_stream(bucket),
         description=d.get("description"),
-        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        subjects=list(names.obj_subjects(bucket)),
         retention=api.RetentionPolicy.LIMITS,
         storage=api.StorageType(d.get("storage", "file")),
         max_bytes=d.get("max_bytes", -1),
@@ -164,7 +196,7 @@ def _consumer_config(name: str, d: dict[str, Any], replicas: int | None) -> api.
     return api.ConsumerConfig(
         durable_name=name,
         description=d.get("description"),
-        filter_subject=d["filter_subject"],
+        filter_subject=names.DURABLES[name][1],
         ack_policy=api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_wait=d.get("ack_wait", 30),
@@ -179,10 +211,11 @@ def _consumer_config(name: str, d: dict[str, Any], replicas: int | None) -> api.
 async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], replicas: int | None,
                           update: bool) -> Action:
     want = _consumer_config(name, d, replicas)
+    stream = names.DURABLES[name][0]
     try:
-        info = await js.consumer_info(d["stream"], name)
+        info = await js.consumer_info(stream, name)
     except NotFoundError:
-        await js.add_consumer(d["stream"], want)
+        await js.add_consumer(stream, want)
         return Action("consumer", name, "created")
     have = info.config
     diff = {}
@@ -205,7 +238,7 @@ async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], re
     if not update:
         raise ProvisionError(f"consumer {name} differs from infra/nats/jetstream.toml: {text}; "
                              "re-run with --update to apply")
-    await js.add_consumer(d["stream"], want)  # create-or-update on the same durable
+    await js.add_consumer(stream, want)  # create-or-update on the same durable
     return Action("consumer", name, "updated", text)
 
 
@@ -214,8 +247,14 @@ async def apply(js: JetStreamContext, *, definitions: dict[str, Any] | None = No
     """Create every stream, consumer, KV bucket and object store that is missing; verify the rest.
 
     ``replicas=None``: keep each existing object's replica count (new ones get 1).
+
+    Refuses (``ProvisionError``, before touching the server) definitions whose names disagree with
+    ``schemas/names.py``.
     """
     defs = definitions if definitions is not None else load_definitions()
+    mismatches = name_mismatches(defs)
+    if mismatches:
+        raise ProvisionError("infra/nats/jetstream.toml disagrees with schemas/names.py: " + "; ".join(mismatches))
     actions: list[Action] = []
     for name, d in defs.get("streams", {}).items():
         actions.append(await _apply_stream(js, "stream", _stream_config(name, d, replicas), update))

@@ -5,7 +5,7 @@ terminal event: ``StreamEnd`` or ``StreamError``. Each is a JSON object tagged b
 
 Every event carries the ``dispatch`` number of the request it answers (``InferenceRequest.dispatch``,
 omitted when 0): if an engine the scheduler gave up on accepts late, its events are told apart from
-the current engine's by that number alone, and the producer drops them (issue 3).
+the current engine's by that number alone, and the producer drops them.
 """
 
 from __future__ import annotations

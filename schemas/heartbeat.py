@@ -12,7 +12,7 @@ class ServedModel(msgspec.Struct, kw_only=True, omit_defaults=True):
     context_length: int = 0
     aliases: list[str] = []
     owned_by: str = "cy-llm"
-    # Engines serving several models (issue 4): memory the model took when loaded, its requests now,
+    # Engines serving several models (loaded and evicted at run time): memory the model took when loaded, its requests now,
     # and the PEFT adapters loaded into it.
     memory_bytes: int = 0
     in_flight: int = 0

@@ -57,11 +57,11 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     created: float = 0.0
     adapter: str | None = None
     user: str | None = None
-    # Prompt cache (issue 3): ``cache`` False opts out; ``cache_key`` is set by the scheduler on a
+    # Prompt cache: ``cache`` False opts out; ``cache_key`` is set by the scheduler on a
     # cacheable miss, telling the engine to store the finished response under that key.
     cache: bool = True
     cache_key: str | None = None
-    # Failover (issue 3). ``attempt`` > 0 marks a re-publication by the producer after the engine
+    # Failover. ``attempt`` > 0 marks a re-publication by the producer after the engine
     # running the request was lost; its ``id`` is ``names.attempt_id(original, attempt)``.
     # ``continuation`` is the text already delivered to the client: the engine renders the prompt
     # (chat: with the generation prompt) followed by this text and continues from there, with
@@ -72,13 +72,13 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Set by a scheduler only on a redelivered message: "are you running (or did you just finish)
     # this id?" An engine answers accepted=True if so and never starts the request.
     probe: bool = False
-    # Which offer of this request to an engine this is (issue 3, late accepts): set by the scheduler,
+    # Which offer of this request to an engine this is (so a late accept is told apart): set by the scheduler,
     # 0 for the first offer of the first delivery and larger for every later one (another engine
     # after no answer, a redelivery), so a later offer always has a larger number. The engine echoes
     # it in every event; a producer follows only the largest it has seen, and the scheduler withdraws
     # an offer it gave up on by this number (``CancelRequest.dispatch`` on ``names.engine_cancel``).
     dispatch: int = 0
-    # Who notices a dead engine (issue 3). False (a NATS-native producer): the scheduler replica that
+    # Who notices a dead engine. False (a NATS-native producer): the scheduler replica that
     # got the engine's accept remembers the request until its deadline and, if the engine misses three
     # heartbeats, sends a ``worker_lost`` StreamError to ``reply_to``. True: the producer follows the
     # engine's heartbeats itself (the edge sets it on every request it publishes, and migrates a

@@ -160,10 +160,21 @@ def kv_subjects(bucket: str) -> str:
     return f"$KV.{bucket}.>"
 
 
-# --- training (used by the trainer issue) ---
+def obj_stream(bucket: str) -> str:
+    """The JetStream stream behind object store ``bucket`` (JetStream's own naming: ``OBJ_<bucket>``)."""
+    return f"OBJ_{bucket}"
+
+
+def obj_subjects(bucket: str) -> tuple[str, str]:
+    """The chunk and metadata subjects of object store ``bucket`` (``$O.<bucket>.C.>``, ``$O.<bucket>.M.>``)."""
+    return f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"
+
+
+# --- training ---
 TRAIN_STREAM = "LLM_TRAIN"
 TRAIN_SUBMIT = f"{ROOT}.train.submit"
 TRAIN_EVENTS_STREAM = "LLM_TRAIN_EVENTS"
+TRAIN_EVENTS_ALL = f"{ROOT}.train.job.*.event"  # every job's events: the subjects of TRAIN_EVENTS_STREAM
 TRAIN_DURABLE = "trainers"
 TRAIN_JOBS_BUCKET = "llm_train_jobs"
 TRAIN_CANCEL = f"{ROOT}.train.cancel"  # core broadcast of TrainCancel
@@ -187,6 +198,26 @@ def rate_counter(principal: str, kind: str, window: int) -> str:
     if kind not in ("requests", "tokens", "streams"):
         raise ValueError(f"unknown rate counter kind {kind!r}")
     return f"{ROOT}.rate.{slug(principal)}.{kind}.{int(window)}"
+
+
+# --- what infra provisions (infra/nats/jetstream.toml holds the settings, infra/provision.py applies) ---
+# Provisioning takes every name below from here and refuses a definitions file that disagrees.
+
+# Stream -> its subjects.
+STREAMS: dict[str, tuple[str, ...]] = {
+    INFER_STREAM: (INFER_SUBMIT_ALL,),
+    TRAIN_STREAM: (TRAIN_SUBMIT,),
+    TRAIN_EVENTS_STREAM: (TRAIN_EVENTS_ALL,),
+    RATE_STREAM: (RATE_ALL,),
+}
+# Durable consumer -> (its stream, its filter subject).
+DURABLES: dict[str, tuple[str, str]] = {
+    **{scheduler_durable(lane): (INFER_STREAM, infer_submit(lane)) for lane in LANES_BY_PRIORITY},
+    TRAIN_DURABLE: (TRAIN_STREAM, TRAIN_SUBMIT),
+}
+KV_BUCKETS: tuple[str, ...] = (WORKERS_BUCKET, PROMPT_CACHE_BUCKET, IDEMPOTENCY_BUCKET, SCHEDULER_CONFIG_BUCKET,
+                               MODELS_BUCKET, TRAIN_JOBS_BUCKET, API_KEYS_BUCKET)
+OBJECT_STORES: tuple[str, ...] = (ARTIFACTS_STORE,)
 
 
 # --- NATS micro service names ---

@@ -20,7 +20,7 @@ from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
 from schemas.registry import ModelEntry
 from services.common import model_registry
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
-from services.engine.__main__ import build_adapter
+from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
@@ -37,7 +37,7 @@ async def real_engine(nats_url: str, model_dir: Path, state_dir: Path, *extra: s
     for alias in DEFAULT_MODEL_ALIASES:
         argv += ["--alias", alias]
     cfg = parse_args([*argv, *extra])
-    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(CollectorRegistry()), factory=build_adapter,
+    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()), factory=build_backend,
                             state_dir=state_dir)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))

@@ -1,8 +1,8 @@
 """TEST DOUBLES of engine libraries this machine cannot run (tensorrt_llm, mlx_lm) and of MindIE Server.
 
-They exist only to drive OUR adapter code paths (argument mapping, output translation, abort,
-lifecycle) in tests/engine/test_engine_gpu_adapters.py. They mimic the shapes those libraries' current
-sources document (cited in each adapter's docstring) and nothing more: a test passing against
+They exist only to drive OUR backend code paths (argument mapping, output translation, abort,
+lifecycle) in tests/engine/test_engine_gpu_backends.py. They mimic the shapes those libraries' current
+sources document (cited in each backend's docstring) and nothing more: a test passing against
 them says nothing about the real library. Each is injected through ``sys.modules`` (or, for
 MindIE, served on a loopback port) by the test that uses it, never by default.
 """
@@ -81,7 +81,7 @@ class FakeRequestOutput:
 
 
 class FakeSamplingParams:
-    """Records the keyword arguments our adapter passes to ``tensorrt_llm.SamplingParams``."""
+    """Records the keyword arguments our backend passes to ``tensorrt_llm.SamplingParams``."""
 
     def __init__(self, **kwargs) -> None:
         self.kwargs = kwargs
@@ -139,7 +139,7 @@ def fake_tensorrt_llm_modules() -> dict[str, types.ModuleType]:
 
 @dataclass
 class FakeGenerationResponse:
-    """Shape of ``mlx_lm.generate.GenerationResponse`` (the fields our adapter reads)."""
+    """Shape of ``mlx_lm.generate.GenerationResponse`` (the fields our backend reads)."""
 
     text: str
     token: int

@@ -1,5 +1,9 @@
-"""The operator CLI behind ``./cy``: start and stop the platform, provision NATS, run the tests.
+"""The operator CLI behind ``./cy``: start and stop the platform, provision NATS, keys, training.
 
-``main`` parses arguments; ``up`` runs the platform with ``supervisor`` (child processes) and
-``readiness`` (is the edge answering?); ``commands`` holds the smaller commands.
+- ``main``: argument parsing. ``__main__``: ``python -m services.cli``. ``errors``: ``CliError``.
+- ``up``: ``./cy up``, the whole platform as processes on one NATS; ``supervisor`` runs the children,
+  ``readiness`` waits for the edge, ``banner`` says where it is, ``pidfile`` is for ``./cy down``.
+- ``commands``: ``down``, ``infra apply``, ``model install``, ``test``. ``infra``: applying ``jetstream.toml``.
+- ``keys``: ``./cy keys``: API keys in ``llm_api_keys``.
+- ``train``, ``train_client``: ``./cy train`` through an edge's HTTP API.
 """

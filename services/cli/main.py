@@ -57,7 +57,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     add_nats_arguments(p, url_from_env=False)
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
-                   help="engine adapter (default: transformers; llamacpp serves the model's GGUF and is the "
+                   help="engine backend (default: transformers; llamacpp serves the model's GGUF and is the "
                         "fastest on CPU; ./cy installs the llamacpp or vllm extra first when asked for one)")
     p.add_argument("--slots", type=int, default=None, metavar="N",
                    help="concurrent generations of the engine (default: the engine's own)")

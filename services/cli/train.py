@@ -133,7 +133,7 @@ def progress_line(data: dict) -> str:
     return "  ".join(parts)
 
 
-class _Progress:
+class _ProgressLine:
     """Draws progress in place on a terminal, one line per update elsewhere."""
 
     def __init__(self, out: TextIO) -> None:
@@ -159,7 +159,7 @@ class _Progress:
 
 async def follow(edge: EdgeClient, job_id: str, out: TextIO) -> int:
     """Show a job's events until it ends; 0 succeeded, 1 failed, 3 cancelled."""
-    progress = _Progress(out)
+    progress = _ProgressLine(out)
     async for event in edge.events(f"/api/v1/training/{job_id}/stream"):
         if event.get("done"):
             return _final(event, progress)
@@ -172,7 +172,7 @@ async def follow(edge: EdgeClient, job_id: str, out: TextIO) -> int:
     raise CliError(f"the progress stream of {job_id} ended before the job did; resume with ./cy train follow {job_id}")
 
 
-def _final(status: dict, progress: _Progress) -> int:
+def _final(status: dict, progress: _ProgressLine) -> int:
     state = status.get("status")
     if state == "succeeded":
         progress.message(f"{status['jobId']} succeeded: fine-tuned model {status.get('fineTunedModel')}")

@@ -1,4 +1,4 @@
-"""Connecting to NATS the same way in every service and every operator command.
+"""Connecting to NATS the same way in every service and operator command, and what "the bus is down" means.
 
 One place for what a NATS address is: a comma-separated server list (the nodes of a cluster;
 any one of them is enough to start, the client learns the others and fails over between them),
@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ _ENV = {
     "nats_tls_cert": ("CY_NATS_TLS_CERT", "NATS_CERT"),
     "nats_tls_key": ("CY_NATS_TLS_KEY", "NATS_KEY"),
 }
+# Connection states in which nothing reaches the server now (closed, draining, reconnecting, a full
+# outbound buffer, a stale connection). Every service catches exactly these as "the bus is down";
+# what a caller adds to them (a timeout, no responders) is its own decision.
+BUS_DOWN: tuple[type[Exception], ...] = (
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError)
 
 
 class NatsOptions(msgspec.Struct, kw_only=True):

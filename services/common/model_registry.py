@@ -67,11 +67,6 @@ async def put_entry(kv: KeyValue, entry: ModelEntry) -> None:
     await kv.put(names.slug(entry.id), _encode(entry))
 
 
-async def delete_entry(kv: KeyValue, model_id: str) -> None:
-    """Forget ``model_id``."""
-    await kv.delete(names.slug(model_id))
-
-
 async def list_entries(kv: KeyValue) -> list[ModelEntry]:
     """Every readable entry, sorted by id (malformed values are skipped and logged)."""
     keys = await kv_keys(kv)

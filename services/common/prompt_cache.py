@@ -31,15 +31,14 @@ from nats.js.kv import KeyValue
 
 from schemas import names
 from schemas.cache import CachedResponse
+from services.common.bus import BUS_DOWN
 from services.common.cache_mirror import CacheMirror
 from services.common.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 _decoder = msgspec.json.Decoder(CachedResponse)
-_LOOKUP_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError,
-                  nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-                  nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError)
+_LOOKUP_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError, *BUS_DOWN)
 
 
 class PromptCacheReader:

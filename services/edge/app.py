@@ -20,16 +20,16 @@ from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
 from services.common.prompt_cache import PromptCacheReader
 from services.common.worker_table import WorkerTable
-from services.edge.openai import catalog, completions, model_admin
-from services.edge.system import health, management, openapi
-from services.edge.native import api as native_api, websocket
+from services.edge.native import routes as native_routes
+from services.edge.openai import routes as openai_routes
+from services.edge.system import routes as system_routes
 from services.edge.training import routes as training_routes
 from services.edge.auth.key_cache import ApiKeyCache
 from services.edge.auth.authenticator import Authenticator, auth_middleware
 from services.edge.bus.cache_hits import EdgeCache
 from services.edge.config import EdgeConfig
 from services.edge.http.cors import CorsPolicy, cors_headers, cors_middleware
-from services.edge.bus.publish import Dispatcher
+from services.edge.bus.publish import RequestPublisher
 from services.edge.bus.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
 from services.edge.middleware import error_middleware, first_output_metrics, metrics_middleware
@@ -39,7 +39,7 @@ from services.edge.auth.rate_limit import RateLimiter, add_rate_headers
 from services.edge.auth.rate_window import RateLimits
 from services.edge.bus.replies import ReplyRouter
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
-from services.edge.bus.liveness import WorkerFeed
+from services.edge.bus.liveness import LivenessWatch
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,17 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         await router.start(nc)
         stack.push_async_callback(router.stop)
         table = WorkerTable()
-        feed = WorkerFeed(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace)
-        await feed.start(nc, nc.jetstream())
-        stack.push_async_callback(feed.stop)
+        liveness = LivenessWatch(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace)
+        await liveness.start(nc, nc.jetstream())
+        stack.push_async_callback(liveness.stop)
         gauge = QueueGauge(nc.jetstream())
         gauge.start()
         stack.push_async_callback(gauge.stop)
         failovers = app[METRICS].failovers
-        dispatcher = Dispatcher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout,
-                                publish_window=config.publish_retry_window,
-                                queue=gauge.drain, table=table, max_failovers=config.max_failovers,
-                                on_failover=lambda outcome: failovers.labels(outcome).inc())
+        publisher = RequestPublisher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout,
+                                     publish_window=config.publish_retry_window,
+                                     queue=gauge.drain, table=table, max_failovers=config.max_failovers,
+                                     on_failover=lambda outcome: failovers.labels(outcome).inc())
         service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,
                                                description="CY-LLM edge (OpenAI-compatible HTTP)",
                                                metadata={"edge_id": edge_id, "http": f"{config.host}:{config.port}"})
@@ -96,7 +96,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         await registry.start(nc.jetstream())
         stack.push_async_callback(registry.stop)
         cache = await _prompt_cache(app, nc, stack)
-        app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, dispatcher=dispatcher,
+        app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, publisher=publisher,
                          limiter=limiter, registry=registry, cache=cache,
                          idempotency=IdempotencyStore(idempotency_kv) if idempotency_kv is not None else None)
         log.info("edge %s connected to %s", edge_id, config.nats_url)
@@ -175,24 +175,6 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     app.on_response_prepare.append(first_output_metrics(metrics))
     if cors is not None:
         app.on_response_prepare.append(cors_headers(cors))
-    app.router.add_post("/v1/chat/completions", completions.chat_completions)
-    app.router.add_post("/v1/completions", completions.completions)
-    app.router.add_get("/v1/models", catalog.list_models)
-    app.router.add_post("/v1/models/load", model_admin.load_model)
-    app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
-    app.router.add_delete("/v1/models/{model:.+}", model_admin.unload_model)
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_post("/api/v1/inference", native_api.inference)
-    app.router.add_post("/api/v1/inference/stream", native_api.inference_stream)
-    app.router.add_get("/api/v1/inference/ws", websocket.inference_ws)
-    app.router.add_get("/api/v1/models", native_api.list_models)
-    app.router.add_get("/api/v1/health", native_api.health_check)
-    app.router.add_get("/v1/system/health", management.system_health)
-    app.router.add_get("/v1/system/status", management.system_status)
-    app.router.add_get("/v1/system/metrics", management.system_metrics)
-    app.router.add_get("/v1/cluster/status", management.cluster_status)
-    app.router.add_post("/v1/cluster/strategy", management.set_strategy)
-    app.router.add_get("/metrics", health.metrics)
-    app.router.add_get("/openapi.json", openapi.serve_document)
-    training_routes.add_routes(app)
+    for routes in (openai_routes, native_routes, system_routes, training_routes):
+        routes.add_routes(app)
     return app

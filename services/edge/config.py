@@ -84,7 +84,7 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     max_json_depth: Positive = 64
     # Most choices (OpenAI ``n``) one request may ask for; each is generated as a request of its own.
     max_choices: Positive = 16
-    # Prompt cache (issue 3): answer hits of cacheable OpenAI requests here, without the queue (False:
+    # Prompt cache: answer hits of cacheable OpenAI requests here, without the queue (False:
     # every request goes to the queue and the scheduler answers hits). Entries read lately are kept in
     # memory (0 = one KV read per lookup), dropped at once when their key changes and at most
     # cache_mirror_check seconds after the bucket expired or evicted them.

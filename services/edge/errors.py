@@ -52,7 +52,7 @@ _HTTP_CODES: dict[int, str] = {
     431: HEADERS_TOO_LARGE,
 }
 
-# Refusals by the edge itself (the ``reason`` of ``gateway_rejected_requests_total``); codes not here
+# Refusals by the edge itself (the ``reason`` of ``llm_edge_rejected_requests_total``); codes not here
 # (an engine that failed, a lost worker, an internal error, a cancel) are failures, not refusals.
 _REJECTION_REASONS: dict[str, str] = {
     ErrorCode.INVALID_API_KEY: "auth",

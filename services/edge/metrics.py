@@ -1,6 +1,7 @@
 """The edge's Prometheus metrics, on an injected registry.
 
-Names follow the seed's promise (``gateway_requests_total``, ``gateway_latency_seconds``);
+Names follow the house scheme ``llm_edge_<noun>_<unit>`` (the seed's ``gateway_requests_total``
+and ``gateway_latency_seconds`` are ``llm_edge_requests_total`` and ``llm_edge_latency_seconds``);
 labels are bounded: the route template (never the raw path), the status code, the kind of
 stream (``sse``, ``json``, ``websocket``) and a rejection reason from a fixed set.
 
@@ -23,7 +24,7 @@ SSE = "sse"
 JSON = "json"
 WEBSOCKET = "websocket"
 
-# Where a prompt-cache hit the edge answered came from, the ``source`` label of ``gateway_cache_hits_total``.
+# Where a prompt-cache hit the edge answered came from, the ``source`` label of ``llm_edge_cache_hits_total``.
 CACHE_MEMORY = "memory"
 CACHE_KV = "kv"
 CACHE_SOURCES = (CACHE_MEMORY, CACHE_KV)
@@ -38,20 +39,20 @@ class EdgeMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter("gateway_requests_total", "HTTP requests answered by the edge",
+        self.requests = Counter("llm_edge_requests_total", "HTTP requests answered by the edge",
                                 ["route", "status"], registry=registry)
-        self.latency = Histogram("gateway_latency_seconds", "Time from request arrival to its last byte",
+        self.latency = Histogram("llm_edge_latency_seconds", "Time from request arrival to its last byte",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram("gateway_time_to_first_token_seconds",
+        self.ttft = Histogram("llm_edge_time_to_first_token_seconds",
                               "Time from a generation request's arrival to its first output sent to the client "
                               "(SSE: first chunk; websocket: first frame; json: the whole body)",
                               ["route", "kind"], buckets=_TTFT_BUCKETS, registry=registry)
-        self.open_streams = Gauge("gateway_open_streams", "SSE responses and WebSockets open now",
+        self.open_streams = Gauge("llm_edge_open_streams", "SSE responses and WebSockets open now",
                                   ["route", "kind"], registry=registry)
-        self.rejected = Counter("gateway_rejected_requests_total",
+        self.rejected = Counter("llm_edge_rejected_requests_total",
                                 "Requests (and WebSocket request frames) the edge refused, by reason",
                                 ["reason"], registry=registry)
-        self.in_flight = Gauge("gateway_in_flight_requests", "HTTP requests being answered now",
+        self.in_flight = Gauge("llm_edge_in_flight_requests", "HTTP requests being answered now",
                                registry=registry)
         self.rate_limited = Counter("llm_edge_rate_limited_total",
                                     "Requests refused with 429 because a per-caller budget was spent",
@@ -60,13 +61,13 @@ class EdgeMetrics:
                                  "Requests whose engine was lost: re-dispatched before the first token, migrated "
                                  "mid-stream, or ended because no failover was possible", ["outcome"],
                                  registry=registry)
-        self.cache_hits = Counter("gateway_cache_hits",
+        self.cache_hits = Counter("llm_edge_cache_hits_total",
                                   "Cacheable requests the edge answered from the prompt cache itself, without the "
                                   "queue or a scheduler, by where the entry came from: its memory mirror or one KV "
                                   "read", ["source"], registry=registry)
-        self.cache_misses = Counter("gateway_cache_misses",
+        self.cache_misses = Counter("llm_edge_cache_misses_total",
                                     "Cacheable requests the edge did not find in the prompt cache (passed on to the "
-                                    "queue, where a scheduler looks again and counts coordinator_cache_*)",
+                                    "queue, where a scheduler looks again and counts llm_scheduler_cache_*)",
                                     registry=registry)
         # Both sources exported from the start (at 0), so rules adding them up never see an empty vector.
         self.cache_hit_from = {source: self.cache_hits.labels(source) for source in CACHE_SOURCES}

@@ -33,7 +33,7 @@ SSE_RESPONSE = web.RequestKey("sse_response", web.StreamResponse)
 
 # When the request reached the edge (``time.perf_counter()``), for time to first token.
 ARRIVED = web.RequestKey("arrived", float)
-# The kind of stream (``sse``, ``websocket``) this request holds open, counted in ``gateway_open_streams``.
+# The kind of stream (``sse``, ``websocket``) this request holds open, counted in ``llm_edge_open_streams``.
 OPEN_STREAM = web.RequestKey("open_stream", str)
 
 # nginx's "client closed request": the client went away before the answer was complete.
@@ -119,7 +119,7 @@ async def _late_failure(request: web.Request, err: BusError) -> web.StreamRespon
 
 def error_middleware(retry_after: int, metrics: EdgeMetrics | None = None) -> Middleware:
     """Turn ``BusError``, aiohttp HTTP errors and unexpected exceptions into OpenAI error bodies;
-    count refusals in ``gateway_rejected_requests_total``."""
+    count refusals in ``llm_edge_rejected_requests_total``."""
 
     def refused(code: str) -> None:
         if metrics is not None:

@@ -12,7 +12,7 @@ from services.common.worker_table import WorkerTable
 from services.edge.auth.authenticator import Authenticator
 from services.edge.bus.cache_hits import EdgeCache
 from services.edge.config import EdgeConfig
-from services.edge.bus.publish import Dispatcher
+from services.edge.bus.publish import RequestPublisher
 from services.edge.bus.idempotency import IdempotencyStore
 from services.edge.metrics import EdgeMetrics
 from services.edge.auth.rate_limit import RateLimiter
@@ -29,7 +29,7 @@ class Edge:
     nc: Client
     table: WorkerTable
     router: ReplyRouter
-    dispatcher: Dispatcher
+    publisher: RequestPublisher
     accepting: bool = field(default=True)
     # Per-caller budgets counted on the bus; None when rate limiting is off.
     limiter: RateLimiter | None = None
@@ -37,7 +37,7 @@ class Edge:
     idempotency: IdempotencyStore | None = None
     # Base models the registry knows (for cold starts); empty without the llm_models bucket.
     registry: RegistryView = field(default_factory=RegistryView)
-    # Prompt-cache hits answered here (issue 3); None when off or the bucket is not provisioned.
+    # Prompt-cache hits answered here (no queue, scheduler or engine); None when off or the bucket is not provisioned.
     cache: EdgeCache | None = None
 
     def check_accepting(self) -> None:

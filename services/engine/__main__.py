@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.common.model_store import default_state_dir
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 from services.engine.config import EngineConfig, parse_args
 from services.engine.engine_choice import NoEngineFits, choose_engine, probe_platform
 from services.engine.metrics import EngineMetrics
@@ -19,13 +19,13 @@ from services.engine.service import EngineService
 log = logging.getLogger("services.engine")
 
 
-def build_adapter(cfg: EngineConfig):
-    """Instantiate the configured adapter (imported lazily)."""
-    cls = adapter_class(cfg.engine)
+def build_backend(cfg: EngineConfig):
+    """Instantiate the configured backend (imported lazily)."""
+    cls = backend_class(cfg.engine)
     if cfg.engine == "simulated":
         return cls(model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots, token_rate=cfg.sim_token_rate,
                    ttft=cfg.sim_ttft, context_length=cfg.context_length or 8192)
-    if hasattr(cls, "from_config"):  # adapters over external engines take what they need from the config
+    if hasattr(cls, "from_config"):  # backends over external engines take what they need from the config
         return cls.from_config(cfg)
     extra = {"enable_lora": False} if cfg.no_lora and cfg.engine == "vllm" else {}
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
@@ -55,7 +55,7 @@ async def main(cfg: EngineConfig) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
     # Models loaded at run time (control subject ``load``) are built the same way, from a copy of cfg.
-    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(registry), factory=build_adapter)
+    service = EngineService(cfg, build_backend(cfg), EngineMetrics(registry), factory=build_backend)
     await service.run(stop)
 
 

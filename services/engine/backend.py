@@ -1,8 +1,8 @@
 """The one interface every engine implements (after vLLM's ``EngineClient``).
 
-An adapter turns an ``InferenceRequest`` into an async stream of ``Chunk``s ending with one
-``Finished``; it raises ``BusError`` for a request it cannot serve. Adapters are imported
-lazily (see ``adapters/__init__.py``) so running one engine never imports another's library.
+A backend turns an ``InferenceRequest`` into an async stream of ``Chunk``s ending with one
+``Finished``; it raises ``BusError`` for a request it cannot serve. Backends are imported
+lazily (see ``backends/__init__.py``) so running one engine never imports another's library.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class AdapterChange:
     evictions: int = 0
 
 
-class EngineAdapter(abc.ABC):
+class EngineBackend(abc.ABC):
     """A loaded engine serving one or more models."""
 
     #: Engine name reported in heartbeats (``transformers``, ``llama.cpp``, ``vllm``...).

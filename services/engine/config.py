@@ -44,7 +44,7 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
     """Build the config from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.engine",
-                                description="CY-LLM engine: serves a model behind the common adapter interface.")
+                                description="CY-LLM engine: serves a model behind the common backend interface.")
     add_nats_arguments(p)
     p.add_argument("--engine", default="transformers",
                    help="auto | transformers | vllm | llamacpp | tensorrt-llm | mindie | mlx | simulated (auto: "

@@ -1,4 +1,4 @@
-"""``--engine auto``: which engine fits this machine and this model (issue 4).
+"""``--engine auto``: which engine fits this machine and this model.
 
 ``choose_engine`` is a pure function of a ``PlatformProbe``; ``probe_platform`` is the only part
 that looks at the machine (devices, importable packages, the model path). The rules, first
@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Engine names, as registered in ``services.engine.backends.ADAPTERS``.
+# Engine names, as registered in ``services.engine.backends.BACKENDS``.
 TRANSFORMERS = "transformers"
 VLLM = "vllm"
 LLAMA_CPP = "llama.cpp"

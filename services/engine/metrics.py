@@ -10,27 +10,31 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
 
 
 class EngineMetrics:
-    """``worker_*`` metrics named after the seed documents."""
+    """``llm_engine_*`` metrics: requests by outcome, latency, time to first token, inter-token latency,
+    tokens, requests in flight, memory, and the models and PEFT adapters loaded (the seed documents
+    called these ``worker_*``; docs/observability.md maps the old names)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter("worker_requests", "Requests finished, by outcome", ["model", "outcome"],
+        self.requests = Counter("llm_engine_requests_total", "Requests finished, by outcome", ["model", "outcome"],
                                 registry=registry)
-        self.latency = Histogram("worker_inference_latency_seconds", "Request latency, accept to last token",
+        self.latency = Histogram("llm_engine_inference_latency_seconds", "Request latency, accept to last token",
                                  ["model"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram("worker_time_to_first_token_seconds", "Accept to first token", ["model"],
+        self.ttft = Histogram("llm_engine_time_to_first_token_seconds", "Accept to first token", ["model"],
                               buckets=_TTFT_BUCKETS, registry=registry)
-        self.itl = Histogram("worker_inter_token_latency_seconds", "Mean time between tokens per request",
+        self.itl = Histogram("llm_engine_inter_token_latency_seconds", "Mean time between tokens per request",
                              ["model"], buckets=_ITL_BUCKETS, registry=registry)
-        self.tokens = Counter("worker_generated_tokens", "Completion tokens generated", ["model"], registry=registry)
-        self.prompt_tokens = Counter("worker_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry)
-        self.in_flight = Gauge("worker_in_flight_requests", "Requests being generated", registry=registry)
-        self.memory = Gauge("worker_memory_used_bytes", "Memory used by the engine (GPU memory on GPU, RSS on CPU)",
-                            registry=registry)
-        self.models_loaded = Gauge("worker_models_loaded", "Models loaded", registry=registry)
-        self.adapters_loaded = Gauge("worker_adapters_loaded", "PEFT adapters loaded", registry=registry)
-        self.adapter_loads = Counter("worker_adapter_loads", "PEFT adapters loaded into the model",
+        self.tokens = Counter("llm_engine_generated_tokens_total", "Completion tokens generated", ["model"],
+                              registry=registry)
+        self.prompt_tokens = Counter("llm_engine_prompt_tokens_total", "Prompt tokens processed", ["model"],
                                      registry=registry)
-        self.adapter_evictions = Counter("worker_adapter_evictions",
+        self.in_flight = Gauge("llm_engine_in_flight_requests", "Requests being generated", registry=registry)
+        self.memory = Gauge("llm_engine_memory_used_bytes",
+                            "Memory used by the engine (GPU memory on GPU, RSS on CPU)", registry=registry)
+        self.models_loaded = Gauge("llm_engine_models_loaded", "Models loaded", registry=registry)
+        self.adapters_loaded = Gauge("llm_engine_adapters_loaded", "PEFT adapters loaded", registry=registry)
+        self.adapter_loads = Counter("llm_engine_adapter_loads_total", "PEFT adapters loaded into the model",
+                                     registry=registry)
+        self.adapter_evictions = Counter("llm_engine_adapter_evictions_total",
                                          "PEFT adapters unloaded to make room (least recently used, idle)",
                                          registry=registry)

@@ -1,13 +1,13 @@
-"""The models one engine process holds: one ``EngineAdapter`` per model, loaded and unloaded at run time.
+"""The models one engine process holds: one ``EngineBackend`` per model, loaded and unloaded at run time.
 
-Every model is an adapter instance of this process's engine kind, built by the same factory
-that built the first one (``services.engine.__main__.build_adapter``) from a copy of the
+Every model is a backend instance of this process's engine kind, built by the same factory
+that built the first one (``services.engine.__main__.build_backend``) from a copy of the
 config naming the model's id, path and aliases. Loads are serialized (memory is measured
 around each one); concurrent loads of one model share one. A load that would exceed
 ``max_models`` or ``memory_budget`` first unloads the least recently used idle models
 (``eviction.plan_evictions``); a model with requests in flight is never unloaded by eviction,
 and an explicit unload waits for them (up to the drain timeout). Unloading really returns
-memory: the adapter is closed and dropped, then the garbage collector, the CUDA cache and
+memory: the backend is closed and dropped, then the garbage collector, the CUDA cache and
 glibc's heap (``malloc_trim``) give the freed pages back.
 """
 
@@ -32,21 +32,21 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.registry import ModelEntry
 from services.common import model_registry
-from services.engine.backend import AdapterChange, EngineAdapter
+from services.engine.backend import AdapterChange, EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.eviction import ModelUsage, NoRoom, plan_evictions
 
 log = logging.getLogger(__name__)
 
-AdapterFactory = Callable[[EngineConfig], EngineAdapter]
+BackendFactory = Callable[[EngineConfig], EngineBackend]
 
 
 @dataclass
 class HostedModel:
-    """One loaded model: its adapter, what it took in memory, and how it is being used."""
+    """One loaded model: its backend, what it took in memory, and how it is being used."""
 
     id: str
-    adapter: EngineAdapter
+    backend: EngineBackend
     memory_bytes: int
     last_used: float
     in_flight: int = 0
@@ -54,9 +54,9 @@ class HostedModel:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def names(self) -> set[str]:
-        """Every id and alias the adapter serves."""
+        """Every id and alias the backend serves."""
         out = {self.id}
-        for m in self.adapter.served_models():
+        for m in self.backend.served_models():
             out.add(m.id)
             out.update(m.aliases)
         return out
@@ -94,9 +94,9 @@ def release_memory() -> None:
 
 
 class ModelHost:
-    """The adapters of one engine process, keyed by model id (see the module docstring)."""
+    """The backends of one engine process, keyed by model id (see the module docstring)."""
 
-    def __init__(self, config: EngineConfig, primary: EngineAdapter, factory: AdapterFactory | None = None, *,
+    def __init__(self, config: EngineConfig, primary: EngineBackend, factory: BackendFactory | None = None, *,
                  state_dir: Path, on_change: Callable[[], None] = lambda: None,
                  on_adapters: Callable[[AdapterChange], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -110,7 +110,7 @@ class ModelHost:
         self._on_change = on_change
         self._on_adapters = on_adapters
         self._clock = clock
-        self._measure = lambda: process_memory(self.device)  # never through an adapter: it may be unloaded
+        self._measure = lambda: process_memory(self.device)  # never through a backend: it may be unloaded
         self._models: dict[str, HostedModel] = {}
         self._lock = asyncio.Lock()
         self._loading: dict[str, asyncio.Future[LoadResult]] = {}
@@ -121,19 +121,19 @@ class ModelHost:
         """Load the first model (the one named on the command line)."""
         path = Path(self.cfg.model_path) if self.cfg.model_path else None
         need = await asyncio.to_thread(model_registry.weights_bytes, path) if path is not None else 0
-        await self._start_adapter(self._primary, self.cfg.model_id, path, need)
+        await self._start_backend(self._primary, self.cfg.model_id, path, need)
 
     async def close(self) -> None:
-        """Close every adapter."""
+        """Close every backend."""
         for model in list(self._models.values()):
-            await model.adapter.close()
+            await model.backend.close()
         self._models.clear()
 
     def bind_bus(self, js: JetStreamContext) -> None:
-        """Registry and object store access, for loads and for every adapter's own PEFT adapters."""
+        """Registry and object store access, for loads and for every backend's own PEFT adapters."""
         self._js = js
         for model in self._models.values():
-            model.adapter.bind_bus(js)
+            model.backend.bind_bus(js)
 
     # --- what is served ---
     def route(self, name: str) -> HostedModel | None:
@@ -162,20 +162,20 @@ class ModelHost:
         for model in self._models.values():
             if model.unloading:
                 continue
-            adapters = model.adapter.loaded_adapters()
-            for served in model.adapter.served_models():
+            adapters = model.backend.loaded_adapters()
+            for served in model.backend.served_models():
                 out.append(msgspec.structs.replace(served, memory_bytes=model.memory_bytes,
                                                    in_flight=model.in_flight, adapters=adapters))
         return out
 
     def loaded_adapters(self) -> list[str]:
         """PEFT adapters loaded in any model."""
-        return [a for model in self._models.values() for a in model.adapter.loaded_adapters()]
+        return [a for model in self._models.values() for a in model.backend.loaded_adapters()]
 
     def memory_bytes(self) -> int:
-        """The engine's model memory now: this process's, or more where an adapter counts its own
+        """The engine's model memory now: this process's, or more where a backend counts its own
         processes too (vLLM keeps weights and KV cache in child processes)."""
-        return max([self._measure(), *(m.adapter.memory_bytes() for m in self._models.values())])
+        return max([self._measure(), *(m.backend.memory_bytes() for m in self._models.values())])
 
     def __len__(self) -> int:
         return len(self._models)
@@ -215,39 +215,39 @@ class ModelHost:
                                           aliases=list(entry.aliases), context_length=entry.context_length)
             began = time.monotonic()
             try:
-                adapter = self._factory(cfg)
+                backend = self._factory(cfg)
             except (ValueError, RuntimeError, TypeError) as exc:
                 raise BusError(ErrorCode.ENGINE_FAILED, f"cannot build a {self.name} engine for {entry.id!r}: {exc}") \
                     from None
             if self._js is not None:
-                adapter.bind_bus(self._js)
-            await self._start_adapter(adapter, entry.id, path, need)
+                backend.bind_bus(self._js)
+            await self._start_backend(backend, entry.id, path, need)
             return LoadResult(entry.id, evicted, time.monotonic() - began)
 
-    async def _start_adapter(self, adapter: EngineAdapter, model_id: str, path: Path | None, need: int) -> None:
-        """Start ``adapter`` and record the memory it took; a failure is ``engine_failed`` naming the cause.
+    async def _start_backend(self, backend: EngineBackend, model_id: str, path: Path | None, need: int) -> None:
+        """Start ``backend`` and record the memory it took; a failure is ``engine_failed`` naming the cause.
 
         On CPU the weights are often memory-mapped from their files and count in the resident set
         only once touched, so the model's size is at least its weight files there.
         """
         before = self._measure()
         try:
-            await adapter.start()
+            await backend.start()
         except Exception as exc:  # loading runs arbitrary model code: any failure must become a typed error
             log.warning("loading %s from %s failed", model_id, path, exc_info=True)
             with contextlib.suppress(Exception):
-                await adapter.close()
-            del adapter
+                await backend.close()
+            del backend
             await asyncio.to_thread(release_memory)
             code = ErrorCode.MODEL_NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.ENGINE_FAILED
             raise BusError(code, f"loading model {model_id!r} from {path or self.cfg.model_path} failed: "
                                  f"{type(exc).__name__}: {exc}", param="model") from None
         if self._on_adapters is not None:
-            adapter.adapter_listener = self._on_adapters
-        served = adapter.served_models()
+            backend.adapter_listener = self._on_adapters
+        served = backend.served_models()
         key = served[0].id if served else model_id
         took = max(0, self._measure() - before)
-        model = HostedModel(id=key, adapter=adapter, last_used=self._clock(),
+        model = HostedModel(id=key, backend=backend, last_used=self._clock(),
                             memory_bytes=took if self.device.startswith("cuda") else max(took, need))
         model.idle.set()
         self._models[key] = model
@@ -292,8 +292,8 @@ class ModelHost:
 
     async def _drop(self, model_id: str) -> None:
         model = self._models.pop(model_id)
-        await model.adapter.close()
-        if model.adapter is self._primary:
+        await model.backend.close()
+        if model.backend is self._primary:
             self._primary = None
         del model
         await asyncio.to_thread(release_memory)

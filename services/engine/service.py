@@ -1,8 +1,8 @@
 """The engine process on the bus: accepts dispatches, streams tokens, heartbeats, honours cancel.
 
-Only this module talks to NATS; the model work is behind ``EngineAdapter``.
+Only this module talks to NATS; the model work is behind ``EngineBackend``.
 
-Cancels leave tombstones (issue 3, late accepts): an id cancelled on ``llm.v1.infer.cancel``, or
+Cancels leave tombstones, so that a late read of a dispatch never runs it: an id cancelled on ``llm.v1.infer.cancel``, or
 one offer of it withdrawn on ``llm.v1.engine.<worker>.cancel`` (the scheduler stopped waiting for
 this engine's answer), is refused if its dispatch is only read afterwards, for as long as a
 redelivered message could still arrive. A withdrawn offer that is already running stops without a
@@ -35,10 +35,10 @@ from services.common import bus
 from services.common.buckets import optional_kv
 from services.common.recent import RecentIds
 from services.common.model_store import default_state_dir
-from services.engine.backend import AdapterChange, Chunk, EngineAdapter
+from services.engine.backend import AdapterChange, Chunk, EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.control import ModelControl
-from services.engine.model_host import AdapterFactory, HostedModel, ModelHost
+from services.engine.model_host import BackendFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
 from services.engine.response_cache import ResponseRecorder, ResponseStore
 
@@ -70,11 +70,11 @@ def _offer_key(request_id: str, dispatch: int) -> str:
 class EngineService:
     """One engine worker: ``llm.v1.engine.<worker>.generate`` in, token events out."""
 
-    def __init__(self, config: EngineConfig, adapter: EngineAdapter, metrics: EngineMetrics, *,
-                 factory: AdapterFactory | None = None, state_dir=None) -> None:
+    def __init__(self, config: EngineConfig, backend: EngineBackend, metrics: EngineMetrics, *,
+                 factory: BackendFactory | None = None, state_dir=None) -> None:
         self.cfg = config
         self.metrics = metrics
-        self.host = ModelHost(config, adapter, factory, state_dir=state_dir or default_state_dir(),
+        self.host = ModelHost(config, backend, factory, state_dir=state_dir or default_state_dir(),
                               on_change=self._on_models, on_adapters=self._on_adapters)
         # Which loaded model each active request runs on.
         self._running_on: dict[str, HostedModel] = {}
@@ -188,7 +188,7 @@ class EngineService:
             return
         if req.adapter and req.id not in self._active and (target := self.host.route(req.model)) is not None:
             try:  # an unknown adapter is refused now, not after the dispatch was accepted
-                await target.adapter.check_adapter(req.adapter)
+                await target.backend.check_adapter(req.adapter)
             except BusError as exc:
                 await request.respond(self._reply(False, exc.code, exc.message))
                 return
@@ -215,7 +215,7 @@ class EngineService:
         # StreamStart before "accepted", on the same connection: NATS delivers one connection's
         # messages in the order sent, so the producer knows which engine runs the request no later
         # than the scheduler learns it was accepted (and acks it). An engine that dies right after
-        # accepting is then found by its missed heartbeats and the producer re-dispatches (issue 3),
+        # accepting is then found by its missed heartbeats and the producer re-dispatches,
         # instead of waiting for its deadline. Both go out in the same socket write: no added latency.
         await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model,
                                                                dispatch=req.dispatch)))
@@ -237,7 +237,7 @@ class EngineService:
         self._cancelled.add(cancel.id)  # a dispatch of it read after this is refused
         if cancel.id in self._active and (hosted := self._running_on.get(cancel.id)) is not None:
             log.info("cancel %s (%s)", cancel.id, cancel.reason)
-            await hosted.adapter.abort(cancel.id)
+            await hosted.backend.abort(cancel.id)
 
     async def _on_withdraw(self, msg) -> None:
         """One offer of a request is withdrawn from this engine: refuse it if it comes later, stop it silently
@@ -253,7 +253,7 @@ class EngineService:
             log.warning("offer %d of %s withdrawn (%s): stopping it without a word", cancel.dispatch, cancel.id,
                         cancel.reason)
             self._silenced.add(cancel.id)
-            # At once, even before the adapter knows the id; a task that has not begun is never cancelled
+            # At once, even before the backend knows the id; a task that has not begun is never cancelled
             # (its ``finally`` would not run): ``_run`` sees ``_silenced`` first thing instead.
             if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
                 task.cancel()
@@ -283,8 +283,8 @@ class EngineService:
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED,
                                                    message="engine shut down before the request finished",
                                                    dispatch=req.dispatch))
-            await self._running_on[req.id].adapter.abort(req.id)
-        except Exception as exc:  # the engine must answer every request, whatever the adapter did
+            await self._running_on[req.id].backend.abort(req.id)
+        except Exception as exc:  # the engine must answer every request, whatever the backend did
             log.exception("request %s failed", req.id)
             outcome = ErrorCode.INTERNAL
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.INTERNAL,
@@ -309,9 +309,9 @@ class EngineService:
 
     async def _generate(self, req: InferenceRequest, model: str, start: float, progress: _Progress,
                         recorder: ResponseRecorder | None) -> None:
-        """Publish the adapter's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
+        """Publish the backend's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
         publish, reply_to = self.nc.publish, req.reply_to
-        events = self._running_on[req.id].adapter.generate(req)
+        events = self._running_on[req.id].backend.generate(req)
         try:
             async for event in events:
                 progress.seq += 1

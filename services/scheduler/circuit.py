@@ -86,7 +86,7 @@ class CircuitBreakers:
         return list(self._breakers)
 
     def open_count(self) -> int:
-        """Engines whose breaker is not closed (open or half-open): the ``coordinator_circuits_open`` gauge."""
+        """Engines whose breaker is not closed (open or half-open): the ``llm_scheduler_circuits_open`` gauge."""
         return sum(1 for b in self._breakers.values() if b.opened_at is not None)
 
     def forget(self, worker: str) -> None:

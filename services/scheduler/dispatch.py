@@ -1,6 +1,6 @@
 """Handing one queued message to an engine, and settling it with JetStream.
 
-``Dispatcher.admit`` decides synchronously (so capacity is reserved before the take loop looks
+``QueueDispatcher.admit`` decides synchronously (so capacity is reserved before the take loop looks
 again) and returns the I/O that is left: send the original bytes to the chosen engine, retry
 another on busy / no answer (withdrawing the offer from an engine that did not answer in time, so
 a late accept cannot run it too), then ``ack`` (accepted, or answered with a typed error) or
@@ -31,6 +31,7 @@ from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from schemas.names import Lane
+from services.common.bus import BUS_DOWN
 from services.common.cache_key import cache_key, is_cacheable
 from services.scheduler.cold_start import ColdStarter
 from services.scheduler.metrics import Attempt, FailoverKind, Outcome, SchedulerMetrics
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 
 _reply_decoder = msgspec.json.Decoder(DispatchReply)
 
-# Connection states in which nothing reaches the server now; JetStream redelivers after ack_wait.
-BUS_DOWN = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-            nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
-            nats.errors.StaleConnectionError)
-
 IoWork = Coroutine[Any, Any, None]
 
 
@@ -63,8 +59,24 @@ class RequestMemory:
     dispatching: set[str] = field(default_factory=set)
     running: RunningRequests = field(default_factory=RunningRequests)
 
+    def while_dispatching(self, request_id: str, work: IoWork) -> IoWork:
+        """``work``, with ``request_id`` counted as being dispatched from now until ``work`` ends, however it ends.
 
-class Dispatcher:
+        Marked at once (not when ``work`` starts) so that a copy of its message the take loop
+        admits meanwhile (a redelivery) is ``InFlight``. The only place ``dispatching`` changes.
+        """
+        self.dispatching.add(request_id)
+
+        async def held() -> None:
+            try:
+                await work
+            finally:
+                self.dispatching.discard(request_id)
+
+        return held()
+
+
+class QueueDispatcher:
     """Routes messages taken from the queue to engines (see the module docstring).
 
     ``on_release`` is called whenever an engine answers (capacity may have changed);
@@ -97,7 +109,7 @@ class Dispatcher:
         self._cache = cache
 
     def use_cold_start(self, cold: ColdStarter) -> None:
-        """Load models only the registry knows on some engine before dispatching to them (issue 4)."""
+        """Load models only the registry knows on some engine before dispatching to them (cold start)."""
         self._cold = cold
 
     def admit(self, lane: Lane, msg: Msg) -> IoWork | None:
@@ -107,10 +119,9 @@ class Dispatcher:
         match verdict:
             case Dispatchable(request=req) if msg.metadata.num_delivered > 1:
                 # Redelivered: a replica may have died between an engine's accept and its ack.
-                self._memory.dispatching.add(req.id)
-                return self._unless_running(lane, msg, req)
+                return self._memory.while_dispatching(req.id, self._unless_running(lane, msg, req))
             case Dispatchable(request=req):
-                return self._admit_fresh(lane, msg, req)
+                return self._memory.while_dispatching(req.id, self._admit_fresh(lane, msg, req))
             case InFlight():
                 return None  # the copy being dispatched settles this message (acks are by stream sequence)
             case Duplicate():
@@ -129,13 +140,10 @@ class Dispatcher:
         This makes dispatch idempotent by request id across replicas: the probe asks every live
         engine serving the model at once, so it costs one round trip, and only on redelivery.
         """
-        try:
-            if await self._running_somewhere(req):
-                self._memory.accepted.add(req.id)
-                await self._settle(lane, msg, Outcome.DUPLICATE)
-                return
-        finally:
-            self._memory.dispatching.discard(req.id)
+        if await self._running_somewhere(req):
+            self._memory.accepted.add(req.id)
+            await self._settle(lane, msg, Outcome.DUPLICATE)
+            return
         await self._admit_fresh(lane, msg, req)
 
     def _admit_fresh(self, lane: Lane, msg: Msg, req: InferenceRequest) -> IoWork:
@@ -146,16 +154,13 @@ class Dispatcher:
         cache = self._cache
         if cache is not None and is_cacheable(req):
             key = cache_key(req, self._placement.canonical(req.model))
-            self._memory.dispatching.add(req.id)
             if (hit := cache.kept(key)) is not None:
                 self._metrics.cache_lookup(True, local=True)
-                return self._answer_cached(lane, msg, req, hit, cache)
+                return self._replay(lane, msg, req, hit, cache)
             worker = self._placement.reserve(req.model, request=req)
             return self._cached_or_dispatch(lane, msg, req, worker, cache, key)
         worker = self._placement.reserve(req.model, request=req)
-        self._memory.dispatching.add(req.id)
         if worker is None:
-            self._memory.dispatching.discard(req.id)
             return self._unplaced(lane, msg, req)
         return self._dispatch(lane, msg, req, worker, msg.data)
 
@@ -173,16 +178,9 @@ class Dispatcher:
 
         return any(await asyncio.gather(*(ask(w) for w in workers)))
 
-    async def _answer_cached(self, lane: Lane, msg: Msg, req: InferenceRequest, hit: CachedResponse,
-                             cache: PromptCache) -> None:
-        """Replay ``hit`` to ``req``'s producer and settle the message (a replica kept the entry in memory)."""
-        try:
-            await self._replay(lane, msg, req, hit, cache)
-        finally:
-            self._memory.dispatching.discard(req.id)
-
     async def _replay(self, lane: Lane, msg: Msg, req: InferenceRequest, hit: CachedResponse,
                       cache: PromptCache) -> None:
+        """Replay ``hit`` to ``req``'s producer and settle the message."""
         self._memory.accepted.add(req.id)
         try:
             await cache.replay(req, hit)
@@ -193,20 +191,17 @@ class Dispatcher:
     async def _cached_or_dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
                                   cache: PromptCache, key: str) -> None:
         """Answer ``req`` from ``cache``, or dispatch it (to the reserved ``worker``) to be cached under ``key``."""
-        try:
-            hit = await cache.lookup(key)
-            self._metrics.cache_lookup(hit is not None)
-            if hit is not None:
-                if worker is not None:
-                    self._placement.release(worker)  # reserved in admit(), not needed after all
-                    self._on_release()
-                await self._replay(lane, msg, req, hit, cache)
-            elif worker is None:
-                await self._unplaced(lane, msg, req)
-            else:
-                await self._dispatch(lane, msg, msgspec.structs.replace(req, cache_key=key), worker)
-        finally:
-            self._memory.dispatching.discard(req.id)
+        hit = await cache.lookup(key)
+        self._metrics.cache_lookup(hit is not None)
+        if hit is not None:
+            if worker is not None:
+                self._placement.release(worker)  # reserved in admit(), not needed after all
+                self._on_release()
+            await self._replay(lane, msg, req, hit, cache)
+        elif worker is None:
+            await self._unplaced(lane, msg, req)
+        else:
+            await self._dispatch(lane, msg, msgspec.structs.replace(req, cache_key=key), worker)
 
     async def _dispatch(self, lane: Lane, msg: Msg, req: InferenceRequest, worker: str | None,
                         data: bytes | None = None) -> None:
@@ -221,38 +216,35 @@ class Dispatcher:
         # the next engine is tried, and this is reported if none takes the request.
         not_here: DispatchReply | None = None
         deliveries = msg.metadata.num_delivered
-        try:
-            while worker is not None:
-                number = dispatch_number(deliveries, len(tried))
-                offer = data if number == 0 and data is not None else \
-                    encode(msgspec.structs.replace(req, dispatch=number))
-                reply = await self._attempt(worker, offer, req.id, number)
-                if reply is not None and reply.accepted:
-                    await self._accepted(lane, msg, req, taken_at, worker, number)
-                    return
-                if reply is not None and refusal_is_final(reply):
-                    await self._fail(lane, msg, req, reply.code or ErrorCode.INVALID_REQUEST,
-                                     reply.message or f"engine {worker} refused the request", Outcome.REFUSED)
-                    return
-                if req.id in self._memory.cancelled:
-                    await self._settle(lane, msg, Outcome.CANCELLED)
-                    return
-                if reply is not None and not_here is None and (
-                        reply.code == ErrorCode.UNSUPPORTED or (req.adapter and reply.code == ErrorCode.MODEL_NOT_FOUND)):
-                    not_here = reply  # another engine may support it, or have the adapter in its --adapter-dir
-                tried.append(worker)
-                worker = self._placement.reserve(req.model, exclude=tried, request=req) \
-                    if len(tried) < self._max_attempts else None
-                if worker is not None:
-                    self._metrics.retry()
-                    await self._keep_alive(msg)
-            if not_here is not None:  # waiting in the queue would not make the adapter or the feature appear
-                await self._fail(lane, msg, req, not_here.code,
-                                 not_here.message or f"engine {not_here.worker} refused the request", Outcome.REFUSED)
+        while worker is not None:
+            number = dispatch_number(deliveries, len(tried))
+            offer = data if number == 0 and data is not None else \
+                encode(msgspec.structs.replace(req, dispatch=number))
+            reply = await self._attempt(worker, offer, req.id, number)
+            if reply is not None and reply.accepted:
+                await self._accepted(lane, msg, req, taken_at, worker, number)
                 return
-            await self._unplaced(lane, msg, req)
-        finally:
-            self._memory.dispatching.discard(req.id)
+            if reply is not None and refusal_is_final(reply):
+                await self._fail(lane, msg, req, reply.code or ErrorCode.INVALID_REQUEST,
+                                 reply.message or f"engine {worker} refused the request", Outcome.REFUSED)
+                return
+            if req.id in self._memory.cancelled:
+                await self._settle(lane, msg, Outcome.CANCELLED)
+                return
+            if reply is not None and not_here is None and (
+                    reply.code == ErrorCode.UNSUPPORTED or (req.adapter and reply.code == ErrorCode.MODEL_NOT_FOUND)):
+                not_here = reply  # another engine may support it, or have the adapter in its --adapter-dir
+            tried.append(worker)
+            worker = self._placement.reserve(req.model, exclude=tried, request=req) \
+                if len(tried) < self._max_attempts else None
+            if worker is not None:
+                self._metrics.retry()
+                await self._keep_alive(msg)
+        if not_here is not None:  # waiting in the queue would not make the adapter or the feature appear
+            await self._fail(lane, msg, req, not_here.code,
+                             not_here.message or f"engine {not_here.worker} refused the request", Outcome.REFUSED)
+            return
+        await self._unplaced(lane, msg, req)
 
     async def _unplaced(self, lane: Lane, msg: Msg, req: InferenceRequest) -> None:
         """No engine took ``req``: back to the queue for later if some engine serves its model; else a model
@@ -267,13 +259,8 @@ class Dispatcher:
 
     async def _cold_start(self, lane: Lane, msg: Msg, req: InferenceRequest, cold: ColdStarter) -> None:
         """Have an engine load ``req.model`` (one load for all requests waiting on it), then dispatch ``req``."""
-        self._memory.dispatching.add(req.id)  # a redelivered copy meanwhile is in flight, not new
-        try:
-            started = await cold.start(req.model, req.deadline, keep_alive=lambda: self._keep_alive(msg))
-        finally:
-            self._memory.dispatching.discard(req.id)
+        started = await cold.start(req.model, req.deadline, keep_alive=lambda: self._keep_alive(msg))
         if started.ready and (worker := self._placement.reserve(req.model, request=req)) is not None:
-            self._memory.dispatching.add(req.id)
             await self._dispatch(lane, msg, req, worker, msg.data)
         elif started.ready or started.retry:
             await self._defer(lane, msg)
@@ -339,7 +326,7 @@ class Dispatcher:
     async def _accepted(self, lane: Lane, msg: Msg, req: InferenceRequest, taken_at: float, worker: str,
                         number: int) -> None:
         self._memory.accepted.add(req.id)
-        if not req.producer_watches:  # a NATS-native producer: tell it if ``worker`` dies (issue 3)
+        if not req.producer_watches:  # a NATS-native producer: tell it if ``worker`` dies (it does not watch heartbeats)
             self._memory.running.add(req, worker, number, self._placement.table.get(worker))
         await self._jetstream(msg.ack())
         self._metrics.outcome(lane, Outcome.DISPATCHED)

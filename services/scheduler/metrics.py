@@ -1,14 +1,14 @@
 """Prometheus metrics of one scheduler replica (registry injected; bounded labels only).
 
-Named ``coordinator_*`` after the seed documents, like the engine's ``worker_*``. Failover is
-decided by the edge (it alone knows what the client was sent, see ``services.edge.bus.failover``), so
-the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each scheduler replica
-counts the failover attempts it dispatched (``coordinator_failover_dispatches_total{kind}``), its
-own retries of a dispatch on another engine (``coordinator_dispatch_retries_total``) and every
-known engine's circuit-breaker state (``coordinator_circuit_state{worker,state}``, 1 for the
+Named ``llm_scheduler_*`` (the seed documents' ``coordinator_*``; docs/observability.md maps the
+old names). Failover is decided by the edge (it alone knows what the client was sent, see
+``services.edge.bus.failover``), so the edge's ``llm_edge_failovers_total{outcome}`` counts the decisions; each scheduler replica
+counts the failover attempts it dispatched (``llm_scheduler_failover_dispatches_total{kind}``), its
+own retries of a dispatch on another engine (``llm_scheduler_dispatch_retries_total``) and every
+known engine's circuit-breaker state (``llm_scheduler_circuit_state{worker,state}``, 1 for the
 current state, read from the breakers at scrape time). Requests of NATS-native producers (which
 the edge does not watch) whose engine died are ended by the scheduler with ``worker_lost`` and
-counted in ``coordinator_worker_lost_requests_total``.
+counted in ``llm_scheduler_worker_lost_requests_total``.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ class FailoverKind(enum.StrEnum):
 
 
 class CircuitStates(Collector):
-    """``coordinator_circuit_state{worker,state}``: 1 for each engine's breaker state now, 0 for the others.
+    """``llm_scheduler_circuit_state{worker,state}``: 1 for each engine's breaker state now, 0 for the others.
 
     Collected at scrape time because a breaker half-opens by the clock, not by an event.
     """
 
-    NAME = "coordinator_circuit_state"
+    NAME = "llm_scheduler_circuit_state"
 
     def __init__(self, states: Callable[[], Mapping[str, CircuitState]]) -> None:
         self._states = states
@@ -98,40 +98,41 @@ class SchedulerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter("coordinator_inference_requests", "Messages taken from the queue, by outcome",
-                                ["lane", "outcome"], registry=registry)
-        self.queue_pending = Gauge("coordinator_queue_pending", "Messages waiting in a lane of the queue",
+        self.requests = Counter("llm_scheduler_inference_requests_total",
+                                "Messages taken from the queue, by outcome", ["lane", "outcome"], registry=registry)
+        self.queue_pending = Gauge("llm_scheduler_queue_pending", "Messages waiting in a lane of the queue",
                                    ["lane"], registry=registry)
-        self.workers_healthy = Gauge("coordinator_workers_healthy", "Live, non-draining engines",
+        self.workers_healthy = Gauge("llm_scheduler_workers_healthy", "Live, non-draining engines",
                                      registry=registry)
-        self.dispatch_latency = Histogram("coordinator_dispatch_latency_seconds",
+        self.dispatch_latency = Histogram("llm_scheduler_dispatch_latency_seconds",
                                           "Taken from the queue to accepted by an engine", ["lane"],
                                           buckets=_DISPATCH_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("coordinator_queue_wait_seconds",
+        self.queue_wait = Histogram("llm_scheduler_queue_wait_seconds",
                                     "Request created (producer clock) to accepted by an engine", ["lane"],
                                     buckets=_WAIT_BUCKETS, registry=registry)
-        self.attempts = Counter("coordinator_dispatch_attempts", "Sends to an engine, by result", ["result"],
+        self.attempts = Counter("llm_scheduler_dispatch_attempts_total", "Sends to an engine, by result", ["result"],
                                 registry=registry)
-        # The scheduler's view only: hits the edge answers itself never reach it (gateway_cache_hits_total).
-        self.cache_hits = Counter("coordinator_cache_hits", "Cacheable requests this scheduler answered from the "
-                                  "prompt cache (hits answered by the edge are in gateway_cache_hits_total)",
-                                  registry=registry)
-        self.cache_misses = Counter("coordinator_cache_misses", "Cacheable requests not found in the prompt cache",
-                                    registry=registry)
-        self.cache_local_hits = Counter("coordinator_cache_local_hits", "Prompt-cache hits served from this "
-                                        "replica's memory (no KV read); included in coordinator_cache_hits_total",
-                                        registry=registry)
-        self.cache_hit_rate = Gauge("coordinator_cache_hit_rate", "Hits over the cacheable lookups this scheduler "
-                                    "made since start (not counting hits the edge answered itself)",
-                                    registry=registry)
-        self.circuits_open = Gauge("coordinator_circuits_open", "Engines whose circuit breaker is open or half-open",
-                                   registry=registry)
-        self.retries = Counter("coordinator_dispatch_retries", "Dispatches offered to another engine after one "
-                               "answered busy or did not answer", registry=registry)
-        self.failover_dispatches = Counter("coordinator_failover_dispatches",
+        # The scheduler's view only: hits the edge answers itself never reach it (llm_edge_cache_hits_total).
+        self.cache_hits = Counter("llm_scheduler_cache_hits_total",
+                                  "Cacheable requests this scheduler answered from the prompt cache (hits answered "
+                                  "by the edge are in llm_edge_cache_hits_total)", registry=registry)
+        self.cache_misses = Counter("llm_scheduler_cache_misses_total",
+                                    "Cacheable requests not found in the prompt cache", registry=registry)
+        self.cache_local_hits = Counter("llm_scheduler_cache_local_hits_total",
+                                        "Prompt-cache hits served from this replica's memory (no KV read); included "
+                                        "in llm_scheduler_cache_hits_total", registry=registry)
+        self.cache_hit_rate = Gauge("llm_scheduler_cache_hit_ratio",
+                                    "Hits over the cacheable lookups this scheduler made since start (not counting "
+                                    "hits the edge answered itself)", registry=registry)
+        self.circuits_open = Gauge("llm_scheduler_circuits_open",
+                                   "Engines whose circuit breaker is open or half-open", registry=registry)
+        self.retries = Counter("llm_scheduler_dispatch_retries_total",
+                               "Dispatches offered to another engine after one answered busy or did not answer",
+                               registry=registry)
+        self.failover_dispatches = Counter("llm_scheduler_failover_dispatches_total",
                                            "Failover attempts (re-published by the edge after losing an engine) "
                                            "accepted by an engine, by kind", ["kind"], registry=registry)
-        self.worker_lost = Counter("coordinator_worker_lost_requests",
+        self.worker_lost = Counter("llm_scheduler_worker_lost_requests_total",
                                    "Requests of NATS-native producers ended with worker_lost because the engine "
                                    "running them stopped heart-beating (edge requests are failed over by the edge)",
                                    registry=registry)
@@ -147,7 +148,7 @@ class SchedulerMetrics:
         self._failovers = {k: self.failover_dispatches.labels(k.value) for k in FailoverKind}
 
     def watch_circuits(self, states: Callable[[], Mapping[str, CircuitState]]) -> None:
-        """Export ``states()`` (engine -> breaker state) as ``coordinator_circuit_state`` at every scrape."""
+        """Export ``states()`` (engine -> breaker state) as ``llm_scheduler_circuit_state`` at every scrape."""
         self.registry.register(CircuitStates(states))
 
     def outcome(self, lane: Lane, outcome: Outcome) -> None:

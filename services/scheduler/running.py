@@ -5,7 +5,7 @@ died), so it marks its requests ``producer_watches``. A NATS-native producer doe
 this table it would learn of a dead engine only at its own deadline. The scheduler replica that
 saw the accept remembers (request, engine, reply subject, dispatch number) until the request's
 deadline; when the engine misses three heartbeats, ``lost`` hands the entries back so the
-scheduler can end each with a ``worker_lost`` error (issue 3). The scheduler does not see a
+scheduler can end each with a ``worker_lost`` error. The scheduler does not see a
 request end, so an entry may outlive its request: the producer ignores events after the terminal one.
 """
 

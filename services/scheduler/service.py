@@ -2,7 +2,7 @@
 
 The take loop waits until some live engine has a free slot, then takes work from the
 highest non-empty lane (``LaneBook.plan``), never more messages than there are free slots;
-each message is admitted at once (``Dispatcher.admit`` reserves its engine slot) and its
+each message is admitted at once (``QueueDispatcher.admit`` reserves its engine slot) and its
 dispatch runs as its own task, so dispatches to engines overlap. When every lane is believed
 empty, the loop sleeps on an event rung by the core "doorbell" subscription to
 ``llm.v1.infer.submit.*``, by heartbeats and by engine replies: no pull request is ever left
@@ -31,10 +31,11 @@ from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
 from schemas.inference import CancelRequest
 from schemas.names import LANES_BY_PRIORITY, Lane
+from services.common.bus import BUS_DOWN
 from services.common.lifecycle import cancel_and_wait
 from services.common.worker_table import WorkerTable
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.dispatch import BUS_DOWN, Dispatcher, RequestMemory
+from services.scheduler.dispatch import QueueDispatcher, RequestMemory
 from services.scheduler.lanes import LaneBook, Take
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.circuit import CircuitBreakers
@@ -46,7 +47,7 @@ from services.common.recent import RecentIds
 from services.scheduler.strategies import Strategy
 from services.scheduler.status import SchedulerStatus, register, worker_views
 from services.scheduler.strategy_watch import StrategyWatch
-from services.scheduler.workers import WorkerFeed
+from services.scheduler.workers import WorkerTracker
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,13 @@ class Scheduler:
         self._consumers: dict[Lane, JetStreamContext.PullSubscription] = {}
         self._micro: Service | None = None
         self._stack = AsyncExitStack()
-        self._feed = WorkerFeed(nc, self._js, self.table, expire_interval=config.expire_interval,
-                                on_change=self._wake.set, on_health=self.metrics.workers_healthy.set,
-                                after_expiry=self._end_lost_requests)
-        self._dispatcher = Dispatcher(nc, self.placement, self.metrics, self.memory,
-                                      dispatch_timeout=config.dispatch_timeout, max_attempts=config.max_attempts,
-                                      retry_delay=config.retry_delay, max_retry_delay=config.max_retry_delay,
-                                      on_release=self._wake.set, on_defer=self._expect_later)
+        self._feed = WorkerTracker(nc, self._js, self.table, expire_interval=config.expire_interval,
+                                   on_change=self._wake.set, on_health=self.metrics.workers_healthy.set,
+                                   after_expiry=self._end_lost_requests)
+        self._dispatcher = QueueDispatcher(nc, self.placement, self.metrics, self.memory,
+                                           dispatch_timeout=config.dispatch_timeout, max_attempts=config.max_attempts,
+                                           retry_delay=config.retry_delay, max_retry_delay=config.max_retry_delay,
+                                           on_release=self._wake.set, on_defer=self._expect_later)
         self._strategy_watch = StrategyWatch(self._js, self._set_strategy)
 
     async def __aenter__(self) -> Scheduler:
@@ -276,7 +277,7 @@ class Scheduler:
 
     async def _end_lost_requests(self) -> None:
         """Send ``worker_lost`` to the producer of each request this replica saw accepted by an engine that
-        is dead now (missed three heartbeats) and that does not watch the engine itself (issue 3)."""
+        is dead now (missed three heartbeats) and that does not watch the engine itself, so it never hangs on a dead one."""
         lost = self.memory.running.lost(self.table)
         if not lost:
             return

@@ -147,6 +147,6 @@ def dispatch_number(deliveries: int, offered: int) -> int:
 
     Later offers always get larger numbers, on any replica: a redelivery counts on from the
     previous delivery's offers, so a producer can tell the engine of the newest offer from one
-    that accepted an older offer late (issue 3).
+    that accepted an older offer late.
     """
     return (max(deliveries, 1) - 1) * _OFFERS_PER_DELIVERY + min(offered, _OFFERS_PER_DELIVERY - 1)

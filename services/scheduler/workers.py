@@ -17,7 +17,7 @@ from services.common.worker_table import DEAD_AFTER_INTERVALS, WorkerState, Work
 log = logging.getLogger(__name__)
 
 
-class WorkerFeed:
+class WorkerTracker:
     """Feeds ``table`` from heartbeats and drops engines silent for three intervals.
 
     ``on_change`` is called after every heartbeat (capacity may have freed up); ``on_health``

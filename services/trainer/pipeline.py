@@ -41,7 +41,7 @@ class DatasetRef:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class TrainingOutcome:
     """How training ended."""
 
     cancelled: bool
@@ -102,15 +102,15 @@ class Prepared:
         return max(1, -(-self.run.total_steps // per_epoch))
 
     def train(self, on_step: Callable[[StepReport], None], should_stop: Callable[[], bool],
-              on_checkpoint: Callable[[int, Path, float | None], None], resume: Path | None) -> Outcome:
+              on_checkpoint: Callable[[int, Path, float | None], None], resume: Path | None) -> TrainingOutcome:
         """Run (or resume) the optimizer steps; the callbacks see every step and checkpoint."""
         result = self.run.run(on_step, should_stop,
                               lambda step, directory: on_checkpoint(step, directory, self.run.position.loss),
                               resume_from=resume)
         cancelled = result.status == loop.CANCELLED
         valid_loss = None if cancelled or not self.valid else self.evaluate()
-        return Outcome(cancelled=cancelled, steps=result.steps, tokens=result.tokens, loss=result.loss,
-                       valid_loss=valid_loss)
+        return TrainingOutcome(cancelled=cancelled, steps=result.steps, tokens=result.tokens, loss=result.loss,
+                               valid_loss=valid_loss)
 
     def evaluate(self) -> float:
         """Mean loss over the validation examples."""

@@ -1,4 +1,4 @@
-"""An engine lost between accepting a dispatch and its first token (issue 3).
+"""An engine lost between accepting a dispatch and its first token: the request fails over, never hangs.
 
 The edge learns which engine runs a request from its ``StreamStart``; the engine sends it before
 it answers the scheduler "accepted", on the same connection, so the edge knows the engine by the
@@ -82,15 +82,15 @@ async def test_an_engine_sigkilled_right_after_accepting_is_replaced_invisibly(t
                 assert await metric(http, edge, 'llm_edge_failovers_total{outcome="redispatched"}') == 1
                 assert await metric(http, edge, 'llm_edge_failovers_total{outcome="migrated"}') is None
                 assert await metric(http, scheduler_metrics,
-                                    'coordinator_failover_dispatches_total{kind="redispatch"}') == 1
+                                    'llm_scheduler_failover_dispatches_total{kind="redispatch"}') == 1
                 assert await metric(http, scheduler_metrics,
-                                    'coordinator_failover_dispatches_total{kind="migration"}') == 0
+                                    'llm_scheduler_failover_dispatches_total{kind="migration"}') == 0
                 assert await metric(http, scheduler_metrics,
-                                    'coordinator_inference_requests_total{lane="normal",outcome="dispatched"}') == 2
+                                    'llm_scheduler_inference_requests_total{lane="normal",outcome="dispatched"}') == 2
                 survivor = ({"eng-a", "eng-b"} - set(killed)).pop()
                 assert await metric(http, scheduler_metrics,
-                                    f'coordinator_circuit_state{{state="closed",worker="{survivor}"}}') == 1
-                assert await metric(http, scheduler_metrics, "coordinator_workers_healthy") == 1
+                                    f'llm_scheduler_circuit_state{{state="closed",worker="{survivor}"}}') == 1
+                assert await metric(http, scheduler_metrics, "llm_scheduler_workers_healthy") == 1
         finally:
             await tap.close()
         assert cluster.sup.children[killed[0]].returncode == -signal.SIGKILL
@@ -122,9 +122,9 @@ async def test_a_migration_mid_stream_is_counted_on_the_edge_and_on_the_schedule
             assert await metric(http, edge, 'llm_edge_failovers_total{outcome="migrated"}') == 1
             assert await metric(http, edge, 'llm_edge_failovers_total{outcome="redispatched"}') is None
             assert await metric(http, scheduler_metrics,
-                                'coordinator_failover_dispatches_total{kind="migration"}') == 1
+                                'llm_scheduler_failover_dispatches_total{kind="migration"}') == 1
             assert await metric(http, scheduler_metrics,
-                                'coordinator_failover_dispatches_total{kind="redispatch"}') == 0
+                                'llm_scheduler_failover_dispatches_total{kind="redispatch"}') == 0
     finally:
         await cluster.stop()
 

@@ -64,7 +64,7 @@ class Platform:
             for port in self.metrics.values():
                 async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                     text = await resp.text()
-                for outcome, value in re.findall(r'^worker_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$',
+                for outcome, value in re.findall(r'^llm_engine_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$',
                                                  text, re.M):
                     if outcome != "cancelled":
                         total += int(float(value))

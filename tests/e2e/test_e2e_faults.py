@@ -129,7 +129,7 @@ async def test_sigkilled_engine_its_requests_migrate_and_it_gets_no_new_work(tmp
             assert await busy_engines(cluster.server.url, {"eng-a", "eng-b"}, timeout=120)
             os.kill(cluster.sup.children["eng-a"].proc.pid, signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*streams), timeout=280)
-            # The requests on the killed engine continued on eng-b (issue 3): every client has a whole answer.
+            # The requests on the killed engine continued on eng-b (migrated): every client has a whole answer.
             for r in results:
                 assert r["status"] == 200, r
                 assert r["body"]["choices"][0]["message"]["content"], r

@@ -1,4 +1,4 @@
-"""A late accept never doubles an answer (issue 3, "Failover (nothing lost)").
+"""A late accept never doubles an answer: failover loses nothing and repeats nothing.
 
 An engine whose event loop is frozen past the scheduler's ``dispatch_timeout`` (SIGSTOP here, a
 blocking call in production) still has the dispatch in its socket. The scheduler gives up on it
@@ -93,8 +93,8 @@ async def test_an_engine_that_accepts_after_the_dispatch_timeout_never_doubles_t
                 assert tap.resumed.is_set()
                 # The scheduler really offered the request to the frozen engine first, and gave up on it.
                 assert await metric(http, scheduler_metrics,
-                                    'coordinator_dispatch_attempts_total{result="no_reply"}') == 1
-                assert await metric(http, scheduler_metrics, "coordinator_dispatch_retries_total") == 1
+                                    'llm_scheduler_dispatch_attempts_total{result="no_reply"}') == 1
+                assert await metric(http, scheduler_metrics, "llm_scheduler_dispatch_retries_total") == 1
             assert result["status"] == 200 and result["error"] is None, result
             assert result["text"] == expected(10), result  # exactly one answer, not doubled, not interleaved
             assert result["finish"] == "length"

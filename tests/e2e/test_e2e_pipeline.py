@@ -52,11 +52,11 @@ async def test_services_serve_prometheus_metrics_on_the_ports_the_banner_names(p
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{platform.metrics_port}/metrics") as resp:
             text = await resp.text()
-    assert "coordinator_inference_requests_total" in text  # the scheduler's own series
+    assert "llm_scheduler_inference_requests_total" in text  # the scheduler's own series
     if f"engine :{platform.metrics_port + 1}" in out:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{platform.metrics_port + 1}/metrics") as resp:
-                assert "worker_inference_latency" in await resp.text()
+                assert "llm_engine_inference_latency" in await resp.text()
 
 
 async def test_models_lists_what_live_engines_serve(client):

@@ -88,9 +88,9 @@ def kept(client: TestClient, key: str) -> CachedResponse | None:
 
 def edge_hits(client: TestClient) -> tuple[float, float, float]:
     """(hits from memory, hits from KV, misses) the edge counted."""
-    return (edge_sample(client, "gateway_cache_hits_total", source="memory"),
-            edge_sample(client, "gateway_cache_hits_total", source="kv"),
-            edge_sample(client, "gateway_cache_misses_total"))
+    return (edge_sample(client, "llm_edge_cache_hits_total", source="memory"),
+            edge_sample(client, "llm_edge_cache_hits_total", source="kv"),
+            edge_sample(client, "llm_edge_cache_misses_total"))
 
 
 async def post(client: TestClient, path: str, body: dict, headers: dict | None = None) -> tuple[int, str, str]:

@@ -121,7 +121,7 @@ def _offer(events: list, dispatch: int) -> list:
 
 
 async def test_an_engine_that_accepted_an_older_offer_late_never_reaches_the_client(client, engine, nc, js):
-    # Issue 3: the scheduler gave up on ``engine`` (offer 0) and offered the request to ``spare`` (offer 1);
+    # A late accept: the scheduler gave up on ``engine`` (offer 0) and offered the request to ``spare`` (offer 1);
     # ``engine`` accepted late anyway and streams onto the same reply subject.
     spare = await BusEngine(nc, js, interval=SPARE_INTERVAL).start()
     stopped = await _withdrawals(nc, engine.worker)

@@ -61,35 +61,35 @@ async def test_a_streamed_request_counts_an_open_stream_and_its_time_to_first_to
     await engine.send(req, engine.start_event(req), TokenDelta(id=req.id, seq=1, text="first"))
     resp = await post  # the headers (and the first chunk) are out: the stream is open
     samples = await scrape(client)
-    assert value(samples, "gateway_open_streams", route=CHAT, kind="sse") == 1
-    assert value(samples, "gateway_time_to_first_token_seconds_count", route=CHAT, kind="sse") == 1
+    assert value(samples, "llm_edge_open_streams", route=CHAT, kind="sse") == 1
+    assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind="sse") == 1
     await engine.answer(req, ["second"])
     assert sse_payloads(await resp.text())[-1] == "[DONE]"
 
     async def closed() -> bool:
-        return value(await scrape(client), "gateway_open_streams", route=CHAT, kind="sse") == 0
+        return value(await scrape(client), "llm_edge_open_streams", route=CHAT, kind="sse") == 0
 
     await eventually(closed)
     samples = await scrape(client)
-    assert value(samples, "gateway_requests_total", route=CHAT, status="200") == 1
-    assert value(samples, "gateway_latency_seconds_count", route=CHAT) == 1
-    assert value(samples, "gateway_time_to_first_token_seconds_count", route=CHAT, kind="sse") == 1
+    assert value(samples, "llm_edge_requests_total", route=CHAT, status="200") == 1
+    assert value(samples, "llm_edge_latency_seconds_count", route=CHAT) == 1
+    assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind="sse") == 1
     # A plain answer's first token is its whole body: counted under kind "json".
     post = asyncio.create_task(client.post(CHAT, json=chat_body()))
     await engine.serve_one(["ok"])
     assert (await post).status == 200
     samples = await scrape(client)
-    assert value(samples, "gateway_time_to_first_token_seconds_count", route=CHAT, kind="json") == 1
-    assert value(samples, "gateway_time_to_first_token_seconds_count", route=CHAT, kind="sse") == 1
+    assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind="json") == 1
+    assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind="sse") == 1
     # Routes that generate nothing have no time to first token.
-    assert not any(name.startswith("gateway_time_to_first_token") and ("route", "/v1/models") in labels
+    assert not any(name.startswith("llm_edge_time_to_first_token") and ("route", "/v1/models") in labels
                    for name, labels in samples)
 
 
 async def test_a_websocket_is_an_open_stream_and_each_request_on_it_has_a_first_token(client, engine):
     async with client.ws_connect(WS) as ws:
         samples = await scrape(client)
-        assert value(samples, "gateway_open_streams", route=WS, kind="websocket") == 1
+        assert value(samples, "llm_edge_open_streams", route=WS, kind="websocket") == 1
         for client_id in ("a", "b"):
             await ws.send_json({"id": client_id, "modelId": MODEL, "prompt": "x"})
             await engine.serve_one(["tok"])
@@ -99,11 +99,11 @@ async def test_a_websocket_is_an_open_stream_and_each_request_on_it_has_a_first_
         frame = json.loads((await ws.receive(timeout=5)).data)
         assert frame["error"]["code"] == "invalid_request"
         samples = await scrape(client)
-        assert value(samples, "gateway_time_to_first_token_seconds_count", route=WS, kind="websocket") == 2
-        assert value(samples, "gateway_rejected_requests_total", reason="bad_request") == 1
+        assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=WS, kind="websocket") == 2
+        assert value(samples, "llm_edge_rejected_requests_total", reason="bad_request") == 1
 
     async def closed() -> bool:
-        return value(await scrape(client), "gateway_open_streams", route=WS, kind="websocket") == 0
+        return value(await scrape(client), "llm_edge_open_streams", route=WS, kind="websocket") == 0
 
     await eventually(closed)
 
@@ -120,13 +120,13 @@ async def test_auth_and_scope_refusals_are_counted_by_reason(nc, js, edge_config
         status, _, _ = await exchange(c.port, request("/v1/models", "X-Big: " + "a" * 9000))
         assert status == 431
         samples = await scrape(c)  # /metrics stays open with auth on
-        assert value(samples, "gateway_rejected_requests_total", reason="auth") == 2
-        assert value(samples, "gateway_rejected_requests_total", reason="scope") == 1
-        assert value(samples, "gateway_rejected_requests_total", reason="headers_too_large") == 1
-        assert value(samples, "gateway_requests_total", route=CHAT, status="401") == 2
-        assert value(samples, "gateway_requests_total", route=CHAT, status="403") == 1
-        assert value(samples, "gateway_requests_total", route="unmatched", status="431") == 1
-        assert value(samples, "gateway_time_to_first_token_seconds_count", route=CHAT, kind="json") is None
+        assert value(samples, "llm_edge_rejected_requests_total", reason="auth") == 2
+        assert value(samples, "llm_edge_rejected_requests_total", reason="scope") == 1
+        assert value(samples, "llm_edge_rejected_requests_total", reason="headers_too_large") == 1
+        assert value(samples, "llm_edge_requests_total", route=CHAT, status="401") == 2
+        assert value(samples, "llm_edge_requests_total", route=CHAT, status="403") == 1
+        assert value(samples, "llm_edge_requests_total", route="unmatched", status="431") == 1
+        assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind="json") is None
 
 
 async def clear_of_minute_boundary(margin: float = 5.0) -> None:
@@ -151,9 +151,9 @@ async def test_rate_limit_and_bad_request_refusals_are_counted(nc, edge_config, 
         assert (await c.post(CHAT, data=b"{not json")).status == 400
         assert (await c.post(CHAT, data=b"x" * (2 << 20))).status == 413
         samples = await scrape(c)
-        assert value(samples, "gateway_rejected_requests_total", reason="rate_limit") == 1
-        assert value(samples, "gateway_rejected_requests_total", reason="bad_request") == 1
-        assert value(samples, "gateway_rejected_requests_total", reason="body_too_large") == 1
+        assert value(samples, "llm_edge_rejected_requests_total", reason="rate_limit") == 1
+        assert value(samples, "llm_edge_rejected_requests_total", reason="bad_request") == 1
+        assert value(samples, "llm_edge_rejected_requests_total", reason="body_too_large") == 1
         assert value(samples, "llm_edge_rate_limited_total", reason="requests") == 1
         kind = "sse" if stream else "json"
-        assert value(samples, "gateway_time_to_first_token_seconds_count", route=CHAT, kind=kind) == 1
+        assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind=kind) == 1

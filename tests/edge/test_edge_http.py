@@ -187,6 +187,6 @@ async def test_metrics_count_requests_by_route_and_status(client):
     await client.get("/v1/models")
     await client.post("/v1/chat/completions", data=b"{")
     text = await (await client.get("/metrics")).text()
-    assert 'gateway_requests_total{route="/v1/models",status="200"} 1.0' in text
-    assert 'gateway_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
-    assert "gateway_latency_seconds_bucket" in text
+    assert 'llm_edge_requests_total{route="/v1/models",status="200"} 1.0' in text
+    assert 'llm_edge_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
+    assert "llm_edge_latency_seconds_bucket" in text

@@ -22,7 +22,7 @@ async def test_system_status_health_and_metrics(client, engine):
     assert health["engineDetails"][0]["worker"] == engine.worker
     await client.get("/v1/models")
     metrics = await (await client.get("/v1/system/metrics")).json()
-    assert any(s["labels"].get("route") for s in metrics["gateway_requests_total"])
+    assert any(s["labels"].get("route") for s in metrics["llm_edge_requests_total"])
 
 
 async def test_cluster_status_shows_engines_queue_depth_and_strategy(client, engine, js):

@@ -65,8 +65,8 @@ async def test_parser_refusals_are_openai_errors_and_the_edge_keeps_serving(edge
     assert_error(parsed, code, None)
     assert parsed["error"]["type"] == "invalid_request_error"
     reason = "headers_too_large" if status == 431 else "bad_request"
-    assert registry.get_sample_value("gateway_rejected_requests_total", {"reason": reason}) == 1
-    assert registry.get_sample_value("gateway_requests_total", {"route": "unmatched", "status": str(status)}) == 1
+    assert registry.get_sample_value("llm_edge_rejected_requests_total", {"reason": reason}) == 1
+    assert registry.get_sample_value("llm_edge_requests_total", {"route": "unmatched", "status": str(status)}) == 1
     # The edge still answers, on a new connection and through its normal client.
     assert (await exchange(client.port, request("/healthz", "Connection: close")))[0] == 200
     assert (await client.get("/healthz")).status == 200
@@ -86,5 +86,5 @@ async def test_routing_errors_are_openai_errors_over_raw_sockets(edge):
     status, headers, body = await exchange(client.port, request("/v1/chat/completions", "Connection: close"))
     assert status == 405 and headers["allow"] == "POST"
     assert_error(json.loads(body), "method_not_allowed")
-    assert registry.get_sample_value("gateway_rejected_requests_total", {"reason": "not_found"}) == 1
-    assert registry.get_sample_value("gateway_rejected_requests_total", {"reason": "method_not_allowed"}) == 1
+    assert registry.get_sample_value("llm_edge_rejected_requests_total", {"reason": "not_found"}) == 1
+    assert registry.get_sample_value("llm_edge_rejected_requests_total", {"reason": "method_not_allowed"}) == 1

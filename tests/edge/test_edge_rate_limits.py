@@ -16,7 +16,7 @@ from schemas.events import TokenDelta
 from services.edge import create_app
 from services.edge.auth import rate_window
 from services.edge.auth.rate_limit import CounterStore, StreamLeases
-from services.edge.auth.rate_window import RateLimits, Usage
+from services.edge.auth.rate_window import RateLimits, RateUsage
 from tests.auth_support import bearer, hs256
 from tests.edge_harness import (  # noqa: F401 - fixtures
     MODEL,
@@ -70,13 +70,13 @@ async def _served(client, engine, body: dict, sub: str, texts=("ok",)):
 
 def test_rate_window_arithmetic():
     limits = RateLimits(rpm=3, tpm=100, streams=1)
-    assert rate_window.verdict(limits, Usage(requests=3, tokens=99), stream=False) is None
-    assert rate_window.verdict(limits, Usage(requests=4), stream=False) == "requests"
-    assert rate_window.verdict(limits, Usage(requests=1, tokens=100), stream=False) == "tokens"
-    assert rate_window.verdict(limits, Usage(requests=1, streams=2), stream=False) is None
-    assert rate_window.verdict(limits, Usage(requests=1, streams=2), stream=True) == "streams"
+    assert rate_window.verdict(limits, RateUsage(requests=3, tokens=99), stream=False) is None
+    assert rate_window.verdict(limits, RateUsage(requests=4), stream=False) == "requests"
+    assert rate_window.verdict(limits, RateUsage(requests=1, tokens=100), stream=False) == "tokens"
+    assert rate_window.verdict(limits, RateUsage(requests=1, streams=2), stream=False) is None
+    assert rate_window.verdict(limits, RateUsage(requests=1, streams=2), stream=True) == "streams"
     assert limits.overridden(10, None, 0) == RateLimits(rpm=10, tpm=100, streams=0)
-    hdrs = rate_window.headers(limits, Usage(requests=2, tokens=30), reset=75.2)
+    hdrs = rate_window.headers(limits, RateUsage(requests=2, tokens=30), reset=75.2)
     assert hdrs["x-ratelimit-remaining-requests"] == "1" and hdrs["x-ratelimit-reset-requests"] == "1m16s"
     assert hdrs["x-ratelimit-remaining-tokens"] == "70" and hdrs["x-ratelimit-reset-tokens"] == "1m16s"
     assert rate_window.lease_epochs(29.0, 30, 5) == [0, 1] and rate_window.lease_epochs(10.0, 30, 5) == [0]

@@ -1,4 +1,4 @@
-"""``--engine auto`` (issue 4): every branch of the choice, the model-format rule, and its wiring."""
+"""``--engine auto``: every branch of the choice, the model-format rule, and its wiring."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.engine import __main__ as engine_main
-from services.engine.backends import ADAPTERS
+from services.engine.backends import BACKENDS
 from services.engine.backends.simulated import SimulatedEngine
 from services.engine.config import parse_args
 from services.engine.engine_choice import (DIRECTORY, GGUF, LLAMA_CPP, MINDIE, MLX, TRANSFORMERS, VLLM, NoEngineFits,
@@ -72,7 +72,7 @@ def test_reason_names_the_platform_and_what_was_passed_over():
 
 def test_every_engine_auto_can_choose_is_registered():
     for engine in (TRANSFORMERS, VLLM, LLAMA_CPP, MINDIE, MLX):
-        assert engine in ADAPTERS
+        assert engine in BACKENDS
 
 
 def test_model_format(tmp_path):

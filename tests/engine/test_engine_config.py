@@ -1,24 +1,24 @@
-"""Engine flags that shape how an adapter is built (no model is loaded here)."""
+"""Engine flags that shape how a backend is built (no model is loaded here)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.engine.__main__ import build_adapter
+from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 
 
-def test_no_lora_reaches_the_vllm_adapter_and_is_refused_elsewhere(tmp_path, capsys):
+def test_no_lora_reaches_the_vllm_backend_and_is_refused_elsewhere(tmp_path, capsys):
     base = ["--model-id", "m", "--model-path", str(tmp_path)]
     pytest.importorskip("vllm", reason="the vLLM engine needs the [vllm] extra")
-    assert build_adapter(parse_args([*base, "--engine", "vllm", "--no-lora"]))._enable_lora is False
-    assert build_adapter(parse_args([*base, "--engine", "vllm"]))._enable_lora is True
+    assert build_backend(parse_args([*base, "--engine", "vllm", "--no-lora"]))._enable_lora is False
+    assert build_backend(parse_args([*base, "--engine", "vllm"]))._enable_lora is True
     with pytest.raises(SystemExit):
         parse_args([*base, "--engine", "transformers", "--no-lora"])
     assert "--no-lora is a vLLM setting" in capsys.readouterr().err
 
 
-def test_threads_reach_the_transformers_adapter(tmp_path):
-    adapter = build_adapter(parse_args(["--model-id", "m", "--model-path", str(tmp_path), "--engine", "transformers",
+def test_threads_reach_the_transformers_backend(tmp_path):
+    backend = build_backend(parse_args(["--model-id", "m", "--model-path", str(tmp_path), "--engine", "transformers",
                                         "--threads", "2"]))
-    assert adapter._threads == 2
+    assert backend._threads == 2

@@ -1,4 +1,4 @@
-"""The contract every engine adapter passes (issue: engines share one contract test suite).
+"""The contract every engine backend passes: one suite, so every engine answers a client alike.
 
 Run against the real transformers, llama.cpp and vLLM engines on the default model, and against the simulated
 engine (which load tests use) so it cannot drift from the real one's behaviour.
@@ -18,14 +18,14 @@ from schemas import ChatMessage, InferenceRequest, SamplingParams
 from schemas.errors import BusError, ErrorCode
 from services.common.model_store import default_model_gguf
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["transformers", "simulated", "llamacpp", "vllm"])
 async def engine(request, default_model_dir):
-    cls = adapter_class(request.param)
+    cls = backend_class(request.param)
     if request.param in ("transformers", "vllm"):
         eng = cls(model_path=default_model_dir, model_id="m", slots=4)
     elif request.param == "llamacpp":

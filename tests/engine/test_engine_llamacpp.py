@@ -21,9 +21,9 @@ from schemas.events import StreamEnd, StreamStart, TokenDelta, decode_event, enc
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import ChatMessage, DispatchReply, InferenceRequest, SamplingParams
 from services.common.model_store import DEFAULT_MODEL_ID, default_model_gguf
-from services.engine.__main__ import build_adapter
+from services.engine.__main__ import build_backend
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
@@ -36,7 +36,7 @@ STORY = "Write a long story about a brave cat."
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
-    eng = adapter_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8)
+    eng = backend_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8)
     await eng.start()
     yield eng
     await eng.close()
@@ -158,8 +158,8 @@ async def test_the_engine_service_serves_the_default_gguf_on_the_bus(nc, nats_se
     worker = f"w-{uuid.uuid4().hex[:8]}"
     cfg = parse_args(["--nats-url", nats_server.url, "--engine", "llamacpp", "--model-id", DEFAULT_MODEL_ID,
                       "--worker-id", worker, "--heartbeat-interval", "0.2", "--slots", "2", "--threads", "1"])
-    adapter = build_adapter(cfg)
-    service = EngineService(cfg, adapter, EngineMetrics(CollectorRegistry()))
+    backend = build_backend(cfg)
+    service = EngineService(cfg, backend, EngineMetrics(CollectorRegistry()))
     beats = await nc.subscribe(names.WORKER_STATUS_ALL)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
@@ -167,7 +167,7 @@ async def test_the_engine_service_serves_the_default_gguf_on_the_bus(nc, nats_se
         hb = msgspec.json.decode((await beats.next_msg(timeout=60)).data, type=EngineHeartbeat)
         assert (hb.engine, hb.device, hb.slots) == ("llama.cpp", "cpu", 2)
         assert hb.models[0].id == DEFAULT_MODEL_ID and hb.models[0].context_length == 8192
-        assert adapter.model.shape.threads == 1  # --threads reaches llama.cpp's context
+        assert backend.model.shape.threads == 1  # --threads reaches llama.cpp's context
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         req = InferenceRequest(id=f"r-{uuid.uuid4().hex[:10]}", model=DEFAULT_MODEL_ID, reply_to=inbox,

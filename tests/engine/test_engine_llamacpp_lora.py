@@ -50,9 +50,9 @@ def adapter_root(tmp_path_factory, default_model_dir) -> Path:
 
 
 async def start_engine(adapter_root: Path, max_adapters: int = 8):
-    from services.engine.backends import adapter_class
+    from services.engine.backends import backend_class
 
-    eng = adapter_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8,
+    eng = backend_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8,
                                     adapter_dirs=[str(adapter_root)], adapter_cache_dir=adapter_root / "cache",
                                     max_adapters=max_adapters)
     eng.changes = []

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from schemas.errors import BusError
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -40,7 +40,7 @@ async def run(engine, req) -> tuple[list[Chunk], Finished]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(default_model_dir):
-    eng = adapter_class("transformers")(model_path=default_model_dir, model_id="m", slots=4, device="cpu")
+    eng = backend_class("transformers")(model_path=default_model_dir, model_id="m", slots=4, device="cpu")
     await eng.start()
     yield eng
     await eng.close()
@@ -71,7 +71,7 @@ async def test_greedy_logprobs_are_the_models_own_and_the_sampled_token_is_the_t
     chunks, fin = await run(engine, req)
     ids, entries = entries_of(chunks)
     assert len(ids) == fin.completion_tokens > 0
-    expected = reference(engine.render(req), ids)
+    expected = reference(engine.render(req).ids, ids)
     for j, entry in enumerate(entries):
         assert entry.logprob == pytest.approx(float(expected[j, ids[j]]), abs=2e-3)
         assert entry.token == engine.tokenizer.decode([ids[j]])
@@ -88,7 +88,7 @@ async def test_sampled_logprobs_are_raw_not_after_temperature_or_penalties(engin
     req = chat(temperature=1.7, top_k=5, presence_penalty=1.5, seed=11, logprobs=0, max_tokens=6)
     chunks, _ = await run(engine, req)
     ids, entries = entries_of(chunks)
-    expected = reference(engine.render(req), ids)
+    expected = reference(engine.render(req).ids, ids)
     for j, entry in enumerate(entries):
         assert entry.top == []  # logprobs 0: the sampled token's alone
         assert entry.logprob == pytest.approx(float(expected[j, ids[j]]), abs=2e-3)
@@ -102,12 +102,12 @@ async def test_logprobs_in_one_batch_with_requests_without_them(engine, referenc
     with_lp, without = chat(temperature=0.0, logprobs=2), chat(temperature=0.0, max_tokens=12)
     (chunks, _), _ = await asyncio.gather(run(engine, with_lp), run(engine, without))
     ids, entries = entries_of(chunks)
-    expected = reference(engine.render(with_lp), ids)
+    expected = reference(engine.render(with_lp).ids, ids)
     assert [e.logprob for e in entries] == pytest.approx([float(expected[j, t]) for j, t in enumerate(ids)], abs=2e-3)
 
 
 async def test_the_simulated_engine_refuses_logprobs_as_unsupported():
-    eng = adapter_class("simulated")(model_id="m")
+    eng = backend_class("simulated")(model_id="m")
     await eng.start()
     with pytest.raises(BusError) as info:
         await run(eng, chat(logprobs=0))

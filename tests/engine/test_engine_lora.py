@@ -55,7 +55,7 @@ def peft_reference(default_model_dir, adapter_dir: Path, engine, max_tokens: int
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32),
                                       str(adapter_dir)).eval()
-    ids = torch.tensor([engine.render(chat())])
+    ids = torch.tensor([engine.render(chat()).ids])
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                              do_sample=False)

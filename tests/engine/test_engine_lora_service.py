@@ -16,7 +16,7 @@ from schemas.events import StreamEnd, StreamError, TokenDelta
 from schemas.heartbeat import EngineHeartbeat
 from schemas.registry import ADAPTER, ModelEntry
 from services.common import artifacts
-from services.engine.__main__ import build_adapter
+from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
@@ -35,7 +35,7 @@ async def engine_service(nats_url: str, engine: str, model_dir, cache_dir):
     model = ["--model-path", str(model_dir)] if engine == "transformers" else []
     cfg = parse_args(["--nats-url", nats_url, "--engine", engine, "--model-id", BASE, *model, "--worker-id", worker,
                       "--heartbeat-interval", "0.5", "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
-    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(CollectorRegistry()))
+    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:

@@ -90,7 +90,7 @@ async def test_least_recently_used_idle_model_is_evicted_at_max_models(nc, js, n
         assert ids(loaded) == sorted([DEFAULT_MODEL_ID, "copy-b"])
         assert (await generate_refused(nc, worker, "copy-a")).code == "model_not_found"
         assert isinstance((await generate(nc, worker, "copy-b"))[-1], StreamEnd)
-        assert service.metrics.registry.get_sample_value("worker_models_loaded") == 2
+        assert service.metrics.registry.get_sample_value("llm_engine_models_loaded") == 2
 
 
 async def test_a_model_with_requests_in_flight_is_never_evicted(nc, js, nats_server, default_model_dir, tmp_path):

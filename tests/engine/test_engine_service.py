@@ -15,7 +15,7 @@ from schemas import names
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, decode_event, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams
-from services.engine.__main__ import build_adapter
+from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
@@ -27,7 +27,7 @@ async def running_engine(nats_url: str, *extra: str):
     worker = f"w-{uuid.uuid4().hex[:8]}"
     cfg = parse_args(["--nats-url", nats_url, "--engine", "simulated", "--model-id", "sim", "--alias", "sim-alias",
                       "--worker-id", worker, "--heartbeat-interval", "0.2", *extra])
-    service = EngineService(cfg, build_adapter(cfg), EngineMetrics(CollectorRegistry()))
+    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
@@ -149,7 +149,7 @@ async def test_cancel_stops_generation_and_frees_the_slot(nc, nats_server):
 
 
 async def test_an_offer_withdrawn_before_the_engine_reads_it_is_refused_and_a_newer_offer_runs(nc, nats_server):
-    # Issue 3: the scheduler stopped waiting for this engine and withdrew the offer; the engine reads the
+    # A withdrawn offer: the scheduler stopped waiting for this engine and withdrew the offer; the engine reads the
     # offer only afterwards (its loop was blocked). It must refuse it and publish nothing for it.
     async with running_engine(nats_server.url) as (service, worker):
         inbox = nc.new_inbox()

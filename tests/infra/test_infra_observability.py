@@ -97,12 +97,12 @@ EXPORTED = _exported()
 
 def test_the_registries_hold_the_documented_families():
     # A sanity anchor for the introspection above: one series of each service and kind.
-    for name in ("gateway_requests_total", "gateway_time_to_first_token_seconds_bucket", "gateway_open_streams",
-                 "coordinator_queue_pending", "worker_generated_tokens_total", "trainer_step_seconds_count"):
+    for name in ("llm_edge_requests_total", "llm_edge_time_to_first_token_seconds_bucket", "llm_edge_open_streams",
+                 "llm_scheduler_queue_pending", "llm_engine_generated_tokens_total", "llm_trainer_step_seconds_count"):
         assert name in EXPORTED
-    assert EXPORTED["gateway_rejected_requests_total"].labels == {"reason"}
-    assert EXPORTED["trainer_last_loss"].labels == {"exported_job"}
-    assert EXPORTED["coordinator_queue_pending"].values["lane"] == {"high", "normal", "low"}
+    assert EXPORTED["llm_edge_rejected_requests_total"].labels == {"reason"}
+    assert EXPORTED["llm_trainer_last_loss"].labels == {"exported_job"}
+    assert EXPORTED["llm_scheduler_queue_pending"].values["lane"] == {"high", "normal", "low"}
 
 
 # --- a small PromQL reader ---------------------------------------------------------------------
@@ -195,10 +195,10 @@ def parse_promql(expr: str) -> Parsed:
 
 
 def test_the_promql_reader_finds_names_labels_and_functions():
-    parsed = parse_promql('histogram_quantile(0.95, sum by (route, le) (rate(gateway_latency_seconds_bucket'
+    parsed = parse_promql('histogram_quantile(0.95, sum by (route, le) (rate(llm_edge_latency_seconds_bucket'
                           '{route=~"$route", kind!="x"}[$__rate_interval]))) > on () group_left () 2e3 * x:y:z')
     assert [(s.name, s.matchers) for s in parsed.selectors] == [
-        ("gateway_latency_seconds_bucket", [("route", "=~", "$route"), ("kind", "!=", "x")]), ("x:y:z", [])]
+        ("llm_edge_latency_seconds_bucket", [("route", "=~", "$route"), ("kind", "!=", "x")]), ("x:y:z", [])]
     assert parsed.grouping == {"route", "le"}
     assert parsed.functions == {"histogram_quantile", "sum", "rate"}
     with pytest.raises(AssertionError):
@@ -299,7 +299,7 @@ def test_every_record_is_used_and_defined_once_per_label_set():
 def test_alerts_an_operator_needs_are_there_with_severity_and_runbook():
     by_name = {a["alert"]: a for a in ALERTS}
     for needed in ("EdgeDown", "ScrapeTargetDown", "NoHealthyWorkers", "InferenceQueueNearBound",
-                   "InferenceQueueFull", "GatewayHighErrorRate", "GatewayRejections", "CircuitBreakerOpen",
+                   "InferenceQueueFull", "EdgeHighErrorRate", "EdgeRejections", "CircuitBreakerOpen",
                    "EngineMemoryNearBudget", "TrainerJobFailed"):
         assert needed in by_name
     doc = DOC.read_text()
@@ -454,18 +454,18 @@ def _series_behind(expr: str) -> set[str]:
 def test_dashboards_cover_what_operators_watch():
     shown = {name: set().union(*(_series_behind(t["expr"]) for _, t in _targets(d))) for name, d in DASHBOARDS.items()}
     wanted = {
-        "overview.json": {"gateway_requests_total", "gateway_latency_seconds_bucket",
-                          "gateway_time_to_first_token_seconds_bucket", "gateway_open_streams",
-                          "gateway_rejected_requests_total", "coordinator_queue_pending",
-                          "coordinator_cache_hits_total", "coordinator_workers_healthy"},
-        "engines.json": {"worker_generated_tokens_total", "worker_time_to_first_token_seconds_bucket",
-                         "worker_inter_token_latency_seconds_bucket", "worker_in_flight_requests",
-                         "worker_memory_used_bytes", "worker_models_loaded", "worker_adapters_loaded",
-                         "worker_adapter_loads_total", "worker_adapter_evictions_total"},
-        "scheduler.json": {"coordinator_dispatch_latency_seconds_bucket", "coordinator_dispatch_attempts_total",
-                           "llm_edge_failovers_total", "coordinator_circuits_open"},
-        "training.json": {"trainer_jobs_total", "trainer_steps_total", "trainer_last_loss",
-                          "trainer_checkpoint_writes_total"},
+        "overview.json": {"llm_edge_requests_total", "llm_edge_latency_seconds_bucket",
+                          "llm_edge_time_to_first_token_seconds_bucket", "llm_edge_open_streams",
+                          "llm_edge_rejected_requests_total", "llm_scheduler_queue_pending",
+                          "llm_scheduler_cache_hits_total", "llm_scheduler_workers_healthy"},
+        "engines.json": {"llm_engine_generated_tokens_total", "llm_engine_time_to_first_token_seconds_bucket",
+                         "llm_engine_inter_token_latency_seconds_bucket", "llm_engine_in_flight_requests",
+                         "llm_engine_memory_used_bytes", "llm_engine_models_loaded", "llm_engine_adapters_loaded",
+                         "llm_engine_adapter_loads_total", "llm_engine_adapter_evictions_total"},
+        "scheduler.json": {"llm_scheduler_dispatch_latency_seconds_bucket", "llm_scheduler_dispatch_attempts_total",
+                           "llm_edge_failovers_total", "llm_scheduler_circuits_open"},
+        "training.json": {"llm_trainer_jobs_total", "llm_trainer_steps_total", "llm_trainer_last_loss",
+                          "llm_trainer_checkpoint_writes_total"},
     }
     for name, metrics in wanted.items():
         assert metrics <= shown[name], f"{name} does not show {sorted(metrics - shown[name])}"

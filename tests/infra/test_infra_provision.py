@@ -62,10 +62,10 @@ async def test_update_applies_a_limit_change(raw_js):
     actions = await provision.apply(raw_js, definitions=defs, update=True)
 
     updated = {a.name: a for a in actions if a.action == "updated"}
-    assert set(updated) == {names.INFER_STREAM, f"KV_{names.PROMPT_CACHE_BUCKET}"}
+    assert set(updated) == {names.INFER_STREAM, names.kv_stream(names.PROMPT_CACHE_BUCKET)}
     assert "max_msgs" in updated[names.INFER_STREAM].detail
     assert (await raw_js.stream_info(names.INFER_STREAM)).config.max_msgs == 5
-    assert (await raw_js.stream_info(f"KV_{names.PROMPT_CACHE_BUCKET}")).config.max_age == 600
+    assert (await raw_js.stream_info(names.kv_stream(names.PROMPT_CACHE_BUCKET))).config.max_age == 600
     again = await provision.apply(raw_js, definitions=defs)
     assert {a.action for a in again} == {"unchanged"}
 
@@ -101,3 +101,26 @@ async def test_a_storage_change_is_refused_even_with_update(raw_js):
 
     with pytest.raises(provision.ProvisionError, match="storage"):
         await provision.apply(raw_js, definitions=defs, update=True)
+
+
+async def test_definitions_that_disagree_with_names_py_are_refused_before_anything_is_created(raw_js):
+    defs = _changed(streams={names.INFER_STREAM: {"subjects": ["llm.v1.infer.queue.*"]}})
+
+    with pytest.raises(provision.ProvisionError, match=r"LLM_INFER.*schemas/names.py has \['llm.v1.infer.submit.\*'\]"):
+        await provision.apply(raw_js, definitions=defs)
+
+    assert await raw_js.streams_info() == []
+
+
+async def test_provisioned_objects_carry_the_names_of_names_py(raw_js):
+    await provision.apply(raw_js)
+
+    for stream, subjects in names.STREAMS.items():
+        assert sorted((await raw_js.stream_info(stream)).config.subjects) == sorted(subjects)
+    for durable, (stream, subject) in names.DURABLES.items():
+        assert (await raw_js.consumer_info(stream, durable)).config.filter_subject == subject
+    for bucket in names.KV_BUCKETS:
+        assert (await raw_js.stream_info(names.kv_stream(bucket))).config.subjects == [names.kv_subjects(bucket)]
+    for bucket in names.OBJECT_STORES:
+        info = await raw_js.stream_info(names.obj_stream(bucket))
+        assert sorted(info.config.subjects) == sorted(names.obj_subjects(bucket))

@@ -1,4 +1,4 @@
-"""The prompt cache on a real nats-server: a real engine (simulated adapter) fills it, the scheduler replays hits."""
+"""The prompt cache on a real nats-server: a real engine (simulated backend) fills it, the scheduler replays hits."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def cache_entries(js) -> int:
 
 
 def accepted(scheduler) -> float:
-    return scheduler.metrics.registry.get_sample_value("coordinator_dispatch_attempts_total",
+    return scheduler.metrics.registry.get_sample_value("llm_scheduler_dispatch_attempts_total",
                                                        {"result": "accepted"}) or 0.0
 
 
@@ -93,8 +93,8 @@ async def test_a_hit_is_replayed_without_any_engine_dispatch(nc, js, nats_server
         assert accepted(scheduler) == dispatched  # no engine was asked
         assert count(scheduler, "cached") == 1
         sample = scheduler.metrics.registry.get_sample_value
-        assert (sample("coordinator_cache_hits_total"), sample("coordinator_cache_misses_total")) == (1, 1)
-        assert sample("coordinator_cache_hit_rate") == 0.5
+        assert (sample("llm_scheduler_cache_hits_total"), sample("llm_scheduler_cache_misses_total")) == (1, 1)
+        assert sample("llm_scheduler_cache_hit_ratio") == 0.5
 
 
 async def test_requests_differing_only_in_max_tokens_or_stop_never_share_an_entry(nc, js, start_scheduler,
@@ -129,7 +129,7 @@ async def test_uncacheable_requests_always_reach_an_engine_and_are_never_stored(
         assert await cache_entries(js) == 0
         assert accepted(scheduler) == 2
         sample = scheduler.metrics.registry.get_sample_value
-        assert (sample("coordinator_cache_hits_total"), sample("coordinator_cache_misses_total")) == (0, 0)
+        assert (sample("llm_scheduler_cache_hits_total"), sample("llm_scheduler_cache_misses_total")) == (0, 0)
 
 
 async def test_an_opt_out_is_not_answered_from_an_existing_entry(nc, js, start_scheduler, engine):
@@ -149,7 +149,7 @@ async def test_cache_disabled_in_config_always_dispatches(nc, js, start_schedule
         req = await submit(nc, new_request(sampling=SamplingParams(temperature=0.0)))
         await eventually(lambda: double.received_ids == [req.id], what="the dispatch")
         assert double.received[0].cache_key is None
-        assert scheduler.metrics.registry.get_sample_value("coordinator_cache_misses_total") == 0
+        assert scheduler.metrics.registry.get_sample_value("llm_scheduler_cache_misses_total") == 0
 
 
 async def test_a_cacheable_miss_carries_its_key_to_the_engine(nc, start_scheduler, engines):

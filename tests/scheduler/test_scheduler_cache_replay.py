@@ -39,8 +39,8 @@ async def test_a_repeated_hit_is_served_from_memory_until_the_entry_is_deleted(n
         hits = [await ask(nc, chat()) for _ in range(3)]
         assert all(h[0].worker == "cache" for h in hits)
         sample = scheduler.metrics.registry.get_sample_value
-        assert sample("coordinator_cache_hits_total") == 3
-        assert sample("coordinator_cache_local_hits_total") == 2  # the first hit read KV, the next two did not
+        assert sample("llm_scheduler_cache_hits_total") == 3
+        assert sample("llm_scheduler_cache_local_hits_total") == 2  # the first hit read KV, the next two did not
         kv = await js.key_value("llm_prompt_cache")
         [key] = await kv_keys(kv)
         await kv.delete(key)

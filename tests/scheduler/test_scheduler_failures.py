@@ -31,7 +31,7 @@ async def test_an_engine_that_stops_heartbeating_gets_no_work_after_three_interv
         assert silent.dispatch_requests == 0
         assert alive.received_ids == [r.id for r in reqs]
         assert scheduler.table.get(silent.worker) is None  # expired from the table
-        assert scheduler.metrics.registry.get_sample_value("coordinator_workers_healthy") == 1
+        assert scheduler.metrics.registry.get_sample_value("llm_scheduler_workers_healthy") == 1
 
 
 async def test_a_busy_answer_sends_the_request_to_another_engine(nc, start_scheduler, engines):
@@ -49,7 +49,7 @@ async def test_a_busy_answer_sends_the_request_to_another_engine(nc, start_sched
 
 async def test_an_engine_that_does_not_answer_in_time_has_the_offer_withdrawn_before_the_next_one(
         nc, start_scheduler, engines):
-    # Issue 3: a hung engine may still read the offer later; the withdrawal tells it not to run it, and the
+    # A hung engine may still read the offer later; the withdrawal tells it not to run it, and the
     # next engine's offer carries a larger number, so a late accept's events are told apart by producers.
     hung = await engines("hung", slots=8)  # the emptier one: offered the request first
     hung.silent = True

@@ -137,7 +137,7 @@ async def known(scheduler: Scheduler, *engines: EngineDouble) -> None:
 
 
 def count(scheduler: Scheduler, outcome: str, lane: str = "normal") -> float:
-    """``coordinator_inference_requests_total{lane, outcome}`` of ``scheduler``."""
-    value = scheduler.metrics.registry.get_sample_value("coordinator_inference_requests_total",
+    """``llm_scheduler_inference_requests_total{lane, outcome}`` of ``scheduler``."""
+    value = scheduler.metrics.registry.get_sample_value("llm_scheduler_inference_requests_total",
                                                         {"lane": lane, "outcome": outcome})
     return value or 0.0

@@ -17,8 +17,8 @@ def sample(scheduler, name: str, **labels: str) -> float | None:
 
 
 def circuit(scheduler, worker: str) -> str | None:
-    """The state whose ``coordinator_circuit_state`` sample is 1 for ``worker``."""
-    on = [s.value for s in CircuitState if sample(scheduler, "coordinator_circuit_state", worker=worker,
+    """The state whose ``llm_scheduler_circuit_state`` sample is 1 for ``worker``."""
+    on = [s.value for s in CircuitState if sample(scheduler, "llm_scheduler_circuit_state", worker=worker,
                                                   state=s.value) == 1.0]
     assert len(on) <= 1, on
     return on[0] if on else None
@@ -33,12 +33,12 @@ async def test_a_busy_answer_counts_one_retry_and_a_plain_dispatch_none(nc, star
         req = await submit(nc, new_request())
         await eventually(lambda: spare.received_ids == [req.id], what="the retry on the spare engine")
         await eventually(lambda: count(scheduler, "dispatched") == 1)
-        assert sample(scheduler, "coordinator_dispatch_retries_total") == 1
+        assert sample(scheduler, "llm_scheduler_dispatch_retries_total") == 1
         liar.busy = False
         plain = await submit(nc, new_request())
         await eventually(lambda: plain.id in liar.received_ids + spare.received_ids, what="a first-choice dispatch")
         await eventually(lambda: count(scheduler, "dispatched") == 2)
-        assert sample(scheduler, "coordinator_dispatch_retries_total") == 1
+        assert sample(scheduler, "llm_scheduler_dispatch_retries_total") == 1
 
 
 async def test_failover_attempts_are_counted_by_kind(nc, start_scheduler, engines):
@@ -50,8 +50,8 @@ async def test_failover_attempts_are_counted_by_kind(nc, start_scheduler, engine
         migration = await submit(nc, new_request(id=f"{first.id}-r2", attempt=2, continuation="tok1 tok2 "))
         await eventually(lambda: len(engine.received) == 3, what="all three dispatches")
         await eventually(lambda: count(scheduler, "dispatched") == 3)
-        assert sample(scheduler, "coordinator_failover_dispatches_total", kind="redispatch") == 1
-        assert sample(scheduler, "coordinator_failover_dispatches_total", kind="migration") == 1
+        assert sample(scheduler, "llm_scheduler_failover_dispatches_total", kind="redispatch") == 1
+        assert sample(scheduler, "llm_scheduler_failover_dispatches_total", kind="migration") == 1
         assert engine.received_ids == [first.id, redispatch.id, migration.id]
 
 
@@ -67,8 +67,8 @@ async def test_circuit_state_per_engine_follows_the_breaker(nc, start_scheduler,
             await eventually(lambda req=req: req.id in steady.received_ids, what=f"request {n} to fail over")
         await eventually(lambda: circuit(scheduler, hung.worker) == "open", what="the circuit to open")
         assert circuit(scheduler, steady.worker) == "closed"
-        assert sample(scheduler, "coordinator_dispatch_retries_total") == 2
-        assert sample(scheduler, "coordinator_dispatch_attempts_total", result="no_reply") == 2
+        assert sample(scheduler, "llm_scheduler_dispatch_retries_total") == 2
+        assert sample(scheduler, "llm_scheduler_dispatch_attempts_total", result="no_reply") == 2
         await asyncio.sleep(0.7)  # the cooldown: half-open by the clock, with no event in between
         assert circuit(scheduler, hung.worker) == "half_open"
         hung.silent = False
@@ -76,4 +76,4 @@ async def test_circuit_state_per_engine_follows_the_breaker(nc, start_scheduler,
         await eventually(lambda: probe.id in hung.received_ids, what="the half-open probe")
         await eventually(lambda: circuit(scheduler, hung.worker) == "closed", what="the probe to close it")
         text = generate_latest(scheduler.metrics.registry).decode()
-        assert f'coordinator_circuit_state{{state="closed",worker="{hung.worker}"}} 1.0' in text
+        assert f'llm_scheduler_circuit_state{{state="closed",worker="{hung.worker}"}} 1.0' in text

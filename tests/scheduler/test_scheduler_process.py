@@ -63,8 +63,8 @@ async def test_process_dispatches_serves_metrics_and_finishes_dispatches_on_sigt
         first = await submit(nc, new_request())
         await eventually(lambda: engine.received_ids == [first.id], what="the first dispatch")
         # Counted once the engine's answer is back at the scheduler, a moment after the engine saw it.
-        text = await _metrics_with(port, 'coordinator_inference_requests_total{lane="normal",outcome="dispatched"} 1.0')
-        assert "coordinator_workers_healthy 1.0" in text
+        text = await _metrics_with(port, 'llm_scheduler_inference_requests_total{lane="normal",outcome="dispatched"} 1.0')
+        assert "llm_scheduler_workers_healthy 1.0" in text
 
         engine.reply_delay = 1.0  # the next dispatch is still waiting for the engine when SIGTERM comes
         second = await submit(nc, new_request())

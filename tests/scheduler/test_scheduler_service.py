@@ -25,7 +25,7 @@ async def test_request_goes_to_the_least_loaded_engine(nc, start_scheduler, engi
         await eventually(lambda: count(scheduler, "dispatched") == 1, what="the dispatch to be counted")
         assert busy.dispatch_requests == 0 and other.dispatch_requests == 0
         await until_stream_holds(nc, 0)  # acknowledged: gone from the work queue
-        healthy = scheduler.metrics.registry.get_sample_value("coordinator_workers_healthy")
+        healthy = scheduler.metrics.registry.get_sample_value("llm_scheduler_workers_healthy")
         assert healthy == 3
 
 

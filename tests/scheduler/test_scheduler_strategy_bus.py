@@ -51,7 +51,7 @@ async def test_a_replica_starting_later_applies_the_stored_strategy(nc, js, star
 
 
 def circuits_open(scheduler) -> float | None:
-    return scheduler.metrics.registry.get_sample_value("coordinator_circuits_open")
+    return scheduler.metrics.registry.get_sample_value("llm_scheduler_circuits_open")
 
 
 async def test_circuit_opens_on_an_unanswering_engine_and_a_half_open_probe_closes_it(nc, start_scheduler,

@@ -1,4 +1,4 @@
-"""A NATS-native producer whose engine dies gets a typed ``worker_lost`` error, never a hang (issue 3).
+"""A NATS-native producer whose engine dies gets a typed ``worker_lost`` error, never a hang.
 
 The edge follows its own requests' engines (and migrates them), so requests it publishes carry
 ``producer_watches`` and get no such error from the scheduler. Three layers: the pure table of
@@ -105,7 +105,7 @@ def test_entries_leave_at_their_deadline_on_cancel_and_beyond_the_limit():
 # --- the scheduler on the bus, engines played by doubles ---
 
 def lost_count(scheduler) -> float:
-    return scheduler.metrics.registry.get_sample_value("coordinator_worker_lost_requests_total") or 0.0
+    return scheduler.metrics.registry.get_sample_value("llm_scheduler_worker_lost_requests_total") or 0.0
 
 
 async def test_a_nats_producer_gets_worker_lost_with_the_dispatch_number_when_its_engine_falls_silent(

@@ -155,8 +155,8 @@ async def test_a_job_trains_checkpoints_and_registers_its_adapter(nc, js, traine
     # The job's message is acked: the work queue is empty.
     assert (await js.stream_info(names.TRAIN_STREAM)).state.messages == 0
     text = _exposition(trainer.registry)
-    assert 'trainer_jobs_total{status="succeeded"} 1.0' in text
-    assert "trainer_steps_total 4.0" in text and "trainer_checkpoint_writes_total 2.0" in text
+    assert 'llm_trainer_jobs_total{status="succeeded"} 1.0' in text
+    assert "llm_trainer_steps_total 4.0" in text and "llm_trainer_checkpoint_writes_total 2.0" in text
 
 
 async def test_a_bad_dataset_fails_with_file_line_and_field_and_the_trainer_goes_on(nc, js, trainer):

@@ -31,7 +31,7 @@ from services.common.lifecycle import cancel_and_wait
 from services.edge.auth import rate_window
 from services.edge.auth.authenticator import PRINCIPAL
 from services.edge.metrics import EdgeMetrics
-from services.edge.auth.rate_window import RateLimits, Usage
+from services.edge.auth.rate_window import RateLimits, RateUsage
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class RateLimiter:
             self._add(req_subject, 1) if limits.rpm else self._zero(),
             self._total(names.rate_counter(caller, rate_window.TOKENS, window)) if limits.tpm else self._zero(),
             self._acquire_stream(caller) if counts_stream else _no_lease())
-        used = Usage(requests=requests, tokens=tokens, streams=streams)
+        used = RateUsage(requests=requests, tokens=tokens, streams=streams)
         reason = rate_window.verdict(limits, used, stream=stream)
         if reason is None:
             return Admission(self, caller, limits, rate_window.headers(limits, used, reset), lease)
@@ -230,7 +230,7 @@ class RateLimiter:
                              self._release(lease))
         self._metrics.rate_limited.labels(reason).inc()
         wait = rate_window.retry_after(reason, reset, self._retry_after)
-        shown = Usage(requests=max(0, requests - 1), tokens=tokens, streams=streams)
+        shown = RateUsage(requests=max(0, requests - 1), tokens=tokens, streams=streams)
         raise RateLimited(rate_window.rejection_message(reason, limits, wait), wait,
                           rate_window.headers(limits, shown, reset))
 

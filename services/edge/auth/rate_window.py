@@ -61,7 +61,7 @@ def seconds_to_renewal(now: float, epoch: float = LEASE_EPOCH_SECONDS, margin: f
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
+class RateUsage:
     """What a caller has used: requests this window (this one included), tokens this window, streams now."""
 
     requests: int = 0
@@ -69,7 +69,7 @@ class Usage:
     streams: int = 0
 
 
-def verdict(limits: RateLimits, used: Usage, *, stream: bool) -> str | None:
+def verdict(limits: RateLimits, used: RateUsage, *, stream: bool) -> str | None:
     """The budget a new request exceeds (``requests``, ``tokens`` or ``streams``), or ``None`` to admit it."""
     if limits.rpm and used.requests > limits.rpm:
         return REQUESTS
@@ -86,7 +86,7 @@ def _duration(seconds: float) -> str:
     return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
 
 
-def headers(limits: RateLimits, used: Usage, reset: float) -> dict[str, str]:
+def headers(limits: RateLimits, used: RateUsage, reset: float) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers for the budgets that are set."""
     out: dict[str, str] = {}
     if limits.rpm:

@@ -1,4 +1,4 @@
-"""Prompt-cache hits found by the edge itself (issue 3): answered without the queue, a scheduler or an engine.
+"""Prompt-cache hits found by the edge itself: answered without the queue, a scheduler or an engine.
 
 A hit replayed by the scheduler crosses five process hops (edge → nats-server → scheduler →
 nats-server → edge) before the edge can answer; on a 2-core host most of its time is spent
@@ -8,7 +8,7 @@ reader (``services.common.prompt_cache``: a memory mirror of the entries it read
 honest by a watch of the bucket, else one KV read). A hit is answered at once (``completions``
 renders it exactly as it renders a hit the scheduler replays); a miss goes to the queue
 unchanged, where the scheduler looks it up again (one more KV read per miss, nothing against a
-generation) and counts it in ``coordinator_cache_*``.
+generation) and counts it in ``llm_scheduler_cache_*``.
 
 Staleness is the mirror's: a kept entry is dropped as soon as its key changes (new value,
 delete, purge), and at most ``cache_mirror_check`` seconds after the bucket expired or evicted it.

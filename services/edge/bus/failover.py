@@ -50,7 +50,7 @@ class Delivered:
         """Note a ``StreamStart``: whether deltas were delivered since the previous one of this attempt.
 
         A second engine starting after the first one streamed tokens (it accepted an offer the scheduler
-        had given up on, issue 3) cannot just be followed: the client would get those tokens twice.
+        had given up on) cannot just be followed: the client would get those tokens twice.
         """
         streamed, self.mark = self.seq > self.mark, self.seq
         return streamed

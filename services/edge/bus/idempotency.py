@@ -56,7 +56,7 @@ class Claimed:
 
 
 @dataclass(frozen=True)
-class Finished:
+class AlreadyFinished:
     """The key's request already finished: answer with ``record`` (state ``done``)."""
 
     record: IdempotencyRecord
@@ -85,7 +85,7 @@ class IdempotencyStore:
         self._settling: set[asyncio.Task[None]] = set()
 
     async def claim(self, key: str, body_sha: str, req: InferenceRequest, *,
-                    wait: bool) -> Claimed | Finished:
+                    wait: bool) -> Claimed | AlreadyFinished:
         """Claim ``key`` for ``req``, or return the finished response; ``wait`` for a running one or 409."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(0.0, req.deadline - time.time())
@@ -105,7 +105,7 @@ class IdempotencyStore:
                 raise BusError(ErrorCode.INVALID_REQUEST, "this Idempotency-Key was used for a different request "
                                                           "body", param="Idempotency-Key")
             if held.state == DONE:
-                return Finished(held)
+                return AlreadyFinished(held)
             if held.state == FAILED or held.deadline < time.time():
                 run = held.run + 1
                 try:

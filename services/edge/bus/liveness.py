@@ -21,7 +21,7 @@ from services.edge.bus.replies import ReplyRouter
 log = logging.getLogger(__name__)
 
 
-class WorkerFeed:
+class LivenessWatch:
     """Keeps a ``WorkerTable`` current and ends requests whose engine died."""
 
     def __init__(self, table: WorkerTable, router: ReplyRouter, *, interval: float, grace: float) -> None:

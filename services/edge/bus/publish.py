@@ -1,6 +1,6 @@
 """Putting requests on the inference queue and taking them back: the edge's writes to the bus.
 
-``Dispatcher.call(request)`` is an async context manager: entering registers the reply queue
+``RequestPublisher.call(request)`` is an async context manager: entering registers the reply queue
 and publishes the request to its lane (JetStream acknowledges before the edge answers
 anything); leaving unregisters it and, if the request did not end on the bus, broadcasts a
 ``CancelRequest`` so no engine keeps generating for a client that is gone.
@@ -24,6 +24,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage, encode
 from schemas.inference import CancelRequest, InferenceRequest
 from services.common import js_publish
+from services.common.bus import BUS_DOWN
 from services.common.worker_table import WorkerTable
 from services.edge.bus.failover import MIGRATABLE, Delivered, Impossible, begin, next_attempt
 from services.edge.bus.queue_gauge import DrainRate
@@ -35,13 +36,8 @@ log = logging.getLogger(__name__)
 # LLM_INFER stream with discard=new is full.
 _STORE_FULL = 10077
 
-# Connection states in which nothing can be published right now.
-_BUS_DOWN = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-             nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
-             nats.errors.StaleConnectionError)
 
-
-class Dispatcher:
+class RequestPublisher:
     """Publishes requests to ``llm.v1.infer.submit.<lane>`` and cancels to ``llm.v1.infer.cancel``."""
 
     def __init__(self, nc: Client, js: JetStreamContext, router: ReplyRouter, *, publish_timeout: float,
@@ -60,7 +56,7 @@ class Dispatcher:
         self._on_failover = on_failover
 
     def call(self, request: InferenceRequest, timeout: float, msg_id: str | None = None) -> InferenceCall:
-        """An in-flight request: ``async with dispatcher.call(req, timeout) as call: await call.next_event()``.
+        """An in-flight request: ``async with publisher.call(req, timeout) as call: await call.next_event()``.
 
         ``msg_id`` replaces the request id as the publication's ``Nats-Msg-Id`` (an ``Idempotency-Key``).
         """
@@ -109,7 +105,7 @@ class Dispatcher:
         except nats.errors.MaxPayloadError:
             raise BusError(ErrorCode.INVALID_REQUEST, "the request is larger than the bus accepts "
                                                       f"({self._nc.max_payload} bytes)") from None
-        except _BUS_DOWN as exc:
+        except BUS_DOWN as exc:
             raise BusError(ErrorCode.NO_WORKER, f"the edge is not connected to NATS ({type(exc).__name__})") from None
         if not published.ours:
             # Only with an Idempotency-Key whose record was lost: the first copy's replies go to another call.
@@ -119,12 +115,12 @@ class Dispatcher:
         """Broadcast ``CancelRequest`` (best effort: if NATS is down there is nobody to tell)."""
         try:
             await self._nc.publish(names.INFER_CANCEL, encode(CancelRequest(id=request_id, reason=reason)))
-        except _BUS_DOWN as exc:
+        except BUS_DOWN as exc:
             log.warning("could not publish cancel of %s (%s): %s", request_id, reason, type(exc).__name__)
 
 
 class InferenceCall:
-    """One request from publication to its terminal event (see ``Dispatcher.call``).
+    """One request from publication to its terminal event (see ``RequestPublisher.call``).
 
     If the engine running it is lost (``worker_lost`` from the liveness sweep, or the engine's own
     ``engine_failed``), the call re-publishes it as a new attempt (``failover.next_attempt``) and
@@ -133,12 +129,12 @@ class InferenceCall:
     newest offer; the client must not get those tokens twice).
     """
 
-    __slots__ = ("_bus_id", "_cancel_reason", "_delivered", "_dispatcher", "_ended", "_held", "_loop_deadline",
-                 "_msg_id", "_pending", "finish_reason", "request", "timeout", "usage")
+    __slots__ = ("_bus_id", "_cancel_reason", "_delivered", "_ended", "_held", "_loop_deadline", "_msg_id",
+                 "_pending", "_publisher", "finish_reason", "request", "timeout", "usage")
 
-    def __init__(self, dispatcher: Dispatcher, request: InferenceRequest, timeout: float,
+    def __init__(self, publisher: RequestPublisher, request: InferenceRequest, timeout: float,
                  msg_id: str | None = None) -> None:
-        self._dispatcher = dispatcher
+        self._publisher = publisher
         self.request = request
         self.timeout = timeout
         self._msg_id = msg_id
@@ -155,22 +151,22 @@ class InferenceCall:
         self._held: StreamError | None = None  # a failover-able error seen by next_nowait, acted on by next_event
 
     async def __aenter__(self) -> InferenceCall:
-        router = self._dispatcher.router
+        router = self._publisher.router
         self._pending = router.register(self.request.id)
         try:
-            await self._dispatcher.submit(self.request, self._msg_id)
+            await self._publisher.submit(self.request, self._msg_id)
         except BaseException:
             router.unregister(self.request.id)
             raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._dispatcher.router.unregister(self._bus_id)
+        self._publisher.router.unregister(self._bus_id)
         reason = self._pending.abandon_reason if self._pending is not None else None
         if not self._ended or reason is not None:
             if reason is None:
                 reason = self._cancel_reason or self._reason_for(exc_type)
-            await self._dispatcher.cancel(self._bus_id, reason)
+            await self._publisher.cancel(self._bus_id, reason)
 
     @staticmethod
     def _reason_for(exc_type: type[BaseException] | None) -> str:
@@ -208,7 +204,7 @@ class InferenceCall:
             return StreamError(id=event.id, code=ErrorCode.ENGINE_FAILED, dispatch=event.dispatch,
                                message=f"engine {event.worker} started this request after another engine had "
                                        "streamed part of it")
-        if type(event) is StreamError and event.code in MIGRATABLE and self._dispatcher.max_failovers > 0:
+        if type(event) is StreamError and event.code in MIGRATABLE and self._publisher.max_failovers > 0:
             return event
         return None
 
@@ -251,29 +247,29 @@ class InferenceCall:
 
     async def _fail_over(self, error: StreamError) -> StreamEvent | None:
         """Re-publish after ``error`` lost the engine; ``None`` if it went out, else the event that ends the call."""
-        pending, dispatcher = self._pending, self._dispatcher
+        pending, publisher = self._pending, self._publisher
         lost = None if pending.gap else pending.lost or pending.worker  # a gap on the bus loses no engine
-        plan = next_attempt(self.request, self._delivered, max_attempts=dispatcher.max_failovers)
-        if isinstance(plan, InferenceRequest) and not dispatcher.serves_elsewhere(self.request.model, lost):
+        plan = next_attempt(self.request, self._delivered, max_attempts=publisher.max_failovers)
+        if isinstance(plan, InferenceRequest) and not publisher.serves_elsewhere(self.request.model, lost):
             plan = Impossible(f"no other live engine serves model {self.request.model!r}")
         if isinstance(plan, Impossible):
-            dispatcher.failover("impossible")
+            publisher.failover("impossible")
             return msgspec.structs.replace(error, message=f"{error.message}; {plan.message}")
         old, pending.lost = self._bus_id, None
         pending.restart()
         if isinstance(plan, StreamEnd):  # nothing left to generate
-            await dispatcher.cancel(old, "worker_lost")
+            await publisher.cancel(old, "worker_lost")
             return plan
-        dispatcher.router.rebind(old, plan.id)
+        publisher.router.rebind(old, plan.id)
         self._bus_id = plan.id
         begin(self._delivered, plan.attempt)
-        await dispatcher.cancel(old, "worker_lost")  # in case it is only cut off, not dead
+        await publisher.cancel(old, "worker_lost")  # in case it is only cut off, not dead
         try:
-            await dispatcher.submit(plan)
+            await publisher.submit(plan)
         except BusError as err:
             return StreamError(id=self.request.id, code=err.code, message=f"{error.message}; the request could "
                                f"not be re-published: {err.message}")
-        dispatcher.failover("migrated" if plan.continuation else "redispatched")
+        publisher.failover("migrated" if plan.continuation else "redispatched")
         log.info("request %s re-published as %s after %s (%d tokens delivered)", self.request.id, plan.id,
                  error.message, self._delivered.tokens)
         return None

@@ -15,7 +15,7 @@ lost events as ``gap`` and ends it locally with ``engine_failed``, which ``Infer
 into a continuation of exactly what the client has (see ``failover``).
 
 Each event carries the scheduler's offer number (``dispatch``); the router follows the newest
-offer it has seen (issue 3). An engine that accepted an older offer late (after the scheduler had
+offer it has seen. An engine that accepted an older offer late (after the scheduler had
 stopped waiting for it and offered the request to another engine) has its events dropped and is
 told to stop that offer, so two engines never stream into one answer. Per event this costs one
 integer comparison; only a mismatch takes the slow path.
@@ -38,6 +38,7 @@ from schemas import names
 from schemas.errors import ErrorCode
 from schemas.events import StreamError, StreamEvent, StreamStart, decode_event, encode
 from schemas.inference import CancelRequest
+from services.common.bus import BUS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,7 @@ class ReplyRouter:
         try:
             await self._nc.publish(names.engine_cancel(worker), encode(CancelRequest(
                 id=request_id, reason="stray_dispatch", dispatch=dispatch)))
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-                nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError) as exc:
+        except BUS_DOWN as exc:
             log.warning("could not stop offer %d of %s on %s: %s", dispatch, request_id, worker, type(exc).__name__)
 
     def sweep_lost_workers(self, is_alive: Callable[[str], bool], now: float, grace: float) -> list[str]:

@@ -152,7 +152,7 @@ class InferenceSocket:
             req = completions.build_request(edge, parsed, native_api.INFERENCE_STREAM.id_prefix)
             request_id = req.id
             admission = await self._admit()
-            async with edge.dispatcher.call(req, req.deadline - req.created) as call:
+            async with edge.publisher.call(req, req.deadline - req.created) as call:
                 fmt = NativeChunkFormatter(request_id=req.id, created=int(req.created), model=req.model,
                                            include_usage=True, client_id=client_id, framed=False)
                 await self._pump(call, fmt, arrived)

@@ -25,7 +25,7 @@ from schemas.errors import BusError
 from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage
 from schemas.inference import InferenceRequest
 from services.common.lifecycle import cancel_and_wait
-from services.edge.bus.publish import Dispatcher, InferenceCall
+from services.edge.bus.publish import InferenceCall, RequestPublisher
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai.bodies import DONE, SSE_HEADERS, ChoiceResult, ChunkFormatter
 from services.edge.http.sse import BodyBuilder, error_event, raise_error, render_delta
@@ -37,8 +37,8 @@ Item = tuple[int, StreamEvent | BusError]
 class ChoiceCalls:
     """The ``n`` in-flight requests of one answer: ``async with ChoiceCalls(...) as calls: calls.next_item()``."""
 
-    def __init__(self, dispatcher: Dispatcher, requests: list[InferenceRequest], timeout: float) -> None:
-        self._dispatcher = dispatcher
+    def __init__(self, publisher: RequestPublisher, requests: list[InferenceRequest], timeout: float) -> None:
+        self._publisher = publisher
         self._requests = requests
         self._timeout = timeout
         self.calls: list[InferenceCall] = []
@@ -50,7 +50,7 @@ class ChoiceCalls:
         async with contextlib.AsyncExitStack() as stack:
             # One publication after the other: if one is refused (a full queue), the ones already out are cancelled.
             for req in self._requests:
-                self.calls.append(await stack.enter_async_context(self._dispatcher.call(req, self._timeout)))
+                self.calls.append(await stack.enter_async_context(self._publisher.call(req, self._timeout)))
             self._stack = stack.pop_all()
         self._pumps = [asyncio.create_task(self._pump(i, call)) for i, call in enumerate(self.calls)]
         return self

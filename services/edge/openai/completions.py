@@ -23,7 +23,7 @@ from services.edge.auth import rate_limit
 from services.edge.openai.choices import ChoiceCalls
 from services.edge.config import EdgeConfig
 from services.edge.bus.publish import InferenceCall
-from services.edge.bus.idempotency import Claimed, Finished, IdempotencyStore, request_digest, scoped_key
+from services.edge.bus.idempotency import AlreadyFinished, Claimed, IdempotencyStore, request_digest, scoped_key
 from services.edge.openai.translate import ParsedRequest
 from services.edge.state import EDGE, Edge
 
@@ -111,7 +111,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if parsed.n > 1 or req.sampling.logprobs is not None:
             _check_not_idempotent(request, "n" if parsed.n > 1 else "logprobs")
         if parsed.n > 1:
-            call = ChoiceCalls(edge.dispatcher, openai_translate.choice_requests(req, parsed.n, edge.router.reply_to),
+            call = ChoiceCalls(edge.publisher, openai_translate.choice_requests(req, parsed.n, edge.router.reply_to),
                                timeout)
             async with call:
                 return await _answer_choices(request, endpoint, parsed, req, call, created=created, model=shown)
@@ -121,10 +121,10 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
             if hit is not None:
                 return await _answer_hit(request, endpoint, parsed, req, hit, created=created, model=shown)
         keyed = await _claim(edge, request, endpoint, req, stream=parsed.stream)
-        if isinstance(keyed, Finished):  # a retry of a request that already finished: the same answer again
+        if isinstance(keyed, AlreadyFinished):  # a retry of a request that already finished: the same answer again
             return await _replay(request, endpoint, parsed, keyed.record)
         claim = keyed
-        async with edge.dispatcher.call(req, timeout, claim.msg_id if claim else None) as call:
+        async with edge.publisher.call(req, timeout, claim.msg_id if claim else None) as call:
             if parsed.stream:
                 fmt = endpoint.chunks(request_id=req.id, created=created, model=shown,
                                       include_usage=parsed.include_usage)
@@ -154,7 +154,7 @@ def _check_not_idempotent(request: web.Request, param: str) -> None:
 
 
 async def _claim(edge: Edge, request: web.Request, endpoint: Endpoint, req: InferenceRequest, *,
-                 stream: bool) -> Claimed | Finished | None:
+                 stream: bool) -> Claimed | AlreadyFinished | None:
     """Claim the request's ``Idempotency-Key`` (None without one); see ``idempotency``."""
     header = request.headers.get(IDEMPOTENCY_HEADER)
     if header is None:

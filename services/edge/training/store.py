@@ -31,6 +31,7 @@ from schemas.registry import ModelEntry
 from schemas.training import CANCELLED, TERMINAL, JobState, TrainCancel, TrainEvent
 from services.common import artifacts, js_publish
 from services.common.artifacts import FileMeta
+from services.common.bus import BUS_DOWN
 from services.common.buckets import kv_values
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,8 @@ log = logging.getLogger(__name__)
 _STORE_FULL = 10077
 _CAS_ATTEMPTS = 5
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
-                nats.js.errors.ServiceUnavailableError, nats.errors.OutboundBufferLimitError,
-                nats.errors.StaleConnectionError)
+_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
+                *BUS_DOWN)
 
 _state_decoder = msgspec.json.Decoder(JobState)
 _event_decoder = msgspec.json.Decoder(TrainEvent)

@@ -1,13 +1,24 @@
-"""Engine adapters, imported lazily by name so one engine never imports another's library."""
+"""Engine backends, imported lazily by name so one engine never imports another's library.
+
+``BACKENDS`` maps an ``--engine`` name to its module and class; ``backend_class`` imports one.
+
+- ``transformers/``: Hugging Face causal LMs on CPU or CUDA, continuous batching, PEFT adapters.
+- ``llamacpp/``: GGUF models through llama.cpp's C API, continuous batching, LoRA adapters.
+- ``vllm``: vLLM's async engine on CPU, CUDA or Ascend.
+- ``tensorrt_llm``, ``mindie``, ``mlx``: TensorRT-LLM, a MindIE Server, Apple MLX (not run here).
+- ``simulated``: no model, a configurable token rate: for load and fault tests only.
+- ``model_thread``: the loop side of a backend whose model runs in its own thread.
+- ``library``: importing a backend's library at start, with an error that says what to install.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from services.engine.backend import EngineAdapter
+from services.engine.backend import EngineBackend
 
 # name -> (module, class, the package a user must install)
-ADAPTERS: dict[str, tuple[str, str, str]] = {
+BACKENDS: dict[str, tuple[str, str, str]] = {
     "transformers": ("services.engine.backends.transformers.engine", "TransformersEngine", "transformers torch"),
     "simulated": ("services.engine.backends.simulated", "SimulatedEngine", ""),
     # Written against their libraries' current APIs, not run on this project's machines (docs/engines.md).
@@ -20,12 +31,12 @@ ADAPTERS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def adapter_class(name: str) -> type[EngineAdapter]:
-    """Import and return the adapter class called ``name``, with a clear error if its library is missing."""
+def backend_class(name: str) -> type[EngineBackend]:
+    """Import and return the backend class called ``name``, with a clear error if its library is missing."""
     try:
-        module_name, class_name, packages = ADAPTERS[name]
+        module_name, class_name, packages = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(ADAPTERS))}") from None
+        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(sorted(BACKENDS))}") from None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

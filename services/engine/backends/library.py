@@ -1,7 +1,7 @@
 """Importing an engine's own library at start, with an error that says what to install.
 
-Adapters over external engines (TensorRT-LLM, MLX...) import their library only here, inside
-``start()``, so the adapter module itself imports anywhere and a missing library is reported as
+Backends over external engines (TensorRT-LLM, MLX...) import their library only here, inside
+``start()``, so the backend module itself imports anywhere and a missing library is reported as
 one clear sentence naming the package instead of a traceback from deep inside an import.
 """
 

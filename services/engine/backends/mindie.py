@@ -7,7 +7,7 @@ run_generator.py``), and the ``llm_manager`` Python binding is a tensor-map/call
 wrapped only by a demo package (``tools/llm_manager_python_api_demo`` in Ascend/MindIE-LLM), not
 by the installed ``mindie_llm`` package. The documented serving interface is MindIE Server's
 EndPoint (``mindieservice_daemon``; ``docs/zh/user_guide/user_manual/service_APIs_usage_guidance.md``).
-This adapter therefore talks to that server, on the vLLM-compatible OpenAI endpoint
+This backend therefore talks to that server, on the vLLM-compatible OpenAI endpoint
 ``POST /v1/completions`` with ``stream: true``, checked in its source
 (``src/server/endpoint/single_req_infer_interface/single_req_vllm_openai_completions_infer_interface.cpp``,
 ``src/server/endpoint/utils/infer_param.cpp``):
@@ -28,7 +28,7 @@ This adapter therefore talks to that server, on the vLLM-compatible OpenAI endpo
 
 NOT RUN HERE: there is no Ascend NPU nor MindIE Server on this repository's machines or CI. The
 pure parts (request body, SSE parsing, output translation, error mapping) and the lifecycle
-errors are tested in tests/engine/test_engine_gpu_adapters.py; the HTTP exchange itself is not.
+errors are tested in tests/engine/test_engine_gpu_backends.py; the HTTP exchange itself is not.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import aiohttp
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.backend import EngineAdapter, Finished, GenerationEvent, refuse_logprobs
+from services.engine.backend import EngineBackend, Finished, GenerationEvent, refuse_logprobs
 from services.engine.backends.library import import_library
 from services.engine.text.prompt import check_context, config_context_length, render_prompt
 from services.engine.text.deltas import TextStream
@@ -161,7 +161,7 @@ def pick_served_model(models: dict, wanted: str) -> str:
                        "MindIE's config.json ModelDeployConfig.ModelConfig.modelName)")
 
 
-class MindIEEngine(EngineAdapter):
+class MindIEEngine(EngineBackend):
     """Serves the model a MindIE Server has loaded, as a streaming client of its HTTP endpoint."""
 
     name = ENGINE

@@ -15,7 +15,7 @@ yet. Abort is checked between tokens: the generator is closed at the next token.
 
 NOT RUN HERE: there is no Apple silicon on this repository's machines or CI, and ``mlx`` only
 installs on macOS arm64. The pure parts (sampler/processor arguments, output translation) and
-the lifecycle errors are tested in tests/engine/test_engine_gpu_adapters.py against a test double.
+the lifecycle errors are tested in tests/engine/test_engine_gpu_backends.py against a test double.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from pathlib import Path
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.backend import EngineAdapter, Finished, GenerationEvent, refuse_logprobs
+from services.engine.backend import EngineBackend, Finished, GenerationEvent, refuse_logprobs
 from services.engine.backends.library import import_library
+from services.engine.backends.model_thread import Failed
 from services.engine.text.prompt import check_context, config_context_length, render_prompt
 from services.engine.text.deltas import TextStream
 
@@ -105,14 +106,6 @@ class OutputTranslator:
         return out
 
 
-@dataclass(slots=True)
-class Failed:
-    """The request could not be generated, or was aborted (delivered in place of further events)."""
-
-    code: str
-    message: str
-
-
 @dataclass
 class _Job:
     request_id: str
@@ -124,7 +117,7 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-class MlxEngine(EngineAdapter):
+class MlxEngine(EngineBackend):
     """Serves one local MLX (or plain Hugging Face safetensors) model directory with mlx_lm."""
 
     name = ENGINE

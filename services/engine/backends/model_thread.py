@@ -19,7 +19,8 @@ from services.engine.backend import Chunk, Finished, GenerationEvent
 
 @dataclass(slots=True)
 class Failed:
-    """A sequence could not be generated (a forward/decode failed, or its adapter could not be loaded)."""
+    """A sequence could not be generated (a forward/decode failed, its adapter could not be loaded) or was
+    aborted; delivered in place of further events. The MLX backend's worker thread uses it too."""
 
     code: str
     message: str

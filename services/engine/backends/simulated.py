@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Sequence
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import Chunk, EngineAdapter, Finished, GenerationEvent, refuse_logprobs
+from services.engine.backend import Chunk, EngineBackend, Finished, GenerationEvent, refuse_logprobs
 from services.engine.text.detok import StopMatcher
 
 
-class SimulatedEngine(EngineAdapter):
+class SimulatedEngine(EngineBackend):
     """Deterministic fake token stream behind the real engine interface."""
 
     name = "simulated"

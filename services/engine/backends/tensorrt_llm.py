@@ -12,7 +12,7 @@ Written against TensorRT-LLM's current LLM API, checked in its sources: ``tensor
 
 NOT RUN HERE: this repository's machines and CI have no NVIDIA GPU and no ``tensorrt_llm``. Only
 the pure parts below (parameter mapping, output translation, error mapping) and the lifecycle
-errors are tested (tests/engine/test_engine_gpu_adapters.py), against a clearly named test double.
+errors are tested (tests/engine/test_engine_gpu_backends.py), against a clearly named test double.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.backend import AdapterChange, EngineAdapter, Finished, GenerationEvent, refuse_logprobs
+from services.engine.backend import AdapterChange, EngineBackend, Finished, GenerationEvent, refuse_logprobs
 from services.common.model_store import default_state_dir
 from services.engine.backends.library import import_library
 from services.engine.lora.sources import AdapterResolver, read_adapter_config
@@ -117,7 +117,7 @@ def map_error(exc: BaseException) -> BusError:
     return BusError(ErrorCode.ENGINE_FAILED, f"TensorRT-LLM failed: {type(exc).__name__}: {text}")
 
 
-class TensorRTLLMEngine(EngineAdapter):
+class TensorRTLLMEngine(EngineBackend):
     """Serves one Hugging Face checkpoint (or a built engine directory) with ``tensorrt_llm.LLM``."""
 
     name = ENGINE

@@ -32,13 +32,13 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import TokenLogprob, TopLogprob
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest, SamplingParams
-from services.engine.backend import AdapterChange, Chunk, EngineAdapter, Finished, GenerationEvent
+from services.engine.backend import AdapterChange, Chunk, EngineBackend, Finished, GenerationEvent
 from services.engine.lora.sources import AdapterResolver, read_adapter_config
 from services.engine.lora.shapes import check_lora_shapes, weight_shapes
 from services.engine.text.prompt import RenderedPrompt, check_context, render_prompt
 
 # vllm itself is imported only when the engine starts (its CPU settings must be in the environment
-# first), but a missing vllm fails here, at adapter lookup, with the package's name.
+# first), but a missing vllm fails here, at backend lookup, with the package's name.
 if importlib.util.find_spec("vllm") is None:
     raise ImportError("No module named 'vllm'")
 
@@ -147,7 +147,7 @@ def translated_errors():
         raise BusError(ErrorCode.ENGINE_FAILED, f"vllm failed the request: {exc.__cause__ or exc}") from None
 
 
-class VllmEngine(EngineAdapter):
+class VllmEngine(EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with vLLM's continuous batching."""
 
     name = "vllm"

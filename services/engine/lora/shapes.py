@@ -3,7 +3,7 @@
 vLLM copies LoRA weights into preallocated buffers by slicing, so an adapter made for another
 model (narrower layers) loads without error and silently produces garbage. Checking the shapes
 recorded in the safetensors headers (no tensor is read) turns that into a typed error for the
-one request instead (issue 4).
+one request instead.
 """
 
 from __future__ import annotations

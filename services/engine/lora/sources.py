@@ -39,7 +39,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ARTIFACT_SOURCE = "artifact:"
 
 # peft task types of methods that rewrite the model's inputs (virtual tokens / past key values):
-# they cannot share a batch with other rows, so this engine refuses them (issue 4).
+# they cannot share a batch with other rows, so this engine refuses them (``unsupported``, and the scheduler tries another engine).
 PROMPT_LEARNING_TYPES = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING",
                                    "CPT", "ADAPTION_PROMPT"})
 

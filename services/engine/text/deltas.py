@@ -1,4 +1,4 @@
-"""Engine output deltas to ``Chunk``s, cut at stop strings. Pure logic, shared by the adapters over external engines.
+"""Engine output deltas to ``Chunk``s, cut at stop strings. Pure logic, shared by the backends over external engines.
 
 Engines such as TensorRT-LLM, MindIE and MLX already detokenize and hand back text deltas plus
 the token ids behind them; what they do not all do alike is stop strings. ``TextStream`` applies

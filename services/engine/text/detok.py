@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop-string handling. Pure logic, shared by adapters.
+"""Incremental detokenization and stop-string handling. Pure logic, shared by backends.
 
 Text is released token by token, but never a partial UTF-8 character (decoders return
 U+FFFD for those) and never text that might turn out to be the start of a stop string.

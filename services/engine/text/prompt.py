@@ -1,9 +1,9 @@
 """What the model sees for a request: chat template or raw prompt, then a migrated answer so far.
 
-Shared by the adapters that tokenize on our side (TensorRT-LLM, MindIE, MLX) so every engine
-renders a request the same way as the transformers engine does. ``tokenizer`` is anything with a
-Hugging Face tokenizer's ``encode``/``apply_chat_template``/``chat_template`` (mlx_lm's
-``TokenizerWrapper`` forwards them).
+Shared by every backend that tokenizes on our side (transformers, vLLM, TensorRT-LLM, MindIE,
+MLX), so they all render a request alike (llama.cpp applies its GGUF's own template).
+``tokenizer`` is anything with a Hugging Face tokenizer's ``encode``/``apply_chat_template``/
+``chat_template`` (mlx_lm's ``TokenizerWrapper`` forwards them).
 """
 
 from __future__ import annotations

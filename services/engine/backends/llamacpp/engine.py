@@ -30,7 +30,7 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import EngineAdapter, GenerationEvent
+from services.engine.backend import EngineBackend, GenerationEvent
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.batching import GgufBatchGenerator, GgufSequence
 from services.engine.backends.model_thread import EventQueues
@@ -54,7 +54,7 @@ def gpu_layers_for(device: str) -> int:
     return 999
 
 
-class LlamaCppEngine(ThreadedAdapters, EngineAdapter):
+class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     """Serves one GGUF model with llama.cpp; see the module docstring."""
 
     name = "llama.cpp"

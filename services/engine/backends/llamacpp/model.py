@@ -192,10 +192,6 @@ class GgufModel:
         """The ``llama_model`` pointer (for adapters loaded into it)."""
         return self._model
 
-    def model_bytes(self) -> int:
-        """Size of the model's tensors."""
-        return int(llama_cpp.llama_model_size(self._model))
-
     @property
     def bos_id(self) -> int:
         """Beginning-of-sequence token (-1 if none)."""

@@ -1,8 +1,8 @@
 """The transformers engine: a Hugging Face causal LM on CPU or CUDA with continuous batching.
 
-Requests are rendered with the model's chat template on the event loop (sub-millisecond),
-then generated in the model thread (``batching.BatchGenerator``); events come back once per
-decode step through ``call_soon_threadsafe``. A request naming a PEFT adapter has its files
+Requests are rendered with the model's chat template on the event loop (sub-millisecond, by the
+shared ``text.prompt``), then generated in the model thread (``batching.BatchGenerator``); events
+come back once per decode step through ``call_soon_threadsafe``. A request naming a PEFT adapter has its files
 located and downloaded here (``lora.AdapterResolver``), then the model thread loads it.
 """
 
@@ -20,10 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import EngineAdapter, GenerationEvent
+from services.engine.backend import EngineBackend, GenerationEvent
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
 from services.engine.backends.model_thread import EventQueues
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.text.prompt import RenderedPrompt, check_context, render_prompt
 from services.engine.lora.sources import AdapterResolver, ThreadedAdapters
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class TransformersEngine(ThreadedAdapters, EngineAdapter):
+class TransformersEngine(ThreadedAdapters, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with transformers."""
 
     name = "transformers"
@@ -140,26 +141,13 @@ class TransformersEngine(ThreadedAdapters, EngineAdapter):
         return super().memory_bytes()
 
     # --- generation ---
-    def render(self, request: InferenceRequest) -> list[int]:
+    def render(self, request: InferenceRequest) -> RenderedPrompt:
         """Token ids the model sees: the chat template for messages, the raw prompt for completions.
 
         A migrated request's ``continuation`` (the answer so far) follows, so the model carries on
         the assistant's turn, or the completion, from where the lost engine stopped.
         """
-        ids = self._render_prompt(request)
-        if request.continuation:
-            ids = ids + self.tokenizer(request.continuation, add_special_tokens=False).input_ids
-        return ids
-
-    def _render_prompt(self, request: InferenceRequest) -> list[int]:
-        if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            if self.tokenizer.chat_template:
-                enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                return list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc)
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-            return self.tokenizer(text).input_ids
-        return self.tokenizer(request.prompt or "").input_ids
+        return render_prompt(self.tokenizer, request)
 
     def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None) -> Sequence:
         params = request.sampling
@@ -182,19 +170,14 @@ class TransformersEngine(ThreadedAdapters, EngineAdapter):
         """Stream ``request``; events arrive from the model thread as tokens are sampled."""
         if self._batcher is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
-        prompt_ids = self.render(request)
-        continued = len(self.tokenizer(request.continuation, add_special_tokens=False).input_ids) \
-            if request.continuation else 0
-        if len(prompt_ids) >= self._context_length:
-            raise BusError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                           f"this model's maximum context length is {self._context_length} tokens, "
-                           f"but the prompt has {len(prompt_ids)} tokens", param="messages")
+        prompt = self.render(request)
+        check_context(len(prompt.ids), self._context_length)
 
         async def submit() -> None:
             adapter_path = await self._adapters.fetch(request.adapter) if request.adapter else None
-            self._batcher.submit(self._new_sequence(request, prompt_ids, adapter_path))
+            self._batcher.submit(self._new_sequence(request, prompt.ids, adapter_path))
 
-        async for event in self._events.follow(request.id, submit, self._abort_sequence, continued):
+        async for event in self._events.follow(request.id, submit, self._abort_sequence, prompt.continued):
             yield event
 
     def _abort_sequence(self, request_id: str) -> None:

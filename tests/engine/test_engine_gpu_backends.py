@@ -1,4 +1,4 @@
-"""The TensorRT-LLM, MindIE and MLX adapters: their pure parts and lifecycle (issue 4).
+"""The TensorRT-LLM, MindIE and MLX backends: their pure parts and lifecycle.
 
 None of these engines can run here (no NVIDIA GPU, no Ascend NPU, no Apple silicon), so what is
 tested is OUR code: mapping our sampling parameters to each library's, translating its outputs
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from schemas import ChatMessage, InferenceRequest, SamplingParams
 from schemas.errors import BusError, ErrorCode
 from services.engine.backend import Chunk, Finished
-from services.engine.backends import adapter_class
+from services.engine.backends import backend_class
 from services.engine.backends import mindie
 from services.engine.backends import mlx
 from services.engine.backends import tensorrt_llm as trt
@@ -270,8 +270,8 @@ def test_mlx_translation_stop_string():
 # --- lifecycle without the libraries ------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tensorrt-llm", "mindie", "mlx"])
-def test_registry_imports_each_adapter_without_its_library(name):
-    cls = adapter_class(name)
+def test_registry_imports_each_backend_without_its_library(name):
+    cls = backend_class(name)
     assert cls.name == name
     assert "tensorrt_llm" not in sys.modules and "mlx_lm" not in sys.modules
 
