@@ -46,6 +46,11 @@ class Load:
         """The simulated engine's whole answer."""
         return "".join(f"tok{i} " for i in range(1, self.max_tokens + 1))
 
+    @property
+    def stopped(self) -> bool:
+        """``stop()`` was called."""
+        return self._stop.is_set()
+
     def start(self) -> None:
         """Start the clients."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))

@@ -35,6 +35,7 @@ def _retryable(exc: Exception) -> bool:
         return exc.err_code == _TEMPORARILY_UNAVAILABLE
     return True
 _FIRST_BACKOFF = 0.1
+_FIRST_ATTEMPT_WAIT = 0.5
 _MAX_BACKOFF = 1.0
 
 
@@ -55,7 +56,10 @@ async def publish(js: JetStreamContext, subject: str, payload: bytes, *, msg_id:
                   window: float, headers: dict[str, str] | None = None, nc: Client | None = None) -> Published:
     """Publish with ``Nats-Msg-Id: msg_id``, retrying what a leader election causes for up to ``window`` s.
 
-    Each attempt waits up to ``timeout`` s for its ack. Anything else (a full stream, a payload too
+    Attempts wait for their ack 0.5 s, then twice as long each time up to ``timeout``: a publish
+    that reached a leader as it died gets no answer at all, and the sooner it is sent again, the
+    sooner the new leader stores it (a healthy but slow server costs a few deduplicated copies).
+    Anything else (a full stream, a payload too
     big, a closed connection) is raised at once, as is the last retryable error after ``window``.
     Given ``nc``, a client cut off from every server for ``timeout`` s stops retrying: that is an
     outage, not an election (moving to another node of a cluster takes well under a second).
@@ -63,11 +67,12 @@ async def publish(js: JetStreamContext, subject: str, payload: bytes, *, msg_id:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(window, timeout)
     all_headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
-    backoff, attempt = _FIRST_BACKOFF, 0
+    backoff, attempt, patience = _FIRST_BACKOFF, 0, min(_FIRST_ATTEMPT_WAIT, timeout)
     offline_since: float | None = None
     while True:
         attempt += 1
-        wait = min(timeout, max(deadline - loop.time(), 0.05))
+        wait = min(patience, max(deadline - loop.time(), 0.05))
+        patience = min(patience * 2, timeout)
         try:
             ack = await js.publish(subject, payload, timeout=wait, headers=all_headers)
         except RETRYABLE as exc:
