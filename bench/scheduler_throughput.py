@@ -133,12 +133,19 @@ async def measure_rtt(a, b, n: int = 300) -> list[float]:
 async def measure_backlog(nc, arrivals: Arrivals, engines: list[EngineDouble], n: int) -> float:
     """Queue ``n`` requests with every engine full, then free them all; seconds to dispatch them all."""
     await asyncio.sleep(0.2)  # let the previous phase's last accepts and finishes settle
+    js = nc.jetstream()
+    # The backlog fills the stream to its bound: wait until the previous phase's acknowledged
+    # messages are deleted (slower when the server fsyncs every write: bench/fsync_policy.py).
+    settle = time.perf_counter() + 30
+    while (await js.stream_info(names.INFER_STREAM)).state.messages:
+        if time.perf_counter() > settle:
+            raise RuntimeError("the queue still holds messages of the previous phase after 30 s")
+        await asyncio.sleep(0.01)
     for e in engines:
         e.in_flight = e.slots
         await e.heartbeat()
     await asyncio.sleep(0.2)
     start_count = arrivals.count
-    js = nc.jetstream()
     await asyncio.gather(*(js.publish(names.infer_submit("normal"), request_bytes("backlog")[1]) for _ in range(n)))
     if arrivals.count != start_count:
         raise RuntimeError("the scheduler dispatched while every engine was full")

@@ -203,8 +203,9 @@ def _consumer_config(name: str, d: dict[str, Any], replicas: int | None) -> api.
         max_deliver=d.get("max_deliver", -1),
         max_ack_pending=d.get("max_ack_pending", 1000),
         max_waiting=d.get("max_waiting", 512),
-        # None: created with its stream's replica count (it keeps that count if the stream's changes).
-        num_replicas=replicas or None,
+        # None (also for 1): created with its stream's replica count, which it keeps if the stream's changes;
+        # a work-queue stream refuses a consumer whose explicit count differs from its own (10134).
+        num_replicas=replicas if replicas and replicas > 1 else None,
     )
 
 

@@ -6,4 +6,6 @@
 - ``commands``: ``down``, ``infra apply``, ``model install``, ``test``. ``infra``: applying ``jetstream.toml``.
 - ``keys``: ``./cy keys``: API keys in ``llm_api_keys``.
 - ``train``, ``train_client``: ``./cy train`` through an edge's HTTP API.
+- ``backup``: ``./cy backup`` / ``./cy restore``, all platform state; ``snapshot`` speaks JetStream's
+  stream snapshot/restore API, ``progress`` draws the bars.
 """

@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import commands, keys, train
+from services.cli import backup, commands, keys, train
 from services.cli.errors import CliError
 from services.cli.up import ENGINES, UpOptions, run_up
 from services.common.bus import add_nats_arguments, options_from_args
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
+from services.common.natsserver import SYNC_POLICIES
 
 SERVICES = ("edge", "scheduler", "engine", "trainer")
 EXAMPLES = """\
@@ -28,6 +29,8 @@ examples:
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
+  ./cy backup backups/today       snapshot all platform state while it runs
+  ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
 """
 
@@ -55,6 +58,11 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                         "+1, +2 (any free ones with --nats-port -1), a store each under the state dir, every "
                         "stream and bucket at R3: losing a node loses nothing (default: 1)")
     add_nats_arguments(p, url_from_env=False)
+    p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
+                   help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
+                        "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
+                        "two minutes, the nats-server default: about twice as fast per publish; see "
+                        "docs/reliability.md) (default: always)")
     _state_dir_arg(p)
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="engine backend (default: transformers; llamacpp serves the model's GGUF and is the "
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys.add_parser(sub)
     train.add_parser(sub)
+    backup.add_parsers(sub, _state_dir_arg)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")
@@ -144,7 +153,7 @@ def dispatch(args: argparse.Namespace) -> int:
                                     nats=options_from_args(args) if args.nats_url else None,
                                     nats_cluster=args.nats_cluster, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
-                                    trainer=args.trainer, metrics_port=args.metrics_port))
+                                    trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
@@ -153,6 +162,10 @@ def dispatch(args: argparse.Namespace) -> int:
             return keys.run(args)
         case "train":
             return train.run(args)
+        case "backup":
+            return backup.run_backup(args)
+        case "restore":
+            return backup.run_restore(args, state_dir)
         case "model":
             return commands.model_install(state_dir)
         case "test":

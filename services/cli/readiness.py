@@ -28,16 +28,22 @@ def listed_model_ids(body: object) -> set[str]:
 async def probe(session: aiohttp.ClientSession, base_url: str, model_ids: Sequence[str]) -> str | None:
     """One readiness check: ``None`` when ready, else what is missing (for the timeout message).
 
-    Ready means any of ``model_ids`` (the model id first, then its aliases) is listed.
+    Ready means any of ``model_ids`` (the model id first, then its aliases) is listed. With auth on
+    (``/v1/models`` answers 401: the launcher holds no key), the open ``/healthz`` list of the live
+    engines' models is read instead.
     """
     try:
         async with session.get(f"{base_url}/healthz") as resp:
             if resp.status != 200:
                 return f"GET /healthz answered {resp.status}"
+            health = await resp.json(content_type=None)
         async with session.get(f"{base_url}/v1/models") as resp:
-            if resp.status != 200:
+            if resp.status == 401 and isinstance(health, dict) and isinstance(health.get("models"), list):
+                body = {"data": [{"id": m} for m in health["models"]]}
+            elif resp.status != 200:
                 return f"GET /v1/models answered {resp.status}"
-            body = await resp.json(content_type=None)
+            else:
+                body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
         return f"no HTTP answer at {base_url} ({exc.__class__.__name__}: {exc})"
     except ValueError as exc:  # a body that is not JSON

@@ -66,6 +66,8 @@ class UpOptions:
     # Prometheus ports: scheduler at this one, engine +1, trainer +2 (the edge serves /metrics on
     # its HTTP port); infra/prometheus/prometheus.yml scrapes these. 0: none.
     metrics_port: int = 9101
+    # When the embedded nats-server fsyncs: "always" (before acknowledging) or "interval" (every 2 min).
+    fsync: str = "always"
 
 
 METRICS_OFFSETS = {"scheduler": 0, "engine": 1, "trainer": 2}
@@ -196,14 +198,15 @@ def _ensure_model(state_dir: Path) -> Path:
 def _embedded_nats(opts: UpOptions, state_dir: Path) -> NatsServer | NatsCluster:
     """The nats-server (or routed nodes) ``up`` runs itself; each node's store under the state dir."""
     if opts.nats_cluster <= 1:
+        # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
         return NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
-                          log_file=state_dir / "logs" / "nats.log")
+                          log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
     # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
     ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
     for port in ports or []:
         _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
     return NatsCluster(state_dir / "nats-cluster", size=opts.nats_cluster, config=NATS_CONFIG,
-                       log_dir=state_dir / "logs", client_ports=ports)
+                       log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync)
 
 
 def _start_nats(server: NatsServer | NatsCluster) -> str:
@@ -219,7 +222,9 @@ def _start_nats(server: NatsServer | NatsCluster) -> str:
                  for n in nodes if n.log_file is not None and n.log_file.exists()]
         raise CliError("\n".join([str(exc), *tails])) from None
     for node in nodes:
-        report_stderr(f"nats-server listening on {node.url} (store {node.store_dir}, log {node.log_file})")
+        monitoring = f", monitoring {node.monitor_url}" if node.monitor_url else ""
+        report_stderr(f"nats-server listening on {node.url} (store {node.store_dir}, log {node.log_file}, "
+                      f"fsync {node.sync}{monitoring})")
     if isinstance(server, NatsCluster):
         report_stderr(f"cluster {server.name}: {server.size} routed nodes; waiting for a JetStream meta leader")
     return ",".join(node.url for node in nodes)

@@ -2,12 +2,20 @@
 
 Used by ``./cy up`` and by the test suite, so both run the same real server. A port of
 ``-1`` asks the server for a free port; the actual port is read from its ports file.
+
+``sync`` chooses when JetStream flushes to disk: ``always`` (fsync before every acknowledgement,
+so an OS crash or power failure loses no acknowledged write) or ``interval`` (the nats-server
+default, every two minutes: faster, but an OS crash loses up to two minutes of acknowledged
+writes). nats-server has no command-line flag for it and a second ``jetstream {}`` block in a
+config replaces the whole first one, so the chosen value is written into a copy of the config
+in the store directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +36,25 @@ def nats_server_binary() -> str:
     return found
 
 
+SYNC_POLICIES = ("always", "interval")
+# What ``interval`` means: the nats-server default period.
+SYNC_INTERVAL = "2m"
+_SYNC_LINE = re.compile(r"^(\s*)sync_interval:.*$", re.MULTILINE)
+
+
+def config_with_sync(text: str | None, sync: str) -> str:
+    """A nats-server config: ``text`` (or an empty one) with its ``sync_interval`` set for ``sync``."""
+    if sync not in SYNC_POLICIES:
+        raise ValueError(f"unknown fsync policy {sync!r} (choose from {', '.join(SYNC_POLICIES)})")
+    value = "always" if sync == "always" else f'"{SYNC_INTERVAL}"'
+    if text is None:
+        return f"jetstream {{\n  sync_interval: {value}\n}}\n"
+    replaced, count = _SYNC_LINE.subn(lambda m: f"{m.group(1)}sync_interval: {value}", text)
+    if count != 1:
+        raise ValueError(f"the config has {count} sync_interval lines; exactly one is needed to set the fsync policy")
+    return replaced
+
+
 @dataclass
 class NatsServer:
     """A running nats-server child process with JetStream, bound to loopback."""
@@ -39,8 +66,13 @@ class NatsServer:
     log_file: Path | None = None
     # More nats-server flags (a cluster node's name, cluster URL and routes).
     extra_args: tuple[str, ...] = ()
+    # "always" or "interval" (see the module docstring); None: whatever ``config`` (or the server default) says.
+    sync: str | None = None
+    # Monitoring HTTP port (/varz, /jsz) on ``host``: -1 any free port, None none.
+    monitor_port: int | None = None
     proc: subprocess.Popen | None = field(default=None, init=False)
     client_port: int = field(default=0, init=False)
+    monitor_url: str | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
@@ -55,10 +87,13 @@ class NatsServer:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         cmd = [nats_server_binary()]
-        if self.config is not None:
-            cmd += ["-c", str(self.config)]
+        config = self._effective_config()
+        if config is not None:
+            cmd += ["-c", str(config)]
         cmd += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir / "jetstream"),
                 "--ports_file_dir", str(ports_dir), *self.extra_args]
+        if self.monitor_port is not None:
+            cmd += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         ports_file = ports_dir / f"{Path(cmd[0]).name}_{self.proc.pid}.ports"
@@ -73,10 +108,20 @@ class NatsServer:
                     time.sleep(0.02)
                     continue
                 self.client_port = int(ports["nats"][0].rsplit(":", 1)[1])
+                self.monitor_url = (ports.get("monitoring") or [None])[0]
                 return self
             time.sleep(0.02)
         self.stop()
         raise TimeoutError(f"nats-server did not report its ports within {timeout}s")
+
+    def _effective_config(self) -> Path | None:
+        """``config``, or a copy of it in the store directory with the chosen ``sync`` policy."""
+        if self.sync is None:
+            return self.config
+        text = self.config.read_text() if self.config is not None else None
+        path = self.store_dir / "nats-server.conf"
+        path.write_text(config_with_sync(text, self.sync))
+        return path
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash or a lost machine would end it (tests of node loss)."""
@@ -130,6 +175,8 @@ class NatsCluster:
     name: str = "cy-cluster"
     # Client port of each node; None: free ones.
     client_ports: list[int] | None = None
+    # Each node's fsync policy (``NatsServer.sync``).
+    sync: str | None = None
     nodes: list[NatsServer] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -140,7 +187,7 @@ class NatsCluster:
             node = f"n{i}"
             self.nodes.append(NatsServer(
                 self.store_dir / node, port=client, host=self.host, config=self.config,
-                log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None,
+                log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None, sync=self.sync,
                 extra_args=("--server_name", f"{self.name}-{node}", "--cluster_name", self.name,
                             "--cluster", f"nats://{self.host}:{route}", "--routes", routes)))
             self.nodes[-1].client_port = client

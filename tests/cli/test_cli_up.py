@@ -113,12 +113,15 @@ def test_banner_warns_when_listening_beyond_loopback():
 @pytest.fixture
 async def fake_edge():
     """An HTTP server standing in for the edge: unhealthy, then healthy without the model, then ready."""
-    state = {"healthy": False, "models": []}
+    state = {"healthy": False, "models": [], "auth": False}
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": state["healthy"]}, status=200 if state["healthy"] else 503)
+        return web.json_response({"ok": state["healthy"], "models": state["models"]},
+                                 status=200 if state["healthy"] else 503)
 
     async def models(request: web.Request) -> web.Response:
+        if state["auth"]:
+            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in state["models"]]})
 
     app = web.Application()
@@ -140,6 +143,17 @@ async def test_ready_only_once_healthy_and_the_model_is_listed(fake_edge):
     with pytest.raises(NotReady, match="GET /healthz answered 503"):
         await wait_until_ready(url, [DEFAULT_MODEL_ID], timeout=0.3, interval=0.05)
     state["healthy"] = True
+    with pytest.raises(NotReady, match=re.escape(f"does not list '{DEFAULT_MODEL_ID}'")):
+        await wait_until_ready(url, [DEFAULT_MODEL_ID], timeout=0.3, interval=0.05)
+    state["models"] = [DEFAULT_MODEL_ID]
+
+    await wait_until_ready(url, [DEFAULT_MODEL_ID], timeout=5, interval=0.05)
+
+
+async def test_with_auth_on_the_open_health_list_decides(fake_edge):
+    """``./cy up --auth keys``: the launcher holds no key, so /v1/models answers 401; /healthz lists the models."""
+    url, state = fake_edge
+    state.update(healthy=True, auth=True)
     with pytest.raises(NotReady, match=re.escape(f"does not list '{DEFAULT_MODEL_ID}'")):
         await wait_until_ready(url, [DEFAULT_MODEL_ID], timeout=0.3, interval=0.05)
     state["models"] = [DEFAULT_MODEL_ID]

@@ -14,6 +14,7 @@ import re
 
 import msgspec
 import pytest
+from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 from schemas import names
@@ -266,3 +267,36 @@ def test_the_edge_keys_a_request_as_the_scheduler_keys_it_after_the_bus(body):
                                       created=1.0, deadline=2.0)
     on_the_bus = msgspec.json.decode(encode(req), type=InferenceRequest)
     assert cache_key(req) == cache_key(on_the_bus, "org/sim")
+
+
+async def ws_answer(client: TestClient, body: dict) -> list[str]:
+    """The frames (raw text) answering one request sent on a fresh WebSocket, up to its terminal one."""
+    frames = []
+    async with client.ws_connect("/api/v1/inference/ws") as ws:
+        await ws.send_json({"id": "q", **body})
+        while True:
+            msg = await ws.receive(timeout=10)
+            assert msg.type is WSMsgType.TEXT, msg
+            frames.append(msg.data)
+            frame = json.loads(msg.data)
+            if frame.get("done") or "error" in frame:
+                return frames
+
+
+async def test_a_websocket_request_gets_the_edges_hits_with_the_frames_the_scheduler_gave(nc, js, stack):
+    new, old, scheduler = stack
+    body = {"modelId": "sim", "prompt": "one two three", "generation": {"max_new_tokens": 5, "temperature": 0}}
+    first = await ws_answer(old, body)
+    await until_entries(js, 1, "the engine never stored the response")
+    by_scheduler = await ws_answer(old, body)
+    assert count(scheduler, "cached") == 1
+    by_edge = await ws_answer(new, body)
+    assert count(scheduler, "cached") == 1, "the edge passed a WebSocket hit on to the scheduler"
+    assert edge_hits(new) == (0, 1, 0)
+    assert [normalised(f) for f in by_edge] == [normalised(f) for f in by_scheduler] == [normalised(f) for f in first]
+    assert "".join(json.loads(f).get("token", "") for f in by_edge) == "tok1 tok2 tok3 tok4 tok5 "
+    assert json.loads(by_edge[-1])["done"] and json.loads(by_edge[-1])["usage"]["completionTokens"] == 5
+    generated = count(scheduler, "dispatched")
+    opted_out = await ws_answer(new, {**body, "cache": False})
+    assert edge_hits(new) == (0, 1, 0), "the edge looked up a request that opted out"
+    assert count(scheduler, "dispatched") == generated + 1 and json.loads(opted_out[-1])["done"]

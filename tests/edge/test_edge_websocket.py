@@ -111,3 +111,35 @@ async def test_closing_the_socket_cancels_its_running_requests(client, engine, c
         assert (await cancels.wait_for(req.id)).reason == "client_disconnected"
     resp = await client.get("/healthz")
     assert (await resp.json())["in_flight"] == 0
+
+
+async def test_an_idempotency_key_gives_a_retry_the_first_answer_without_generating_again(client, engine):
+    keyed = {"modelId": MODEL, "prompt": "keyed"}
+    async with client.ws_connect(WS) as ws:
+        await ws.send_json({"id": "first", "idempotencyKey": "order-1", **keyed})
+        req = await engine.next_request()
+        # A retry while the first runs cannot join its stream: told so at once (as an HTTP stream is: 409).
+        await ws.send_json({"id": "early", "idempotency_key": "order-1", **keyed})
+        early = await _frame(ws)
+        assert early["id"] == "early"
+        assert_error({"error": early["error"]}, "conflict")
+        await engine.answer(req, ["a", "b"])
+        first = (await _frames_until_done(ws, {"first"}))["first"]
+        # The key is the native API's: a non-streamed HTTP retry waits for the record and gets the same answer.
+        resp = await client.post("/api/v1/inference", json=keyed, headers={"Idempotency-Key": "order-1"})
+        by_http = await resp.json()
+        assert resp.status == 200 and by_http["requestId"] == req.id and by_http["text"] == "ab", by_http
+        await ws.send_json({"id": "retry", "idempotency_key": "order-1", **keyed})
+        retry = (await _frames_until_done(ws, {"retry"}))["retry"]
+        await ws.send_json({"id": "other", "idempotencyKey": "order-1", "modelId": MODEL, "prompt": "another"})
+        other = await _frame(ws)
+        assert_error({"error": other["error"]}, "invalid_request", "Idempotency-Key")
+        await ws.send_json({"id": "bad", "idempotencyKey": "", **keyed})
+        assert_error({"error": (await _frame(ws))["error"]}, "invalid_request", "idempotencyKey")
+        await ws.send_json({"id": "plain", "modelId": MODEL, "prompt": "unkeyed"})
+        # Nothing was queued for the retries: the next request the engine sees is the unkeyed one.
+        assert (await engine.next_request()).prompt == "unkeyed"
+    assert [f["token"] for f in first[:-1]] == ["a", "b"]
+    assert "".join(f.get("token", "") for f in retry[:-1]) == "ab"
+    assert retry[-1]["requestId"] == first[-1]["requestId"] == req.id
+    assert retry[-1]["done"] and retry[-1]["finishReason"] == "stop" and retry[-1]["usage"] == first[-1]["usage"]

@@ -3,6 +3,7 @@
 - ``publish``: ``RequestPublisher``: a request onto its ``LLM_INFER`` lane, cancels out; ``InferenceCall``
   follows one request to its terminal event (and fails it over).
 - ``replies``: ``ReplyRouter``: the edge's one reply inbox, routing token events to their requests.
+- ``pump``: ``pump``: the one loop over an answer's events, handing each to its wire format's writer.
 - ``failover``: what to re-publish after an engine is lost. Pure.
 - ``liveness``: ``LivenessWatch``: the worker table from heartbeats, and ending requests whose engine died.
 - ``cache_hits``: prompt-cache hits answered by the edge itself.

@@ -132,6 +132,10 @@ class InferenceCall:
     __slots__ = ("_bus_id", "_cancel_reason", "_delivered", "_ended", "_held", "_loop_deadline", "_msg_id",
                  "_pending", "_publisher", "finish_reason", "request", "timeout", "usage")
 
+    # As a ``pump.Source``: one choice, so every event is choice 0's.
+    index = 0
+    width = 1
+
     def __init__(self, publisher: RequestPublisher, request: InferenceRequest, timeout: float,
                  msg_id: str | None = None) -> None:
         self._publisher = publisher

@@ -1,59 +1,33 @@
-"""Answering one in-flight request over HTTP: gathered into one JSON body, or streamed as SSE.
+"""The HTTP writers of the event pump (``bus.pump``): one JSON body, or an SSE stream.
 
-A stream's headers go out with its first token, so an error before that (a full context, a
-timeout while queued) is still a proper HTTP status; after it, an error is an SSE error event
-followed by ``[DONE]``.
+``JsonWriter`` gathers every choice and builds one body at the end. ``SseWriter`` streams chunks
+from one ``ChunkFormatter`` per choice: OpenAI chat and completion chunks (tagged with their
+choice's index, with log-probabilities when asked for), or the native API's events
+(``NativeChunkFormatter``). A stream's headers go out with its first output, so an error before
+it (a full context, a timeout while queued) is still a proper HTTP status; after it, an error is
+an SSE error event followed by ``[DONE]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from schemas.errors import BusError
-from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage
-from services.edge.bus.publish import InferenceCall
+from schemas.events import StreamError, TokenLogprob, Usage
 from services.edge.errors import error_json
 from services.edge.middleware import SSE_RESPONSE
-from services.edge.openai.bodies import DONE, SSE_HEADERS, ChunkFormatter, sse
+from services.edge.openai.bodies import DONE, SSE_HEADERS, ChoiceResult, ChunkFormatter, sse
 
 BodyBuilder = Callable[..., bytes]
 
 
-def raise_error(event: StreamError) -> None:
+def raise_error(event: StreamError | BusError) -> None:
     """Raise ``event`` as the ``BusError`` it carries (before the first byte: an HTTP error answer)."""
-    raise BusError(event.code, event.message, param=event.param)
-
-
-async def collect(call: InferenceCall, build: BodyBuilder, *, created: int, model: str) -> web.Response:
-    """Wait for the whole answer and return it as one JSON body built by ``build``.
-
-    A request that asked for ``logprobs`` hands ``build`` every token's entries as ``logprobs``.
-    """
-    parts: list[str] = []
-    entries: list[TokenLogprob] = []
-    while True:
-        match await call.next_event():
-            case TokenDelta(text=text, logprobs=logprobs):
-                parts.append(text)
-                if logprobs:
-                    entries.extend(logprobs)
-            case StreamEnd(finish_reason=finish_reason, usage=usage):
-                extra = {"logprobs": entries} if call.request.sampling.logprobs is not None else {}
-                body = build(request_id=call.request.id, created=created, model=model, text="".join(parts),
-                             finish_reason=finish_reason, usage=usage, **extra)
-                return web.Response(body=body, content_type="application/json")
-            case StreamError() as error:
-                raise_error(error)
-
-
-def render_delta(event: TokenDelta, fmt: ChunkFormatter, out: list[bytes]) -> None:
-    """Append the SSE chunk of one delta (none for an empty one), with its log-probabilities if it has any."""
-    if event.logprobs:
-        out.append(fmt.delta_logprobs(event.text, event.logprobs))
-    elif event.text:
-        out.append(fmt.delta(event.text))
+    if type(event) is StreamError:
+        raise BusError(event.code, event.message, param=event.param)
+    raise event
 
 
 def error_event(error: StreamError | BusError) -> bytes:
@@ -63,74 +37,103 @@ def error_event(error: StreamError | BusError) -> bytes:
     return sse(error_json(error)) + DONE
 
 
-async def _first_output(call: InferenceCall) -> StreamEvent:
-    """Skip ``StreamStart``; return the first event that produces output, raising a ``StreamError``."""
-    while True:
-        event = await call.next_event()
-        if type(event) is StreamError:
-            raise_error(event)
-        if type(event) is not StreamStart:
-            return event
+class JsonWriter:
+    """The whole answer as one JSON body built by ``build``, in ``response`` once the pump ended.
 
-
-def _render(event: StreamEvent, fmt: ChunkFormatter, out: list[bytes]) -> bool:
-    """Append the SSE bytes of ``event`` to ``out``; return whether it ended the stream."""
-    match event:
-        case TokenDelta():
-            render_delta(event, fmt, out)
-            return False
-        case StreamEnd(finish_reason=finish_reason, usage=usage):
-            out.append(fmt.finish(finish_reason))
-            out.append(fmt.usage(usage))
-            out.append(DONE)
-            return True
-        case StreamError():
-            out.append(error_event(event))
-            return True
-    return False  # StreamStart (e.g. a re-dispatch to another engine): nothing to send
-
-
-async def _pump(resp: web.StreamResponse, call: InferenceCall, fmt: ChunkFormatter, event: StreamEvent,
-                lead: bytes) -> None:
-    """Write events as they arrive until the terminal one; events already queued share one write."""
-    out: list[bytes] = [lead] if lead else []
-    while True:
-        ended = _render(event, fmt, out)
-        while not ended and (queued := call.next_nowait()) is not None:
-            ended = _render(queued, fmt, out)
-        if out:
-            await resp.write(b"".join(out))
-            out = []
-        if ended:
-            return
-        event = await call.next_event()
-
-
-async def stream(request: web.Request, call: InferenceCall, fmt: ChunkFormatter) -> web.StreamResponse:
-    """Stream the answer as OpenAI SSE chunks, ending with ``data: [DONE]``."""
-    first = await _first_output(call)
-    resp = web.StreamResponse(headers=SSE_HEADERS)
-    request[SSE_RESPONSE] = resp
-    await resp.prepare(request)
-    try:
-        await _pump(resp, call, fmt, first, fmt.start())
-    except BusError as err:  # the deadline passed mid-stream
-        await resp.write(error_event(err))
-    return resp
-
-
-async def replay(request: web.Request, fmt: ChunkFormatter, texts: list[str], finish_reason: str,
-                 usage: Usage) -> web.StreamResponse:
-    """Send a stored, finished response (one delta per entry of ``texts``) as one SSE stream, in one write.
-
-    The chunks are those ``stream`` sends for the same events (an empty delta sends none): an
-    ``Idempotency-Key`` retry, or a prompt-cache hit answered by the edge.
+    One choice is built from ``text``, ``finish_reason`` (and ``logprobs``: every token's entries,
+    when the request asked for them); ``n`` choices from ``choices``, one ``ChoiceResult`` each.
     """
-    resp = web.StreamResponse(headers=SSE_HEADERS)
-    request[SSE_RESPONSE] = resp
-    await resp.prepare(request)
-    out = [fmt.start()]
-    out += [fmt.delta(text) for text in texts if text]
-    out += [fmt.finish(finish_reason), fmt.usage(usage), DONE]
-    await resp.write(b"".join(out))
-    return resp
+
+    def __init__(self, build: BodyBuilder, *, request_id: str, created: int, model: str, width: int,
+                 logprobs: bool) -> None:
+        self._build = build
+        self._request_id = request_id
+        self._created = created
+        self._model = model
+        self._parts: list[list[str]] = [[] for _ in range(width)]
+        self._entries: list[list[TokenLogprob]] | None = [[] for _ in range(width)] if logprobs else None
+        self._results: list[ChoiceResult | None] = [None] * width
+        self.response: web.Response | None = None
+
+    async def open(self) -> None:
+        """Nothing goes out before the end."""
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """Keep the text (and log-probabilities) of choice ``index``."""
+        self._parts[index].append(text)
+        if logprobs and self._entries is not None:
+            self._entries[index].extend(logprobs)
+
+    def end(self, index: int, finish_reason: str) -> None:
+        """Choice ``index`` is complete."""
+        self._results[index] = ChoiceResult("".join(self._parts[index]), finish_reason,
+                                            self._entries[index] if self._entries is not None else None)
+
+    def done(self, usage: Usage | None) -> None:
+        """Build the body."""
+        if len(self._results) == 1:
+            [result] = self._results
+            extra = {"logprobs": result.logprobs} if result.logprobs is not None else {}
+            body = self._build(request_id=self._request_id, created=self._created, model=self._model,
+                               text=result.text, finish_reason=result.finish_reason, usage=usage, **extra)
+        else:
+            body = self._build(request_id=self._request_id, created=self._created, model=self._model,
+                               choices=self._results, usage=usage)
+        self.response = web.Response(body=body, content_type="application/json")
+
+    def error(self, error: StreamError | BusError) -> None:
+        """Nothing was sent: the error is the HTTP answer."""
+        raise_error(error)
+
+    def flush(self) -> None:
+        """Nothing goes out before the end (the handler returns ``response``)."""
+
+
+class SseWriter:
+    """The answer as SSE chunks, from one formatter per choice, ending with usage and ``data: [DONE]``."""
+
+    def __init__(self, request: web.Request, fmts: list[ChunkFormatter]) -> None:
+        self._request = request
+        self._fmts = fmts
+        self._out: list[bytes] = []
+        self.response: web.StreamResponse | None = None
+
+    async def open(self) -> None:
+        """Send the headers; the opening chunks (chat's role, one per choice) go with the first output."""
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        self._request[SSE_RESPONSE] = resp
+        await resp.prepare(self._request)
+        self.response = resp
+        lead = b"".join([fmt.start() for fmt in self._fmts])
+        if lead:
+            self._out.append(lead)
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """The chunk of one delta (none for an empty one), with its log-probabilities if it has any."""
+        if logprobs:
+            self._out.append(self._fmts[index].delta_logprobs(text, logprobs))
+        elif text:
+            self._out.append(self._fmts[index].delta(text))
+
+    def end(self, index: int, finish_reason: str) -> None:
+        """Choice ``index``'s finish chunk."""
+        self._out.append(self._fmts[index].finish(finish_reason))
+
+    def done(self, usage: Usage | None) -> None:
+        """The usage chunk (if asked for) and ``[DONE]``."""
+        self._out.append(self._fmts[0].usage(usage))
+        self._out.append(DONE)
+
+    def error(self, error: StreamError | BusError) -> None:
+        """Before the first byte an HTTP error answer; after it an error event, then ``[DONE]``."""
+        if self.response is None:
+            raise_error(error)
+        self._out.append(error_event(error))
+
+    def flush(self) -> Awaitable[None] | None:
+        """One write of what the events rendered to (``None`` if they rendered nothing)."""
+        if not self._out:
+            return None
+        data = b"".join(self._out)
+        self._out.clear()
+        return self.response.write(data)

@@ -63,9 +63,10 @@ class NativeChunkFormatter(ChunkFormatter):
     events are bare JSON (one WebSocket frame each) instead of SSE ``data:`` events.
     """
 
-    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool,
+    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool, index: int = 0,
                  client_id: str | None = None, framed: bool = True) -> None:
-        super().__init__(request_id=request_id, created=created, model=model, include_usage=include_usage)
+        super().__init__(request_id=request_id, created=created, model=model, include_usage=include_usage,
+                         index=index)
         self._event_head = {"requestId": request_id}
         if client_id is not None:
             self._event_head["id"] = client_id

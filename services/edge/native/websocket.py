@@ -3,7 +3,8 @@
 The client sends JSON text (or binary) frames:
 
 - a request: the body of ``POST /api/v1/inference/stream`` plus an optional ``"id"`` (its own
-  name for the request; the edge numbers it when absent) and optionally ``"type": "request"``;
+  name for the request; the edge numbers it when absent), optionally ``"type": "request"``, and
+  optionally ``"idempotencyKey"`` (or ``"idempotency_key"``): that endpoint's ``Idempotency-Key``;
 - ``{"type": "cancel", "id": ...}``: cancel that running request.
 
 The edge answers with one JSON text frame per event, shaped as the native SSE events plus the
@@ -13,6 +14,10 @@ an ``{"id", "requestId", "error": {OpenAI error}}`` frame; the socket stays open
 request ends with an error frame of code ``cancelled``. Closing the socket cancels every
 request still running on it; cancels go out on the bus exactly as for an HTTP client that
 disconnects.
+
+Each request frame takes the same admission path as an HTTP request (``http.admission``: the
+socket's credential, its rate limits, the edge's prompt-cache hits, idempotency, the queue) and
+is answered by the edge's event pump (``bus.pump``) through a ``FrameWriter``.
 """
 
 from __future__ import annotations
@@ -21,35 +26,39 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Iterable
 from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import WSMsgType, web
 
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamError, TokenDelta
+from schemas.events import StreamError, TokenLogprob, Usage
 from services.common.lifecycle import cancel_and_wait
 from services.edge.openai import completions
-from services.edge.http import json_depth
+from services.edge.http import admission, json_depth
 from services.edge.native import api as native_api
-from services.edge.auth import rate_limit
 from services.edge.errors import error_body, rejection_reason
 from services.edge.metrics import WEBSOCKET, EdgeMetrics
 from services.edge.native.api import NativeChunkFormatter
 from services.edge.openai.translate import _decode
-from services.edge.auth.rate_limit import UNLIMITED, Admission
+from services.edge.bus.pump import pump
 from services.edge.state import EDGE, METRICS, Edge
 
 log = logging.getLogger(__name__)
 
 ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 
 
 class SocketFrame(msgspec.Struct):
-    """What every client frame is first read as: its kind and the request it is about."""
+    """What every client frame is first read as: its kind, the request it is about, and that request's
+    idempotency key (the ``Idempotency-Key`` header of ``POST /api/v1/inference/stream``)."""
 
     type: Literal["request", "cancel"] = "request"
     id: ClientId | None = None
+    idempotencyKey: IdempotencyKey | None = None
+    idempotency_key: IdempotencyKey | None = None
 
 
 _frame_decoder = msgspec.json.Decoder(SocketFrame)
@@ -82,10 +91,15 @@ class InferenceSocket:
         self._route = request.match_info.route.resource.canonical
 
     async def _send(self, frame: bytes) -> None:
+        await self.send_frames((frame,))
+
+    async def send_frames(self, frames: Iterable[bytes]) -> None:
+        """Send JSON text frames (already UTF-8), in order, none interleaved with another request's."""
         if self._closing or self._ws.closed:
             return
         async with self._send_lock:
-            await self._ws.send_str(frame.decode())
+            for frame in frames:
+                await self._ws.send_frame(frame, WSMsgType.TEXT)
 
     async def serve(self) -> None:
         """Read frames until the socket closes; then cancel what still runs."""
@@ -99,9 +113,13 @@ class InferenceSocket:
             self._closing = True
             await cancel_and_wait(*self._running.values())
 
+    def count_refusal(self, err: BusError) -> None:
+        """Count an error answered with an error frame, when it is a refusal (``llm_edge_rejected_requests_total``)."""
+        self._metrics.reject(rejection_reason(err.code))
+
     async def _refuse(self, client_id: str | None, err: BusError, request_id: str | None = None) -> None:
         """Answer one request or frame with an error frame (counted when it is a refusal)."""
-        self._metrics.reject(rejection_reason(err.code))
+        self.count_refusal(err)
         await self._send(error_frame(client_id, err, request_id))
 
     async def _on_frame(self, raw: bytes) -> None:
@@ -121,7 +139,7 @@ class InferenceSocket:
                 ErrorCode.INVALID_REQUEST, f"a request with id {client_id!r} is already running on this socket",
                 param="id"))
             return
-        self._running[client_id] = asyncio.create_task(self._run(client_id, raw, arrived),
+        self._running[client_id] = asyncio.create_task(self._run(client_id, frame, raw, arrived),
                                                        name=f"ws-request-{client_id}")
 
     async def _cancel(self, client_id: str | None) -> None:
@@ -137,25 +155,20 @@ class InferenceSocket:
         self._stoppers.add(stopper)
         stopper.add_done_callback(self._stoppers.discard)
 
-    async def _admit(self) -> Admission:
-        limiter = self._edge.limiter
-        if limiter is None:
-            return UNLIMITED
-        caller, overrides = rate_limit.caller_of(self._request)
-        return await limiter.admit(caller, limiter.defaults.overridden(*overrides), stream=True)
-
-    async def _run(self, client_id: str, raw: bytes, arrived: float) -> None:
-        edge = self._edge
-        admission, call, request_id = UNLIMITED, None, None
+    async def _run(self, client_id: str, frame: SocketFrame, raw: bytes, arrived: float) -> None:
+        """Admit and answer one request frame, exactly as ``POST /api/v1/inference/stream`` would (``admission``)."""
+        edge, request_id = self._edge, None
         try:
             parsed = completions.parse_body(raw, native_api.INFERENCE_STREAM, edge.config)
             req = completions.build_request(edge, parsed, native_api.INFERENCE_STREAM.id_prefix)
             request_id = req.id
-            admission = await self._admit()
-            async with edge.publisher.call(req, req.deadline - req.created) as call:
-                fmt = NativeChunkFormatter(request_id=req.id, created=int(req.created), model=req.model,
+            async with admission.admitted(edge, self._request, req, n=1, stream=True,
+                                          route=native_api.INFERENCE_STREAM.id_prefix,
+                                          key=frame.idempotencyKey or frame.idempotency_key) as answer:
+                request_id = answer.request_id
+                fmt = NativeChunkFormatter(request_id=answer.request_id, created=answer.created, model=answer.model,
                                            include_usage=True, client_id=client_id, framed=False)
-                await self._pump(call, fmt, arrived)
+                await pump(answer.source, FrameWriter(self, fmt, client_id, answer.request_id, arrived))
         except BusError as err:
             await self._refuse(client_id, err, request_id)
         except asyncio.CancelledError:
@@ -166,28 +179,61 @@ class InferenceSocket:
         finally:
             self._running.pop(client_id, None)
             self._cancelled.discard(client_id)
-            await admission.finish(completions.charged_tokens(call))
 
-    def _first_output(self, arrived: float | None) -> None:
+    def first_output(self, arrived: float) -> None:
         """Time to first token of one socket request: from its frame's arrival to its first output frame."""
-        if arrived is not None:
-            self._metrics.ttft.labels(self._route, WEBSOCKET).observe(time.perf_counter() - arrived)
+        self._metrics.ttft.labels(self._route, WEBSOCKET).observe(time.perf_counter() - arrived)
 
-    async def _pump(self, call, fmt: NativeChunkFormatter, arrived: float | None = None) -> None:
-        """Send each event as a frame until the terminal one."""
-        while True:
-            match await call.next_event():
-                case TokenDelta(text=text) if text:
-                    await self._send(fmt.delta(text))
-                    self._first_output(arrived)
-                    arrived = None
-                case StreamEnd(finish_reason=finish_reason, usage=usage):
-                    fmt.finish(finish_reason)
-                    await self._send(fmt.usage(usage))
-                    self._first_output(arrived)
-                    return
-                case StreamError(code=code, message=message, param=param):
-                    raise BusError(code, message, param=param)
+
+class FrameWriter:
+    """The event pump's writer for one request on a socket: one JSON text frame per event (see the module doc).
+
+    Frames of events that arrived together go out under one hold of the socket's send lock.
+    """
+
+    def __init__(self, socket: InferenceSocket, fmt: NativeChunkFormatter, client_id: str, request_id: str,
+                 arrived: float | None) -> None:
+        self._socket = socket
+        self._fmt = fmt
+        self._client_id = client_id
+        self._request_id = request_id
+        self._arrived = arrived
+        self._frames: list[bytes] = []
+
+    async def open(self) -> None:
+        """A socket request has nothing to open."""
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """A token frame (none for an empty delta)."""
+        if text:
+            self._frames.append(self._fmt.delta(text))
+
+    def end(self, index: int, finish_reason: str) -> None:
+        """Remembered for the closing frame."""
+        self._fmt.finish(finish_reason)
+
+    def done(self, usage: Usage | None) -> None:
+        """The closing frame, with the usage."""
+        self._frames.append(self._fmt.usage(usage))
+
+    def error(self, error: StreamError | BusError) -> None:
+        """An error frame; the socket stays open."""
+        if type(error) is StreamError:
+            error = BusError(error.code, error.message, param=error.param)
+        self._socket.count_refusal(error)
+        self._frames.append(error_frame(self._client_id, error, self._request_id))
+        self._arrived = None  # an error is not a first token
+
+    def flush(self) -> Awaitable[None] | None:
+        """Send the frames of the events handed over since the last flush (``None`` if there are none)."""
+        return self._send() if self._frames else None
+
+    async def _send(self) -> None:
+        await self._socket.send_frames(self._frames)
+        self._frames.clear()  # the pump hands over nothing new before this write is done
+        if self._arrived is not None:
+            self._socket.first_output(self._arrived)
+            self._arrived = None
 
 
 async def inference_ws(request: web.Request) -> web.WebSocketResponse:

@@ -3,8 +3,8 @@
 - ``routes``: ``add_routes(app)``, the routes of this folder.
 - ``types``: the request bodies accepted, as msgspec Structs.
 - ``translate``: request bodies to ``schemas.InferenceRequest``. Pure.
-- ``completions``: ``POST /v1/chat/completions`` and ``/v1/completions``: validate, resolve, publish, answer.
-- ``choices``: ``n`` > 1 as ``n`` ordinary requests merged into one answer.
+- ``completions``: ``POST /v1/chat/completions`` and ``/v1/completions``: validate, resolve, admit, answer.
+- ``choices``: ``n`` > 1 as ``n`` ordinary requests merged into one event source.
 - ``bodies``: response bodies and SSE chunks. Pure.
 - ``catalog``: ``GET /v1/models`` and ``/v1/models/{id}``: what live engines serve, fine-tuned models included.
 - ``model_admin``: ``POST /v1/models/load`` and ``DELETE /v1/models/{id}`` on engines.

@@ -5,7 +5,8 @@ choice_requests``: ids ``<id>-c<i>``, seeds ``seed + i``), published together. E
 ``InferenceCall`` like any other, so queueing, the prompt cache, failover (re-dispatch before the
 first token, migration mid-stream) and cancel work per choice unchanged. ``ChoiceCalls`` enters
 the ``n`` calls as one context (leaving it cancels every choice that did not end: a client gone,
-the deadline, an error in another choice) and merges their events, tagged with the choice index.
+the deadline, an error in another choice) and merges their events into one ``pump.Source``: the
+edge's event pump hands each to the answer's writer with its choice index.
 
 Non-streaming, the body holds every choice; usage counts the prompt once (OpenAI's convention)
 plus every choice's completion tokens. Streaming, each chunk carries its choice's ``index``, each
@@ -19,27 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from aiohttp import web
-
 from schemas.errors import BusError
-from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage
+from schemas.events import StreamEnd, StreamError, StreamEvent, Usage
 from schemas.inference import InferenceRequest
 from services.common.lifecycle import cancel_and_wait
 from services.edge.bus.publish import InferenceCall, RequestPublisher
-from services.edge.middleware import SSE_RESPONSE
-from services.edge.openai.bodies import DONE, SSE_HEADERS, ChoiceResult, ChunkFormatter
-from services.edge.http.sse import BodyBuilder, error_event, raise_error, render_delta
 
-# What a choice's pump hands the merger: (choice index, its next event or the error that ended it).
-Item = tuple[int, StreamEvent | BusError]
+# What a choice's task hands the merger: (choice index, its next event).
+Item = tuple[int, StreamEvent]
 
 
 class ChoiceCalls:
-    """The ``n`` in-flight requests of one answer: ``async with ChoiceCalls(...) as calls: calls.next_item()``."""
+    """The ``n`` in-flight requests of one answer: ``async with ChoiceCalls(...) as calls: await pump(calls, ...)``."""
 
     def __init__(self, publisher: RequestPublisher, requests: list[InferenceRequest], timeout: float) -> None:
         self._publisher = publisher
         self._requests = requests
+        self.width = len(requests)
+        self.index = 0  # the choice of the event last returned
         self._timeout = timeout
         self.calls: list[InferenceCall] = []
         self._stack = contextlib.AsyncExitStack()
@@ -65,20 +63,25 @@ class ChoiceCalls:
         while True:
             try:
                 event = await call.next_event()
-            except BusError as err:  # its deadline passed
-                self._merged.put_nowait((index, err))
+            except BusError as err:  # its deadline passed: the error ends the answer like an engine's
+                self._merged.put_nowait((index, StreamError(id=call.request.id, code=err.code, message=err.message,
+                                                            param=err.param)))
                 return
             self._merged.put_nowait((index, event))
             if type(event) in (StreamEnd, StreamError):
                 return
 
-    async def next_item(self) -> Item:
-        """The next event of any choice, with its index."""
-        return await self._merged.get()
+    async def next_event(self) -> StreamEvent:
+        """The next event of any choice (its choice in ``index``)."""
+        self.index, event = await self._merged.get()
+        return event
 
-    def next_nowait(self) -> Item | None:
+    def next_nowait(self) -> StreamEvent | None:
         """The next event if one has already arrived, else ``None``."""
-        return self._merged.get_nowait() if self._merged.qsize() else None
+        if not self._merged.qsize():
+            return None
+        self.index, event = self._merged.get_nowait()
+        return event
 
     @property
     def usage(self) -> Usage | None:
@@ -88,85 +91,3 @@ class ChoiceCalls:
             return None
         return Usage(prompt_tokens=ended[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in ended),
                      cached_tokens=ended[0].cached_tokens)
-
-
-def _raise(item: StreamEvent | BusError) -> None:
-    if isinstance(item, BusError):
-        raise item
-    if type(item) is StreamError:
-        raise_error(item)
-
-
-async def collect(calls: ChoiceCalls, build: BodyBuilder, *, request_id: str, created: int, model: str,
-                  logprobs: bool) -> web.Response:
-    """Wait for every choice and return one JSON body with all of them (``index`` = choice number)."""
-    n = len(calls.calls)
-    parts: list[list[str]] = [[] for _ in range(n)]
-    entries: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    results: list[ChoiceResult | None] = [None] * n
-    left = n
-    while left:
-        index, event = await calls.next_item()
-        _raise(event)
-        match event:
-            case TokenDelta(text=text, logprobs=tokens):
-                parts[index].append(text)
-                entries[index].extend(tokens)
-            case StreamEnd(finish_reason=finish_reason):
-                results[index] = ChoiceResult("".join(parts[index]), finish_reason,
-                                              entries[index] if logprobs else None)
-                left -= 1
-    body = build(request_id=request_id, created=created, model=model, choices=results, usage=calls.usage)
-    return web.Response(body=body, content_type="application/json")
-
-
-async def _first_output(calls: ChoiceCalls) -> Item:
-    """Skip ``StreamStart``s; the first item that produces output, raising an error of any choice."""
-    while True:
-        index, event = await calls.next_item()
-        _raise(event)
-        if type(event) is not StreamStart:
-            return index, event
-
-
-def _render(item: Item, fmts: list[ChunkFormatter], out: list[bytes]) -> str | None:
-    """Append the SSE bytes of one choice's event; ``"end"`` when that choice ended, ``"error"`` for an error."""
-    index, event = item
-    match event:
-        case TokenDelta():
-            render_delta(event, fmts[index], out)
-        case StreamEnd(finish_reason=finish_reason):
-            out.append(fmts[index].finish(finish_reason))
-            return "end"
-        case StreamError() | BusError():
-            out.append(error_event(event))
-            return "error"
-    return None  # StreamStart (a re-dispatch of that choice): nothing to send
-
-
-async def stream(request: web.Request, calls: ChoiceCalls, fmts: list[ChunkFormatter]) -> web.StreamResponse:
-    """Stream every choice as OpenAI SSE chunks tagged with their index, then usage and ``[DONE]``."""
-    item = await _first_output(calls)
-    resp = web.StreamResponse(headers=SSE_HEADERS)
-    request[SSE_RESPONSE] = resp
-    await resp.prepare(request)
-    out = [b"".join(fmt.start() for fmt in fmts)]
-    left = len(fmts)
-    while True:
-        while item is not None:
-            outcome = _render(item, fmts, out)
-            if outcome == "error":
-                await resp.write(b"".join(out))
-                return resp  # leaving ChoiceCalls cancels the other choices
-            if outcome == "end":
-                left -= 1
-                if not left:
-                    out.append(fmts[0].usage(calls.usage))
-                    out.append(DONE)
-                    await resp.write(b"".join(out))
-                    return resp
-            item = calls.next_nowait()  # events already queued share one write
-        if out:
-            await resp.write(b"".join(out))
-            out = []
-        item = await calls.next_item()

@@ -183,7 +183,8 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/api/v1/inference/ws": {"get": {
             **_op("Native inference over a WebSocket (many requests per socket)",
                   {"description": "not a WebSocket upgrade request"}),
-            "description": "Upgrade to a WebSocket. Send NativeInferenceBody frames with an optional 'id'; "
+            "description": "Upgrade to a WebSocket. Send NativeInferenceBody frames with an optional 'id' "
+                           "and 'idempotencyKey' (the Idempotency-Key of /api/v1/inference/stream); "
                            "receive {requestId, id, token} frames, then {requestId, id, finishReason, usage, "
                            "done: true}; {\"type\": \"cancel\", \"id\"} cancels; errors are {id, requestId, "
                            "error} frames. Needs the 'inference' scope when authentication is on.",
