@@ -30,7 +30,7 @@ from services.cli.supervisor import ChildSpec, Supervisor
 from services.common.natsserver import NatsCluster
 from tests.cluster_support import bare_nats_cluster, current_peers, nats_cluster, stream_leader  # noqa: F401
 from tests.load_support import Load, summary
-from tests.support import REPO, free_port
+from tests.support import REPO, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -102,6 +102,15 @@ class Dispatches:
                 "continued": len(continued)}
 
 
+async def _settled(js) -> bool:
+    """Nothing of ``LLM_INFER`` waits for an ack or a redelivery."""
+    for lane in names.LANES_BY_PRIORITY:
+        info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+        if info.num_ack_pending or info.num_pending or info.num_redelivered:
+            return False
+    return True
+
+
 async def _kill_and_measure(load: Load, node, what: str) -> dict:
     """SIGKILL ``node`` under load; the figures of the requests that overlapped the loss."""
     in_flight = load.in_flight
@@ -144,7 +153,9 @@ async def test_losing_the_queue_leader_and_the_edges_node_goes_unnoticed(tmp_pat
         cluster.nodes[edge_node].start()
         assert len(await current_peers(js, names.INFER_STREAM)) == 3
         await load.stop()
-
+        # An ack lost in an election comes back as a redelivery after ack_wait: wait for every one of them,
+        # so a request taken from the queue twice is seen here.
+        assert await wait_for(lambda: _settled(js), timeout=120), "the queue kept unacknowledged messages"
         total = {**summary(load.outcomes, load.expected), **dispatches.figures(),
                  "engine_runs_finished": await platform.finished_generations()}
         print("\ncluster faults:", json.dumps(report, indent=1), "\nwhole run:", json.dumps(total))
