@@ -128,6 +128,26 @@ ensure_installed() {
     say "installed in $((SECONDS - started)) s"
 }
 
+ensure_promtool() {  # `./cy test` checks the Prometheus rules and dashboard queries with Prometheus's promtool
+    command -v promtool >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing promtool (Debian package prometheus) for the Prometheus rule checks..."
+        printf '\n$ apt-get install -y --no-install-recommends prometheus\n' >>"$PIP_LOG"
+        if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >>"$PIP_LOG" 2>&1 \
+            || { apt-get update >>"$PIP_LOG" 2>&1 \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+                    >>"$PIP_LOG" 2>&1; }; then
+            return 0
+        fi
+        say "could not install prometheus (log: $PIP_LOG): the promtool checks are skipped"
+    else
+        say "promtool not found (Debian: apt-get install prometheus): the promtool checks are skipped"
+    fi
+}
+
 ensure_venv
 ensure_installed
+if [ "${1:-}" = "test" ]; then
+    ensure_promtool
+fi
 exec "$PY" -m services.cli "$@"

@@ -26,7 +26,9 @@ def grants(granted: Iterable[str], required: Scope | str) -> bool:
     return Scope.ADMIN in have or str(required) in have
 
 
-class ApiKeyRecord(msgspec.Struct, kw_only=True):
+# omit_defaults: a field added later (nats_key) is not written while unset, so a record still
+# encodes to the bytes of the release that had no such field.
+class ApiKeyRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One API key as stored in KV ``llm_api_keys`` under its ``id``; the key is not in it."""
 
     id: str
@@ -41,3 +43,5 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
     rate_rpm: int | None = None
     rate_tpm: int | None = None
     rate_streams: int | None = None
+    # Public nkey (``U...``) of the key's NATS-native producer user (``./cy keys create --nats``); empty: none.
+    nats_key: str = ""

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
+
+
+class Health(enum.StrEnum):
+    """What an engine's own health checks found (heartbeat ``health``).
+
+    ``ok``: every check passed. ``degraded``: a check did not answer in time; the engine still takes
+    work. ``failed``: the engine cannot serve (model thread dead, engine core gone); it ended its
+    requests, refuses new ones, and schedulers send it nothing until a check passes again.
+    """
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
 
 
 class ServedModel(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -48,3 +63,6 @@ class EngineHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     # scheduler cold-starting a model prefers an engine with room.
     max_models: int = 0
     memory_budget: int = 0
+    # A ``Health`` value (a plain string, so a newer peer's value still decodes) and why it is not ``ok``.
+    health: str = Health.OK.value
+    health_reason: str = ""

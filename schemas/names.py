@@ -124,17 +124,35 @@ def engine_control(worker: str) -> str:
 
 ENGINE_CONTROL_ALL = f"{ROOT}.engine.all.control"
 
+
+def engine_any(verb: str) -> str:
+    """One of an engine's subjects for every worker (``llm.v1.engine.*.<verb>``): what a caller of engines may address."""
+    if verb not in ("generate", "cancel", "control"):
+        raise ValueError(f"unknown engine subject {verb!r}")
+    return f"{ROOT}.engine.*.{verb}"
+
 REPLY_PREFIX = "_INBOX"
 
 
-def reply_inbox(owner: str, request_id: str) -> str:
-    """A reply subject under an owner's wildcard inbox (``_INBOX.<owner>.<request>``)."""
-    return f"{REPLY_PREFIX}.{token(owner)}.{token(request_id)}"
+def identity_inbox(identity: str, instance: str | None = None) -> str:
+    """The inbox root of one bus identity: ``_INBOX.<identity>`` (``.<instance>`` for per-instance ones).
+
+    A service connects with this as nats-py's ``inbox_prefix``, so every reply it gets (requests,
+    JetStream API answers and deliveries) lands under it, and its NATS user may subscribe to
+    nothing else under ``_INBOX``: one identity never reads another's replies.
+    """
+    root = f"{REPLY_PREFIX}.{token(identity)}"
+    return root if instance is None else f"{root}.{token(instance)}"
 
 
-def reply_inbox_all(owner: str) -> str:
+def reply_inbox(owner: str, request_id: str, root: str = REPLY_PREFIX) -> str:
+    """A reply subject under an owner's wildcard inbox (``<root>.<owner>.<request>``; root ``_INBOX``)."""
+    return f"{root}.{token(owner)}.{token(request_id)}"
+
+
+def reply_inbox_all(owner: str, root: str = REPLY_PREFIX) -> str:
     """The wildcard an owner subscribes to once to receive every one of its replies."""
-    return f"{REPLY_PREFIX}.{token(owner)}.*"
+    return f"{root}.{token(owner)}.*"
 
 
 # --- KV buckets / object store ---
@@ -158,6 +176,11 @@ def kv_stream(bucket: str) -> str:
 def kv_subjects(bucket: str) -> str:
     """Every key's subject of KV ``bucket`` (``$KV.<bucket>.>``); a key's is this prefix plus the key."""
     return f"$KV.{bucket}.>"
+
+
+def kv_key_subject(bucket: str, key: str) -> str:
+    """The subject of one key of KV ``bucket`` (``$KV.<bucket>.<key>``)."""
+    return f"$KV.{bucket}.{key}"
 
 
 def obj_stream(bucket: str) -> str:
@@ -225,3 +248,7 @@ MICRO_EDGE = "cy-edge"
 MICRO_SCHEDULER = "cy-scheduler"
 MICRO_ENGINE = "cy-engine"
 MICRO_TRAINER = "cy-trainer"
+# The scheduler's status endpoint as nats.micro builds it: group name, then endpoint name.
+SCHEDULER_STATUS = f"{MICRO_SCHEDULER}.status"
+TRAINER_STATUS = f"{MICRO_TRAINER}.status"  # a trainer's status endpoint (job it runs, if any)
+MICRO_ALL = "$SRV.>"  # nats.micro's discovery subjects ($SRV.PING|INFO|STATS[.<name>[.<id>]])

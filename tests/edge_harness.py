@@ -38,6 +38,7 @@ class BusEngine:
         self.models = models if models is not None else [ServedModel(id=MODEL, aliases=[ALIAS])]
         self.interval = interval
         self.draining = draining
+        self.health, self.health_reason = "ok", ""  # what its heartbeats say its health checks found
         self.seq = 0
         self.started = time.time()
         self._task: asyncio.Task | None = None
@@ -48,7 +49,8 @@ class BusEngine:
         self.seq += 1
         return EngineHeartbeat(worker=self.worker, engine="fake", device="cpu", models=self.models, slots=4,
                                in_flight=0, seq=self.seq, ts=time.time(), interval=self.interval,
-                               draining=self.draining, started=self.started)
+                               draining=self.draining, started=self.started, health=self.health,
+                               health_reason=self.health_reason)
 
     async def beat(self) -> None:
         """Publish one heartbeat."""

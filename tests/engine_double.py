@@ -53,6 +53,7 @@ class EngineDouble:
         self.refusal: str | None = None
         self.on_accept: Callable[[InferenceRequest], None] | None = None
         self.reply_delay = 0.0
+        self.release: asyncio.Event | None = None  # when set to an Event: dispatches are answered once it is set
         self.received: list[InferenceRequest] = []
         self.probes = 0  # redelivery probes answered (never counted as dispatches)
         self.dispatch_requests = 0
@@ -127,6 +128,8 @@ class EngineDouble:
             return
         if self.reply_delay:
             await asyncio.sleep(self.reply_delay)
+        if self.release is not None:
+            await self.release.wait()
         if self.refusal or self.busy or self.in_flight >= self.slots:
             code, text = (self.refusal, "refused by the engine double") if self.refusal else \
                 (ErrorCode.ENGINE_BUSY, "all slots busy")

@@ -3,6 +3,7 @@ greedy requests the adapter tests send."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -68,12 +69,14 @@ def chat(adapter: str | None = None, content: str = PROMPT, max_tokens: int = 16
                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-async def token_ids(engine, req: InferenceRequest) -> list[int]:
-    """The token ids ``engine`` generates for ``req`` (which must finish)."""
+async def token_ids(engine, req: InferenceRequest, first: asyncio.Event | None = None) -> list[int]:
+    """The token ids ``engine`` generates for ``req`` (which must finish); ``first`` is set at its first chunk."""
     ids, fin = [], None
     async for ev in engine.generate(req):
         if isinstance(ev, Chunk):
             ids.extend(ev.token_ids)
+            if first is not None:
+                first.set()
         else:
             fin = ev
     assert isinstance(fin, Finished)

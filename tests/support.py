@@ -48,9 +48,36 @@ class CyUp:
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
+    def nkey(self, identity: str) -> str:
+        """The seed file ``up`` made for bus ``identity`` (``producer``, ``operator``, ...)."""
+        return str(self.state_dir / "nats" / "nkeys" / f"{identity}.nk")
+
+    async def nats_connect(self, identity: str):
+        """A NATS client authenticated as ``identity``, its inboxes under the identity's own root."""
+        import nats
+
+        return await nats.connect(self.nats_url, nkeys_seed=self.nkey(identity), inbox_prefix=f"_INBOX.{identity}")
+
+    def bus_refusals(self) -> list[str]:
+        """The permission violations the embedded nats-server logged (a service denied something)."""
+        log = self.state_dir / "logs" / "nats.log"
+        return [line for line in log.read_text(errors="replace").splitlines() if "Violation" in line]
+
     def output(self) -> str:
         """Everything ``up`` printed so far."""
         return self.log.read_text(errors="replace")
+
+    async def generated_tokens(self) -> float:
+        """Completion tokens the engine has generated so far, from its own Prometheus counter.
+
+        A response replayed from the prompt cache adds nothing to it, so a test comparing two answers
+        reads it before and after to prove both were really generated.
+        """
+        port = self.metrics_port + 1  # ``up`` gives the engine the port after the scheduler's
+        assert f"engine :{port}" in self.output(), "the engine serves no metrics (its port was busy)"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                return counter_total(await resp.text(), "generated_tokens_total")
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Block until ``up`` printed its ready banner; fail with its output if it died."""
@@ -89,6 +116,22 @@ class CyUp:
             raise
 
 
+def frozen_minute():
+    """A wall clock stopped one second into the current minute, for ``create_app(rate_clock=...)``: per-minute
+    rate budgets counted on it never reset in the middle of a test (no waiting for a minute boundary)."""
+    start = (time.time() // 60) * 60 + 1.0
+    return lambda: start
+
+
+def counter_total(exposition: str, suffix: str) -> float:
+    """The sum of every sample whose name ends with ``suffix`` in a Prometheus text exposition (by suffix:
+    the service prefix of a metric's name may change, its noun and unit do not)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(exposition)
+               for sample in family.samples if sample.name.endswith(suffix))
+
+
 async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:
     """All ``data:`` payloads of an SSE response, in order."""
     out = []
@@ -97,6 +140,14 @@ async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:
         if line.startswith(b"data: "):
             out.append(line[6:])
     return out
+
+
+async def log_shows(path: Path, text: str, timeout: float = 15.0) -> bool:
+    """Wait until the log file at ``path`` contains ``text`` (a process said it reached a point); whether it did."""
+    async def shows() -> bool:
+        return path.exists() and text in path.read_text(errors="replace")
+
+    return await wait_for(shows, timeout=timeout)
 
 
 async def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:

@@ -192,6 +192,13 @@ ENGINES = Dashboard(
                      "evictions {{instance}}")), unit="ops", width=24,
                   description="Evictions keep pace with loads when more adapters are in use than fit: raise the "
                               "adapter slots or spread them over engines."),
+            Panel("Health checks that were not ok",
+                  (q(f'sum by (instance, health) (rate(llm_engine_health_checks_total'
+                     f'{{instance=~"$instance", health!="ok"}}[{RATE}]))', "{{health}} {{instance}}"),),
+                  unit="ops", width=24,
+                  description="Each engine checks its backends every heartbeat interval. failed: a dead model "
+                              "thread or engine core (no work goes to it, its requests fail over); degraded: a "
+                              "check too slow to answer. The reason is in /v1/cluster/status."),
         )),
     ),
 )

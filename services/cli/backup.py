@@ -41,7 +41,8 @@ from schemas import names
 from services.cli import pidfile
 from services.cli.errors import CliError
 from services.cli.infra import connect_once
-from services.common.bus import NatsOptions, add_nats_arguments, as_options, options_from_args
+from services.cli.nats_auth import add_operator_nats_arguments
+from services.common.bus import NatsOptions, as_options, options_from_args
 from services.cli.progress import TransferProgress, human_bytes
 from services.cli.snapshot import SnapshotError, file_chunks, restore_stream, snapshot_stream
 
@@ -132,13 +133,13 @@ async def _snapshot_all(nc: Client, out_dir: Path, targets: list[Target]) -> lis
     return entries
 
 
-async def take_backup(url: NatsOptions | str, out_dir: Path, attempts: int = 5) -> dict[str, Any]:
-    """Write a backup of the platform at ``url`` into ``out_dir``; its manifest."""
+async def take_backup(url: NatsOptions | str, out_dir: Path, attempts: int = 5, nkey: str = "") -> dict[str, Any]:
+    """Write a backup of the platform at ``url`` (as the operator: ``nkey``) into ``out_dir``; its manifest."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CliError(f"{out_dir} is not empty: back up into a new directory")
     targets, skipped = plan()
     awaited = [t for t in targets if t.stream not in _NOT_AWAITED]
-    nc = await connect_once(url, "cy-backup")
+    nc = await connect_once(url, "cy-backup", nkey=nkey)
     try:
         for attempt in range(1, attempts + 1):
             before = await _last_seqs(nc, targets)
@@ -231,7 +232,8 @@ async def _existing(nc: Client, streams: list[str]) -> list[str]:
     return found
 
 
-async def restore_backup(url: NatsOptions | str, backup_dir: Path, replicas: int = 1) -> list[dict[str, Any]]:
+async def restore_backup(url: NatsOptions | str, backup_dir: Path, replicas: int = 1,
+                         nkey: str = "") -> list[dict[str, Any]]:
     """Verify ``backup_dir``, then recreate each of its streams at ``replicas`` on the server at ``url``.
 
     Nothing is written unless every checksum matches and the server holds none of the streams.
@@ -240,12 +242,13 @@ async def restore_backup(url: NatsOptions | str, backup_dir: Path, replicas: int
         raise CliError("--replicas must be at least 1")
     manifest = verify(backup_dir)
     entries = manifest["streams"]
-    nc = await connect_once(url, "cy-restore")
+    nc = await connect_once(url, "cy-restore", nkey=nkey)
     restored: list[str] = []
     try:
         if present := await _existing(nc, [e["stream"] for e in entries]):
-            raise CliError(f"the server at {as_options(url).nats_url} already holds {', '.join(present)}: restore needs an empty server "
-                           "(stop ./cy up, move its state dir's nats/ away, then ./cy restore before ./cy up)")
+            raise CliError(f"the server at {as_options(url).nats_url} already holds {', '.join(present)}: restore "
+                           "needs an empty server (stop ./cy up, move its state dir's nats/ away, then ./cy restore "
+                           "before ./cy up)")
         total = sum(manifest["files"][e["data"]]["bytes"] for e in entries)
         progress = TransferProgress("restore", len(entries), total)
         try:
@@ -309,7 +312,7 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                        "model registry, API keys, idempotency records...) while the platform runs. DIR must be new "
                        "or empty; its manifest.json lists every file with its SHA-256.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    add_nats_arguments(p)
+    add_operator_nats_arguments(p)
     p.add_argument("--attempts", type=int, default=5, metavar="N",
                    help="how often to retake the backup when platform state changed while it ran (default: 5)")
     p = sub.add_parser("restore", help="rebuild the platform's streams, buckets and object store from a backup",
@@ -318,7 +321,7 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                        "the server at --nats-url. A corrupted backup or a non-empty server is refused before "
                        "anything is written.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    add_nats_arguments(p, url_from_env=False)  # given: restore into that server or cluster, not the state dir's
+    add_operator_nats_arguments(p, url_from_env=False)  # given: restore into that server or cluster, not the state dir's
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every restored stream (3 on the 3-node cluster; default: 1)")
     state_dir_arg(p)

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from services.common import bus_auth, bus_permissions
 from services.common.hosts import is_loopback
 
 __all__ = ["is_loopback", "ready_banner"]
 
 
-def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
-                 auth: str = "none", metrics: dict[str, int] | None = None, replicas: int | None = None) -> str:
-    """The ready message: URLs, a curl and an OpenAI SDK example, and the (absent) security.
+def bus_line(nats_url: str, nats_seeds: Path | None) -> str:
+    """How the bus is protected: one nkey user per service, or not at all (development, loopback)."""
+    if nats_seeds is None:
+        return f"{nats_url}  (unauthenticated bus: --nats-auth none, for development on loopback only)"
+    return (f"{nats_url}  (authenticated: one nkey user per service, least privilege, see ./cy nats permissions;"
+            f"\n                            seeds in {nats_seeds}; ./cy keys and ./cy infra take --nats-nkey "
+            f"{_operator_seed(nats_seeds)})")
 
-    ``replicas``: the embedded cluster's replica count, shown with its nodes (one per line).
+
+def _operator_seed(nats_seeds: Path) -> Path:
+    return bus_auth.seed_path(nats_seeds, bus_permissions.OPERATOR)
+
+
+def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
+                 auth: str = "none", metrics: dict[str, int] | None = None, replicas: int | None = None,
+                 nats_seeds: Path | None = None) -> str:
+    """The ready message: URLs, a curl and an OpenAI SDK example, and how edge and bus are protected.
+
+    ``replicas``: the embedded cluster's replica count, shown with its nodes (one per line);
+    ``nats_seeds`` is the directory of the bus users' seeds (None: an unauthenticated bus).
     """
     nodes = nats_url.split(",")
     nats = nats_url if len(nodes) == 1 else "\n".join(
@@ -23,8 +40,9 @@ def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str]
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Say hello in five words."}],
                        "max_tokens": 32})
     if auth != "none":
+        operator = f" --nats-nkey {_operator_seed(nats_seeds)}" if nats_seeds is not None else ""
         exposure = (f"Authentication: --auth {auth}. Create a key with ./cy keys create --name NAME --scope inference "
-                    f"--nats-url {nats_url} and send it as 'Authorization: Bearer <key>' (the examples below "
+                    f"--nats-url {nats_url}{operator} and send it as 'Authorization: Bearer <key>' (the examples below "
                     "need it: curl -H 'Authorization: Bearer <key>', OpenAI(api_key=<key>)).")
     elif is_loopback(host):
         exposure = f"Open on loopback ({host}), no authentication: only this machine can reach it."
@@ -34,7 +52,7 @@ def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str]
     return f"""
 CY-LLM is up.
   HTTP (OpenAI-compatible)  {http_url}/v1
-  NATS                      {nats}
+  NATS                      {bus_line(nats, nats_seeds)}
   model                     {model_id}  (aliases: {", ".join(aliases)})
   logs                      {log_dir}
   Prometheus metrics        {scrape}

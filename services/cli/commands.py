@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from services.cli import pidfile
+from services.cli import nats_auth, pidfile
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions
+from services.common import bus_auth
 from services.common.bus import NatsOptions
 from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
 
@@ -25,11 +26,11 @@ def down(state_dir: Path, timeout: float) -> int:
     return 0
 
 
-def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None) -> int:
+def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None, nkey: str = "") -> int:
     """Apply the JetStream definitions and print what happened to each object."""
     if replicas is not None and replicas < 1:
         raise CliError("--replicas must be at least 1")
-    for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas)):
+    for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas, nkey=nkey)):
         print(action)
     return 0
 
@@ -40,6 +41,27 @@ def run_service(service: str, argv: list[str]) -> int:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     os.execve(sys.executable, [sys.executable, "-m", f"services.{service}", *argv], {**os.environ, "PYTHONPATH": path})
     return 0  # unreachable: execv does not return
+
+
+def nats_permissions(state_dir: Path, workers: list[str], fmt: str) -> int:
+    """Print every bus identity's permissions (``conf``: the server's authorization block for the
+    seeds of ``state_dir``, created if missing)."""
+    try:
+        identities = nats_auth.prepare("nkeys" if fmt == "conf" else "none", state_dir.resolve(), workers)
+    except ValueError as exc:  # a worker id that is no subject token
+        raise CliError(str(exc)) from None
+    if fmt == "table":
+        print(nats_auth.format_permissions(identities.permissions))
+        return 0
+    users = {bus_auth.public_key(identities.seeds[name]): perms for name, perms in identities.permissions.items()}
+    print(bus_auth.authorization_block(users), end="")
+    return 0
+
+
+def nats_rotate(state_dir: Path, identity: str) -> int:
+    """Give ``identity`` a new seed (and a running server the new config); print what was done."""
+    print(nats_auth.rotate(state_dir.resolve(), identity))
+    return 0
 
 
 def model_install(state_dir: Path) -> int:

@@ -13,6 +13,7 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from nats.errors import NoRespondersError
@@ -21,10 +22,14 @@ from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
 
 from schemas import names
 from schemas.auth import ApiKeyRecord, Scope
+from services.cli import nats_auth
 from services.cli.errors import CliError
 from services.cli.infra import connect_once
-from services.common.bus import NatsOptions, add_nats_arguments, as_options, options_from_args
+from services.cli.nats_auth import add_operator_nats_arguments
+from services.common import bus_auth
+from services.common.bus import NatsOptions, as_options, options_from_args
 from services.common.api_key_store import ApiKeyStore, KeyLimits, UnknownKeyError, limits_of
+from services.common.model_store import default_state_dir
 
 T = TypeVar("T")
 KEY_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -35,10 +40,11 @@ _LIMIT_OPTIONS = (("--rpm", "rpm", "requests per minute"), ("--tpm", "tpm", "tok
                   ("--max-streams", "streams", "concurrent streams (SSE and WebSocket requests)"))
 
 
-async def _with_store(target: NatsOptions | str, action: Callable[[ApiKeyStore], Awaitable[T]]) -> T:
-    """Connect, bind the bucket, run ``action``, close; bus failures become ``CliError``s."""
+async def _with_store(target: NatsOptions | str, action: Callable[[ApiKeyStore], Awaitable[T]], nkey: str = "") -> T:
+    """Connect (as the operator: ``nkey``), bind the bucket, run ``action``, close; bus failures become
+    ``CliError``s."""
     url = as_options(target).nats_url
-    nc = await connect_once(target, "cy-keys")
+    nc = await connect_once(target, "cy-keys", nkey=nkey)
     try:
         return await action(await ApiKeyStore.bind(nc.jetstream()))
     except BucketNotFoundError:
@@ -72,10 +78,23 @@ def format_records(records: list[ApiKeyRecord]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def create(url: NatsOptions | str, name: str, scopes: list[str], limits: KeyLimits | None = None) -> int:
-    """Create a key and print it once, with how to use it."""
-    record, key = asyncio.run(_with_store(url, lambda store: store.create(name, scopes, limits)))
+def create(url: NatsOptions | str, name: str, scopes: list[str], limits: KeyLimits | None = None, nkey: str = "",
+           nats_state_dir: Path | None = None) -> int:
+    """Create a key and print it once, with how to use it; with ``nats_state_dir``, also the key's own
+    NATS user (its seed printed once) added to that ``./cy up``'s bus."""
+    seed = bus_auth.new_seed() if nats_state_dir is not None else b""
+    public = bus_auth.public_key_of(seed) if seed else ""
+
+    async def action(store: ApiKeyStore) -> tuple[ApiKeyRecord, str, str]:
+        record, key = await store.create(name, scopes, limits, nats_key=public)
+        refreshed = nats_auth.refresh_key_users(nats_state_dir, await store.records()) if seed else ""
+        return record, key, refreshed
+
+    record, key, refreshed = asyncio.run(_with_store(url, action, nkey))
     print(key)
+    if seed:
+        print(f"\nNATS seed of this key (shown once; connect with nats.connect(..., nkeys_seed_str=SEED, "
+              f"inbox_prefix='{names.identity_inbox(record.id)}')):\n{seed.decode()}\n{refreshed}")
     print(f"\ncreated key {record.id} ({record.name}; scopes: {', '.join(record.scopes)}; "
           f"{format_limits(limits_of(record))}). "
           "This is the only time the key is shown: store it now.\n"
@@ -84,9 +103,9 @@ def create(url: NatsOptions | str, name: str, scopes: list[str], limits: KeyLimi
     return 0
 
 
-def list_keys(url: NatsOptions | str) -> int:
+def list_keys(url: NatsOptions | str, nkey: str = "") -> int:
     """Print every key's id, name, scopes, creation and revocation time."""
-    records = asyncio.run(_with_store(url, lambda store: store.records()))
+    records = asyncio.run(_with_store(url, lambda store: store.records(), nkey))
     print(format_records(records) if records else "no API keys (create one with ./cy keys create)")
     return 0
 
@@ -96,19 +115,28 @@ def _check_id(key_id: str) -> None:
         raise CliError(f"{key_id!r} is not a key id (12 hex digits, as ./cy keys list shows)")
 
 
-def revoke(url: NatsOptions | str, key_id: str, cache_ttl: float = 5.0) -> int:
-    """Revoke a key; say how soon running edges stop accepting it."""
+def revoke(url: NatsOptions | str, key_id: str, cache_ttl: float = 5.0, nkey: str = "",
+           state_dir: Path | None = None) -> int:
+    """Revoke a key; say how soon running edges stop accepting it (and remove its NATS user, if it has
+    one, from the bus of ``./cy up`` in ``state_dir``)."""
+    state_dir = (state_dir or default_state_dir()).resolve()
     _check_id(key_id)
+    async def action(store: ApiKeyStore) -> tuple[ApiKeyRecord, str]:
+        record = await store.revoke(key_id)
+        refreshed = nats_auth.refresh_key_users(state_dir, await store.records()) if record.nats_key else ""
+        return record, refreshed
+
     try:
-        record = asyncio.run(_with_store(url, lambda store: store.revoke(key_id)))
+        record, refreshed = asyncio.run(_with_store(url, action, nkey))
     except UnknownKeyError:
         raise CliError(f"no API key with id {key_id!r} (see ./cy keys list)") from None
     print(f"revoked key {record.id} ({record.name}); edges refuse it within their --auth-cache-ttl "
-          f"(default {cache_ttl:g}s)")
+          f"(default {cache_ttl:g}s)" + (f"; its NATS user: {refreshed}" if refreshed else ""))
     return 0
 
 
-def set_limits(url: NatsOptions | str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0) -> int:
+def set_limits(url: NatsOptions | str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0,
+               nkey: str = "") -> int:
     """Change a key's rate limits (``None``: back to the edge default) and print them; with no
     changes, only print them."""
     _check_id(key_id)
@@ -122,7 +150,7 @@ def set_limits(url: NatsOptions | str, key_id: str, changes: dict[str, int | Non
         return await store.set_limits(key_id, lambda current: KeyLimits(**{**vars(current), **changes}))
 
     try:
-        record = asyncio.run(_with_store(url, action))
+        record = asyncio.run(_with_store(url, action, nkey))
     except UnknownKeyError:
         raise CliError(f"no API key with id {key_id!r} (see ./cy keys list)") from None
     print(f"key {record.id} ({record.name}): {format_limits(limits_of(record))}")
@@ -154,6 +182,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            "is stored: the key cannot be shown again. Rate limits not given are the edge's "
                            "--rate-* defaults; 0 means unlimited.")
     p.add_argument("--name", required=True, help="who or what the key is for")
+    p.add_argument("--nats", action="store_true",
+                   help="also a NATS user for this key (a NATS-native producer: submit and cancel if it has the "
+                        "inference scope, only its own inbox _INBOX.<key id>); its seed is printed once and the "
+                        "running ./cy up of --state-dir reloads its bus users")
     p.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope],
                    help="a scope to grant (repeatable; admin implies the others)")
     for option, field, what in _LIMIT_OPTIONS:
@@ -172,7 +204,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         lim.add_argument(option, dest=field, type=_count_or_default, default=argparse.SUPPRESS, metavar="N|default",
                          help=what)
     for p in (p, lst, rev, lim):
-        add_nats_arguments(p)
+        add_operator_nats_arguments(p)
+        p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                       help="the ./cy up whose bus users a key's NATS user joins or leaves (create --nats, revoke; "
+                            "default: $CY_STATE_DIR or .cy in the repo)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,11 +215,13 @@ def run(args: argparse.Namespace) -> int:
     match args.keys_command:
         case "create":
             limits = KeyLimits(rpm=args.rpm, tpm=args.tpm, streams=args.streams)
-            return create(options_from_args(args), args.name, args.scope, limits)
+            state_dir = (args.state_dir or default_state_dir()).resolve()
+            return create(options_from_args(args), args.name, args.scope, limits,
+                          nats_state_dir=state_dir if args.nats else None)
         case "list":
             return list_keys(options_from_args(args))
         case "revoke":
-            return revoke(options_from_args(args), args.key_id)
+            return revoke(options_from_args(args), args.key_id, state_dir=(args.state_dir or default_state_dir()).resolve())
         case "limits":
             changes = {field: getattr(args, field) for _, field, _ in _LIMIT_OPTIONS if hasattr(args, field)}
             return set_limits(options_from_args(args), args.key_id, changes)

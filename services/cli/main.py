@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import backup, commands, keys, train
+from services.cli import backup, commands, keys, nats_auth, train
 from services.cli.errors import CliError
-from services.cli.up import ENGINES, UpOptions, run_up
+from services.cli.up import ENGINES, UpOptions, run_up, worker_id
 from services.common.bus import add_nats_arguments, options_from_args
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
@@ -32,6 +32,7 @@ examples:
   ./cy backup backups/today       snapshot all platform state while it runs
   ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
+  ./cy nats permissions            what each service's NATS user may publish and subscribe to
 """
 
 
@@ -45,7 +46,8 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                        description="Start the platform on this machine: the default model "
                        f"({DEFAULT_MODEL_ID}), an embedded nats-server, then engine, scheduler, trainer and edge "
                        "as separate processes. Waits until the edge answers, prints how to call it, "
-                       "and serves until Ctrl-C/SIGTERM (or ./cy down). Open on loopback, no authentication, "
+                       "and serves until Ctrl-C/SIGTERM (or ./cy down). The bus authenticates every service "
+                       "(--nats-auth nkeys); the HTTP edge is open on loopback, no authentication, "
                        "unless --auth keys (required for any other --host).")
     p.add_argument("--port", type=int, default=8080, help="HTTP port of the edge (default: 8080)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address of the edge (default: 127.0.0.1)")
@@ -57,7 +59,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="start N routed nats-server nodes (3 or 5) instead of one, on client ports --nats-port, "
                         "+1, +2 (any free ones with --nats-port -1), a store each under the state dir, every "
                         "stream and bucket at R3: losing a node loses nothing (default: 1)")
-    add_nats_arguments(p, url_from_env=False)
+    add_nats_arguments(p, url_from_env=False, nkey_help="with --nats-url and --nats-auth none: the nkey seed "
+                       "to provision that server with (--nats-auth nkeys uses the state dir's operator seed)")
+    p.add_argument("--nats-auth", choices=nats_auth.AUTH_MODES, default="nkeys",
+                   help="the bus: nkeys (every service its own NATS user with least-privilege permissions; seeds "
+                        "under <state dir>/nats/nkeys, created on first run; on every node of --nats-cluster) or "
+                        "none (no authentication: a development bus on loopback only) (default: nkeys)")
     p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
                    help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
                         "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
@@ -100,13 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Apply infra/nats/jetstream.toml idempotently. A definition that "
                          "differs from the server is refused (exit status 2) unless --update, which applies "
                          "only changes that keep all data.")
-    add_nats_arguments(p)
+    nats_auth.add_operator_nats_arguments(p)
     p.add_argument("--update", action="store_true",
                    help="apply changed limits and replica counts instead of refusing them (no data is lost)")
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="replicas of every stream, KV bucket and the object store (3 on a 3-node cluster); "
                         "a different count on the server is refused unless --update (default: keep what the "
                         "server has, 1 for new objects)")
+
+    nats = sub.add_parser("nats", help="the bus's users and permissions").add_subparsers(
+        dest="nats_command", required=True, metavar="ACTION")
+    p = nats.add_parser("permissions", help="print what each bus identity may publish and subscribe to",
+                        description="Print the NATS permissions of every identity (edge, scheduler, one per engine "
+                        "worker, trainer, operator, producer), derived from schemas/names.py: what ./cy up "
+                        "enforces. --format conf prints the server's authorization block for the seeds of "
+                        "--state-dir (for a nats-server you run yourself).")
+    _state_dir_arg(p)
+    p.add_argument("--worker", action="append", default=None, metavar="ID",
+                   help="an engine worker id (repeatable; default: the one ./cy up starts on this machine)")
+    p.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="the engine whose ./cy up worker id is the default (default: transformers)")
+    p.add_argument("--format", choices=("table", "conf"), default="table",
+                   help="table: subjects per identity; conf: nats-server authorization block (default: table)")
+    p = nats.add_parser("rotate", help="give one bus identity a new nkey seed",
+                        description="Replace IDENTITY's seed under <state dir>/nats/nkeys and rewrite the embedded "
+                        "server's config: from the next ./cy up the old key is refused. Refused while ./cy up "
+                        "runs (a running service cannot switch seeds): ./cy down first.")
+    _state_dir_arg(p)
+    p.add_argument("identity", metavar="IDENTITY",
+                   help="edge, scheduler, trainer, operator, producer or engine.<worker> (see ./cy nats permissions)")
 
     keys.add_parser(sub)
     train.add_parser(sub)
@@ -153,11 +182,16 @@ def dispatch(args: argparse.Namespace) -> int:
                                     nats=options_from_args(args) if args.nats_url else None,
                                     nats_cluster=args.nats_cluster, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
+                                    nats_auth=args.nats_auth,
                                     trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
             return commands.infra_apply(options_from_args(args), args.update, args.replicas)
+        case "nats" if args.nats_command == "rotate":
+            return commands.nats_rotate(state_dir, args.identity)
+        case "nats":
+            return commands.nats_permissions(state_dir, args.worker or [worker_id(args.engine)], args.format)
         case "keys":
             return keys.run(args)
         case "train":

@@ -20,15 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import msgspec
+
 from infra import provision
 from schemas import names
-from services.cli import pidfile
+from services.cli import nats_auth, pidfile
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions, register_default_model, wait_for_jetstream
+from services.cli.nats_auth import BusIdentities
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
+from services.common import bus_auth, bus_permissions
 from services.common.bus import NatsOptions, as_options, child_arguments
 from services.common.lifecycle import install_stop_signals
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
@@ -61,6 +65,8 @@ class UpOptions:
     quiet: bool = False
     # The edge's --auth: "none" (only on a loopback host) or "keys" (./cy keys create).
     auth: str = "none"
+    # The bus: "nkeys" (every service its own NATS user) or "none" (development, loopback only).
+    nats_auth: str = "nkeys"
     # Run a trainer too (fine-tuning jobs); it holds no model until a job arrives.
     trainer: bool = True
     # Prometheus ports: scheduler at this one, engine +1, trainer +2 (the edge serves /metrics on
@@ -79,17 +85,26 @@ def worker_id(engine: str) -> str:
 
 
 def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, python: str = sys.executable,
-                metrics: dict[str, int] | None = None) -> list[ChildSpec]:
+                metrics: dict[str, int] | None = None, identities: BusIdentities | None = None) -> list[ChildSpec]:
     """The service processes, in start order, with exactly the flags their CLIs take.
 
     ``nats`` is the bus every one of them connects to (a server list, with credentials/TLS if any);
-    ``metrics`` maps a service name to the port it serves Prometheus metrics on.
+    ``metrics`` maps a service name to the port it serves Prometheus metrics on; ``identities``
+    gives each service its own NATS user's seed (``--nats-nkey``).
     """
-    bus_args = child_arguments(as_options(nats))
+    options = as_options(nats)
+    users = {"engine": f"{bus_permissions.ENGINE}.{worker_id(opts.engine)}", "scheduler": bus_permissions.SCHEDULER,
+             "edge": bus_permissions.EDGE, "trainer": bus_permissions.TRAINER}
+
+    def bus_args_of(name: str) -> list[str]:
+        if identities is None or not identities.enabled:
+            return child_arguments(options)
+        return child_arguments(msgspec.structs.replace(options, nats_nkey=identities.nkey(users[name])))
+
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
     weights = default_model_gguf() if opts.engine == "llamacpp" else model_path
-    engine = [python, "-m", "services.engine", *bus_args, "--engine", opts.engine,
+    engine = [python, "-m", "services.engine", *bus_args_of("engine"), "--engine", opts.engine,
               "--model-path", str(weights), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine),
               "--drain-timeout", grace]
     for alias in DEFAULT_MODEL_ALIASES:
@@ -98,11 +113,11 @@ def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, pyth
         engine += ["--slots", str(opts.slots)]
     by_name = {
         "engine": engine,
-        "scheduler": [python, "-m", "services.scheduler", *bus_args, "--drain-timeout", grace],
-        "edge": [python, "-m", "services.edge", *bus_args, "--host", opts.host, "--port", str(opts.port),
+        "scheduler": [python, "-m", "services.scheduler", *bus_args_of("scheduler"), "--drain-timeout", grace],
+        "edge": [python, "-m", "services.edge", *bus_args_of("edge"), "--host", opts.host, "--port", str(opts.port),
                  "--shutdown-timeout", grace, *(["--auth", opts.auth] if opts.auth != "none" else [])],
         # Datasets named by path (the native API's datasetPath) must be under <state>/datasets; uploads need none.
-        "trainer": [python, "-m", "services.trainer", *bus_args, "--state-dir", str(opts.state_dir),
+        "trainer": [python, "-m", "services.trainer", *bus_args_of("trainer"), "--state-dir", str(opts.state_dir),
                     "--data-dir", str(opts.state_dir / "datasets")],
     }
     for name, port in (metrics or {}).items():
@@ -149,11 +164,14 @@ def run_up(opts: UpOptions) -> int:
         try:
             with _sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
+                identities = nats_auth.prepare(opts.nats_auth, state_dir, [worker_id(opts.engine)])
                 nats = opts.nats
                 if nats is None:
-                    server = _embedded_nats(opts, state_dir)
+                    config = (nats_auth.write_server_config(identities, NATS_CONFIG, state_dir)
+                              if identities.enabled else NATS_CONFIG)
+                    server = _embedded_nats(opts, state_dir, config)
                     nats = NatsOptions(nats_url=_start_nats(server))
-            return asyncio.run(_serve(opts, state_dir, nats, model_path))
+            return asyncio.run(_serve(opts, state_dir, nats, model_path, identities))
         except KeyboardInterrupt:
             report_stderr("interrupted during start-up")
             return 130
@@ -171,6 +189,7 @@ def _check_exposure(opts: UpOptions) -> None:
         raise CliError(f"refusing to serve on {opts.host or 'all interfaces'} without authentication: "
                        "add --auth keys (then create keys with ./cy keys create --name NAME --scope inference), "
                        "or keep the default --host 127.0.0.1")
+    nats_auth.check_unauthenticated(opts.nats_auth, opts.nats.nats_url if opts.nats is not None else None)
 
 
 def _check_port_free(host: str, port: int, what: str = "the edge", flag: str = "--port") -> None:
@@ -195,17 +214,18 @@ def _ensure_model(state_dir: Path) -> Path:
     return path
 
 
-def _embedded_nats(opts: UpOptions, state_dir: Path) -> NatsServer | NatsCluster:
-    """The nats-server (or routed nodes) ``up`` runs itself; each node's store under the state dir."""
+def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path) -> NatsServer | NatsCluster:
+    """The nats-server (or routed nodes) ``up`` runs itself, every node from ``config`` (the same
+    users); each node's store under the state dir."""
     if opts.nats_cluster <= 1:
         # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
-        return NatsServer(state_dir / "nats", port=opts.nats_port, config=NATS_CONFIG,
+        return NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
                           log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
     # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
     ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
     for port in ports or []:
         _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
-    return NatsCluster(state_dir / "nats-cluster", size=opts.nats_cluster, config=NATS_CONFIG,
+    return NatsCluster(state_dir / nats_auth.CLUSTER_DIR, size=opts.nats_cluster, config=config,
                        log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync)
 
 
@@ -230,16 +250,21 @@ def _start_nats(server: NatsServer | NatsCluster) -> str:
     return ",".join(node.url for node in nodes)
 
 
-async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path: Path) -> int:
+async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path: Path,
+                 identities: BusIdentities) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
+    # The operator provisions (every node's users are the same, so any node will do).
+    operator = identities.nkey(bus_permissions.OPERATOR) or nats.nats_nkey
     replicas = None
     if opts.nats is None and opts.nats_cluster > 1:
-        await wait_for_jetstream(nats, timeout=60)
+        await wait_for_jetstream(nats, timeout=60, nkey=operator)
         replicas = min(opts.nats_cluster, 3)  # R3 survives one lost node; R5 is not worth its writes here
-    for action in await apply_definitions(nats, replicas=replicas):
+    for action in await apply_definitions(nats, replicas=replicas, nkey=operator):
         report_stderr(f"provision: {action}")
-    report_stderr(await register_default_model(nats))
+    report_stderr(await register_default_model(nats, nkey=operator))
+    if identities.enabled and opts.nats is None:
+        report_stderr(await nats_auth.sync_key_users(nats, operator, state_dir))
     if stop.is_set():
         return 0
     log_dir = state_dir / "logs"
@@ -248,7 +273,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
                             stop_timeout=opts.stop_timeout)
     try:
         metrics = metrics_ports(opts)
-        for spec in child_specs(opts, nats, model_path, metrics=metrics):
+        for spec in child_specs(opts, nats, model_path, metrics=metrics, identities=identities):
             await supervisor.start(spec)
         url = http_url(opts.host, opts.port)
         ready = wait_until_ready(url, [DEFAULT_MODEL_ID, *DEFAULT_MODEL_ALIASES], opts.ready_timeout)
@@ -259,7 +284,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
             print(ready_banner(url, nats.nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
-                               auth=opts.auth, metrics=metrics, replicas=replicas), flush=True)
+                               auth=opts.auth, metrics=metrics, replicas=replicas,
+                               nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "

@@ -1,6 +1,8 @@
 """What more than one service uses.
 
 - ``bus``: connecting to NATS alike everywhere; ``BUS_DOWN``, the one meaning of "the bus is down".
+- ``bus_permissions`` (pure): each bus identity's NATS permissions, from ``schemas.names``;
+  ``bus_auth``: their nkey seed files and the server's ``authorization`` block.
 - ``lifecycle``: logging, event loop, signals, stopping tasks.
 - ``buckets``: binding to provisioned KV buckets a service can run without.
 - ``worker_table`` (pure) and ``heartbeat_feed``: the table of live engines, built from heartbeats.

@@ -68,15 +68,16 @@ class ApiKeyStore:
         """Bind to the provisioned bucket (``BucketNotFoundError`` when ``./cy infra apply`` never ran)."""
         return cls(await js.key_value(names.API_KEYS_BUCKET))
 
-    async def create(self, name: str, scopes: Iterable[Scope | str],
-                     limits: KeyLimits | None = None) -> tuple[ApiKeyRecord, str]:
-        """Make a new key (with its own rate limits, if given); return its record and the key itself
-        (the only time the key exists)."""
+    async def create(self, name: str, scopes: Iterable[Scope | str], limits: KeyLimits | None = None,
+                     nats_key: str = "") -> tuple[ApiKeyRecord, str]:
+        """Make a new key (with its own rate limits, if given, and the public nkey of its NATS user);
+        return its record and the key itself (the only time the key exists)."""
         wanted = sorted({Scope(s).value for s in scopes})
         if not wanted:
             raise ValueError("an API key needs at least one scope")
         key_id, key = new_api_key()
-        record = ApiKeyRecord(id=key_id, name=name, hash=hash_key(key), scopes=wanted, created=time.time())
+        record = ApiKeyRecord(id=key_id, name=name, hash=hash_key(key), scopes=wanted, created=time.time(),
+                              nats_key=nats_key)
         if limits is not None:
             record = _with_limits(record, limits)
         await self.kv.create(key_id, _encoder.encode(record))  # create: never overwrite another key's record

@@ -3,8 +3,8 @@
 One place for what a NATS address is: a comma-separated server list (the nodes of a cluster;
 any one of them is enough to start, the client learns the others and fails over between them),
 plus credentials and TLS named as the ``nats`` CLI names them. ``add_nats_arguments`` gives a
-parser ``--nats-url``, ``--nats-creds``, ``--nats-tls-ca``, ``--nats-tls-cert``, ``--nats-tls-key``
-with environment defaults; every service config inherits ``NatsOptions`` so the parsed values
+parser ``--nats-url``, ``--nats-creds``, ``--nats-nkey`` (this service's nkey user),
+``--nats-tls-ca``, ``--nats-tls-cert``, ``--nats-tls-key`` with environment defaults; every service config inherits ``NatsOptions`` so the parsed values
 land in its strict config struct under the same names; ``connect`` turns them into a client.
 """
 
@@ -29,6 +29,7 @@ _SCHEMES = ("nats", "tls", "ws", "wss")
 _ENV = {
     "nats_url": ("CY_NATS_URL", "NATS_URL"),
     "nats_creds": ("CY_NATS_CREDS", "NATS_CREDS"),
+    "nats_nkey": ("CY_NATS_NKEY",),
     "nats_tls_ca": ("CY_NATS_TLS_CA", "NATS_CA"),
     "nats_tls_cert": ("CY_NATS_TLS_CERT", "NATS_CERT"),
     "nats_tls_key": ("CY_NATS_TLS_KEY", "NATS_KEY"),
@@ -40,6 +41,9 @@ BUS_DOWN: tuple[type[Exception], ...] = (
     nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.ConnectionReconnectingError,
     nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError)
 
+# Env fallback of --nats-nkey: the seed file of this process's NATS user (./cy up sets the flag).
+NKEY_ENV = "CY_NATS_NKEY"
+
 
 class NatsOptions(msgspec.Struct, kw_only=True):
     """How to reach NATS: the server list as given (``a,b,c``), credentials and TLS files ("" = none).
@@ -49,6 +53,7 @@ class NatsOptions(msgspec.Struct, kw_only=True):
 
     nats_url: str = DEFAULT_NATS_URL
     nats_creds: str = ""
+    nats_nkey: str = ""
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
@@ -100,10 +105,13 @@ def env_default(field: str, environ: Mapping[str, str] | None = None) -> str:
     return DEFAULT_NATS_URL if field == "nats_url" else ""
 
 
-def add_nats_arguments(parser: argparse.ArgumentParser, *, url_from_env: bool = True) -> None:
-    """Add ``--nats-url`` (comma-separated list), ``--nats-creds`` and ``--nats-tls-*`` to ``parser``.
+def add_nats_arguments(parser: argparse.ArgumentParser, *, url_from_env: bool = True,
+                       nkey_default: str | None = None, nkey_help: str | None = None) -> None:
+    """Add ``--nats-url`` (comma-separated list), ``--nats-creds``, ``--nats-nkey`` and ``--nats-tls-*``.
 
     ``url_from_env=False`` leaves ``--nats-url`` None when not given (``./cy up`` then starts its own).
+    ``nkey_default``/``nkey_help`` replace ``--nats-nkey``'s (an operator command defaults to the
+    operator's seed).
     """
     g = parser.add_argument_group("NATS", "where the bus is; a cluster is given as a comma-separated list of its "
                                   "nodes (any one is enough to start; the others are learnt and failed over to)")
@@ -112,6 +120,9 @@ def add_nats_arguments(parser: argparse.ArgumentParser, *, url_from_env: bool = 
                    help=f"NATS servers (default: $CY_NATS_URL, $NATS_URL or {DEFAULT_NATS_URL})")
     g.add_argument("--nats-creds", default=env_default("nats_creds"), metavar="FILE",
                    help="user credentials file (JWT + NKey seed) (default: $CY_NATS_CREDS or $NATS_CREDS)")
+    g.add_argument("--nats-nkey", default=env_default("nats_nkey") if nkey_default is None else nkey_default,
+                   metavar="FILE", help=nkey_help or f"NATS nkey seed file of this service's user (default: "
+                   f"${NKEY_ENV}; none: connect unauthenticated, for a development server on loopback)")
     g.add_argument("--nats-tls-ca", default=env_default("nats_tls_ca"), metavar="FILE",
                    help="CA certificate to verify the servers with (default: $CY_NATS_TLS_CA or $NATS_CA)")
     g.add_argument("--nats-tls-cert", default=env_default("nats_tls_cert"), metavar="FILE",
@@ -128,7 +139,8 @@ def options_from_args(args: argparse.Namespace) -> NatsOptions:
 def option_problems(options: NatsOptions) -> list[str]:
     """Why these options cannot work (missing files, a key without a certificate); empty when fine."""
     problems = []
-    for flag, path in (("--nats-creds", options.nats_creds), ("--nats-tls-ca", options.nats_tls_ca),
+    for flag, path in (("--nats-creds", options.nats_creds), ("--nats-nkey", options.nats_nkey),
+                       ("--nats-tls-ca", options.nats_tls_ca),
                        ("--nats-tls-cert", options.nats_tls_cert), ("--nats-tls-key", options.nats_tls_key)):
         if path and not os.path.isfile(path):
             problems.append(f"{flag} {path}: no such file")
@@ -140,15 +152,19 @@ def option_problems(options: NatsOptions) -> list[str]:
 def child_arguments(options: NatsOptions) -> list[str]:
     """The flags that hand the same NATS options to a child process."""
     argv = ["--nats-url", options.nats_url]
-    for field in ("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+    for field in ("nats_creds", "nats_nkey", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
         if value := getattr(options, field):
             argv += [f"--{field.replace('_', '-')}", value]
     return argv
 
 
-def as_options(target: NatsOptions | str) -> NatsOptions:
-    """``target`` as ``NatsOptions``: a plain string is a server list without credentials."""
-    return NatsOptions(nats_url=target) if isinstance(target, str) else target
+def as_options(target: NatsOptions | str, nkey: str = "") -> NatsOptions:
+    """``target`` as ``NatsOptions``: a plain string is a server list without credentials.
+
+    ``nkey``, when given, is the seed file to authenticate with instead of ``target``'s own.
+    """
+    options = NatsOptions(nats_url=target) if isinstance(target, str) else target
+    return msgspec.structs.replace(options, nats_nkey=nkey) if nkey else options
 
 
 def _tls_context(options: NatsOptions) -> ssl.SSLContext | None:
@@ -165,20 +181,26 @@ def connect_kwargs(options: NatsOptions) -> dict[str, object]:
     kwargs: dict[str, object] = {"servers": options.servers}
     if options.nats_creds:
         kwargs["user_credentials"] = options.nats_creds
+    if options.nats_nkey:
+        kwargs["nkeys_seed"] = options.nats_nkey
     if (tls := _tls_context(options)) is not None:
         kwargs["tls"] = tls
     return kwargs
 
 
 async def connect(target: NatsOptions | str, name: str,
-                  on_reconnect: Callable[[], None] | None = None) -> Client:
+                  on_reconnect: Callable[[], None] | None = None, *, nkey: str = "",
+                  inbox: str | None = None) -> Client:
     """Connect with reconnects forever, to any node of the list, with logged state changes.
 
     Reconnecting keeps every subscription (nats-py re-sends them), so pull consumers and
     inboxes survive a node's loss; the server list grows with the nodes the cluster announces.
     ``on_reconnect`` is called after each reconnection (core messages sent meanwhile were lost).
+    The user is ``options.nats_nkey`` (or ``nkey``), the seed file of this service's NATS user (its
+    key is fixed at the first connect: a rotated seed needs a restart); ``inbox`` its inbox root
+    (``names.identity_inbox``), the only ``_INBOX`` subjects its user may subscribe to.
     """
-    options = as_options(target)
+    options = as_options(target, nkey)
     client: list[Client] = []
 
     async def on_disconnect() -> None:
@@ -204,6 +226,8 @@ async def connect(target: NatsOptions | str, name: str,
         disconnected_cb=on_disconnect,
         reconnected_cb=reconnected,
         error_cb=on_error,
+        **({"inbox_prefix": inbox} if inbox else {}),
     )
     client.append(nc)
     return nc
+

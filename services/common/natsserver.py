@@ -39,6 +39,8 @@ def nats_server_binary() -> str:
 SYNC_POLICIES = ("always", "interval")
 # What ``interval`` means: the nats-server default period.
 SYNC_INTERVAL = "2m"
+# The copy of the config (with the chosen ``sync``) a server started with ``sync`` reads, in its store.
+EFFECTIVE_CONFIG = "nats-server.conf"
 _SYNC_LINE = re.compile(r"^(\s*)sync_interval:.*$", re.MULTILINE)
 
 
@@ -119,7 +121,7 @@ class NatsServer:
         if self.sync is None:
             return self.config
         text = self.config.read_text() if self.config is not None else None
-        path = self.store_dir / "nats-server.conf"
+        path = self.store_dir / EFFECTIVE_CONFIG
         path.write_text(config_with_sync(text, self.sync))
         return path
 

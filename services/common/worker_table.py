@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from schemas.heartbeat import EngineHeartbeat, ServedModel
+from schemas.heartbeat import EngineHeartbeat, Health, ServedModel
 from schemas.inference import DispatchReply
 
 DEAD_AFTER_INTERVALS = 3
@@ -34,6 +34,11 @@ class WorkerState:
     def free_slots(self) -> int:
         """Slots the engine reported free (never negative)."""
         return max(0, self.heartbeat.slots - self.in_flight)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the engine's own health checks say it cannot serve (it gets no work until they pass)."""
+        return self.heartbeat.health == Health.FAILED
 
     def serves(self, model: str) -> bool:
         """Whether this engine has ``model`` loaded, by id or alias."""
@@ -105,8 +110,8 @@ class WorkerTable:
         return [s for s in self._workers.values() if not self._is_dead(s, now)]
 
     def candidates(self, model: str) -> list[WorkerState]:
-        """Live, non-draining workers that serve ``model``."""
-        return [s for s in self.live() if not s.heartbeat.draining and s.serves(model)]
+        """Live, non-draining, not failed workers that serve ``model``."""
+        return [s for s in self.live() if not s.heartbeat.draining and not s.failed and s.serves(model)]
 
     def models(self) -> dict[str, ServedModel]:
         """Every model some live, non-draining worker serves, by id."""

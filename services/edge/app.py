@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
@@ -15,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from schemas import names
-from services.common import bus
+from services.common import bus, bus_permissions
 from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
 from services.common.prompt_cache import PromptCacheReader
@@ -38,7 +39,7 @@ from services.edge.bus.registry_view import RegistryView
 from services.edge.auth.rate_limit import RateLimiter, add_rate_headers
 from services.edge.auth.rate_window import RateLimits
 from services.edge.bus.replies import ReplyRouter
-from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, Edge
+from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, RATE_CLOCK, Edge
 from services.edge.bus.liveness import LivenessWatch
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     """Connect, subscribe (reply inbox, heartbeats), bootstrap the worker table; undo it all on cleanup."""
     config = app[CONFIG]
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
-    router = ReplyRouter(edge_id)
-    nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored)
+    inbox = names.identity_inbox(bus_permissions.EDGE)
+    router = ReplyRouter(edge_id, inbox)
+    nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored,
+                           inbox=inbox)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(_drain, nc)
         await router.start(nc)
@@ -137,7 +140,8 @@ async def _rate_limiter(app: web.Application, nc) -> RateLimiter:
         except nats.js.errors.NotFoundError:
             raise RuntimeError(f"--rate-*: stream {names.RATE_STREAM} does not exist; "
                                "run ./cy infra apply against this NATS server") from None
-    return RateLimiter(js, defaults, app[METRICS], timeout=config.publish_timeout, retry_after=config.retry_after)
+    return RateLimiter(js, defaults, app[METRICS], timeout=config.publish_timeout, retry_after=config.retry_after,
+                       clock=app[RATE_CLOCK])
 
 
 async def _stop_accepting(app: web.Application) -> None:
@@ -147,14 +151,16 @@ async def _stop_accepting(app: web.Application) -> None:
         edge.accepting = False
 
 
-def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None,
+               rate_clock: Callable[[], float] = time.time) -> web.Application:
     """The edge as an aiohttp application; connecting to NATS happens on startup (``cleanup_ctx``).
 
     With ``config.auth`` other than ``none``, every route but the open ones (``auth_policy``) needs a
     credential with the right scope. Serve it with ``handler_cancellation=True`` (``server.serve`` and
     aiohttp's ``TestServer`` do), so that a client that disconnects cancels its handler and the request
     is cancelled on the bus; ``server.edge_runner`` also answers what aiohttp's HTTP parser refuses
-    (oversized headers, a malformed request) with OpenAI error bodies.
+    (oversized headers, a malformed request) with OpenAI error bodies. ``rate_clock`` is the wall clock
+    the per-minute rate budgets are counted on.
     """
     metrics = EdgeMetrics(registry if registry is not None else CollectorRegistry())
     middlewares = [metrics_middleware(metrics), error_middleware(config.retry_after, metrics)]
@@ -169,6 +175,7 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None)
     if authenticator is not None:
         app[AUTHENTICATOR] = authenticator
     app[METRICS] = metrics
+    app[RATE_CLOCK] = rate_clock
     app.cleanup_ctx.append(_bus_context)
     app.on_shutdown.append(_stop_accepting)
     app.on_response_prepare.append(add_rate_headers)

@@ -50,3 +50,5 @@ CONFIG = web.AppKey("config", EdgeConfig)
 METRICS = web.AppKey("metrics", EdgeMetrics)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 EDGE = web.AppKey("edge", Edge)
+# Wall clock of the per-minute rate budgets (``time.time``; tests pass their own to ``create_app``).
+RATE_CLOCK = web.AppKey("rate_clock", object)

@@ -38,3 +38,5 @@ class EngineMetrics:
         self.adapter_evictions = Counter("llm_engine_adapter_evictions_total",
                                          "PEFT adapters unloaded to make room (least recently used, idle)",
                                          registry=registry)
+        self.health_checks = Counter("llm_engine_health_checks_total", "Health checks of the loaded backends, by verdict",
+                                     ["health"], registry=registry)

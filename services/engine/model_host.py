@@ -168,6 +168,10 @@ class ModelHost:
                                                    in_flight=model.in_flight, adapters=adapters))
         return out
 
+    def backends(self) -> list[tuple[str, EngineBackend]]:
+        """Every loaded model's id and backend, those being unloaded left out (their health checks)."""
+        return [(model.id, model.backend) for model in self._models.values() if not model.unloading]
+
     def loaded_adapters(self) -> list[str]:
         """PEFT adapters loaded in any model."""
         return [a for model in self._models.values() for a in model.backend.loaded_adapters()]

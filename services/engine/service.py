@@ -7,6 +7,13 @@ one offer of it withdrawn on ``llm.v1.engine.<worker>.cancel`` (the scheduler st
 this engine's answer), is refused if its dispatch is only read afterwards, for as long as a
 redelivered message could still arrive. A withdrawn offer that is already running stops without a
 terminal event: the reply subject belongs to the engine the request was offered to next.
+
+Health is checked, not assumed (``health.HealthMonitor``): every backend's ``check_health`` runs
+each heartbeat interval and after any backend exception, and its verdict is in every heartbeat.
+A failed engine ends its in-flight requests at once with ``engine_failed`` (the edge's failover
+re-dispatches them) and refuses new ones. An engine that was itself stopped for longer than
+three heartbeat intervals (SIGSTOP, a stalled host) has been declared dead by everyone else and
+its requests moved: it ends them the same way, before sending any more of their tokens.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
-from services.common import bus
+from services.common import bus, bus_permissions
 from services.common.buckets import optional_kv
 from services.common.recent import RecentIds
 from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineBackend
 from services.engine.config import EngineConfig
+from services.engine.health import HealthMonitor, HealthState
+from services.engine.heartbeats import Heartbeats
 from services.engine.control import ModelControl
 from services.engine.model_host import BackendFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
@@ -87,25 +96,28 @@ class EngineService:
         self._withdrawn = RecentIds(_FINISHED_TTL)
         self._offer_of: dict[str, int] = {}  # active id -> the ``dispatch`` number it runs under
         self._silenced: set[str] = set()  # active ids whose offer was withdrawn: they publish nothing more
-        self._status_seq = 0
-        self._status_changed = asyncio.Event()
+        self._ending: dict[str, str] = {}  # active ids the engine gave up on (failed, stalled) -> why
+        self._health = HealthMonitor(self.host.backends, interval=config.heartbeat_interval,
+                                     on_change=self._on_health,
+                                     on_check=lambda s: metrics.health_checks.labels(s.health.value).inc())
+        self._beats = Heartbeats(self.worker, config.heartbeat_interval, self.heartbeat,
+                                 on_periodic=self._sample_gauges, on_stall=self._end_in_flight)
         self._draining = False
-        self._stopping = False
         self._started = time.time()
         self.nc = None
-        self._kv = None
-        self._kv_copy: asyncio.Task | None = None  # the heartbeat's KV write under way, if any
         self._responses: ResponseStore | None = None
         self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain in the fixed order of STYLE.md."""
-        await self.host.start()
-        control: ModelControl | None = None
-        try:
-            self.nc = await bus.connect(self.cfg, f"cy-engine-{self.worker}")
-            self._kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self._close_connection)  # last: after the models are closed
+            await self.host.start()
+            stack.push_async_callback(self.host.close)
+            self.nc = await bus.connect(self.cfg, f"cy-engine-{self.worker}",
+                                        inbox=names.identity_inbox(bus_permissions.ENGINE, self.worker))
+            workers_kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
             self.host.bind_bus(self.nc.jetstream())
             if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,
                                                        "responses are not cached")) is not None:
@@ -120,37 +132,33 @@ class EngineService:
             await self.nc.subscribe(names.engine_cancel(self.worker), cb=self._on_withdraw)
             control = ModelControl(self.host, self.worker, heartbeat=self.heartbeat, draining=lambda: self._draining,
                                    unload_timeout=self.cfg.drain_timeout)
+            stack.push_async_callback(control.close)
             for subject in (names.engine_control(self.worker), names.ENGINE_CONTROL_ALL):
                 await self.nc.subscribe(subject, cb=control.on_message)
-            heartbeat = asyncio.create_task(self._heartbeat_loop())
+            self._beats.start(self.nc, workers_kv)
+            await stack.enter_async_context(self._health)
             await self.nc.flush()
             self.ready.set()
             log.info("engine %s (%s on %s) serving %s", self.worker, self.host.name, self.host.device,
                      [m.id for m in self.host.served_models()])
             await stop.wait()
             await self._drain()
-            self._stopping = True
-            self._status_changed.set()
-            await asyncio.wait([heartbeat], timeout=5)
-            if self._kv_copy is not None:
-                await asyncio.wait([self._kv_copy], timeout=5)
+            await self._beats.stop()
             await service.stop()
             if self._responses is not None:
                 await self._responses.flush()
+            await self._beats.forget()
+
+    async def _close_connection(self) -> None:
+        """Drain the NATS connection if one was opened (the last step of shutdown)."""
+        if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(NatsError, asyncio.TimeoutError):
-                await self._kv.delete(self.worker)
-        finally:
-            if control is not None:
-                await control.close()
-            await self.host.close()
-            if self.nc is not None and not self.nc.is_closed:
-                with contextlib.suppress(NatsError, asyncio.TimeoutError):
-                    await self.nc.drain()
+                await self.nc.drain()
 
     async def _drain(self) -> None:
         """Advertise draining, stop taking work, let in-flight requests finish within the drain timeout."""
         self._draining = True
-        await self._publish_status(force_kv=True)
+        await self._beats.publish(force_kv=True)
         if self._active:
             log.info("draining: waiting up to %.0fs for %d in-flight requests", self.cfg.drain_timeout,
                      len(self._active))
@@ -163,7 +171,7 @@ class EngineService:
     # --- dispatch ---
     def _reply(self, accepted: bool, code: str | None = None, message: str | None = None) -> bytes:
         return encode(DispatchReply(accepted=accepted, worker=self.worker, in_flight=len(self._active),
-                                    slots=self.host.slots, status_seq=self._status_seq, code=code,
+                                    slots=self.host.slots, status_seq=self._beats.seq, code=code,
                                     message=message))
 
     async def _on_generate(self, request: Request) -> None:
@@ -198,6 +206,10 @@ class EngineService:
         if self._draining:
             await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY, "engine is draining"))
             return
+        if self._health.state.failed:  # not final for the scheduler: another engine is tried
+            await request.respond(self._reply(False, ErrorCode.ENGINE_FAILED,
+                                              f"engine {self.worker} failed: {self._health.state.reason}"))
+            return
         if len(self._active) >= self.host.slots:
             await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY, "all slots are busy"))
             return
@@ -211,7 +223,7 @@ class EngineService:
         self._offer_of[req.id] = req.dispatch
         model = self._served_id(req.model) or hosted.id
         self._active[req.id] = asyncio.create_task(self._run(req, model))
-        self._status_seq += 1
+        self._beats.changed()
         # StreamStart before "accepted", on the same connection: NATS delivers one connection's
         # messages in the order sent, so the producer knows which engine runs the request no later
         # than the scheduler learns it was accepted (and acks it). An engine that dies right after
@@ -220,7 +232,6 @@ class EngineService:
         await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model,
                                                                dispatch=req.dispatch)))
         await request.respond(self._reply(True))
-        self._status_changed.set()
 
     def _served_id(self, name: str) -> str | None:
         for m in self.host.served_models():
@@ -269,6 +280,8 @@ class EngineService:
         try:
             if req.id in self._silenced:
                 raise asyncio.CancelledError  # withdrawn before it began: the same path as a withdrawal under way
+            if req.id in self._ending:  # given up on before it began (see ``_end_in_flight``)
+                raise BusError(ErrorCode.ENGINE_FAILED, self._ending[req.id])
             await self._generate(req, model, start, progress, recorder)
             if progress.terminal is None:
                 outcome = "cancelled"
@@ -278,14 +291,18 @@ class EngineService:
             outcome = exc.code
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=exc.code,
                                                    message=exc.message, param=exc.param, dispatch=req.dispatch))
+            if exc.code in (ErrorCode.ENGINE_FAILED, ErrorCode.INTERNAL) and req.id not in self._ending:
+                self._health.poke()  # the backend gave up on a request: is it still able to serve?
         except asyncio.CancelledError:
-            outcome = "withdrawn" if req.id in self._silenced else "aborted"
-            progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED,
-                                                   message="engine shut down before the request finished",
-                                                   dispatch=req.dispatch))
-            await self._running_on[req.id].backend.abort(req.id)
+            outcome = "withdrawn" if req.id in self._silenced else ErrorCode.ENGINE_FAILED \
+                if req.id in self._ending else "aborted"
+            progress.terminal = encode(StreamError(
+                id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED, dispatch=req.dispatch,
+                message=self._ending.get(req.id, "engine shut down before the request finished")))
+            await self._abort(req.id)
         except Exception as exc:  # the engine must answer every request, whatever the backend did
             log.exception("request %s failed", req.id)
+            self._health.poke()
             outcome = ErrorCode.INTERNAL
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.INTERNAL,
                                                    message=f"engine error: {type(exc).__name__}: {exc}",
@@ -301,10 +318,10 @@ class EngineService:
                 self._responses.store(req.cache_key, progress.cached)  # after the terminal event, in the background
             self._active.pop(req.id, None)
             self._offer_of.pop(req.id, None)
+            self._ending.pop(req.id, None)
             self.host.end(self._running_on.pop(req.id))
             self._finished.add(req.id)
-            self._status_seq += 1
-            self._status_changed.set()
+            self._beats.changed()
             self.metrics.requests.labels(model, outcome).inc()
 
     async def _generate(self, req: InferenceRequest, model: str, start: float, progress: _Progress,
@@ -314,6 +331,11 @@ class EngineService:
         events = self._running_on[req.id].backend.generate(req)
         try:
             async for event in events:
+                if self._beats.stalled():
+                    self._end_in_flight(self._beats.stall_reason())
+                if req.id in self._ending:  # given up on: not one more token (the cancel lands right here)
+                    await asyncio.sleep(0)
+                    raise asyncio.CancelledError
                 progress.seq += 1
                 if isinstance(event, Chunk):
                     progress.first = progress.first or time.monotonic()
@@ -343,19 +365,46 @@ class EngineService:
             if usage.completion_tokens > 1:
                 self.metrics.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))
 
+    async def _abort(self, request_id: str) -> None:
+        """Stop ``request_id`` in its backend; a backend too broken to abort is logged, not raised (the
+        request's terminal event must still go out)."""
+        try:
+            await self._running_on[request_id].backend.abort(request_id)
+        except Exception:  # a failed engine (vLLM's dead core) may raise on abort too
+            log.exception("could not abort %s in the backend", request_id)
+
+    # --- health ---
+    def _on_health(self, old: HealthState, new: HealthState) -> None:
+        """The health checks changed their verdict: heartbeat it at once; a failed engine gives up its requests."""
+        self._beats.changed()
+        if new.failed:
+            self._end_in_flight(f"engine {self.worker} failed: {new.reason}")
+
+    def _end_in_flight(self, reason: str) -> None:
+        """End every in-flight request with ``engine_failed`` (``reason``) and no more tokens.
+
+        A task that has not begun is not cancelled (its ``finally`` would not run): ``_run`` sees
+        ``_ending`` first thing instead. The producer's failover takes each request elsewhere.
+        """
+        for request_id, task in self._active.items():
+            if request_id in self._ending or request_id in self._silenced:
+                continue
+            log.warning("ending %s: %s", request_id, reason)
+            self._ending[request_id] = reason
+            if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
+                task.cancel()
+
     def _on_adapters(self, change: AdapterChange) -> None:
         """The engine loaded or evicted adapters: count it and heartbeat the new set at once."""
         self.metrics.adapters_loaded.set(len(self.host.loaded_adapters()))
         self.metrics.adapter_loads.inc(change.loads)
         self.metrics.adapter_evictions.inc(change.evictions)
-        self._status_seq += 1
-        self._status_changed.set()
+        self._beats.changed()
 
     def _on_models(self) -> None:
         """A model was loaded or unloaded: count it and heartbeat the new set at once."""
         self.metrics.models_loaded.set(len(self.host))
-        self._status_seq += 1
-        self._status_changed.set()
+        self._beats.changed()
 
     # --- heartbeats ---
     def heartbeat(self) -> EngineHeartbeat:
@@ -365,41 +414,12 @@ class EngineService:
             models=self.host.served_models(), adapters=self.host.loaded_adapters(), slots=self.host.slots,
             max_models=self.cfg.max_models, memory_budget=self.cfg.memory_budget,
             in_flight=len(self._active),
-            seq=self._status_seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
+            seq=self._beats.seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
             memory_bytes=self.host.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
-            started=self._started, engine_reason=self.cfg.engine_reason)
+            started=self._started, engine_reason=self.cfg.engine_reason, health=self._health.state.health.value,
+            health_reason=self._health.state.reason)
 
-    async def _publish_status(self, force_kv: bool) -> None:
-        data = encode(self.heartbeat())
-        try:
-            await self.nc.publish(names.worker_status(self.worker), data)
-        except NatsError as exc:
-            log.warning("heartbeat not published: %s", exc)
-        if force_kv and (self._kv_copy is None or self._kv_copy.done()):
-            # Apart from the core heartbeat: a KV write waits out a NATS leader election (seconds),
-            # which must not silence the heartbeats the schedulers and edges judge liveness by.
-            self._kv_copy = asyncio.create_task(self._put_kv_copy(data))
-
-    async def _put_kv_copy(self, data: bytes) -> None:
-        try:
-            await self._kv.put(self.worker, data)
-        except (NatsError, asyncio.TimeoutError) as exc:
-            log.warning("heartbeat not copied to KV %s: %s", names.WORKERS_BUCKET, exc)
-
-    async def _heartbeat_loop(self) -> None:
-        """Publish on every capacity change (coalesced) and at least every interval, with a KV copy."""
-        interval = self.cfg.heartbeat_interval
-        next_kv = 0.0
-        while not self._stopping:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that races a set().
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._status_changed.wait()
-            self._status_changed.clear()
-            now = time.monotonic()
-            periodic = now >= next_kv
-            if periodic:
-                next_kv = now + interval
-                self.metrics.in_flight.set(len(self._active))
-                self.metrics.memory.set(self.host.memory_bytes())
-            await self._publish_status(force_kv=periodic)
+    def _sample_gauges(self) -> None:
+        """Every heartbeat interval: the gauges that are not kept current as they change."""
+        self.metrics.in_flight.set(len(self._active))
+        self.metrics.memory.set(self.host.memory_bytes())

@@ -16,7 +16,8 @@ import nats.errors
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.common import bus, lifecycle
+from schemas import names
+from services.common import bus, bus_permissions, lifecycle
 from services.scheduler.config import SchedulerConfig, parse_args
 from services.scheduler.service import ConsumerMissing, Scheduler
 
@@ -48,7 +49,8 @@ async def _until(*events: asyncio.Event) -> None:
 
 async def _connect(options: bus.NatsOptions, stop: asyncio.Event) -> Client | None:
     """Connect to NATS (retrying while it is down); ``None`` if told to stop first."""
-    connecting = asyncio.create_task(bus.connect(options, name="cy-scheduler"))
+    connecting = asyncio.create_task(bus.connect(options, name="cy-scheduler",
+                                                 inbox=names.identity_inbox(bus_permissions.SCHEDULER)))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([connecting, stopped], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()

@@ -21,8 +21,8 @@ from services.common.worker_table import WorkerTable
 from services.scheduler.strategies import effective_free
 
 STATUS_ENDPOINT = "status"
-# The endpoint's subject as nats.micro builds it: group name, then endpoint name.
-STATUS_SUBJECT = ".".join((names.MICRO_SCHEDULER, STATUS_ENDPOINT))
+STATUS_SUBJECT = names.SCHEDULER_STATUS
+assert STATUS_SUBJECT == f"{names.MICRO_SCHEDULER}.{STATUS_ENDPOINT}"  # what nats.micro builds: group, endpoint
 
 
 class WorkerView(msgspec.Struct, kw_only=True):
@@ -38,6 +38,8 @@ class WorkerView(msgspec.Struct, kw_only=True):
     free: int
     draining: bool
     seen_ago: float
+    health: str = "ok"  # the engine's own health checks (``schemas.heartbeat.Health``), and why when not ok
+    health_reason: str = ""
 
 
 class SchedulerStatus(msgspec.Struct, kw_only=True):
@@ -61,7 +63,8 @@ def worker_views(table: WorkerTable, reserved: Mapping[str, int], now: float) ->
         views.append(WorkerView(worker=s.worker, engine=hb.engine, device=hb.device,
                                 models=[m.id for m in hb.models], slots=hb.slots, in_flight=s.in_flight,
                                 reserved=reserved.get(s.worker, 0), free=effective_free(s, reserved),
-                                draining=hb.draining, seen_ago=round(now - s.last_seen, 3)))
+                                draining=hb.draining, seen_ago=round(now - s.last_seen, 3), health=hb.health,
+                                health_reason=hb.health_reason))
     return views
 
 

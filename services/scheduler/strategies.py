@@ -3,8 +3,8 @@
 An engine's *effective* free slots are what it reported free minus the dispatches this
 scheduler has sent it and not yet heard back about (``reserved``), so a burst of concurrent
 dispatches never overfills an engine between two of its heartbeats. Every strategy chooses
-only among *eligible* engines: live, not draining, not excluded, circuit not open, and with an
-effective free slot; none ever sends to a full engine.
+only among *eligible* engines: live, not draining, not failed (their own health checks), not
+excluded, circuit not open, and with an effective free slot; none ever sends to a full engine.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ def effective_free(state: WorkerState, reserved: Mapping[str, int] = _NONE) -> i
 
 
 def free_capacity(workers: Iterable[WorkerState], reserved: Mapping[str, int] = _NONE) -> int:
-    """Total effective free slots over non-draining ``workers``: how much work may be taken now."""
-    return sum(effective_free(s, reserved) for s in workers if not s.heartbeat.draining)
+    """Total effective free slots over non-draining, not failed ``workers``: how much work may be taken now."""
+    return sum(effective_free(s, reserved) for s in workers if not s.heartbeat.draining and not s.failed)
 
 
 def eligible(candidates: Iterable[WorkerState], *, reserved: Mapping[str, int] = _NONE,
              exclude: Collection[str] = (), allows: Callable[[str], bool] = lambda _: True) -> list[WorkerState]:
     """Candidates that may get work now, sorted by worker id (see the module docstring)."""
-    out = [s for s in candidates if not s.heartbeat.draining and s.worker not in exclude
+    out = [s for s in candidates if not s.heartbeat.draining and not s.failed and s.worker not in exclude
            and effective_free(s, reserved) > 0 and allows(s.worker)]
     out.sort(key=lambda s: s.worker)
     return out

@@ -56,7 +56,7 @@ class WorkerTracker:
         self._on_change()
 
     def _report_health(self) -> None:
-        self._on_health(sum(1 for s in self._table.live() if not s.heartbeat.draining))
+        self._on_health(sum(1 for s in self._table.live() if not s.heartbeat.draining and not s.failed))
 
     async def _expire_loop(self) -> None:
         while True:

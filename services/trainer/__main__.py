@@ -7,7 +7,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.common import bus
+from schemas import names
+from services.common import bus, bus_permissions
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.trainer.config import TrainerConfig, parse_args
 from services.trainer.metrics import TrainerMetrics
@@ -23,7 +24,8 @@ async def main(cfg: TrainerConfig) -> None:
         start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=registry)
     stop = asyncio.Event()
     install_stop_signals(stop)
-    nc = await bus.connect(cfg, name=f"cy-trainer {cfg.trainer_id}")
+    nc = await bus.connect(cfg, name=f"cy-trainer {cfg.trainer_id}",
+                           inbox=names.identity_inbox(bus_permissions.TRAINER))
     try:
         await TrainerService(nc, cfg, TrainerMetrics(registry)).run(stop)
     finally:

@@ -76,7 +76,8 @@ class TrainerService:
                 self.nc, name=names.MICRO_TRAINER, version=VERSION,
                 description="CY-LLM trainer (fine-tuning jobs)", metadata={"trainer": self.config.trainer_id})
             stack.push_async_callback(service.stop)
-            await service.add_endpoint(name="status", handler=self._status)
+            # Its own subject (not nats.micro's default, the bare endpoint name "status").
+            await service.add_endpoint(name="status", subject=names.TRAINER_STATUS, handler=self._status)
             psub = await self.js.pull_subscribe_bind(durable=names.TRAIN_DURABLE, stream=names.TRAIN_STREAM)
             stack.push_async_callback(psub.unsubscribe)
             log.info("trainer %s taking jobs from %s", self.config.trainer_id, names.TRAIN_DURABLE)

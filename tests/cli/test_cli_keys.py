@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-import time
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -13,8 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from schemas import names
 from services.common.api_keys import hash_key
 from services.edge import EdgeConfig, create_app
-from services.edge.auth import rate_window
 from tests.edge_harness import MODEL, BusEngine, wait_until_served
+from tests.support import frozen_minute
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_RE = re.compile(r"^cy-[0-9a-f]{12}\.[A-Za-z0-9_-]{40,}$", re.M)
@@ -56,13 +55,13 @@ async def test_create_stores_only_a_hash_and_list_never_prints_keys(nats_server,
 async def test_revoke_marks_the_key_and_the_edge_refuses_it(nats_server, nc):
     key = await create_key(nats_server.url, "bob", "inference")
     key_id = key[3:15]
-    config = EdgeConfig(nats_url=nats_server.url, auth="keys", auth_cache_ttl=0.2)
+    # No key cache (TTL 0): every request reads the key's record, so the revocation shows on the next one.
+    config = EdgeConfig(nats_url=nats_server.url, auth="keys", auth_cache_ttl=0)
     async with TestClient(TestServer(create_app(config))) as client:
         assert (await client.get("/v1/models", headers={"x-api-key": key})).status == 200
         rc, out, err = await cy("keys", "revoke", key_id, "--nats-url", nats_server.url)
         assert rc == 0, err
         assert f"revoked key {key_id}" in out
-        await asyncio.sleep(0.3)
         assert (await client.get("/v1/models", headers={"x-api-key": key})).status == 401
     rc, out, _ = await cy("keys", "list", "--nats-url", nats_server.url)
     assert next(line for line in out.splitlines() if line.startswith(key_id)).split()[-1] != "no"
@@ -83,9 +82,6 @@ async def test_keys_without_provisioning_says_to_run_infra_apply(nats_server):
 
 
 async def test_create_with_limits_list_shows_them_and_limits_changes_them(nats_server, nc):
-    left = rate_window.minute_window(time.time())[1]
-    if left < 20:  # budgets are per epoch minute: keep the two counted requests in one
-        await asyncio.sleep(left + 0.05)
     rc, out, err = await cy("keys", "create", "--name", "carol", "--scope", "inference", "--rpm", "1",
                             "--max-streams", "0", "--nats-url", nats_server.url)
     assert rc == 0, err
@@ -100,10 +96,11 @@ async def test_create_with_limits_list_shows_them_and_limits_changes_them(nats_s
     row = next(line for line in out.splitlines() if line.startswith(key_id)).split()
     assert row[3:6] == ["1", "default", "unlimited"]
 
-    config = EdgeConfig(nats_url=nats_server.url, auth="keys", auth_cache_ttl=0.2)
+    # No key cache (TTL 0): a limits change shows on the next request. Budgets on a clock stopped in one minute.
+    config = EdgeConfig(nats_url=nats_server.url, auth="keys", auth_cache_ttl=0)
     engine = await BusEngine(nc, nc.jetstream()).start()
     try:
-        async with TestClient(TestServer(create_app(config))) as client:
+        async with TestClient(TestServer(create_app(config, rate_clock=frozen_minute()))) as client:
             await wait_until_served(client)
             post = asyncio.create_task(client.post("/v1/completions", json={"model": MODEL, "prompt": "p"},
                                                    headers={"x-api-key": key}))
@@ -118,7 +115,6 @@ async def test_create_with_limits_list_shows_them_and_limits_changes_them(nats_s
                                     "--nats-url", nats_server.url)
             assert rc == 0, err
             assert f"key {key_id} (carol): rpm=unlimited tpm=500 max-streams=unlimited" in out
-            await asyncio.sleep(0.3)
             post = asyncio.create_task(client.post("/v1/completions", json={"model": MODEL, "prompt": "p"},
                                                    headers={"x-api-key": key}))
             await engine.serve_one(["ok"])

@@ -66,11 +66,10 @@ async def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(tmp_path: Pa
     await sup.start(spec("engine", tmp_path / "stopped", "stubborn"))
     await wait_until_ready(sup, "engine")
 
-    started = time.monotonic()
     codes = await sup.stop_all()
 
+    # Killed (SIGKILL), not left to end its 60 s sleep by itself (that would be exit 0).
     assert codes == {"engine": -9}
-    assert time.monotonic() - started < 5
     assert any("did not exit within 0.5 s" in m for m in messages)
 
 

@@ -27,10 +27,13 @@ async def client(platform):
         yield c
 
 
-async def test_n_seeded_choices_are_reproducible_and_differ_streamed_or_not(client):
-    args = dict(model=DEFAULT_MODEL_ID, messages=STORY, n=3, seed=1234, temperature=1.0, max_tokens=12)
+async def test_n_seeded_choices_are_reproducible_and_differ_streamed_or_not(platform, client):
+    # Every answer compared is generated (no prompt cache): a replay of the first would match it by construction.
+    args = dict(model=DEFAULT_MODEL_ID, messages=STORY, n=3, seed=1234, temperature=1.0, max_tokens=12,
+                extra_body={"cache": False})
+    before = await platform.generated_tokens()
     first = await client.chat.completions.create(**args)
-    again = await client.chat.completions.create(**args, extra_body={"cache": False})  # generated anew
+    again = await client.chat.completions.create(**args)
     texts = [c.message.content for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert all(c.finish_reason in ("stop", "length") for c in first.choices)
@@ -53,10 +56,14 @@ async def test_n_seeded_choices_are_reproducible_and_differ_streamed_or_not(clie
     assert [streamed[i] for i in range(3)] == texts
     assert finishes == {i: c.finish_reason for i, c in enumerate(first.choices)}
     assert (usage.prompt_tokens, usage.completion_tokens) == (first.usage.prompt_tokens, first.usage.completion_tokens)
+    generated = first.usage.completion_tokens + again.usage.completion_tokens + one.usage.completion_tokens
+    assert await platform.generated_tokens() - before == generated + usage.completion_tokens
 
 
-async def test_logprobs_on_the_transformers_engine_streamed_and_not(client):
-    args = dict(model=DEFAULT_MODEL_ID, messages=STORY, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+async def test_logprobs_on_the_transformers_engine_streamed_and_not(platform, client):
+    args = dict(model=DEFAULT_MODEL_ID, messages=STORY, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3,
+                extra_body={"cache": False})
+    before = await platform.generated_tokens()
     whole = await client.chat.completions.create(**args)
     content = whole.choices[0].logprobs.content
     assert "".join(c.token for c in content).strip() and len(content) == whole.usage.completion_tokens
@@ -69,6 +76,7 @@ async def test_logprobs_on_the_transformers_engine_streamed_and_not(client):
     streamed = [e async for chunk in stream for choice in chunk.choices if choice.logprobs
                 for e in choice.logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    assert await platform.generated_tokens() - before == 2 * whole.usage.completion_tokens  # both generated
 
     legacy = await client.completions.create(model=DEFAULT_MODEL_ID, prompt="The capital of France is", max_tokens=4,
                                              temperature=0, logprobs=2)

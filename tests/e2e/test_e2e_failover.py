@@ -153,6 +153,24 @@ async def plain_chat(http: aiohttp.ClientSession, url: str, max_tokens: int, hea
         return {"status": resp.status, "body": await resp.json()}
 
 
+async def all_acknowledged(url: str, timeout: float) -> bool:
+    """Wait until no lane of the inference queue holds a message, delivered or not."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def drained() -> bool:
+        for lane in names.LANES_BY_PRIORITY:
+            info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
+
+    try:
+        return await wait_for(drained, timeout=timeout)
+    finally:
+        await nc.close()
+
+
 class InboxTap:
     """Every stream event published to any edge's reply inbox, as the engines sent them."""
 
@@ -181,11 +199,17 @@ async def test_engine_killed_mid_stream_every_client_gets_one_complete_continuou
     await cluster.start({"eng-a": 10, "eng-b": 10}, token_rate=10)
     tokens = 30  # 3 s per answer: the kill lands in the middle of every stream
     async with aiohttp.ClientSession() as http:
-        started = asyncio.Event()
-        streams = [asyncio.create_task(stream_chat(http, cluster.url, tokens, started)) for _ in range(20)]
-        assert await cluster.heartbeating({"eng-a", "eng-b"}, busy=True)
-        await started.wait()
-        await asyncio.sleep(0.8)  # several tokens into each stream
+        tap = await InboxTap().start(cluster.server.url)
+        try:
+            streams = [asyncio.create_task(stream_chat(http, cluster.url, tokens)) for _ in range(20)]
+            assert await cluster.heartbeating({"eng-a", "eng-b"}, busy=True)
+
+            async def several_tokens_into_each_stream() -> bool:
+                return len(tap.deltas) == 20 and all(len(seqs) >= 3 for seqs in tap.deltas.values())
+
+            assert await wait_for(several_tokens_into_each_stream, timeout=30)
+        finally:
+            await tap.close()
         cluster.kill("eng-a")
         results = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
         for r in results:
@@ -231,7 +255,9 @@ async def test_a_scheduler_replica_sigkilled_mid_burst_loses_no_request_and_runs
                     cluster.kill("scheduler-0")
                 await asyncio.sleep(0.02)
             results = await asyncio.wait_for(asyncio.gather(*calls), timeout=90)
-            await asyncio.sleep(3)  # past ack_wait: any redelivered copy would have started by now
+            # Every message acknowledged: none can be redelivered any more, and an engine starts a copy (its
+            # StreamStart) before the scheduler can acknowledge it, so every start there will be has been sent.
+            assert await all_acknowledged(cluster.server.url, timeout=30)
         finally:
             await tap.close()
     assert cluster.sup.children["scheduler-0"].returncode == -signal.SIGKILL

@@ -98,6 +98,22 @@ async def busy_engines(nats_url: str, workers: set[str], timeout: float) -> bool
         await nc.close()
 
 
+async def queued(url: str, lane: str, count: int, timeout: float) -> bool:
+    """Wait until ``count`` requests are in ``lane`` of the inference queue (waiting, or held un-acked by a
+    scheduler that has no free engine for them)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def enough():
+        info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+        return info.num_pending + info.num_ack_pending >= count
+
+    try:
+        return await wait_for(enough, timeout=timeout)
+    finally:
+        await nc.close()
+
+
 async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path, default_model_dir):
     cluster = Cluster(tmp_path, default_model_dir)
     await cluster.start({"solo": 1})
@@ -105,10 +121,9 @@ async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path
         async with aiohttp.ClientSession() as http:
             blocker = asyncio.create_task(chat(http, cluster.url, "Write a long story about a dragon.", 60))
             assert await busy_engines(cluster.server.url, {"solo"}, timeout=60)  # its only slot is taken
-            lows = []
-            for i in range(3):
-                lows.append(asyncio.create_task(chat(http, cluster.url, f"Count to {i + 3}.", 12, priority=-1)))
-                await asyncio.sleep(0.2)
+            lows = [asyncio.create_task(chat(http, cluster.url, f"Count to {i + 3}.", 12, priority=-1))
+                    for i in range(3)]
+            assert await queued(cluster.server.url, "low", 3, timeout=60)  # all three wait in the low lane
             high = asyncio.create_task(chat(http, cluster.url, "Say yes.", 4, priority=5))
             results = await asyncio.wait_for(asyncio.gather(blocker, high, *lows), timeout=240)
         assert all(r["status"] == 200 for r in results), results
@@ -119,21 +134,29 @@ async def test_high_priority_request_overtakes_queued_low_priority_ones(tmp_path
         await cluster.sup.stop_all(["solo"])
 
 
+@pytest.mark.timeout(600)
 async def test_sigkilled_engine_its_requests_migrate_and_it_gets_no_new_work(tmp_path, default_model_dir):
     cluster = Cluster(tmp_path, default_model_dir)
     await cluster.start({"eng-a": 2, "eng-b": 2})
+    prompts = [f"Write a long poem number {i}." for i in range(4)]
     try:
         async with aiohttp.ClientSession() as http:
-            streams = [asyncio.create_task(chat(http, cluster.url, f"Write a long poem number {i}.", 120))
-                       for i in range(4)]
+            # The uninterrupted greedy answers first, generated the same way (never from the prompt cache).
+            uninterrupted = await asyncio.gather(*[chat(http, cluster.url, p, 48, cache=False) for p in prompts])
+            assert all(r["status"] == 200 for r in uninterrupted), uninterrupted
+            streams = [asyncio.create_task(chat(http, cluster.url, p, 48, cache=False)) for p in prompts]
             assert await busy_engines(cluster.server.url, {"eng-a", "eng-b"}, timeout=120)
             os.kill(cluster.sup.children["eng-a"].proc.pid, signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*streams), timeout=280)
-            # The requests on the killed engine continued on eng-b (migrated): every client has a whole answer.
-            for r in results:
+            # The requests on the killed engine continued on eng-b (migrated): every client has the answer it
+            # would have had without the kill, token for token (greedy), billed once.
+            for r, whole in zip(results, uninterrupted):
                 assert r["status"] == 200, r
-                assert r["body"]["choices"][0]["message"]["content"], r
-                assert r["body"]["usage"]["completion_tokens"] <= 120
+                assert r["body"]["choices"][0]["message"]["content"] == whole["body"]["choices"][0]["message"]["content"]
+                assert r["body"]["usage"]["completion_tokens"] == whole["body"]["usage"]["completion_tokens"]
+            async with http.get(f"{cluster.url}/metrics") as resp:
+                failovers = await resp.text()
+            assert "llm_edge_failovers_total{" in failovers, "no request was running on the killed engine"
             # New requests all go to the surviving engine and succeed.
             again = await asyncio.gather(*[chat(http, cluster.url, "Say hi.", 4) for _ in range(4)])
             assert all(r["status"] == 200 for r in again), again

@@ -42,8 +42,9 @@ def platform(request, tmp_path_factory, default_model_dir):
 async def test_fine_tune_with_the_sdk_then_chat_with_the_result(platform):
     async with openai.AsyncOpenAI(base_url=f"{platform.url}/v1", api_key="unused", max_retries=0) as client:
         question = [{"role": "user", "content": QUESTIONS[0]}]
+        # Every answer compared is generated: a replay from the prompt cache would match ``before`` by construction.
         before = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=question, max_tokens=20,
-                                                      temperature=0)
+                                                      temperature=0, extra_body={"cache": False})
         assert "Quillhaven" not in before.choices[0].message.content
 
         uploaded = await client.files.create(file=("zorbia.jsonl", io.BytesIO(dataset())), purpose="fine-tune")
@@ -71,10 +72,14 @@ async def test_fine_tune_with_the_sdk_then_chat_with_the_result(platform):
         assert job.fine_tuned_model in models
 
         after = await client.chat.completions.create(model=job.fine_tuned_model, messages=question, max_tokens=20,
-                                                     temperature=0)
+                                                     temperature=0, extra_body={"cache": False})
         assert "Quillhaven" in after.choices[0].message.content
         assert after.model == job.fine_tuned_model
-        # The base model is unchanged next to it.
+        # The base model is unchanged next to it (generated again, as the engine's own counter shows).
+        generated = await platform.generated_tokens()
         again = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=question, max_tokens=20,
-                                                     temperature=0)
+                                                     temperature=0, extra_body={"cache": False})
         assert again.choices[0].message.content == before.choices[0].message.content
+        assert await platform.generated_tokens() - generated == again.usage.completion_tokens
+        # Edge, trainer and engine did all of it within their own NATS permissions.
+        assert platform.bus_refusals() == []

@@ -72,11 +72,13 @@ async def test_chat_non_streaming(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
-async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(client):
+async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(platform, client):
+    # Both generated (no prompt cache): with it, the second would be a replay of the first.
+    before = await platform.generated_tokens()
     whole = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=24,
-                                                 temperature=0)
+                                                 temperature=0, extra_body={"cache": False})
     stream = await client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=24,
-                                                  temperature=0, stream=True,
+                                                  temperature=0, stream=True, extra_body={"cache": False},
                                                   stream_options={"include_usage": True})
     pieces, usage, finish = [], None, None
     async for chunk in stream:
@@ -90,6 +92,7 @@ async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(client
     assert "".join(pieces) == whole.choices[0].message.content
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert finish == whole.choices[0].finish_reason
+    assert await platform.generated_tokens() - before == 2 * usage.completion_tokens  # the engine made both
 
 
 async def test_legacy_completion(client):
@@ -136,7 +139,7 @@ async def test_bad_input_gets_openai_errors_and_the_service_stays_healthy(platfo
 
 
 async def test_client_disconnect_cancels_the_generation(platform):
-    nc = await nats.connect(platform.nats_url)
+    nc = await platform.nats_connect("operator")  # operators may watch heartbeats
     latest: dict[str, EngineHeartbeat] = {}
 
     async def on_status(msg):
@@ -163,8 +166,12 @@ async def test_client_disconnect_cancels_the_generation(platform):
 
 
 async def test_nats_native_producer_with_nothing_but_a_nats_client(platform):
-    """The README's NATS-native example: plain nats-py and JSON, no project code on the client side."""
-    nc = await nats.connect(platform.nats_url)
+    """The README's NATS-native example: plain nats-py and JSON, no project code on the client side.
+
+    The bus is authenticated: the producer connects with its nkey seed and keeps its inboxes under
+    its own root, the only ``_INBOX`` subjects its user may subscribe to.
+    """
+    nc = await nats.connect(platform.nats_url, nkeys_seed=platform.nkey("producer"), inbox_prefix="_INBOX.producer")
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     request = {"id": "native-1", "model": DEFAULT_MODEL_ID, "reply_to": inbox,
@@ -180,3 +187,11 @@ async def test_nats_native_producer_with_nothing_but_a_nats_client(platform):
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     assert events[-1]["type"] == "end" and events[-1]["usage"]["completion_tokens"] <= 8
     assert "".join(d["text"] for d in deltas).strip()
+
+
+async def test_the_bus_refused_no_service_and_no_stranger_gets_in(platform):
+    """Every service did all of the above within its own NATS permissions; a client without a seed is refused."""
+    assert platform.bus_refusals() == []
+    assert "authenticated: one nkey user per service" in platform.output()
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(platform.nats_url, allow_reconnect=False, max_reconnect_attempts=0)

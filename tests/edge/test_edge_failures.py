@@ -13,6 +13,7 @@ from infra import provision
 from schemas import names
 from schemas.events import TokenDelta
 from services.edge import create_app
+from services.edge.state import EDGE
 from tests.edge_harness import (  # noqa: F401 - fixtures
     MODEL,
     BusEngine,
@@ -40,8 +41,11 @@ async def test_engine_error_before_output_is_a_json_error_with_mapped_status(cli
     body = await resp.json()
     assert_error(body, "context_length_exceeded")
     assert "8192" in body["error"]["message"]
-    await asyncio.sleep(0.1)
-    assert cancels.cancels == []  # the request ended on the bus: nothing to cancel
+    # A marker cancel sent after the answer on the edge's own connection arrives after any cancel the edge
+    # sent for the request (one connection's messages keep their order): once it is here, none came.
+    await client.app[EDGE].publisher.cancel("marker", "test")
+    await cancels.wait_for("marker")
+    assert [c.id for c in cancels.cancels] == ["marker"]  # the request ended on the bus: nothing to cancel
 
 
 async def test_engine_error_mid_stream_is_an_sse_error_event_then_done(client, engine):
@@ -96,12 +100,11 @@ async def test_client_disconnect_while_queued_publishes_cancel(edge_config, nc, 
 
 
 async def test_deadline_answers_504_and_cancels(client, engine, cancels):
-    start = time.monotonic()
     post = asyncio.create_task(client.post(CHAT, json=chat_body(timeout=0.5)))
     req = await engine.next_request()
     assert abs(req.deadline - req.created - 0.5) < 1e-3
-    resp = await post
-    assert 0.4 < time.monotonic() - start < 3
+    resp = await post  # the engine never answers: only the deadline can end the request
+    assert time.time() >= req.deadline  # and it ended it no earlier than that
     assert resp.status == 504
     assert_error(await resp.json(), "timeout")
     assert (await cancels.wait_for(req.id)).reason == "timeout"
@@ -121,10 +124,8 @@ async def test_engine_death_mid_stream_ends_with_worker_lost(client, engine, can
     post = asyncio.create_task(client.post(CHAT, json=chat_body(stream=True)))
     req = await engine.next_request()
     await engine.send(req, engine.start_event(req), TokenDelta(id=req.id, seq=1, text="a"))
-    start = time.monotonic()
-    await engine.stop_heartbeats()  # the engine dies
+    await engine.stop_heartbeats()  # the engine dies; the request has no deadline soon: only the sweep can end it
     payloads = sse_payloads(await (await post).text())
-    assert time.monotonic() - start < 3
     assert payloads[-1] == "[DONE]"
     assert_error(parse_json(payloads[-2]), "worker_lost")
     assert (await cancels.wait_for(req.id)).reason == "worker_lost"

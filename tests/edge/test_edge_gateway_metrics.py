@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import msgspec
 import pytest
@@ -16,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas.events import TokenDelta
 from services.common.api_key_store import ApiKeyStore
 from services.edge import create_app
-from services.edge.auth import rate_window
 from tests.edge_harness import (  # noqa: F401 - fixtures
     MODEL,
     chat_body,
@@ -27,6 +25,7 @@ from tests.edge_harness import (  # noqa: F401 - fixtures
     wait_until_served,
 )
 from tests.edge_wire import EdgeTestServer, exchange, request
+from tests.support import frozen_minute
 
 CHAT = "/v1/chat/completions"
 WS = "/api/v1/inference/ws"
@@ -129,18 +128,11 @@ async def test_auth_and_scope_refusals_are_counted_by_reason(nc, js, edge_config
         assert value(samples, "llm_edge_time_to_first_token_seconds_count", route=CHAT, kind="json") is None
 
 
-async def clear_of_minute_boundary(margin: float = 5.0) -> None:
-    """Budgets are per epoch minute: start a test early enough in a minute that it ends in it."""
-    left = rate_window.minute_window(time.time())[1]
-    if left < margin:
-        await asyncio.sleep(left + 0.05)
-
-
 @pytest.mark.parametrize("stream", [False, True])
 async def test_rate_limit_and_bad_request_refusals_are_counted(nc, edge_config, engine, stream):
-    await clear_of_minute_boundary()
     config = msgspec.structs.replace(edge_config, rate_rpm=1)
-    async with TestClient(EdgeTestServer(create_app(config, registry=CollectorRegistry()), config)) as c:
+    app = create_app(config, registry=CollectorRegistry(), rate_clock=frozen_minute())
+    async with TestClient(EdgeTestServer(app, config)) as c:
         await wait_until_served(c)
         post = asyncio.create_task(c.post(CHAT, json=chat_body(stream=stream)))
         await engine.serve_one(["ok"])

@@ -4,7 +4,6 @@ at run time (within the auth cache TTL); and a JWT's own limits from optional cl
 from __future__ import annotations
 
 import asyncio
-import time
 
 import msgspec
 import pytest
@@ -13,8 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from services.common.api_key_store import ApiKeyStore, KeyLimits, limits_of
 from services.edge import create_app
-from services.edge.auth import rate_window
+from services.edge.auth.key_cache import ApiKeyCache
+from services.edge.state import AUTHENTICATOR
 from tests.auth_support import bearer, hs256
+from tests.support import frozen_minute
 from tests.edge_harness import (  # noqa: F401 - fixtures
     assert_error,
     chat_body,
@@ -26,13 +27,6 @@ from tests.edge_harness import (  # noqa: F401 - fixtures
 CHAT = "/v1/chat/completions"
 
 
-async def clear_of_minute_boundary(margin: float = 8.0) -> None:
-    """Budgets are per epoch minute: start a test early enough in a minute that it ends in it."""
-    left = rate_window.minute_window(time.time())[1]
-    if left < margin:
-        await asyncio.sleep(left + 0.05)
-
-
 async def served(client, engine, headers: dict[str, str]):
     """A chat request the stand-in engine answers."""
     post = asyncio.create_task(client.post(CHAT, json=chat_body(), headers=headers))
@@ -41,14 +35,17 @@ async def served(client, engine, headers: dict[str, str]):
 
 
 async def test_a_keys_own_rpm_overrides_the_default_and_a_change_applies(nc, js, edge_config, engine):
-    await clear_of_minute_boundary()
     store = await ApiKeyStore.bind(js)
     limited, limited_key = await store.create("limited", ["inference"], KeyLimits(rpm=2))
     _, default_key = await store.create("default", ["inference"])
     assert limits_of(limited) == KeyLimits(rpm=2)
     config = msgspec.structs.replace(edge_config, auth="keys", auth_cache_ttl=0.2, rate_rpm=5)
-    async with TestClient(TestServer(create_app(config, registry=CollectorRegistry()))) as client:
+    app = create_app(config, registry=CollectorRegistry(), rate_clock=frozen_minute())
+    async with TestClient(TestServer(app)) as client:
         await wait_until_served(client)
+        # The key cache on a clock the test moves past its TTL (no waiting for it to expire).
+        cache_clock = [0.0]
+        app[AUTHENTICATOR].bind_keys(ApiKeyCache(store, config.auth_cache_ttl, clock=lambda: cache_clock[0]))
         mine = {"x-api-key": limited_key}
         for remaining in ("1", "0"):
             resp = await served(client, engine, mine)
@@ -71,12 +68,12 @@ async def test_a_keys_own_rpm_overrides_the_default_and_a_change_applies(nc, js,
         # Raise the limited key's budget: edges apply it within their auth cache TTL.
         updated = await store.set_limits(limited.id, lambda cur: KeyLimits(rpm=10, tpm=cur.tpm, streams=1))
         assert limits_of(updated) == KeyLimits(rpm=10, streams=1)
-        await asyncio.sleep(0.3)
+        cache_clock[0] += config.auth_cache_ttl
         resp = await served(client, engine, mine)
         assert resp.status == 200 and resp.headers["x-ratelimit-limit-requests"] == "10"
         # Back to the default: the edge's 5 (this minute already holds 3 of the key's requests).
         await store.set_limits(limited.id, lambda cur: KeyLimits())
-        await asyncio.sleep(0.3)
+        cache_clock[0] += config.auth_cache_ttl
         resp = await served(client, engine, mine)
         assert resp.status == 200 and resp.headers["x-ratelimit-limit-requests"] == "5"
         assert resp.headers["x-ratelimit-remaining-requests"] == "1"
@@ -93,11 +90,11 @@ async def test_changing_limits_keeps_a_revocation_and_refuses_negatives(nc, js):
 
 
 async def test_a_jwt_may_carry_its_own_limits(nc, edge_config, engine, tmp_path):
-    await clear_of_minute_boundary()
     secret = tmp_path / "jwt.secret"
     secret.write_bytes(b"a-shared-secret-of-at-least-32-bytes!!\n")
     config = msgspec.structs.replace(edge_config, auth="jwt", jwt_secret_file=str(secret), rate_rpm=5)
-    async with TestClient(TestServer(create_app(config, registry=CollectorRegistry()))) as client:
+    app = create_app(config, registry=CollectorRegistry(), rate_clock=frozen_minute())
+    async with TestClient(TestServer(app)) as client:
         await wait_until_served(client)
         own = bearer(hs256(sub="tight", aud=None, iss=None, rate_rpm=1))
         resp = await served(client, engine, own)

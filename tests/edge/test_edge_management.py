@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from schemas import names
+from tests.support import wait_for
 from tests.edge_harness import (  # noqa: F401 - fixtures
     MODEL,
     assert_error,
@@ -45,3 +46,21 @@ async def test_strategy_switch_is_stored_in_kv_for_every_scheduler(client, engin
     assert_error(await bad.json(), "invalid_request")
     assert "least_connections" in (await bad.json())["error"]["message"]
     assert (await kv.get(names.STRATEGY_KEY)).value == b"round_robin"
+
+
+async def test_a_failed_engine_shows_its_reason_in_cluster_status_and_health_detail(client, engine):
+    body = await (await client.get("/v1/cluster/status")).json()
+    assert body["engines"][0]["health"] == "ok" and body["engines"][0]["healthReason"] == ""
+    engine.health, engine.health_reason = "failed", "smol: the transformers model thread is not running"
+    await engine.beat()
+
+    async def reported() -> bool:
+        status = await (await client.get("/v1/cluster/status")).json()
+        return status["engines"][0]["health"] == "failed"
+
+    assert await wait_for(reported, timeout=5)
+    status = await (await client.get("/v1/cluster/status")).json()
+    assert status["engines"][0]["healthReason"] == engine.health_reason
+    detail = await (await client.get("/api/v1/health?detail=true")).json()
+    assert [(e["worker"], e["health"], e["healthReason"]) for e in detail["engineDetails"]] == \
+        [(engine.worker, "failed", engine.health_reason)]

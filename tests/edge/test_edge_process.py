@@ -13,6 +13,7 @@ import aiohttp
 from schemas.events import StreamEnd, TokenDelta, Usage
 from services.edge.config import parse_args
 from tests.edge_harness import MODEL, chat_body, engine, sse_payloads  # noqa: F401 - fixtures
+from tests.support import log_shows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,8 @@ async def test_cli_config_is_strict():
 
 async def test_process_serves_and_sigterm_lets_open_streams_finish(nats_server, engine, tmp_path):
     port = _free_port()
-    log = (tmp_path / "edge.log").open("wb")
+    log_path = tmp_path / "edge.log"
+    log = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.edge", "--nats-url", nats_server.url, "--host", "127.0.0.1",
         "--port", str(port), "--shutdown-timeout", "10", cwd=REPO, stdout=log, stderr=log)
@@ -58,8 +60,8 @@ async def test_process_serves_and_sigterm_lets_open_streams_finish(nats_server, 
             first = await resp.content.readany()
             assert b"before" in first
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            assert proc.returncode is None  # still finishing the open stream
+            assert await log_shows(log_path, "edge shutting down")  # the signal was handled...
+            assert proc.returncode is None  # ...and the edge is still finishing the open stream
             await engine.send(req, TokenDelta(id=req.id, seq=2, text=" after"),
                               StreamEnd(id=req.id, seq=3, finish_reason="stop",
                                         usage=Usage(prompt_tokens=1, completion_tokens=2)))

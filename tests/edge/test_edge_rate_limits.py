@@ -18,6 +18,7 @@ from services.edge.auth import rate_window
 from services.edge.auth.rate_limit import CounterStore, StreamLeases
 from services.edge.auth.rate_window import RateLimits, RateUsage
 from tests.auth_support import bearer, hs256
+from tests.support import frozen_minute
 from tests.edge_harness import (  # noqa: F401 - fixtures
     MODEL,
     assert_error,
@@ -28,13 +29,6 @@ from tests.edge_harness import (  # noqa: F401 - fixtures
 )
 
 CHAT = "/v1/chat/completions"
-
-
-async def _clear_of_minute_boundary(margin: float = 8.0) -> None:
-    """Budgets are per epoch minute: start a test early enough in a minute that it ends in it."""
-    left = rate_window.minute_window(time.time())[1]
-    if left < margin:
-        await asyncio.sleep(left + 0.05)
 
 
 @pytest.fixture
@@ -53,9 +47,9 @@ def _as(sub: str) -> dict[str, str]:
     return bearer(hs256(sub=sub, aud=None, iss=None))
 
 
-async def _two_edges(config):
+async def _two_edges(config, rate_clock=time.time):
     registries = (CollectorRegistry(), CollectorRegistry())
-    clients = [TestClient(TestServer(create_app(config, registry=r))) for r in registries]
+    clients = [TestClient(TestServer(create_app(config, registry=r, rate_clock=rate_clock))) for r in registries]
     for c in clients:
         await c.start_server()
         await wait_until_served(c)
@@ -84,8 +78,7 @@ def test_rate_window_arithmetic():
 
 
 async def test_requests_per_minute_are_shared_across_two_edges(nc, engine, limited_config):
-    await _clear_of_minute_boundary()
-    (a, b), (reg_a, _) = await _two_edges(limited_config(rate_rpm=4))
+    (a, b), (reg_a, _) = await _two_edges(limited_config(rate_rpm=4), frozen_minute())
     try:
         remaining = []
         for client in (a, b, a, b):
@@ -112,8 +105,7 @@ async def test_requests_per_minute_are_shared_across_two_edges(nc, engine, limit
 
 
 async def test_tokens_per_minute_refuse_once_spent(nc, engine, limited_config):
-    await _clear_of_minute_boundary()
-    (a, b), _ = await _two_edges(limited_config(rate_tpm=12))
+    (a, b), _ = await _two_edges(limited_config(rate_tpm=12), frozen_minute())
     try:
         first = await _served(a, engine, chat_body(), "carol", texts=("x", "y", "z"))  # 5 prompt + 3 = 8 tokens
         assert first.status == 200 and first.headers["x-ratelimit-remaining-tokens"] == "12"

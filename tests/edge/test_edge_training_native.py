@@ -99,8 +99,9 @@ async def test_status_jobs_and_cancel(edge, trainer):
     assert_error(await missing.json(), "not_found")
 
 
-async def _read_sse(resp) -> list[str]:
-    """Every SSE block (``data: ...`` or a ``:`` comment) until the stream closes."""
+async def _read_sse(resp, keep_alive: asyncio.Event | None = None) -> list[str]:
+    """Every SSE block (``data: ...`` or a ``:`` comment) until the stream closes; ``keep_alive`` is set at
+    the first keep-alive comment."""
     blocks = []
     buffer = b""
     async for chunk in resp.content.iter_any():
@@ -108,6 +109,8 @@ async def _read_sse(resp) -> list[str]:
         while b"\n\n" in buffer:
             block, buffer = buffer.split(b"\n\n", 1)
             blocks.append(block.decode())
+            if keep_alive is not None and block.startswith(b":"):
+                keep_alive.set()
     return blocks
 
 
@@ -121,8 +124,9 @@ async def test_stream_replays_then_follows_live_until_the_job_ends(edge, trainer
 
     resp = await edge.get(f"/api/v1/training/{job_id}/stream")
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
-    reading = asyncio.create_task(_read_sse(resp))
-    await asyncio.sleep(0.8)  # idle longer than the 0.3 s keep-alive
+    kept_alive = asyncio.Event()
+    reading = asyncio.create_task(_read_sse(resp, kept_alive))
+    await asyncio.wait_for(kept_alive.wait(), 10)  # idle: the edge keeps the stream open with a comment
     assert not reading.done()
     await trainer.step(job_id, 2, 3, loss=2.0)
     await trainer.step(job_id, 3, 3, loss=1.0)

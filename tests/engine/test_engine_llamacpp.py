@@ -49,11 +49,14 @@ def chat(content: str = STORY, adapter: str | None = None, continuation: str = "
                             sampling=SamplingParams(**sampling))
 
 
-async def run(engine, req) -> tuple[str, Finished]:
+async def run(engine, req, first: asyncio.Event | None = None) -> tuple[str, Finished]:
+    """The text and ``Finished`` of ``req``; ``first`` is set once its first chunk arrived (it is running)."""
     text, fin = "", None
     async for ev in engine.generate(req):
         if isinstance(ev, Chunk):
             text += ev.text
+            if first is not None:
+                first.set()
         else:
             fin = ev
     return text, fin
@@ -92,9 +95,13 @@ async def test_requests_joining_and_leaving_a_running_batch_match_each_run_alone
             for i in range(12)]
     alone = [await run(engine, chat(**r)) for r in reqs]
 
+    # Each request starts once the one before it has its first token: it joins a batch that is running.
+    running = [asyncio.Event() for _ in reqs]
+
     async def later(i: int, r: dict):
-        await asyncio.sleep(0.05 * i)
-        return await run(engine, chat(**r))
+        if i:
+            await running[i - 1].wait()
+        return await run(engine, chat(**r), running[i])
 
     mixed = await asyncio.gather(*[later(i, r) for i, r in enumerate(reqs)])
     assert [t for t, _ in mixed] == [t for t, _ in alone]

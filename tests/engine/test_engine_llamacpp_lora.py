@@ -208,8 +208,10 @@ async def test_lru_bound_evicts_idle_adapters_and_never_a_busy_one(adapter_root)
         # lora-b's load evicted lora-c, the least recently used
         assert eng.loaded_adapters() == ["lora-a", "lora-b"]
         # Two long requests keep both adapters busy; lora-c waits for one of them, then evicts it.
-        long = [asyncio.create_task(token_ids(eng, chat(a, max_tokens=40))) for a in ("lora-a", "lora-b")]
-        await asyncio.sleep(0.3)
+        running = [asyncio.Event(), asyncio.Event()]
+        long = [asyncio.create_task(token_ids(eng, chat(a, max_tokens=40), started))
+                for a, started in zip(("lora-a", "lora-b"), running)]
+        await asyncio.gather(*(started.wait() for started in running))  # both generating: both adapters busy
         assert await token_ids(eng, chat("lora-c", max_tokens=8)) == solo["lora-c"]
         # Greedy: a busy adapter evicted under its request would change the rest of its answer.
         assert [ids[:8] for ids in await asyncio.gather(*long)] == [solo["lora-a"], solo["lora-b"]]

@@ -14,6 +14,7 @@ import nats.errors
 
 from services.scheduler.status import STATUS_SUBJECT
 from tests.scheduler.test_scheduler_harness import engines, eventually, new_request, submit, until_stream_holds  # noqa: F401
+from tests.support import log_shows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,14 +67,15 @@ async def test_process_dispatches_serves_metrics_and_finishes_dispatches_on_sigt
         text = await _metrics_with(port, 'llm_scheduler_inference_requests_total{lane="normal",outcome="dispatched"} 1.0')
         assert "llm_scheduler_workers_healthy 1.0" in text
 
-        engine.reply_delay = 1.0  # the next dispatch is still waiting for the engine when SIGTERM comes
+        engine.release = asyncio.Event()  # the next dispatch waits for the engine's answer until the test says
         second = await submit(nc, new_request())
         await eventually(lambda: engine.dispatch_requests == 2, what="the second dispatch to reach the engine")
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.1)
+        assert await log_shows(log_path, "signal SIGTERM: shutting down")
         proc.send_signal(signal.SIGTERM)  # a second signal changes nothing
-        await asyncio.sleep(0.3)
+        assert await log_shows(log_path, "already shutting down")
         assert proc.returncode is None, "exited before its dispatch under way had finished"
+        engine.release.set()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         assert engine.received_ids == [first.id, second.id]
         await until_stream_holds(nc, 0)  # acknowledged before exiting, not left for redelivery
@@ -96,11 +98,13 @@ async def test_process_refuses_to_start_without_provisioned_consumers(nats_serve
 
 
 async def test_process_stops_on_sigterm_while_nats_is_unreachable(tmp_path):
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.scheduler", "--nats-url", f"nats://127.0.0.1:{_free_port()}", cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    log_path = tmp_path / "scheduler.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.scheduler", "--nats-url", f"nats://127.0.0.1:{_free_port()}", cwd=REPO,
+            stdout=log, stderr=log)
     try:
-        await asyncio.sleep(1.0)  # retrying the connection
+        assert await log_shows(log_path, "NATS error")  # it tried to connect and is retrying
         assert proc.returncode is None
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 5) == 0

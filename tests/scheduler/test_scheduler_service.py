@@ -9,9 +9,16 @@ from schemas import names
 from schemas.errors import ErrorCode
 from schemas.events import encode
 from schemas.inference import CancelRequest
+from schemas.names import Lane
 from tests.scheduler.test_scheduler_harness import (ReplyInbox, count, engines, eventually, known, new_request,  # noqa: F401
                                           start_scheduler, stream_messages, submit,
                                           until_stream_holds)
+
+
+async def one_more_heartbeat(scheduler, engine) -> None:
+    """Wait until the scheduler has handled a heartbeat of ``engine`` newer than the last one it had."""
+    seen = scheduler.table.get(engine.worker).last_seen
+    await eventually(lambda: scheduler.table.get(engine.worker).last_seen > seen, what="one more heartbeat")
 
 
 async def test_request_goes_to_the_least_loaded_engine(nc, start_scheduler, engines):
@@ -35,7 +42,10 @@ async def test_high_priority_overtakes_queued_low_once_a_slot_frees(nc, start_sc
         await known(scheduler, engine)
         lows = [await submit(nc, new_request(), "low") for _ in range(3)]
         high = await submit(nc, new_request(), "high")
-        await asyncio.sleep(0.3)
+        # The scheduler heard of all four (their doorbells woke its take loop) and, with no free slot, sent none.
+        await eventually(lambda: scheduler.lanes.expected(Lane.LOW) >= 3 and scheduler.lanes.expected(Lane.HIGH) >= 1,
+                         what="the scheduler to know of the queued requests")
+        await one_more_heartbeat(scheduler, engine)  # which wakes the take loop: it planned again, with them known
         assert engine.dispatch_requests == 0
         order = [high.id] + [r.id for r in lows]
         for n in range(1, 5):
@@ -52,7 +62,9 @@ async def test_no_capacity_means_messages_stay_in_the_stream(nc, start_scheduler
         await known(scheduler, engine)
         for lane in ("high", "normal"):
             await submit(nc, new_request(), lane)
-        await asyncio.sleep(0.5)
+        await eventually(lambda: scheduler.lanes.expected(Lane.HIGH) >= 1 and scheduler.lanes.expected(Lane.NORMAL) >= 1,
+                         what="the scheduler to know of the queued requests")
+        await one_more_heartbeat(scheduler, engine)  # which wakes the take loop: it planned again, with them known
         assert engine.dispatch_requests == 0
         assert await stream_messages(nc) == 2
         for lane in ("high", "normal"):
@@ -84,8 +96,7 @@ async def test_deadline_passed_in_the_queue_is_a_timeout_never_a_dispatch(nc, st
         await engine.finish()
         error = await inbox.error()
         assert (error.id, error.code) == (req.id, ErrorCode.TIMEOUT)
-        await eventually(lambda: count(scheduler, "expired") == 1)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: count(scheduler, "expired") == 1)  # it acted on the message: answered, not sent
         assert engine.dispatch_requests == 0
 
 

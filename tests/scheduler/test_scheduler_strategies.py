@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import msgspec
+
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 from schemas.inference import ChatMessage, DispatchReply, InferenceRequest
 from services.common.worker_table import WorkerState, WorkerTable
@@ -196,3 +198,24 @@ def test_strategy_values_parse_leniently_and_unknown_ones_are_none():
     assert parse_strategy(b" Prefix_Affinity\n") is Strategy.PREFIX_AFFINITY
     assert parse_strategy(b"fastest") is None
     assert parse_strategy(b"\xff") is None
+
+
+def test_a_failed_engine_is_never_chosen_by_any_strategy_and_counts_no_capacity():
+    # The failed engine is the emptiest, fastest, heaviest one: every strategy would pick it if it could.
+    clock = Clock()
+    table = WorkerTable(clock=clock)
+    broken = msgspec.structs.replace(state("a-broken", slots=100, weight=100.0).heartbeat, health="failed",
+                                     health_reason="the vllm engine core died")
+    table.observe(broken)
+    table.observe(state("b-busy", slots=4, in_flight=3).heartbeat)
+    assert [s.worker for s in table.candidates("m")] == ["b-busy"]
+    for strategy in Strategy:
+        placement = Placement(table, strategy=strategy, rng=random.Random(0))
+        placement.response_times.observe("a-broken", 0.001)
+        placement.response_times.observe("b-busy", 5.0)
+        assert placement.capacity() == 1
+        assert placement.reserve("m", request=request("same prefix")) == "b-busy", strategy
+        placement.release("b-busy")
+    assert [s.worker for s in eligible([WorkerState(heartbeat=broken, last_seen=0.0, in_flight=0, seq=1)])] == []
+    table.observe(msgspec.structs.replace(broken, seq=2, health="ok", health_reason=""))  # its checks pass again
+    assert {s.worker for s in table.candidates("m")} == {"a-broken", "b-busy"}

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from schemas import names
+from services.scheduler.circuit import CircuitState
 from services.scheduler.strategies import Strategy
 from services.scheduler.status import STATUS_SUBJECT
 from tests.scheduler.test_scheduler_harness import (engines, eventually, known, new_request, start_scheduler,  # noqa: F401
                                           submit)
 
 
-async def test_a_strategy_put_in_kv_switches_routing_on_every_running_replica(nc, js, start_scheduler, engines):
+async def test_a_strategy_put_in_kv_switches_routing_on_every_running_replica(nc, js, start_scheduler, engines,
+                                                                             caplog):
     light = await engines("light", slots=8, in_flight=0)
     loaded = await engines("loaded", slots=8, in_flight=6)
     kv = await js.key_value(names.SCHEDULER_CONFIG_BUCKET)
@@ -34,7 +35,8 @@ async def test_a_strategy_put_in_kv_switches_routing_on_every_running_replica(nc
         assert len(loaded.received) >= 1, "round robin never chose the loaded engine"
 
         await kv.put(names.STRATEGY_KEY, b"fastest-please")  # unknown: logged and ignored
-        await asyncio.sleep(0.3)
+        await eventually(lambda: caplog.text.count("ignoring unknown routing strategy b'fastest-please'") == 2,
+                         what="both replicas to read the unknown strategy")
         assert s1.placement.strategy is s2.placement.strategy is Strategy.ROUND_ROBIN
 
         await kv.delete(names.STRATEGY_KEY)  # back to the configured strategy
@@ -72,7 +74,8 @@ async def test_circuit_opens_on_an_unanswering_engine_and_a_half_open_probe_clos
         assert hung.dispatch_requests == 2, "an engine with an open circuit was sent work"
 
         hung.silent = False
-        await asyncio.sleep(0.7)  # the cooldown: the breaker half-opens
+        await eventually(lambda: scheduler.placement.breakers.state(hung.worker) is CircuitState.HALF_OPEN,
+                         what="the cooldown: the breaker half-opens")
         probe = await submit(nc, new_request())
         await eventually(lambda: hung.received_ids == [probe.id], what="the half-open probe to reach the engine")
         await eventually(lambda: circuits_open(scheduler) == 0, what="the probe's success to close the circuit")

@@ -55,18 +55,26 @@ def test_method_trains_saves_reloads_and_generates(method, default_model_dir, to
     assert 0 < info.trainable_params <= info.total_params
     if method != "full":
         assert info.trainable_params < info.total_params / 10
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    with torch.no_grad():
+        untrained_logits = model(**prompt).logits
 
     result, losses = _train(model, tokenizer, examples, tmp_path)
     assert result.status == "succeeded" and result.steps == 2
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # Training changed the model: its trainable weights moved, and so did what it predicts.
+    changed = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    assert changed, f"{method}: no trainable weight changed"
 
     out = save_result(model, tmp_path / "result")
     expected = "model.safetensors" if method == "full" else "adapter_config.json"
     assert (out / expected).exists()
-    prompt = tokenizer("The capital of France is", return_tensors="pt")
     model.eval()
     with torch.no_grad():
         trained_logits = model(**prompt).logits
+    assert (trained_logits - untrained_logits).abs().max() > 1e-3, f"{method}: the trained model predicts as before"
     reloaded = load_for_inference(default_model_dir, out)
     with torch.no_grad():
         reloaded_logits = reloaded(**prompt).logits

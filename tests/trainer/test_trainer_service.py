@@ -141,7 +141,7 @@ async def test_a_job_trains_checkpoints_and_registers_its_adapter(nc, js, traine
     assert state.trained_tokens and state.trained_tokens > 0
     assert state.progress.step == 4 and state.progress.percent == 100.0 and state.progress.loss is not None
     assert [c.step for c in state.checkpoints] == [2, 4]
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: training.SUCCEEDED in events.statuses(job.id))  # the last event, published after the KV state
     assert events.statuses(job.id) == [training.VALIDATING, training.RUNNING, training.SUCCEEDED]
     assert [e.data["step"] for e in events.of(job.id, "metrics")] == [1, 2, 3, 4]
     assert [e.data["step"] for e in events.of(job.id, "checkpoint")] == [2, 4]

@@ -1,7 +1,7 @@
 """The edge's one reply inbox: every token event for every request arrives on one wildcard.
 
 A request registers a queue under its id before it is published; events on
-``_INBOX.<edge>.<request id>`` are decoded once and put on that queue. The router also
+``<inbox root>.<edge>.<request id>`` (root ``_INBOX.edge``: the edge user's inbox) are decoded once and put on that queue. The router also
 remembers which engine (from ``StreamStart``) runs each request, so requests on an engine that
 stopped heart-beating get a local ``worker_lost`` event instead of waiting for their deadline
 (``InferenceCall`` then fails them over to another engine, see ``failover``). Engines send
@@ -91,8 +91,9 @@ class PendingReply:
 class ReplyRouter:
     """Routes events from the edge's wildcard inbox to per-request queues."""
 
-    def __init__(self, edge_id: str) -> None:
+    def __init__(self, edge_id: str, root: str = names.REPLY_PREFIX) -> None:
         self.edge_id = names.token(edge_id)
+        self.root = root  # the edge's inbox root: its NATS user may subscribe under it only
         self._pending: dict[str, PendingReply] = {}
         self._sub: Subscription | None = None
         self._nc: Client | None = None
@@ -103,9 +104,9 @@ class ReplyRouter:
         return len(self._pending)
 
     async def start(self, nc: Client) -> None:
-        """Subscribe to ``_INBOX.<edge>.*`` (once, for every request this edge will make)."""
+        """Subscribe to ``<root>.<edge>.*`` (once, for every request this edge will make)."""
         self._nc = nc
-        self._sub = await nc.subscribe(names.reply_inbox_all(self.edge_id), cb=self._on_msg)
+        self._sub = await nc.subscribe(names.reply_inbox_all(self.edge_id, self.root), cb=self._on_msg)
 
     async def stop(self) -> None:
         """Unsubscribe; requests still registered get an error instead of waiting forever."""
@@ -118,7 +119,7 @@ class ReplyRouter:
 
     def reply_to(self, request_id: str) -> str:
         """The reply subject of a request of this edge."""
-        return names.reply_inbox(self.edge_id, request_id)
+        return names.reply_inbox(self.edge_id, request_id, self.root)
 
     def register(self, request_id: str) -> PendingReply:
         """Start routing events for ``request_id`` (call before publishing the request)."""

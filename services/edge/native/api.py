@@ -130,6 +130,7 @@ async def health_check(request: web.Request) -> web.Response:
     body["engineDetails"] = [
         {"worker": s.worker, "engine": s.heartbeat.engine, "device": s.heartbeat.device,
          "models": [m.id for m in s.heartbeat.models], "slots": s.heartbeat.slots, "inFlight": s.in_flight,
-         "draining": s.heartbeat.draining, "memoryBytes": s.heartbeat.memory_bytes}
+         "draining": s.heartbeat.draining, "memoryBytes": s.heartbeat.memory_bytes,
+         "health": s.heartbeat.health, "healthReason": s.heartbeat.health_reason}
         for s in request.app[EDGE].table.live()]
     return web.Response(status=resp.status, body=_encode(body), content_type="application/json")

@@ -83,7 +83,8 @@ async def cluster_status(request: web.Request) -> web.Response:
     engines = [{"worker": s.worker, "engine": s.heartbeat.engine, "device": s.heartbeat.device,
                 "models": [m.id for m in s.heartbeat.models], "adapters": list(s.heartbeat.adapters),
                 "slots": s.heartbeat.slots, "inFlight": s.in_flight, "draining": s.heartbeat.draining,
-                "memoryBytes": s.heartbeat.memory_bytes} for s in edge.table.live()]
+                "memoryBytes": s.heartbeat.memory_bytes, "health": s.heartbeat.health,
+                "healthReason": s.heartbeat.health_reason} for s in edge.table.live()]
     strategy = await _active_strategy(js)
     return _json({"engines": engines, "models": sorted(edge.table.models()),
                   "strategy": strategy or "configured default (no cluster-wide override)",
