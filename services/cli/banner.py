@@ -12,10 +12,14 @@ __all__ = ["is_loopback", "ready_banner"]
 
 
 def bus_line(nats_url: str, nats_seeds: Path | None) -> str:
-    """How the bus is protected: one nkey user per service, or not at all (development, loopback)."""
+    """How the bus is protected: one nkey user per service, or not at all (development, loopback).
+
+    ``nats_url`` may be several lines (a cluster's nodes): the note then goes on a line of its own.
+    """
+    gap = f"\n{'':28}" if "\n" in nats_url else "  "
     if nats_seeds is None:
-        return f"{nats_url}  (unauthenticated bus: --nats-auth none, for development on loopback only)"
-    return (f"{nats_url}  (authenticated: one nkey user per service, least privilege, see ./cy nats permissions;"
+        return f"{nats_url}{gap}(unauthenticated bus: --nats-auth none, for development on loopback only)"
+    return (f"{nats_url}{gap}(authenticated: one nkey user per service, least privilege, see ./cy nats permissions;"
             f"\n                            seeds in {nats_seeds}; ./cy keys and ./cy infra take --nats-nkey "
             f"{_operator_seed(nats_seeds)})")
 

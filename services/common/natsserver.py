@@ -8,7 +8,9 @@ so an OS crash or power failure loses no acknowledged write) or ``interval`` (th
 default, every two minutes: faster, but an OS crash loses up to two minutes of acknowledged
 writes). nats-server has no command-line flag for it and a second ``jetstream {}`` block in a
 config replaces the whole first one, so the chosen value is written into a copy of the config
-in the store directory.
+in the store directory. A cluster node's own settings (its name, cluster and routes) go into that
+copy too, after ``NODE_MARKER``: a config reload (SIGHUP, new users) re-reads only the file, and
+nats-server refuses to reload a JetStream cluster whose ``cluster.name`` came from a flag.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ SYNC_POLICIES = ("always", "interval")
 SYNC_INTERVAL = "2m"
 # The copy of the config (with the chosen ``sync``) a server started with ``sync`` reads, in its store.
 EFFECTIVE_CONFIG = "nats-server.conf"
+# Where a node's own settings start in its config copy (kept when the shared part is rewritten).
+NODE_MARKER = "# --- this node (NatsServer.node_config) ---"
 _SYNC_LINE = re.compile(r"^(\s*)sync_interval:.*$", re.MULTILINE)
 
 
@@ -57,6 +61,17 @@ def config_with_sync(text: str | None, sync: str) -> str:
     return replaced
 
 
+def node_config_copy(shared: str, node: str) -> str:
+    """A node's config file: the ``shared`` text, then (after ``NODE_MARKER``) its own ``node`` settings."""
+    return f"{shared.rstrip()}\n\n{NODE_MARKER}\n{node}" if node else shared
+
+
+def node_part(copy_text: str) -> str:
+    """The node's own settings in a config copy written by ``NatsServer`` (empty if none)."""
+    _, marker, node = copy_text.partition(f"\n{NODE_MARKER}\n")
+    return node if marker else ""
+
+
 @dataclass
 class NatsServer:
     """A running nats-server child process with JetStream, bound to loopback."""
@@ -66,8 +81,8 @@ class NatsServer:
     host: str = "127.0.0.1"
     config: Path | None = None
     log_file: Path | None = None
-    # More nats-server flags (a cluster node's name, cluster URL and routes).
-    extra_args: tuple[str, ...] = ()
+    # Config text of this node alone, after ``config`` (a cluster node's name, cluster and routes).
+    node_config: str = ""
     # "always" or "interval" (see the module docstring); None: whatever ``config`` (or the server default) says.
     sync: str | None = None
     # Monitoring HTTP port (/varz, /jsz) on ``host``: -1 any free port, None none.
@@ -93,7 +108,7 @@ class NatsServer:
         if config is not None:
             cmd += ["-c", str(config)]
         cmd += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir / "jetstream"),
-                "--ports_file_dir", str(ports_dir), *self.extra_args]
+                "--ports_file_dir", str(ports_dir)]
         if self.monitor_port is not None:
             cmd += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
@@ -117,12 +132,15 @@ class NatsServer:
         raise TimeoutError(f"nats-server did not report its ports within {timeout}s")
 
     def _effective_config(self) -> Path | None:
-        """``config``, or a copy of it in the store directory with the chosen ``sync`` policy."""
-        if self.sync is None:
+        """``config``, or a copy of it in the store directory with the chosen ``sync`` policy and
+        this node's own settings."""
+        if self.sync is None and not self.node_config:
             return self.config
         text = self.config.read_text() if self.config is not None else None
+        if self.sync is not None:
+            text = config_with_sync(text, self.sync)
         path = self.store_dir / EFFECTIVE_CONFIG
-        path.write_text(config_with_sync(text, self.sync))
+        path.write_text(node_config_copy(text or "", self.node_config))
         return path
 
     def kill(self) -> None:
@@ -184,14 +202,17 @@ class NatsCluster:
     def __post_init__(self) -> None:
         ports = free_ports(2 * self.size, self.host)
         client_ports, route_ports = self.client_ports or ports[:self.size], ports[self.size:]
-        routes = ",".join(f"nats://{self.host}:{p}" for p in route_ports)
+        routes = ", ".join(f'"nats://{self.host}:{p}"' for p in route_ports)
         for i, (client, route) in enumerate(zip(client_ports, route_ports, strict=True), start=1):
             node = f"n{i}"
             self.nodes.append(NatsServer(
                 self.store_dir / node, port=client, host=self.host, config=self.config,
                 log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None, sync=self.sync,
-                extra_args=("--server_name", f"{self.name}-{node}", "--cluster_name", self.name,
-                            "--cluster", f"nats://{self.host}:{route}", "--routes", routes)))
+                node_config=(f"server_name: {self.name}-{node}\n"
+                             # Routes are not authenticated (no cluster authorization block): they
+                             # listen on loopback, where only this host's processes reach them.
+                             f"cluster {{\n  name: {self.name}\n  listen: \"{self.host}:{route}\"\n"
+                             f"  routes: [{routes}]\n}}\n")))
             self.nodes[-1].client_port = client
 
     @property
