@@ -35,6 +35,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     repetition_penalty: float = 1.0
     n: int = 1
     logprobs: int | None = None
+    # OpenAI ``logit_bias``: added to the token's logit before sampling (-100 bans it, 100 forces it).
+    logit_bias: dict[int, float] = {}
+
+
+class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the answer must match, enforced by constrained decoding in the engine (a token mask per step).
+
+    ``kind`` says which one field holds the constraint: ``json_schema`` (``json``: the schema as
+    compact JSON text, keys in the client's order, which is the order the answer's properties take), ``json_object`` (any JSON
+    object; no other field), ``regex`` (``regex``), ``choice`` (``choice``: the answer is exactly
+    one of these strings) or ``grammar`` (``grammar``: a Lark grammar in llguidance's syntax, as
+    vLLM's ``structured_outputs.grammar`` takes it). The edge checks the JSON Schema subset; the
+    engine compiles the constraint and answers ``invalid_request`` if it cannot.
+    """
+
+    kind: str
+    json: str = ""
+    regex: str = ""
+    choice: list[str] = []
+    grammar: str = ""
 
 
 class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -84,6 +104,8 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # engine's heartbeats itself (the edge sets it on every request it publishes, and migrates a
     # request whose engine died); the scheduler then sends no such error, which would pre-empt that.
     producer_watches: bool = False
+    # Structured outputs (OpenAI ``response_format``, vLLM ``structured_outputs``): None is free text.
+    structured: StructuredOutput | None = None
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -200,6 +200,15 @@ ENGINES = Dashboard(
                               "thread or engine core (no work goes to it, its requests fail over); degraded: a "
                               "check too slow to answer. The reason is in /v1/cluster/status."),
         )),
+        ("Structured outputs", (
+            Panel("Grammar compile time",
+                  (q(f'histogram_quantile(0.99, sum by (instance, le) (rate(llm_engine_grammar_compile_seconds_bucket'
+                     f'{{instance=~"$instance"}}[{RATE}])))', "p99 {{instance}}"),
+                   q(f'sum by (instance) (rate(llm_engine_grammar_compile_seconds_count{{instance=~"$instance"}}'
+                     f'[{RATE}]))', "compiles/s {{instance}}")), unit="s", width=24,
+                  description="Compiling a response_format / structured_outputs constraint (cache misses only); "
+                              "a constraint past the engine's time limit is refused with invalid_request."),
+        )),
     ),
 )
 

@@ -5,8 +5,8 @@ the HTTP requests it can answer itself, and the scheduler, for everything that r
 queue. Both must compute the same key for the same request, so both use this module.
 
 The key is SHA-256 (hex) over the msgspec JSON of ``CacheKeyInput``: the request kind (chat or
-completion), the canonical model id, the adapter, the prompt or messages, and every field of
-``SamplingParams``. The struct lists its fields in a fixed order and encodes defaults too, so
+completion), the canonical model id, the adapter, the prompt or messages, every field of
+``SamplingParams`` and the structured-output constraint (``response_format``...). The struct lists its fields in a fixed order and encodes defaults too, so
 two requests differing in any one of them never share a key, and a field added to
 ``SamplingParams`` later is keyed automatically (``sampling`` is encoded whole).
 """
@@ -17,9 +17,10 @@ import hashlib
 
 import msgspec
 
-from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
+from schemas.inference import ChatMessage, InferenceRequest, SamplingParams, StructuredOutput
 
-KEY_VERSION = 1  # bump when the encoding changes, so old entries are never read as new ones
+# Bump when the encoding changes, so old entries are never read as new ones (2: structured output, logit_bias).
+KEY_VERSION = 2
 
 
 class _KeySampling(SamplingParams, kw_only=True, omit_defaults=False):
@@ -36,6 +37,7 @@ class CacheKeyInput(msgspec.Struct, kw_only=True, omit_defaults=False, array_lik
     prompt: str | None
     messages: list[tuple[str, str, str | None]] | None
     sampling: _KeySampling
+    structured: StructuredOutput | None
 
 
 _encoder = msgspec.json.Encoder()
@@ -76,6 +78,7 @@ def _normalised(sampling: SamplingParams) -> _KeySampling:
         if isinstance(values[name], int):
             values[name] = float(values[name])
     values["stop"] = list(sampling.stop)
+    values["logit_bias"] = {token: float(bias) for token, bias in sorted(sampling.logit_bias.items())}
     return _KeySampling(**values)
 
 
@@ -83,7 +86,8 @@ def key_input(req: InferenceRequest, model: str | None = None) -> CacheKeyInput:
     """The canonical key material of ``req``; ``model`` is the canonical id its name resolved to, if known."""
     return CacheKeyInput(version=KEY_VERSION, kind="chat" if req.messages is not None else "completion",
                          model=model or req.model, adapter=req.adapter or "", prompt=req.prompt,
-                         messages=_messages(req.messages), sampling=_normalised(req.sampling))
+                         messages=_messages(req.messages), sampling=_normalised(req.sampling),
+                         structured=req.structured)
 
 
 def cache_key(req: InferenceRequest, model: str | None = None) -> str:

@@ -46,6 +46,24 @@ def refuse_logprobs(request: InferenceRequest, engine: str) -> None:
                        "use the transformers or vllm engine for 'logprobs'", param="logprobs")
 
 
+def refuse_structured(request: InferenceRequest, engine: str) -> None:
+    """Raise ``unsupported`` if ``request`` asks for structured output or ``logit_bias`` ``engine`` cannot enforce."""
+    if request.structured is not None:
+        raise BusError(ErrorCode.UNSUPPORTED, f"the {engine} engine cannot enforce structured outputs; use the "
+                       "transformers, llama.cpp or vllm engine for 'response_format'", param="response_format")
+    if request.sampling.logit_bias:
+        raise BusError(ErrorCode.UNSUPPORTED, f"the {engine} engine does not apply 'logit_bias'; use the "
+                       "transformers, llama.cpp or vllm engine", param="logit_bias")
+
+
+def check_logit_bias(request: InferenceRequest, n_vocab: int) -> None:
+    """Raise ``invalid_request`` if ``logit_bias`` names a token id outside the model's vocabulary."""
+    for token in request.sampling.logit_bias:
+        if token >= n_vocab:
+            raise BusError(ErrorCode.INVALID_REQUEST, f"'logit_bias' names token {token}, but the model's "
+                           f"vocabulary has {n_vocab} tokens", param="logit_bias")
+
+
 @dataclass(slots=True)
 class AdapterChange:
     """The engine's loaded PEFT adapters changed: the set now, and loads/evictions since the last change."""
@@ -108,6 +126,12 @@ class EngineBackend(abc.ABC):
     async def check_adapter(self, adapter: str) -> None:
         """Raise ``BusError`` now if ``adapter`` cannot be served (unknown, another base, unsupported method)."""
         raise BusError(ErrorCode.UNSUPPORTED, f"the {self.name} engine does not serve adapters", param="adapter")
+
+    def check_request(self, request: InferenceRequest) -> None:
+        """Raise ``BusError`` (``unsupported``) before the dispatch is accepted if this engine cannot honour
+        ``request``, so the scheduler offers it to another engine. By default: no structured outputs, no
+        ``logit_bias``; engines that enforce them override this."""
+        refuse_structured(request, self.name)
 
     def loaded_adapters(self) -> list[str]:
         """Adapter ids loaded now, as advertised in heartbeats."""

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
+_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class EngineMetrics:
@@ -35,6 +36,9 @@ class EngineMetrics:
         self.adapters_loaded = Gauge("llm_engine_adapters_loaded", "PEFT adapters loaded", registry=registry)
         self.adapter_loads = Counter("llm_engine_adapter_loads_total", "PEFT adapters loaded into the model",
                                      registry=registry)
+        self.grammar_compile = Histogram("llm_engine_grammar_compile_seconds",
+                                         "Compiling a structured-output constraint (cache misses only)",
+                                         buckets=_COMPILE_BUCKETS, registry=registry)
         self.adapter_evictions = Counter("llm_engine_adapter_evictions_total",
                                          "PEFT adapters unloaded to make room (least recently used, idle)",
                                          registry=registry)

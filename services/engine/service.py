@@ -47,6 +47,7 @@ from services.engine.config import EngineConfig
 from services.engine.health import HealthMonitor, HealthState
 from services.engine.heartbeats import Heartbeats
 from services.engine.control import ModelControl
+from services.engine.grammar.compiler import set_compile_observer
 from services.engine.model_host import BackendFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
 from services.engine.response_cache import ResponseRecorder, ResponseStore
@@ -107,6 +108,7 @@ class EngineService:
         self.nc = None
         self._responses: ResponseStore | None = None
         self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
+        set_compile_observer(metrics.grammar_compile.observe)
 
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
@@ -194,9 +196,11 @@ class EngineService:
             await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY,
                                               "an earlier offer of this request is still stopping"))
             return
-        if req.adapter and req.id not in self._active and (target := self.host.route(req.model)) is not None:
-            try:  # an unknown adapter is refused now, not after the dispatch was accepted
-                await target.backend.check_adapter(req.adapter)
+        if req.id not in self._active and (target := self.host.route(req.model)) is not None:
+            try:  # what this engine cannot serve is refused now, not after the dispatch was accepted
+                target.backend.check_request(req)
+                if req.adapter:
+                    await target.backend.check_adapter(req.adapter)
             except BusError as exc:
                 await request.respond(self._reply(False, exc.code, exc.message))
                 return

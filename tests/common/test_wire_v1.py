@@ -21,7 +21,8 @@ from schemas.control import ControlReply, ListModels, LoadModel, UnloadModel
 from schemas.errors import ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, TokenLogprob, TopLogprob, Usage, encode
 from schemas.heartbeat import EngineHeartbeat, ServedModel
-from schemas.inference import CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams
+from schemas.inference import (CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams,
+                              StructuredOutput)
 from schemas.routing import Strategy
 from tests.common import test_wire_v1_training as training
 from tests.common.wire_v1 import WireCase, decoder, frozen_fields, struct_types, with_unknown_field
@@ -48,6 +49,13 @@ FULL = [
             stream=False, priority=1, deadline=1767225660.5, created=1767225600.25, adapter="sql", user="u-1",
             cache=False, cache_key="ab12", attempt=1, continuation="Hel", probe=True, dispatch=3,
             producer_watches=True)),
+    WireCase("InferenceRequest with a structured output and logit_bias", decoder(InferenceRequest), (
+        b'{"id":"req-2","model":"m","reply_to":"_INBOX.edge-1.req-2","prompt":"Once",'
+        b'"sampling":{"logit_bias":{"42":-100.0}},"structured":{"kind":"json_schema",'
+        b'"json":"{\\"type\\":\\"object\\"}","choice":["a"]}}'),
+        InferenceRequest(id="req-2", model="m", reply_to="_INBOX.edge-1.req-2", prompt="Once",
+                         sampling=SamplingParams(logit_bias={42: -100.0}),
+                         structured=StructuredOutput(kind="json_schema", json='{"type":"object"}', choice=["a"]))),
     WireCase("StreamStart", EVENT, (
         b'{"type":"start","id":"req-1","worker":"engine-1","model":"SmolLM2-135M-Instruct",'
         b'"prompt_tokens":12,"dispatch":3}'),

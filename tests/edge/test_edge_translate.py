@@ -48,8 +48,13 @@ def test_max_completion_tokens_wins_over_max_tokens():
     assert parse_chat(chat(max_tokens=5, max_completion_tokens=8)).sampling.max_tokens == 8
 
 
-def test_unknown_fields_are_ignored():
-    assert parse_chat(chat(logit_bias={"1": 2}, tools=[], something_new=1)).model == "m"
+def test_unknown_fields_are_refused_by_name_and_no_op_fields_accepted():
+    rejects(chat(something_new=1), "unsupported", "something_new")
+    rejects(b'{"model": "m", "prompt": "p", "store": true}', "unsupported", "store", completion=True)
+    parsed = parse_chat(chat(logit_bias={"1": 2}, tools=[], store=True, metadata={"k": "v"}, service_tier="auto",
+                             user="u", prediction={"type": "content", "content": "x"}, parallel_tool_calls=True,
+                             tool_choice="none", modalities=["text"]))
+    assert parsed.sampling.logit_bias == {1: 2.0}
 
 
 def test_content_parts_are_flattened_and_null_assistant_content_is_empty():

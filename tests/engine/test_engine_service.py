@@ -14,7 +14,8 @@ import pytest
 from schemas import names
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, decode_event, encode
 from schemas.heartbeat import EngineHeartbeat
-from schemas.inference import CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams
+from schemas.inference import (CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams,
+                              StructuredOutput)
 from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
@@ -111,6 +112,18 @@ async def test_alias_unknown_model_and_full_slots(nc, nats_server):
         assert first.accepted
         busy = await dispatch(nc, worker, request(inbox))
         assert not busy.accepted and busy.code == "engine_busy"
+
+
+async def test_a_request_the_engine_cannot_constrain_is_refused_before_it_is_accepted(nc, nats_server):
+    async with running_engine(nats_server.url) as (service, worker):
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox)
+        refused = await dispatch(nc, worker, msgspec.structs.replace(
+            request(inbox), structured=StructuredOutput(kind="json_object")))
+        assert not refused.accepted and refused.code == "unsupported" and "response_format" in refused.message
+        biased = await dispatch(nc, worker, request(inbox, logit_bias={3: 1.0}))
+        assert not biased.accepted and biased.code == "unsupported"
+        assert not service._active  # nothing was started
 
 
 async def test_heartbeats_on_subject_and_in_kv(nc, nats_server, js):

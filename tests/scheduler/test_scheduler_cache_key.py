@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
+from schemas.inference import ChatMessage, InferenceRequest, SamplingParams, StructuredOutput
 from services.common.cache_key import cache_key, is_cacheable, is_deterministic
 
 BASE_SAMPLING = SamplingParams(max_tokens=32, temperature=0.0, top_p=0.9, top_k=40, seed=7, stop=["\n"],
@@ -15,7 +15,7 @@ BASE_SAMPLING = SamplingParams(max_tokens=32, temperature=0.0, top_p=0.9, top_k=
 SAMPLING_CHANGES = {
     "max_tokens": 33, "temperature": 0.5, "top_p": 0.8, "top_k": 41, "seed": 8, "stop": ["\n\n"],
     "presence_penalty": 0.3, "frequency_penalty": 0.4, "repetition_penalty": 1.2, "n": 2,
-    "logprobs": 2,
+    "logprobs": 2, "logit_bias": {5: -100.0},
 }
 
 
@@ -42,6 +42,8 @@ def test_requests_differing_in_one_sampling_field_never_share_a_key(field):
     dict(messages=[ChatMessage(role="user", content="hi", name="bob")]),
     dict(messages=[ChatMessage(role="user", content="h"), ChatMessage(role="user", content="i")]),
     dict(messages=None, prompt="hi"),
+    dict(structured=StructuredOutput(kind="json_object")),
+    dict(structured=StructuredOutput(kind="choice", choice=["a"])),
 ])
 def test_requests_differing_in_model_adapter_or_input_never_share_a_key(change):
     assert cache_key(chat()) != cache_key(chat(**change))

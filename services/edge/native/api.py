@@ -17,6 +17,7 @@ from services.edge.system import health
 from services.edge.config import EdgeConfig
 from services.edge.native.types import NativeInferenceBody
 from services.edge.openai.bodies import ChunkFormatter
+from services.edge.openai.structured import from_response_format
 from services.edge.openai.translate import ParsedRequest, _decode, _messages, _sampling
 from services.edge.state import EDGE
 
@@ -41,7 +42,7 @@ def parse_native(raw: bytes, *, default_max_tokens: int, stream: bool) -> Parsed
         model=model, messages=_messages(body.messages) if body.messages is not None else None, prompt=body.prompt,
         sampling=_sampling(gen, gen.max_new_tokens, default_max_tokens, "generation.max_new_tokens"),
         stream=stream, include_usage=True, priority=body.priority, adapter=body.adapter or None, user=body.user,
-        timeout=body.timeout, cache=body.cache)
+        timeout=body.timeout, cache=body.cache, structured=from_response_format(body.responseFormat, "responseFormat"))
 
 
 def _usage(usage: Usage) -> dict[str, int]:

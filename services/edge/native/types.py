@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import msgspec
 
-from services.edge.openai.types import Int32, MessageBody, SamplingFields
+from services.edge.openai.types import Int32, MessageBody, ResponseFormat, SamplingFields
 
 
 class NativeGeneration(SamplingFields, kw_only=True):
     """``generation``: the seed documents' sampling block (HF ``generate`` names)."""
 
     max_new_tokens: Int32 | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class NativeInferenceBody(msgspec.Struct, kw_only=True):
@@ -27,3 +28,5 @@ class NativeInferenceBody(msgspec.Struct, kw_only=True):
     timeout: float | None = None
     cache: bool = True
     user: str | None = None
+    # OpenAI's ``response_format`` (text, json_object, json_schema), enforced by constrained decoding.
+    responseFormat: ResponseFormat | None = None

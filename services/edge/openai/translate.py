@@ -17,7 +17,9 @@ import msgspec
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
-from schemas.inference import ChatMessage, InferenceRequest, SamplingParams
+from schemas.inference import ChatMessage, InferenceRequest, SamplingParams, StructuredOutput
+from services.edge.openai import fields
+from services.edge.openai.structured import structured
 from services.edge.openai.types import ChatCompletionBody, CompletionBody, MessageBody, SamplingFields
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -33,6 +35,7 @@ _completion_decoder = msgspec.json.Decoder(CompletionBody)
 # msgspec: "Expected `float`, got `str` - at `$.temperature`"; "Object missing required field `model`"
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,7 @@ class ParsedRequest:
     timeout: float | None
     cache: bool = True
     n: int = 1  # choices asked for; ``sampling.n`` stays 1 (each choice is a request of its own)
+    structured: StructuredOutput | None = None  # response_format / structured_outputs
 
 
 def _invalid(message: str, param: str | None) -> BusError:
@@ -68,6 +72,11 @@ def _decode(decoder: msgspec.json.Decoder, raw: bytes):
         missing = _MISSING.search(text)
         if missing:
             path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        unknown = _UNKNOWN.search(text)
+        if unknown:  # never silently ignored: a field the edge does not know is refused by name
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+            raise BusError(ErrorCode.UNSUPPORTED, f"unknown request field '{path}': it is not an OpenAI field this "
+                           "platform serves (see the README's field table)", param=path) from None
         detail = _AT_PATH.sub("", text)
         raise _invalid(f"invalid request body: {detail}" + (f" (at '{path}')" if path else ""),
                        path or None) from None
@@ -142,7 +151,8 @@ def _sampling(body: SamplingFields, max_tokens: int | None, default_max_tokens: 
     if body.repetition_penalty is not None and body.repetition_penalty <= 0:
         raise _invalid(f"'repetition_penalty' must be > 0, got {body.repetition_penalty!r}", "repetition_penalty")
     params = SamplingParams(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-                            stop=_stop_list(body.stop), seed=body.seed)
+                            stop=_stop_list(body.stop), seed=body.seed,
+                            logit_bias=fields.logit_bias(getattr(body, "logit_bias", None)))
     for name in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         value = getattr(body, name)
         if value is not None:
@@ -187,12 +197,13 @@ def _common(body: ChatCompletionBody | CompletionBody) -> dict:
     return dict(model=body.model, stream=bool(body.stream),
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 priority=body.priority, adapter=body.adapter or None, user=body.user, timeout=body.timeout,
-                cache=body.cache)
+                cache=body.cache, structured=structured(body.response_format, body.structured_outputs))
 
 
 def parse_chat(raw: bytes, *, default_max_tokens: int = 256, max_n: int = MAX_CHOICES) -> ParsedRequest:
     """Decode and validate a ``/v1/chat/completions`` body (``max_completion_tokens`` wins over ``max_tokens``)."""
     body = _decode(_chat_decoder, raw)
+    fields.check_chat_fields(body)
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     else:
@@ -207,6 +218,7 @@ def parse_chat(raw: bytes, *, default_max_tokens: int = 256, max_n: int = MAX_CH
 def parse_completion(raw: bytes, *, default_max_tokens: int = 16, max_n: int = MAX_CHOICES) -> ParsedRequest:
     """Decode and validate a legacy ``/v1/completions`` body (OpenAI's default ``max_tokens`` there is 16)."""
     body = _decode(_completion_decoder, raw)
+    fields.check_completion_fields(body)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -227,6 +239,7 @@ def to_request(parsed: ParsedRequest, *, request_id: str, model: str, reply_to: 
                             prompt=parsed.prompt, sampling=parsed.sampling, stream=parsed.stream,
                             priority=parsed.priority, deadline=deadline, created=created,
                             adapter=parsed.adapter, user=parsed.user, cache=parsed.cache,
+                            structured=parsed.structured,
                             producer_watches=True)  # the edge follows the engine itself (failover)
 
 

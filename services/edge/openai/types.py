@@ -1,13 +1,14 @@
 """The OpenAI HTTP request bodies the edge accepts, as msgspec Structs.
 
 Only the wire shape lives here (types, defaults); ranges and cross-field rules are checked in
-``openai_translate``. Unknown fields are ignored (msgspec's default), as OpenAI clients send
-many the platform does not use.
+``openai_translate``. The OpenAI bodies list every field of OpenAI's API, and refuse any other
+(``forbid_unknown_fields``: a field the edge does not know is a 400 ``unsupported`` naming it,
+never silently ignored); ``openai.fields`` decides which are honoured, refused or no-ops.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -35,6 +36,33 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     """``stream_options``: ``include_usage`` adds a final usage chunk to a stream."""
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    """``response_format.json_schema``: the schema the answer must validate against (``strict`` is always on)."""
+
+    name: str
+    description: str | None = None
+    schema: dict[str, Any] | bool | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    """``response_format``: ``text``, ``json_object`` or ``json_schema`` (with ``json_schema``)."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's ``structured_outputs`` extra: exactly one of a JSON schema, a regex, a choice list, a grammar."""
+
+    json: dict[str, Any] | bool | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -66,12 +94,34 @@ class _CommonBody(SamplingFields, kw_only=True):
     adapter: str | None = None
     timeout: float | None = None
     cache: bool = True  # false: never answered from, nor stored in, the prompt cache
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None  # vLLM's extra
 
 
-class ChatCompletionBody(_CommonBody, kw_only=True):
-    """``POST /v1/chat/completions``."""
+class ChatCompletionBody(_CommonBody, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/chat/completions``; see ``openai.fields`` for what each OpenAI field does here."""
 
     messages: list[MessageBody]
+    # Refused with 400 unsupported when they would change the answer (``openai.fields``).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    # Accepted, documented no-ops: they cannot change the answer.
+    prediction: Any = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
     max_completion_tokens: Int32 | None = None
     logprobs: Annotated[bool | None, msgspec.Meta(
         description="return each generated token's log-probability (the model's raw distribution)")] = None
@@ -79,10 +129,13 @@ class ChatCompletionBody(_CommonBody, kw_only=True):
         description="0..20 most likely alternatives per token; needs logprobs: true")] = None
 
 
-class CompletionBody(_CommonBody, kw_only=True):
+class CompletionBody(_CommonBody, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/completions`` (legacy): ``prompt`` is a string or a list of exactly one string."""
 
     prompt: str | list[str]
     # legacy: the number of alternatives per token (0..5), not a bool
     logprobs: Annotated[Int32 | None, msgspec.Meta(
         description="0..5: return each token's log-probability and that many most likely alternatives")] = None
+    echo: bool | None = None
+    best_of: Int32 | None = None
+    suffix: str | None = None

@@ -31,7 +31,7 @@ from pathlib import Path
 from schemas.errors import BusError, ErrorCode
 from schemas.events import TokenLogprob, TopLogprob
 from schemas.heartbeat import ServedModel
-from schemas.inference import InferenceRequest, SamplingParams
+from schemas.inference import InferenceRequest, SamplingParams, StructuredOutput
 from services.engine.backend import AdapterChange, Chunk, EngineBackend, Finished, GenerationEvent
 from services.engine.lora.sources import AdapterResolver, read_adapter_config
 from services.engine.lora.shapes import check_lora_shapes, weight_shapes
@@ -82,8 +82,33 @@ def prepare_environment(device: str, threads: int = 0) -> str:
     return platform
 
 
-def vllm_sampling(params: SamplingParams, max_tokens: int):
-    """Our sampling parameters as vLLM's, streaming one delta per step."""
+def vllm_structured(structured: StructuredOutput | None):
+    """Our structured-output constraint as vLLM's ``StructuredOutputsParams`` (None: free text).
+
+    Compact JSON (``disable_any_whitespace``), as the other engines write it; the engine runs vLLM's
+    ``guidance`` backend (llguidance, the library the other engines use), so a ``grammar`` is Lark there too.
+    """
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    match structured.kind:
+        case "json_schema":
+            return StructuredOutputsParams(json=structured.json, disable_any_whitespace=True)
+        case "json_object":
+            return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        case "regex":
+            return StructuredOutputsParams(regex=structured.regex)
+        case "choice":
+            return StructuredOutputsParams(choice=list(structured.choice))
+        case "grammar":
+            return StructuredOutputsParams(grammar=structured.grammar)
+    raise BusError(ErrorCode.UNSUPPORTED, f"structured output kind {structured.kind!r} is not supported",
+                   param="response_format")
+
+
+def vllm_sampling(params: SamplingParams, max_tokens: int, structured: StructuredOutput | None = None):
+    """Our sampling parameters (and structured-output constraint) as vLLM's, streaming one delta per step."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -91,7 +116,8 @@ def vllm_sampling(params: SamplingParams, max_tokens: int):
         max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         seed=params.seed, stop=list(params.stop) or None, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
-        output_kind=RequestOutputKind.DELTA, skip_special_tokens=True, logprobs=params.logprobs)
+        output_kind=RequestOutputKind.DELTA, skip_special_tokens=True, logprobs=params.logprobs,
+        logit_bias=dict(params.logit_bias) or None, structured_outputs=vllm_structured(structured))
 
 
 def token_logprobs(token_ids: Seq[int], positions, top: int, token_text: Callable[[int], str]) -> list[TokenLogprob]:
@@ -143,6 +169,8 @@ def translated_errors():
         raise BusError(ErrorCode.ENGINE_FAILED, f"the vllm engine core died: {exc}") from None
     except VLLMClientError as exc:
         raise BusError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+    except ValueError as exc:  # vLLM validates a request (a grammar it cannot compile...) as it is added
+        raise BusError(ErrorCode.INVALID_REQUEST, f"vllm refused the request: {exc}") from None
     except EngineGenerateError as exc:
         raise BusError(ErrorCode.ENGINE_FAILED, f"vllm failed the request: {exc.__cause__ or exc}") from None
 
@@ -191,6 +219,7 @@ class VllmEngine(EngineBackend):
                                     "vLLM does not serve GGUF here)")
         prepare_environment(self._device_arg, self._threads)
         from transformers import AutoTokenizer
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -199,7 +228,8 @@ class VllmEngine(EngineBackend):
         args = AsyncEngineArgs(
             model=str(self._path), served_model_name=[self._model_id], dtype=self._dtype,
             max_model_len=self._context_length or None, max_num_seqs=self._slots,
-            disable_log_stats=True, **self._lora_args(), **self._memory_args())
+            disable_log_stats=True, structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
+            **self._lora_args(), **self._memory_args())
         # Engine creation spawns and waits for the engine-core process: keep it off the event loop.
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._context_length = self.engine.model_config.max_model_len
@@ -266,6 +296,9 @@ class VllmEngine(EngineBackend):
     def bind_bus(self, js) -> None:
         """Resolve adapters through the model registry and the artifact store of ``js`` too."""
         self._adapters.bind(js)
+
+    def check_request(self, request: InferenceRequest) -> None:
+        """vLLM enforces structured outputs and ``logit_bias`` itself (it refuses a bad one as it is added)."""
 
     async def check_adapter(self, adapter: str) -> None:
         """Known, for this base model, and (when already local) a LoRA this engine can serve; else ``BusError``."""
@@ -347,7 +380,7 @@ class VllmEngine(EngineBackend):
             if request.id in self._aborted:
                 raise BusError(ErrorCode.CANCELLED, "request aborted")
             params = vllm_sampling(request.sampling, min(request.sampling.max_tokens,
-                                                         self._context_length - len(prompt_ids)))
+                                                         self._context_length - len(prompt_ids)), request.structured)
             produced, top = 0, request.sampling.logprobs
             stream = self.engine.generate(self._engine_input(prompt_ids), params, request.id, lora_request=lora)
             async with contextlib.aclosing(stream):

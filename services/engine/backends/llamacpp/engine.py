@@ -13,6 +13,8 @@ LoRA (``lora_gguf``; cached by content under the adapter cache directory) and lo
 model by the model thread, which decodes each adapter's sequences in their own ``llama_decode``
 (``gguf_lora``). Other PEFT methods (DoRA, IA3, LoHa...) have no llama.cpp form and are
 refused with ``unsupported`` before the dispatch is accepted.
+Structured outputs and ``logit_bias`` are enforced in the model thread (see ``batching``); the
+constraint is compiled here before the sequence is submitted.
 ``logprobs`` are the log-softmax of llama.cpp's raw logits for each sampled token (before
 penalties and temperature, as OpenAI and vLLM report them).
 """
@@ -30,7 +32,8 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import EngineBackend, GenerationEvent
+from services.engine.backend import EngineBackend, GenerationEvent, check_logit_bias
+from services.engine.grammar.compiler import EngineGrammars
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.batching import GgufBatchGenerator, GgufSequence
 from services.engine.backends.model_thread import EventQueues
@@ -79,6 +82,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
                                             cache_dir=self._lora_dir))
         self._base_header: BaseHeader | None = None
         self._converting: dict[Path, asyncio.Future[Path]] = {}
+        self._grammars: EngineGrammars | None = None
 
     # --- lifecycle ---
     def _gguf_path(self) -> Path:
@@ -100,8 +104,20 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         self._batcher = GgufBatchGenerator(self.model, self._events.deliver, max_adapters=self._max_adapters,
                                            on_adapters=self._adapters_changed)
         self._batcher.start()
+        self._grammars = EngineGrammars(self._grammar_tokenizer, self.model.n_vocab)
         log.info("loaded %s from %s with llama.cpp on %s, %d slots, context %d (trained %d)", self._model_id, path,
                  self.device, self._slots, self.model.ctx_per_seq, self.model.n_ctx_train)
+
+    def _grammar_tokenizer(self):
+        import llguidance.llamacpp
+
+        eog = [t for t in range(self.model.n_vocab) if self.model.is_end_of_generation(t)]
+        return llguidance.llamacpp.lltokenizer_from_vocab(self.model.vocab, eos_token=eog)
+
+    def check_request(self, request: InferenceRequest) -> None:
+        """Structured outputs and ``logit_bias`` are enforced here; only token ids outside the vocabulary are refused."""
+        if self.model is not None and self.model.n_vocab:
+            check_logit_bias(request, self.model.n_vocab)
 
     async def close(self) -> None:
         """Stop the model thread, then free the context and the model."""
@@ -178,8 +194,8 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         extra = self.model.tokenize(request.continuation, add_special=False, parse_special=False)
         return RenderedPrompt(ids + extra, len(extra))
 
-    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None
-                      ) -> GgufSequence:
+    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None,
+                      constraint=None) -> GgufSequence:
         params = request.sampling
         return GgufSequence(
             request_id=request.id,
@@ -191,6 +207,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
             stop=StopMatcher(params.stop),
             adapter=request.adapter if adapter_path is not None else None,
             adapter_path=adapter_path,
+            constraint=constraint,
         )
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
@@ -199,10 +216,14 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
         prompt = self.render(request)
         check_context(len(prompt.ids), self.model.ctx_per_seq)
+        check_logit_bias(request, self.model.n_vocab)
+        constraint = await self._grammars.constraint(request.structured)
+        if constraint is not None and prompt.continued:  # a migrated answer resumes mid-grammar
+            constraint.advance_all(prompt.ids[-prompt.continued:])
 
         async def submit() -> None:
             adapter_path = await self._gguf_adapter(request.adapter) if request.adapter else None
-            self._batcher.submit(self._new_sequence(request, prompt.ids, adapter_path))
+            self._batcher.submit(self._new_sequence(request, prompt.ids, adapter_path, constraint))
 
         async for event in self._events.follow(request.id, submit, self._abort_sequence, prompt.continued):
             yield event

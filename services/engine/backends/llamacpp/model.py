@@ -253,10 +253,14 @@ class GgufModel:
 
     # --- sampling ---
     def new_sampler(self, params: SamplingParams, seed: int, window: int):
-        """A per-request sampler chain: penalties over its last ``window`` tokens, then greedy or
+        """A per-request sampler chain: ``logit_bias``, penalties over its last ``window`` tokens, then greedy or
         temperature -> top-k -> top-p -> a seeded draw (HF/OpenAI order: temperature first)."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_params(no_perf=True))
         add = llama_cpp.llama_sampler_chain_add
+        if params.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias.items()))
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(params.logit_bias), biases))
         if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             add(chain, llama_cpp.llama_sampler_init_penalties(self.n_vocab, max(1, window), params.repetition_penalty,
                                                               params.frequency_penalty, params.presence_penalty))

@@ -8,6 +8,10 @@ PEFT method (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, ...), unlike a mixed-adapter for
 Adapters are loaded, evicted and switched only here, between forwards. Each sequence keeps
 its own sampling parameters and RNG, so batching never changes what a seeded request samples.
 
+A sequence with a structured-output constraint (``grammar.RowConstraint``) has the tokens its
+grammar forbids masked out of its own row before sampling, after penalties and ``logit_bias``;
+rows without one pay nothing for it.
+
 A sequence that asked for ``logprobs`` gets, for every token, the log-softmax of the model's raw
 logits at that step (before penalties, temperature, top-k/top-p: what OpenAI and vLLM report),
 the sampled token's entry and the ``logprobs`` most likely alternatives.
@@ -30,7 +34,9 @@ from services.engine.backends.model_thread import Failed, ModelThread
 from services.engine.backends.transformers.adapter_slots import AdapterSlots
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.transformers.row_batch import RowBatch
-from services.engine.backends.transformers.sampling import apply_penalties, sample_row, token_logprobs
+from services.engine.backends.transformers.sampling import (apply_logit_bias, apply_penalties, sample_row,
+                                                            token_logprobs)
+from services.engine.grammar.constraint import RowConstraint
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class Sequence:
     # With ``params.logprobs`` set: one token's text (decoded alone), and the entries of ``pending_ids``.
     token_text: Callable[[int], str] = str
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    constraint: RowConstraint | None = None  # structured output: the grammar this row must follow
 
     def take_pending(self, text: str) -> Chunk:
         """The chunk of ``text`` with the token ids (and log-probabilities) not sent yet."""
@@ -214,8 +221,17 @@ class BatchGenerator(ModelThread):
         # Before the penalties, which change ``logits`` in place: the model's own distribution.
         raw = torch.log_softmax(logits, dim=-1) if seq.params.logprobs is not None else None
         logits = apply_penalties(logits, seq.params, seq.counts, None)
+        if seq.params.logit_bias:
+            logits = apply_logit_bias(logits, seq.params.logit_bias)
+        if seq.constraint is not None:
+            seq.constraint.mask_torch(logits)
+            if seq.constraint.error:
+                self._fail_constraint(seq, events)
+                return
         token = sample_row(logits, seq.params, seq.generator)
         seq.last_token = token
+        if seq.constraint is not None and token not in self._eos:
+            seq.constraint.advance(token)
         if token in self._eos:
             self._finish(seq, "stop", events)
             return
@@ -231,6 +247,12 @@ class BatchGenerator(ModelThread):
             self._finish(seq, "stop", events)
         elif seq.generated >= seq.max_new_tokens:
             self._finish(seq, "length", events)
+
+    def _fail_constraint(self, seq: Sequence, events: list) -> None:
+        """The grammar matcher hit one of its limits: the answer could not stay valid, so it fails, typed."""
+        events.append((seq.request_id, Failed(ErrorCode.INVALID_REQUEST,
+                                              f"structured output could not be continued: {seq.constraint.error}")))
+        seq.done = True
 
     def _finish(self, seq: Sequence, reason: str, events: list) -> None:
         rest = seq.stop.flush() if not seq.stop.stopped else ""

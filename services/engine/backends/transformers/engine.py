@@ -2,7 +2,9 @@
 
 Requests are rendered with the model's chat template on the event loop (sub-millisecond, by the
 shared ``text.prompt``), then generated in the model thread (``batching.BatchGenerator``); events
-come back once per decode step through ``call_soon_threadsafe``. A request naming a PEFT adapter has its files
+come back once per decode step through ``call_soon_threadsafe``. Structured outputs and
+``logit_bias`` are enforced in the sampler, per row (``grammar``: the constraint is compiled here,
+before the sequence is submitted). A request naming a PEFT adapter has its files
 located and downloaded here (``lora.AdapterResolver``), then the model thread loads it.
 """
 
@@ -20,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import EngineBackend, GenerationEvent
+from services.engine.backend import EngineBackend, GenerationEvent, check_logit_bias
+from services.engine.grammar.compiler import EngineGrammars
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
 from services.engine.backends.model_thread import EventQueues
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
@@ -67,6 +70,7 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
         self._batcher: BatchGenerator | None = None
         self.tokenizer = None
         self.model = None
+        self._grammars: EngineGrammars | None = None
         self._max_adapters = max_adapters
         self._init_adapters(AdapterResolver(adapter_dirs=adapter_dirs, base_names=[model_id, *self._aliases],
                                             cache_dir=adapter_cache_dir or self._path.parent.parent / "adapters"))
@@ -82,6 +86,7 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
         self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._events.deliver,
                                        max_adapters=self._max_adapters, on_adapters=self._adapters_changed)
         self._batcher.start()
+        self._grammars = EngineGrammars(self._grammar_tokenizer, self._n_vocab())
         log.info("loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self._device,
                  self._dtype, self._slots, self._context_length)
 
@@ -102,6 +107,20 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
             elif value:
                 ids.update(value)
         return ids
+
+    def _n_vocab(self) -> int:
+        """Rows of the model's logits (the tokenizer's vocabulary may be smaller: padding rows)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def _grammar_tokenizer(self):
+        import llguidance.hf
+
+        return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self._n_vocab(), eos_token=sorted(self._eos_ids()))
+
+    def check_request(self, request: InferenceRequest) -> None:
+        """Structured outputs and ``logit_bias`` are enforced here; only token ids outside the vocabulary are refused."""
+        if self.model is not None:
+            check_logit_bias(request, self._n_vocab())
 
     async def close(self) -> None:
         """Stop the model thread and release the model."""
@@ -149,7 +168,8 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
         """
         return render_prompt(self.tokenizer, request)
 
-    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None) -> Sequence:
+    def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None,
+                      constraint=None) -> Sequence:
         params = request.sampling
         generator = torch.Generator(device=self._device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -164,6 +184,7 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
             adapter=request.adapter if adapter_path is not None else None,
             adapter_path=adapter_path,
             token_text=lambda token: self.tokenizer.decode([token]),
+            constraint=constraint,
         )
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[GenerationEvent]:
@@ -173,9 +194,14 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
         prompt = self.render(request)
         check_context(len(prompt.ids), self._context_length)
 
+        check_logit_bias(request, self._n_vocab())
+        constraint = await self._grammars.constraint(request.structured)
+        if constraint is not None and request.continuation:  # a migrated answer resumes mid-grammar
+            constraint.advance_all(self.tokenizer(request.continuation, add_special_tokens=False).input_ids)
+
         async def submit() -> None:
             adapter_path = await self._adapters.fetch(request.adapter) if request.adapter else None
-            self._batcher.submit(self._new_sequence(request, prompt.ids, adapter_path))
+            self._batcher.submit(self._new_sequence(request, prompt.ids, adapter_path, constraint))
 
         async for event in self._events.follow(request.id, submit, self._abort_sequence, prompt.continued):
             yield event

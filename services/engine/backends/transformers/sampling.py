@@ -26,6 +26,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: dict[i
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI ``logit_bias``: each listed token's logit moves by its bias (in place)."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Pick the next token from one row of logits: greedy at temperature 0, else top-k/top-p sampling."""
     if params.temperature <= 0.0:
