@@ -8,13 +8,17 @@ import subprocess
 import sys
 import uuid
 
+import nats
+import nats.errors
 import pytest
 from nats.js.errors import KeyNotFoundError
 
 from schemas import names
-from services.common.bus import (NatsOptions, add_nats_arguments, child_arguments, connect_kwargs,
+from services.cli.nats_auth import SERVER_CONFIG
+from services.common import bus_auth, bus_permissions
+from services.common.bus import (NatsOptions, add_nats_arguments, child_arguments, connect, connect_kwargs,
                                  option_problems, options_from_args, server_list)
-from services.common.natsserver import free_ports
+from services.common.natsserver import NatsServer, free_ports
 from tests.support import REPO, wait_for
 
 
@@ -96,3 +100,28 @@ async def test_a_service_given_two_servers_connects_to_the_live_one(nc, nats_ser
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_nkey_is_one_of_the_options_and_is_handed_on():
+    assert _parse([], {"CY_NATS_NKEY": "edge.nk"}).nats_nkey == "edge.nk"
+    options = options_from_args(_parse(["--nats-url", "a:1,b:2", "--nats-nkey", "engine.nk"], {}))
+    assert options.nats_nkey == "engine.nk"
+    assert child_arguments(options) == ["--nats-url", "nats://a:1,nats://b:2", "--nats-nkey", "engine.nk"]
+    assert connect_kwargs(options)["nkeys_seed"] == "engine.nk"
+    assert any("--nats-nkey" in p for p in option_problems(options))  # no such file here
+
+
+async def test_connect_authenticates_with_the_options_nkey_on_any_node_of_the_list(tmp_path):
+    seeds = bus_auth.ensure_seeds(tmp_path / "nkeys", [bus_permissions.identities([])[bus_permissions.SCHEDULER]])
+    seed = seeds[bus_permissions.SCHEDULER]
+    config = bus_auth.write_server_config(SERVER_CONFIG, tmp_path / "auth.conf", seeds, bus_permissions.identities([]))
+    dead = f"nats://127.0.0.1:{free_ports(1)[0]}"
+    with NatsServer(tmp_path / "nats", config=config) as server:
+        options = NatsOptions(nats_url=f"{dead},{server.url}", nats_nkey=str(seed))
+        nc = await connect(options, "pytest", inbox=names.identity_inbox(bus_permissions.SCHEDULER))
+        try:
+            assert nc.is_connected and nc.connected_url.port == server.client_port
+        finally:
+            await nc.close()
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
