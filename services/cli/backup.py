@@ -321,7 +321,8 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                        "the server at --nats-url. A corrupted backup or a non-empty server is refused before "
                        "anything is written.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    add_operator_nats_arguments(p, url_from_env=False)  # given: restore into that server or cluster, not the state dir's
+    # Given: restore into that server or cluster, not the state dir's.
+    add_operator_nats_arguments(p, url_from_env=False)
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every restored stream (3 on the 3-node cluster; default: 1)")
     state_dir_arg(p)

@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         case "list":
             return list_keys(options_from_args(args))
         case "revoke":
-            return revoke(options_from_args(args), args.key_id, state_dir=(args.state_dir or default_state_dir()).resolve())
+            return revoke(options_from_args(args), args.key_id,
+                          state_dir=(args.state_dir or default_state_dir()).resolve())
         case "limits":
             changes = {field: getattr(args, field) for _, field, _ in _LIMIT_OPTIONS if hasattr(args, field)}
             return set_limits(options_from_args(args), args.key_id, changes)

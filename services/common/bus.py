@@ -4,8 +4,9 @@ One place for what a NATS address is: a comma-separated server list (the nodes o
 any one of them is enough to start, the client learns the others and fails over between them),
 plus credentials and TLS named as the ``nats`` CLI names them. ``add_nats_arguments`` gives a
 parser ``--nats-url``, ``--nats-creds``, ``--nats-nkey`` (this service's nkey user),
-``--nats-tls-ca``, ``--nats-tls-cert``, ``--nats-tls-key`` with environment defaults; every service config inherits ``NatsOptions`` so the parsed values
-land in its strict config struct under the same names; ``connect`` turns them into a client.
+``--nats-tls-ca``, ``--nats-tls-cert``, ``--nats-tls-key`` with environment defaults; every
+service config inherits ``NatsOptions`` so the parsed values land in its strict config struct
+under the same names; ``connect`` turns them into a client.
 """
 
 from __future__ import annotations
