@@ -2,8 +2,14 @@
 
 Applying twice changes nothing. A definition that differs from what the server holds is
 reported field by field and refused (``ProvisionError``), unless ``update=True``, which applies
-only changes the server makes without dropping data (limits, descriptions), and still refuses
-changes of retention or storage.
+only changes the server makes without dropping data (limits, descriptions, replicas), and still
+refuses changes of retention or storage.
+
+Replicas are a deploy-time setting, not part of a definition: ``replicas=None`` (what ``./cy up``
+applies) creates missing objects with one replica and leaves an existing object's count as the
+server has it, so an R3 cluster is never refused nor downgraded. ``replicas=N`` asks for N: a
+different count is a difference like any other, applied by ``update=True`` (JetStream changes a
+stream's replica count in place, copying its data to the new peers).
 
 Every name (stream, subject, durable, bucket) comes from ``schemas/names.py``. The definitions
 file spells them too, for operators to read; ``name_mismatches`` compares the two and ``apply``
@@ -13,7 +19,7 @@ refuses a file that disagrees, so a renamed subject can never be provisioned und
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +84,7 @@ def name_mismatches(defs: dict[str, Any]) -> list[str]:
     return out
 
 
-def _stream_config(name: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+def _stream_config(name: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     return api.StreamConfig(
         name=name,
         description=d.get("description"),
@@ -100,7 +106,7 @@ def _stream_config(name: str, d: dict[str, Any], replicas: int) -> api.StreamCon
     )
 
 
-def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     # Mirrors what nats.py's create_key_value builds, so a bucket made either way compares equal.
     history = d.get("history", 1)
     return api.StreamConfig(
@@ -122,7 +128,7 @@ def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.Stre
     )
 
 
-def _obj_stream_config(bucket: str, d: dict[str, Any], replicas: int) -> api.StreamConfig:
+def _obj_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> api.StreamConfig:
     return api.StreamConfig(
         name=names.obj_stream(bucket),
         description=d.get("description"),
@@ -158,6 +164,8 @@ def _norm(field: str, value: Any) -> Any:
 def _differences(want: api.StreamConfig, have: api.StreamConfig) -> dict[str, tuple[Any, Any]]:
     diff = {}
     for f in _COMPARED:
+        if f == "num_replicas" and want.num_replicas is None:
+            continue  # keep what the cluster has
         w, h = _norm(f, getattr(want, f)), _norm(f, getattr(have, f))
         if w != h:
             diff[f] = (h, w)
@@ -168,7 +176,7 @@ async def _apply_stream(js: JetStreamContext, kind: str, want: api.StreamConfig,
     try:
         info = await js.stream_info(want.name)
     except NotFoundError:
-        await js.add_stream(want)
+        await js.add_stream(replace(want, num_replicas=want.num_replicas or 1))
         return Action(kind, want.name, "created")
     diff = _differences(want, info.config)
     if not diff:
@@ -180,11 +188,11 @@ async def _apply_stream(js: JetStreamContext, kind: str, want: api.StreamConfig,
                 "delete it yourself if that is what you want" if immutable else
                 "re-run with --update to apply (no data is dropped by these changes)")
         raise ProvisionError(f"{kind} {want.name} differs from infra/nats/jetstream.toml: {text}; {hint}")
-    await js.update_stream(want)
+    await js.update_stream(replace(want, num_replicas=want.num_replicas or info.config.num_replicas or 1))
     return Action(kind, want.name, "updated", text)
 
 
-def _consumer_config(name: str, d: dict[str, Any], replicas: int) -> api.ConsumerConfig:
+def _consumer_config(name: str, d: dict[str, Any], replicas: int | None) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         durable_name=name,
         description=d.get("description"),
@@ -195,11 +203,14 @@ def _consumer_config(name: str, d: dict[str, Any], replicas: int) -> api.Consume
         max_deliver=d.get("max_deliver", -1),
         max_ack_pending=d.get("max_ack_pending", 1000),
         max_waiting=d.get("max_waiting", 512),
-        num_replicas=replicas if replicas > 1 else None,
+        # None (also for 1): created with its stream's replica count, which it keeps if the stream's changes;
+        # a work-queue stream refuses a consumer whose explicit count differs from its own (10134).
+        num_replicas=replicas if replicas and replicas > 1 else None,
     )
 
 
-async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], replicas: int, update: bool) -> Action:
+async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], replicas: int | None,
+                          update: bool) -> Action:
     want = _consumer_config(name, d, replicas)
     stream = names.DURABLES[name][0]
     try:
@@ -217,6 +228,11 @@ async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], re
             w, h = w or -1, h or -1
         if w != h:
             diff[f] = (h, w)
+    # A consumer keeps the replica count it was created with when its stream's changes.
+    peers = 1 + len(info.cluster.replicas or []) if info.cluster else 1
+    have_replicas = have.num_replicas or peers
+    if replicas is not None and replicas != have_replicas:
+        diff["num_replicas"] = (have_replicas, replicas)
     if not diff:
         return Action("consumer", name, "unchanged")
     text = ", ".join(f"{f}: server has {h!r}, definition wants {w!r}" for f, (h, w) in diff.items())
@@ -227,9 +243,11 @@ async def _apply_consumer(js: JetStreamContext, name: str, d: dict[str, Any], re
     return Action("consumer", name, "updated", text)
 
 
-async def apply(js: JetStreamContext, *, definitions: dict[str, Any] | None = None, replicas: int = 1,
+async def apply(js: JetStreamContext, *, definitions: dict[str, Any] | None = None, replicas: int | None = 1,
                 update: bool = False) -> list[Action]:
     """Create every stream, consumer, KV bucket and object store that is missing; verify the rest.
+
+    ``replicas=None``: keep each existing object's replica count (new ones get 1).
 
     Refuses (``ProvisionError``, before touching the server) definitions whose names disagree with
     ``schemas/names.py``.

@@ -40,8 +40,9 @@ from infra import provision
 from schemas import names
 from services.cli import pidfile
 from services.cli.errors import CliError
-from services.cli.infra import connect_once, default_nats_url
-from services.cli.nats_auth import add_operator_nkey_argument
+from services.cli.infra import connect_once
+from services.cli.nats_auth import add_operator_nats_arguments
+from services.common.bus import NatsOptions, as_options, options_from_args
 from services.cli.progress import TransferProgress, human_bytes
 from services.cli.snapshot import SnapshotError, file_chunks, restore_stream, snapshot_stream
 
@@ -132,7 +133,7 @@ async def _snapshot_all(nc: Client, out_dir: Path, targets: list[Target]) -> lis
     return entries
 
 
-async def take_backup(url: str, out_dir: Path, attempts: int = 5, nkey: str = "") -> dict[str, Any]:
+async def take_backup(url: NatsOptions | str, out_dir: Path, attempts: int = 5, nkey: str = "") -> dict[str, Any]:
     """Write a backup of the platform at ``url`` (as the operator: ``nkey``) into ``out_dir``; its manifest."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CliError(f"{out_dir} is not empty: back up into a new directory")
@@ -231,7 +232,8 @@ async def _existing(nc: Client, streams: list[str]) -> list[str]:
     return found
 
 
-async def restore_backup(url: str, backup_dir: Path, replicas: int = 1, nkey: str = "") -> list[dict[str, Any]]:
+async def restore_backup(url: NatsOptions | str, backup_dir: Path, replicas: int = 1,
+                         nkey: str = "") -> list[dict[str, Any]]:
     """Verify ``backup_dir``, then recreate each of its streams at ``replicas`` on the server at ``url``.
 
     Nothing is written unless every checksum matches and the server holds none of the streams.
@@ -244,8 +246,9 @@ async def restore_backup(url: str, backup_dir: Path, replicas: int = 1, nkey: st
     restored: list[str] = []
     try:
         if present := await _existing(nc, [e["stream"] for e in entries]):
-            raise CliError(f"the server at {url} already holds {', '.join(present)}: restore needs an empty server "
-                           "(stop ./cy up, move its state dir's nats/ away, then ./cy restore before ./cy up)")
+            raise CliError(f"the server at {as_options(url).nats_url} already holds {', '.join(present)}: restore "
+                           "needs an empty server (stop ./cy up, move its state dir's nats/ away, then ./cy restore "
+                           "before ./cy up)")
         total = sum(manifest["files"][e["data"]]["bytes"] for e in entries)
         progress = TransferProgress("restore", len(entries), total)
         try:
@@ -309,29 +312,25 @@ def add_parsers(sub: argparse._SubParsersAction, state_dir_arg) -> None:
                        "model registry, API keys, idempotency records...) while the platform runs. DIR must be new "
                        "or empty; its manifest.json lists every file with its SHA-256.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                   help="NATS server of the platform, comma-separated for a cluster "
-                        "(default: $CY_NATS_URL or %(default)s)")
+    add_operator_nats_arguments(p)
     p.add_argument("--attempts", type=int, default=5, metavar="N",
                    help="how often to retake the backup when platform state changed while it ran (default: 5)")
-    add_operator_nkey_argument(p)
     p = sub.add_parser("restore", help="rebuild the platform's streams, buckets and object store from a backup",
                        description="Check every checksum in DIR, then recreate its streams on an empty server: the "
                        "nats-server of --state-dir (started for the restore, as ./cy up would; run ./cy up after) or "
                        "the server at --nats-url. A corrupted backup or a non-empty server is refused before "
                        "anything is written.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--nats-url", default=None, metavar="URL",
-                   help="restore into this running server or cluster instead of the state dir's own")
+    # Given: restore into that server or cluster, not the state dir's.
+    add_operator_nats_arguments(p, url_from_env=False)
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of every restored stream (3 on the 3-node cluster; default: 1)")
-    add_operator_nkey_argument(p)
     state_dir_arg(p)
 
 
 def run_backup(args: argparse.Namespace) -> int:
     """``./cy backup``: take it and say what it holds."""
-    manifest = asyncio.run(take_backup(args.nats_url, args.dir, max(1, args.attempts), nkey=args.nats_nkey))
+    manifest = asyncio.run(take_backup(options_from_args(args), args.dir, max(1, args.attempts)))
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"backup of {len(manifest['streams'])} streams ({human_bytes(total)}) written to {args.dir}; "
           f"skipped: {', '.join(s['stream'] for s in manifest['skipped']) or 'none'}")
@@ -341,7 +340,7 @@ def run_backup(args: argparse.Namespace) -> int:
 def run_restore(args: argparse.Namespace, state_dir: Path) -> int:
     """``./cy restore``: into ``--nats-url``, or into the state dir's own nats-server started for it."""
     if args.nats_url is not None:
-        entries = asyncio.run(restore_backup(args.nats_url, args.dir, args.replicas, nkey=args.nats_nkey))
+        entries = asyncio.run(restore_backup(options_from_args(args), args.dir, args.replicas))
     else:
         entries = _restore_into_state_dir(args.dir, state_dir.resolve(), args.replicas)
     print(f"restored {len(entries)} streams from {args.dir}")

@@ -12,10 +12,14 @@ __all__ = ["is_loopback", "ready_banner"]
 
 
 def bus_line(nats_url: str, nats_seeds: Path | None) -> str:
-    """How the bus is protected: one nkey user per service, or not at all (development, loopback)."""
+    """How the bus is protected: one nkey user per service, or not at all (development, loopback).
+
+    ``nats_url`` may be several lines (a cluster's nodes): the note then goes on a line of its own.
+    """
+    gap = f"\n{'':28}" if "\n" in nats_url else "  "
     if nats_seeds is None:
-        return f"{nats_url}  (unauthenticated bus: --nats-auth none, for development on loopback only)"
-    return (f"{nats_url}  (authenticated: one nkey user per service, least privilege, see ./cy nats permissions;"
+        return f"{nats_url}{gap}(unauthenticated bus: --nats-auth none, for development on loopback only)"
+    return (f"{nats_url}{gap}(authenticated: one nkey user per service, least privilege, see ./cy nats permissions;"
             f"\n                            seeds in {nats_seeds}; ./cy keys and ./cy infra take --nats-nkey "
             f"{_operator_seed(nats_seeds)})")
 
@@ -25,11 +29,17 @@ def _operator_seed(nats_seeds: Path) -> Path:
 
 
 def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
-                 auth: str = "none", metrics: dict[str, int] | None = None, nats_seeds: Path | None = None) -> str:
+                 auth: str = "none", metrics: dict[str, int] | None = None, replicas: int | None = None,
+                 nats_seeds: Path | None = None) -> str:
     """The ready message: URLs, a curl and an OpenAI SDK example, and how edge and bus are protected.
 
+    ``replicas``: the embedded cluster's replica count, shown with its nodes (one per line);
     ``nats_seeds`` is the directory of the bus users' seeds (None: an unauthenticated bus).
     """
+    nodes = nats_url.split(",")
+    nats = nats_url if len(nodes) == 1 else "\n".join(
+        [f"{len(nodes)}-node cluster" + (f", streams and buckets R{replicas}" if replicas else "") + ":"]
+        + [f"{'':28}{node}" for node in nodes])
     scrape = ", ".join([f"edge {http_url}/metrics"] + [f"{name} :{port}" for name, port in (metrics or {}).items()])
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Say hello in five words."}],
                        "max_tokens": 32})
@@ -46,7 +56,7 @@ def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str]
     return f"""
 CY-LLM is up.
   HTTP (OpenAI-compatible)  {http_url}/v1
-  NATS                      {bus_line(nats_url, nats_seeds)}
+  NATS                      {bus_line(nats, nats_seeds)}
   model                     {model_id}  (aliases: {", ".join(aliases)})
   logs                      {log_dir}
   Prometheus metrics        {scrape}

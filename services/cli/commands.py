@@ -1,4 +1,4 @@
-"""The small operator commands: ``down``, ``infra apply``, ``model install`` and ``test``.
+"""The small operator commands: ``down``, ``infra apply``, ``model install``, ``run`` and ``test``.
 
 ``up`` lives in its own module (``services.cli.up``); argument parsing in ``services.cli.main``.
 """
@@ -14,6 +14,7 @@ from services.cli import nats_auth, pidfile
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions
 from services.common import bus_auth
+from services.common.bus import NatsOptions
 from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,13 +26,21 @@ def down(state_dir: Path, timeout: float) -> int:
     return 0
 
 
-def infra_apply(nats_url: str, update: bool, replicas: int, nkey: str = "") -> int:
+def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None, nkey: str = "") -> int:
     """Apply the JetStream definitions and print what happened to each object."""
-    if replicas < 1:
+    if replicas is not None and replicas < 1:
         raise CliError("--replicas must be at least 1")
-    for action in asyncio.run(apply_definitions(nats_url, update=update, replicas=replicas, nkey=nkey)):
+    for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas, nkey=nkey)):
         print(action)
     return 0
+
+
+def run_service(service: str, argv: list[str]) -> int:
+    """Become ``python -m services.<service> argv...`` (its exit status and signals are the service's own)."""
+    # services.* resolves to this checkout from any working directory (relative paths stay the caller's).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", f"services.{service}", *argv], {**os.environ, "PYTHONPATH": path})
+    return 0  # unreachable: execv does not return
 
 
 def nats_permissions(state_dir: Path, workers: list[str], fmt: str) -> int:

@@ -6,7 +6,7 @@ Used by ``./cy up`` too. Unlike the services' connection (which retries forever,
 
 from __future__ import annotations
 
-import os
+import asyncio
 import sys
 
 import nats
@@ -21,23 +21,15 @@ from schemas import names
 from schemas.errors import BusError
 from services.cli.errors import CliError
 from services.common import bus_permissions, model_registry
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-
-def default_nats_url() -> str:
-    """``$CY_NATS_URL`` or the local default server."""
-    return os.environ.get("CY_NATS_URL", DEFAULT_NATS_URL)
+from services.common.bus import NatsOptions, as_options, connect_kwargs, option_problems
 
 
-def server_list(url: str) -> list[str]:
-    """A comma-separated URL list (the cluster's nodes) as nats-py wants it."""
-    return [u.strip() for u in url.split(",") if u.strip()]
-
-
-async def connect_once(url: str, name: str, timeout: float = 5.0, *, nkey: str = "") -> Client:
-    """Connect as the operator (``nkey``: its seed file) without retrying forever; ``CliError`` naming
-    the URL and the cause if it fails."""
+async def connect_once(target: NatsOptions | str, name: str, timeout: float = 5.0, *, nkey: str = "") -> Client:
+    """Connect as the operator (``nkey`` or ``target``'s ``nats_nkey``: its seed file), trying each server
+    of the list once; ``CliError`` naming the servers and the cause if it fails."""
+    options = as_options(target, nkey)
+    if problems := option_problems(options):
+        raise CliError("; ".join(problems))
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
@@ -45,23 +37,51 @@ async def connect_once(url: str, name: str, timeout: float = 5.0, *, nkey: str =
         if "permissions violation" in str(exc):  # a refused request then only times out: say why
             print(f"cy: NATS refused it: {exc} (is --nats-nkey the operator's seed?)", file=sys.stderr, flush=True)
 
-    auth = {"nkeys_seed": nkey} if nkey else {}
     try:
-        return await nats.connect(server_list(url), name=name, connect_timeout=timeout, allow_reconnect=False,
-                                  max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=remember,
-                                  inbox_prefix=names.identity_inbox(bus_permissions.OPERATOR), **auth)
+        return await nats.connect(**connect_kwargs(options), name=name, connect_timeout=timeout,
+                                  allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.2,
+                                  error_cb=remember, inbox_prefix=names.identity_inbox(bus_permissions.OPERATOR))
     except (NoServersError, OSError, TimeoutError) as exc:
         cause = errors[-1] if errors else exc
-        raise CliError(f"cannot connect to NATS at {url}: {cause} (is ./cy up or nats-server running?)") from None
+        raise CliError(f"cannot connect to NATS at {options.nats_url}: {cause} "
+                       "(is ./cy up or nats-server running?)") from None
     except NatsError as exc:  # 'Authorization Violation': no or an unknown nkey
-        raise CliError(f"NATS at {url} refused the operator: {exc} (give --nats-nkey, the operator seed "
-                       "written by ./cy up under <state dir>/nats/nkeys/)") from None
+        raise CliError(f"NATS at {options.nats_url} refused the operator: {exc} (give --nats-nkey, the operator "
+                       "seed written by ./cy up under <state dir>/nats/nkeys/)") from None
 
 
-async def apply_definitions(url: str, *, update: bool = False, replicas: int = 1,
+async def wait_for_jetstream(target: NatsOptions | str, timeout: float = 30.0, *, nkey: str = "") -> None:
+    """Return once JetStream answers (a new cluster has elected its meta leader); ``CliError`` after ``timeout``."""
+    options = as_options(target, nkey)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        cause: Exception | None = None
+        try:
+            nc = await connect_once(options, "cy-wait-for-jetstream", timeout=2.0)
+        except CliError as exc:
+            cause = exc
+        else:
+            try:
+                await nc.jetstream().account_info()
+                return
+            except (NoRespondersError, ServiceUnavailableError, NatsTimeoutError, APIError) as exc:
+                cause = exc  # 10008: JetStream temporarily unavailable (no meta leader yet)
+            finally:
+                await nc.close()
+        if asyncio.get_running_loop().time() >= deadline:
+            raise CliError(f"JetStream at {options.nats_url} did not become available within {timeout:g}s: {cause}")
+        await asyncio.sleep(0.25)
+
+
+async def apply_definitions(target: NatsOptions | str, *, update: bool = False, replicas: int | None = None,
                             nkey: str = "") -> list[provision.Action]:
-    """Apply every stream, consumer and bucket definition; exit status 2 for a conflicting definition."""
-    nc = await connect_once(url, "cy-infra-apply", nkey=nkey)
+    """Apply every stream, consumer and bucket definition (as the operator: ``nkey``); exit status 2 for a
+    conflicting definition.
+
+    ``replicas=None`` keeps what the server holds (new objects get 1): how ``./cy up`` applies.
+    """
+    url = as_options(target).nats_url
+    nc = await connect_once(target, "cy-infra-apply", nkey=nkey)
     try:
         return await provision.apply(nc.jetstream(), update=update, replicas=replicas)
     except provision.ProvisionError as exc:
@@ -74,9 +94,9 @@ async def apply_definitions(url: str, *, update: bool = False, replicas: int = 1
         await nc.close()
 
 
-async def register_default_model(url: str, nkey: str = "") -> str:
+async def register_default_model(target: NatsOptions | str, nkey: str = "") -> str:
     """Put the shipped default model (with its aliases) into the model registry; what was done."""
-    nc = await connect_once(url, "cy-register-default-model", nkey=nkey)
+    nc = await connect_once(target, "cy-register-default-model", nkey=nkey)
     try:
         kv = await model_registry.bind(nc.jetstream())
         entry = model_registry.default_entry()

@@ -24,9 +24,10 @@ from schemas import names
 from schemas.auth import ApiKeyRecord, Scope
 from services.cli import nats_auth
 from services.cli.errors import CliError
-from services.cli.infra import connect_once, default_nats_url
-from services.cli.nats_auth import add_operator_nkey_argument
+from services.cli.infra import connect_once
+from services.cli.nats_auth import add_operator_nats_arguments
 from services.common import bus_auth
+from services.common.bus import NatsOptions, as_options, options_from_args
 from services.common.api_key_store import ApiKeyStore, KeyLimits, UnknownKeyError, limits_of
 from services.common.model_store import default_state_dir
 
@@ -39,10 +40,11 @@ _LIMIT_OPTIONS = (("--rpm", "rpm", "requests per minute"), ("--tpm", "tpm", "tok
                   ("--max-streams", "streams", "concurrent streams (SSE and WebSocket requests)"))
 
 
-async def _with_store(url: str, action: Callable[[ApiKeyStore], Awaitable[T]], nkey: str = "") -> T:
+async def _with_store(target: NatsOptions | str, action: Callable[[ApiKeyStore], Awaitable[T]], nkey: str = "") -> T:
     """Connect (as the operator: ``nkey``), bind the bucket, run ``action``, close; bus failures become
     ``CliError``s."""
-    nc = await connect_once(url, "cy-keys", nkey=nkey)
+    url = as_options(target).nats_url
+    nc = await connect_once(target, "cy-keys", nkey=nkey)
     try:
         return await action(await ApiKeyStore.bind(nc.jetstream()))
     except BucketNotFoundError:
@@ -76,7 +78,7 @@ def format_records(records: list[ApiKeyRecord]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = None, nkey: str = "",
+def create(url: NatsOptions | str, name: str, scopes: list[str], limits: KeyLimits | None = None, nkey: str = "",
            nats_state_dir: Path | None = None) -> int:
     """Create a key and print it once, with how to use it; with ``nats_state_dir``, also the key's own
     NATS user (its seed printed once) added to that ``./cy up``'s bus."""
@@ -101,7 +103,7 @@ def create(url: str, name: str, scopes: list[str], limits: KeyLimits | None = No
     return 0
 
 
-def list_keys(url: str, nkey: str = "") -> int:
+def list_keys(url: NatsOptions | str, nkey: str = "") -> int:
     """Print every key's id, name, scopes, creation and revocation time."""
     records = asyncio.run(_with_store(url, lambda store: store.records(), nkey))
     print(format_records(records) if records else "no API keys (create one with ./cy keys create)")
@@ -113,7 +115,8 @@ def _check_id(key_id: str) -> None:
         raise CliError(f"{key_id!r} is not a key id (12 hex digits, as ./cy keys list shows)")
 
 
-def revoke(url: str, key_id: str, cache_ttl: float = 5.0, nkey: str = "", state_dir: Path | None = None) -> int:
+def revoke(url: NatsOptions | str, key_id: str, cache_ttl: float = 5.0, nkey: str = "",
+           state_dir: Path | None = None) -> int:
     """Revoke a key; say how soon running edges stop accepting it (and remove its NATS user, if it has
     one, from the bus of ``./cy up`` in ``state_dir``)."""
     state_dir = (state_dir or default_state_dir()).resolve()
@@ -132,7 +135,7 @@ def revoke(url: str, key_id: str, cache_ttl: float = 5.0, nkey: str = "", state_
     return 0
 
 
-def set_limits(url: str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0,
+def set_limits(url: NatsOptions | str, key_id: str, changes: dict[str, int | None], cache_ttl: float = 5.0,
                nkey: str = "") -> int:
     """Change a key's rate limits (``None``: back to the edge default) and print them; with no
     changes, only print them."""
@@ -201,9 +204,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         lim.add_argument(option, dest=field, type=_count_or_default, default=argparse.SUPPRESS, metavar="N|default",
                          help=what)
     for p in (p, lst, rev, lim):
-        p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                       help="NATS server (default: $CY_NATS_URL or %(default)s)")
-        add_operator_nkey_argument(p)
+        add_operator_nats_arguments(p)
         p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                        help="the ./cy up whose bus users a key's NATS user joins or leaves (create --nats, revoke; "
                             "default: $CY_STATE_DIR or .cy in the repo)")
@@ -215,14 +216,14 @@ def run(args: argparse.Namespace) -> int:
         case "create":
             limits = KeyLimits(rpm=args.rpm, tpm=args.tpm, streams=args.streams)
             state_dir = (args.state_dir or default_state_dir()).resolve()
-            return create(args.nats_url, args.name, args.scope, limits, nkey=args.nats_nkey,
+            return create(options_from_args(args), args.name, args.scope, limits,
                           nats_state_dir=state_dir if args.nats else None)
         case "list":
-            return list_keys(args.nats_url, nkey=args.nats_nkey)
+            return list_keys(options_from_args(args))
         case "revoke":
-            return revoke(args.nats_url, args.key_id, nkey=args.nats_nkey,
+            return revoke(options_from_args(args), args.key_id,
                           state_dir=(args.state_dir or default_state_dir()).resolve())
         case "limits":
             changes = {field: getattr(args, field) for _, field, _ in _LIMIT_OPTIONS if hasattr(args, field)}
-            return set_limits(args.nats_url, args.key_id, changes, nkey=args.nats_nkey)
+            return set_limits(options_from_args(args), args.key_id, changes)
     raise AssertionError(f"unhandled keys command {args.keys_command!r}")

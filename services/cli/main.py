@@ -12,16 +12,19 @@ from pathlib import Path
 
 from services.cli import backup, commands, keys, nats_auth, train
 from services.cli.errors import CliError
-from services.cli.infra import default_nats_url
 from services.cli.up import ENGINES, UpOptions, run_up, worker_id
+from services.common.bus import add_nats_arguments, options_from_args
 from services.common.lifecycle import setup_logging
 from services.common.model_store import DEFAULT_MODEL_ID, default_state_dir
 from services.common.natsserver import SYNC_POLICIES
 
+SERVICES = ("edge", "scheduler", "engine", "trainer")
 EXAMPLES = """\
 examples:
   ./cy up                          start everything on http://127.0.0.1:8080 (Ctrl-C stops it)
   ./cy down                        stop a running ./cy up
+  ./cy up --nats-cluster 3         the same on three local NATS nodes (R3): survives losing one
+  ./cy run scheduler --nats-url nats://a:4222,nats://b:4222,nats://c:4222   one service, on this host
   ./cy test                        run the whole test suite
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
@@ -52,12 +55,16 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="edge authentication: none (loopback only) or API keys from ./cy keys (default: none)")
     p.add_argument("--nats-port", type=int, default=4222, metavar="PORT",
                    help="client port of the embedded nats-server (default: 4222; -1: any free port)")
-    p.add_argument("--nats-url", default=None, metavar="URL",
-                   help="use this NATS server (comma-separated for a cluster) instead of starting one")
+    p.add_argument("--nats-cluster", type=int, choices=(1, 3, 5), default=1, metavar="N",
+                   help="start N routed nats-server nodes (3 or 5) instead of one, on client ports --nats-port, "
+                        "+1, +2 (any free ones with --nats-port -1), a store each under the state dir, every "
+                        "stream and bucket at R3: losing a node loses nothing (default: 1)")
+    add_nats_arguments(p, url_from_env=False, nkey_help="with --nats-url and --nats-auth none: the nkey seed "
+                       "to provision that server with (--nats-auth nkeys uses the state dir's operator seed)")
     p.add_argument("--nats-auth", choices=nats_auth.AUTH_MODES, default="nkeys",
                    help="the bus: nkeys (every service its own NATS user with least-privilege permissions; seeds "
-                        "under <state dir>/nats/nkeys, created on first run) or none (no authentication: a "
-                        "development bus on loopback only) (default: nkeys)")
+                        "under <state dir>/nats/nkeys, created on first run; on every node of --nats-cluster) or "
+                        "none (no authentication: a development bus on loopback only) (default: nkeys)")
     p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
                    help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
                         "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
@@ -100,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Apply infra/nats/jetstream.toml idempotently. A definition that "
                          "differs from the server is refused (exit status 2) unless --update, which applies "
                          "only changes that keep all data.")
-    p.add_argument("--nats-url", default=default_nats_url(), metavar="URL",
-                   help="NATS server, comma-separated for a cluster (default: $CY_NATS_URL or %(default)s)")
-    p.add_argument("--update", action="store_true", help="apply changed limits instead of refusing them")
-    p.add_argument("--replicas", type=int, default=1, metavar="N",
-                   help="replicas of every stream and bucket (3 on the 3-node cluster; default: 1)")
-    nats_auth.add_operator_nkey_argument(p)
+    nats_auth.add_operator_nats_arguments(p)
+    p.add_argument("--update", action="store_true",
+                   help="apply changed limits and replica counts instead of refusing them (no data is lost)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="replicas of every stream, KV bucket and the object store (3 on a 3-node cluster); "
+                        "a different count on the server is refused unless --update (default: keep what the "
+                        "server has, 1 for new objects)")
 
     nats = sub.add_parser("nats", help="the bus's users and permissions").add_subparsers(
         dest="nats_command", required=True, metavar="ACTION")
@@ -138,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("install", help=f"convert the default model ({DEFAULT_MODEL_ID}) once; print its path")
     _state_dir_arg(p)
 
+    p = sub.add_parser("run", help="run one service in the foreground (one host of a multi-host deployment)",
+                       usage="cy run {edge,scheduler,engine,trainer} [service options...]",
+                       description="Become python -m services.<service> with the given options, e.g. "
+                       "'cy run scheduler --nats-url nats://a:4222,nats://b:4222'. No NATS is started and "
+                       "nothing is provisioned (run ./cy infra apply once). 'cy run edge --help' lists its options.")
+    p.add_argument("service", choices=SERVICES, help="the service to run")
+    p.add_argument("service_args", nargs=argparse.REMAINDER, help="its options")
+
     p = sub.add_parser("test", help="run the test suite (pytest); extra arguments go to pytest",
                        usage="cy test [pytest args...]",
                        description="Convert the default model if needed, then run python -m pytest with the "
@@ -152,6 +168,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     # argparse would claim pytest's options (-x, -k) as its own; hand them over verbatim.
     if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
         return argparse.Namespace(command="test", pytest_args=list(argv[1:]))
+    if argv[:1] == ["run"] and argv[1:2] and argv[1] in SERVICES:  # its --help too is the service's own
+        return argparse.Namespace(command="run", service=argv[1], service_args=list(argv[2:]))
     return build_parser().parse_args(argv)
 
 
@@ -161,14 +179,15 @@ def dispatch(args: argparse.Namespace) -> int:
     match args.command:
         case "up":
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
-                                    nats_url=args.nats_url, engine=args.engine, slots=args.slots,
+                                    nats=options_from_args(args) if args.nats_url else None,
+                                    nats_cluster=args.nats_cluster, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
                                     nats_auth=args.nats_auth,
                                     trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":
-            return commands.infra_apply(args.nats_url, args.update, args.replicas, args.nats_nkey)
+            return commands.infra_apply(options_from_args(args), args.update, args.replicas)
         case "nats" if args.nats_command == "rotate":
             return commands.nats_rotate(state_dir, args.identity)
         case "nats":
@@ -185,6 +204,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return commands.model_install(state_dir)
         case "test":
             return commands.run_tests(args.pytest_args)
+        case "run":
+            return commands.run_service(args.service, args.service_args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse only lets known commands through
 
 

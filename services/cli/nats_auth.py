@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -24,14 +25,19 @@ from services.cli.errors import CliError
 from services.cli.infra import connect_once
 from services.common import bus, bus_auth, bus_permissions
 from services.common.api_key_store import ApiKeyStore
+from services.common.bus import NatsOptions
 from services.common.bus_permissions import Permissions
 from services.common.hosts import is_loopback
 from services.common.model_store import default_state_dir
+from services.common.natsserver import EFFECTIVE_CONFIG, config_with_sync, node_config_copy, node_part
 
 AUTH_MODES = ("nkeys", "none")
 RELOADED = "Reloaded server configuration"  # nats-server's log line once a reload is in force
 # The embedded server's config without users (./cy up adds them).
 SERVER_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
+# Where ./cy up --nats-cluster keeps its nodes' stores (n1, n2, ...), beside the single node's "nats".
+CLUSTER_DIR = "nats-cluster"
+_SYNC_ALWAYS = re.compile(r"^\s*sync_interval:\s*always\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -84,9 +90,9 @@ def rotate(state_dir: Path, identity: str, base: Path = SERVER_CONFIG) -> str:
     and would sign every reconnect with the new seed under the old key, and be refused forever.
     What was done, as text.
     """
-    pid = _running_server(state_dir)
-    if pid is not None:
-        raise CliError(f"nats-server of {state_dir} is running (pid {pid}): stop the platform first (./cy down), "
+    if running := _running_nodes(state_dir):
+        raise CliError(f"nats-server of {state_dir} is running (pid {', '.join(str(n.pid) for n in running)}): "
+                       "stop the platform first (./cy down), "
                        "rotate, then ./cy up; a running service cannot switch to a new seed")
     directory = bus_auth.nkeys_dir(state_dir)
     present = bus_auth.identities_in(directory)
@@ -121,11 +127,14 @@ def refresh_key_users(state_dir: Path, records: list[ApiKeyRecord], base: Path =
         return (f"{state_dir} has no bus users (not a ./cy up state dir with --nats-auth nkeys): add the key's "
                 "user to your server yourself (./cy nats permissions --format conf)")
     config = _rewrite(state_dir, base, key_users(records))
-    pid = _running_server(state_dir)
-    if pid is None:
+    running = _running_nodes(state_dir)
+    if not running:
         return f"{config} rewritten: the next ./cy up knows the API keys' NATS users"
-    _reload(pid, state_dir / "logs" / "nats.log")
-    return f"{config} rewritten and nats-server (pid {pid}) reloaded: API keys' NATS users are current"
+    for node in running:  # every node of a cluster checks its own clients' users
+        _refresh_copy(node, config)
+        _reload(node.pid, node.log)
+    pids = ", ".join(str(n.pid) for n in running)
+    return f"{config} rewritten and nats-server (pid {pids}) reloaded: API keys' NATS users are current"
 
 
 def _reload(pid: int, log: Path, timeout: float = 10.0) -> None:
@@ -143,7 +152,7 @@ def _reload(pid: int, log: Path, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-async def sync_key_users(url: str, operator_nkey: str, state_dir: Path) -> str:
+async def sync_key_users(url: NatsOptions | str, operator_nkey: str, state_dir: Path) -> str:
     """At ``./cy up``: give the embedded server the NATS users of the API keys that have one."""
     nc = await connect_once(url, "cy-key-users", nkey=operator_nkey)
     try:
@@ -155,16 +164,40 @@ async def sync_key_users(url: str, operator_nkey: str, state_dir: Path) -> str:
     return f"bus users: {len(key_users(records))} API key(s) with a NATS user; " + refresh_key_users(state_dir, records)
 
 
-def _running_server(state_dir: Path) -> int | None:
-    """The pid of the embedded nats-server of ``state_dir``, from its ports file, if it still runs."""
-    for ports in (state_dir / "nats" / "ports").glob("*.ports"):
-        pid = int(ports.stem.rsplit("_", 1)[1])
-        try:
-            if "nats-server" in psutil.Process(pid).name():  # a stale file's pid may be someone else's now
-                return pid
-        except psutil.NoSuchProcess:
-            continue
-    return None
+@dataclass(frozen=True)
+class RunningNode:
+    """An embedded nats-server of a state dir that still runs: its pid, store directory and log."""
+
+    pid: int
+    store_dir: Path
+    log: Path
+
+
+def _running_nodes(state_dir: Path) -> list[RunningNode]:
+    """The embedded nats-server of ``state_dir`` (or every node of its ``--nats-cluster``) still running,
+    from their ports files."""
+    stores = [state_dir / "nats", *sorted(p for p in (state_dir / CLUSTER_DIR).glob("n*") if p.is_dir())]
+    nodes = []
+    for store in stores:
+        log = state_dir / "logs" / ("nats.log" if store.parent == state_dir else f"nats-{store.name}.log")
+        for ports in (store / "ports").glob("*.ports"):
+            pid = int(ports.stem.rsplit("_", 1)[1])
+            try:
+                if "nats-server" in psutil.Process(pid).name():  # a stale file's pid may be someone else's now
+                    nodes.append(RunningNode(pid, store, log))
+            except psutil.NoSuchProcess:
+                continue
+    return nodes
+
+
+def _refresh_copy(node: RunningNode, config: Path) -> None:
+    """A node started with ``--fsync`` or as a cluster node reads a copy of ``config`` in its store
+    (``NatsServer``): write the new users into that copy too, its fsync policy and own settings kept."""
+    copy = node.store_dir / EFFECTIVE_CONFIG
+    if copy.exists():
+        text = copy.read_text()
+        sync = "always" if _SYNC_ALWAYS.search(text) else "interval"
+        copy.write_text(node_config_copy(config_with_sync(config.read_text(), sync), node_part(text)))
 
 
 def default_operator_nkey() -> str:
@@ -175,11 +208,12 @@ def default_operator_nkey() -> str:
     return str(seed) if seed.exists() else ""
 
 
-def add_operator_nkey_argument(parser: argparse.ArgumentParser) -> None:
-    """``--nats-nkey FILE`` of an operator command (``./cy keys``, ``./cy infra apply``)."""
-    parser.add_argument("--nats-nkey", default=default_operator_nkey(), metavar="FILE",
-                        help="nkey seed of the operator's NATS user (default: $CY_NATS_NKEY, else "
-                             "<state dir>/nats/nkeys/operator.nk written by ./cy up)")
+def add_operator_nats_arguments(parser: argparse.ArgumentParser, *, url_from_env: bool = True) -> None:
+    """The ``--nats-*`` options of an operator command (``./cy keys``, ``./cy infra``, ``./cy backup``):
+    ``--nats-nkey`` defaults to the operator's seed."""
+    bus.add_nats_arguments(parser, url_from_env=url_from_env, nkey_default=default_operator_nkey(),
+                           nkey_help="nkey seed of the operator's NATS user (default: $CY_NATS_NKEY, else "
+                                     "<state dir>/nats/nkeys/operator.nk written by ./cy up)")
 
 
 def format_permissions(permissions: dict[str, Permissions]) -> str:

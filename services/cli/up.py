@@ -1,9 +1,11 @@
 """``./cy up``: the whole platform on one machine, as separate processes on one NATS.
 
-Order of start-up: the default model (converted once), nats-server (unless ``--nats-url``),
-provisioning, then engine, scheduler and edge as child processes; ready when the edge answers
-``/healthz`` and lists the model. Shutdown (Ctrl-C, SIGTERM, ``./cy down``, or a child dying):
-edge first (no new requests), then scheduler, then engine, then nats-server.
+Order of start-up: the default model (converted once), nats-server (unless ``--nats-url``; with
+``--nats-cluster 3`` three routed nodes, then their JetStream meta leader), provisioning (R3 on
+the embedded cluster), then engine, scheduler and edge as child processes given every node;
+ready when the edge answers ``/healthz`` and lists the model. Shutdown (Ctrl-C, SIGTERM,
+``./cy down``, or a child dying): edge first (no new requests), then scheduler, then engine,
+then the nats-server node(s).
 """
 
 from __future__ import annotations
@@ -18,20 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import msgspec
+
 from infra import provision
 from schemas import names
 from services.cli import nats_auth, pidfile
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
-from services.cli.infra import apply_definitions, register_default_model
+from services.cli.infra import apply_definitions, register_default_model, wait_for_jetstream
 from services.cli.nats_auth import BusIdentities
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
 from services.common import bus_auth, bus_permissions
+from services.common.bus import NatsOptions, as_options, child_arguments
 from services.common.lifecycle import install_stop_signals
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
-from services.common.natsserver import NatsServer, env_without_proxies
+from services.common.natsserver import NatsCluster, NatsServer, env_without_proxies
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
@@ -49,7 +54,10 @@ class UpOptions:
     port: int = 8080
     host: str = "127.0.0.1"
     nats_port: int = 4222
-    nats_url: str | None = None
+    # An existing bus to run on (its server list, credentials, TLS); None: start an embedded one.
+    nats: NatsOptions | None = None
+    # Embedded nodes when no --nats-url: 1, or a routed cluster of 3 (or 5) with R3 streams and buckets.
+    nats_cluster: int = 1
     engine: str = "transformers"
     slots: int | None = None
     ready_timeout: float = 120.0
@@ -76,17 +84,27 @@ def worker_id(engine: str) -> str:
     return names.slug(f"{socket.gethostname()}-{engine}")
 
 
-def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = sys.executable,
+def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, python: str = sys.executable,
                 metrics: dict[str, int] | None = None, identities: BusIdentities | None = None) -> list[ChildSpec]:
     """The service processes, in start order, with exactly the flags their CLIs take.
 
+    ``nats`` is the bus every one of them connects to (a server list, with credentials/TLS if any);
     ``metrics`` maps a service name to the port it serves Prometheus metrics on; ``identities``
     gives each service its own NATS user's seed (``--nats-nkey``).
     """
+    options = as_options(nats)
+    users = {"engine": f"{bus_permissions.ENGINE}.{worker_id(opts.engine)}", "scheduler": bus_permissions.SCHEDULER,
+             "edge": bus_permissions.EDGE, "trainer": bus_permissions.TRAINER}
+
+    def bus_args_of(name: str) -> list[str]:
+        if identities is None or not identities.enabled:
+            return child_arguments(options)
+        return child_arguments(msgspec.structs.replace(options, nats_nkey=identities.nkey(users[name])))
+
     # Each service's graceful-stop budget stays under the supervisor's, so SIGKILL is a last resort.
     grace = str(max(1.0, opts.stop_timeout - 5))
     weights = default_model_gguf() if opts.engine == "llamacpp" else model_path
-    engine = [python, "-m", "services.engine", "--nats-url", nats_url, "--engine", opts.engine,
+    engine = [python, "-m", "services.engine", *bus_args_of("engine"), "--engine", opts.engine,
               "--model-path", str(weights), "--model-id", DEFAULT_MODEL_ID, "--worker-id", worker_id(opts.engine),
               "--drain-timeout", grace]
     for alias in DEFAULT_MODEL_ALIASES:
@@ -95,20 +113,15 @@ def child_specs(opts: UpOptions, nats_url: str, model_path: Path, python: str = 
         engine += ["--slots", str(opts.slots)]
     by_name = {
         "engine": engine,
-        "scheduler": [python, "-m", "services.scheduler", "--nats-url", nats_url, "--drain-timeout", grace],
-        "edge": [python, "-m", "services.edge", "--nats-url", nats_url, "--host", opts.host, "--port", str(opts.port),
+        "scheduler": [python, "-m", "services.scheduler", *bus_args_of("scheduler"), "--drain-timeout", grace],
+        "edge": [python, "-m", "services.edge", *bus_args_of("edge"), "--host", opts.host, "--port", str(opts.port),
                  "--shutdown-timeout", grace, *(["--auth", opts.auth] if opts.auth != "none" else [])],
         # Datasets named by path (the native API's datasetPath) must be under <state>/datasets; uploads need none.
-        "trainer": [python, "-m", "services.trainer", "--nats-url", nats_url, "--state-dir", str(opts.state_dir),
+        "trainer": [python, "-m", "services.trainer", *bus_args_of("trainer"), "--state-dir", str(opts.state_dir),
                     "--data-dir", str(opts.state_dir / "datasets")],
     }
     for name, port in (metrics or {}).items():
         by_name[name] += ["--metrics-port", str(port)]
-    if identities is not None and identities.enabled:
-        users = {"engine": f"{bus_permissions.ENGINE}.{worker_id(opts.engine)}", "scheduler": bus_permissions.SCHEDULER,
-                 "edge": bus_permissions.EDGE, "trainer": bus_permissions.TRAINER}
-        for name, identity in users.items():
-            by_name[name] += ["--nats-nkey", identities.nkey(identity)]
     wanted = [name for name in START_ORDER if name != "trainer" or opts.trainer]
     return [ChildSpec(name, tuple(by_name[name])) for name in wanted]
 
@@ -142,30 +155,31 @@ def http_url(host: str, port: int) -> str:
 def run_up(opts: UpOptions) -> int:
     """Start everything, print where it is, serve until a signal or a child's death; the exit status."""
     state_dir = opts.state_dir.resolve()
+    if opts.nats is not None and opts.nats_cluster > 1:
+        raise CliError("--nats-cluster starts nodes here, --nats-url uses running ones: give one of them")
     _check_exposure(opts)
     _check_port_free(opts.host, opts.port)
     with pidfile.claim(state_dir):
-        server: NatsServer | None = None
+        server: NatsServer | NatsCluster | None = None
         try:
             with _sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
                 identities = nats_auth.prepare(opts.nats_auth, state_dir, [worker_id(opts.engine)])
-                nats_url = opts.nats_url
-                if nats_url is None:
+                nats = opts.nats
+                if nats is None:
                     config = (nats_auth.write_server_config(identities, NATS_CONFIG, state_dir)
                               if identities.enabled else NATS_CONFIG)
-                    # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
-                    server = NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
-                                        log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
-                    nats_url = _start_nats(server)
-            return asyncio.run(_serve(opts, state_dir, nats_url, model_path, identities))
+                    server = _embedded_nats(opts, state_dir, config)
+                    nats = NatsOptions(nats_url=_start_nats(server))
+            return asyncio.run(_serve(opts, state_dir, nats, model_path, identities))
         except KeyboardInterrupt:
             report_stderr("interrupted during start-up")
             return 130
         finally:
             if server is not None:
                 with _signals_ignored():
-                    report_stderr("stopping nats-server")
+                    report_stderr("stopping nats-server" if isinstance(server, NatsServer) else
+                                  f"stopping the {server.size} nats-server nodes")
                     server.stop()
 
 
@@ -175,11 +189,11 @@ def _check_exposure(opts: UpOptions) -> None:
         raise CliError(f"refusing to serve on {opts.host or 'all interfaces'} without authentication: "
                        "add --auth keys (then create keys with ./cy keys create --name NAME --scope inference), "
                        "or keep the default --host 127.0.0.1")
-    nats_auth.check_unauthenticated(opts.nats_auth, opts.nats_url)
+    nats_auth.check_unauthenticated(opts.nats_auth, opts.nats.nats_url if opts.nats is not None else None)
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Fail before starting anything if the edge could not bind its port."""
+def _check_port_free(host: str, port: int, what: str = "the edge", flag: str = "--port") -> None:
+    """Fail before starting anything if ``what`` could not bind its port."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -190,8 +204,8 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise CliError(f"cannot listen on {host}:{port} ({exc.strerror}): is another ./cy up running? "
-                           "choose another --port") from None
+            raise CliError(f"{what} cannot listen on {host}:{port} ({exc.strerror}): is another ./cy up "
+                           f"running? choose another {flag}") from None
 
 
 def _ensure_model(state_dir: Path) -> Path:
@@ -200,29 +214,57 @@ def _ensure_model(state_dir: Path) -> Path:
     return path
 
 
-def _start_nats(server: NatsServer) -> str:
-    assert server.log_file is not None  # always given by run_up
-    server.log_file.parent.mkdir(parents=True, exist_ok=True)
+def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path) -> NatsServer | NatsCluster:
+    """The nats-server (or routed nodes) ``up`` runs itself, every node from ``config`` (the same
+    users); each node's store under the state dir."""
+    if opts.nats_cluster <= 1:
+        # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
+        return NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
+                          log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
+    # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
+    ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
+    for port in ports or []:
+        _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
+    return NatsCluster(state_dir / nats_auth.CLUSTER_DIR, size=opts.nats_cluster, config=config,
+                       log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync)
+
+
+def _start_nats(server: NatsServer | NatsCluster) -> str:
+    """Start the embedded server or nodes; their client URL list."""
+    nodes = [server] if isinstance(server, NatsServer) else server.nodes
+    for node in nodes:
+        assert node.log_file is not None  # always given by _embedded_nats
+        node.log_file.parent.mkdir(parents=True, exist_ok=True)
     try:
         server.start()
     except (RuntimeError, TimeoutError) as exc:
-        tail = "\n".join(server.log_file.read_text(errors="replace").splitlines()[-5:])
-        raise CliError(f"{exc}\n{tail}") from None
-    report_stderr(f"nats-server listening on {server.url} (store {server.store_dir}, log {server.log_file}, "
-                  f"fsync {server.sync}, monitoring {server.monitor_url})")
-    return server.url
+        tails = [f"{n.log_file}:\n" + "\n".join(n.log_file.read_text(errors="replace").splitlines()[-5:])
+                 for n in nodes if n.log_file is not None and n.log_file.exists()]
+        raise CliError("\n".join([str(exc), *tails])) from None
+    for node in nodes:
+        monitoring = f", monitoring {node.monitor_url}" if node.monitor_url else ""
+        report_stderr(f"nats-server listening on {node.url} (store {node.store_dir}, log {node.log_file}, "
+                      f"fsync {node.sync}{monitoring})")
+    if isinstance(server, NatsCluster):
+        report_stderr(f"cluster {server.name}: {server.size} routed nodes; waiting for a JetStream meta leader")
+    return ",".join(node.url for node in nodes)
 
 
-async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Path,
+async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path: Path,
                  identities: BusIdentities) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    operator = identities.nkey(bus_permissions.OPERATOR)
-    for action in await apply_definitions(nats_url, nkey=operator):
+    # The operator provisions (every node's users are the same, so any node will do).
+    operator = identities.nkey(bus_permissions.OPERATOR) or nats.nats_nkey
+    replicas = None
+    if opts.nats is None and opts.nats_cluster > 1:
+        await wait_for_jetstream(nats, timeout=60, nkey=operator)
+        replicas = min(opts.nats_cluster, 3)  # R3 survives one lost node; R5 is not worth its writes here
+    for action in await apply_definitions(nats, replicas=replicas, nkey=operator):
         report_stderr(f"provision: {action}")
-    report_stderr(await register_default_model(nats_url, nkey=operator))
-    if identities.enabled and opts.nats_url is None:
-        report_stderr(await nats_auth.sync_key_users(nats_url, operator, state_dir))
+    report_stderr(await register_default_model(nats, nkey=operator))
+    if identities.enabled and opts.nats is None:
+        report_stderr(await nats_auth.sync_key_users(nats, operator, state_dir))
     if stop.is_set():
         return 0
     log_dir = state_dir / "logs"
@@ -231,7 +273,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
                             stop_timeout=opts.stop_timeout)
     try:
         metrics = metrics_ports(opts)
-        for spec in child_specs(opts, nats_url, model_path, metrics=metrics, identities=identities):
+        for spec in child_specs(opts, nats, model_path, metrics=metrics, identities=identities):
             await supervisor.start(spec)
         url = http_url(opts.host, opts.port)
         ready = wait_until_ready(url, [DEFAULT_MODEL_ID, *DEFAULT_MODEL_ALIASES], opts.ready_timeout)
@@ -241,8 +283,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats_url: str, model_path: Pa
             _show_logs(supervisor.children.values())
             raise CliError(f"the edge at {url} is {exc}; logs in {log_dir}") from None
         if died is None and not stop.is_set():
-            print(ready_banner(url, nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
-                               auth=opts.auth, metrics=metrics,
+            print(ready_banner(url, nats.nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
+                               auth=opts.auth, metrics=metrics, replicas=replicas,
                                nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:

@@ -8,7 +8,9 @@ so an OS crash or power failure loses no acknowledged write) or ``interval`` (th
 default, every two minutes: faster, but an OS crash loses up to two minutes of acknowledged
 writes). nats-server has no command-line flag for it and a second ``jetstream {}`` block in a
 config replaces the whole first one, so the chosen value is written into a copy of the config
-in the store directory.
+in the store directory. A cluster node's own settings (its name, cluster and routes) go into that
+copy too, after ``NODE_MARKER``: a config reload (SIGHUP, new users) re-reads only the file, and
+nats-server refuses to reload a JetStream cluster whose ``cluster.name`` came from a flag.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +41,10 @@ def nats_server_binary() -> str:
 SYNC_POLICIES = ("always", "interval")
 # What ``interval`` means: the nats-server default period.
 SYNC_INTERVAL = "2m"
+# The copy of the config (with the chosen ``sync``) a server started with ``sync`` reads, in its store.
+EFFECTIVE_CONFIG = "nats-server.conf"
+# Where a node's own settings start in its config copy (kept when the shared part is rewritten).
+NODE_MARKER = "# --- this node (NatsServer.node_config) ---"
 _SYNC_LINE = re.compile(r"^(\s*)sync_interval:.*$", re.MULTILINE)
 
 
@@ -54,6 +61,17 @@ def config_with_sync(text: str | None, sync: str) -> str:
     return replaced
 
 
+def node_config_copy(shared: str, node: str) -> str:
+    """A node's config file: the ``shared`` text, then (after ``NODE_MARKER``) its own ``node`` settings."""
+    return f"{shared.rstrip()}\n\n{NODE_MARKER}\n{node}" if node else shared
+
+
+def node_part(copy_text: str) -> str:
+    """The node's own settings in a config copy written by ``NatsServer`` (empty if none)."""
+    _, marker, node = copy_text.partition(f"\n{NODE_MARKER}\n")
+    return node if marker else ""
+
+
 @dataclass
 class NatsServer:
     """A running nats-server child process with JetStream, bound to loopback."""
@@ -63,6 +81,8 @@ class NatsServer:
     host: str = "127.0.0.1"
     config: Path | None = None
     log_file: Path | None = None
+    # Config text of this node alone, after ``config`` (a cluster node's name, cluster and routes).
+    node_config: str = ""
     # "always" or "interval" (see the module docstring); None: whatever ``config`` (or the server default) says.
     sync: str | None = None
     # Monitoring HTTP port (/varz, /jsz) on ``host``: -1 any free port, None none.
@@ -112,13 +132,22 @@ class NatsServer:
         raise TimeoutError(f"nats-server did not report its ports within {timeout}s")
 
     def _effective_config(self) -> Path | None:
-        """``config``, or a copy of it in the store directory with the chosen ``sync`` policy."""
-        if self.sync is None:
+        """``config``, or a copy of it in the store directory with the chosen ``sync`` policy and
+        this node's own settings."""
+        if self.sync is None and not self.node_config:
             return self.config
         text = self.config.read_text() if self.config is not None else None
-        path = self.store_dir / "nats-server.conf"
-        path.write_text(config_with_sync(text, self.sync))
+        if self.sync is not None:
+            text = config_with_sync(text, self.sync)
+        path = self.store_dir / EFFECTIVE_CONFIG
+        path.write_text(node_config_copy(text or "", self.node_config))
         return path
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash or a lost machine would end it (tests of node loss)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
@@ -132,6 +161,95 @@ class NatsServer:
             self.proc.wait()
 
     def __enter__(self) -> "NatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that were free a moment ago (bound to port 0, read back, released)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class NatsCluster:
+    """``size`` nats-server nodes with JetStream on loopback, routed to each other (one store each).
+
+    Ports are fixed at construction, so a node stopped or killed comes back at the same address
+    (clients' server lists stay valid) and rejoins through the same routes.
+    """
+
+    store_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    config: Path | None = None
+    log_dir: Path | None = None
+    name: str = "cy-cluster"
+    # Client port of each node; None: free ones.
+    client_ports: list[int] | None = None
+    # Each node's fsync policy (``NatsServer.sync``).
+    sync: str | None = None
+    nodes: list[NatsServer] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        ports = free_ports(2 * self.size, self.host)
+        client_ports, route_ports = self.client_ports or ports[:self.size], ports[self.size:]
+        routes = ", ".join(f'"nats://{self.host}:{p}"' for p in route_ports)
+        for i, (client, route) in enumerate(zip(client_ports, route_ports, strict=True), start=1):
+            node = f"n{i}"
+            self.nodes.append(NatsServer(
+                self.store_dir / node, port=client, host=self.host, config=self.config,
+                log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None, sync=self.sync,
+                node_config=(f"server_name: {self.name}-{node}\n"
+                             # Routes are not authenticated (no cluster authorization block): they
+                             # listen on loopback, where only this host's processes reach them.
+                             f"cluster {{\n  name: {self.name}\n  listen: \"{self.host}:{route}\"\n"
+                             f"  routes: [{routes}]\n}}\n")))
+            self.nodes[-1].client_port = client
+
+    @property
+    def urls(self) -> list[str]:
+        """Client URL of every node, in node order."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All nodes as one comma-separated server list (what ``--nats-url`` takes)."""
+        return ",".join(self.urls)
+
+    @property
+    def server_names(self) -> list[str]:
+        """Each node's ``server_name``, as JetStream names stream leaders and peers."""
+        return [f"{self.name}-n{i}" for i in range(1, self.size + 1)]
+
+    def node_named(self, server_name: str) -> NatsServer:
+        """The node whose ``server_name`` is ``server_name``."""
+        return self.nodes[self.server_names.index(server_name)]
+
+    def start(self, timeout: float = 15.0) -> "NatsCluster":
+        """Start every node (a failed start stops those already started)."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the nodes, last first."""
+        for node in reversed(self.nodes):
+            node.stop(timeout)
+
+    def __enter__(self) -> "NatsCluster":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -65,10 +65,11 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
     inbox = names.identity_inbox(bus_permissions.EDGE)
-    nc = await bus.connect(config.nats_url, name=f"{names.MICRO_EDGE} {edge_id}", nkey=config.nats_nkey, inbox=inbox)
+    router = ReplyRouter(edge_id, inbox)
+    nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored,
+                           inbox=inbox)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(_drain, nc)
-        router = ReplyRouter(edge_id, inbox)
         await router.start(nc)
         stack.push_async_callback(router.stop)
         table = WorkerTable()
@@ -80,6 +81,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(gauge.stop)
         failovers = app[METRICS].failovers
         publisher = RequestPublisher(nc, nc.jetstream(), router, publish_timeout=config.publish_timeout,
+                                     publish_window=config.publish_retry_window,
                                      queue=gauge.drain, table=table, max_failovers=config.max_failovers,
                                      on_failover=lambda outcome: failovers.labels(outcome).inc())
         service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,

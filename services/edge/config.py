@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 
-from services.common import bus
+from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 from services.common.hosts import is_loopback
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -29,16 +28,18 @@ HOW_TO_CONFIGURE_AUTH = (
     "or --auth keys+jwt; or bind to loopback (--host 127.0.0.1) to run open")
 
 
-class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    """Everything the edge reads from outside; nothing is looked up again while serving."""
+class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Everything the edge reads from outside (NATS options inherited); nothing is looked up again while serving."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     # Default time a request may take from arrival to its last token (a request's ``timeout`` overrides).
     request_timeout: Seconds = 600.0
     # How long JetStream may take to acknowledge a published request.
     publish_timeout: Seconds = 5.0
+    # How long a publish that meets a stream leader election (a NATS node lost) is retried, with the
+    # same Nats-Msg-Id so it is stored once; elections take seconds, the client sees a short stall.
+    publish_retry_window: Seconds = 20.0
     # On SIGTERM: how long open requests and streams may take to finish.
     shutdown_timeout: Seconds = 30.0
     # How often engine liveness is checked, and how long a dead engine's requests wait for a re-dispatch.
@@ -57,8 +58,6 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     training_keepalive: Seconds = 15.0
     # Subject token of this edge's reply inbox; empty means a fresh random one per start.
     edge_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
-    # Seed file of the edge's NATS nkey user; empty: an unauthenticated (development) bus.
-    nats_nkey: str = ""
     access_log: bool = False
     # Who may call: "none" (open; only allowed on a loopback host), API keys, JWTs, or either.
     auth: AuthMode = "none"
@@ -110,7 +109,7 @@ class EdgeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
 
 def config_problems(config: EdgeConfig) -> list[str]:
     """Why ``config`` must not be served (empty when it is fine), each saying what to change."""
-    problems = []
+    problems = option_problems(config)
     if config.auth == "none" and not is_loopback(config.host):
         problems.append(f"refusing to serve on {config.host or 'all interfaces'} without authentication; "
                         + HOW_TO_CONFIGURE_AUTH)
@@ -139,14 +138,16 @@ def _parser() -> argparse.ArgumentParser:
     defaults = EdgeConfig()
     p = argparse.ArgumentParser(prog="python -m services.edge", description="CY-LLM edge: OpenAI-compatible HTTP "
                                 "API in front of the NATS JetStream inference queue.")
-    p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", defaults.nats_url),
-                   help="NATS server URL (default: $CY_NATS_URL or %(default)s)")
-    bus.add_nkey_argument(p)
+    add_nats_arguments(p)
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
                    help="default per-request timeout in seconds (%(default)s)")
-    p.add_argument("--publish-timeout", type=float, default=defaults.publish_timeout)
+    p.add_argument("--publish-timeout", type=float, default=defaults.publish_timeout,
+                   help="seconds JetStream may take to acknowledge one publish (%(default)s)")
+    p.add_argument("--publish-retry-window", type=float, default=defaults.publish_retry_window,
+                   help="seconds a publish caught in a NATS leader election is retried, with the same "
+                        "Nats-Msg-Id (%(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                    help="seconds open streams may take to finish on SIGTERM (%(default)s)")
     p.add_argument("--retry-after", type=int, default=defaults.retry_after)

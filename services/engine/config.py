@@ -9,14 +9,12 @@ import socket
 import msgspec
 
 from schemas.names import slug
-from services.common import bus
+from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 
 
-class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     """Everything an engine process needs to know, from flags (with ``CY_*`` env defaults)."""
 
-    nats_url: str
-    nats_nkey: str = ""  # seed file of this worker's NATS nkey user; empty: an unauthenticated bus
     engine: str
     model_id: str
     model_path: str = ""
@@ -47,8 +45,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     """Build the config from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.engine",
                                 description="CY-LLM engine: serves a model behind the common backend interface.")
-    p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
-    bus.add_nkey_argument(p)
+    add_nats_arguments(p)
     p.add_argument("--engine", default="transformers",
                    help="auto | transformers | vllm | llamacpp | tensorrt-llm | mindie | mlx | simulated (auto: "
                         "chosen for this machine and model, see docs/engines.md; simulated: tests and benchmarks only)")
@@ -101,4 +98,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--threads must be 0 (the engine's default) or a number of threads")
     if args.max_adapters < 1:
         p.error("--max-adapters must be at least 1")
-    return msgspec.convert(vars(args), EngineConfig)
+    config = msgspec.convert(vars(args), EngineConfig)
+    if problems := option_problems(config):
+        p.error("; ".join(problems))
+    return config

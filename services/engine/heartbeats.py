@@ -44,6 +44,7 @@ class Heartbeats:
         self._last_beat = time.monotonic()
         self._nc = None
         self._kv = None
+        self._kv_copy: asyncio.Task[None] | None = None  # the KV write under way, if any
         self._task: asyncio.Task[None] | None = None
 
     def changed(self) -> None:
@@ -73,16 +74,26 @@ class Heartbeats:
         self._changed.set()
         if self._task is not None:
             await asyncio.wait([self._task], timeout=timeout)
+        if self._kv_copy is not None:
+            await asyncio.wait([self._kv_copy], timeout=timeout)
 
     async def publish(self, force_kv: bool) -> None:
         """Publish the status now (and store it in KV if ``force_kv``); a bus failure is logged."""
         data = encode(self._status())
         try:
             await self._nc.publish(names.worker_status(self.worker), data)
-            if force_kv:
-                await self._kv.put(self.worker, data)
-        except (NatsError, asyncio.TimeoutError) as exc:
+        except NatsError as exc:
             log.warning("heartbeat not published: %s", exc)
+        if force_kv and (self._kv_copy is None or self._kv_copy.done()):
+            # Apart from the core heartbeat: a KV write waits out a NATS leader election (seconds),
+            # which must not silence the heartbeats the schedulers and edges judge liveness by.
+            self._kv_copy = asyncio.create_task(self._put_kv_copy(data))
+
+    async def _put_kv_copy(self, data: bytes) -> None:
+        try:
+            await self._kv.put(self.worker, data)
+        except (NatsError, asyncio.TimeoutError) as exc:
+            log.warning("heartbeat not copied to KV %s: %s", names.WORKERS_BUCKET, exc)
 
     async def forget(self) -> None:
         """Remove the KV copy (the engine is gone for good)."""

@@ -117,7 +117,7 @@ class EngineService:
             stack.push_async_callback(self._close_connection)  # last: after the models are closed
             await self.host.start()
             stack.push_async_callback(self.host.close)
-            self.nc = await bus.connect(self.cfg.nats_url, f"cy-engine-{self.worker}", nkey=self.cfg.nats_nkey,
+            self.nc = await bus.connect(self.cfg, f"cy-engine-{self.worker}",
                                         inbox=names.identity_inbox(bus_permissions.ENGINE, self.worker))
             workers_kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
             self.host.bind_bus(self.nc.jetstream())

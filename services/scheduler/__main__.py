@@ -1,4 +1,4 @@
-"""``python -m services.scheduler --nats-url URL [--metrics-port N]``: run one scheduler replica.
+"""``python -m services.scheduler --nats-url URL[,URL...] [--metrics-port N]``: run one scheduler replica.
 
 SIGTERM/SIGINT: stop taking work, finish dispatches under way, drain the connection, exit 0.
 A second signal is a no-op. Exit status 1 if the scheduler cannot start or a loop crashes.
@@ -47,9 +47,9 @@ async def _until(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-async def _connect(url: str, nkey: str, stop: asyncio.Event) -> Client | None:
+async def _connect(options: bus.NatsOptions, stop: asyncio.Event) -> Client | None:
     """Connect to NATS (retrying while it is down); ``None`` if told to stop first."""
-    connecting = asyncio.create_task(bus.connect(url, name="cy-scheduler", nkey=nkey,
+    connecting = asyncio.create_task(bus.connect(options, name="cy-scheduler",
                                                  inbox=names.identity_inbox(bus_permissions.SCHEDULER)))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([connecting, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -59,7 +59,7 @@ async def _connect(url: str, nkey: str, stop: asyncio.Event) -> Client | None:
     connecting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await connecting
-    log.info("stopped before NATS at %s answered", url)
+    log.info("stopped before NATS at %s answered", options.nats_url)
     return None
 
 
@@ -70,7 +70,7 @@ async def serve(config: SchedulerConfig) -> int:
     registry = CollectorRegistry()
     http = _serve_metrics(config.metrics_port, registry) if config.metrics_port else None
     try:
-        nc = await _connect(config.nats_url, config.nats_nkey, stop)
+        nc = await _connect(config, stop)
         if nc is None:
             return 0
         try:

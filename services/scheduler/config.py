@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
-from services.common import bus
+from services.common.bus import NatsOptions, add_nats_arguments, env_default, option_problems
 from services.scheduler.strategies import Strategy
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """Everything a scheduler replica needs; unknown keys are an error, not a silent typo."""
+class SchedulerConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Everything a scheduler replica needs (NATS options inherited); unknown keys are an error, not a silent typo."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
-    nats_nkey: str = ""  # seed file of the scheduler's NATS nkey user; empty: an unauthenticated bus
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0 = not served
     dispatch_timeout: Seconds = 2.0   # wait this long for an engine's accepted/busy answer
     max_attempts: Positive = 3        # engines tried per message before it goes back to the queue
@@ -57,8 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m services.scheduler",
                                 description="CY-LLM scheduler: takes requests off the JetStream queue by priority "
                                             "and dispatches each to the least-loaded engine serving its model.")
-    p.add_argument("--nats-url", default=None, help="NATS server URL (default: $CY_NATS_URL or nats://127.0.0.1:4222)")
-    bus.add_nkey_argument(p)
+    add_nats_arguments(p, url_from_env=False)  # the --config file's nats_url comes before the environment's
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = off)")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML file with any SchedulerConfig field (flags given here win)")
@@ -87,11 +83,14 @@ def parse_args(argv: list[str] | None = None) -> SchedulerConfig:
             values.update(msgspec.toml.decode(args.config.read_bytes()))
         except (OSError, msgspec.DecodeError) as exc:
             p.error(f"--config {args.config}: {exc}")
-    if "nats_url" not in values and "CY_NATS_URL" in os.environ:
-        values["nats_url"] = os.environ["CY_NATS_URL"]
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    if "nats_url" not in values:
+        values["nats_url"] = env_default("nats_url")
+    values.update({k: v for k, v in vars(args).items() if v not in (None, "") and k != "config"})
     try:
-        return msgspec.convert(values, SchedulerConfig)
+        config = msgspec.convert(values, SchedulerConfig)
     except msgspec.ValidationError as exc:
         p.error(f"invalid configuration: {exc}")
+    if problems := option_problems(config):
+        p.error("; ".join(problems))
+    return config
     raise AssertionError("unreachable: argparse.error exits")

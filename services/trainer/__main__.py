@@ -24,7 +24,7 @@ async def main(cfg: TrainerConfig) -> None:
         start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=registry)
     stop = asyncio.Event()
     install_stop_signals(stop)
-    nc = await bus.connect(cfg.nats_url, name=f"cy-trainer {cfg.trainer_id}", nkey=cfg.nats_nkey,
+    nc = await bus.connect(cfg, name=f"cy-trainer {cfg.trainer_id}",
                            inbox=names.identity_inbox(bus_permissions.TRAINER))
     try:
         await TrainerService(nc, cfg, TrainerMetrics(registry)).run(stop)

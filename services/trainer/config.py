@@ -10,15 +10,13 @@ from pathlib import Path
 import msgspec
 
 from schemas.names import slug
-from services.common import bus
+from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 from services.common.model_store import default_state_dir
 
 
-class TrainerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class TrainerConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     """Everything a trainer process needs, from flags (with ``CY_*`` env defaults)."""
 
-    nats_url: str
-    nats_nkey: str = ""  # seed file of the trainer's NATS nkey user; empty: an unauthenticated bus
     trainer_id: str
     state_dir: str
     data_dirs: list[str] = []
@@ -44,8 +42,7 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     """Build the config from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.trainer",
                                 description="CY-LLM trainer: runs fine-tuning jobs from the LLM_TRAIN queue.")
-    p.add_argument("--nats-url", default=os.environ.get("CY_NATS_URL", "nats://127.0.0.1:4222"))
-    bus.add_nkey_argument(p)
+    add_nats_arguments(p)
     p.add_argument("--trainer-id", default="", help="unique trainer id (default: <host>-<pid>)")
     p.add_argument("--state-dir", default=os.environ.get("CY_STATE_DIR", str(default_state_dir())),
                    help="state directory: the model store (models/) and the trainer's scratch space")
@@ -64,4 +61,7 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     args = p.parse_args(argv)
     if not args.trainer_id:
         args.trainer_id = slug(f"trainer-{socket.gethostname()}-{os.getpid()}")
-    return msgspec.convert({k: v for k, v in vars(args).items()}, TrainerConfig)
+    config = msgspec.convert({k: v for k, v in vars(args).items()}, TrainerConfig)
+    if problems := option_problems(config):
+        p.error("; ".join(problems))
+    return config

@@ -13,9 +13,12 @@ from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.training import TrainEvent
+from services.common import js_publish
 
 log = logging.getLogger(__name__)
 _ENCODER = msgspec.json.Encoder()
+# How long an event publish caught in a NATS leader election is retried.
+_PUBLISH_WINDOW = 20.0
 
 
 class EventLog:
@@ -30,8 +33,9 @@ class EventLog:
         event = TrainEvent(id=f"ftevent-{uuid.uuid4().hex[:24]}", job_id=job_id, created_at=time.time(),
                            level=level, type=type, message=message, data=data or {})
         try:
-            await self.js.publish(names.train_job_events(job_id), _ENCODER.encode(event),
-                                  headers={"Nats-Msg-Id": event.id})
+            # Retried through a leader election with the same Nats-Msg-Id: stored once.
+            await js_publish.publish(self.js, names.train_job_events(job_id), _ENCODER.encode(event),
+                                     msg_id=event.id, timeout=5.0, window=_PUBLISH_WINDOW)
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("job %s: event %r not published: %s", job_id, message, exc)
         return event

@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 from nats.js import api
 
+from infra import provision
 from schemas import names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +126,31 @@ def test_test_command_runs_pytest_with_the_given_arguments_and_its_status(tmp_pa
     assert "1 passed, 1 deselected" in passing.stdout
     assert failing.returncode == 1
     assert "1 failed" in failing.stdout
+
+
+def test_run_becomes_the_service_with_its_own_options():
+    result = cy("run", "scheduler", "--help")
+
+    assert result.returncode == 0
+    assert "python -m services.scheduler" in result.stdout and "--nats-url URL[,URL...]" in result.stdout
+    assert cy("run", "nonsense").returncode == 2
+
+
+async def test_run_engine_on_a_server_list_heart_beats(nats_server, tmp_path: Path):
+    client = await nats.connect(nats_server.url)
+    try:
+        await provision.apply(client.jetstream())
+        heartbeats = await client.subscribe(names.WORKER_STATUS_ALL)
+        servers = f"nats://127.0.0.1:{unused_port()},{nats_server.url}"
+        log = (tmp_path / "engine.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "engine", "--nats-url", servers,
+                                 "--engine", "simulated", "--model-id", "sim", "--worker-id", "run-test"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            beat = await heartbeats.next_msg(timeout=60)
+            assert b"run-test" in beat.data, (tmp_path / "engine.log").read_text()
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+    finally:
+        await client.close()

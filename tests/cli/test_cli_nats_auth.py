@@ -133,12 +133,14 @@ def test_rotating_a_seed_refuses_the_old_key_from_the_next_start(tmp_path: Path)
         server.stop()
 
 
-def test_an_api_keys_nats_user_joins_the_running_bus_and_leaves_it_when_revoked(tmp_path: Path, capsys):
+# sync: ./cy up --fsync starts the server from a copy of its config, which a reload must rewrite too.
+@pytest.mark.parametrize("sync", [None, "always"])
+def test_an_api_keys_nats_user_joins_the_running_bus_and_leaves_it_when_revoked(tmp_path: Path, capsys, sync):
     identities = nats_auth.prepare("nkeys", tmp_path, ["w1"])
     config = nats_auth.write_server_config(identities, nats_auth.SERVER_CONFIG, tmp_path)
     operator = identities.nkey("operator")
     (tmp_path / "logs").mkdir()  # where ./cy up keeps the server's log (reloads are read from it)
-    server = NatsServer(tmp_path / "nats", config=config, log_file=tmp_path / "logs" / "nats.log").start()
+    server = NatsServer(tmp_path / "nats", config=config, log_file=tmp_path / "logs" / "nats.log", sync=sync).start()
     try:
         asyncio.run(_provision(server.url, operator))
         keys.create(server.url, "bob", ["inference"], nkey=operator, nats_state_dir=tmp_path)

@@ -23,6 +23,7 @@ from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage, encode
 from schemas.inference import CancelRequest, InferenceRequest
+from services.common import js_publish
 from services.common.bus import BUS_DOWN
 from services.common.worker_table import WorkerTable
 from services.edge.bus.failover import MIGRATABLE, Delivered, Impossible, begin, next_attempt
@@ -41,11 +42,13 @@ class RequestPublisher:
 
     def __init__(self, nc: Client, js: JetStreamContext, router: ReplyRouter, *, publish_timeout: float,
                  queue: DrainRate | None = None, table: WorkerTable | None = None, max_failovers: int = 0,
-                 on_failover: Callable[[str], None] | None = None) -> None:
+                 on_failover: Callable[[str], None] | None = None, publish_window: float = 0.0) -> None:
         self._nc = nc
         self._js = js
         self.router = router
         self._publish_timeout = publish_timeout
+        # How long a publish caught in a stream leader election is retried (same Nats-Msg-Id).
+        self._publish_window = publish_window
         self._queue = queue
         # Failover needs to know whether another engine could take the request: without a table, none.
         self._table = table
@@ -72,15 +75,18 @@ class RequestPublisher:
         """Publish ``request`` to its lane; raise ``BusError`` (``queue_full`` 429, ``no_worker_available`` 503).
 
         ``Nats-Msg-Id`` is ``msg_id`` or the request id: JetStream drops a second publication with
-        the same one inside the stream's duplicate window. It goes out marked ``producer_watches``:
-        the edge follows the engine's heartbeats itself, so no scheduler sends it ``worker_lost``.
+        the same one inside the stream's duplicate window, which is what lets a publish caught in a
+        leader election (a lost NATS node) be retried without running the request twice. It goes out
+        marked ``producer_watches``: the edge follows the engine's heartbeats itself, so no
+        scheduler sends it ``worker_lost``.
         """
         subject = names.infer_submit(names.lane_for_priority(request.priority))
         if not request.producer_watches:  # built outside to_request: the edge watches every request it sends
             request = msgspec.structs.replace(request, producer_watches=True)
         try:
-            ack = await self._js.publish(subject, encode(request), timeout=self._publish_timeout,
-                                         headers={"Nats-Msg-Id": msg_id or request.id})
+            published = await js_publish.publish(self._js, subject, encode(request), msg_id=msg_id or request.id,
+                                                 timeout=self._publish_timeout, window=self._publish_window,
+                                                 nc=self._nc)
         except nats.js.errors.APIError as exc:
             if exc.err_code == _STORE_FULL or "exceeded" in (exc.description or ""):
                 wait = self._queue.retry_after() if self._queue is not None else None
@@ -101,7 +107,7 @@ class RequestPublisher:
                                                       f"({self._nc.max_payload} bytes)") from None
         except BUS_DOWN as exc:
             raise BusError(ErrorCode.NO_WORKER, f"the edge is not connected to NATS ({type(exc).__name__})") from None
-        if ack.duplicate:
+        if not published.ours:
             # Only with an Idempotency-Key whose record was lost: the first copy's replies go to another call.
             raise BusError(ErrorCode.CONFLICT, "a request with this Idempotency-Key is already queued or running")
 
@@ -246,7 +252,7 @@ class InferenceCall:
     async def _fail_over(self, error: StreamError) -> StreamEvent | None:
         """Re-publish after ``error`` lost the engine; ``None`` if it went out, else the event that ends the call."""
         pending, publisher = self._pending, self._publisher
-        lost = pending.lost or pending.worker
+        lost = None if pending.gap else pending.lost or pending.worker  # a gap on the bus loses no engine
         plan = next_attempt(self.request, self._delivered, max_attempts=publisher.max_failovers)
         if isinstance(plan, InferenceRequest) and not publisher.serves_elsewhere(self.request.model, lost):
             plan = Impossible(f"no other live engine serves model {self.request.model!r}")

@@ -8,6 +8,12 @@ stopped heart-beating get a local ``worker_lost`` event instead of waiting for t
 ``StreamStart`` before answering the scheduler "accepted", so an engine that dies between its
 accept and its first token is covered too.
 
+Events travel on core NATS, so the ones sent while the edge moves to another NATS node (its
+node was lost) are gone. An engine numbers a request's events (``seq`` 1, 2, ... from its
+``StreamStart``): a gap, or the connection coming back at all, marks every request that may have
+lost events as ``gap`` and ends it locally with ``engine_failed``, which ``InferenceCall`` turns
+into a continuation of exactly what the client has (see ``failover``).
+
 Each event carries the scheduler's offer number (``dispatch``); the router follows the newest
 offer it has seen. An engine that accepted an older offer late (after the scheduler had
 stopped waiting for it and offered the request to another engine) has its events dropped and is
@@ -40,7 +46,7 @@ log = logging.getLogger(__name__)
 class PendingReply:
     """The reply side of one in-flight request."""
 
-    __slots__ = ("abandon_reason", "dead_since", "dispatch", "lost", "queue", "worker")
+    __slots__ = ("abandon_reason", "dead_since", "dispatch", "gap", "lost", "next_seq", "queue", "worker")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -52,6 +58,9 @@ class PendingReply:
         self.lost: str | None = None
         # The newest offer of the request seen (``InferenceRequest.dispatch``): its engine is the one followed.
         self.dispatch = 0
+        # The ``seq`` the followed engine's next event must have; ``gap``: some may have been lost.
+        self.next_seq = 1
+        self.gap = False
 
     def restart(self) -> None:
         """Forget the lost attempt: its queued events and its engine (a new attempt is about to start)."""
@@ -59,6 +68,18 @@ class PendingReply:
             self.queue.get_nowait()
         self.worker = self.dead_since = self.abandon_reason = None
         self.dispatch = 0  # the new attempt is a new request id: the scheduler numbers its offers from 0
+        self.next_seq, self.gap = 1, False
+
+    def lost_events(self, request_id: str, why: str) -> None:
+        """Some of the request's events may be lost: end this attempt so the call continues it elsewhere.
+
+        The engine itself is fine (it is not avoided); later events of this attempt are dropped.
+        """
+        if self.gap:
+            return
+        self.gap = True
+        self.queue.put_nowait(StreamError(id=request_id, code=ErrorCode.ENGINE_FAILED,
+                                          message=f"events of this request were lost on the bus ({why})"))
 
     def fail(self, request_id: str, code: ErrorCode, message: str, reason: str) -> None:
         """End the request locally with a typed error (it still owes the bus a cancel)."""
@@ -129,10 +150,31 @@ class ReplyRouter:
             log.warning("malformed event for request %s: %s", request_id, exc)
             pending.fail(request_id, ErrorCode.INTERNAL, f"malformed event from the engine: {exc}", "bad_event")
             return
+        if pending.gap:
+            return  # the call is continuing the request as a new attempt
         if event.dispatch != pending.dispatch or type(event) is StreamStart:
             if not await self._follows(request_id, pending, event):
                 return
+            if type(event) is StreamStart:
+                pending.next_seq = 1
+                pending.queue.put_nowait(event)
+                return
+        if pending.worker is not None and event.seq:  # an engine's numbered event (StreamStart has none)
+            if event.seq != pending.next_seq:
+                log.warning("request %s: event %d arrived, %d expected: continuing it as a new attempt",
+                            request_id, event.seq, pending.next_seq)
+                pending.lost_events(request_id, f"event {pending.next_seq} never arrived")
+                return
+            pending.next_seq += 1
         pending.queue.put_nowait(event)
+
+    def connection_restored(self) -> None:
+        """The edge reconnected to NATS: events sent meanwhile are lost; every request under way continues anew."""
+        for request_id, pending in self._pending.items():
+            if pending.abandon_reason is None:
+                pending.lost_events(request_id, "the edge's NATS connection was re-established")
+        if self._pending:
+            log.warning("reconnected to NATS: %d requests under way continue as new attempts", len(self._pending))
 
     async def _follows(self, request_id: str, pending: PendingReply, event: StreamEvent) -> bool:
         """Whether ``event`` belongs to the newest offer of the request (noting a ``StreamStart``'s engine).

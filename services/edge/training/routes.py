@@ -16,7 +16,8 @@ from services.edge.training.store import TRAINING, TrainingStore
 
 async def _store_context(app: web.Application) -> AsyncIterator[None]:
     """Give the handlers a ``TrainingStore`` on the edge's connection (runs after the bus context)."""
-    app[TRAINING] = TrainingStore(app[EDGE].nc, publish_timeout=app[CONFIG].publish_timeout)
+    app[TRAINING] = TrainingStore(app[EDGE].nc, publish_timeout=app[CONFIG].publish_timeout,
+                                   publish_window=app[CONFIG].publish_retry_window)
     yield
 
 

@@ -29,7 +29,7 @@ from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.registry import ModelEntry
 from schemas.training import CANCELLED, TERMINAL, JobState, TrainCancel, TrainEvent
-from services.common import artifacts
+from services.common import artifacts, js_publish
 from services.common.artifacts import FileMeta
 from services.common.bus import BUS_DOWN
 from services.common.buckets import kv_values
@@ -67,10 +67,11 @@ def _bus(what: str):
 class TrainingStore:
     """Files, job state, job submission and job events on the bus, for the edge's training routes."""
 
-    def __init__(self, nc: Client, *, publish_timeout: float) -> None:
+    def __init__(self, nc: Client, *, publish_timeout: float, publish_window: float = 0.0) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._publish_timeout = publish_timeout
+        self._publish_window = publish_window  # retries of a publish caught in a leader election
         self._objects = None
         self._jobs = None
         self._models = None
@@ -212,8 +213,8 @@ class TrainingStore:
         """Queue the job on ``LLM_TRAIN`` (``Nats-Msg-Id`` = job id: a resubmission is dropped by JetStream)."""
         job = state.job
         try:
-            await self._js.publish(names.TRAIN_SUBMIT, _encode(job), timeout=self._publish_timeout,
-                                   headers={"Nats-Msg-Id": job.id})
+            await js_publish.publish(self._js, names.TRAIN_SUBMIT, _encode(job), msg_id=job.id,
+                                     timeout=self._publish_timeout, window=self._publish_window, nc=self._nc)
         except nats.js.errors.APIError as exc:
             if exc.err_code == _STORE_FULL:
                 raise BusError(ErrorCode.QUEUE_FULL, f"the training queue is full ({exc.description}); "
@@ -289,8 +290,9 @@ class TrainingStore:
         """Append an event to the job's event subject (a status change the edge made)."""
         with _bus("recording the event"):
             try:
-                await self._js.publish(names.train_job_events(event.job_id), _encode(event),
-                                       timeout=self._publish_timeout)
+                await js_publish.publish(self._js, names.train_job_events(event.job_id), _encode(event),
+                                         msg_id=event.id, timeout=self._publish_timeout,
+                                         window=self._publish_window, nc=self._nc)
             except nats.js.errors.NoStreamResponseError:
                 log.warning("stream %s is missing; event of %s not recorded", names.TRAIN_EVENTS_STREAM,
                             event.job_id)
