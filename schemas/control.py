@@ -1,4 +1,4 @@
-"""Engine control: load, unload and list models at run time.
+"""Engine control: load, unload and list models at run time; tokenize and detokenize with a served model.
 
 Commands go to ``llm.v1.engine.<worker>.control`` (one engine, request/reply) or to
 ``llm.v1.engine.all.control`` (every engine answers; the caller collects the replies). Each
@@ -13,6 +13,7 @@ from typing import Union
 import msgspec
 
 from schemas.heartbeat import EngineHeartbeat, ServedModel
+from schemas.inference import ChatMessage
 
 
 class LoadModel(msgspec.Struct, tag="load", tag_field="type", kw_only=True, omit_defaults=True):
@@ -31,7 +32,24 @@ class ListModels(msgspec.Struct, tag="list", tag_field="type", kw_only=True, omi
     """Answer with the models loaded now."""
 
 
-ControlCommand = Union[LoadModel, UnloadModel, ListModels]
+class Tokenize(msgspec.Struct, tag="tokenize", tag_field="type", kw_only=True, omit_defaults=True):
+    """Token ids of ``prompt``, or of ``messages`` rendered as generation renders them (chat template,
+    then the assistant header when ``add_generation_prompt``), with ``model``'s tokenizer."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class Detokenize(msgspec.Struct, tag="detokenize", tag_field="type", kw_only=True, omit_defaults=True):
+    """The text ``tokens`` stand for, with ``model``'s tokenizer."""
+
+    model: str
+    tokens: list[int]
+
+
+ControlCommand = Union[LoadModel, UnloadModel, ListModels, Tokenize, Detokenize]
 
 
 class ControlReply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -40,7 +58,8 @@ class ControlReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     ``model`` is the canonical id the command acted on; ``evicted`` the idle models unloaded to
     make room for a load; ``models`` what the engine serves after the command; ``heartbeat`` its
     status right after it, so a scheduler can route to a freshly loaded model without waiting
-    for the next heartbeat.
+    for the next heartbeat. ``tokens`` and ``max_model_len`` answer ``tokenize``; ``prompt``
+    answers ``detokenize``.
     """
 
     ok: bool
@@ -53,6 +72,9 @@ class ControlReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     heartbeat: EngineHeartbeat | None = None
     code: str | None = None
     message: str | None = None
+    tokens: list[int] | None = None
+    max_model_len: int = 0
+    prompt: str | None = None
 
 
 _command_decoder = msgspec.json.Decoder(ControlCommand)

@@ -17,7 +17,7 @@ import pytest
 
 import schemas
 from schemas import control, events, names
-from schemas.control import ControlReply, ListModels, LoadModel, UnloadModel
+from schemas.control import ControlReply, Detokenize, ListModels, LoadModel, Tokenize, UnloadModel
 from schemas.errors import ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, TokenLogprob, TopLogprob, Usage, encode
 from schemas.heartbeat import EngineHeartbeat, ServedModel
@@ -115,6 +115,18 @@ FULL = [
                      heartbeat=EngineHeartbeat(worker="engine-1", engine="transformers", device="cpu", models=[],
                                                slots=4, in_flight=0, seq=7, ts=1767225600.5),
                      code="unavailable", message="no room")),
+    WireCase("Tokenize", control.decode_command, (
+        b'{"type":"tokenize","model":"smol","prompt":"Once","messages":[{"role":"user","content":"Hi"}],'
+        b'"add_generation_prompt":false}'),
+        Tokenize(model="smol", prompt="Once", messages=[ChatMessage(role="user", content="Hi")],
+                 add_generation_prompt=False)),
+    WireCase("Detokenize", control.decode_command, b'{"type":"detokenize","model":"smol","tokens":[1,9690,2]}',
+             Detokenize(model="smol", tokens=[1, 9690, 2])),
+    WireCase("ControlReply to tokenize and detokenize", control.decode_reply, (
+        b'{"ok":true,"worker":"engine-1","model":"SmolLM2-135M-Instruct","tokens":[1,9690,2],'
+        b'"max_model_len":8192,"prompt":"<|im_start|>system"}'),
+        ControlReply(ok=True, worker="engine-1", model="SmolLM2-135M-Instruct", tokens=[1, 9690, 2],
+                     max_model_len=8192, prompt="<|im_start|>system")),
 ]
 
 _SERVED_DEFAULTS = {"context_length": 0, "aliases": [], "owned_by": "cy-llm", "memory_bytes": 0, "in_flight": 0,
@@ -142,6 +154,8 @@ MINIMAL = [
     WireCase("DispatchReply", decoder(DispatchReply), b'{"accepted":true,"worker":"engine-1"}',
              {"accepted": True, "worker": "engine-1", "in_flight": 0, "slots": 0, "status_seq": 0, "code": None,
               "message": None}),
+    WireCase("Tokenize", control.decode_command, b'{"type":"tokenize","model":"m","prompt":"x"}',
+             {"model": "m", "prompt": "x", "messages": None, "add_generation_prompt": True}),
     WireCase("CancelRequest", decoder(CancelRequest), b'{"id":"req-2"}',
              {"id": "req-2", "reason": "cancelled", "dispatch": 0}),
     WireCase("EngineHeartbeat", decoder(EngineHeartbeat), (
