@@ -136,3 +136,19 @@ class EngineBackend(abc.ABC):
     def loaded_adapters(self) -> list[str]:
         """Adapter ids loaded now, as advertised in heartbeats."""
         return []
+
+    async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``request``'s prompt or messages, rendered exactly as ``generate`` renders them
+        (``/tokenize``); engines without a tokenizer on our side say ``unsupported``."""
+        raise BusError(ErrorCode.UNSUPPORTED, f"the {self.name} engine does not tokenize; use the "
+                       "transformers, llama.cpp or vllm engine for /tokenize", param="model")
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text ``tokens`` stand for (``/detokenize``); ``unsupported`` where the engine has no tokenizer."""
+        raise BusError(ErrorCode.UNSUPPORTED, f"the {self.name} engine does not detokenize; use the "
+                       "transformers, llama.cpp or vllm engine for /detokenize", param="model")
+
+    def context_length(self) -> int:
+        """The longest sequence (prompt + answer) the first served model takes; 0 when unknown."""
+        served = self.served_models()
+        return served[0].context_length if served else 0

@@ -1,4 +1,5 @@
-"""The engine's control subjects: ``load``/``unload``/``list`` commands in, one ``ControlReply`` out.
+"""The engine's control subjects: ``load``/``unload``/``list``/``tokenize``/``detokenize`` commands in,
+one ``ControlReply`` out.
 
 The same handler serves ``llm.v1.engine.<worker>.control`` and the broadcast
 ``llm.v1.engine.all.control``. Each command runs as its own task, so a ``list`` is answered
@@ -16,11 +17,12 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from schemas.control import ControlReply, ListModels, LoadModel, UnloadModel, decode_command
+from schemas.control import ControlReply, Detokenize, ListModels, LoadModel, Tokenize, UnloadModel, decode_command
 from schemas.errors import BusError, ErrorCode
 from schemas.events import encode
 from schemas.heartbeat import EngineHeartbeat
-from services.engine.model_host import ModelHost
+from schemas.inference import InferenceRequest
+from services.engine.model_host import HostedModel, ModelHost
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,37 @@ class ModelControl:
                     return self._reply(True, model=await self._host.unload(name, self._unload_timeout))
                 case ListModels():
                     return self._reply(True)
+                case Tokenize() | Detokenize():
+                    return await self._tokens(command)
         except BusError as exc:
             return self._reply(False, code=exc.code, message=exc.message)
         raise AssertionError(f"unhandled control command {command!r}")
+
+    async def _tokens(self, command: Tokenize | Detokenize) -> ControlReply:
+        """Tokenize or detokenize with the loaded model ``command.model`` names (held busy meanwhile, so an
+        unload waits for it); no heartbeat in the reply: nothing about the engine changed."""
+        model = self._host.route(command.model)
+        if model is None:
+            raise BusError(ErrorCode.MODEL_NOT_FOUND, f"model {command.model!r} is not loaded on this engine",
+                           param="model")
+        self._host.begin(model)
+        try:
+            return await self._tokens_on(model, command)
+        finally:
+            self._host.end(model)
+
+    async def _tokens_on(self, model: HostedModel, command: Tokenize | Detokenize) -> ControlReply:
+        backend = model.backend
+        if isinstance(command, Detokenize):
+            return ControlReply(ok=True, worker=self._worker, model=model.id,
+                                prompt=await backend.detokenize(command.tokens))
+        if (command.prompt is None) == (command.messages is None):
+            raise BusError(ErrorCode.INVALID_REQUEST, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        request = InferenceRequest(id="tokenize", model=model.id, reply_to="", prompt=command.prompt,
+                                   messages=command.messages)
+        tokens = await backend.tokenize(request, command.add_generation_prompt)
+        return ControlReply(ok=True, worker=self._worker, model=model.id, tokens=tokens,
+                            max_model_len=backend.context_length())
 
     def _reply(self, ok: bool, **fields) -> ControlReply:
         heartbeat = self._heartbeat()

@@ -29,20 +29,23 @@ class RenderedPrompt:
         return len(self.ids) - self.continued
 
 
-def _chat_ids(tokenizer, request: InferenceRequest) -> list[int]:
+def _chat_ids(tokenizer, request: InferenceRequest, add_generation_prompt: bool) -> list[int]:
     messages = [{"role": m.role, "content": m.content} for m in request.messages or []]
     if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         # transformers 5 returns a BatchEncoding; older versions and mlx_lm a plain list.
         return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-    return list(tokenizer.encode(text))
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return list(tokenizer.encode(text + "\nassistant:" if add_generation_prompt else text))
 
 
-def render_prompt(tokenizer, request: InferenceRequest) -> RenderedPrompt:
-    """The chat template for messages, the raw prompt for completions, then ``request.continuation``."""
+def render_prompt(tokenizer, request: InferenceRequest, add_generation_prompt: bool = True) -> RenderedPrompt:
+    """The chat template for messages, the raw prompt for completions, then ``request.continuation``.
+
+    ``add_generation_prompt`` false leaves the assistant header off (only ``/tokenize`` asks for that).
+    """
     if request.messages is not None:
-        ids = _chat_ids(tokenizer, request)
+        ids = _chat_ids(tokenizer, request, add_generation_prompt)
     else:
         ids = list(tokenizer.encode(request.prompt or ""))
     continued = 0
@@ -68,8 +71,28 @@ def config_context_length(model_dir) -> int:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return 0
+
+
+def decode_ids(tokenizer, tokens: list[int]) -> str:
+    """The text of ``tokens`` as a Hugging Face tokenizer decodes them (special tokens kept, as vLLM's
+    ``/detokenize`` does); an id outside the vocabulary is ``invalid_request``."""
+    size = len(tokenizer)
+    if bad := [t for t in tokens if t < 0 or t >= size]:
+        raise BusError(ErrorCode.INVALID_REQUEST, f"token {bad[0]} is outside the model's vocabulary of {size} "
+                       "tokens", param="tokens")
+    return tokenizer.decode(tokens)
     for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
         value = config.get(key) if isinstance(config, dict) else None
         if isinstance(value, int) and value > 0:
             return value
     return 0
+
+
+def decode_ids(tokenizer, tokens: list[int]) -> str:
+    """The text of ``tokens`` as a Hugging Face tokenizer decodes them (special tokens kept, as vLLM's
+    ``/detokenize`` does); an id outside the vocabulary is ``invalid_request``."""
+    size = len(tokenizer)
+    if bad := [t for t in tokens if t < 0 or t >= size]:
+        raise BusError(ErrorCode.INVALID_REQUEST, f"token {bad[0]} is outside the model's vocabulary of {size} "
+                       "tokens", param="tokens")
+    return tokenizer.decode(tokens)

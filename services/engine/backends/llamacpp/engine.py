@@ -180,11 +180,27 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
                                        self._lora_dir / "gguf")
 
     # --- generation ---
-    def render(self, request: InferenceRequest) -> RenderedPrompt:
+    async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``request`` as ``generate`` renders them (``/tokenize``)."""
+        if self.model is None:
+            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        return self.render(request, add_generation_prompt).ids
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (``/detokenize``); an id outside the vocabulary is ``invalid_request``."""
+        if self.model is None:
+            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        if bad := [t for t in tokens if t < 0 or t >= self.model.n_vocab]:
+            raise BusError(ErrorCode.INVALID_REQUEST, f"token {bad[0]} is outside the model's vocabulary of "
+                           f"{self.model.n_vocab} tokens", param="tokens")
+        return self.model.decode(tokens)
+
+    def render(self, request: InferenceRequest, add_generation_prompt: bool = True) -> RenderedPrompt:
         """Token ids the model sees: the GGUF chat template for messages, the raw prompt for completions,
         then a migrated request's ``continuation`` (the answer so far, not billed as prompt)."""
         if request.messages is not None:
-            ids = self.model.render_chat([{"role": m.role, "content": m.content} for m in request.messages])
+            ids = self.model.render_chat([{"role": m.role, "content": m.content} for m in request.messages],
+                                         add_generation_prompt)
         else:
             ids = self.model.tokenize(request.prompt or "", add_special=True, parse_special=True)
             # An empty completion prompt starts from BOS (as llama-cpp-python does): decoding needs one token.

@@ -107,6 +107,7 @@ class GgufModel:
         self.ctx_per_seq = 0
         self._pieces: dict[int, bytes] = {}
         self._formatter: Jinja2ChatFormatter | None = None
+        self._bare_formatter: Jinja2ChatFormatter | None = None  # no assistant header (``/tokenize`` only)
 
     # --- lifecycle ---
     def load(self) -> None:
@@ -148,6 +149,9 @@ class GgufModel:
         if template:
             self._formatter = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self.eos_id),
                                                   bos_token=self._token_text(self.bos_id))
+            self._bare_formatter = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self.eos_id),
+                                                       bos_token=self._token_text(self.bos_id),
+                                                       add_generation_prompt=False)
 
     def _warm_up(self) -> None:
         # One throw-away decode, as llama.cpp's own tools do: the first decode builds and allocates
@@ -243,13 +247,16 @@ class GgufModel:
         """Text of ``ids``; an incomplete UTF-8 character at the end shows as U+FFFD."""
         return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids for a chat: the GGUF's own template (as llama-cpp-python renders it), tokenized."""
-        if self._formatter is None:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a chat: the GGUF's own template (as llama-cpp-python renders it), tokenized;
+        ``add_generation_prompt`` false leaves the assistant header off."""
+        formatter = self._formatter if add_generation_prompt else self._bare_formatter
+        if formatter is None:
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+            text = text + "\nassistant:" if add_generation_prompt else text
             return self.tokenize(text, add_special=True, parse_special=False)
         # The template writes any BOS itself (llama-cpp-python's ``added_special``); special tokens in it are real.
-        return self.tokenize(self._formatter(messages=messages).prompt, add_special=False, parse_special=True)
+        return self.tokenize(formatter(messages=messages).prompt, add_special=False, parse_special=True)
 
     # --- sampling ---
     def new_sampler(self, params: SamplingParams, seed: int, window: int):
