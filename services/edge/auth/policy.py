@@ -46,6 +46,8 @@ RULES: tuple[Rule, ...] = (
     Rule("/v1/chat/completions", Scope.INFERENCE),
     Rule("/v1/completions", Scope.INFERENCE),
     Rule("/v1/models", Scope.INFERENCE),
+    Rule("/tokenize", Scope.INFERENCE),
+    Rule("/detokenize", Scope.INFERENCE),
     Rule("/api/v1/inference", Scope.INFERENCE),
     Rule("/api/v1/models", Scope.INFERENCE),
 )

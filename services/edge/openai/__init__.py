@@ -8,4 +8,5 @@
 - ``bodies``: response bodies and SSE chunks. Pure.
 - ``catalog``: ``GET /v1/models`` and ``/v1/models/{id}``: what live engines serve, fine-tuned models included.
 - ``model_admin``: ``POST /v1/models/load`` and ``DELETE /v1/models/{id}`` on engines.
+- ``tokenize``: ``POST /tokenize`` and ``/detokenize``, answered by an engine serving the model.
 """

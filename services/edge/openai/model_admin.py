@@ -46,7 +46,7 @@ def _live_worker(table: WorkerTable, worker: str) -> str:
     return worker
 
 
-async def _control(nc, table: WorkerTable, worker: str, command, timeout: float) -> ControlReply:
+async def control(nc, table: WorkerTable, worker: str, command, timeout: float) -> ControlReply:
     """Send ``command`` to ``worker``; a refusal is raised as its typed error."""
     try:
         msg = await nc.request(names.engine_control(worker), encode(command), timeout=timeout)
@@ -84,7 +84,7 @@ async def load_model(request: web.Request) -> web.Response:
             raise BusError(ErrorCode.UNAVAILABLE, f"no live engine can load '{entry.id}' now (none of a fitting "
                                                   "kind with room for another model)")
         worker = candidates[0].worker
-    reply = await _control(edge.nc, edge.table, worker, LoadModel(model=entry.id), LOAD_TIMEOUT)
+    reply = await control(edge.nc, edge.table, worker, LoadModel(model=entry.id), LOAD_TIMEOUT)
     return _json({"object": "model.load", "model": reply.model, "worker": reply.worker, "evicted": reply.evicted,
                   "load_seconds": reply.load_seconds, "models": [m.id for m in reply.models]})
 
@@ -102,7 +102,7 @@ async def unload_model(request: web.Request) -> web.Response:
     if not targets:
         where = f"engine {worker!r}" if worker is not None else "any live engine"
         raise BusError(ErrorCode.MODEL_NOT_FOUND, f"The model '{name}' is not loaded on {where}", param="model")
-    results = await asyncio.gather(*(_control(edge.nc, edge.table, w, UnloadModel(model=name), UNLOAD_TIMEOUT)
+    results = await asyncio.gather(*(control(edge.nc, edge.table, w, UnloadModel(model=name), UNLOAD_TIMEOUT)
                                      for w in targets), return_exceptions=True)
     unloaded = [r for r in results if isinstance(r, ControlReply)]
     failures = [r for r in results if isinstance(r, BusError)]

@@ -1,11 +1,12 @@
-"""The edge's OpenAI inference surface: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``
-(listing, one model, run-time load and unload); registered on the app by ``add_routes``."""
+"""The edge's OpenAI inference surface: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``
+(listing, one model, run-time load and unload) and vLLM's ``/tokenize`` and ``/detokenize``;
+registered on the app by ``add_routes``."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from services.edge.openai import catalog, completions, model_admin
+from services.edge.openai import catalog, completions, model_admin, tokenize
 
 
 def add_routes(app: web.Application) -> None:
@@ -17,3 +18,5 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/models/load", model_admin.load_model)
     r.add_get("/v1/models/{model:.+}", catalog.get_model)
     r.add_delete("/v1/models/{model:.+}", model_admin.unload_model)
+    r.add_post("/tokenize", tokenize.tokenize)
+    r.add_post("/detokenize", tokenize.detokenize)

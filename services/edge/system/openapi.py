@@ -17,6 +17,7 @@ from aiohttp import web
 from schemas.routing import Strategy
 from services.edge.errors import ErrorBody
 from services.edge.openai.model_admin import LoadBody
+from services.edge.openai.tokenize import DetokenizeBody, TokenizeBody
 from services.edge.native.types import NativeInferenceBody
 from services.edge.openai.types import ChatCompletionBody, CompletionBody
 from services.edge.training.types import FineTuningJobBody, NativeStartBody
@@ -89,6 +90,9 @@ _RESPONSES: dict[str, Any] = {
     "ModelDeleted": _obj(["id", "object", "deleted", "workers", "errors"], id=_STR, object={"const": "model"},
                          deleted={"type": "boolean"}, workers={"type": "array", "items": _STR},
                          errors={"type": "array", "items": _obj(["code", "message"], code=_STR, message=_STR)}),
+    "Tokenized": _obj(["tokens", "count", "max_model_len"], tokens={"type": "array", "items": _INT}, count=_INT,
+                      max_model_len=_INT),
+    "Detokenized": _obj(["prompt"], prompt=_STR),
     # Fine-tuning (OpenAI's shapes; the job object also carries the peft/progress extensions).
     "FileObject": _obj(["id", "object", "bytes", "created_at", "filename", "purpose"], id=_STR,
                        object={"const": "file"}, bytes=_INT, created_at=_INT, filename=_STR, purpose=_STR),
@@ -165,6 +169,10 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/completions": {"post": _op("Text completion (OpenAI, legacy)", _streamable("TextCompletion", "a text "
                                                                                         "completion"),
                                         body="CompletionBody")},
+        "/tokenize": {"post": _op("Token ids of a prompt or chat as the model sees them (vLLM)", _json(
+            _ref("Tokenized"), "the token ids, their count and the model's context length"), body="TokenizeBody")},
+        "/detokenize": {"post": _op("The text of token ids (vLLM)", _json(_ref("Detokenized"), "the text"),
+                                    body="DetokenizeBody")},
         "/v1/models": {"get": _op("Models live engines serve", _json(_ref("ModelList"), "the model list"))},
         "/v1/models/load": {"post": _op("Load a registered model on an engine (the named worker, else the best "
                                         "one)", _json(_ref("ModelLoaded"), "the model is served"), body="LoadBody",
@@ -272,7 +280,7 @@ def build_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once per process)."""
     _, components = msgspec.json.schema_components(
         (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody, FineTuningJobBody, NativeStartBody,
-         LoadBody),
+         LoadBody, TokenizeBody, DetokenizeBody),
         ref_template=_REF)
     return {
         "openapi": "3.1.0",
