@@ -32,6 +32,8 @@ def test_keys_embed_their_id_and_match_only_their_hash():
     ("GET", "/healthz", None), ("GET", "/metrics", None),
     ("POST", "/v1/chat/completions", Scope.INFERENCE), ("POST", "/v1/completions", Scope.INFERENCE),
     ("GET", "/v1/models", Scope.INFERENCE), ("GET", "/v1/models/Qwen/Qwen2.5-7B", Scope.INFERENCE),
+    ("POST", "/tokenize", Scope.INFERENCE), ("POST", "/detokenize", Scope.INFERENCE),
+    ("POST", "/tokenizex", Scope.ADMIN),
     ("POST", "/v1/models/load", Scope.ADMIN), ("DELETE", "/v1/models/m", Scope.ADMIN),
     ("GET", "/v1/system/health", Scope.ADMIN), ("POST", "/v1/cluster/strategy", Scope.ADMIN),
     ("POST", "/v1/fine_tuning/jobs", Scope.TRAINING), ("POST", "/v1/files", Scope.TRAINING),
