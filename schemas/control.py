@@ -75,6 +75,7 @@ class ControlReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     tokens: list[int] | None = None
     max_model_len: int = 0
     prompt: str | None = None
+    param: str | None = None  # the request field a refusal is about (``tokens``, ``model``...)
 
 
 _command_decoder = msgspec.json.Decoder(ControlCommand)

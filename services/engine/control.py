@@ -86,7 +86,7 @@ class ModelControl:
                 case Tokenize() | Detokenize():
                     return await self._tokens(command)
         except BusError as exc:
-            return self._reply(False, code=exc.code, message=exc.message)
+            return self._reply(False, code=exc.code, message=exc.message, param=exc.param)
         raise AssertionError(f"unhandled control command {command!r}")
 
     async def _tokens(self, command: Tokenize | Detokenize) -> ControlReply:

@@ -127,6 +127,11 @@ FULL = [
         b'"max_model_len":8192,"prompt":"<|im_start|>system"}'),
         ControlReply(ok=True, worker="engine-1", model="SmolLM2-135M-Instruct", tokens=[1, 9690, 2],
                      max_model_len=8192, prompt="<|im_start|>system")),
+    WireCase("ControlReply refusing a field", control.decode_reply, (
+        b'{"ok":false,"worker":"engine-1","code":"invalid_request","message":"token 99999 is outside",'
+        b'"param":"tokens"}'),
+        ControlReply(ok=False, worker="engine-1", code="invalid_request", message="token 99999 is outside",
+                     param="tokens")),
 ]
 
 _SERVED_DEFAULTS = {"context_length": 0, "aliases": [], "owned_by": "cy-llm", "memory_bytes": 0, "in_flight": 0,

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from services.common.model_store import DEFAULT_MODEL_ID, default_model_gguf
 from services.edge import create_app
 from tests.edge_harness import assert_error, edge_config, wait_until_served  # noqa: F401 - fixtures
+from tests.engine.test_engine_service import running_engine
 from tests.engine_models_harness import real_engine, register
 from tests.scheduler.test_scheduler_harness import start_scheduler  # noqa: F401 - fixture
 
@@ -55,22 +56,24 @@ async def test_tokenize_round_trips_with_the_transformers_engine(nc, js, nats_se
         assert (await resp.json())["usage"]["prompt_tokens"] == chat["count"]
 
         cases = [
-            ({"model": "no-such-model", "prompt": "x"}, "/tokenize", 404, "model_not_found"),
-            ({"model": "smol-elsewhere", "prompt": "x"}, "/tokenize", 503, "unavailable"),
-            ({"model": DEFAULT_MODEL_ID}, "/tokenize", 400, "invalid_request"),
-            ({"model": DEFAULT_MODEL_ID, "prompt": "x", "messages": MESSAGES}, "/tokenize", 400, "invalid_request"),
-            ({"model": DEFAULT_MODEL_ID, "prompt": 5}, "/tokenize", 400, "invalid_request"),
-            ({"model": DEFAULT_MODEL_ID, "prompt": "x", "return_token_strs": True}, "/tokenize", 400, "unsupported"),
+            ({"model": "no-such-model", "prompt": "x"}, "/tokenize", 404, "model_not_found", "model"),
+            ({"model": "smol-elsewhere", "prompt": "x"}, "/tokenize", 503, "unavailable", None),
+            ({"model": DEFAULT_MODEL_ID}, "/tokenize", 400, "invalid_request", "prompt"),
+            ({"model": DEFAULT_MODEL_ID, "prompt": "x", "messages": MESSAGES}, "/tokenize", 400, "invalid_request",
+             "prompt"),
+            ({"model": DEFAULT_MODEL_ID, "prompt": 5}, "/tokenize", 400, "invalid_request", "prompt"),
+            ({"model": DEFAULT_MODEL_ID, "prompt": "x", "return_token_strs": True}, "/tokenize", 400, "unsupported",
+             "return_token_strs"),
             ({"model": DEFAULT_MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]}, "/tokenize", 400,
-             "invalid_request"),
-            ({"model": DEFAULT_MODEL_ID}, "/detokenize", 400, "invalid_request"),
-            ({"model": DEFAULT_MODEL_ID, "tokens": [1, 10**9]}, "/detokenize", 400, "invalid_request"),
-            ({"model": "no-such-model", "tokens": [1]}, "/detokenize", 404, "model_not_found"),
+             "invalid_request", "messages[0].role"),
+            ({"model": DEFAULT_MODEL_ID}, "/detokenize", 400, "invalid_request", "tokens"),
+            ({"model": DEFAULT_MODEL_ID, "tokens": [1, 10**9]}, "/detokenize", 400, "invalid_request", "tokens"),
+            ({"model": "no-such-model", "tokens": [1]}, "/detokenize", 404, "model_not_found", "model"),
         ]
-        for body, path, want_status, code in cases:
+        for body, path, want_status, code, param in cases:
             status, answer = await post(client, path, body)
             assert status == want_status, (path, body, answer)
-            assert_error(answer, code)
+            assert_error(answer, code, param)
 
 
 @pytest.mark.slow
@@ -89,3 +92,14 @@ async def test_tokenize_round_trips_with_the_llamacpp_engine(nc, js, nats_server
         assert status == 200 and prompt["tokens"] == tokenizer.encode(PROMPT), prompt
         status, text = await post(client, "/detokenize", {"model": DEFAULT_MODEL_ID, "tokens": prompt["tokens"]})
         assert status == 200 and text == {"prompt": PROMPT}
+
+
+async def test_an_engine_without_a_tokenizer_answers_unsupported(nc, nats_server, edge_config):
+    async with running_engine(nats_server.url), TestClient(TestServer(create_app(edge_config))) as client:
+        await wait_until_served(client, "sim", timeout=30)
+        for path, body in (("/tokenize", {"model": "sim-alias", "prompt": "x"}),
+                           ("/detokenize", {"model": "sim", "tokens": [1]})):
+            status, answer = await post(client, path, body)
+            assert status == 400, answer
+            assert_error(answer, "unsupported", "model")
+            assert "simulated" in answer["error"]["message"]

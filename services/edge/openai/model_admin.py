@@ -61,7 +61,7 @@ async def control(nc, table: WorkerTable, worker: str, command, timeout: float) 
         table.observe(reply.heartbeat)  # GET /v1/models shows the change at once
     if not reply.ok:
         raise BusError(reply.code or ErrorCode.ENGINE_FAILED, reply.message or f"engine {worker!r} refused",
-                       param="model" if reply.code == ErrorCode.MODEL_NOT_FOUND else None)
+                       param=reply.param or ("model" if reply.code == ErrorCode.MODEL_NOT_FOUND else None))
     return reply
 
 
