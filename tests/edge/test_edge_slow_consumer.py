@@ -10,8 +10,11 @@ get its whole answer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import socket
+import struct
 
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -45,17 +48,37 @@ async def _edge(nats_server, **limits) -> TestClient:
     return client
 
 
-async def _stalled_client(port: int) -> socket.socket:
+async def _stalled_client(port: int, **extra) -> socket.socket:
     """Open a streaming chat request on a socket that will never be read (a 4 KiB receive window)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", port))
-    body = json.dumps(chat_body(stream=True, max_tokens=100000, cache=False)).encode()
+    body = json.dumps(chat_body(stream=True, max_tokens=100000, cache=False, **extra)).encode()
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     await loop.sock_sendall(sock, head + body)
+    return sock
+
+
+async def _stalled_websocket(port: int) -> socket.socket:
+    """Open ``/api/v1/inference/ws`` and send one request frame on a socket that will never be read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (f"GET /api/v1/inference/ws HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\n"
+                                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    payload = json.dumps({"id": "slow", "modelId": chat_body()["model"], "prompt": "hi", "maxTokens": 100000,
+                          "cache": False}).encode()
+    mask = os.urandom(4)
+    head = bytes([0x81]) + (bytes([0x80 | len(payload)]) if len(payload) < 126
+                            else bytes([0x80 | 126]) + struct.pack("!H", len(payload)))
+    await loop.sock_sendall(sock, head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
     return sock
 
 
@@ -130,6 +153,41 @@ async def test_a_write_that_stays_blocked_is_cut_at_the_write_timeout(nats_serve
     metrics = await _stall_one_while_another_streams(nats_server, engine, cancels, most=2000,
                                                      max_stream_buffer=100000, write_timeout=0.2)
     assert "llm_edge_slow_consumers_total 1.0" in metrics
+
+
+async def test_an_n_choice_answer_whose_client_stops_reading_is_cut_in_every_choice(nats_server, engine, cancels):
+    client = await _edge(nats_server, max_stream_buffer=16, write_timeout=600)
+    sock = None
+    try:
+        sock = await _stalled_client(client.server.port, n=2)
+        first, second = await engine.next_request(), await engine.next_request()
+        await engine.send(second, engine.start_event(second))
+        await _flood(engine, first, cancels, most=2000)  # one choice floods, the other is quiet
+        assert (await cancels.wait_for(first.id, timeout=30)).reason == "slow_consumer"
+        assert (await cancels.wait_for(second.id, timeout=30)).reason == "slow_consumer"
+        assert (await _read_to_the_end(sock)).startswith(b"HTTP/1.1 200")
+        metrics = await (await client.get("/metrics")).text()
+        assert "llm_edge_slow_consumers_total 2.0" in metrics  # one per choice: each is a request on the bus
+    finally:
+        if sock is not None:
+            sock.close()
+        await client.close()
+
+
+async def test_a_websocket_that_stops_reading_is_cut_and_closed(nats_server, engine, cancels):
+    client = await _edge(nats_server, max_stream_buffer=16, write_timeout=600)
+    sock = None
+    try:
+        sock = await _stalled_websocket(client.server.port)
+        slow = await engine.next_request()
+        await _flood(engine, slow, cancels, most=2000)
+        assert (await cancels.wait_for(slow.id, timeout=30)).reason == "slow_consumer"
+        assert (await _read_to_the_end(sock)).startswith(b"HTTP/1.1 101")  # the socket was closed
+        assert "llm_edge_slow_consumers_total 1.0" in await (await client.get("/metrics")).text()
+    finally:
+        if sock is not None:
+            sock.close()
+        await client.close()
 
 
 async def test_the_router_drops_a_slow_requests_events_and_ends_it_with_slow_consumer(nc):

@@ -182,6 +182,10 @@ class InferenceCall:
         """Write the answer to ``client``: a client that stops reading is cut (see ``replies``), not buffered for."""
         self._pending.client = client
 
+    def cut_slow_consumer(self, why: str) -> None:
+        """End the request because its client does not read (see ``replies``); it is cancelled on the way out."""
+        self._publisher.router.cut(self._bus_id, why)
+
     @property
     def attempts(self) -> int:
         """How many times the request was re-published after losing its engine."""

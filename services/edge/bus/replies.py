@@ -218,6 +218,12 @@ class ReplyRouter:
             return
         pending.queue.put_nowait(event)
 
+    def cut(self, request_id: str, why: str) -> None:
+        """Cut ``request_id`` as a slow consumer (once; not one that already ended otherwise)."""
+        pending = self._pending.get(request_id)
+        if pending is not None and pending.abandon_reason is None:
+            self._cut(request_id, pending, why)
+
     def _cut(self, request_id: str, pending: PendingReply, why: str) -> None:
         log.warning("request %s cut as a slow consumer: %s", request_id, why)
         pending.cut(request_id, why)
