@@ -34,6 +34,8 @@ class ErrorCode(enum.StrEnum):
     CONFLICT = "conflict"  # the resource's state forbids the change (cancelling a finished job)
     REQUEST_TOO_LARGE = "request_too_large"
     UNAVAILABLE = "unavailable"  # a bus resource the request needs is missing or not answering
+    # The client stopped reading its stream: the edge cut the request instead of buffering for it.
+    SLOW_CONSUMER = "slow_consumer"
 
 
 class BusError(Exception):

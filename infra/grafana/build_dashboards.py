@@ -125,9 +125,10 @@ OVERVIEW = Dashboard(
                    q("sum(llm_edge_in_flight_requests)", "in flight (all routes)")), unit="short"),
             Panel("Rejections by reason", (q("reason:llm_edge_rejected_requests:rate5m", "{{reason}}"),),
                   unit="reqps", stack=True),
-            Panel("Rate-limited (429) by budget and failovers by outcome",
+            Panel("Rate-limited (429) by budget, failovers by outcome, slow consumers cut",
                   (q(f"sum by (reason) (rate(llm_edge_rate_limited_total[{RATE}]))", "429 {{reason}}"),
-                   q(f"sum by (outcome) (rate(llm_edge_failovers_total[{RATE}]))", "failover {{outcome}}")),
+                   q(f"sum by (outcome) (rate(llm_edge_failovers_total[{RATE}]))", "failover {{outcome}}"),
+                   q(f"sum(rate(llm_edge_slow_consumers_total[{RATE}]))", "slow consumers cut")),
                   unit="reqps"),
         )),
         ("Queue and engines", (

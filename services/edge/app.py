@@ -65,7 +65,8 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
     inbox = names.identity_inbox(bus_permissions.EDGE)
-    router = ReplyRouter(edge_id, inbox)
+    router = ReplyRouter(edge_id, inbox, max_buffer=config.max_stream_buffer,
+                         on_slow_consumer=app[METRICS].slow_consumers.inc)
     nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored,
                            inbox=inbox)
     async with contextlib.AsyncExitStack() as stack:
@@ -73,7 +74,8 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         await router.start(nc)
         stack.push_async_callback(router.stop)
         table = WorkerTable()
-        liveness = LivenessWatch(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace)
+        liveness = LivenessWatch(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace,
+                                 write_timeout=config.write_timeout)
         await liveness.start(nc, nc.jetstream())
         stack.push_async_callback(liveness.stop)
         gauge = QueueGauge(nc.jetstream())

@@ -80,6 +80,11 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     cors_origins: list[str] = []
     # WebSocket ping interval; a peer that misses a pong is disconnected (and its requests cancelled).
     ws_heartbeat: Seconds = 20.0
+    # A client that stops reading its stream (SSE or WebSocket) is cut once this many events of one
+    # request wait for it, or once one write to it has not completed for write_timeout seconds:
+    # the request is cancelled on the bus, the connection closed (``llm_edge_slow_consumers_total``).
+    max_stream_buffer: Positive = 4096
+    write_timeout: Seconds = 30.0
     # Deepest JSON nesting a request body may have (bounds the decoder's work on hostile input).
     max_json_depth: Positive = 64
     # Most choices (OpenAI ``n``) one request may ask for; each is generated as a request of its own.
@@ -189,6 +194,13 @@ def _limit_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:
                    help="browser origins allowed to call the API ('*' for any); default: no CORS")
     g.add_argument("--ws-heartbeat", type=float, default=defaults.ws_heartbeat, metavar="SECONDS",
                    help="WebSocket ping interval (%(default)s)")
+    g.add_argument("--max-stream-buffer", type=int, default=defaults.max_stream_buffer, metavar="EVENTS",
+                   help="events one streaming request may have waiting for a client that does not read; more: "
+                        "the request is cancelled and its connection closed, counted in "
+                        "llm_edge_slow_consumers_total (%(default)s)")
+    g.add_argument("--write-timeout", type=float, default=defaults.write_timeout, metavar="SECONDS",
+                   help="how long one write to a streaming client may stay blocked (the client not reading) "
+                        "before it is cut the same way (%(default)s)")
     g.add_argument("--max-json-depth", type=int, default=defaults.max_json_depth,
                    help="deepest JSON nesting accepted in a request body (%(default)s)")
     g.add_argument("--max-choices", type=int, default=defaults.max_choices,

@@ -35,6 +35,7 @@ _STATUS_AND_TYPE: dict[str, tuple[int, str]] = {
     ErrorCode.CONFLICT: (409, "invalid_request_error"),
     ErrorCode.REQUEST_TOO_LARGE: (413, "invalid_request_error"),
     ErrorCode.UNAVAILABLE: (503, "server_error"),
+    ErrorCode.SLOW_CONSUMER: (408, "timeout_error"),  # only ever sent after the first byte, as an SSE event
 }
 _RETRYABLE_STATUSES = frozenset({429, 503})
 # RFC 6750: a 401 names the scheme to use; a 403 for a missing scope says so.

@@ -69,6 +69,10 @@ class EdgeMetrics:
                                     "Cacheable requests the edge did not find in the prompt cache (passed on to the "
                                     "queue, where a scheduler looks again and counts llm_scheduler_cache_*)",
                                     registry=registry)
+        self.slow_consumers = Counter("llm_edge_slow_consumers_total",
+                                      "Requests (each choice of an n>1 answer is one) cut because their client stopped "
+                                      "reading: more events waiting than --max-stream-buffer, or a write stalled for "
+                                      "--write-timeout seconds (each is cancelled on the bus)", registry=registry)
         # Both sources exported from the start (at 0), so rules adding them up never see an empty vector.
         self.cache_hit_from = {source: self.cache_hits.labels(source) for source in CACHE_SOURCES}
         # Both labels are bounded (route templates, HTTP statuses), so this stays small.

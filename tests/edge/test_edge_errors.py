@@ -17,7 +17,7 @@ EXPECTED_STATUS = {
     "queue_full": 429, "no_worker_available": 503, "engine_busy": 503, "engine_failed": 502,
     "worker_lost": 502, "timeout": 504, "cancelled": 499, "internal_error": 500,
     "invalid_api_key": 401, "insufficient_scope": 403, "rate_limit_exceeded": 429,
-    "not_found": 404, "conflict": 409, "request_too_large": 413, "unavailable": 503,
+    "not_found": 404, "conflict": 409, "request_too_large": 413, "unavailable": 503, "slow_consumer": 408,
 }
 
 

@@ -1,5 +1,7 @@
 """The edge's view of the engines: the shared heartbeat feed plus the liveness sweep.
 
+The same sweep cuts requests whose client has refused writes for ``write_timeout`` seconds.
+
 The table answers "which models are served" (model checks, ``/v1/models``) and "is the engine
 running this request alive" (the sweep, every ``interval`` seconds).
 """
@@ -24,12 +26,14 @@ log = logging.getLogger(__name__)
 class LivenessWatch:
     """Keeps a ``WorkerTable`` current and ends requests whose engine died."""
 
-    def __init__(self, table: WorkerTable, router: ReplyRouter, *, interval: float, grace: float) -> None:
+    def __init__(self, table: WorkerTable, router: ReplyRouter, *, interval: float, grace: float,
+                 write_timeout: float = 30.0) -> None:
         self.table = table
         self._feed = HeartbeatFeed(table)
         self._router = router
         self._interval = interval
         self._grace = grace
+        self._write_timeout = write_timeout
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, nc: Client, js: JetStreamContext) -> None:
@@ -45,9 +49,11 @@ class LivenessWatch:
         await self._feed.stop()
 
     def sweep(self) -> list[str]:
-        """Drop engines that missed their heartbeats and end the requests they were running."""
+        """Drop engines that missed their heartbeats and end the requests they were running (and stalled streams)."""
         self.table.expire()
-        failed = self._router.sweep_lost_workers(self.table.is_alive, time.monotonic(), self._grace)
+        now = time.monotonic()
+        self._router.sweep_stalled(now, self._write_timeout)
+        failed = self._router.sweep_lost_workers(self.table.is_alive, now, self._grace)
         if failed:
             log.warning("%d request(s) ended with worker_lost", len(failed))
         return failed

@@ -28,7 +28,7 @@ from services.common.bus import BUS_DOWN
 from services.common.worker_table import WorkerTable
 from services.edge.bus.failover import MIGRATABLE, Delivered, Impossible, begin, next_attempt
 from services.edge.bus.queue_gauge import DrainRate
-from services.edge.bus.replies import PendingReply, ReplyRouter
+from services.edge.bus.replies import ClientConnection, PendingReply, ReplyRouter
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,14 @@ class InferenceCall:
         if exc_type is not None and issubclass(exc_type, (asyncio.CancelledError, ConnectionResetError)):
             return "client_disconnected"
         return "cancelled"
+
+    def watch_client(self, client: ClientConnection) -> None:
+        """Write the answer to ``client``: a client that stops reading is cut (see ``replies``), not buffered for."""
+        self._pending.client = client
+
+    def cut_slow_consumer(self, why: str) -> None:
+        """End the request because its client does not read (see ``replies``); it is cancelled on the way out."""
+        self._publisher.router.cut(self._bus_id, why)
 
     @property
     def attempts(self) -> int:

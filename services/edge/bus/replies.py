@@ -19,6 +19,15 @@ offer it has seen. An engine that accepted an older offer late (after the schedu
 stopped waiting for it and offered the request to another engine) has its events dropped and is
 told to stop that offer, so two engines never stream into one answer. Per event this costs one
 integer comparison; only a mismatch takes the slow path.
+
+A client that stops reading its stream stops the event pump (its write waits for the socket to
+drain) while the engine keeps publishing: the request's queue would grow without bound. Past
+``max_buffer`` queued events (one more integer comparison per event), or once the client's
+connection has refused writes for ``write_timeout`` seconds (checked by the liveness sweep), the
+request is cut as a slow consumer: its queued events are dropped, it ends with a
+``slow_consumer`` error (owing the bus a cancel, which ``InferenceCall`` sends), and a connection
+that cannot take even that error is closed. The router itself never waits on a request's queue,
+so one stalled client slows no other stream.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 import nats.errors
@@ -43,10 +53,27 @@ from services.common.bus import BUS_DOWN
 log = logging.getLogger(__name__)
 
 
+# How a request is ended when its client stops reading (the ``abandon_reason`` its bus cancel carries).
+SLOW_CONSUMER = "slow_consumer"
+
+
+class ClientConnection(Protocol):
+    """The client's connection an answer is written to (aiohttp's ``request.protocol``)."""
+
+    @property
+    def writing_paused(self) -> bool:
+        """The socket's send buffer is full: the client is not reading (a write is waiting for it)."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The socket (``None`` once closed)."""
+
+
 class PendingReply:
     """The reply side of one in-flight request."""
 
-    __slots__ = ("abandon_reason", "dead_since", "dispatch", "gap", "lost", "next_seq", "queue", "worker")
+    __slots__ = ("abandon_reason", "client", "dead_since", "dispatch", "gap", "lost", "next_seq", "queue",
+                 "stalled_since", "worker")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -61,6 +88,9 @@ class PendingReply:
         # The ``seq`` the followed engine's next event must have; ``gap``: some may have been lost.
         self.next_seq = 1
         self.gap = False
+        # The connection the answer goes to (set once a writer is chosen), and since when it refuses writes.
+        self.client: ClientConnection | None = None
+        self.stalled_since: float | None = None
 
     def restart(self) -> None:
         """Forget the lost attempt: its queued events and its engine (a new attempt is about to start)."""
@@ -87,12 +117,29 @@ class PendingReply:
         self.worker = None
         self.queue.put_nowait(StreamError(id=request_id, code=code, message=message))
 
+    def cut(self, request_id: str, why: str) -> None:
+        """End the request because its client does not read: free its events, drop later ones, close if stuck.
+
+        The error still reaches a client whose connection can take it (an SSE error event, then
+        ``[DONE]``); a connection whose writes are blocked is closed, which ends the stalled write.
+        """
+        while self.queue.qsize():
+            self.queue.get_nowait()
+        self.gap = True  # later events of the request are dropped on arrival
+        self.fail(request_id, ErrorCode.SLOW_CONSUMER, f"the client did not read its stream: {why}", SLOW_CONSUMER)
+        client = self.client
+        if client is not None and client.writing_paused and (transport := client.transport) is not None:
+            transport.abort()
+
 
 class ReplyRouter:
     """Routes events from the edge's wildcard inbox to per-request queues."""
 
-    def __init__(self, edge_id: str, root: str = names.REPLY_PREFIX) -> None:
+    def __init__(self, edge_id: str, root: str = names.REPLY_PREFIX, *, max_buffer: int = 4096,
+                 on_slow_consumer: Callable[[], None] | None = None) -> None:
         self.edge_id = names.token(edge_id)
+        self.max_buffer = max_buffer  # events one request may have waiting for its client
+        self._on_slow_consumer = on_slow_consumer
         self.root = root  # the edge's inbox root: its NATS user may subscribe under it only
         self._pending: dict[str, PendingReply] = {}
         self._sub: Subscription | None = None
@@ -166,7 +213,38 @@ class ReplyRouter:
                 pending.lost_events(request_id, f"event {pending.next_seq} never arrived")
                 return
             pending.next_seq += 1
+        if pending.queue.qsize() >= self.max_buffer:  # its client is not reading
+            self._cut(request_id, pending, f"more than {self.max_buffer} events were waiting for it")
+            return
         pending.queue.put_nowait(event)
+
+    def cut(self, request_id: str, why: str) -> None:
+        """Cut ``request_id`` as a slow consumer (once; not one that already ended otherwise)."""
+        pending = self._pending.get(request_id)
+        if pending is not None and pending.abandon_reason is None:
+            self._cut(request_id, pending, why)
+
+    def _cut(self, request_id: str, pending: PendingReply, why: str) -> None:
+        log.warning("request %s cut as a slow consumer: %s", request_id, why)
+        pending.cut(request_id, why)
+        if self._on_slow_consumer is not None:
+            self._on_slow_consumer()
+
+    def sweep_stalled(self, now: float, write_timeout: float) -> list[str]:
+        """Cut requests whose client connection has refused writes for ``write_timeout`` seconds; return their ids."""
+        cut = []
+        for request_id, pending in self._pending.items():
+            client = pending.client
+            if client is None or pending.abandon_reason is not None:
+                continue
+            if not client.writing_paused:
+                pending.stalled_since = None
+            elif pending.stalled_since is None:
+                pending.stalled_since = now
+            elif now - pending.stalled_since >= write_timeout:
+                self._cut(request_id, pending, f"a write to it did not complete within {write_timeout:g}s")
+                cut.append(request_id)
+        return cut
 
     def connection_restored(self) -> None:
         """The edge reconnected to NATS: events sent meanwhile are lost; every request under way continues anew."""

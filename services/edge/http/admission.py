@@ -73,6 +73,8 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
         if n > 1:
             requests = openai_translate.choice_requests(req, n, edge.router.reply_to)
             async with ChoiceCalls(edge.publisher, requests, req.deadline - req.created) as source:
+                for call in source.calls:
+                    call.watch_client(request.protocol)
                 yield Admitted(source, req.id, created, shown)
             return
         if edge.cache is not None and key is None:
@@ -92,6 +94,7 @@ async def admitted(edge: Edge, request: web.Request, req: InferenceRequest, *, n
             return
         claim = keyed
         async with edge.publisher.call(req, req.deadline - req.created, claim.msg_id if claim else None) as source:
+            source.watch_client(request.protocol)
             yield Admitted(source, req.id, created, shown)
     finally:
         if claim is not None and edge.idempotency is not None:

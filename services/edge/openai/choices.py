@@ -12,7 +12,9 @@ Non-streaming, the body holds every choice; usage counts the prompt once (OpenAI
 plus every choice's completion tokens. Streaming, each chunk carries its choice's ``index``, each
 choice gets its own finish chunk, and the usage chunk (``include_usage``) and ``[DONE]`` follow
 the last one. An error in any choice before the first SSE byte is the usual HTTP error answer;
-after it, an error event then ``[DONE]``, and the other choices are cancelled.
+after it, an error event then ``[DONE]``, and the other choices are cancelled. The merged events
+waiting for the client are bounded like one request's (``bus.replies``): past the edge's
+``--max-stream-buffer`` the client is not reading, and every choice is cut as a slow consumer.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class ChoiceCalls:
                                                             param=err.param)))
                 return
             self._merged.put_nowait((index, event))
+            if self._merged.qsize() > self._publisher.router.max_buffer:  # the client is not reading the answer
+                for each in self.calls:
+                    each.cut_slow_consumer(f"more than {self._publisher.router.max_buffer} events were waiting for it")
             if type(event) in (StreamEnd, StreamError):
                 return
 
