@@ -163,7 +163,11 @@ async def test_losing_the_queue_leader_and_the_edges_node_goes_unnoticed(tmp_pat
             assert phase["failed"] == 0 and phase["wrong_text"] == 0, (phase, [
                 o for o in load.outcomes if not o.ok][:5])
         assert total["dispatched_twice"] == 0, "a request was taken from the queue and dispatched twice"
-        assert len(dispatches.by_id) == total["requests"] + total["continued"]
+        # The observer is a core subscriber: it can miss a dispatch sent while the routes to a restarted node
+        # re-form (core NATS is at most once), never invent one. The engines' own counters are the exact
+        # figure: every request generated to its end once, a continuation standing in for a cut original.
+        assert len(dispatches.by_id) <= total["requests"] + total["continued"]
+        assert total["engine_runs_finished"] == total["requests"], "a request was generated twice"
     finally:
         if not load.stopped:
             await load.stop()
