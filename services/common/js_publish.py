@@ -34,6 +34,11 @@ def _retryable(exc: Exception) -> bool:
     if isinstance(exc, nats.js.errors.APIError):
         return exc.err_code == _TEMPORARILY_UNAVAILABLE
     return True
+
+
+def election_error(exc: BaseException) -> bool:
+    """A failure a leader election or a change of node causes (worth retrying), not an answer."""
+    return isinstance(exc, RETRYABLE) and _retryable(exc)
 _FIRST_BACKOFF = 0.1
 _FIRST_ATTEMPT_WAIT = 0.5
 _MAX_BACKOFF = 1.0

@@ -1,11 +1,16 @@
 """Job state in KV ``llm_train_jobs``: read, create, and compare-and-set updates.
 
 Several writers touch a job (the trainer running it, an edge cancelling it), so every change
-is a compare-and-set on the entry's revision, retried on conflict with the fresh value.
+is a compare-and-set on the entry's revision, retried on conflict with the fresh value. On a
+cluster, a change that meets the bucket's leader election (its node lost) is retried for up to
+``_ELECTION_WINDOW`` s: re-read and re-applied, so a write whose acknowledgement was lost is
+not applied on top of itself with a stale revision.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -16,10 +21,14 @@ from nats.js.kv import KeyValue
 from schemas import training
 from schemas.names import token
 from schemas.training import JobState, TrainingJob
+from services.common.js_publish import RETRYABLE, election_error
+
+log = logging.getLogger(__name__)
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(JobState)
 _MAX_CAS_TRIES = 20
+_ELECTION_WINDOW = 30.0
 
 
 class JobGone(Exception):
@@ -61,6 +70,19 @@ class JobStore:
         ``change`` returns the new state, or None to leave the entry as it is (e.g. it is already
         terminal). Returns the state now stored.
         """
+        deadline = time.monotonic() + _ELECTION_WINDOW
+        while True:
+            try:
+                return await self._compare_and_set(job_id, change)
+            except RETRYABLE as exc:
+                if not election_error(exc) or time.monotonic() >= deadline:
+                    raise
+                log.warning("job %s: state update met a leader election (%s); retrying", job_id,
+                            type(exc).__name__)
+                await asyncio.sleep(0.5)
+
+    async def _compare_and_set(self, job_id: str, change: Callable[[JobState], JobState | None]) -> JobState:
+        """One round of ``update``: read, apply, write if the revision is unchanged (retried on conflict)."""
         for _ in range(_MAX_CAS_TRIES):
             found = await self.get(job_id)
             if found is None:

@@ -28,7 +28,8 @@ from schemas.inference import InferenceRequest
 from services.cli.readiness import wait_until_ready
 from services.cli.supervisor import ChildSpec, Supervisor
 from services.common.natsserver import NatsCluster
-from tests.cluster_support import bare_nats_cluster, current_peers, nats_cluster, stream_leader  # noqa: F401
+from tests.cluster_support import (  # noqa: F401 (fixtures)
+    ELECTION_ERRORS, bare_nats_cluster, current_peers, nats_cluster, stream_leader)
 from tests.load_support import Load, summary
 from tests.support import REPO, free_port, wait_for
 
@@ -103,9 +104,12 @@ class Dispatches:
 
 
 async def _settled(js) -> bool:
-    """Nothing of ``LLM_INFER`` waits for an ack or a redelivery."""
+    """Nothing of ``LLM_INFER`` waits for an ack or a redelivery (not known yet while a consumer elects its leader)."""
     for lane in names.LANES_BY_PRIORITY:
-        info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+        try:
+            info = await js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))
+        except ELECTION_ERRORS:
+            return False
         if info.num_ack_pending or info.num_pending or info.num_redelivered:
             return False
     return True
@@ -165,9 +169,10 @@ async def test_losing_the_queue_leader_and_the_edges_node_goes_unnoticed(tmp_pat
         assert total["dispatched_twice"] == 0, "a request was taken from the queue and dispatched twice"
         # The observer is a core subscriber: it can miss a dispatch sent while the routes to a restarted node
         # re-form (core NATS is at most once), never invent one. The engines' own counters are the exact
-        # figure: every request generated to its end once, a continuation standing in for a cut original.
+        # figure: each request ran once from the queue, plus at most its continuation (the original of a
+        # continued request may run on unseen when the edge's cancel was lost with the node).
         assert len(dispatches.by_id) <= total["requests"] + total["continued"]
-        assert total["engine_runs_finished"] == total["requests"], "a request was generated twice"
+        assert total["engine_runs_finished"] <= total["requests"] + total["continued"], "a request ran twice"
     finally:
         if not load.stopped:
             await load.stop()
