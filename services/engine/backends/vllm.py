@@ -35,7 +35,7 @@ from schemas.inference import InferenceRequest, SamplingParams, StructuredOutput
 from services.engine.backend import AdapterChange, Chunk, EngineBackend, Finished, GenerationEvent
 from services.engine.lora.sources import AdapterResolver, read_adapter_config
 from services.engine.lora.shapes import check_lora_shapes, weight_shapes
-from services.engine.text.prompt import RenderedPrompt, check_context, decode_ids, render_prompt
+from services.engine.text.prompt import HfTokenizing, RenderedPrompt, check_context, render_prompt
 
 # vllm itself is imported only when the engine starts (its CPU settings must be in the environment
 # first), but a missing vllm fails here, at backend lookup, with the package's name.
@@ -175,7 +175,7 @@ def translated_errors():
         raise BusError(ErrorCode.ENGINE_FAILED, f"vllm failed the request: {exc.__cause__ or exc}") from None
 
 
-class VllmEngine(EngineBackend):
+class VllmEngine(HfTokenizing, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with vLLM's continuous batching."""
 
     name = "vllm"
@@ -356,18 +356,6 @@ class VllmEngine(EngineBackend):
     def render(self, request: InferenceRequest) -> RenderedPrompt:
         """Token ids the model sees for ``request`` (a migrated request's answer so far included)."""
         return render_prompt(self.tokenizer, request)
-
-    async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of ``request`` as ``generate`` renders them (``/tokenize``)."""
-        if self.tokenizer is None:
-            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
-        return render_prompt(self.tokenizer, request, add_generation_prompt).ids
-
-    async def detokenize(self, tokens: list[int]) -> str:
-        """The text of ``tokens`` (``/detokenize``); an id outside the vocabulary is ``invalid_request``."""
-        if self.tokenizer is None:
-            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
-        return decode_ids(self.tokenizer, tokens)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

@@ -71,16 +71,6 @@ def config_context_length(model_dir) -> int:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return 0
-
-
-def decode_ids(tokenizer, tokens: list[int]) -> str:
-    """The text of ``tokens`` as a Hugging Face tokenizer decodes them (special tokens kept, as vLLM's
-    ``/detokenize`` does); an id outside the vocabulary is ``invalid_request``."""
-    size = len(tokenizer)
-    if bad := [t for t in tokens if t < 0 or t >= size]:
-        raise BusError(ErrorCode.INVALID_REQUEST, f"token {bad[0]} is outside the model's vocabulary of {size} "
-                       "tokens", param="tokens")
-    return tokenizer.decode(tokens)
     for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
         value = config.get(key) if isinstance(config, dict) else None
         if isinstance(value, int) and value > 0:
@@ -96,3 +86,21 @@ def decode_ids(tokenizer, tokens: list[int]) -> str:
         raise BusError(ErrorCode.INVALID_REQUEST, f"token {bad[0]} is outside the model's vocabulary of {size} "
                        "tokens", param="tokens")
     return tokenizer.decode(tokens)
+
+
+class HfTokenizing:
+    """``/tokenize`` and ``/detokenize`` for a backend holding a Hugging Face ``tokenizer`` (transformers, vLLM)."""
+
+    tokenizer = None
+
+    async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``request`` as ``generate`` renders them (``/tokenize``)."""
+        if self.tokenizer is None:
+            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        return render_prompt(self.tokenizer, request, add_generation_prompt).ids
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (``/detokenize``); an id outside the vocabulary is ``invalid_request``."""
+        if self.tokenizer is None:
+            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        return decode_ids(self.tokenizer, tokens)

@@ -27,7 +27,7 @@ from services.engine.grammar.compiler import EngineGrammars
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
 from services.engine.backends.model_thread import EventQueues
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
-from services.engine.text.prompt import RenderedPrompt, check_context, decode_ids, render_prompt
+from services.engine.text.prompt import HfTokenizing, RenderedPrompt, check_context, render_prompt
 from services.engine.lora.sources import AdapterResolver, ThreadedAdapters
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class TransformersEngine(ThreadedAdapters, EngineBackend):
+class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with transformers."""
 
     name = "transformers"
@@ -167,18 +167,6 @@ class TransformersEngine(ThreadedAdapters, EngineBackend):
         the assistant's turn, or the completion, from where the lost engine stopped.
         """
         return render_prompt(self.tokenizer, request)
-
-    async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of ``request`` as ``generate`` renders them (``/tokenize``)."""
-        if self.tokenizer is None:
-            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
-        return render_prompt(self.tokenizer, request, add_generation_prompt).ids
-
-    async def detokenize(self, tokens: list[int]) -> str:
-        """The text of ``tokens`` (``/detokenize``); an id outside the vocabulary is ``invalid_request``."""
-        if self.tokenizer is None:
-            raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
-        return decode_ids(self.tokenizer, tokens)
 
     def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None,
                       constraint=None) -> Sequence:
