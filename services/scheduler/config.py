@@ -93,4 +93,3 @@ def parse_args(argv: list[str] | None = None) -> SchedulerConfig:
     if problems := option_problems(config):
         p.error("; ".join(problems))
     return config
-    raise AssertionError("unreachable: argparse.error exits")
