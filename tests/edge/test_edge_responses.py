@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -20,6 +21,7 @@ from schemas.errors import BusError
 from schemas.events import TokenDelta
 from services.common.api_key_store import ApiKeyStore
 from services.edge import EdgeConfig, create_app
+from services.edge.config import parse_args
 from services.edge.openai import responses_tools, responses_translate
 from services.edge.openai.responses_translate import parse_responses
 from tests.auth_support import bearer
@@ -282,3 +284,24 @@ def _auth_config(nats_server) -> EdgeConfig:
     """An edge that takes API keys only."""
     return EdgeConfig(nats_url=nats_server.url, liveness_interval=0.1, worker_lost_grace=0.2, request_timeout=10,
                       auth="keys")
+
+
+async def test_a_stored_response_expires_after_responses_ttl(nc, edge_config, engine):
+    config = msgspec.structs.replace(edge_config, responses_ttl=2)
+    async with TestClient(TestServer(create_app(config))) as c:
+        await wait_until_served(c)
+        post = asyncio.create_task(c.post("/v1/responses", json={"model": MODEL, "input": "hi"}))
+        await engine.serve_one(["x"])
+        path = f"/v1/responses/{(await (await post).json())['id']}"
+        assert (await c.get(path)).status == 200
+        async with asyncio.timeout(20):  # nats-server drops it once its own TTL passed
+            while (await c.get(path)).status == 200:
+                await asyncio.sleep(0.1)
+        resp = await c.get(path)
+        assert resp.status == 404
+        assert_error(await resp.json(), "not_found")
+
+
+def test_responses_ttl_is_an_edge_flag():
+    assert parse_args(["--responses-ttl", "3600"]).responses_ttl == 3600
+    assert parse_args([]).responses_ttl == 30 * 86400
