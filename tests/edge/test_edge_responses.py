@@ -16,6 +16,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from schemas import names
 from schemas.auth import Scope
 from schemas.errors import BusError
 from schemas.events import TokenDelta
@@ -27,6 +28,7 @@ from services.edge.openai.responses_translate import parse_responses
 from tests.auth_support import bearer
 from tests.edge_harness import (  # noqa: F401 - fixtures
     MODEL,
+    BusEngine,
     assert_error,
     cancels,
     client,
@@ -305,3 +307,37 @@ async def test_a_stored_response_expires_after_responses_ttl(nc, edge_config, en
 def test_responses_ttl_is_an_edge_flag():
     assert parse_args(["--responses-ttl", "3600"]).responses_ttl == 3600
     assert parse_args([]).responses_ttl == 30 * 86400
+
+
+async def test_an_engine_lost_mid_stream_migrates_and_the_events_continue(client, engine, nc, js):
+    spare = await BusEngine(nc, js, interval=0.3).start()
+    try:
+        post = asyncio.create_task(client.post("/v1/responses", json={"model": MODEL, "input": "hi", "stream": True,
+                                                                      "max_output_tokens": 6}))
+        first = await engine.next_request()
+        await engine.send(first, engine.start_event(first), TokenDelta(id=first.id, seq=1, text="tok1 ", token_ids=[1]))
+        await engine.stop_heartbeats()  # SIGKILL, as the edge sees it
+        again = await spare.next_request()
+        assert (again.attempt, again.continuation, again.sampling.max_tokens) == (1, "tok1 ", 5)
+        await spare.answer(again, ["tok2"])
+        events = _events(await (await post).text())
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["type"] == "response.completed"
+        assert events[-1]["response"]["id"] == first.id  # one response throughout
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == "tok1 tok2"
+    finally:
+        await spare.stop_heartbeats()
+
+
+async def test_without_the_bucket_storing_is_503_and_store_false_still_works(nc, js, edge_config, engine):
+    await js.delete_key_value(names.RESPONSES_BUCKET)
+    async with TestClient(TestServer(create_app(edge_config))) as c:
+        await wait_until_served(c)
+        resp = await c.post("/v1/responses", json={"model": MODEL, "input": "hi"})
+        assert resp.status == 503
+        assert_error(await resp.json(), "unavailable")
+        assert names.RESPONSES_BUCKET in (await resp.json())["error"]["message"]
+        post = asyncio.create_task(c.post("/v1/responses", json={"model": MODEL, "input": "hi", "store": False}))
+        await engine.serve_one(["ok"])
+        resp = await post
+        assert resp.status == 200 and (await resp.json())["output"][0]["content"][0]["text"] == "ok"

@@ -66,7 +66,7 @@ async def prepare(edge: Edge, body: ResponsesBody, owner: str) -> tuple[ParsedRe
         history = await store_of(edge).conversation(body.previous_response_id, owner)
     parsed = responses_translate.translate_body(body, history, default_max_tokens=edge.config.default_max_tokens)
     if parsed.store:
-        store_of(edge)
+        store_of(edge)  # without the bucket: 503 now, before anything is generated
     return parsed, completions.build_request(edge, parsed.parsed, ID_PREFIX)
 
 
