@@ -131,7 +131,8 @@ def edge() -> Permissions:
         stream_reader(names.TRAIN_EVENTS_STREAM),
         kv_reader(names.API_KEYS_BUCKET), kv_reader(names.PROMPT_CACHE_BUCKET), kv_reader(names.MODELS_BUCKET),
         kv_reader(names.WORKERS_BUCKET), kv_writer(names.IDEMPOTENCY_BUCKET), kv_writer(names.TRAIN_JOBS_BUCKET),
-        kv_writer(names.SCHEDULER_CONFIG_BUCKET), object_writer(names.ARTIFACTS_STORE))
+        kv_writer(names.SCHEDULER_CONFIG_BUCKET), kv_writer(names.RESPONSES_BUCKET),
+        object_writer(names.ARTIFACTS_STORE))
     subscribe = (_inbox(inbox), names.WORKER_STATUS_ALL, names.MICRO_ALL)
     return Permissions(EDGE, inbox, publish, subscribe, allow_responses=True,
                        description="HTTP edge: submits inference and training jobs, reads API keys")
