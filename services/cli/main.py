@@ -74,6 +74,10 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nats-tls-san", action="append", default=[], metavar="NAME",
                    help="another DNS name or IP address the generated node certificate is valid for (repeatable; "
                         "localhost, 127.0.0.1, ::1 and this host's name always are)")
+    p.add_argument("--nats-encrypt", action="store_true",
+                   help="encrypt the embedded JetStream store at rest (ChaCha20-Poly1305) with the key in "
+                        "$CY_NATS_JS_KEY, else one generated into <state dir>/nats/jetstream.key (0600); a store once "
+                        "encrypted stays so (see docs/security.md)")
     p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
                    help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
                         "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
@@ -196,7 +200,7 @@ def dispatch(args: argparse.Namespace) -> int:
                                     nats_auth=args.nats_auth,
                                     trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync,
                                     nats_tls=args.nats_tls, nats_tls_files=bus_tls.own_files(args),
-                                    nats_tls_sans=tuple(args.nats_tls_san)))
+                                    nats_tls_sans=tuple(args.nats_tls_san), nats_encrypt=args.nats_encrypt))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":

@@ -24,7 +24,7 @@ import msgspec
 
 from infra import provision
 from schemas import names
-from services.cli import bus_tls, nats_auth, pidfile
+from services.cli import bus_tls, nats_auth, pidfile, store_key
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
@@ -81,6 +81,8 @@ class UpOptions:
     nats_tls_files: TlsFiles | None = None
     # More names/addresses the generated node certificate is valid for (other hosts reach the nodes by them).
     nats_tls_sans: tuple[str, ...] = ()
+    # Encrypt the embedded JetStream store at rest (see services.cli.store_key); kept once on.
+    nats_encrypt: bool = False
 
 
 METRICS_OFFSETS = {"scheduler": 0, "engine": 1, "trainer": 2}
@@ -178,7 +180,8 @@ def run_up(opts: UpOptions) -> int:
                               if identities.enabled else NATS_CONFIG)
                     tls = bus_tls.embedded_tls(opts.nats_tls, opts.nats_cluster, state_dir, opts.nats_tls_files,
                                                opts.nats_tls_sans)
-                    server = _embedded_nats(opts, state_dir, config, tls)
+                    server = _embedded_nats(opts, state_dir, config, tls,
+                                            store_key.store_key(state_dir, opts.nats_encrypt))
                     nats = NatsOptions(nats_url=_start_nats(server), nats_tls_ca=str(tls.ca) if tls else "")
             return asyncio.run(_serve(opts, state_dir, nats, model_path, identities))
         except KeyboardInterrupt:
@@ -223,22 +226,25 @@ def _ensure_model(state_dir: Path) -> Path:
     return path
 
 
-def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path, tls: TlsFiles | None) -> NatsServer | NatsCluster:
+def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path, tls: TlsFiles | None,
+                   key: str | None) -> NatsServer | NatsCluster:
     """The nats-server (or routed nodes) ``up`` runs itself, every node from ``config`` (the same
-    users), with ``tls`` if given; each node's store under the state dir. A cluster's routes accept
-    only the route user of the state dir (and, with TLS, only a certificate of the CA)."""
+    users), with ``tls`` if given and its store encrypted with ``key`` if given; each node's store
+    under the state dir. A cluster's routes accept only the route user of the state dir (and, with
+    TLS, only a certificate of the CA)."""
     if opts.nats_cluster <= 1:
         # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
         return NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
                           log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1,
-                          tls=tls is not None, node_config=nats_tls.node_config(None, tls=tls) if tls else "")
+                          tls=tls is not None, node_config=nats_tls.node_config(None, tls=tls) if tls else "",
+                          store_key=key)
     # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
     ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
     for port in ports or []:
         _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
     return NatsCluster(state_dir / nats_auth.CLUSTER_DIR, size=opts.nats_cluster, config=config,
                        log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync, tls=tls,
-                       route_auth=nats_tls.ensure_route_auth(nats_tls.tls_dir(state_dir)))
+                       route_auth=nats_tls.ensure_route_auth(nats_tls.tls_dir(state_dir)), store_key=key)
 
 
 def _start_nats(server: NatsServer | NatsCluster) -> str:
@@ -256,7 +262,7 @@ def _start_nats(server: NatsServer | NatsCluster) -> str:
     for node in nodes:
         monitoring = f", monitoring {node.monitor_url}" if node.monitor_url else ""
         report_stderr(f"nats-server listening on {node.url} (store {node.store_dir}, log {node.log_file}, "
-                      f"fsync {node.sync}{monitoring})")
+                      f"fsync {node.sync}{', store encrypted' if node.store_key else ''}{monitoring})")
     if isinstance(server, NatsCluster):
         report_stderr(f"cluster {server.name}: {server.size} routed nodes; waiting for a JetStream meta leader")
     return ",".join(node.url for node in nodes)
