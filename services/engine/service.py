@@ -150,6 +150,8 @@ class EngineService:
             await service.stop()
             if self._responses is not None:
                 await self._responses.flush()
+            if self._charges:  # keyed requests' token charges still on their way to LLM_RATE
+                await asyncio.wait(set(self._charges), timeout=5)
             await self._beats.forget()
 
     async def _close_connection(self) -> None:
