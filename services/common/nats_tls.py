@@ -86,7 +86,7 @@ def ensure_local_tls(directory: Path, sans: Iterable[str]) -> TlsFiles:
         files.ca.write_bytes(_new_ca(ca_key).public_bytes(serialization.Encoding.PEM))
         files.cert.unlink(missing_ok=True)
     wanted = list(sans)
-    if not _cert_is_current(files.cert, wanted):
+    if not files.key.exists() or not _cert_is_current(files.cert, wanted):
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(files.ca.read_bytes())
         key = ec.generate_private_key(ec.SECP256R1())
