@@ -106,6 +106,10 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     producer_watches: bool = False
     # Structured outputs (OpenAI ``response_format``, vLLM ``structured_outputs``): None is free text.
     structured: StructuredOutput | None = None
+    # Whose rate budget the request's tokens are charged to when it ends (``LLM_RATE`` counters), set
+    # only by the scheduler when it admits an API key's NATS-native request (whatever the producer
+    # wrote is replaced). Empty: the submitter charges them itself (the edge does for HTTP requests).
+    rate_caller: str = ""
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):

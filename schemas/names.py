@@ -97,6 +97,28 @@ def scheduler_durable(lane: Lane | str) -> str:
     return f"schedulers_{Lane(lane).value}"
 
 
+# --- NATS-native producers' requests, held until the key's rate limits admit them (JetStream) ---
+# A producer with an API key's NATS user may publish only under its own key id, so the subject
+# names the key the server authenticated: the scheduler counts the request against that key's
+# budget, then moves it into the inference queue (or answers a typed rate-limit error).
+INFER_KEYED_STREAM = "LLM_INFER_KEYED"
+INFER_KEYED_ALL = f"{ROOT}.infer.keyed.*.*"
+KEYED_DURABLE = "schedulers_keyed"
+
+
+def infer_keyed(key_id: str, lane: Lane | str) -> str:
+    """Where API key ``key_id``'s NATS producer submits to ``lane``: ``llm.v1.infer.keyed.<key id>.<lane>``."""
+    return f"{ROOT}.infer.keyed.{token(key_id)}.{Lane(lane).value}"
+
+
+def keyed_parts(subject: str) -> tuple[str, Lane]:
+    """The key id and lane of an ``infer_keyed`` subject; ``ValueError`` for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 6 or ".".join(parts[:4]) != f"{ROOT}.infer.keyed":
+        raise ValueError(f"{subject!r} is not a keyed submit subject")
+    return parts[4], Lane(parts[5])
+
+
 # --- core subjects ---
 INFER_CANCEL = f"{ROOT}.infer.cancel"
 WORKER_STATUS_ALL = f"{ROOT}.workers.status.*"
@@ -213,6 +235,8 @@ def train_job_events(job_id: str) -> str:
 # --- rate limits (JetStream counter stream, shared by every edge replica) ---
 RATE_STREAM = "LLM_RATE"
 RATE_ALL = f"{ROOT}.rate.>"
+# Every caller's token counters (engines charge a NATS-native request's tokens when it ends).
+RATE_TOKENS_ALL = f"{ROOT}.rate.*.tokens.*"
 
 
 def rate_counter(principal: str, kind: str, window: int) -> str:
@@ -234,11 +258,13 @@ STREAMS: dict[str, tuple[str, ...]] = {
     TRAIN_STREAM: (TRAIN_SUBMIT,),
     TRAIN_EVENTS_STREAM: (TRAIN_EVENTS_ALL,),
     RATE_STREAM: (RATE_ALL,),
+    INFER_KEYED_STREAM: (INFER_KEYED_ALL,),
 }
 # Durable consumer -> (its stream, its filter subject).
 DURABLES: dict[str, tuple[str, str]] = {
     **{scheduler_durable(lane): (INFER_STREAM, infer_submit(lane)) for lane in LANES_BY_PRIORITY},
     TRAIN_DURABLE: (TRAIN_STREAM, TRAIN_SUBMIT),
+    KEYED_DURABLE: (INFER_KEYED_STREAM, INFER_KEYED_ALL),
 }
 KV_BUCKETS: tuple[str, ...] = (WORKERS_BUCKET, PROMPT_CACHE_BUCKET, IDEMPOTENCY_BUCKET, SCHEDULER_CONFIG_BUCKET,
                                MODELS_BUCKET, TRAIN_JOBS_BUCKET, API_KEYS_BUCKET, RESPONSES_BUCKET)

@@ -11,17 +11,18 @@ from services.common.hosts import is_loopback
 __all__ = ["is_loopback", "ready_banner"]
 
 
-def bus_line(nats_url: str, nats_seeds: Path | None) -> str:
-    """How the bus is protected: one nkey user per service, or not at all (development, loopback).
+def bus_line(nats_url: str, nats_seeds: Path | None, tls_ca: str = "") -> str:
+    """How the bus is protected: one nkey user per service, or not at all (development, loopback); TLS.
 
     ``nats_url`` may be several lines (a cluster's nodes): the note then goes on a line of its own.
     """
     gap = f"\n{'':28}" if "\n" in nats_url else "  "
+    tls = (f"\n{'':28}TLS: clients verify the nodes with --nats-tls-ca {tls_ca}" if tls_ca else "")
     if nats_seeds is None:
-        return f"{nats_url}{gap}(unauthenticated bus: --nats-auth none, for development on loopback only)"
+        return f"{nats_url}{gap}(unauthenticated bus: --nats-auth none, for development on loopback only){tls}"
     return (f"{nats_url}{gap}(authenticated: one nkey user per service, least privilege, see ./cy nats permissions;"
             f"\n                            seeds in {nats_seeds}; ./cy keys and ./cy infra take --nats-nkey "
-            f"{_operator_seed(nats_seeds)})")
+            f"{_operator_seed(nats_seeds)}){tls}")
 
 
 def _operator_seed(nats_seeds: Path) -> Path:
@@ -30,11 +31,12 @@ def _operator_seed(nats_seeds: Path) -> Path:
 
 def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str], host: str, log_dir: str,
                  auth: str = "none", metrics: dict[str, int] | None = None, replicas: int | None = None,
-                 nats_seeds: Path | None = None) -> str:
+                 nats_seeds: Path | None = None, tls_ca: str = "") -> str:
     """The ready message: URLs, a curl and an OpenAI SDK example, and how edge and bus are protected.
 
     ``replicas``: the embedded cluster's replica count, shown with its nodes (one per line);
-    ``nats_seeds`` is the directory of the bus users' seeds (None: an unauthenticated bus).
+    ``nats_seeds`` is the directory of the bus users' seeds (None: an unauthenticated bus); ``tls_ca``
+    the CA clients verify the nodes with ("" when the bus is plain TCP).
     """
     nodes = nats_url.split(",")
     nats = nats_url if len(nodes) == 1 else "\n".join(
@@ -56,7 +58,7 @@ def ready_banner(http_url: str, nats_url: str, model_id: str, aliases: list[str]
     return f"""
 CY-LLM is up.
   HTTP (OpenAI-compatible)  {http_url}/v1
-  NATS                      {bus_line(nats, nats_seeds)}
+  NATS                      {bus_line(nats, nats_seeds, tls_ca)}
   model                     {model_id}  (aliases: {", ".join(aliases)})
   logs                      {log_dir}
   Prometheus metrics        {scrape}

@@ -94,7 +94,9 @@ def create(url: NatsOptions | str, name: str, scopes: list[str], limits: KeyLimi
     print(key)
     if seed:
         print(f"\nNATS seed of this key (shown once; connect with nats.connect(..., nkeys_seed_str=SEED, "
-              f"inbox_prefix='{names.identity_inbox(record.id)}')):\n{seed.decode()}\n{refreshed}")
+              f"inbox_prefix='{names.identity_inbox(record.id)}'); submit to "
+              f"{names.infer_keyed(record.id, 'normal')} (or .high, .low), held to this key's limits):"
+              f"\n{seed.decode()}\n{refreshed}")
     print(f"\ncreated key {record.id} ({record.name}; scopes: {', '.join(record.scopes)}; "
           f"{format_limits(limits_of(record))}). "
           "This is the only time the key is shown: store it now.\n"

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import backup, commands, keys, nats_auth, train
+from services.cli import backup, bus_tls, commands, keys, nats_auth, train
 from services.cli.errors import CliError
 from services.cli.up import ENGINES, UpOptions, run_up, worker_id
 from services.common.bus import add_nats_arguments, options_from_args
@@ -65,6 +65,19 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="the bus: nkeys (every service its own NATS user with least-privilege permissions; seeds "
                         "under <state dir>/nats/nkeys, created on first run; on every node of --nats-cluster) or "
                         "none (no authentication: a development bus on loopback only) (default: nkeys)")
+    p.add_argument("--nats-tls", choices=bus_tls.TLS_MODES, default="auto",
+                   help="TLS on the embedded nats-server(s), for clients and between nodes (verified routes): "
+                        "auto (on with --nats-cluster, off for a single loopback node), on, or off (default: auto). "
+                        "The CA and node certificate are generated under <state dir>/nats/tls on first run; bring "
+                        "your own with --nats-tls-ca CA --nats-tls-cert CERT --nats-tls-key KEY (without "
+                        "--nats-url these are the embedded nodes' CA, certificate and key; see docs/security.md)")
+    p.add_argument("--nats-tls-san", action="append", default=[], metavar="NAME",
+                   help="another DNS name or IP address the generated node certificate is valid for (repeatable; "
+                        "localhost, 127.0.0.1, ::1 and this host's name always are)")
+    p.add_argument("--nats-encrypt", action="store_true",
+                   help="encrypt the embedded JetStream store at rest (ChaCha20-Poly1305) with the key in "
+                        "$CY_NATS_JS_KEY, else one generated into <state dir>/nats/jetstream.key (0600); a store once "
+                        "encrypted stays so (see docs/security.md)")
     p.add_argument("--fsync", choices=SYNC_POLICIES, default="always",
                    help="when the embedded nats-server flushes JetStream to disk: always (before acknowledging "
                         "a write: no acknowledged write lost on an OS crash or power failure) or interval (every "
@@ -176,6 +189,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 def dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit status."""
     state_dir = getattr(args, "state_dir", None) or default_state_dir()
+    if args.command != "up" and hasattr(args, "nats_tls_ca") and not args.nats_tls_ca:
+        args.nats_tls_ca = bus_tls.state_ca(state_dir)  # a TLS ./cy up's nodes are trusted without the flag
     match args.command:
         case "up":
             return run_up(UpOptions(state_dir=state_dir, port=args.port, host=args.host, nats_port=args.nats_port,
@@ -183,7 +198,9 @@ def dispatch(args: argparse.Namespace) -> int:
                                     nats_cluster=args.nats_cluster, engine=args.engine, slots=args.slots,
                                     ready_timeout=args.ready_timeout, quiet=args.quiet, auth=args.auth,
                                     nats_auth=args.nats_auth,
-                                    trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync))
+                                    trainer=args.trainer, metrics_port=args.metrics_port, fsync=args.fsync,
+                                    nats_tls=args.nats_tls, nats_tls_files=bus_tls.own_files(args),
+                                    nats_tls_sans=tuple(args.nats_tls_san), nats_encrypt=args.nats_encrypt))
         case "down":
             return commands.down(state_dir, args.timeout)
         case "infra":

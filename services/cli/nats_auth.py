@@ -29,7 +29,8 @@ from services.common.bus import NatsOptions
 from services.common.bus_permissions import Permissions
 from services.common.hosts import is_loopback
 from services.common.model_store import default_state_dir
-from services.common.natsserver import EFFECTIVE_CONFIG, config_with_sync, node_config_copy, node_part
+from services.common.natsserver import (EFFECTIVE_CONFIG, config_with_encryption, config_with_sync, is_encrypted,
+                                        node_config_copy, node_part)
 
 AUTH_MODES = ("nkeys", "none")
 RELOADED = "Reloaded server configuration"  # nats-server's log line once a reload is in force
@@ -192,12 +193,16 @@ def _running_nodes(state_dir: Path) -> list[RunningNode]:
 
 def _refresh_copy(node: RunningNode, config: Path) -> None:
     """A node started with ``--fsync`` or as a cluster node reads a copy of ``config`` in its store
-    (``NatsServer``): write the new users into that copy too, its fsync policy and own settings kept."""
+    (``NatsServer``): write the new users into that copy too, its fsync policy, encryption and own
+    settings kept."""
     copy = node.store_dir / EFFECTIVE_CONFIG
     if copy.exists():
         text = copy.read_text()
         sync = "always" if _SYNC_ALWAYS.search(text) else "interval"
-        copy.write_text(node_config_copy(config_with_sync(config.read_text(), sync), node_part(text)))
+        shared = config_with_sync(config.read_text(), sync)
+        if is_encrypted(text):  # a reload cannot change JetStream's cipher: keep it
+            shared = config_with_encryption(shared)
+        copy.write_text(node_config_copy(shared, node_part(text)))
 
 
 def default_operator_nkey() -> str:

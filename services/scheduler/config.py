@@ -48,6 +48,10 @@ class SchedulerConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True, fro
     # Cold start: a model no live engine serves but the registry (KV llm_models) knows is loaded on an engine first.
     cold_start: bool = True
     cold_start_timeout: Seconds = 120.0  # the longest wait for an engine to load a model (the deadline bounds it too)
+    # Limits of API keys' NATS-native requests (per key, per minute; 0 = unlimited) where the key sets none:
+    # give the edge's --rate-rpm/--rate-tpm here too, so both paths hold a key to the same budget.
+    rate_rpm: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_tpm: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to finish dispatches on SIGTERM")
     p.add_argument("--no-cold-start", dest="cold_start", action="store_const", const=False, default=None,
                    help="never ask an engine to load a registered model nobody serves (answer model_not_found)")
+    p.add_argument("--rate-rpm", type=int, default=None, metavar="N",
+                   help="requests per minute of an API key's NATS producer whose key sets no limit (as the edge's "
+                        "--rate-rpm; default: 0, unlimited)")
+    p.add_argument("--rate-tpm", type=int, default=None, metavar="N",
+                   help="tokens per minute of an API key's NATS producer whose key sets no limit (as the edge's "
+                        "--rate-tpm; default: 0, unlimited)")
     p.add_argument("--starvation-limit", type=int, default=None,
                    help="messages taken from higher lanes before a waiting lower lane gets one (0 = strict priority)")
     return p

@@ -38,7 +38,8 @@ class Outcome(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"  # no live engine serves the model: error sent
     REFUSED = "refused"              # an engine refused the request itself: its error sent
     CACHED = "cached"                # answered from the prompt cache, no engine involved
-    INVALID = "invalid"              # not a valid InferenceRequest: terminated
+    INVALID = "invalid"              # not a valid InferenceRequest (or a keyed one of an unknown key): terminated
+    RATE_LIMITED = "rate_limited"    # a keyed (NATS-native) request over its API key's limits: error sent
 
 
 class Attempt(enum.StrEnum):

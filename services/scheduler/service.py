@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import msgspec
@@ -33,9 +34,11 @@ from schemas.inference import CancelRequest
 from schemas.names import LANES_BY_PRIORITY, Lane
 from services.common.bus import BUS_DOWN
 from services.common.lifecycle import cancel_and_wait
+from services.common.rate_window import RateLimits
 from services.common.worker_table import WorkerTable
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatch import QueueDispatcher, RequestMemory
+from services.scheduler.key_admission import KeyAdmission
 from services.scheduler.lanes import LaneBook, Take
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.circuit import CircuitBreakers
@@ -68,7 +71,8 @@ class Scheduler:
     ``drain_timeout``) and releases every subscription; the caller then drains ``nc``.
     """
 
-    def __init__(self, nc: Client, config: SchedulerConfig, registry: CollectorRegistry) -> None:
+    def __init__(self, nc: Client, config: SchedulerConfig, registry: CollectorRegistry, *,
+                 rate_clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.table = WorkerTable()
         self.placement = Placement(self.table, strategy=config.strategy, weights=config.weights,
@@ -101,6 +105,8 @@ class Scheduler:
                                            retry_delay=config.retry_delay, max_retry_delay=config.max_retry_delay,
                                            on_release=self._wake.set, on_defer=self._expect_later)
         self._strategy_watch = StrategyWatch(self._js, self._set_strategy)
+        self._key_admission = KeyAdmission(nc, self._js, RateLimits(rpm=config.rate_rpm, tpm=config.rate_tpm),
+                                           self.metrics, clock=rate_clock)
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -132,6 +138,7 @@ class Scheduler:
                                                         timeout=self.config.cold_start_timeout))
         await self._strategy_watch.start()
         self._stack.push_async_callback(self._strategy_watch.stop)
+        await self._start_key_admission()
         for subject, cb in ((names.INFER_CANCEL, self._on_cancel), (names.INFER_SUBMIT_ALL, self._on_doorbell)):
             sub = await self._nc.subscribe(subject, cb=cb)
             self._stack.push_async_callback(sub.unsubscribe)
@@ -155,6 +162,17 @@ class Scheduler:
         psub = await self._js.pull_subscribe_bind(durable=durable, stream=names.INFER_STREAM)
         self._stack.push_async_callback(psub.unsubscribe)
         return psub
+
+    async def _start_key_admission(self) -> None:
+        """Admit API keys' NATS-native requests, unless provisioning predates their stream (then they wait)."""
+        try:
+            await self._js.consumer_info(names.INFER_KEYED_STREAM, names.KEYED_DURABLE)
+        except nats.js.errors.NotFoundError:
+            log.warning("JetStream consumer %s on %s is missing (run ./cy infra apply): API keys' NATS producers "
+                        "are not served", names.KEYED_DURABLE, names.INFER_KEYED_STREAM)
+            return
+        await self._key_admission.start()
+        self._stack.push_async_callback(self._key_admission.stop)
 
     async def stop(self) -> None:
         """Stop taking work, finish dispatches under way (up to ``drain_timeout``), release everything."""

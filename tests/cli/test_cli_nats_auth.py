@@ -177,8 +177,8 @@ async def _producer_session(url: str, seed: str, key_id: str, revoke) -> None:
                             disconnected_cb=on_disconnect, allow_reconnect=False, max_reconnect_attempts=0)
     try:
         inbox = await nc.subscribe(nc.new_inbox())
-        ack = await nc.jetstream().publish(names.infer_submit("normal"), b"{}")
-        assert ack.stream == names.INFER_STREAM and inbox.subject.startswith(f"_INBOX.{key_id}.")
+        ack = await nc.jetstream().publish(names.infer_keyed(key_id, "normal"), b"{}")
+        assert ack.stream == names.INFER_KEYED_STREAM and inbox.subject.startswith(f"_INBOX.{key_id}.")
         await nc.subscribe("_INBOX.producer.>")
         async with asyncio.timeout(30):  # hang guards: the server answers both at once
             await refused.wait()

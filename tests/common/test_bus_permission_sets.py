@@ -35,16 +35,24 @@ def test_an_engine_addresses_only_its_own_subjects():
     assert names.kv_subjects(names.WORKERS_BUCKET) not in engine.publish
 
 
-def test_only_the_edge_reads_api_keys():
+def test_only_the_edge_and_the_scheduler_read_api_keys():
     stream = names.kv_stream(names.API_KEYS_BUCKET)
     readers = {p.identity for p in ALL.values() if f"$JS.API.STREAM.INFO.{stream}" in p.publish}
-    assert readers == {"edge"}  # and the operator, through $JS.API.>
+    assert readers == {"edge", "scheduler"}  # and the operator, through $JS.API.>; the scheduler for keyed limits
 
 
 def test_who_may_submit_work():
     infer = {p.identity for p in ALL.values() if names.infer_submit("high") in p.publish}
     train = {p.identity for p in ALL.values() if names.TRAIN_SUBMIT in p.publish}
-    assert infer == {"edge", "producer"} and train == {"edge"}
+    # The scheduler moves keyed requests its admission let through into the queue.
+    assert infer == {"edge", "producer", "scheduler"} and train == {"edge"}
+
+
+def test_a_key_producer_submits_only_under_its_own_key_id():
+    perms = bus_permissions.key_producer("k1", ["inference"])
+    assert {s for s in perms.publish if ".infer." in s} == {
+        *(names.infer_keyed("k1", lane) for lane in names.LANES_BY_PRIORITY), names.INFER_CANCEL}
+    assert not bus_permissions.key_producer("k2", ["training"]).publish
 
 
 def test_server_config_map():

@@ -130,6 +130,9 @@ ALLOWED: list[tuple[str, str, Action]] = [
     ("scheduler", "prompt cache lookup", lambda nc: _kv_get(nc, names.PROMPT_CACHE_BUCKET, "abc")),
     ("scheduler", "strategy", lambda nc: _kv_get(nc, names.SCHEDULER_CONFIG_BUCKET, names.STRATEGY_KEY)),
     ("scheduler", "doorbell", lambda nc: _sub(nc, names.INFER_SUBMIT_ALL)),
+    ("scheduler", "read API keys (limits of keyed requests)", _api_keys),
+    ("scheduler", "keyed admission consumer",
+     lambda nc: nc.jetstream().consumer_info(names.INFER_KEYED_STREAM, names.KEYED_DURABLE)),
     ("scheduler", "send a typed error to a reply subject", lambda nc: nc.publish("_INBOX.edge.e1.r1", b"{}")),
     ("engine.w1", "heartbeat", lambda nc: nc.publish(names.worker_status("w1"), b"{}")),
     ("engine.w1", "its worker entry", lambda nc: _kv_put(nc, names.WORKERS_BUCKET, "w1")),
@@ -165,7 +168,6 @@ DENIED: list[tuple[str, str, Action, str]] = [
     ("edge", "a consumer on the queue", lambda nc: nc.jetstream().add_consumer(
         names.INFER_STREAM, durable_name="spy", filter_subject=names.infer_submit("high")),
      f"$JS.API.CONSUMER.DURABLE.CREATE.{names.INFER_STREAM}.spy"),
-    ("scheduler", "read API keys", _api_keys, f"$JS.API.STREAM.INFO.{names.kv_stream(names.API_KEYS_BUCKET)}"),
     ("scheduler", "submit a training job", lambda nc: nc.jetstream().publish(names.TRAIN_SUBMIT, b"{}"),
      names.TRAIN_SUBMIT),
     ("scheduler", "delete the queue", lambda nc: nc.jetstream().delete_stream(names.INFER_STREAM),

@@ -56,6 +56,9 @@ FULL = [
         InferenceRequest(id="req-2", model="m", reply_to="_INBOX.edge-1.req-2", prompt="Once",
                          sampling=SamplingParams(logit_bias={42: -100.0}),
                          structured=StructuredOutput(kind="json_schema", json='{"type":"object"}', choice=["a"]))),
+    WireCase("InferenceRequest admitted for an API key's NATS producer", decoder(InferenceRequest), (
+        b'{"id":"req-3","model":"m","reply_to":"_INBOX.k1.req-3","prompt":"Once","sampling":{},"rate_caller":"key-k1"}'),
+        InferenceRequest(id="req-3", model="m", reply_to="_INBOX.k1.req-3", prompt="Once", rate_caller="key-k1")),
     WireCase("StreamStart", EVENT, (
         b'{"type":"start","id":"req-1","worker":"engine-1","model":"SmolLM2-135M-Instruct",'
         b'"prompt_tokens":12,"dispatch":3}'),

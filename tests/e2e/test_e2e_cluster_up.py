@@ -1,12 +1,14 @@
 """``./cy up --nats-cluster 3``: three routed nodes, everything at R3, the services on all three; ``./cy down``.
 
 The bus is authenticated (``--nats-auth nkeys``, the default) on every node: the same users
-everywhere, and ``./cy keys create --nats`` gives every node the key's user at once.
+everywhere, and ``./cy keys create --nats`` gives every node the key's user at once. It runs over
+TLS (``--nats-tls auto``): clients and routes, with the state dir's generated CA.
 """
 
 from __future__ import annotations
 
 import re
+import ssl
 import subprocess
 import sys
 
@@ -37,13 +39,19 @@ async def test_up_on_three_nodes_serves_at_r3_and_down_stops_services_then_nodes
     try:
         up.wait_ready()
         banner = up.output()
-        nodes = re.findall(r"^ +(nats://127\.0\.0\.1:\d+)$", banner, re.M)
+        nodes = re.findall(r"^ +(tls://127\.0\.0\.1:\d+)$", banner, re.M)
         assert "3-node cluster, streams and buckets R3" in banner and len(nodes) == 3, banner
+        ca = state / "nats" / "tls" / "ca.pem"
+        assert f"--nats-tls-ca {ca}" in banner, banner
         assert len(_node_processes(state)) == 3
 
+        with pytest.raises(ssl.SSLCertVerificationError):  # no CA: the TLS handshake fails
+            await nats.connect(nodes[1], allow_reconnect=False, max_reconnect_attempts=0)
+        tls = ssl.create_default_context(cafile=str(ca))
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-            await nats.connect(nodes[1], allow_reconnect=False, max_reconnect_attempts=0)  # no user: refused
-        nc = await nats.connect(nodes, nkeys_seed=up.nkey("operator"), inbox_prefix=names.identity_inbox("operator"))
+            await nats.connect(nodes[1], tls=tls, allow_reconnect=False, max_reconnect_attempts=0)  # no user
+        nc = await nats.connect(nodes, tls=tls, nkeys_seed=up.nkey("operator"),
+                                inbox_prefix=names.identity_inbox("operator"))
         try:
             js = nc.jetstream()
             defs = provision.load_definitions()
@@ -61,7 +69,7 @@ async def test_up_on_three_nodes_serves_at_r3_and_down_stops_services_then_nodes
                 assert resp.status == 200, await resp.text()
                 assert (await resp.json())["choices"][0]["message"]["content"]
 
-        await _key_user_joins_every_node(state, nodes, up.nkey("operator"))
+        await _key_user_joins_every_node(state, nodes, up.nkey("operator"), tls)
         logs = [state / "logs" / f"nats-n{i}.log" for i in (1, 2, 3)]
         assert not [line for log in logs for line in log.read_text().splitlines() if "Violation" in line]
 
@@ -79,8 +87,9 @@ async def test_up_on_three_nodes_serves_at_r3_and_down_stops_services_then_nodes
             proc.kill()
 
 
-async def _key_user_joins_every_node(state, nodes: list[str], operator: str) -> None:
-    """``./cy keys create --nats`` reloads every node: the key's user is let in by each one."""
+async def _key_user_joins_every_node(state, nodes: list[str], operator: str, tls: ssl.SSLContext) -> None:
+    """``./cy keys create --nats`` (trusting the state dir's CA without a flag) reloads every node: the
+    key's user is let in by each one."""
     created = subprocess.run([sys.executable, "-m", "services.cli", "keys", "create", "--name", "bob", "--scope",
                               "inference", "--nats", "--state-dir", str(state), "--nats-url", ",".join(nodes),
                               "--nats-nkey", operator], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -89,6 +98,6 @@ async def _key_user_joins_every_node(state, nodes: list[str], operator: str) -> 
     seed = next(line for line in created.stdout.splitlines() if line.startswith("SU"))
     key_id = re.search(r"created key ([0-9a-f]{12})", created.stdout).group(1)
     for node in nodes:  # each node alone, so no node's refusal is hidden by a failover to another
-        nc = await nats.connect(node, nkeys_seed_str=seed, inbox_prefix=names.identity_inbox(key_id),
+        nc = await nats.connect(node, tls=tls, nkeys_seed_str=seed, inbox_prefix=names.identity_inbox(key_id),
                                 allow_reconnect=False, max_reconnect_attempts=0)
         await nc.close()

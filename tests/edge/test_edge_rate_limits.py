@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from schemas import names
 from schemas.events import TokenDelta
 from services.edge import create_app
-from services.edge.auth import rate_window
+from services.common import rate_window
 from services.edge.auth.rate_limit import CounterStore, StreamLeases
-from services.edge.auth.rate_window import RateLimits, RateUsage
+from services.common.rate_window import RateLimits, RateUsage
 from tests.auth_support import bearer, hs256
 from tests.support import frozen_minute
 from tests.edge_harness import (  # noqa: F401 - fixtures

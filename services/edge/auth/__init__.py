@@ -4,6 +4,6 @@
 - ``policy``: which scope each endpoint needs (one table).
 - ``jwt_tokens``: verifying bearer JWTs.
 - ``key_cache``: API key records looked up lately, trusted for a TTL.
-- ``rate_limit``: per-caller limits shared by every edge replica (``LLM_RATE`` counters).
-- ``rate_window``: the rate-limit arithmetic and ``x-ratelimit-*`` headers. Pure.
+- ``rate_limit``: per-caller limits shared by every edge replica (``LLM_RATE`` counters; the
+  arithmetic and counters themselves are ``services.common.rate_window`` / ``rate_counters``).
 """

@@ -19,54 +19,23 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgspec
 import nats.errors
-import nats.js.errors
 from aiohttp import web
 from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
 from services.common.lifecycle import cancel_and_wait
-from services.edge.auth import rate_window
+from services.common import rate_window
+from services.common.rate_counters import CounterStore
 from services.edge.auth.authenticator import PRINCIPAL
 from services.edge.metrics import EdgeMetrics
-from services.edge.auth.rate_window import RateLimits, RateUsage
+from services.common.rate_window import RateLimits, RateUsage
 
 log = logging.getLogger(__name__)
 
 # Headers of the request's rate-limit state; ``add_rate_headers`` puts them on whatever response it gets.
 RATE_HEADERS = web.RequestKey("rate_headers", dict)
-
-
-class _CounterValue(msgspec.Struct):
-    """The body of a counter message: ``{"val": "<total>"}``."""
-
-    val: str
-
-
-_counter_value = msgspec.json.Decoder(_CounterValue)
-
-
-class CounterStore:
-    """Atomic counters on the ``LLM_RATE`` stream."""
-
-    def __init__(self, js: JetStreamContext, *, timeout: float) -> None:
-        self._js = js
-        self._timeout = timeout
-
-    async def add(self, subject: str, delta: int) -> int:
-        """Add ``delta`` and return the new total."""
-        ack = await self._js.publish(subject, b"", timeout=self._timeout, headers={"Nats-Incr": f"{delta:+d}"})
-        return int(ack.val or 0)
-
-    async def total(self, subject: str) -> int:
-        """The current total (0 for a counter never touched)."""
-        try:
-            msg = await self._js.get_last_msg(names.RATE_STREAM, subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            return 0
-        return int(_counter_value.decode(msg.data).val)
 
 
 class _Lease:
