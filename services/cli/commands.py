@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services.cli import nats_auth, pidfile
 from services.cli.errors import CliError
-from services.cli.infra import apply_definitions
+from services.cli.infra import apply_definitions, register_default_model
 from services.common import bus_auth
 from services.common.bus import NatsOptions
 from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
@@ -27,11 +27,18 @@ def down(state_dir: Path, timeout: float) -> int:
 
 
 def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None, nkey: str = "") -> int:
-    """Apply the JetStream definitions and print what happened to each object."""
+    """Apply the JetStream definitions, register the default model and publish its weights; print what was done."""
     if replicas is not None and replicas < 1:
         raise CliError("--replicas must be at least 1")
-    for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas, nkey=nkey)):
+    async def apply() -> tuple[list, str]:
+        actions = await apply_definitions(nats, update=update, replicas=replicas, nkey=nkey)
+        # Engines and trainers on any host find the default model in the registry and its weights in the store.
+        return actions, await register_default_model(nats, nkey=nkey)
+
+    actions, registered = asyncio.run(apply())
+    for action in actions:
         print(action)
+    print(registered, file=sys.stderr, flush=True)  # stdout stays one line per JetStream object
     return 0
 
 
