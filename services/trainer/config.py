@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     add_nats_arguments(p)
     p.add_argument("--trainer-id", default="", help="unique trainer id (default: <host>-<pid>)")
     p.add_argument("--state-dir", default=os.environ.get("CY_STATE_DIR", str(default_state_dir())),
-                   help="state directory: the model store (models/) and the trainer's scratch space")
+                   help="this trainer's own state directory: the model store (models/) and its scratch space "
+                        "(default: $CY_STATE_DIR or .cy in the repository)")
     p.add_argument("--data-dir", action="append", default=[], dest="data_dirs",
                    help="a directory jobs may read dataset paths from (repeatable; default: none, "
                         "only uploaded files)")
