@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.cli import nats_auth, pidfile
+from services.cli import nats_auth, pidfile, sites
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions, register_default_model
 from services.common import bus_auth
@@ -62,6 +62,17 @@ def nats_permissions(state_dir: Path, workers: list[str], fmt: str) -> int:
         return 0
     users = {bus_auth.public_key(identities.seeds[name]): perms for name, perms in identities.permissions.items()}
     print(bus_auth.authorization_block(users), end="")
+    return 0
+
+
+def nats_site(state_dir: Path, site: str, workers: list[str], hub: str, hub_domain: str, listen: str) -> int:
+    """Write a site's leaf node config; print where, and the hub's user for the site."""
+    try:
+        path, hub_users = sites.write_site(state_dir.resolve(), site, workers,
+                                           [u.strip() for u in hub.split(",") if u.strip()], hub_domain, listen)
+    except ValueError as exc:  # a site or worker name that is no subject token
+        raise CliError(str(exc)) from None
+    print(sites.describe(path, hub_users, hub_domain), end="")
     return 0
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import psutil
 import pytest
 
-from services.cli import nats_auth
+from services.cli import nats_auth, sites
 from services.cli.infra import apply_definitions
 from services.cli.up import NATS_CONFIG
 from services.common import bus_auth, bus_permissions
@@ -28,18 +28,6 @@ from tests.support import REPO, free_port, log_shows, sse_events, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 SITE, WORKER, MODEL, DOMAIN = "site-a", "site-a-engine", "site-model", "hub"
-
-
-def _leaf_config(hub_leaf_port: int, client_port: int, identities: nats_auth.BusIdentities, site_seed: Path) -> str:
-    """The site's leaf node: its engine's user locally, the site's user toward the hub, no JetStream of its own."""
-    engine = f"{bus_permissions.ENGINE}.{WORKER}"
-    users = {bus_auth.public_key(identities.seeds[engine]):
-             bus_permissions.in_js_domain(identities.permissions[engine], DOMAIN)}
-    seed = site_seed.read_text().strip()
-    mappings = ", ".join(f'"{k}": "{v}"' for k, v in bus_permissions.site_mappings(DOMAIN).items())
-    return (f"server_name: cy-{SITE}\nlisten: 127.0.0.1:{client_port}\n{bus_auth.authorization_block(users)}"
-            f"mappings = {{ {mappings} }}\n"
-            f"leafnodes {{\n  remotes = [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf_port}\", nkey: \"{seed}\" }} ]\n}}\n")
 
 
 def _service(argv: list[str], log: Path, state: Path) -> subprocess.Popen:
@@ -57,21 +45,27 @@ async def _chat(http: aiohttp.ClientSession, url: str, stream: bool) -> dict | l
 
 
 async def test_a_site_engine_behind_a_leaf_node_serves_the_hub(tmp_path: Path):
-    identities = nats_auth.prepare("nkeys", tmp_path / "operator", [WORKER])
-    site = bus_permissions.leaf_site(SITE, [WORKER], DOMAIN)
-    site_seed = bus_auth.ensure_seed(tmp_path / "site-keys", site.identity)
+    operator_dir = tmp_path / "operator"
+    identities = nats_auth.prepare("nkeys", operator_dir, [WORKER])
     hub_leaf_port, leaf_port = free_ports(2)
+    # The operator's command: the leaf node's config (engine users, mappings, remote) and the hub's user for it.
+    made = subprocess.run([sys.executable, "-m", "services.cli", "nats", "site", SITE, "--worker", WORKER,
+                           "--hub", f"nats-leaf://127.0.0.1:{hub_leaf_port}", "--hub-domain", DOMAIN,
+                           "--listen", f"127.0.0.1:{leaf_port}", "--state-dir", str(operator_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    leaf_conf = sites.leaf_config_path(operator_dir, SITE)
+    assert str(leaf_conf) in made.stdout and f"domain: {DOMAIN}" in made.stdout
+    site = bus_permissions.leaf_site(SITE, [WORKER], DOMAIN)
+    site_key = bus_auth.public_key(bus_auth.seed_path(bus_auth.nkeys_dir(operator_dir), site.identity))
+    assert site_key in made.stdout
     # The hub's JetStream gets a domain: the site reaches it as $JS.hub.API (see site_mappings).
     base = tmp_path / "hub-base.conf"
     base.write_text(NATS_CONFIG.read_text().replace("sync_interval: always", f"sync_interval: always\n  domain: {DOMAIN}"))
     hub_config = bus_auth.write_server_config(base, tmp_path / "hub" / "hub.conf", identities.seeds,
-                                              identities.permissions, {bus_auth.public_key(site_seed): site})
+                                              identities.permissions, {site_key: site})
     hub = NatsServer(tmp_path / "hub", config=hub_config, log_file=tmp_path / "hub.log",
                      node_config=f"leafnodes {{\n  listen: \"127.0.0.1:{hub_leaf_port}\"\n}}\n").start()
-    leaf_conf = tmp_path / "leaf" / "leaf.conf"
-    leaf_conf.parent.mkdir()
-    leaf_conf.write_text(_leaf_config(hub_leaf_port, leaf_port, identities, site_seed))
-    leaf_conf.chmod(0o600)
     leaf_log = tmp_path / "leaf.log"
     procs = [subprocess.Popen([nats_server_binary(), "-c", str(leaf_conf)], stdout=leaf_log.open("wb"),
                               stderr=subprocess.STDOUT, start_new_session=True)]
