@@ -26,7 +26,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def unavailable() -> str | None:
-    """Why namespaces cannot be created here (not root, no iproute2, a kernel or sandbox that refuses); None if they can."""
+    """Why namespaces cannot be created here (not root, no iproute2, a refusing kernel or sandbox); None if they can."""
     if shutil.which("ip") is None:
         return "iproute2's 'ip' is not installed"
     if os.geteuid() != 0:

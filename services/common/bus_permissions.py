@@ -214,7 +214,7 @@ def key_producer(key_id: str, scopes: list[str] | tuple[str, ...]) -> Permission
 
 
 def in_js_domain(perms: Permissions, domain: str) -> Permissions:
-    """``perms`` for a client whose JetStream lives in another server's ``domain`` (an engine behind a site's leaf node).
+    """``perms`` for a client whose JetStream is in another server's ``domain`` (an engine behind a site's leaf).
 
     The leaf maps ``$JS.API.>`` to ``$JS.<domain>.API.>`` and ``$KV.>`` to ``$JS.<domain>.API.$KV.>``
     (``site_mappings``) before it checks permissions, so each such subject is also granted in its
@@ -254,7 +254,7 @@ def leaf_site(site: str, workers: list[str] | tuple[str, ...], hub_domain: str) 
     return Permissions(f"{SITE}.{names.token(site)}", names.identity_inbox(ENGINE),
                        _unique(*(e.publish for e in engines)), _unique(*(e.subscribe for e in engines)),
                        allow_responses=True,
-                       description=f"leaf node of site {site}: its engines {', '.join(names.token(w) for w in workers)}")
+                       description=f"leaf node of site {site}: engines {', '.join(names.token(w) for w in workers)}")
 
 
 def identities(workers: list[str] | tuple[str, ...]) -> dict[str, Permissions]:

@@ -61,7 +61,8 @@ async def test_a_site_engine_behind_a_leaf_node_serves_the_hub(tmp_path: Path):
     assert site_key in made.stdout
     # The hub's JetStream gets a domain: the site reaches it as $JS.hub.API (see site_mappings).
     base = tmp_path / "hub-base.conf"
-    base.write_text(NATS_CONFIG.read_text().replace("sync_interval: always", f"sync_interval: always\n  domain: {DOMAIN}"))
+    base.write_text(NATS_CONFIG.read_text().replace("sync_interval: always",
+                                                    f"sync_interval: always\n  domain: {DOMAIN}"))
     hub_config = bus_auth.write_server_config(base, tmp_path / "hub" / "hub.conf", identities.seeds,
                                               identities.permissions, {site_key: site})
     hub = NatsServer(tmp_path / "hub", config=hub_config, log_file=tmp_path / "hub.log",
