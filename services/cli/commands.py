@@ -10,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from services.cli import nats_auth, pidfile
+from services.cli import nats_auth, pidfile, sites
 from services.cli.errors import CliError
-from services.cli.infra import apply_definitions
+from services.cli.infra import apply_definitions, register_default_model
 from services.common import bus_auth
 from services.common.bus import NatsOptions
 from services.common.model_store import DEFAULT_MODEL_ID, ensure_default_model
@@ -27,11 +27,18 @@ def down(state_dir: Path, timeout: float) -> int:
 
 
 def infra_apply(nats: NatsOptions | str, update: bool, replicas: int | None, nkey: str = "") -> int:
-    """Apply the JetStream definitions and print what happened to each object."""
+    """Apply the JetStream definitions, register the default model and publish its weights; print what was done."""
     if replicas is not None and replicas < 1:
         raise CliError("--replicas must be at least 1")
-    for action in asyncio.run(apply_definitions(nats, update=update, replicas=replicas, nkey=nkey)):
+    async def apply() -> tuple[list, str]:
+        actions = await apply_definitions(nats, update=update, replicas=replicas, nkey=nkey)
+        # Engines and trainers on any host find the default model in the registry and its weights in the store.
+        return actions, await register_default_model(nats, nkey=nkey)
+
+    actions, registered = asyncio.run(apply())
+    for action in actions:
         print(action)
+    print(registered, file=sys.stderr, flush=True)  # stdout stays one line per JetStream object
     return 0
 
 
@@ -55,6 +62,17 @@ def nats_permissions(state_dir: Path, workers: list[str], fmt: str) -> int:
         return 0
     users = {bus_auth.public_key(identities.seeds[name]): perms for name, perms in identities.permissions.items()}
     print(bus_auth.authorization_block(users), end="")
+    return 0
+
+
+def nats_site(state_dir: Path, site: str, workers: list[str], hub: str, hub_domain: str, listen: str) -> int:
+    """Write a site's leaf node config; print where, and the hub's user for the site."""
+    try:
+        path, hub_users = sites.write_site(state_dir.resolve(), site, workers,
+                                           [u.strip() for u in hub.split(",") if u.strip()], hub_domain, listen)
+    except ValueError as exc:  # a site or worker name that is no subject token
+        raise CliError(str(exc)) from None
+    print(sites.describe(path, hub_users, hub_domain), end="")
     return 0
 
 

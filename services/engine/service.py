@@ -111,6 +111,16 @@ class EngineService:
         self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
         set_compile_observer(metrics.grammar_compile.observe)
 
+    @property
+    def health_state(self):
+        """The last verdict of the backends' health checks."""
+        return self._health.state
+
+    @property
+    def draining(self) -> bool:
+        """Whether the engine has stopped taking work (shutting down)."""
+        return self._draining
+
     # --- lifecycle ---
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain in the fixed order of STYLE.md."""

@@ -14,10 +14,10 @@ from wsgiref.simple_server import WSGIServer
 
 import nats.errors
 from nats.aio.client import Client
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from schemas import names
-from services.common import bus, bus_permissions, lifecycle
+from services.common import bus, bus_permissions, lifecycle, metrics_http
 from services.scheduler.config import SchedulerConfig, parse_args
 from services.scheduler.service import ConsumerMissing, Scheduler
 
@@ -28,12 +28,13 @@ class MetricsPortBusy(RuntimeError):
     """``--metrics-port`` cannot be bound."""
 
 
-def _serve_metrics(port: int, registry: CollectorRegistry) -> WSGIServer:
+def _serve_metrics(host: str, port: int, registry: CollectorRegistry,
+                   health: metrics_http.HealthState) -> WSGIServer:
     try:
-        server, _ = start_http_server(port, registry=registry)
+        server = metrics_http.serve(host, port, registry, health)
     except OSError as exc:
-        raise MetricsPortBusy(f"cannot serve metrics on port {port}: {exc}") from exc
-    log.info("metrics on :%d/metrics", port)
+        raise MetricsPortBusy(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    log.info("metrics on %s:%d/metrics, health on /healthz", host, port)
     return server
 
 
@@ -63,18 +64,27 @@ async def _connect(options: bus.NatsOptions, stop: asyncio.Event) -> Client | No
     return None
 
 
+def _health(nc: Client, scheduler: Scheduler) -> tuple[bool, dict]:
+    """Ready while connected to NATS and no loop of the scheduler has crashed."""
+    if scheduler.failed.is_set():
+        return False, {"status": "failed"}
+    return metrics_http.nats_health(nc)
+
+
 async def serve(config: SchedulerConfig) -> int:
     """Run until a stop signal (0) or a crashed loop (1)."""
     stop = asyncio.Event()
     lifecycle.install_stop_signals(stop)
     registry = CollectorRegistry()
-    http = _serve_metrics(config.metrics_port, registry) if config.metrics_port else None
+    health = metrics_http.HealthState()
+    http = _serve_metrics(config.metrics_host, config.metrics_port, registry, health) if config.metrics_port else None
     try:
         nc = await _connect(config, stop)
         if nc is None:
             return 0
         try:
             async with Scheduler(nc, config, registry) as scheduler:
+                health.check = lambda: _health(nc, scheduler)
                 await _until(stop, scheduler.failed)
                 code = 1 if scheduler.failed.is_set() else 0
         finally:

@@ -9,6 +9,7 @@ from typing import Annotated
 import msgspec
 
 from services.common.bus import NatsOptions, add_nats_arguments, env_default, option_problems
+from services.common.metrics_http import DEFAULT_METRICS_HOST, METRICS_HOST_HELP
 from services.scheduler.strategies import Strategy
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -19,6 +20,7 @@ class SchedulerConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True, fro
     """Everything a scheduler replica needs (NATS options inherited); unknown keys are an error, not a silent typo."""
 
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0 = not served
+    metrics_host: str = DEFAULT_METRICS_HOST  # where /metrics and /healthz bind
     dispatch_timeout: Seconds = 2.0   # wait this long for an engine's accepted/busy answer
     max_attempts: Positive = 3        # engines tried per message before it goes back to the queue
     retry_delay: Seconds = 0.25       # a message no engine could take returns after this long...
@@ -59,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                                 description="CY-LLM scheduler: takes requests off the JetStream queue by priority "
                                             "and dispatches each to the least-loaded engine serving its model.")
     add_nats_arguments(p, url_from_env=False)  # the --config file's nats_url comes before the environment's
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics (/metrics) and health (/healthz) on this port (0 = off)")
+    p.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     p.add_argument("--config", type=Path, default=None,
                    help="TOML file with any SchedulerConfig field (flags given here win)")
     p.add_argument("--dispatch-timeout", type=float, default=None, help="seconds to wait for an engine's answer")

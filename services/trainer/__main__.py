@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from schemas import names
-from services.common import bus, bus_permissions
+from services.common import bus, bus_permissions, metrics_http
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.trainer.config import TrainerConfig, parse_args
 from services.trainer.metrics import TrainerMetrics
@@ -20,16 +20,21 @@ log = logging.getLogger("services.trainer")
 async def main(cfg: TrainerConfig) -> None:
     """Take jobs until SIGTERM/SIGINT; a job running then goes back to the queue at its last checkpoint."""
     registry = CollectorRegistry()
-    if cfg.metrics_port:
-        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=registry)
+    health = metrics_http.HealthState()
+    http = metrics_http.serve(cfg.metrics_host, cfg.metrics_port, registry, health) if cfg.metrics_port else None
     stop = asyncio.Event()
     install_stop_signals(stop)
-    nc = await bus.connect(cfg, name=f"cy-trainer {cfg.trainer_id}",
-                           inbox=names.identity_inbox(bus_permissions.TRAINER))
     try:
-        await TrainerService(nc, cfg, TrainerMetrics(registry)).run(stop)
+        nc = await bus.connect(cfg, name=f"cy-trainer {cfg.trainer_id}",
+                               inbox=names.identity_inbox(bus_permissions.TRAINER))
+        health.check = lambda: metrics_http.nats_health(nc, trainer=cfg.trainer_id)
+        try:
+            await TrainerService(nc, cfg, TrainerMetrics(registry)).run(stop)
+        finally:
+            await nc.drain()
     finally:
-        await nc.drain()
+        if http is not None:
+            http.shutdown()
 
 
 def cli() -> None:

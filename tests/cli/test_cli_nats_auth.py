@@ -186,3 +186,28 @@ async def _producer_session(url: str, seed: str, key_id: str, revoke) -> None:
             await closed.wait()
     finally:
         await nc.close()
+
+
+def test_nats_site_writes_a_private_leaf_config_and_grants_the_site_only_its_engines_subjects(tmp_path: Path):
+    run = subprocess.run([sys.executable, "-m", "services.cli", "nats", "site", "tokyo", "--worker", "tokyo-gpu0",
+                          "--hub", "nats-leaf://hub-a:7422,nats-leaf://hub-b:7422", "--hub-domain", "core",
+                          "--listen", "127.0.0.1:4333", "--state-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    leaf = tmp_path / "nats" / "site-tokyo.conf"
+    assert leaf.stat().st_mode & 0o777 == 0o600  # it holds the site's seed
+    text = leaf.read_text()
+    assert '"$JS.API.>": "$JS.core.API.>"' in text and '"$KV.>": "$JS.core.API.$KV.>"' in text
+    assert '"nats-leaf://hub-a:7422", "nats-leaf://hub-b:7422"' in text and "listen: 127.0.0.1:4333" in text
+    assert not re.search(r"^\s*jetstream", text, re.M | re.I)  # the site runs no JetStream of its own
+    site = bus_permissions.leaf_site("tokyo", ["tokyo-gpu0"], "core")
+    assert bus_auth.public_key(tmp_path / "nats" / "nkeys" / "site-tokyo.nk") in run.stdout
+    assert "domain: core" in run.stdout
+    assert not any(s.startswith("llm.v1.infer.submit") for s in site.publish + site.subscribe)
+    assert "llm.v1.engine.tokyo-gpu0.generate" in site.subscribe
+    assert "$JS.core.API.$KV.llm_workers.tokyo-gpu0" in site.publish
+    assert not any("engine.other" in s for s in site.subscribe)
+    helped = subprocess.run([sys.executable, "-m", "services.cli", "nats", "site", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    for flag in ("--worker", "--hub", "--hub-domain", "--listen", "--state-dir"):
+        assert flag in helped.stdout
