@@ -1,0 +1,95 @@
+"""Running one batch line as an ordinary inference request on the low-priority lane.
+
+The line's body goes through the same validation and translation as the HTTP endpoint it names
+(``lines.ENDPOINTS``); the request gets a bus id derived from the batch id, the line's
+``custom_id`` and the delivery (``names.batch_request_id``), the low lane, and a deadline no later
+than the batch's expiry. Its answer is built by the endpoint's own JSON body builder, so an output
+line holds exactly what the endpoint would have answered over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from schemas import names
+from schemas.batch import ERR, OK, BatchLine, BatchOutputLine, BatchState
+from schemas.errors import BusError, ErrorCode
+from services.common.model_ref import adapter_model_id
+from services.edge.batch import lines
+from services.edge.bus.pump import pump
+from services.edge.errors import error_json, status_for
+from services.edge.http.sse import JsonWriter
+from services.edge.openai import completions
+from services.edge.openai.choices import ChoiceCalls
+from services.edge.openai.translate import choice_requests
+from services.edge.state import Edge
+
+LOW_PRIORITY = -1  # names.lane_for_priority: < 0 is the low lane
+# Failures that say nothing about the line (no engine now, a full queue, the bus away): the line
+# is taken again later instead of being reported as failed.
+TRANSIENT = frozenset({ErrorCode.NO_WORKER, ErrorCode.QUEUE_FULL, ErrorCode.UNAVAILABLE, ErrorCode.ENGINE_BUSY})
+
+
+class Transient(Exception):
+    """The line could not run now for a reason that is not its own; run it again later."""
+
+    def __init__(self, error: BusError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a line ended with: its kind (``ok``/``err``), its output line and the tokens it used."""
+
+    kind: str
+    line: BatchOutputLine
+    tokens: int
+
+
+def line_id(batch_id: str, custom_id: str) -> str:
+    """The ``id`` of a line in the output and error files (the same whichever delivery answered it)."""
+    digest = hashlib.sha256(batch_id.encode() + b"\0" + custom_id.encode()).hexdigest()[:24]
+    return f"batch_req_{digest}"
+
+
+async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int) -> Outcome:
+    """Run ``line`` (its ``delivery``-th time) and return its outcome; raises ``Transient`` to be retried."""
+    request_id = names.batch_request_id(state.id, line.custom_id, delivery)
+    out_id = line_id(state.id, line.custom_id)
+    try:
+        body, tokens = await _answer(edge, state, line, request_id)
+    except BusError as err:
+        if err.code in TRANSIENT:
+            raise Transient(err) from None
+        return Outcome(ERR, lines.failed_line(out_id, line.custom_id, request_id, status_for(err.code),
+                                              error_json(err)), 0)
+    return Outcome(OK, lines.ok_line(out_id, line.custom_id, request_id, body), tokens)
+
+
+async def _answer(edge: Edge, state: BatchState, line: BatchLine, request_id: str) -> tuple[bytes, int]:
+    """The endpoint's JSON answer to the line's body, and the tokens it used."""
+    endpoint = lines.ENDPOINTS[line.url]
+    parsed = completions.parse_body(bytes(line.body), endpoint, edge.config)
+    req = completions.build_request(edge, parsed, endpoint.id_prefix)
+    deadline = min(req.deadline, float(state.expires_at))
+    if deadline <= time.time():
+        raise BusError(ErrorCode.TIMEOUT, "the batch's completion window ended before this request could run")
+    req = msgspec.structs.replace(req, id=request_id, reply_to=edge.router.reply_to(request_id),
+                                  priority=LOW_PRIORITY, deadline=deadline)
+    writer = JsonWriter(endpoint.body, request_id=request_id, created=int(req.created),
+                        model=adapter_model_id(req.model, req.adapter), width=parsed.n,
+                        logprobs=req.sampling.logprobs is not None)
+    timeout = deadline - req.created
+    if parsed.n > 1:
+        call = ChoiceCalls(edge.publisher, choice_requests(req, parsed.n, edge.router.reply_to), timeout)
+    else:
+        call = edge.publisher.call(req, timeout)
+    async with call as source:
+        await pump(source, writer)
+    usage = source.usage
+    return writer.response.body, usage.total_tokens if usage is not None else 0
