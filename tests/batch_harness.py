@@ -29,6 +29,7 @@ class LowLaneEngine:
         self.nc, self.js, self.worker = nc, js, worker
         self.taken: list[InferenceRequest] = []
         self.hold = False
+        self.answer_first: int | None = None  # answer only this many requests, hold the rest
         self.arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -54,7 +55,7 @@ class LowLaneEngine:
                 req = msgspec.json.decode(msg.data, type=InferenceRequest)
                 self.taken.append(req)
                 self.arrived.set()
-                if not self.hold:
+                if not self.hold and (self.answer_first is None or len(self.taken) <= self.answer_first):
                     await self.answer(req)
 
     async def answer(self, req: InferenceRequest) -> None:

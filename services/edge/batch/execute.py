@@ -57,14 +57,20 @@ def line_id(batch_id: str, custom_id: str) -> str:
     return f"batch_req_{digest}"
 
 
-async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int) -> Outcome:
-    """Run ``line`` (its ``delivery``-th time) and return its outcome; raises ``Transient`` to be retried."""
+async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int, *,
+                   wait_for_model: bool = False) -> Outcome:
+    """Run ``line`` (its ``delivery``-th time) and return its outcome; raises ``Transient`` to be retried.
+
+    With ``wait_for_model``, a model no engine serves yet is transient too: a runner that just
+    started has not heard every engine's heartbeat, and engines restart; after a few deliveries
+    the line fails with ``model_not_found`` like the HTTP endpoint.
+    """
     request_id = names.batch_request_id(state.id, line.custom_id, delivery)
     out_id = line_id(state.id, line.custom_id)
     try:
         body, tokens = await _answer(edge, state, line, request_id)
     except BusError as err:
-        if err.code in TRANSIENT:
+        if err.code in TRANSIENT or (wait_for_model and err.code == ErrorCode.MODEL_NOT_FOUND):
             raise Transient(err) from None
         return Outcome(ERR, lines.failed_line(out_id, line.custom_id, request_id, status_for(err.code),
                                               error_json(err)), 0)

@@ -32,7 +32,7 @@ RUNNER = web.AppKey("batch_runner", BatchRunner)
 _encode = msgspec.json.Encoder().encode
 
 
-class CreateBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class BatchCreateBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/batches``."""
 
     input_file_id: str
@@ -50,9 +50,9 @@ def _invalid(message: str, param: str | None) -> BusError:
     return BusError(ErrorCode.INVALID_REQUEST, message, param=param)
 
 
-def _parse_create(raw: bytes) -> CreateBody:
+def _parse_create(raw: bytes) -> BatchCreateBody:
     try:
-        body = msgspec.json.decode(raw, type=CreateBody)
+        body = msgspec.json.decode(raw, type=BatchCreateBody)
     except msgspec.ValidationError as exc:
         raise _invalid(f"invalid batch: {exc}", None) from None
     except msgspec.DecodeError as exc:

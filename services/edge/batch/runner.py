@@ -39,10 +39,10 @@ from services.edge.training.store import TrainingStore
 
 log = logging.getLogger(__name__)
 
-_KEEPALIVE = 10.0  # seconds between in-progress acks of a running line (ack_wait is 30 s)
 _STOP_CHECK = 0.5  # seconds between looks at the state of batches with running lines
 _RETRY_DELAY = 2.0  # seconds before a line that met a transient failure is taken again
 _FETCH_WAIT = 2.0
+_MODEL_PATIENCE = 5  # deliveries a line waits for an engine serving its model (see ``run_line``)
 _start_decoder = msgspec.json.Decoder(BatchStart)
 _line_decoder = msgspec.json.Decoder(BatchLine)
 
@@ -70,6 +70,7 @@ class BatchRunner:
         self._stops: dict[str, asyncio.Event] = {}  # batch id -> set when its running lines must stop
         self._running: dict[str, int] = {}  # batch id -> its lines running here
         self._loops: list[asyncio.Task] = []
+        self._keepalive = 10.0  # seconds between in-progress acks of running work: a third of ack_wait
 
     async def start(self) -> None:
         """Bind the consumer and start pulling (without the consumer, batches wait for a provisioned edge)."""
@@ -80,6 +81,8 @@ class BatchRunner:
             log.warning("consumer %s of %s is missing (run ./cy infra apply): this edge runs no batches",
                         names.BATCH_DURABLE, names.BATCH_STREAM)
             return
+        ack_wait = (await self._sub.consumer_info()).config.ack_wait or 30.0
+        self._keepalive = max(0.2, ack_wait / 3)
         self._loops = [asyncio.create_task(self._pull_forever(), name="batch-pull"),
                        asyncio.create_task(self._watch_forever(), name="batch-watch")]
 
@@ -155,10 +158,9 @@ class BatchRunner:
         finally:
             await cancel_and_wait(keepalive)
 
-    @staticmethod
-    async def _keep_alive(msg) -> None:
+    async def _keep_alive(self, msg) -> None:
         while True:
-            await asyncio.sleep(_KEEPALIVE)
+            await asyncio.sleep(self._keepalive)
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
 
@@ -246,7 +248,8 @@ class BatchRunner:
         """Run the line; if its batch is cancelled or expires meanwhile, cancel it and report why."""
         stop = self._stops.setdefault(state.id, asyncio.Event())
         self._running[state.id] = self._running.get(state.id, 0) + 1
-        run = asyncio.create_task(run_line(self._edge, state, line, delivery))
+        run = asyncio.create_task(run_line(self._edge, state, line, delivery,
+                                           wait_for_model=delivery < _MODEL_PATIENCE))
         stopped = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait((run, stopped), return_when=asyncio.FIRST_COMPLETED)
