@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import msgspec
 
 from schemas import names
-from schemas.batch import ERR, OK, BatchLine, BatchOutputLine, BatchState
+from schemas.batch import ERR, OK, SKIP, BatchLine, BatchOutputLine, BatchState
 from schemas.errors import BusError, ErrorCode
 from services.common.model_ref import adapter_model_id
 from services.edge.batch import lines
@@ -32,6 +32,13 @@ LOW_PRIORITY = -1  # names.lane_for_priority: < 0 is the low lane
 # Failures that say nothing about the line (no engine now, a full queue, the bus away): the line
 # is taken again later instead of being reported as failed.
 TRANSIENT = frozenset({ErrorCode.NO_WORKER, ErrorCode.QUEUE_FULL, ErrorCode.UNAVAILABLE, ErrorCode.ENGINE_BUSY})
+
+
+EXPIRED = "batch_expired"
+EXPIRED_MESSAGE = "the batch's completion window ended before this request finished"
+# A request whose deadline (the batch's expiry) passed times out on the event loop's clock: up to
+# this much earlier than the wall clock the expiry is written in.
+_CLOCK_SLACK = 1.0
 
 
 class Transient(Exception):
@@ -70,6 +77,8 @@ async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int
     try:
         body, tokens = await _answer(edge, state, line, request_id)
     except BusError as err:
+        if err.code == ErrorCode.TIMEOUT and time.time() >= state.expires_at - _CLOCK_SLACK:
+            return Outcome(SKIP, lines.skipped_line(out_id, line.custom_id, EXPIRED, EXPIRED_MESSAGE), 0)
         if err.code in TRANSIENT or (wait_for_model and err.code == ErrorCode.MODEL_NOT_FOUND):
             raise Transient(err) from None
         return Outcome(ERR, lines.failed_line(out_id, line.custom_id, request_id, status_for(err.code),
