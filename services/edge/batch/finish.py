@@ -39,14 +39,13 @@ def final_status(state: BatchState, skipped: list[bytes]) -> str:
     return COMPLETED
 
 
-async def finish_batch(store: BatchStore, files: TrainingStore, batch_id: str) -> BatchState | None:
-    """Finish ``batch_id`` if every line has an outcome; its final state, or ``None`` if lines are left."""
-    counts = await store.counts(batch_id)
+async def finish_batch(store: BatchStore, files: TrainingStore, batch_id: str, total: int) -> BatchState | None:
+    """Finish ``batch_id`` (of ``total`` lines) if every line has an outcome; its final state, or ``None``."""
+    if sum((await store.counts(batch_id)).values()) < total:
+        return None
     state, _ = await store.get(batch_id)
     if state.status in TERMINAL:
         return state
-    if sum(counts.values()) < state.total:
-        return None
     rows = await store.outcomes(batch_id)
     now = int(time.time())
     output = await _put(files, state, "output", [raw for _, raw in rows[OK]], now)

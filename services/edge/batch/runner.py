@@ -199,7 +199,9 @@ class BatchRunner:
     async def _line(self, msg, line: BatchLine) -> bool:
         """Run and record one line; whether it is done (to ack) rather than handed back for later."""
         state, _ = await self._store.get(line.batch_id)
-        if not await self._store.recorded(line.batch_id, line.index):
+        # Only a redelivered line can have an outcome already (its runner died after recording it).
+        redelivered = (msg.metadata.num_delivered or 1) > 1
+        if not redelivered or not await self._store.recorded(line.batch_id, line.index):
             reason = stop_reason(state, time.time())
             if reason is not None:
                 outcome = Outcome(SKIP, lines.skipped_line(line_id(state.id, line.custom_id), line.custom_id,
@@ -209,7 +211,7 @@ class BatchRunner:
                 if outcome is None:
                     return False
             await self._store.record(line.batch_id, outcome.kind, line.index, outcome.line)
-        await finish_batch(self._store, self._files, line.batch_id)
+        await finish_batch(self._store, self._files, line.batch_id, state.total)
         return True
 
     async def _run(self, msg, state: BatchState, line: BatchLine) -> Outcome | None:
