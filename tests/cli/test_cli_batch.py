@@ -7,7 +7,7 @@ import json
 
 from services.cli.main import main
 from tests.batch_harness import chat_line, jsonl
-from tests.edge.test_edge_batch import edge, low, sdk  # noqa: F401 - fixtures
+from tests.edge.test_edge_batch import edge, low  # noqa: F401 - fixtures
 from tests.edge_harness import engine  # noqa: F401 - fixtures
 
 

@@ -6,7 +6,6 @@ on any other lane would never be answered, so a batch that completes ran there).
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import openai
@@ -16,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from schemas import names
 from services.edge import EdgeConfig, create_app
 from tests.batch_harness import LowLaneEngine, chat_line, jsonl, rows_of, wait_ended
-from tests.edge_harness import MODEL, CancelRecorder, assert_error, cancels, engine, wait_until_served  # noqa: F401
+from tests.edge_harness import CancelRecorder, assert_error, cancels, engine, wait_until_served  # noqa: F401
 
 
 @pytest.fixture

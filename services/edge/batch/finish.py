@@ -41,7 +41,7 @@ def final_status(state: BatchState, skipped: list[bytes]) -> str:
 
 async def finish_batch(store: BatchStore, files: TrainingStore, batch_id: str, total: int) -> BatchState | None:
     """Finish ``batch_id`` (of ``total`` lines) if every line has an outcome; its final state, or ``None``."""
-    if sum((await store.counts(batch_id)).values()) < total:
+    if await store.count(batch_id) < total:
         return None
     state, _ = await store.get(batch_id)
     if state.status in TERMINAL:

@@ -24,9 +24,9 @@ import nats.errors
 import nats.js.errors
 
 from schemas import names
-from schemas.batch import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FAILED, IN_PROGRESS, SKIP, TERMINAL, VALIDATING,
+from schemas.batch import (CANCELLED, CANCELLING, EXPIRED, FAILED, IN_PROGRESS, SKIP, TERMINAL, VALIDATING,
                            BatchError, BatchLine, BatchStart, BatchState)
-from schemas.errors import BusError
+from schemas.errors import BusError, ErrorCode
 from services.common.lifecycle import cancel_and_wait
 from services.edge.auth.rate_limit import Admission, RateLimited
 from services.edge.auth.rate_window import RateLimits
@@ -148,15 +148,24 @@ class BatchRunner:
             log.error("unreadable batch work on %s dropped: %s", msg.subject, exc)
             await msg.term()
         except (BusError, nats.errors.Error, TimeoutError) as exc:
-            log.warning("batch work on %s handed back: %s", msg.subject, getattr(exc, "message", None) or exc)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=_RETRY_DELAY)
+            await self._failed(msg, exc)
         except asyncio.CancelledError:
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()  # this runner stops: another takes the line at once
             raise
         finally:
             await cancel_and_wait(keepalive)
+
+    @staticmethod
+    async def _failed(msg, exc: Exception) -> None:
+        """Drop work whose batch is gone; hand anything else back to be taken again."""
+        if isinstance(exc, BusError) and exc.code == ErrorCode.NOT_FOUND:
+            log.error("batch work on %s dropped: %s", msg.subject, exc.message)
+            await msg.term()
+            return
+        log.warning("batch work on %s handed back: %s", msg.subject, getattr(exc, "message", None) or exc)
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak(delay=_RETRY_DELAY)
 
     async def _keep_alive(self, msg) -> None:
         while True:
@@ -167,14 +176,14 @@ class BatchRunner:
     async def _start_batch(self, batch_id: str) -> None:
         """Publish a batch's lines (again, if a runner died doing it: none is stored twice), then mark it running."""
         state, _ = await self._store.get(batch_id)
-        if state.status != VALIDATING and state.in_progress_at is not None:
+        if state.status in TERMINAL or (state.status != VALIDATING and state.in_progress_at is not None):
             return
         sink = io.BytesIO()
         try:
             await self._files.read_file_into(state.input_file_id, sink)
             parsed = lines.parse_lines(sink.getvalue().splitlines())
         except BusError as err:
-            if err.code in ("not_found", "invalid_request"):
+            if err.code in (ErrorCode.NOT_FOUND, ErrorCode.INVALID_REQUEST):
                 await self._fail(batch_id, err)
                 return
             raise

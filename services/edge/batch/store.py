@@ -3,20 +3,22 @@
 A line's outcome is written once: the publish to its key carries
 ``Nats-Expected-Last-Subject-Sequence: 0`` over the subjects of all three kinds of that line
 (``Nats-Expected-Last-Subject-Sequence-Subject``), so a second outcome of the same line, of any
-kind, is refused by the server (10071). Live counts are the number of keys of each kind (one
-``STREAM.INFO`` with a subjects filter), so they are exact whatever runner died where.
+kind, is refused by the server (10071). Live counts are the number of keys of each kind (counted by
+the server: ``count``), so they are exact whatever runner died where.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable
 
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import names
 from schemas.batch import OUTCOMES, BatchLine, BatchOutputLine, BatchStart, BatchState
@@ -26,6 +28,7 @@ from services.common.buckets import kv_values
 
 _WRONG_LAST_SEQUENCE = 10071
 _CAS_ATTEMPTS = 20
+_COUNTER_IDLE = 30.0  # seconds before the server drops a counting consumer a crashed edge left behind
 _PUBLISH_CONCURRENCY = 64
 _state_decoder = msgspec.json.Decoder(BatchState)
 _encode = msgspec.json.Encoder().encode
@@ -136,14 +139,26 @@ class BatchStore:
                                           subjects_filter=names.batch_line_keys(batch_id, index))
         return bool(info.state.subjects)
 
+    async def count(self, batch_id: str, outcome: str = "*") -> int:
+        """How many lines have an outcome of kind ``outcome`` (``*``: any).
+
+        The ``num_pending`` of a short-lived consumer filtered on those keys: the server counts,
+        and the answer is one number however many lines the batch has (a subjects listing would
+        grow with the batch, and every line asks whether it was the last).
+        """
+        stream = names.kv_stream(names.BATCHES_BUCKET)
+        info = await self._js.add_consumer(stream, ConsumerConfig(
+            name=f"batch-count-{uuid.uuid4().hex}", filter_subject=names.batch_outcome_keys(batch_id, outcome),
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True,
+            inactive_threshold=_COUNTER_IDLE))
+        with contextlib.suppress(nats.errors.Error):
+            await self._js.delete_consumer(stream, info.name)
+        return info.num_pending or 0
+
     async def counts(self, batch_id: str) -> dict[str, int]:
         """How many lines have each kind of outcome (``ok``, ``err``, ``skip``)."""
-        info = await self._js.stream_info(names.kv_stream(names.BATCHES_BUCKET),
-                                          subjects_filter=names.batch_outcome_keys(batch_id))
-        out = dict.fromkeys(OUTCOMES, 0)
-        for subject in info.state.subjects or {}:
-            out[subject.rsplit(".", 2)[-2]] += 1
-        return out
+        kinds = await asyncio.gather(*(self.count(batch_id, kind) for kind in OUTCOMES))
+        return dict(zip(OUTCOMES, kinds, strict=True))
 
     async def outcomes(self, batch_id: str) -> dict[str, list[tuple[int, bytes]]]:
         """Every recorded outcome by kind, as (line index, output line JSON), in line order."""
