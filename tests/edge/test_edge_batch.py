@@ -46,7 +46,7 @@ async def sdk(edge):
         yield c
 
 
-async def test_a_batch_of_50_with_one_bad_line_answers_every_good_line_once(sdk, low):
+async def test_a_batch_of_50_with_one_bad_line_answers_every_good_line_once(sdk, low, edge):
     rows = [chat_line(f"req-{i}") for i in range(50)]
     rows[17] = chat_line("req-17", max_tokens=-3)  # valid JSONL, refused by chat completions itself
     uploaded = await sdk.files.create(file=("in.jsonl", jsonl(rows)), purpose="batch")
@@ -75,6 +75,10 @@ async def test_a_batch_of_50_with_one_bad_line_answers_every_good_line_once(sdk,
     assert len(low.taken) == 49 and len({r.id for r in low.taken}) == 49
     assert all(r.priority < 0 and r.id == names.batch_request_id(batch.id, r.messages[0].content, 1)
                for r in low.taken)
+
+    metrics = await (await edge.get("/metrics")).text()
+    assert 'llm_edge_batch_lines_total{outcome="ok"} 49.0' in metrics
+    assert 'llm_edge_batch_lines_total{outcome="err"} 1.0' in metrics
 
     listed = [b.id async for b in sdk.batches.list()]
     assert listed == [batch.id]

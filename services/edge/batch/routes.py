@@ -21,7 +21,7 @@ from services.edge.auth import rate_limit
 from services.edge.batch import lines
 from services.edge.batch.runner import BatchRunner
 from services.edge.batch.store import BatchStore
-from services.edge.state import CONFIG, EDGE
+from services.edge.state import CONFIG, EDGE, METRICS
 from services.edge.training.bodies import page, page_params
 from services.edge.training.jobs import owner_of
 from services.edge.training.store import TrainingStore
@@ -166,7 +166,7 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
     store = BatchStore(edge.nc, publish_timeout=config.publish_timeout, publish_window=config.publish_retry_window)
     files = TrainingStore(edge.nc, publish_timeout=config.publish_timeout, publish_window=config.publish_retry_window)
     app[BATCHES], app[BATCH_FILES] = store, files
-    runner = BatchRunner(edge, store, files, concurrency=config.batch_concurrency)
+    runner = BatchRunner(edge, store, files, concurrency=config.batch_concurrency, edge_metrics=app[METRICS])
     if config.batch_concurrency:
         await runner.start()
     app[RUNNER] = runner

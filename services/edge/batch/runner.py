@@ -34,6 +34,7 @@ from services.edge.batch import lines
 from services.edge.batch.execute import EXPIRED, EXPIRED_MESSAGE, Outcome, Transient, line_id, run_line
 from services.edge.batch.finish import finish_batch
 from services.edge.batch.store import BatchStore
+from services.edge.metrics import EdgeMetrics
 from services.edge.state import Edge
 from services.edge.training.store import TrainingStore
 
@@ -59,7 +60,8 @@ def stop_reason(state: BatchState, now: float) -> tuple[str, str] | None:
 class BatchRunner:
     """Takes batch work from ``batch_runners``; at most ``concurrency`` lines at a time."""
 
-    def __init__(self, edge: Edge, store: BatchStore, files: TrainingStore, *, concurrency: int) -> None:
+    def __init__(self, edge: Edge, store: BatchStore, files: TrainingStore, *, concurrency: int,
+                 edge_metrics: EdgeMetrics) -> None:
         self._edge = edge
         self._store = store
         self._files = files
@@ -70,6 +72,7 @@ class BatchRunner:
         self._stops: dict[str, asyncio.Event] = {}  # batch id -> set when its running lines must stop
         self._running: dict[str, int] = {}  # batch id -> its lines running here
         self._loops: list[asyncio.Task] = []
+        self._lines_recorded = edge_metrics.batch_lines
         self._keepalive = 10.0  # seconds between in-progress acks of running work: a third of ack_wait
 
     async def start(self) -> None:
@@ -219,7 +222,8 @@ class BatchRunner:
                 outcome = await self._run(msg, state, line)
                 if outcome is None:
                     return False
-            await self._store.record(line.batch_id, outcome.kind, line.index, outcome.line)
+            if await self._store.record(line.batch_id, outcome.kind, line.index, outcome.line):
+                self._lines_recorded.labels(outcome.kind).inc()
         await finish_batch(self._store, self._files, line.batch_id, state.total)
         return True
 
