@@ -31,8 +31,9 @@ async def low(nc, js):
 @pytest.fixture
 async def edge(nats_server, nc, engine):
     """The edge in-process (with its batch runner), ``engine`` in its worker table."""
+    # A missing stream is retried as a leader election would be: for one second here, not twenty.
     config = EdgeConfig(nats_url=nats_server.url, liveness_interval=0.1, worker_lost_grace=0.2, request_timeout=30,
-                        batch_concurrency=8)
+                        batch_concurrency=8, publish_retry_window=1.0)
     async with TestClient(TestServer(create_app(config))) as c:
         await wait_until_served(c)
         yield c
@@ -145,4 +146,15 @@ async def test_a_batch_of_a_fine_tune_file_or_a_bad_request_is_an_openai_error(s
     resp = await edge.get("/v1/batches/batch_nope")
     assert resp.status == 404
     assert_error(await resp.json(), "not_found")
+    assert [b async for b in sdk.batches.list()] == []
+
+
+async def test_a_batch_that_cannot_be_queued_is_a_503_and_leaves_nothing_behind(sdk, edge, js):
+    good = await sdk.files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="batch")
+    await js.delete_stream(names.BATCH_STREAM)
+    resp = await edge.post("/v1/batches", json={"input_file_id": good.id, "endpoint": "/v1/chat/completions",
+                                                "completion_window": "24h"})
+    assert resp.status == 503
+    assert_error(await resp.json(), "unavailable")
+    assert "LLM_BATCH" in (await resp.json())["error"]["message"]
     assert [b async for b in sdk.batches.list()] == []

@@ -95,7 +95,11 @@ async def create_batch(request: web.Request) -> web.Response:
                        caller=caller, rpm=limits.rpm if limits else 0, tpm=limits.tpm if limits else 0)
     store = request.app[BATCHES]
     await store.create(state)
-    await store.publish_start(state.id)
+    try:
+        await store.publish_start(state.id)
+    except BaseException:
+        await store.forget(state.id)  # a batch that could not be queued leaves nothing behind
+        raise
     return _json(lines.batch_object(state, (0, 0)))
 
 

@@ -81,6 +81,12 @@ class BatchStore:
         with bus_call("creating the batch"):
             await kv.create(state.id, _encode(state))
 
+    async def forget(self, batch_id: str) -> None:
+        """Remove a batch's state (one that could not be queued); best effort."""
+        kv = await self.bucket()
+        with contextlib.suppress(nats.errors.Error):
+            await kv.delete(batch_id)
+
     async def get(self, batch_id: str) -> tuple[BatchState, int]:
         """A batch's state and KV revision; 404 if there is none."""
         try:
