@@ -124,6 +124,8 @@ def _kv_stream_config(bucket: str, d: dict[str, Any], replicas: int | None) -> a
         allow_rollup_hdrs=True,
         deny_delete=True,
         allow_direct=True,
+        # Per-message TTLs (nats-server >= 2.11); omitted unless set, as for allow_msg_counter.
+        allow_msg_ttl=d.get("allow_msg_ttl") or None,
         num_replicas=replicas,
     )
 

@@ -166,6 +166,8 @@ ARTIFACTS_STORE = "llm_artifacts"
 IDEMPOTENCY_BUCKET = "llm_idempotency"
 # API keys: key id -> ApiKeyRecord (only the SHA-256 of the key is stored).
 API_KEYS_BUCKET = "llm_api_keys"
+# Stored /v1/responses responses: response id -> StoredResponse; each expires on its own (per-message TTL).
+RESPONSES_BUCKET = "llm_responses"
 
 
 def kv_stream(bucket: str) -> str:
@@ -287,7 +289,7 @@ DURABLES: dict[str, tuple[str, str]] = {
     BATCH_DURABLE: (BATCH_STREAM, BATCH_ALL),
 }
 KV_BUCKETS: tuple[str, ...] = (WORKERS_BUCKET, PROMPT_CACHE_BUCKET, IDEMPOTENCY_BUCKET, SCHEDULER_CONFIG_BUCKET,
-                               MODELS_BUCKET, TRAIN_JOBS_BUCKET, API_KEYS_BUCKET, BATCHES_BUCKET)
+                               MODELS_BUCKET, TRAIN_JOBS_BUCKET, API_KEYS_BUCKET, RESPONSES_BUCKET, BATCHES_BUCKET)
 OBJECT_STORES: tuple[str, ...] = (ARTIFACTS_STORE,)
 
 

@@ -52,9 +52,10 @@ MANIFEST_SUM = "manifest.json.sha256"
 # How long restore waits for the followers of a replicated stream to catch up.
 REPLICATION_TIMEOUT = 120.0
 # Changes to these never leave a dangling reference in another stream: history (events), queued
-# inference requests (short-lived, refer to nothing backed up) and caches. A backup does not wait for them.
+# inference requests (short-lived, refer to nothing backed up), caches, and stored responses (a response
+# names only earlier ones, already written). A backup does not wait for them.
 _NOT_AWAITED = frozenset({names.INFER_STREAM, names.TRAIN_EVENTS_STREAM, names.kv_stream(names.PROMPT_CACHE_BUCKET),
-                          names.kv_stream(names.IDEMPOTENCY_BUCKET)})
+                          names.kv_stream(names.IDEMPOTENCY_BUCKET), names.kv_stream(names.RESPONSES_BUCKET)})
 
 
 @dataclass(frozen=True)

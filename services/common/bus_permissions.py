@@ -131,7 +131,8 @@ def edge() -> Permissions:
         stream_reader(names.TRAIN_EVENTS_STREAM),
         kv_reader(names.API_KEYS_BUCKET), kv_reader(names.PROMPT_CACHE_BUCKET), kv_reader(names.MODELS_BUCKET),
         kv_reader(names.WORKERS_BUCKET), kv_writer(names.IDEMPOTENCY_BUCKET), kv_writer(names.TRAIN_JOBS_BUCKET),
-        kv_writer(names.SCHEDULER_CONFIG_BUCKET), object_writer(names.ARTIFACTS_STORE),
+        kv_writer(names.SCHEDULER_CONFIG_BUCKET), kv_writer(names.RESPONSES_BUCKET),
+        object_writer(names.ARTIFACTS_STORE),
         # Batches: every edge queues them and runs their lines (``services.edge.batch``).
         (names.BATCH_START, names.BATCH_LINES_ALL), queue_consumer(names.BATCH_STREAM, names.BATCH_DURABLE),
         kv_writer(names.BATCHES_BUCKET))

@@ -42,6 +42,7 @@ from services.edge.auth.rate_window import RateLimits
 from services.edge.bus.replies import ReplyRouter
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, RATE_CLOCK, Edge
 from services.edge.bus.liveness import LivenessWatch
+from services.edge.openai.responses_store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,11 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         await registry.start(nc.jetstream())
         stack.push_async_callback(registry.stop)
         cache = await _prompt_cache(app, nc, stack)
+        responses_kv = await optional_kv(nc.jetstream(), names.RESPONSES_BUCKET,
+                                         "/v1/responses serves only store: false requests")
         app[EDGE] = Edge(config=config, edge_id=edge_id, nc=nc, table=table, router=router, publisher=publisher,
                          limiter=limiter, registry=registry, cache=cache,
+                         responses=ResponseStore(responses_kv, config.responses_ttl) if responses_kv else None,
                          idempotency=IdempotencyStore(idempotency_kv) if idempotency_kv is not None else None)
         log.info("edge %s connected to %s", edge_id, config.nats_url)
         yield

@@ -102,6 +102,8 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8190
     # Most header fields a request may have (more: 431 headers_too_large).
     max_headers: Annotated[int, msgspec.Meta(ge=16)] = 128
+    # How long a stored /v1/responses response is kept (its own TTL in KV llm_responses); 30 days, as OpenAI's.
+    responses_ttl: Annotated[float, msgspec.Meta(ge=1)] = 30 * 86400.0
 
     @property
     def uses_keys(self) -> bool:
@@ -210,6 +212,9 @@ def _limit_arguments(p: argparse.ArgumentParser, defaults: EdgeConfig) -> None:
                    help="deepest JSON nesting accepted in a request body (%(default)s)")
     g.add_argument("--max-choices", type=int, default=defaults.max_choices,
                    help="largest OpenAI 'n' (choices per request) accepted (%(default)s)")
+    g.add_argument("--responses-ttl", type=float, default=defaults.responses_ttl, metavar="SECONDS",
+                   help="how long a stored /v1/responses response is kept for retrieval and "
+                        "previous_response_id (default: %(default)s = 30 days)")
     g.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
                    help="longest request line / header field accepted; longer: 431 (%(default)s)")
     g.add_argument("--max-headers", type=int, default=defaults.max_headers,

@@ -40,7 +40,7 @@ OPEN_STREAM = web.RequestKey("open_stream", str)
 CLIENT_CLOSED = 499
 
 # Routes that generate tokens: their time to first token is measured (the WebSocket's per request frame).
-GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/api/v1/inference",
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/v1/inference",
                                "/api/v1/inference/stream"})
 
 

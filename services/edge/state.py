@@ -18,6 +18,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.auth.rate_limit import RateLimiter
 from services.edge.bus.registry_view import RegistryView
 from services.edge.bus.replies import ReplyRouter
+from services.edge.openai.responses_store import ResponseStore
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Edge:
     registry: RegistryView = field(default_factory=RegistryView)
     # Prompt-cache hits answered here (no queue, scheduler or engine); None when off or the bucket is not provisioned.
     cache: EdgeCache | None = None
+    # Stored /v1/responses responses (KV llm_responses); None when the bucket is not provisioned.
+    responses: ResponseStore | None = None
 
     def check_accepting(self) -> None:
         """Refuse new inference requests once shutdown has begun."""

@@ -100,12 +100,16 @@ class LaneBook:
         """Record a fetch's result: ``got`` messages, the last with ``num_pending`` / ``redelivered``.
 
         Doorbells that rang while the fetch was out may or may not be counted in
-        ``num_pending``, so they are added on top.
+        ``num_pending``, so they are added on top; rung messages not taken stay expected.
         """
         view = self._lanes[take.lane]
         rang_meanwhile = view.rings - take.rings_before
         if got:
-            view.expected = num_pending + rang_meanwhile
+            # The fetch asks the stream without waiting first, so messages whose doorbells rang
+            # before the plan but which the stream had not stored yet came back neither as
+            # messages nor in ``num_pending``. Keep expecting every rung message not taken: the
+            # next fetch waits up to ``fetch_wait`` for them (an empty one, if a peer took them).
+            view.expected = max(num_pending + rang_meanwhile, view.expected - got)
             # Redeliveries are served first and are not in num_pending: a full batch of them may hide more.
             view.suspect = got >= take.batch and redelivered
         else:

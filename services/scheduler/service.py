@@ -83,6 +83,7 @@ class Scheduler:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
         self._wake = asyncio.Event()
+        self._reconcile_now = asyncio.Event()  # set after an empty fetch: the stats loop asks the stream at once
         self._stopping = False
         self.failed = asyncio.Event()  # set if a loop crashed: the process should exit
         self._loops: list[asyncio.Task[None]] = []
@@ -213,6 +214,9 @@ class Scheduler:
             return []
         if not msgs:
             self.lanes.settle(take, 0)
+            # Empty although doorbells rang: a peer took the messages, or the stream had not
+            # stored them within the wait. Ask the stream now rather than at the next interval.
+            self._reconcile_now.set()
             return msgs
         meta = msgs[-1].metadata
         self.lanes.settle(take, len(msgs), meta.num_pending, meta.num_delivered > 1)
@@ -292,14 +296,19 @@ class Scheduler:
         log.warning("%d request(s) ended with worker_lost: their engine stopped heart-beating", len(lost))
 
     async def _stats_loop(self) -> None:
-        """Every ``stats_interval``, reconcile each lane with consumer info, off the take loop.
+        """Every ``stats_interval``, and at once after an empty fetch, reconcile each lane with consumer
+        info, off the take loop.
 
         Undelivered messages nothing rang for (a doorbell lost in a reconnect) show in
         ``num_pending``; messages due for redelivery (a dead peer's, after ack_wait) show as more
         acknowledgements pending than this replica holds. Either wakes the take loop.
         """
         while True:
-            await asyncio.sleep(self.config.stats_interval)
+            try:
+                await asyncio.wait_for(self._reconcile_now.wait(), self.config.stats_interval)
+            except TimeoutError:
+                pass
+            self._reconcile_now.clear()
             for lane in LANES_BY_PRIORITY:
                 try:
                     info = await self._js.consumer_info(names.INFER_STREAM, names.scheduler_durable(lane))

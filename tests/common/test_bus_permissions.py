@@ -135,6 +135,7 @@ ALLOWED: list[tuple[str, str, Action]] = [
     ("edge", "its own reply inbox", lambda nc: _sub(nc, names.reply_inbox_all("e1", names.identity_inbox("edge")))),
     ("edge", "heartbeats", lambda nc: _sub(nc, names.WORKER_STATUS_ALL)),
     ("edge", "idempotency record", lambda nc: _kv_put(nc, names.IDEMPOTENCY_BUCKET, "k1")),
+    ("edge", "stored response", lambda nc: _kv_put(nc, names.RESPONSES_BUCKET, "resp-1")),
     ("edge", "submit a training job", lambda nc: nc.jetstream().publish(names.TRAIN_SUBMIT, b"{}")),
     ("edge", "rate counter", lambda nc: nc.jetstream().publish(names.rate_counter("alice", "requests", 1), b"",
                                                               headers={"Nats-Incr": "+1"})),
@@ -163,6 +164,8 @@ ALLOWED: list[tuple[str, str, Action]] = [
 DENIED: list[tuple[str, str, Action, str]] = [
     ("engine.w1", "submit a training job", lambda nc: nc.jetstream().publish(names.TRAIN_SUBMIT, b"{}"),
      names.TRAIN_SUBMIT),
+    ("engine.w1", "read stored responses", lambda nc: _kv_get(nc, names.RESPONSES_BUCKET, "resp-1"),
+     f"$JS.API.STREAM.INFO.{names.kv_stream(names.RESPONSES_BUCKET)}"),
     ("engine.w1", "read API keys", _api_keys, f"$JS.API.STREAM.INFO.{names.kv_stream(names.API_KEYS_BUCKET)}"),
     ("engine.w1", "another engine's generate subject", lambda nc: _sub(nc, names.engine_generate("w2")),
      names.engine_generate("w2")),

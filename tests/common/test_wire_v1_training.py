@@ -7,9 +7,9 @@ state, a cached response, an API key) must still read back after an upgrade.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
-import msgspec
 
 from schemas.auth import ApiKeyRecord
 from schemas.batch import BatchError, BatchLine, BatchOutputLine, BatchResponse, BatchStart, BatchState
@@ -17,6 +17,7 @@ from schemas.cache import CachedDelta, CachedResponse
 from schemas.events import Usage, encode
 from schemas.idempotency import IdempotencyRecord
 from schemas.registry import ModelEntry
+from schemas.responses import ResponseItem, StoredResponse
 from schemas.training import (
     Checkpoint,
     Hyperparameters,
@@ -105,6 +106,18 @@ FULL = [
         b'"rate_tpm":0,"rate_streams":2}'),
         ApiKeyRecord(id="key-1", name="ci", hash="cdcdcdcd", scopes=["inference", "training"], created=1767225600.5,
                      revoked=True, revoked_at=1767225700.5, rate_rpm=60, rate_tpm=0, rate_streams=2)),
+    WireCase("StoredResponse", decoder(StoredResponse), (
+        b'{"id":"resp-1","created_at":1767225600,"response":{"id":"resp-1","object":"response"},'
+        b'"owner":"key-key-1","previous_response_id":"resp-0","input":[{"id":"msg_1","type":"message",'
+        b'"role":"user","texts":["Hi","there"]},{"id":"fco_1","type":"function_call_output","call_id":"call_1",'
+        b'"output":"42"}],"output":[{"id":"fc_1","type":"function_call","call_id":"call_2","name":"f",'
+        b'"arguments":"{}"}]}'),
+        StoredResponse(id="resp-1", created_at=1767225600, response=msgspec.Raw(b'{"id":"resp-1","object":"response"}'),
+                       owner="key-key-1", previous_response_id="resp-0",
+                       input=[ResponseItem(id="msg_1", type="message", role="user", texts=["Hi", "there"]),
+                              ResponseItem(id="fco_1", type="function_call_output", call_id="call_1", output="42")],
+                       output=[ResponseItem(id="fc_1", type="function_call", call_id="call_2", name="f",
+                                            arguments="{}")])),
     # Batches: the work on LLM_BATCH and the values in KV llm_batches.
     WireCase("BatchStart", decoder(BatchStart), b'{"batch_id":"batch_1"}', BatchStart(batch_id="batch_1")),
     WireCase("BatchLine", decoder(BatchLine), (
@@ -169,6 +182,9 @@ MINIMAL = [
              b'{"id":"key-2","name":"ci","hash":"cdcd","scopes":["admin"],"created":1767225600.5}',
              {"id": "key-2", "name": "ci", "hash": "cdcd", "scopes": ["admin"], "created": 1767225600.5,
               "revoked": False, "revoked_at": None, "rate_rpm": None, "rate_tpm": None, "rate_streams": None}),
+    WireCase("StoredResponse", decoder(StoredResponse), b'{"id":"resp-2","created_at":1767225600,"response":{}}',
+             {"id": "resp-2", "created_at": 1767225600, "response": msgspec.Raw(b"{}"), "owner": "",
+              "previous_response_id": None, "input": [], "output": []}),
 ]
 
 

@@ -69,6 +69,21 @@ def test_doorbells_during_a_fetch_are_not_lost():
     assert b.plan(4).lane == NORMAL
 
 
+def test_rung_messages_the_fetch_did_not_find_stay_expected():
+    # Ten doorbells, but the no-wait fetch found only three stored: the others were stored a
+    # moment later, and JetStream's num_pending (0 at the third) cannot count them.
+    b = book(max_batch=8)
+    for _ in range(10):
+        b.ring(NORMAL)
+    take = b.plan(16)
+    assert take.batch == 8
+    b.settle(take, 3, num_pending=0)
+    follow_up = b.plan(16)
+    assert (follow_up.lane, follow_up.batch, follow_up.wait) == (NORMAL, 7, 0.05)
+    b.settle(follow_up, 7, num_pending=0)
+    assert b.plan(16) is None
+
+
 def test_an_empty_fetch_clears_the_estimate():
     b = book()
     b.ring(HIGH)

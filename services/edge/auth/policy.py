@@ -46,6 +46,7 @@ RULES: tuple[Rule, ...] = (
     Rule("/v1/batches", Scope.INFERENCE),
     Rule("/v1/chat/completions", Scope.INFERENCE),
     Rule("/v1/completions", Scope.INFERENCE),
+    Rule("/v1/responses", Scope.INFERENCE),
     Rule("/v1/models", Scope.INFERENCE),
     Rule("/tokenize", Scope.INFERENCE),
     Rule("/detokenize", Scope.INFERENCE),

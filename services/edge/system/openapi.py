@@ -20,6 +20,7 @@ from services.edge.batch.routes import BatchCreateBody
 from services.edge.openai.model_admin import LoadBody
 from services.edge.openai.tokenize import DetokenizeBody, TokenizeBody
 from services.edge.native.types import NativeInferenceBody
+from services.edge.openai.responses_types import ResponsesBody
 from services.edge.openai.types import ChatCompletionBody, CompletionBody
 from services.edge.training.types import FineTuningJobBody, NativeStartBody
 
@@ -72,6 +73,17 @@ _RESPONSES: dict[str, Any] = {
                            choices={"type": "array", "items": _obj(["text", "index", "finish_reason"], text=_STR,
                                                                    index=_INT, finish_reason=_NULLABLE_STR,
                                                                    logprobs=_COMPLETION_LOGPROBS)}),
+    "Response": _obj(["id", "object", "created_at", "status", "model", "output"], id=_STR,
+                     object={"const": "response"}, created_at=_INT, model=_STR, previous_response_id=_NULLABLE_STR,
+                     status={"enum": ["completed", "incomplete", "failed", "in_progress"]},
+                     output={"type": "array", "items": _ANY_OBJECT}, usage={"anyOf": [{"type": "null"}, _obj(
+                         ["input_tokens", "output_tokens", "total_tokens"], input_tokens=_INT, output_tokens=_INT,
+                         total_tokens=_INT)]}),
+    "ResponseDeleted": _obj(["id", "object", "deleted"], id=_STR, object={"const": "response"},
+                            deleted={"type": "boolean"}),
+    "ResponseItemList": _obj(["object", "data", "has_more"], object={"const": "list"}, has_more={"type": "boolean"},
+                             data={"type": "array", "items": _obj(["id", "type"], id=_STR, type=_STR)},
+                             first_id=_NULLABLE_STR, last_id=_NULLABLE_STR),
     "Model": _obj(["id", "object", "created", "owned_by"], id=_STR, object={"const": "model"}, created=_INT,
                   owned_by=_STR),
     "ModelList": _obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": _ref("Model")}),
@@ -176,6 +188,7 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/completions": {"post": _op("Text completion (OpenAI, legacy)", _streamable("TextCompletion", "a text "
                                                                                         "completion"),
                                         body="CompletionBody")},
+        **_responses_paths(),
         "/tokenize": {"post": _op("Token ids of a prompt or chat as the model sees them (vLLM)", _json(
             _ref("Tokenized"), "the token ids, their count and the model's context length"), body="TokenizeBody")},
         "/detokenize": {"post": _op("The text of token ids (vLLM)", _json(_ref("Detokenized"), "the text"),
@@ -237,6 +250,27 @@ def _batch_paths() -> dict[str, dict[str, Any]]:
                                            "parameters": _path_param("batch_id")}},
         "/v1/batches/{batch_id}/cancel": {"post": {**_op("Cancel a batch (lines already done are kept)", batch,
                                                          tag="batch"), "parameters": _path_param("batch_id")}},
+    }
+
+
+def _responses_paths() -> dict[str, dict[str, Any]]:
+    ok = _json(_ref("Response"), "the response object; with \"stream\": true, typed server-sent events "
+               "(event: response.created ... response.completed), each with its sequence_number", _RATE_HEADERS)
+    ok["content"].update(_SSE)
+    stored = _json(_ref("Response"), "the stored response (404 if it was not stored, was deleted, expired, or "
+                   "another caller created it)")
+    query = [{"name": name, "in": "query", "required": False, "schema": _STR} for name in ("order", "after")]
+    return {
+        "/v1/responses": {"post": _op("Create a response (OpenAI Responses API)", ok, body="ResponsesBody")},
+        "/v1/responses/{response_id}": {
+            "get": {**_op("A stored response", stored), "parameters": _path_param("response_id")},
+            "delete": {**_op("Delete a stored response", _json(_ref("ResponseDeleted"), "deleted")),
+                       "parameters": _path_param("response_id")}},
+        "/v1/responses/{response_id}/input_items": {"get": {
+            **_op("A stored response's input items, newest first unless order=asc",
+                  _json(_ref("ResponseItemList"), "the items")),
+            "parameters": _path_param("response_id") + query + [
+                {"name": "limit", "in": "query", "required": False, "schema": _INT}]}},
     }
 
 
@@ -302,8 +336,8 @@ def _training_paths() -> dict[str, dict[str, Any]]:
 def build_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once per process)."""
     _, components = msgspec.json.schema_components(
-        (ChatCompletionBody, CompletionBody, NativeInferenceBody, ErrorBody, FineTuningJobBody, NativeStartBody,
-         LoadBody, TokenizeBody, DetokenizeBody, BatchCreateBody),
+        (ChatCompletionBody, CompletionBody, ResponsesBody, NativeInferenceBody, ErrorBody, FineTuningJobBody,
+         NativeStartBody, LoadBody, TokenizeBody, DetokenizeBody, BatchCreateBody),
         ref_template=_REF)
     return {
         "openapi": "3.1.0",

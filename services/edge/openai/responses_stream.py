@@ -1,0 +1,147 @@
+"""The event pump's writers (``bus.pump.Writer``) for ``/v1/responses``: one JSON object, or typed SSE events.
+
+Streamed, the answer is the event sequence OpenAI's SDK expects, each event with its
+``sequence_number``: ``response.created``, ``response.in_progress``,
+``response.output_item.added``, ``response.content_part.added``, one
+``response.output_text.delta`` per delta, ``response.output_text.done``,
+``response.content_part.done``, ``response.output_item.done``, then ``response.completed``
+(``response.incomplete`` when ``max_output_tokens`` cut it). The stream opens with the first
+output, so an error before it is a plain HTTP error; after it, an ``error`` event then
+``response.failed``. ``on_finished`` (storing the response) runs before the last event goes out:
+a client that saw ``response.completed`` can retrieve it at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from schemas.errors import BusError
+from schemas.events import StreamError, TokenLogprob, Usage
+from services.edge.http.sse import raise_error
+from services.edge.middleware import SSE_RESPONSE
+from services.edge.openai.bodies import SSE_HEADERS
+from services.edge.openai.responses_body import ResponseDraft, output_text, sse_event
+
+Finished = Callable[[ResponseDraft, dict[str, Any]], Awaitable[None]]
+
+_encode = msgspec.json.Encoder().encode
+
+
+class ResponseJsonWriter:
+    """The whole answer as one ``response`` object, in ``response`` (and ``body``) once the pump ended."""
+
+    def __init__(self, draft: ResponseDraft) -> None:
+        self.draft = draft
+        self.body: dict[str, Any] | None = None
+        self.response: web.Response | None = None
+
+    async def open(self) -> None:
+        """Nothing goes out before the end."""
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """Keep the text."""
+        self.draft.parts.append(text)
+
+    def end(self, index: int, finish_reason: str) -> None:
+        """The answer is complete."""
+        self.draft.finish_reason = finish_reason
+
+    def done(self, usage: Usage | None) -> None:
+        """Build the object."""
+        self.draft.usage = usage
+        self.body = self.draft.response_json()
+        self.response = web.Response(body=_encode(self.body), content_type="application/json")
+
+    def error(self, error: StreamError | BusError) -> None:
+        """Nothing was sent: the error is the HTTP answer."""
+        raise_error(error)
+
+    def flush(self) -> None:
+        """Nothing goes out before the end (the handler returns ``response``)."""
+
+
+class ResponseSseWriter:
+    """The answer as the Responses API's typed SSE events."""
+
+    def __init__(self, request: web.Request, draft: ResponseDraft, on_finished: Finished | None = None) -> None:
+        self._request = request
+        self.draft = draft
+        self._on_finished = on_finished
+        self._seq = 0
+        self._out: list[bytes] = []
+        self._final: dict[str, Any] | None = None  # the ended response object, until it went out
+        self.response: web.StreamResponse | None = None
+        where = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
+        # A delta event is _prefix + JSON(text) + b',"sequence_number":' + seq + b'}\n\n' (encoded once).
+        self._delta_prefix = (b"event: response.output_text.delta\ndata: " + _encode(
+            {"type": "response.output_text.delta", **where, "logprobs": []})[:-1] + b',"delta":')
+        self._where = where
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._out.append(sse_event({"type": kind, **fields, "sequence_number": self._seq}))
+        self._seq += 1
+
+    async def open(self) -> None:
+        """Send the headers and the events that open the answer (the response, its message, its text part)."""
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        self._request[SSE_RESPONSE] = resp
+        await resp.prepare(self._request)
+        self.response = resp
+        shown = self.draft.response_json()
+        self._event("response.created", response=shown)
+        self._event("response.in_progress", response=shown)
+        self._event("response.output_item.added", output_index=0, item=self.draft.message_json(final=False))
+        self._event("response.content_part.added", **self._where, part=output_text(""))
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """One ``response.output_text.delta`` (none for an empty delta)."""
+        if not text:
+            return
+        self.draft.parts.append(text)
+        self._out.append(self._delta_prefix + _encode(text) + b',"sequence_number":' + str(self._seq).encode()
+                         + b"}\n\n")
+        self._seq += 1
+
+    def end(self, index: int, finish_reason: str) -> None:
+        """The text is complete: close the part and the message."""
+        self.draft.finish_reason = finish_reason
+        text = self.draft.text
+        self._event("response.output_text.done", **self._where, text=text, logprobs=[])
+        self._event("response.content_part.done", **self._where, part=output_text(text))
+        self._event("response.output_item.done", output_index=0, item=self.draft.message_json(final=True))
+
+    def done(self, usage: Usage | None) -> None:
+        """The last event: ``response.completed`` (or ``response.incomplete``), sent after ``on_finished``."""
+        self.draft.usage = usage
+        self._final = self.draft.response_json()
+
+    def error(self, error: StreamError | BusError) -> None:
+        """Before the first byte an HTTP error answer; after it an ``error`` event, then ``response.failed``."""
+        if self.response is None:
+            raise_error(error)
+        self.draft.error = error
+        self._event("error", code=error.code, message=error.message, param=error.param)
+        self._event("response.failed", response=self.draft.response_json())
+
+    def flush(self) -> Awaitable[None] | None:
+        """One write of what the events rendered to (``None`` if they rendered nothing)."""
+        if self._final is not None:
+            return self._finish()
+        if not self._out:
+            return None
+        data = b"".join(self._out)
+        self._out.clear()
+        return self.response.write(data)
+
+    async def _finish(self) -> None:
+        final, self._final = self._final, None
+        if self._on_finished is not None:
+            await self._on_finished(self.draft, final)
+        self._event(f"response.{final['status']}", response=final)
+        data = b"".join(self._out)
+        self._out.clear()
+        await self.response.write(data)
