@@ -97,6 +97,7 @@ class BatchState(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: dict[str, str] | None = None
     owner: str | None = None
     caller: str = ""
+    response_owner: str = ""  # whose stored responses its /v1/responses lines continue and create
     rpm: int = 0
     tpm: int = 0
     in_progress_at: int | None = None

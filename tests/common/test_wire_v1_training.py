@@ -136,14 +136,16 @@ FULL = [
     WireCase("BatchState", decoder(BatchState), (
         b'{"id":"batch_1","endpoint":"/v1/chat/completions","input_file_id":"file-1","completion_window":"24h",'
         b'"status":"completed","created_at":1767225600,"expires_at":1767312000,"total":50,"metadata":{"run":"a"},'
-        b'"owner":"key-1","caller":"key-key-1","rpm":60,"tpm":1000,"in_progress_at":1767225601,'
+        b'"owner":"key-1","caller":"key-key-1","response_owner":"key-key-1","rpm":60,"tpm":1000,'
+        b'"in_progress_at":1767225601,'
         b'"finalizing_at":1767225700,"completed_at":1767225700,"failed_at":1767225700,"expired_at":1767225700,'
         b'"cancelling_at":1767225650,"cancelled_at":1767225700,"output_file_id":"file-2","error_file_id":"file-3",'
         b'"errors":[{"code":"invalid_request","message":"bad line","param":"input_file_id","line":2}],'
         b'"completed":49,"failed":1}'),
         BatchState(id="batch_1", endpoint="/v1/chat/completions", input_file_id="file-1", completion_window="24h",
                    status="completed", created_at=1767225600, expires_at=1767312000, total=50, metadata={"run": "a"},
-                   owner="key-1", caller="key-key-1", rpm=60, tpm=1000, in_progress_at=1767225601,
+                   owner="key-1", caller="key-key-1", response_owner="key-key-1", rpm=60, tpm=1000,
+                   in_progress_at=1767225601,
                    finalizing_at=1767225700, completed_at=1767225700, failed_at=1767225700, expired_at=1767225700,
                    cancelling_at=1767225650, cancelled_at=1767225700, output_file_id="file-2",
                    error_file_id="file-3", errors=[BatchError(code="invalid_request", message="bad line",
@@ -174,7 +176,8 @@ MINIMAL = [
     WireCase("BatchState", decoder(BatchState),
              b'{"id":"batch_2","endpoint":"/v1/completions","input_file_id":"file-1","completion_window":"24h",'
              b'"status":"validating","created_at":1767225600,"expires_at":1767312000,"total":1}',
-             {"metadata": None, "owner": None, "caller": "", "rpm": 0, "tpm": 0, "in_progress_at": None,
+             {"metadata": None, "owner": None, "caller": "", "response_owner": "", "rpm": 0, "tpm": 0,
+              "in_progress_at": None,
               "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
               "cancelling_at": None, "cancelled_at": None, "output_file_id": None, "error_file_id": None,
               "errors": None, "completed": 0, "failed": 0}),

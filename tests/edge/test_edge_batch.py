@@ -14,8 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from schemas import names
 from services.edge import EdgeConfig, create_app
+from services.edge.batch import execute, lines
 from tests.batch_harness import LowLaneEngine, chat_line, jsonl, rows_of, wait_ended
-from tests.edge_harness import CancelRecorder, assert_error, cancels, engine, wait_until_served  # noqa: F401
+from tests.edge_harness import MODEL, CancelRecorder, assert_error, cancels, engine, wait_until_served  # noqa: F401
 
 
 @pytest.fixture
@@ -158,3 +159,28 @@ async def test_a_batch_that_cannot_be_queued_is_a_503_and_leaves_nothing_behind(
     assert_error(await resp.json(), "unavailable")
     assert "LLM_BATCH" in (await resp.json())["error"]["message"]
     assert [b async for b in sdk.batches.list()] == []
+
+
+async def test_a_batch_of_responses_lines_answers_response_objects_and_stores_them(sdk, low):
+    rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+             "body": {"model": MODEL, "input": f"r{i}", "max_output_tokens": 4, **({"store": False} if i else {})}}
+            for i in range(3)]
+    uploaded = await sdk.files.create(file=("in.jsonl", jsonl(rows)), purpose="batch")
+    batch = await sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h")
+    done = await wait_ended(sdk, batch.id)
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 3, 0)
+    output = {r["custom_id"]: r for r in rows_of((await sdk.files.content(done.output_file_id)).content)}
+    for custom_id, row in output.items():
+        body = row["response"]["body"]
+        assert body["object"] == "response" and body["status"] == "completed"
+        assert body["output"][0]["content"][0]["text"] == f"echo:{custom_id}"
+        assert body["id"] == row["response"]["request_id"]
+    kept = await sdk.responses.retrieve(output["r0"]["response"]["body"]["id"])  # stored, as the endpoint does
+    assert kept.output_text == "echo:r0"
+    with pytest.raises(openai.NotFoundError):  # "store": false was honoured
+        await sdk.responses.retrieve(output["r1"]["response"]["body"]["id"])
+    assert all(r.priority < 0 for r in low.taken)
+
+
+def test_every_endpoint_a_line_may_call_has_an_answer():
+    assert set(execute.ANSWERS) == set(lines.ENDPOINTS)

@@ -1,7 +1,7 @@
 """Running one batch line as an ordinary inference request on the low-priority lane.
 
 The line's body goes through the same validation and translation as the HTTP endpoint it names
-(``lines.ENDPOINTS``); the request gets a bus id derived from the batch id, the line's
+(``ANSWERS``, one entry per endpoint); the request gets a bus id derived from the batch id, the line's
 ``custom_id`` and the delivery (``names.batch_request_id``), the low lane, and a deadline no later
 than the batch's expiry. Its answer is built by the endpoint's own JSON body builder, so an output
 line holds exactly what the endpoint would have answered over HTTP.
@@ -10,7 +10,9 @@ line holds exactly what the endpoint would have answered over HTTP.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -22,11 +24,17 @@ from services.common.model_ref import adapter_model_id
 from services.edge.batch import lines
 from services.edge.bus.pump import pump
 from services.edge.errors import error_json, status_for
+from schemas.inference import InferenceRequest
+from services.edge.http import json_depth
 from services.edge.http.sse import JsonWriter
-from services.edge.openai import completions
+from services.edge.openai import completions, responses, responses_translate
+from services.edge.openai.responses_body import ResponseDraft
+from services.edge.openai.responses_stream import ResponseJsonWriter
 from services.edge.openai.choices import ChoiceCalls
 from services.edge.openai.translate import choice_requests
 from services.edge.state import Edge
+
+log = logging.getLogger(__name__)
 
 LOW_PRIORITY = -1  # names.lane_for_priority: < 0 is the low lane
 # Failures that say nothing about the line (no engine now, a full queue, the bus away): the line
@@ -87,24 +95,66 @@ async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int
 
 
 async def _answer(edge: Edge, state: BatchState, line: BatchLine, request_id: str) -> tuple[bytes, int]:
-    """The endpoint's JSON answer to the line's body, and the tokens it used."""
-    endpoint = lines.ENDPOINTS[line.url]
-    parsed = completions.parse_body(bytes(line.body), endpoint, edge.config)
-    req = completions.build_request(edge, parsed, endpoint.id_prefix)
+    """The line's endpoint's JSON answer to its body, and the tokens it used."""
+    return await ANSWERS[line.url](edge, state, bytes(line.body), request_id)
+
+
+def _on_low_lane(req: InferenceRequest, state: BatchState, request_id: str, edge: Edge) -> InferenceRequest:
+    """``req`` under the line's bus id, on the low lane, due no later than the batch's expiry."""
     deadline = min(req.deadline, float(state.expires_at))
     if deadline <= time.time():
         raise BusError(ErrorCode.TIMEOUT, "the batch's completion window ended before this request could run")
-    req = msgspec.structs.replace(req, id=request_id, reply_to=edge.router.reply_to(request_id),
-                                  priority=LOW_PRIORITY, deadline=deadline)
-    writer = JsonWriter(endpoint.body, request_id=request_id, created=int(req.created),
-                        model=adapter_model_id(req.model, req.adapter), width=parsed.n,
-                        logprobs=req.sampling.logprobs is not None)
-    timeout = deadline - req.created
-    if parsed.n > 1:
-        call = ChoiceCalls(edge.publisher, choice_requests(req, parsed.n, edge.router.reply_to), timeout)
+    return msgspec.structs.replace(req, id=request_id, reply_to=edge.router.reply_to(request_id),
+                                   priority=LOW_PRIORITY, deadline=deadline)
+
+
+async def _run(edge: Edge, req: InferenceRequest, n: int, writer) -> int:
+    """Publish ``req`` (``n`` choices) and pump its events into ``writer``; the tokens it used."""
+    timeout = req.deadline - req.created
+    if n > 1:
+        call = ChoiceCalls(edge.publisher, choice_requests(req, n, edge.router.reply_to), timeout)
     else:
         call = edge.publisher.call(req, timeout)
     async with call as source:
         await pump(source, writer)
     usage = source.usage
-    return writer.response.body, usage.total_tokens if usage is not None else 0
+    return usage.total_tokens if usage is not None else 0
+
+
+def _completions(endpoint: completions.Endpoint) -> Answer:
+    """How a line of a chat or legacy completions batch is answered: that endpoint's own JSON body."""
+    async def answer(edge: Edge, state: BatchState, raw: bytes, request_id: str) -> tuple[bytes, int]:
+        parsed = completions.parse_body(raw, endpoint, edge.config)
+        req = _on_low_lane(completions.build_request(edge, parsed, endpoint.id_prefix), state, request_id, edge)
+        writer = JsonWriter(endpoint.body, request_id=request_id, created=int(req.created),
+                            model=adapter_model_id(req.model, req.adapter), width=parsed.n,
+                            logprobs=req.sampling.logprobs is not None)
+        tokens = await _run(edge, req, parsed.n, writer)
+        return writer.response.body, tokens
+    return answer
+
+
+async def _response(edge: Edge, state: BatchState, raw: bytes, request_id: str) -> tuple[bytes, int]:
+    """A ``/v1/responses`` line: the response object (stored, unless ``store`` is false, for its creator)."""
+    json_depth.check_depth(raw, edge.config.max_json_depth)
+    parsed, req = await responses.prepare(edge, responses_translate.decode_body(raw), state.response_owner)
+    req = _on_low_lane(req, state, request_id, edge)
+    draft = ResponseDraft(response_id=request_id, created=int(req.created),
+                          model=adapter_model_id(req.model, req.adapter), shown=parsed.shown)
+    writer = ResponseJsonWriter(draft)
+    tokens = await _run(edge, req, 1, writer)
+    if parsed.store:
+        try:
+            await responses.store_of(edge).put(responses.stored(draft, writer.body, parsed, state.response_owner))
+        except BusError as err:  # the answer is generated: keep it in the output; only a retrieval will miss it
+            log.warning("batch %s: response %s not stored: %s", state.id, request_id, err.message)
+    return writer.response.body, tokens
+
+
+Answer = Callable[[Edge, BatchState, bytes, str], Awaitable[tuple[bytes, int]]]
+# How a line of each endpoint a batch may call (``lines.ENDPOINTS``) is answered.
+ANSWERS: dict[str, Answer] = {
+    "/v1/chat/completions": _completions(completions.CHAT),
+    "/v1/completions": _completions(completions.COMPLETION),
+    "/v1/responses": _response,
+}

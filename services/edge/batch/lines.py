@@ -1,7 +1,7 @@
 """A batch's input lines, output lines and batch object: parsing and rendering, no I/O.
 
-An input line is ``{"custom_id", "method", "url", "body"}``; ``url`` must be a key of
-``ENDPOINTS`` (what a line may call; one entry per endpoint) and every ``custom_id`` is unique.
+An input line is ``{"custom_id", "method", "url", "body"}``; ``url`` must be one of
+``ENDPOINTS`` (what a line may call) and every ``custom_id`` is unique.
 A bad line is reported by its 1-based line number, as OpenAI does.
 """
 
@@ -15,13 +15,9 @@ import msgspec
 
 from schemas.batch import BatchError, BatchOutputLine, BatchResponse, BatchState
 from schemas.errors import BusError, ErrorCode
-from services.edge.openai import completions
 
-# What a batch line may call: its url -> the endpoint that answers it (``/v1/responses`` is one more entry).
-ENDPOINTS: dict[str, completions.Endpoint] = {
-    "/v1/chat/completions": completions.CHAT,
-    "/v1/completions": completions.COMPLETION,
-}
+# What a batch line may call (``execute.ANSWERS`` has how each is answered).
+ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_LINES = 50_000  # OpenAI's limit of requests per batch
 # ``completion_window``: OpenAI accepts "24h"; shorter windows ("30m", "90s") are this platform's extension.
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")

@@ -21,6 +21,7 @@ from services.edge.auth import rate_limit
 from services.edge.batch import lines
 from services.edge.batch.runner import BatchRunner
 from services.edge.batch.store import BatchStore
+from services.edge.openai import responses
 from services.edge.state import CONFIG, EDGE, METRICS
 from services.edge.training.bodies import page, page_params
 from services.edge.training.jobs import owner_of
@@ -92,7 +93,8 @@ async def create_batch(request: web.Request) -> web.Response:
     state = BatchState(id=f"batch_{uuid.uuid4().hex}", endpoint=body.endpoint, input_file_id=meta.id,
                        completion_window=body.completion_window, status=VALIDATING, created_at=now,
                        expires_at=now + window, total=len(parsed), metadata=body.metadata, owner=owner_of(request),
-                       caller=caller, rpm=limits.rpm if limits else 0, tpm=limits.tpm if limits else 0)
+                       caller=caller, rpm=limits.rpm if limits else 0, tpm=limits.tpm if limits else 0,
+                       response_owner=responses.owner_of(request))
     store = request.app[BATCHES]
     await store.create(state)
     try:
