@@ -40,6 +40,9 @@ LOW_PRIORITY = -1  # names.lane_for_priority: < 0 is the low lane
 # Failures that say nothing about the line (no engine now, a full queue, the bus away): the line
 # is taken again later instead of being reported as failed.
 TRANSIENT = frozenset({ErrorCode.NO_WORKER, ErrorCode.QUEUE_FULL, ErrorCode.UNAVAILABLE, ErrorCode.ENGINE_BUSY})
+# Failures retried only for a line's first few deliveries: they may pass (an engine not heard from
+# yet, one that crashed with no other to fail over to) or may be the line's own doing.
+RETRIED_A_FEW_TIMES = frozenset({ErrorCode.MODEL_NOT_FOUND, ErrorCode.WORKER_LOST, ErrorCode.ENGINE_FAILED})
 
 
 EXPIRED = "batch_expired"
@@ -73,12 +76,12 @@ def line_id(batch_id: str, custom_id: str) -> str:
 
 
 async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int, *,
-                   wait_for_model: bool = False) -> Outcome:
+                   patient: bool = False) -> Outcome:
     """Run ``line`` (its ``delivery``-th time) and return its outcome; raises ``Transient`` to be retried.
 
-    With ``wait_for_model``, a model no engine serves yet is transient too: a runner that just
-    started has not heard every engine's heartbeat, and engines restart; after a few deliveries
-    the line fails with ``model_not_found`` like the HTTP endpoint.
+    With ``patient``, ``RETRIED_A_FEW_TIMES`` failures are transient too: a runner that just
+    started has not heard every engine's heartbeat, and engines restart; the runner stops being
+    patient after a few deliveries, and the line then fails as the HTTP endpoint would.
     """
     request_id = names.batch_request_id(state.id, line.custom_id, delivery)
     out_id = line_id(state.id, line.custom_id)
@@ -87,7 +90,7 @@ async def run_line(edge: Edge, state: BatchState, line: BatchLine, delivery: int
     except BusError as err:
         if err.code == ErrorCode.TIMEOUT and time.time() >= state.expires_at - _CLOCK_SLACK:
             return Outcome(SKIP, lines.skipped_line(out_id, line.custom_id, EXPIRED, EXPIRED_MESSAGE), 0)
-        if err.code in TRANSIENT or (wait_for_model and err.code == ErrorCode.MODEL_NOT_FOUND):
+        if err.code in TRANSIENT or (patient and err.code in RETRIED_A_FEW_TIMES):
             raise Transient(err) from None
         return Outcome(ERR, lines.failed_line(out_id, line.custom_id, request_id, status_for(err.code),
                                               error_json(err)), 0)

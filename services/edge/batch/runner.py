@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _STOP_CHECK = 0.5  # seconds between looks at the state of batches with running lines
 _RETRY_DELAY = 2.0  # seconds before a line that met a transient failure is taken again
 _FETCH_WAIT = 2.0
-_MODEL_PATIENCE = 5  # deliveries a line waits for an engine serving its model (see ``run_line``)
+_PATIENCE = 5  # deliveries a line is retried after a failure that may pass (``run_line``'s ``patient``)
 _start_decoder = msgspec.json.Decoder(BatchStart)
 _line_decoder = msgspec.json.Decoder(BatchLine)
 
@@ -264,7 +264,7 @@ class BatchRunner:
         stop = self._stops.setdefault(state.id, asyncio.Event())
         self._running[state.id] = self._running.get(state.id, 0) + 1
         run = asyncio.create_task(run_line(self._edge, state, line, delivery,
-                                           wait_for_model=delivery < _MODEL_PATIENCE))
+                                           patient=delivery < _PATIENCE))
         stopped = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait((run, stopped), return_when=asyncio.FIRST_COMPLETED)
