@@ -232,6 +232,52 @@ def train_job_events(job_id: str) -> str:
     return f"{ROOT}.train.job.{token(job_id)}.event"
 
 
+# --- batches (``schemas.batch``): lines as durable low-lane work, progress in KV ---
+BATCH_STREAM = "LLM_BATCH"
+BATCH_START = f"{ROOT}.batch.start"
+BATCH_LINES_ALL = f"{ROOT}.batch.line.*"
+BATCH_ALL = f"{ROOT}.batch.>"  # the runners' consumer takes starts and lines alike
+BATCH_DURABLE = "batch_runners"
+BATCHES_BUCKET = "llm_batches"
+
+
+def batch_lines(batch_id: str) -> str:
+    """Subject of one batch's lines on ``LLM_BATCH``."""
+    return f"{ROOT}.batch.line.{token(batch_id)}"
+
+
+def batch_line_msg_id(batch_id: str, custom_id: str) -> str:
+    """``Nats-Msg-Id`` of a batch line: from the batch id and its ``custom_id`` (any string, so digested)."""
+    return f"{token(batch_id)}:{hashlib.sha256(custom_id.encode()).hexdigest()[:24]}"
+
+
+def batch_request_id(batch_id: str, custom_id: str, delivery: int) -> str:
+    """Bus id (and ``Nats-Msg-Id``) of a batch line's ``delivery``-th run.
+
+    One delivery's publish retries share it, so JetStream stores the request once; a line
+    redelivered after its runner died gets the next id (the dead runner's answer went to its inbox).
+    """
+    digest = hashlib.sha256(f"{batch_id}\0{custom_id}".encode()).hexdigest()[:24]
+    return token(f"bl-{digest}-d{int(delivery)}")
+
+
+def batch_outcome_key(batch_id: str, outcome: str, index: int) -> str:
+    """KV key in ``llm_batches`` of line ``index``'s outcome (``ok``, ``err`` or ``skip``)."""
+    if outcome not in ("ok", "err", "skip"):
+        raise ValueError(f"unknown batch line outcome {outcome!r}")
+    return f"{token(batch_id)}.{outcome}.{int(index)}"
+
+
+def batch_line_keys(batch_id: str, index: int) -> str:
+    """Subject filter of every outcome key of one line (its create-only guard)."""
+    return kv_key_subject(BATCHES_BUCKET, f"{token(batch_id)}.*.{int(index)}")
+
+
+def batch_outcome_keys(batch_id: str, outcome: str = "*") -> str:
+    """Subject filter of a batch's outcome keys of one kind (``*``: all)."""
+    return kv_key_subject(BATCHES_BUCKET, f"{token(batch_id)}.{outcome}.*")
+
+
 # --- rate limits (JetStream counter stream, shared by every edge replica) ---
 RATE_STREAM = "LLM_RATE"
 RATE_ALL = f"{ROOT}.rate.>"
@@ -259,15 +305,17 @@ STREAMS: dict[str, tuple[str, ...]] = {
     TRAIN_EVENTS_STREAM: (TRAIN_EVENTS_ALL,),
     RATE_STREAM: (RATE_ALL,),
     INFER_KEYED_STREAM: (INFER_KEYED_ALL,),
+    BATCH_STREAM: (BATCH_START, BATCH_LINES_ALL),
 }
 # Durable consumer -> (its stream, its filter subject).
 DURABLES: dict[str, tuple[str, str]] = {
     **{scheduler_durable(lane): (INFER_STREAM, infer_submit(lane)) for lane in LANES_BY_PRIORITY},
     TRAIN_DURABLE: (TRAIN_STREAM, TRAIN_SUBMIT),
     KEYED_DURABLE: (INFER_KEYED_STREAM, INFER_KEYED_ALL),
+    BATCH_DURABLE: (BATCH_STREAM, BATCH_ALL),
 }
 KV_BUCKETS: tuple[str, ...] = (WORKERS_BUCKET, PROMPT_CACHE_BUCKET, IDEMPOTENCY_BUCKET, SCHEDULER_CONFIG_BUCKET,
-                               MODELS_BUCKET, TRAIN_JOBS_BUCKET, API_KEYS_BUCKET, RESPONSES_BUCKET)
+                               MODELS_BUCKET, TRAIN_JOBS_BUCKET, API_KEYS_BUCKET, RESPONSES_BUCKET, BATCHES_BUCKET)
 OBJECT_STORES: tuple[str, ...] = (ARTIFACTS_STORE,)
 
 

@@ -130,6 +130,11 @@ OVERVIEW = Dashboard(
                    q(f"sum by (outcome) (rate(llm_edge_failovers_total[{RATE}]))", "failover {{outcome}}"),
                    q(f"sum(rate(llm_edge_slow_consumers_total[{RATE}]))", "slow consumers cut")),
                   unit="reqps"),
+            Panel("Batch lines recorded/s by outcome",
+                  (q(f"sum by (outcome) (rate(llm_edge_batch_lines_total[{RATE}]))", "{{outcome}}"),),
+                  unit="reqps", stack=True,
+                  description="Lines of /v1/batches run on the low lane: ok, err (refused by the endpoint), "
+                              "skip (cancelled or expired). Progress of one batch: GET /v1/batches/{id}."),
         )),
         ("Queue and engines", (
             Panel("Queue depth per lane", (q("lane:llm_scheduler_queue_pending:max", "{{lane}}"),), stack=True,

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cli import backup, bus_tls, commands, keys, nats_auth, train
+from services.cli import backup, batch, bus_tls, commands, keys, nats_auth, train
 from services.cli.errors import CliError
 from services.cli.up import ENGINES, UpOptions, run_up, worker_id
 from services.common.bus import add_nats_arguments, options_from_args
@@ -29,6 +29,7 @@ examples:
   ./cy test tests/cli/test_cli_main.py -k help -x
   ./cy keys create --name alice --scope inference [--rpm 60 --tpm 100000 --max-streams 4]
   ./cy train start --model M --file data.jsonl --follow
+  ./cy batch submit requests.jsonl --follow
   ./cy backup backups/today       snapshot all platform state while it runs
   ./cy restore backups/today       rebuild it into an empty state dir (then ./cy up)
   ./cy infra apply --replicas 3 --nats-url nats://127.0.0.1:14222,nats://127.0.0.1:14223
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys.add_parser(sub)
     train.add_parser(sub)
+    batch.add_parser(sub)
     backup.add_parsers(sub, _state_dir_arg)
 
     model = sub.add_parser("model", help="the local model store").add_subparsers(
@@ -233,6 +235,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return keys.run(args)
         case "train":
             return train.run(args)
+        case "batch":
+            return batch.run(args)
         case "backup":
             return backup.run_backup(args)
         case "restore":

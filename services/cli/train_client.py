@@ -74,6 +74,16 @@ class EdgeClient:
         except OSError as exc:
             raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
 
+    async def download(self, path: str) -> bytes:
+        """The raw bytes of a ``GET`` (a file's content)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(self.url + path, timeout=aiohttp.ClientTimeout(total=self._timeout)) as resp:
+                await self._check(resp)
+                return await resp.read()
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unreachable(exc) from None
+
     async def events(self, path: str) -> AsyncIterator[dict]:
         """The JSON ``data:`` events of an SSE stream (comments and keep-alives skipped)."""
         assert self._session is not None

@@ -39,8 +39,8 @@ async def kv_keys(kv: KeyValue) -> list[str]:
     return sorted(subject[len(kv._pre):] for subject in (info.state.subjects or {}))
 
 
-async def kv_values(kv: KeyValue, *, timeout: float = 5.0) -> dict[str, bytes]:
-    """The current value of every key of ``kv`` (deleted and purged keys left out), in one pass.
+async def kv_values(kv: KeyValue, *, timeout: float = 5.0, keys: str = ">") -> dict[str, bytes]:
+    """The current value of every key of ``kv`` matching ``keys`` (deleted and purged keys left out), in one pass.
 
     An ephemeral consumer delivers the last message of each key; the number to read is the
     consumer's ``num_pending`` when it was created, so the pass neither ends early (nats-py's
@@ -49,7 +49,7 @@ async def kv_values(kv: KeyValue, *, timeout: float = 5.0) -> dict[str, bytes]:
     """
     js = kv._js
     info = await js.add_consumer(kv._stream, ConsumerConfig(
-        name=f"kv-values-{uuid.uuid4().hex}", filter_subject=f"{kv._pre}>",
+        name=f"kv-values-{uuid.uuid4().hex}", filter_subject=f"{kv._pre}{keys}",
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE, mem_storage=True,
         inactive_threshold=60.0))
     values: dict[str, bytes] = {}

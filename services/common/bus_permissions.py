@@ -119,7 +119,7 @@ def _inbox(root: str) -> str:
 
 
 def edge() -> Permissions:
-    """The HTTP edge: submits inference and training, reads keys and the cache, manages files and jobs."""
+    """The HTTP edge: submits inference and training, reads keys and the cache, manages files, jobs and batches."""
     inbox = names.identity_inbox(EDGE)
     publish = _unique(
         [names.infer_submit(lane) for lane in names.LANES_BY_PRIORITY],
@@ -133,7 +133,10 @@ def edge() -> Permissions:
         kv_reader(names.API_KEYS_BUCKET), kv_reader(names.PROMPT_CACHE_BUCKET), kv_reader(names.MODELS_BUCKET),
         kv_reader(names.WORKERS_BUCKET), kv_writer(names.IDEMPOTENCY_BUCKET), kv_writer(names.TRAIN_JOBS_BUCKET),
         kv_writer(names.SCHEDULER_CONFIG_BUCKET), kv_writer(names.RESPONSES_BUCKET),
-        object_writer(names.ARTIFACTS_STORE))
+        object_writer(names.ARTIFACTS_STORE),
+        # Batches: every edge queues them and runs their lines (``services.edge.batch``).
+        (names.BATCH_START, names.BATCH_LINES_ALL), queue_consumer(names.BATCH_STREAM, names.BATCH_DURABLE),
+        kv_writer(names.BATCHES_BUCKET))
     subscribe = (_inbox(inbox), names.WORKER_STATUS_ALL, names.MICRO_ALL)
     return Permissions(EDGE, inbox, publish, subscribe, allow_responses=True,
                        description="HTTP edge: submits inference and training jobs, reads API keys")

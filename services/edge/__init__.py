@@ -16,6 +16,7 @@ Folders:
 - ``openai/``: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 - ``native/``: the native ``/api/v1/inference`` API (JSON, SSE, WebSocket).
 - ``training/``: ``/v1/files``, ``/v1/fine_tuning/jobs`` and the native ``/api/v1/training/*``.
+- ``batch/``: ``/v1/batches`` and the batch runner (batch lines on the low lane).
 - ``system/``: health, metrics, OpenAPI, system and cluster views.
 - ``auth/``: API keys, JWTs, scopes and rate limits.
 - ``bus/``: everything the edge publishes and follows on NATS (requests, replies, heartbeats, cache).

@@ -21,6 +21,7 @@ from services.common.api_key_store import ApiKeyStore
 from services.common.buckets import optional_kv
 from services.common.prompt_cache import PromptCacheReader
 from services.common.worker_table import WorkerTable
+from services.edge.batch import routes as batch_routes
 from services.edge.native import routes as native_routes
 from services.edge.openai import routes as openai_routes
 from services.edge.system import routes as system_routes
@@ -188,6 +189,6 @@ def create_app(config: EdgeConfig, *, registry: CollectorRegistry | None = None,
     app.on_response_prepare.append(first_output_metrics(metrics))
     if cors is not None:
         app.on_response_prepare.append(cors_headers(cors))
-    for routes in (openai_routes, native_routes, system_routes, training_routes):
+    for routes in (openai_routes, native_routes, system_routes, training_routes, batch_routes):
         routes.add_routes(app)
     return app

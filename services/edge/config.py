@@ -96,6 +96,8 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     cache_enabled: bool = True
     cache_mirror_bytes: NonNegative = 32 * 1024 * 1024
     cache_mirror_check: Seconds = 1.0
+    # Batch lines this edge's batch runner runs at once (0: this edge runs no batches; others do).
+    batch_concurrency: NonNegative = 16
     # Longest request line and single header aiohttp accepts (longer: 431 headers_too_large).
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8190
     # Most header fields a request may have (more: 431 headers_too_large).
@@ -164,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes,
                    help="largest training file POST /v1/files accepts (default: %(default)s = 512 MiB)")
+    p.add_argument("--batch-concurrency", type=int, default=defaults.batch_concurrency,
+                   help="batch lines this edge runs at once on the low lane (0: run no batches; "
+                        f"default: {defaults.batch_concurrency})")
     p.add_argument("--edge-id", default=defaults.edge_id)
     p.add_argument("--access-log", action="store_true")
     _auth_arguments(p, defaults)

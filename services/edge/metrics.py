@@ -73,6 +73,10 @@ class EdgeMetrics:
                                       "Requests (each choice of an n>1 answer is one) cut because their client stopped "
                                       "reading: more events waiting than --max-stream-buffer, or a write stalled for "
                                       "--write-timeout seconds (each is cancelled on the bus)", registry=registry)
+        self.batch_lines = Counter("llm_edge_batch_lines_total",
+                                   "Batch lines this edge's batch runner recorded, by outcome: ok (answered), err "
+                                   "(the endpoint refused it), skip (cancelled or expired before it finished)",
+                                   ["outcome"], registry=registry)
         # Both sources exported from the start (at 0), so rules adding them up never see an empty vector.
         self.cache_hit_from = {source: self.cache_hits.labels(source) for source in CACHE_SOURCES}
         # Both labels are bounded (route templates, HTTP statuses), so this stays small.

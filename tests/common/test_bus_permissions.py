@@ -113,6 +113,18 @@ async def _api_keys(nc: nats.NATS) -> object:
     return await (await ApiKeyStore.bind(nc.jetstream())).records()
 
 
+async def _batch_outcome(nc: nats.NATS) -> object:
+    """A line's outcome written create-only across its kinds, and the batch's counts read back."""
+    js = nc.jetstream()
+    await js.publish(names.kv_key_subject(names.BATCHES_BUCKET, names.batch_outcome_key("batch_1", "ok", 0)), b"{}",
+                     headers={"Nats-Expected-Last-Subject-Sequence": "0",
+                              "Nats-Expected-Last-Subject-Sequence-Subject": names.batch_line_keys("batch_1", 0)})
+    info = await js.stream_info(names.kv_stream(names.BATCHES_BUCKET),
+                                subjects_filter=names.batch_outcome_keys("batch_1"))
+    assert len(info.state.subjects or {}) == 1
+    return info
+
+
 ALLOWED: list[tuple[str, str, Action]] = [
     ("edge", "submit to a lane", lambda nc: nc.jetstream().publish(names.infer_submit("low"), b"{}")),
     ("edge", "read API keys", _api_keys),
@@ -127,6 +139,9 @@ ALLOWED: list[tuple[str, str, Action]] = [
     ("edge", "submit a training job", lambda nc: nc.jetstream().publish(names.TRAIN_SUBMIT, b"{}")),
     ("edge", "rate counter", lambda nc: nc.jetstream().publish(names.rate_counter("alice", "requests", 1), b"",
                                                               headers={"Nats-Incr": "+1"})),
+    ("edge", "queue a batch line", lambda nc: nc.jetstream().publish(names.batch_lines("batch_1"), b"{}")),
+    ("edge", "record a batch line's outcome once", _batch_outcome),
+    ("edge", "take batch work", lambda nc: nc.jetstream().consumer_info(names.BATCH_STREAM, names.BATCH_DURABLE)),
     ("scheduler", "prompt cache lookup", lambda nc: _kv_get(nc, names.PROMPT_CACHE_BUCKET, "abc")),
     ("scheduler", "strategy", lambda nc: _kv_get(nc, names.SCHEDULER_CONFIG_BUCKET, names.STRATEGY_KEY)),
     ("scheduler", "doorbell", lambda nc: _sub(nc, names.INFER_SUBMIT_ALL)),
@@ -180,6 +195,11 @@ DENIED: list[tuple[str, str, Action, str]] = [
     ("producer", "read API keys", _api_keys, f"$JS.API.STREAM.INFO.{names.kv_stream(names.API_KEYS_BUCKET)}"),
     ("producer", "talk to an engine directly", lambda nc: nc.publish(names.engine_generate("w1"), b"{}"),
      names.engine_generate("w1")),
+    ("producer", "queue a batch line", lambda nc: nc.publish(names.batch_lines("batch_1"), b"{}"),
+     names.batch_lines("batch_1")),
+    ("engine.w1", "write a batch's state", lambda nc: nc.publish(
+        names.kv_key_subject(names.BATCHES_BUCKET, "batch_1"), b"{}"),
+     names.kv_key_subject(names.BATCHES_BUCKET, "batch_1")),
     ("operator", "read requests", lambda nc: _sub(nc, names.INFER_SUBMIT_ALL), names.INFER_SUBMIT_ALL),
     ("operator", "read the edge's replies", lambda nc: _sub(nc, "_INBOX.edge.>"), "_INBOX.edge.>"),
 ]

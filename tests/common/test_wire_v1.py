@@ -231,6 +231,9 @@ def test_v1_subjects_and_string_vocabularies_keep_their_values():
         "llm.v1.engine.w1.generate", "llm.v1.engine.w1.cancel", "llm.v1.engine.w1.control")
     assert (names.worker_status("w1"), names.ENGINE_CONTROL_ALL, names.train_job_events("ftjob-1")) == (
         "llm.v1.workers.status.w1", "llm.v1.engine.all.control", "llm.v1.train.job.ftjob-1.event")
+    assert (names.BATCH_STREAM, names.BATCH_START, names.batch_lines("batch_1"), names.BATCHES_BUCKET) == (
+        "LLM_BATCH", "llm.v1.batch.start", "llm.v1.batch.line.batch_1", "llm_batches")
+    assert names.batch_outcome_key("batch_1", "ok", 7) == "batch_1.ok.7"
     assert names.scheduler_durable("high") == "schedulers_high" and names.TRAIN_DURABLE == "trainers"
     assert (names.WORKERS_BUCKET, names.PROMPT_CACHE_BUCKET, names.MODELS_BUCKET, names.TRAIN_JOBS_BUCKET) == (
         "llm_workers", "llm_prompt_cache", "llm_models", "llm_train_jobs")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+
 from schemas.auth import ApiKeyRecord
+from schemas.batch import BatchError, BatchLine, BatchOutputLine, BatchResponse, BatchStart, BatchState
 from schemas.cache import CachedDelta, CachedResponse
 from schemas.events import Usage, encode
 from schemas.idempotency import IdempotencyRecord
@@ -116,6 +118,39 @@ FULL = [
                               ResponseItem(id="fco_1", type="function_call_output", call_id="call_1", output="42")],
                        output=[ResponseItem(id="fc_1", type="function_call", call_id="call_2", name="f",
                                             arguments="{}")])),
+    # Batches: the work on LLM_BATCH and the values in KV llm_batches.
+    WireCase("BatchStart", decoder(BatchStart), b'{"batch_id":"batch_1"}', BatchStart(batch_id="batch_1")),
+    WireCase("BatchLine", decoder(BatchLine), (
+        b'{"batch_id":"batch_1","index":3,"custom_id":"req-3","url":"/v1/chat/completions",'
+        b'"body":{"model":"m","messages":[{"role":"user","content":"hi"}]}}'),
+        BatchLine(batch_id="batch_1", index=3, custom_id="req-3", url="/v1/chat/completions",
+                  body=msgspec.Raw(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'))),
+    WireCase("BatchOutputLine", decoder(BatchOutputLine), (
+        b'{"id":"batch_req_1","custom_id":"req-3","response":{"status_code":400,"request_id":"bl-1-d1",'
+        b'"body":{"error":{"message":"bad","type":"invalid_request_error","param":"max_tokens",'
+        b'"code":"invalid_request"}}},"error":{"code":"batch_expired","message":"late"}}'),
+        BatchOutputLine(id="batch_req_1", custom_id="req-3", response=BatchResponse(
+            status_code=400, request_id="bl-1-d1", body=msgspec.Raw(
+                b'{"error":{"message":"bad","type":"invalid_request_error","param":"max_tokens",'
+                b'"code":"invalid_request"}}')), error=BatchError(code="batch_expired", message="late"))),
+    WireCase("BatchState", decoder(BatchState), (
+        b'{"id":"batch_1","endpoint":"/v1/chat/completions","input_file_id":"file-1","completion_window":"24h",'
+        b'"status":"completed","created_at":1767225600,"expires_at":1767312000,"total":50,"metadata":{"run":"a"},'
+        b'"owner":"key-1","caller":"key-key-1","response_owner":"key-key-1","rpm":60,"tpm":1000,'
+        b'"in_progress_at":1767225601,'
+        b'"finalizing_at":1767225700,"completed_at":1767225700,"failed_at":1767225700,"expired_at":1767225700,'
+        b'"cancelling_at":1767225650,"cancelled_at":1767225700,"output_file_id":"file-2","error_file_id":"file-3",'
+        b'"errors":[{"code":"invalid_request","message":"bad line","param":"input_file_id","line":2}],'
+        b'"completed":49,"failed":1}'),
+        BatchState(id="batch_1", endpoint="/v1/chat/completions", input_file_id="file-1", completion_window="24h",
+                   status="completed", created_at=1767225600, expires_at=1767312000, total=50, metadata={"run": "a"},
+                   owner="key-1", caller="key-key-1", response_owner="key-key-1", rpm=60, tpm=1000,
+                   in_progress_at=1767225601,
+                   finalizing_at=1767225700, completed_at=1767225700, failed_at=1767225700, expired_at=1767225700,
+                   cancelling_at=1767225650, cancelled_at=1767225700, output_file_id="file-2",
+                   error_file_id="file-3", errors=[BatchError(code="invalid_request", message="bad line",
+                                                              param="input_file_id", line=2)],
+                   completed=49, failed=1)),
 ]
 
 MINIMAL = [
@@ -138,6 +173,14 @@ MINIMAL = [
               "progress": {"epoch": 0.0, "total_epochs": 0, "step": 0, "total_steps": 0, "percent": 0.0,
                            "loss": None, "learning_rate": None, "memory_bytes": 0, "elapsed_s": 0.0, "eta_s": None,
                            "tokens": 0}}),
+    WireCase("BatchState", decoder(BatchState),
+             b'{"id":"batch_2","endpoint":"/v1/completions","input_file_id":"file-1","completion_window":"24h",'
+             b'"status":"validating","created_at":1767225600,"expires_at":1767312000,"total":1}',
+             {"metadata": None, "owner": None, "caller": "", "response_owner": "", "rpm": 0, "tpm": 0,
+              "in_progress_at": None,
+              "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+              "cancelling_at": None, "cancelled_at": None, "output_file_id": None, "error_file_id": None,
+              "errors": None, "completed": 0, "failed": 0}),
     WireCase("ApiKeyRecord", decoder(ApiKeyRecord),
              b'{"id":"key-2","name":"ci","hash":"cdcd","scopes":["admin"],"created":1767225600.5}',
              {"id": "key-2", "name": "ci", "hash": "cdcd", "scopes": ["admin"], "created": 1767225600.5,

@@ -43,6 +43,7 @@ RULES: tuple[Rule, ...] = (
     Rule("/v1/files", Scope.TRAINING),
     Rule("/api/v1/training", Scope.TRAINING),
     # Inference.
+    Rule("/v1/batches", Scope.INFERENCE),
     Rule("/v1/chat/completions", Scope.INFERENCE),
     Rule("/v1/completions", Scope.INFERENCE),
     Rule("/v1/responses", Scope.INFERENCE),

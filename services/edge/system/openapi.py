@@ -16,6 +16,7 @@ from aiohttp import web
 
 from schemas.routing import Strategy
 from services.edge.errors import ErrorBody
+from services.edge.batch.routes import BatchCreateBody
 from services.edge.openai.model_admin import LoadBody
 from services.edge.openai.tokenize import DetokenizeBody, TokenizeBody
 from services.edge.native.types import NativeInferenceBody
@@ -118,6 +119,12 @@ _RESPONSES: dict[str, Any] = {
     "FineTuningCheckpoint": _obj(["id", "object", "created_at", "fine_tuning_job_id", "step_number"], id=_STR,
                                  object={"const": "fine_tuning.job.checkpoint"}, created_at=_INT,
                                  fine_tuning_job_id=_STR, step_number=_INT),
+    "Batch": _obj(["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at",
+                   "request_counts"], id=_STR, object={"const": "batch"}, endpoint=_STR, input_file_id=_STR,
+                  completion_window=_STR, created_at=_INT, output_file_id=_NULLABLE_STR,
+                  error_file_id=_NULLABLE_STR, status={"enum": ["validating", "failed", "in_progress", "finalizing",
+                                                                "completed", "expired", "cancelling", "cancelled"]},
+                  request_counts=_obj(["total", "completed", "failed"], total=_INT, completed=_INT, failed=_INT)),
     "NativeTrainingStatus": _obj(["jobId", "status", "baseModel", "step", "totalSteps", "percent"], jobId=_STR,
                                  status=_STR, baseModel=_STR, step=_INT, totalSteps=_INT, percent={"type": "number"}),
 }
@@ -227,6 +234,22 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/cluster/strategy": {"post": _op("Switch every scheduler's routing strategy", _json(
             _ref("StrategyBody"), "the strategy now active"), body="StrategyBody", scope="admin", tag="management")},
         **_training_paths(),
+        **_batch_paths(),
+    }
+
+
+def _batch_paths() -> dict[str, dict[str, Any]]:
+    batch = _json(_ref("Batch"), "the batch")
+    return {
+        "/v1/batches": {
+            "post": _op("Create a batch of an uploaded file (purpose batch); its lines run on the low lane", batch,
+                        body="BatchCreateBody", tag="batch"),
+            "get": {**_op("Batches, newest first", _json(_list_of("Batch"), "the batches"), tag="batch"),
+                    "parameters": _paged("")}},
+        "/v1/batches/{batch_id}": {"get": {**_op("One batch, with its live counts", batch, tag="batch"),
+                                           "parameters": _path_param("batch_id")}},
+        "/v1/batches/{batch_id}/cancel": {"post": {**_op("Cancel a batch (lines already done are kept)", batch,
+                                                         tag="batch"), "parameters": _path_param("batch_id")}},
     }
 
 
@@ -271,10 +294,10 @@ def _training_op(summary: str, ok: dict[str, Any], params: list | None = None, b
 def _training_paths() -> dict[str, dict[str, Any]]:
     job = _json(_ref("FineTuningJob"), "the job")
     native = _json(_ref("NativeTrainingStatus"), "the job's status")
-    upload = _training_op("Upload a training file (purpose fine-tune)", _json(_ref("FileObject"), "the file"))
+    upload = _training_op("Upload a training file (purpose fine-tune) or a batch's input (purpose batch)", _json(_ref("FileObject"), "the file"))
     upload["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _obj(
         ["file", "purpose"], file={"type": "string", "contentMediaType": "application/octet-stream"},
-        purpose={"type": "string", "enum": ["fine-tune"]})}}}
+        purpose={"type": "string", "enum": ["fine-tune", "batch"]})}}}
     return {
         "/v1/files": {"post": upload,
                       "get": _training_op("Uploaded files", _json(_list_of("FileObject"), "the files"), [
@@ -314,7 +337,7 @@ def build_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once per process)."""
     _, components = msgspec.json.schema_components(
         (ChatCompletionBody, CompletionBody, ResponsesBody, NativeInferenceBody, ErrorBody, FineTuningJobBody,
-         NativeStartBody, LoadBody, TokenizeBody, DetokenizeBody),
+         NativeStartBody, LoadBody, TokenizeBody, DetokenizeBody, BatchCreateBody),
         ref_template=_REF)
     return {
         "openapi": "3.1.0",

@@ -2,7 +2,8 @@
 
 An upload is streamed to a temporary file (bounded by ``EdgeConfig.max_upload_bytes``, not by
 the JSON body limit) and from there into the object store, so a large dataset never sits in
-the edge's memory. Only purpose ``fine-tune`` is accepted: this platform stores files to train on.
+the edge's memory. Purposes ``fine-tune`` (files to train on) and ``batch`` (a batch's input,
+checked line by line before it is stored: ``batch.lines``) are accepted.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from schemas.errors import BusError, ErrorCode
 from services.common.artifacts import FileMeta
+from services.edge.batch import lines as batch_lines
 from services.edge.state import CONFIG
 from services.edge.training.bodies import file_object, page, page_params
 from services.edge.training.jobs import owner_of, store_of
 from services.edge.training.translate import new_file_id
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "batch")
 _COPY_CHUNK = 1 << 20
 _MAX_FIELD = 4096  # bytes of a form field other than the file
 _MULTIPART_SLACK = 64 << 10  # headers and boundaries around the file in the body
@@ -95,12 +97,22 @@ async def upload_file(request: web.Request) -> web.Response:
             raise _invalid("the form has no 'file' field", "file")
         if size == 0:
             raise _invalid("the file is empty", "file")
+        if purpose == "batch":
+            await asyncio.to_thread(_check_batch_file, sink)
         meta = FileMeta(id=new_file_id(), filename=filename, purpose=purpose, bytes=size,
                         created_at=int(time.time()), owner=owner_of(request))
         await store_of(request).put_file(meta, sink)
     finally:
         await asyncio.to_thread(sink.close)
     return _json(file_object(meta))
+
+
+def _check_batch_file(sink: BinaryIO) -> None:
+    """Refuse a batch input file with a bad line (named by number) or a repeated ``custom_id``; rewind it."""
+    try:
+        batch_lines.parse_lines(iter(sink))
+    finally:
+        sink.seek(0)
 
 
 async def _read_form(reader, sink, limit: int) -> tuple[str | None, str | None, int]:
