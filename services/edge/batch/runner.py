@@ -29,7 +29,7 @@ from schemas.batch import (CANCELLED, CANCELLING, EXPIRED, FAILED, IN_PROGRESS, 
 from schemas.errors import BusError, ErrorCode
 from services.common.lifecycle import cancel_and_wait
 from services.edge.auth.rate_limit import Admission, RateLimited
-from services.edge.auth.rate_window import RateLimits
+from services.common.rate_window import RateLimits
 from services.edge.batch import lines
 from services.edge.batch.execute import EXPIRED, EXPIRED_MESSAGE, Outcome, Transient, line_id, run_line
 from services.edge.batch.finish import finish_batch
