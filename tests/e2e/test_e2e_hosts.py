@@ -9,8 +9,9 @@ weights); the transformers engine is given no model path and gets the model from
 the object store into its own directory. The OpenAI SDK, in the root namespace, talks to the
 edge's address and gets answers from both engines.
 
-TLS: ``tls_server_block`` and ``tls_client_flags`` are the two places that turn it on (a ``tls {}``
-block for every node, ``--nats-tls-ca`` for every service and operator command); empty here.
+The bus runs as between real hosts: TLS for clients and routes (one CA, a node certificate valid
+for the three bridge addresses, each host holding its own copy of the files it needs), route
+authorization, and every service and operator command verifying the nodes with ``--nats-tls-ca``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from openai import OpenAI
 from services.cli import nats_auth
 from services.cli.infra import wait_for_jetstream
 from services.cli.up import NATS_CONFIG
-from services.common import bus_auth, bus_permissions
+from services.common import bus_auth, bus_permissions, nats_tls
+from services.common.bus import NatsOptions
 from services.common.model_store import DEFAULT_GGUF, DEFAULT_MODEL_ID
+from services.common.nats_tls import TlsFiles
 from services.common.natsserver import nats_server_binary
 from tests import netns_support
 from tests.netns_support import Host, Hosts
@@ -44,14 +47,11 @@ CLIENT_PORT, ROUTE_PORT, HTTP_PORT, METRICS_PORT = 4222, 6222, 8080, 9100
 REAL_WORKER, SIM_WORKER, SIM_MODEL = "hosts-real", "hosts-sim", "hosts-simulated"
 
 
-def tls_server_block(host: Host) -> str:
-    """The ``tls {}`` block of a node's config (client connections); empty: plain TCP on the bridge."""
-    return ""
-
-
-def tls_client_flags(host: Host) -> list[str]:
-    """The flags that make a service or operator command verify the nodes (``--nats-tls-ca FILE``); none here."""
-    return []
+def tls_client_flags(host: Host, pki: TlsFiles) -> list[str]:
+    """``--nats-tls-ca`` with the host's own copy of the CA certificate."""
+    own = host.root / "nats-ca.pem"
+    shutil.copyfile(pki.ca, own)
+    return ["--nats-tls-ca", str(own)]
 
 
 @pytest.fixture
@@ -77,18 +77,26 @@ def _own_seed(identities: nats_auth.BusIdentities, identity: str, host: Host) ->
     return str(target)
 
 
-def _start_nats(hosts: Hosts, identities: nats_auth.BusIdentities) -> list[Host]:
+def _start_nats(hosts: Hosts, identities: nats_auth.BusIdentities, pki_dir: Path) -> tuple[list[Host], TlsFiles]:
+    """Three routed nodes with TLS (clients and routes) and route authorization; the CA's files."""
     nodes = [hosts.add(f"nats{i}") for i in (1, 2, 3)]
-    routes = ", ".join(f'"nats://{n.address}:{ROUTE_PORT}"' for n in nodes)
+    pki = nats_tls.ensure_local_tls(pki_dir, [n.address for n in nodes])
+    route_auth = nats_tls.ensure_route_auth(pki_dir)
     for node in nodes:
+        own = TlsFiles(*(node.root / "tls" / f.name for f in (pki.ca, pki.cert, pki.key)))
+        own.ca.parent.mkdir(mode=0o700)
+        for src, dst in zip((pki.ca, pki.cert, pki.key), (own.ca, own.cert, own.key), strict=True):
+            shutil.copyfile(src, dst)
         config = bus_auth.write_server_config(NATS_CONFIG, node.root / "nats.conf", identities.seeds,
                                               identities.permissions)
+        routes = [nats_tls.route_url(other.address, ROUTE_PORT, route_auth) for other in nodes if other is not node]
         with config.open("a") as out:
-            out.write(f"\nserver_name: {node.netns}\n{tls_server_block(node)}\n"
-                      f"cluster {{\n  name: cy-hosts\n  listen: \"0.0.0.0:{ROUTE_PORT}\"\n  routes: [{routes}]\n}}\n")
+            out.write("\n" + nats_tls.node_config(node.netns, tls=own, cluster="cy-hosts",
+                                                   route_listen=f"0.0.0.0:{ROUTE_PORT}", routes=routes,
+                                                   route_auth=route_auth))
         node.start([nats_server_binary(), "-c", str(config), "-js", "-a", "0.0.0.0", "-p", str(CLIENT_PORT),
                     "-sd", str(node.root / "jetstream")], "nats.log", _clean_env(node), REPO)
-    return nodes
+    return nodes, pki
 
 
 def _cy(*args: str, operator: str) -> subprocess.CompletedProcess:
@@ -97,7 +105,8 @@ def _cy(*args: str, operator: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def _start_services(hosts: Hosts, identities: nats_auth.BusIdentities, nats_url: str) -> dict[str, Host]:
+def _start_services(hosts: Hosts, identities: nats_auth.BusIdentities, nats_url: str,
+                    pki: TlsFiles) -> dict[str, Host]:
     parts = {name: hosts.add(name) for name in ("edge", "sched1", "sched2", "engine-real", "engine-sim")}
     users = {"edge": bus_permissions.EDGE, "sched1": bus_permissions.SCHEDULER, "sched2": bus_permissions.SCHEDULER,
              "engine-real": f"{bus_permissions.ENGINE}.{REAL_WORKER}",
@@ -114,7 +123,8 @@ def _start_services(hosts: Hosts, identities: nats_auth.BusIdentities, nats_url:
                        "--worker-id", SIM_WORKER, *metrics],
     }
     for name, host in parts.items():
-        bus = ["--nats-url", nats_url, "--nats-nkey", _own_seed(identities, users[name], host), *tls_client_flags(host)]
+        bus = ["--nats-url", nats_url, "--nats-nkey", _own_seed(identities, users[name], host),
+               *tls_client_flags(host, pki)]
         state = ["--state-dir", str(host.root / "state")] if name.startswith("engine") else []
         host.start([sys.executable, "-m", *argv[name], *bus, *state], "service.log", _clean_env(host), REPO)
     return parts
@@ -160,20 +170,21 @@ async def test_each_part_on_its_own_host_serves_the_openai_sdk(hosts: Hosts, tmp
     operator_dir = tmp_path / "operator"
     identities = nats_auth.prepare("nkeys", operator_dir, [REAL_WORKER, SIM_WORKER])
     operator = str(identities.seeds[bus_permissions.OPERATOR])
-    nodes = _start_nats(hosts, identities)
-    nats_url = ",".join(f"nats://{n.address}:{CLIENT_PORT}" for n in nodes)
-    await wait_for_jetstream(nats_url, timeout=60, nkey=operator)
+    nodes, pki = _start_nats(hosts, identities, tmp_path / "pki")
+    nats_url = ",".join(f"tls://{n.address}:{CLIENT_PORT}" for n in nodes)
+    ca_flags = tls_client_flags(nodes[0], pki)  # the operator's commands, from the root namespace
+    await wait_for_jetstream(NatsOptions(nats_url=nats_url, nats_nkey=operator, nats_tls_ca=ca_flags[1]), timeout=60)
 
-    applied = _cy("infra", "apply", "--replicas", "3", "--nats-url", nats_url, *tls_client_flags(nodes[0]),
+    applied = _cy("infra", "apply", "--replicas", "3", "--nats-url", nats_url, *ca_flags,
                   operator=operator)
     assert applied.returncode == 0, applied.stderr
     assert "published weights/" in applied.stderr  # the default model, for engines on other hosts
     created = _cy("keys", "create", "--name", "hosts", "--scope", "inference", "--nats-url", nats_url,
-                  "--state-dir", str(operator_dir), *tls_client_flags(nodes[0]), operator=operator)
+                  "--state-dir", str(operator_dir), *ca_flags, operator=operator)
     assert created.returncode == 0, created.stderr
     key = created.stdout.split()[0]
 
-    parts = _start_services(hosts, identities, nats_url)
+    parts = _start_services(hosts, identities, nats_url, pki)
     edge, real = parts["edge"], parts["engine-real"]
     await _wait_serving(edge, parts, {DEFAULT_MODEL_ID, SIM_MODEL}, timeout=600)
 
