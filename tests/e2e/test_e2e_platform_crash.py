@@ -1,9 +1,10 @@
 """The whole platform killed at once (launcher, nats-server, engine, scheduler, trainer and edge all
 SIGKILLed in one sweep, as a power cut of the processes would), then ``./cy up`` again on the same
-state directory: it starts over the stale pid file and the uncleanly closed NATS store, the
-fine-tuning job resumes from its last checkpoint (no step before it is trained again) and
-succeeds, the uploaded file and the API key are still there, the fine-tuned model is served, a
-stream cut by the crash ended with a connection error and requests after the restart work.
+state directory: it starts over the stale pid file and the uncleanly closed NATS store (and
+removes the dead trainer's scratch directory), the fine-tuning job resumes from its last
+checkpoint (no step before it is trained again) and succeeds, the uploaded file and the API key
+are still there, the fine-tuned model is served, a stream cut by the crash ended with a
+connection error and requests after the restart work.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import openai
 import psutil
 import pytest
 
+from schemas.names import slug
 from services.cli.pidfile import pid_file, read_pid
 from services.common.model_store import DEFAULT_MODEL_ID
 from tests.support import REPO, CyUp, state_dir_with_models
@@ -45,12 +48,12 @@ def cy(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def kill_platform(up: CyUp) -> list[str]:
+def kill_platform(up: CyUp) -> dict[int, str]:
     """SIGKILL the launcher and every process under it in one sweep (children run in their own
-    sessions, so the tree is collected first); the command lines killed, once all are gone."""
+    sessions, so the tree is collected first); the command line of each pid killed, once all are gone."""
     root = psutil.Process(up.proc.pid)
     tree = [root, *root.children(recursive=True)]
-    argvs = [" ".join(p.cmdline()) for p in tree]
+    argvs = {p.pid: " ".join(p.cmdline()) for p in tree}
     for proc in tree:
         try:
             proc.send_signal(signal.SIGKILL)
@@ -129,15 +132,19 @@ async def test_whole_platform_sigkill_then_up_resumes_the_job(tmp_path: Path, de
             with pytest.raises(openai.APIConnectionError):  # the edge died mid-stream: a clear connection error
                 await stream
         for part in ("nats-server", "services.engine", "services.scheduler", "services.trainer", "services.edge"):
-            assert any(part in argv for argv in killed), (part, killed)  # every kind of process died at once
+            assert any(part in argv for argv in killed.values()), (part, killed)  # every kind of process died at once
         assert saved_before and saved_before[-1] < STEPS  # killed mid-job, after a checkpoint
         assert read_pid(pid_file(state)) == launcher_pid  # the stale pid file is left behind
+        [trainer_pid] = [pid for pid, argv in killed.items() if "services.trainer" in argv]
+        dead_scratch = state / "trainer" / slug(f"trainer-{socket.gethostname()}-{trainer_pid}")
+        assert dead_scratch.is_dir()  # the killed trainer's downloads and checkpoints
     finally:
         if up.proc.poll() is None:  # a failure before the crash: stop what runs
             kill_platform(up)
 
     os.replace(up.log, state / "cy-up.first.out")
     with CyUp(state, "--auth", "keys") as again:
+        assert not dead_scratch.exists() and f"trainer that is gone: {dead_scratch}" in again.output()
         async with openai.AsyncOpenAI(base_url=f"{again.url}/v1", api_key=key, max_retries=0, timeout=60) as client:
             assert (await client.files.content(uploaded.id)).content == content  # the upload and the key survived
             done = await poll_job(client, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"), 600)
