@@ -1,18 +1,25 @@
-"""The pid file of a running ``./cy up`` (``<state dir>/cy-up.pid``) and ``./cy down``.
+"""The pid file of a running ``./cy up`` (``<state dir>/cy-up.pid``), ``./cy down``, and what a
+crashed run leaves behind.
 
 The file holds one line, the launcher's pid, so ``kill $(cat .cy/cy-up.pid)`` works too.
-A pid is only trusted if that process still looks like the launcher (pids get reused).
+A pid is only trusted if that process still looks like the launcher (pids get reused), so the
+pid file of a run that was killed (SIGKILL, power loss) does not stop the next ``./cy up``. The
+scratch directories of its dead trainers (downloads, checkpoints already uploaded) are removed
+at the next start: the job resumes from the checkpoint in the object store, not from them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
+from schemas.names import slug
 from services.cli.errors import CliError
 
 PID_FILE_NAME = "cy-up.pid"
@@ -59,6 +66,32 @@ def claim(state_dir: Path) -> Iterator[Path]:
     finally:
         if read_pid(path) == os.getpid():
             path.unlink()
+
+
+def remove_dead_trainer_scratch(state_dir: Path) -> list[Path]:
+    """Remove ``<state dir>/trainer/<id>`` of every default-named trainer of this host whose process is
+    gone (``trainer-<host>-<pid>``, as ``./cy up`` starts them); the directories removed.
+
+    A directory whose pid is alive (the trainer, or a process that reused its pid) or whose name
+    is not a default trainer id of this host (``--trainer-id``) is left alone.
+    """
+    root = state_dir / "trainer"
+    removed = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        pid = _default_trainer_pid(entry.name)
+        if pid is not None and entry.is_dir() and not psutil.pid_exists(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _default_trainer_pid(trainer_id: str) -> int | None:
+    """The pid in a trainer's default id (``slug("trainer-<host>-<pid>")``), if ``trainer_id`` is one."""
+    host = socket.gethostname()
+    for part in trainer_id.split("-"):
+        if part.isdigit() and slug(f"trainer-{host}-{part}") == trainer_id:
+            return int(part)
+    return None
 
 
 def stop_launcher(state_dir: Path, timeout: float) -> str:

@@ -169,6 +169,8 @@ def run_up(opts: UpOptions) -> int:
     _check_exposure(opts)
     _check_port_free(opts.host, opts.port)
     with pidfile.claim(state_dir):
+        for leftover in pidfile.remove_dead_trainer_scratch(state_dir):
+            report_stderr(f"removed the scratch directory of a trainer that is gone: {leftover}")
         server: NatsServer | NatsCluster | None = None
         try:
             with _sigterm_raises_interrupt():

@@ -223,6 +223,25 @@ def test_an_unrelated_process_in_the_pid_file_is_left_alone(tmp_path: Path):
         other.wait()
 
 
+def test_a_crashed_runs_trainer_scratch_is_removed_and_a_live_ones_kept(tmp_path: Path):
+    from schemas.names import slug
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process (unless reused, which the function would respect)
+    host = socket.gethostname()
+    scratch = {name: tmp_path / "trainer" / slug(f"trainer-{host}-{pid}")
+               for name, pid in (("dead", dead.pid), ("alive", os.getpid()))}
+    scratch["named"] = tmp_path / "trainer" / "my-trainer-1"  # --trainer-id: not ours to judge
+    for path in scratch.values():
+        (path / "ftjob-x" / "checkpoint-2").mkdir(parents=True)
+
+    removed = pidfile.remove_dead_trainer_scratch(tmp_path)
+
+    assert removed == [scratch["dead"]] and not scratch["dead"].exists()
+    assert scratch["alive"].exists() and scratch["named"].exists()
+    assert pidfile.remove_dead_trainer_scratch(tmp_path / "no-such-state") == []
+
+
 def test_up_passes_auth_to_the_edge_and_says_how_to_get_a_key(tmp_path: Path):
     edge = list(child_specs(UpOptions(state_dir=tmp_path, host="0.0.0.0", auth="keys"), "nats://x:1", tmp_path)[-1].argv)
     assert edge[edge.index("--auth") + 1] == "keys"
