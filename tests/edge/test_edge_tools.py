@@ -100,7 +100,8 @@ def test_a_whole_answer_shows_its_calls():
     assert tool_message(ChoiceResult("just text", "stop")) == ({"role": "assistant", "content": "just text"}, "stop")
     cut, finish = tool_message(ChoiceResult(ANSWER[:ANSWER.index("ris")], "length"))
     assert finish == "length" and cut["tool_calls"][0]["function"]["arguments"] == '{"city":"Pa'
-    body = json.loads(chat_completion(request_id="r", created=0, model="m", usage=Usage(prompt_tokens=1, completion_tokens=2), text=ANSWER,
+    usage = Usage(prompt_tokens=1, completion_tokens=2)
+    body = json.loads(chat_completion(request_id="r", created=0, model="m", usage=usage, text=ANSWER,
                                       finish_reason="stop", message=tool_message))
     assert body["choices"][0]["finish_reason"] == "tool_calls"
     assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
