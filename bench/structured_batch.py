@@ -1,11 +1,13 @@
 """What constrained rows cost the free rows decoded in the same batch.
 
     .venv/bin/python bench/structured_batch.py [--engine llamacpp|transformers] [--rounds N] [--max-tokens N]
+                                               [--constraint schema|tools|tools-auto]
 
 Runs the default model in-process and times 4 free requests (greedy, ``max_tokens`` tokens each,
 no stop) decoded together with 4 other requests that are either free too or constrained (a
-JSON schema, temperature 1.0). Reports the free requests' tokens/s in both cases, alternating the
-two cases for ``--rounds`` rounds so drift of a noisy machine hits both alike. A constrained row
+JSON schema, or with ``--constraint tools`` a ``tool_choice: required`` tool-call grammar, or
+``tools-auto`` the lazy ``auto`` one; temperature 1.0). Reports the free requests' tokens/s in both
+cases, alternating the two cases for ``--rounds`` rounds so drift of a noisy machine hits both alike. A constrained row
 costs its own mask per step (``grammar.RowConstraint``); free rows share only the step.
 """
 
@@ -24,12 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams, StructuredOutput  # noqa: E402
+from services.common import tool_format  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 from services.engine.backend import Chunk  # noqa: E402
 from services.engine.backends import backend_class  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 200},
                                            "story": {"type": "string"}}, "required": ["name", "story"]}
+FUNCTIONS = [tool_format.Function("tell_story", "tell a story", SCHEMA)]
+
+
+def constraint(kind: str) -> StructuredOutput:
+    """The constrained rows' constraint: a JSON schema, or a tool-call grammar (required or auto)."""
+    if kind == "schema":
+        return StructuredOutput(kind="json_schema", json=json.dumps(SCHEMA))
+    grammar = tool_format.tool_grammar(FUNCTIONS, required=kind == "tools", parallel=True)
+    return StructuredOutput(kind="grammar", grammar=grammar)
 
 
 def request(i: int, max_tokens: int, structured: StructuredOutput | None) -> InferenceRequest:
@@ -46,9 +58,9 @@ async def tokens(engine, req: InferenceRequest) -> int:
     return n
 
 
-async def round_(engine, max_tokens: int, constrained: bool) -> float:
+async def round_(engine, max_tokens: int, constrained: bool, kind: str = "schema") -> float:
     """Tokens/s of the 4 free requests, next to 4 free or 4 constrained ones."""
-    other = StructuredOutput(kind="json_schema", json=json.dumps(SCHEMA)) if constrained else None
+    other = constraint(kind) if constrained else None
     start = time.perf_counter()
     free = [asyncio.ensure_future(tokens(engine, request(i, max_tokens, None))) for i in range(4)]
     rest = [asyncio.ensure_future(tokens(engine, request(10 + i, max_tokens, other))) for i in range(4)]
@@ -63,6 +75,7 @@ async def main() -> None:
     parser.add_argument("--engine", default="llamacpp", choices=["llamacpp", "transformers"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--constraint", default="schema", choices=["schema", "tools", "tools-auto"])
     args = parser.parse_args()
     if args.engine == "llamacpp":
         engine = backend_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=8)
@@ -71,15 +84,15 @@ async def main() -> None:
                                                slots=8, device="cpu")
     await engine.start()
     try:
-        await round_(engine, 4, True)  # warm-up: the grammar tokenizer and the first compile
+        await round_(engine, 4, True, args.constraint)  # warm-up: the grammar tokenizer and the first compile
         results: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
             for constrained in (False, True):
-                results[constrained].append(await round_(engine, args.max_tokens, constrained))
+                results[constrained].append(await round_(engine, args.max_tokens, constrained, args.constraint))
     finally:
         await engine.close()
     free, mixed = statistics.median(results[False]), statistics.median(results[True])
-    print(f"{args.engine}: free rows' tokens/s, next to 4 free rows: {free:.1f}; next to 4 constrained rows: "
+    print(f"{args.engine}: free rows' tokens/s, next to 4 free rows: {free:.1f}; next to 4 {args.constraint} rows: "
           f"{mixed:.1f} (ratio {mixed / free:.3f}; medians of {args.rounds} rounds)")
 
 

@@ -12,5 +12,7 @@
 - ``model_ref``: ``<base>:<adapter>`` model names. ``model_registry``: KV ``llm_models``.
 - ``model_store``: the local model store and the default model. ``artifacts``: object store ``llm_artifacts``.
 - ``api_keys`` (pure) and ``api_key_store``: API keys and the ``llm_api_keys`` bucket.
+- ``tool_format`` (pure): the one tool-calling format: tools and calls into chat messages, the
+  grammar of calls, reading calls back (edge and trainer).
 - ``natsserver``: an embedded ``nats-server``. ``hosts``: which bind addresses are local only.
 """

@@ -11,7 +11,9 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+from services.common import tool_format
+
+SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
 # Conversation kinds: a chat (chat template, loss on assistant turns), a raw prompt/completion
 # pair (no template, loss on the completion) and plain text (loss on every token).
 CHAT, COMPLETION, TEXT = "chat", "completion", "text"
@@ -28,7 +30,7 @@ EXPECTED = {
 
 SHAREGPT_ROLES = {"system": SYSTEM, "human": USER, "user": USER, "gpt": ASSISTANT,
                   "assistant": ASSISTANT, "model": ASSISTANT, "chatgpt": ASSISTANT}
-OPENAI_ROLES = {"system": SYSTEM, "developer": SYSTEM, "user": USER, "assistant": ASSISTANT}
+OPENAI_ROLES = {"system": SYSTEM, "developer": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL}
 
 
 class DatasetError(Exception):
@@ -185,7 +187,77 @@ def _openai(record: dict) -> Conversation:
         prompt = _string(record, "prompt", OPENAI)
         completion = _string(record, "completion", OPENAI)
         return Conversation((Turn(USER, prompt), Turn(ASSISTANT, completion)), kind=COMPLETION)
+    if record.get("tools") is not None or _has_tool_calls(record):
+        return _openai_with_tools(record)
     return _chat_turns(record, "messages", OPENAI, ("role", "content"), OPENAI_ROLES)
+
+
+def _json_field(value: object, name: str) -> object:
+    """A field that a CSV or Parquet cell holds as JSON text, decoded."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DatasetError("invalid_json", f'field "{name}" is not valid JSON ({exc.msg})', field=name) from None
+
+
+def _has_tool_calls(record: dict) -> bool:
+    messages = _json_field(record.get("messages"), "messages")
+    return isinstance(messages, list) and any(isinstance(m, dict) and m.get("tool_calls") for m in messages)
+
+
+def _invalid(name: str, what: str) -> DatasetError:
+    return DatasetError("invalid_field_type", f'field "{name}" must be {what}', field=name)
+
+
+def _functions(record: dict) -> list[tool_format.Function]:
+    """The record's ``tools`` (OpenAI function tools) for the prompt's tools section."""
+    tools = _json_field(record.get("tools"), "tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _invalid("tools", "an array of tools")
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _invalid(f"tools[{i}]", 'a function tool: {"type": "function", "function": {"name": ...}}')
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise _invalid(f"tools[{i}].function.parameters", "a JSON Schema object")
+        out.append(tool_format.Function(fn["name"], fn.get("description") or "",
+                                        params if params is not None else dict(tool_format.NO_PARAMETERS)))
+    return out
+
+
+def _calls(item: dict, here: str) -> list[tool_format.Call]:
+    """An assistant message's ``tool_calls`` (arguments as JSON text, or an object)."""
+    calls = item.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise _invalid(f"{here}.tool_calls", "an array of tool calls")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _invalid(f"{here}.tool_calls[{j}]", 'a call: {"function": {"name": ..., "arguments": ...}}')
+        arguments = fn.get("arguments", "{}")
+        out.append(tool_format.Call(fn["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
+    return out
+
+
+def _openai_with_tools(record: dict) -> Conversation:
+    """An OpenAI chat with ``tools``, assistant ``tool_calls`` and ``tool`` turns, in the platform's tool format
+    (``services.common.tool_format``: the same rendering the served model sees at inference)."""
+    plain = _chat_turns({"messages": [{**m, "content": m.get("content") or ""} if isinstance(m, dict) else m
+                                      for m in _turn_list(record, "messages", OPENAI)]},
+                        "messages", OPENAI, ("role", "content"), OPENAI_ROLES)
+    items = _turn_list(record, "messages", OPENAI)
+    dicts = [{"role": t.role, "content": t.text, "tool_calls": _calls(item, f"messages[{i}]")}
+             for i, (t, item) in enumerate(zip(plain.turns, items))]
+    rendered = tool_format.render_messages(dicts, _functions(record))
+    trained = [True] * (len(rendered) - len(dicts)) + [t.trained for t in plain.turns]
+    return Conversation(tuple(Turn(m["role"], m["content"], trained=w) for m, w in zip(rendered, trained)))
 
 
 def _plain(record: dict) -> Conversation:

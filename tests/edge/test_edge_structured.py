@@ -92,7 +92,6 @@ def test_the_supported_subset_passes_and_unsupported_types_formats_and_refs_do_n
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
     ("functions", [{"name": "f"}]), ("function_call", "auto"), ("modalities", ["audio"]),
     ("audio", {"voice": "alloy"}), ("reasoning_effort", "low"), ("verbosity", "low"), ("web_search_options", {}),
     ("not_an_openai_field", 1),

@@ -3,6 +3,8 @@
 - ``routes``: ``add_routes(app)``, the routes of this folder.
 - ``types``: the request bodies accepted, as msgspec Structs.
 - ``translate``: request bodies to ``schemas.InferenceRequest``. Pure.
+- ``tools``: ``tools`` / ``tool_choice`` / tool messages into the request (prompt and grammar). Pure.
+- ``tool_answers``: tool calls read from the answer: ``message.tool_calls`` and ``delta.tool_calls``. Pure.
 - ``completions``: ``POST /v1/chat/completions`` and ``/v1/completions``: validate, resolve, admit, answer.
 - ``responses``: ``/v1/responses`` (create, retrieve, delete, input items): a translation of chat completions.
 - ``responses_types`` / ``responses_translate``: its request body, and the body as the chat request it means. Pure.

@@ -9,6 +9,7 @@ with ``n`` choices streams through one formatter per choice (``index``).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -77,16 +78,26 @@ def _choices(text: str, finish_reason: str, logprobs: list[TokenLogprob] | None,
     return choices if choices is not None else [ChoiceResult(text, finish_reason, logprobs)]
 
 
+def text_message(choice: ChoiceResult) -> tuple[dict, str]:
+    """A chat choice's ``message`` and ``finish_reason``: the text as the assistant's content."""
+    return {"role": "assistant", "content": choice.text}, choice.finish_reason
+
+
 def chat_completion(*, request_id: str, created: int, model: str, usage: Usage, text: str = "",
                     finish_reason: str = "", logprobs: list[TokenLogprob] | None = None,
-                    choices: list[ChoiceResult] | None = None) -> bytes:
-    """A non-streaming ``chat.completion`` body: one choice (``text``...), or one per entry of ``choices``."""
+                    choices: list[ChoiceResult] | None = None,
+                    message: Callable[[ChoiceResult], tuple[dict, str]] = text_message) -> bytes:
+    """A non-streaming ``chat.completion`` body: one choice (``text``...), or one per entry of ``choices``.
+
+    ``message`` builds each choice's message and finish reason (tool calls read from the text: ``tool_answers``).
+    """
     choices = _choices(text, finish_reason, logprobs, choices)
+    shown = [message(c) for c in choices]
     return _encode({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+        "choices": [{"index": i, "message": shown[i][0],
                      "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                     "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                     "finish_reason": shown[i][1]} for i, c in enumerate(choices)],
         "usage": usage_dict(usage),
     })
 

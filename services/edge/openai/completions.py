@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from aiohttp import web
 from schemas.errors import BusError, ErrorCode
 from schemas.inference import InferenceRequest
 from services.common.model_ref import split_model
-from services.edge.openai import bodies as openai_format, translate as openai_translate
+from services.edge.openai import bodies as openai_format, tool_answers, translate as openai_translate
 from services.edge.http import admission, json_depth, sse as streaming
 from services.edge.config import EdgeConfig
 from services.edge.bus.pump import pump
@@ -94,10 +95,13 @@ def _writer(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest, req
             answer: admission.Admitted) -> streaming.SseWriter | streaming.JsonWriter:
     """The writer of ``answer`` in the format the request asked for: SSE chunks (one formatter per choice) or JSON."""
     shown = {"request_id": answer.request_id, "created": answer.created, "model": answer.model}
+    # A chat answer read for tool calls: the same writers, with the tool-call message and chunks.
+    chunks = tool_answers.ToolChunkFormatter if parsed.read_calls else endpoint.chunks
+    body = functools.partial(endpoint.body, message=tool_answers.tool_message) if parsed.read_calls else endpoint.body
     if parsed.stream:
-        return streaming.SseWriter(request, [endpoint.chunks(**shown, include_usage=parsed.include_usage, index=i)
+        return streaming.SseWriter(request, [chunks(**shown, include_usage=parsed.include_usage, index=i)
                                              for i in range(parsed.n)])
-    return streaming.JsonWriter(endpoint.body, **shown, width=parsed.n, logprobs=req.sampling.logprobs is not None)
+    return streaming.JsonWriter(body, **shown, width=parsed.n, logprobs=req.sampling.logprobs is not None)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -12,7 +12,7 @@ from services.edge.openai.types import ChatCompletionBody, CompletionBody
 
 # Accepted and ignored: they change billing, storage or routing at OpenAI, never the answer.
 NO_OP = ("prediction", "service_tier", "store", "metadata", "safety_identifier", "prompt_cache_key",
-         "prompt_cache_retention", "user", "parallel_tool_calls")
+         "prompt_cache_retention", "user")
 MAX_LOGIT_BIAS = 1024  # entries in one logit_bias map
 _TOKEN_LIMIT = 2**31
 
@@ -23,14 +23,11 @@ def _refuse(param: str, why: str) -> BusError:
 
 def check_chat_fields(body: ChatCompletionBody) -> None:
     """Refuse every chat field this platform cannot honour, when it is set to something that matters."""
-    if body.tools:
-        raise _refuse("tools", "tool calling is not available yet; describe the output with 'response_format'")
-    if body.tool_choice is not None and body.tool_choice != "none":
-        raise _refuse("tool_choice", "tool calling is not available yet ('none' is accepted)")
     if body.functions:
-        raise _refuse("functions", "function calling is not available yet")
+        raise _refuse("functions", "the legacy function calling is not served; use 'tools'")
     if body.function_call is not None and body.function_call != "none":
-        raise _refuse("function_call", "function calling is not available yet ('none' is accepted)")
+        raise _refuse("function_call", "the legacy function calling is not served; use 'tools' and 'tool_choice' "
+                      "('none' is accepted)")
     if body.modalities is not None and any(m != "text" for m in body.modalities):
         raise _refuse("modalities", "only the 'text' modality is served")
     if body.audio is not None:

@@ -18,7 +18,7 @@ import msgspec
 from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.inference import ChatMessage, InferenceRequest, SamplingParams, StructuredOutput
-from services.edge.openai import fields
+from services.edge.openai import fields, tools
 from services.edge.openai.structured import structured
 from services.edge.openai.types import ChatCompletionBody, CompletionBody, MessageBody, SamplingFields
 
@@ -54,7 +54,8 @@ class ParsedRequest:
     timeout: float | None
     cache: bool = True
     n: int = 1  # choices asked for; ``sampling.n`` stays 1 (each choice is a request of its own)
-    structured: StructuredOutput | None = None  # response_format / structured_outputs
+    structured: StructuredOutput | None = None  # response_format / structured_outputs, or the tools' grammar
+    read_calls: bool = False  # tools with a tool_choice other than none: the answer is read for tool calls
 
 
 def _invalid(message: str, param: str | None) -> BusError:
@@ -211,8 +212,12 @@ def parse_chat(raw: bytes, *, default_max_tokens: int = 256, max_n: int = MAX_CH
     common = _common(body)
     sampling = _sampling(body, max_tokens, default_max_tokens, param, max_n)
     sampling.logprobs = _chat_logprobs(body.logprobs, body.top_logprobs)
-    return ParsedRequest(messages=_messages(body.messages), prompt=None, sampling=sampling,
-                         n=_choices(body.n, max_n), **common)
+    plan = tools.plan_tools(body, has_constraint=common["structured"] is not None)
+    if plan.structured is not None:
+        common["structured"] = plan.structured
+    messages = tools.render(_messages(body.messages), body.messages, plan.functions)
+    return ParsedRequest(messages=messages, prompt=None, sampling=sampling, n=_choices(body.n, max_n),
+                         read_calls=plan.read_calls, **common)
 
 
 def parse_completion(raw: bytes, *, default_max_tokens: int = 16, max_n: int = MAX_CHOICES) -> ParsedRequest:

@@ -24,12 +24,58 @@ class ContentPart(msgspec.Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCallBody(msgspec.Struct, kw_only=True):
+    """A call's function in an assistant message: its name and its arguments as JSON text."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallBody(msgspec.Struct, kw_only=True):
+    """One tool call an assistant message carries (a call the model made earlier in the chat)."""
+
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCallBody
+
+
 class MessageBody(msgspec.Struct, kw_only=True):
-    """One chat message as an OpenAI client sends it."""
+    """One chat message as an OpenAI client sends it (an assistant's ``tool_calls``, a tool's ``tool_call_id``)."""
 
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionBody(msgspec.Struct, kw_only=True):
+    """A function a tool offers: its name, description and arguments' JSON Schema (``strict`` is always on)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolBody(msgspec.Struct, kw_only=True):
+    """One entry of ``tools``: only ``function`` tools are served."""
+
+    type: str
+    function: FunctionBody | None = None
+
+
+class NamedFunction(msgspec.Struct, kw_only=True):
+    """The ``function`` of a named ``tool_choice``."""
+
+    name: str
+
+
+class ToolChoiceBody(msgspec.Struct, kw_only=True):
+    """A named ``tool_choice``: ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: str
+    function: NamedFunction | None = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -103,12 +149,13 @@ class ChatCompletionBody(_CommonBody, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/chat/completions``; see ``openai.fields`` for what each OpenAI field does here."""
 
     messages: list[MessageBody]
+    # Tool calling (``openai.tools``); the legacy ``functions`` / ``function_call`` are refused.
+    tools: list[ToolBody] | None = None
+    tool_choice: str | ToolChoiceBody | None = None
+    parallel_tool_calls: bool | None = None
     # Refused with 400 unsupported when they would change the answer (``openai.fields``).
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
     audio: Any = None
     reasoning_effort: str | None = None
