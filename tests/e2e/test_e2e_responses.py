@@ -8,6 +8,8 @@ what the chat completion of the same conversation says, streamed or not, and a
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -76,4 +78,46 @@ async def test_a_streamed_response_and_its_follow_up_match_the_chat_conversation
     assert second.usage.input_tokens > first.usage.input_tokens  # the first turn is in its prompt
     items = await api.responses.input_items.list(second.id)
     assert [(i.role, i.content[0].text) for i in items.data] == [("user", FOLLOW_UP)]
+    assert platform.bus_refusals() == []
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}}
+
+
+async def test_a_function_call_streamed_and_whole_and_its_output_continues_the_conversation(platform):
+    api = client(platform)
+    ask = dict(model=DEFAULT_MODEL_ID, input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
+               temperature=0, max_output_tokens=64, extra_body=NO_CACHE)
+    whole = await api.responses.create(**ask)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert whole.status == "completed" and len(calls) == 1, whole.output
+    call = calls[0]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    assert set(json.loads(call.arguments)) == {"city"}  # the grammar holds the arguments to the schema
+
+    events = [event async for event in await api.responses.create(**ask, stream=True)]
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    added = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
+    assert len(added) == 1 and added[0].item.name == "get_weather" and added[0].item.arguments == ""
+    fragments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta") \
+        < kinds.index("response.function_call_arguments.done")
+    assert fragments == done[0].arguments == call.arguments  # greedy: the same call as the whole answer
+    streamed = events[-1].response
+    assert [(i.type, i.call_id) for i in streamed.output if i.type == "function_call"] == \
+        [("function_call", added[0].item.call_id)]
+    assert (await api.responses.retrieve(streamed.id)).output[-1].arguments == call.arguments
+
+    result = await api.responses.create(
+        model=DEFAULT_MODEL_ID, previous_response_id=whole.id, tools=[WEATHER], tool_choice="none", temperature=0,
+        max_output_tokens=TOKENS, extra_body=NO_CACHE,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 degrees."}])
+    assert result.status in ("completed", "incomplete") and result.output_text
+    assert [i.type for i in result.output] == ["message"]
+    items = await api.responses.input_items.list(result.id)
+    assert [i.type for i in items.data] == ["function_call_output"]
     assert platform.bus_refusals() == []

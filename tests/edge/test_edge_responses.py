@@ -185,14 +185,6 @@ async def test_bad_fields_are_400_naming_them(client, body, code, param):
     assert_error(await resp.json(), code, param)
 
 
-async def test_function_tools_get_the_chat_answer_to_tools(client):
-    # The chat path decides whether tools are served; until it serves them its 400 is this answer too.
-    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
-    resp = await client.post("/v1/responses", json={"model": MODEL, "input": "Weather?", "tools": [tool]})
-    assert resp.status == 400
-    assert_error(await resp.json(), "unsupported", "tools")
-
-
 def test_function_tools_and_calls_translate_to_the_chat_shape():
     tool = {"type": "function", "name": "get_weather", "description": "d", "parameters": {"type": "object"},
             "strict": True}
@@ -202,22 +194,13 @@ def test_function_tools_and_calls_translate_to_the_chat_shape():
     assert chat["tools"] == [{"type": "function", "function": {"name": "get_weather", "description": "d",
                                                                "parameters": {"type": "object"}, "strict": True}}]
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    items = responses_tools.tool_call_items([{"id": "call_1", "type": "function",
-                                              "function": {"name": "get_weather", "arguments": "{}"}}])
-    assert [(i.type, i.call_id, i.name, i.arguments) for i in items] == [("function_call", "call_1",
-                                                                           "get_weather", "{}")]
 
 
-def test_function_call_items_are_refused_while_chat_carries_no_tool_calls():
+def test_function_call_items_become_the_chat_calls_and_results():
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
     output = {"type": "function_call_output", "call_id": "c1", "output": "42"}
-    if responses_tools.chat_serves_tool_calls():  # tool calling landed: the calls become chat messages
-        parsed = parse_responses({"model": MODEL, "input": [call, output]})
-        assert [m.role for m in parsed.parsed.messages] == ["assistant", "tool"]
-        return
-    with pytest.raises(BusError) as refused:
-        parse_responses({"model": MODEL, "input": [{"role": "user", "content": "x"}, call, output]})
-    assert refused.value.code == "unsupported" and refused.value.param == "input[1]"
+    parsed = parse_responses({"model": MODEL, "input": [{"role": "user", "content": "x"}, call, output]})
+    assert [m.role for m in parsed.parsed.messages] == ["user", "assistant", "tool"]
 
 
 async def test_a_mid_stream_error_is_an_error_event_then_response_failed(client, engine):

@@ -143,7 +143,8 @@ async def _response(edge: Edge, state: BatchState, raw: bytes, request_id: str) 
     parsed, req = await responses.prepare(edge, responses_translate.decode_body(raw), state.response_owner)
     req = _on_low_lane(req, state, request_id, edge)
     draft = ResponseDraft(response_id=request_id, created=int(req.created),
-                          model=adapter_model_id(req.model, req.adapter), shown=parsed.shown)
+                          model=adapter_model_id(req.model, req.adapter), shown=parsed.shown,
+                          read_calls=parsed.parsed.read_calls)
     writer = ResponseJsonWriter(draft)
     tokens = await _run(edge, req, 1, writer)
     if parsed.store:

@@ -28,7 +28,7 @@ from services.edge.http import admission, json_depth
 from services.edge.openai import completions, responses_translate
 from services.edge.openai.responses_body import ResponseDraft, item_json
 from services.edge.openai.responses_store import ResponseStore
-from services.edge.openai.responses_stream import ResponseJsonWriter, ResponseSseWriter
+from services.edge.openai.responses_stream import ResponseJsonWriter, ResponseSseWriter, ToolResponseSseWriter
 from services.edge.openai.responses_translate import ParsedResponses
 from services.edge.openai.responses_types import ResponsesBody
 from services.edge.state import EDGE, Edge
@@ -96,9 +96,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     async with admission.admitted(edge, request, req, n=1, stream=parsed.parsed.stream, route=ID_PREFIX,
                                   key=request.headers.get(admission.IDEMPOTENCY_HEADER)) as answer:
         draft = ResponseDraft(response_id=answer.request_id, created=answer.created, model=answer.model,
-                              shown=parsed.shown)
+                              shown=parsed.shown, read_calls=parsed.parsed.read_calls)
         if parsed.parsed.stream:
-            writer = ResponseSseWriter(request, draft, keep)
+            writer = (ToolResponseSseWriter if draft.read_calls else ResponseSseWriter)(request, draft, keep)
             await pump(answer.source, writer)
             return writer.response
         json_writer = ResponseJsonWriter(draft)

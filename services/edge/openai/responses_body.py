@@ -17,6 +17,7 @@ import msgspec
 from schemas.errors import BusError
 from schemas.events import StreamError, Usage
 from schemas.responses import ResponseItem
+from services.common.tool_format import split_answer
 
 _encode = msgspec.json.Encoder().encode
 
@@ -60,21 +61,35 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 class ResponseDraft:
     """One response while it is generated: its id, echoed request fields, text, finish and usage."""
 
-    def __init__(self, *, response_id: str, created: int, model: str, shown: dict[str, Any]) -> None:
+    def __init__(self, *, response_id: str, created: int, model: str, shown: dict[str, Any],
+                 read_calls: bool = False) -> None:
         self.id = response_id
         self.created = created
         self.model = model
         self.shown = shown
+        self.read_calls = read_calls  # tools offered: the answer is read for function calls
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.parts: list[str] = []
         self.finish_reason = ""
         self.usage: Usage | None = None
         self.error: BusError | StreamError | None = None
+        self._call_ids: list[tuple[str, str]] = []  # (item id, call id) of each call, in order
+
+    @property
+    def raw(self) -> str:
+        """Everything generated so far (call blocks included)."""
+        return "".join(self.parts)
 
     @property
     def text(self) -> str:
-        """The answer's text so far."""
-        return "".join(self.parts)
+        """The answer's text so far, outside any function call."""
+        return split_answer(self.raw)[0] if self.read_calls else self.raw
+
+    def call_ids(self, index: int) -> tuple[str, str]:
+        """The item id and ``call_id`` of call ``index`` (made once: a stream and the stored object agree)."""
+        while len(self._call_ids) <= index:
+            self._call_ids.append((f"fc_{uuid.uuid4().hex}", "call_" + uuid.uuid4().hex[:24]))
+        return self._call_ids[index]
 
     @property
     def status(self) -> str:
@@ -85,17 +100,34 @@ class ResponseDraft:
             return "in_progress"
         return "incomplete" if self.finish_reason in _INCOMPLETE else "completed"
 
+    def message_item(self) -> ResponseItem:
+        """The assistant message of the answer (its text outside calls)."""
+        return ResponseItem(id=self.message_id, type="message", role="assistant", texts=[self.text])
+
     def output_items(self) -> list[ResponseItem]:
-        """The answer as output items: one assistant message (tool calls become items of their own)."""
-        return [ResponseItem(id=self.message_id, type="message", role="assistant", texts=[self.text])]
+        """The answer as output items: the assistant message (left out when only calls were made), then
+        one ``function_call`` item per call."""
+        if not self.read_calls:
+            return [self.message_item()]
+        text, calls = split_answer(self.raw)
+        items = [self.message_item()] if text.strip() or not calls else []
+        for i, call in enumerate(calls):
+            item_id, call_id = self.call_ids(i)
+            items.append(ResponseItem(id=item_id, type="function_call", call_id=call_id, name=call.name,
+                                      arguments=call.arguments))
+        return items
 
     def message_json(self, *, final: bool) -> dict[str, Any]:
         """The output message item: empty while in progress (as ``output_item.added`` shows it), else whole."""
         if not final:
             return {"id": self.message_id, "type": "message", "role": "assistant", "status": "in_progress",
                     "content": []}
-        status = "incomplete" if self.status == "incomplete" else "completed"
-        return item_json(self.output_items()[0], status)
+        return item_json(self.message_item(), self.item_status)
+
+    @property
+    def item_status(self) -> str:
+        """An ended output item's status."""
+        return "incomplete" if self.status == "incomplete" else "completed"
 
     def response_json(self) -> dict[str, Any]:
         """The ``response`` object as it stands (``output`` holds the message once the answer ended)."""
@@ -109,6 +141,6 @@ class ResponseDraft:
             "id": self.id, "object": "response", "created_at": self.created, "status": status,
             "completed_at": int(time.time()) if ended else None, "error": error,
             "incomplete_details": incomplete, "model": self.model,
-            "output": [self.message_json(final=True)] if ended else [],
+            "output": [item_json(i, self.item_status) for i in self.output_items()] if ended else [],
             "usage": usage_json(self.usage) if ended else None, **self.shown,
         }

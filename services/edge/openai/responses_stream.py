@@ -24,7 +24,8 @@ from schemas.events import StreamError, TokenLogprob, Usage
 from services.edge.http.sse import raise_error
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai.bodies import SSE_HEADERS
-from services.edge.openai.responses_body import ResponseDraft, output_text, sse_event
+from services.common.tool_format import CallArguments, CallStart, CallStream, Piece, Text
+from services.edge.openai.responses_body import ResponseDraft, item_json, output_text, sse_event
 
 Finished = Callable[[ResponseDraft, dict[str, Any]], Awaitable[None]]
 
@@ -145,3 +146,95 @@ class ResponseSseWriter:
         data = b"".join(self._out)
         self._out.clear()
         await self.response.write(data)
+
+
+class ToolResponseSseWriter(ResponseSseWriter):
+    """The typed events of an answer that may call functions (the request offered ``tools``).
+
+    The generated text is split as it arrives (``tool_format.CallStream``, the splitter chat's
+    ``delta.tool_calls`` use): text outside calls streams as the assistant message's
+    ``output_text`` deltas, opened at its first non-blank text; each call is an output item of its
+    own, announced when its name is known (``response.output_item.added``, arguments ``""``), then
+    ``response.function_call_arguments.delta`` fragments, and at the end
+    ``response.function_call_arguments.done`` and ``response.output_item.done``. Output indexes
+    follow the order items opened in, as the final ``output`` lists them.
+    """
+
+    def __init__(self, request: web.Request, draft: ResponseDraft, on_finished: Finished | None = None) -> None:
+        super().__init__(request, draft, on_finished)
+        self._calls = CallStream()
+        self._message_index: int | None = None
+        self._call_index: dict[int, int] = {}  # call number -> output index
+        self._blank = ""  # leading whitespace held until the message opens (or is never needed)
+
+    async def open(self) -> None:
+        """Send the headers, ``response.created`` and ``response.in_progress``; items open as they come."""
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        self._request[SSE_RESPONSE] = resp
+        await resp.prepare(self._request)
+        self.response = resp
+        shown = self.draft.response_json()
+        self._event("response.created", response=shown)
+        self._event("response.in_progress", response=shown)
+
+    def _next_index(self) -> int:
+        return (self._message_index is not None) + len(self._call_index)
+
+    def _open_message(self) -> None:
+        self._message_index = self._next_index()
+        self._where = {"item_id": self.draft.message_id, "output_index": self._message_index, "content_index": 0}
+        self._event("response.output_item.added", output_index=self._message_index,
+                    item=self.draft.message_json(final=False))
+        self._event("response.content_part.added", **self._where, part=output_text(""))
+
+    def _text(self, text: str) -> None:
+        if self._message_index is None:
+            if not text.strip():
+                self._blank += text
+                return
+            self._open_message()
+            text, self._blank = self._blank + text, ""
+        self._event("response.output_text.delta", **self._where, delta=text, logprobs=[])
+
+    def _pieces(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            match piece:
+                case Text(text=text) if text:
+                    self._text(text)
+                case CallStart(index=i, name=name):
+                    index = self._call_index[i] = self._next_index()
+                    item_id, call_id = self.draft.call_ids(i)
+                    self._event("response.output_item.added", output_index=index,
+                                item={"id": item_id, "type": "function_call", "status": "in_progress",
+                                      "call_id": call_id, "name": name, "arguments": ""})
+                case CallArguments(index=i, fragment=fragment) if fragment:
+                    self._event("response.function_call_arguments.delta", item_id=self.draft.call_ids(i)[0],
+                                output_index=self._call_index[i], delta=fragment)
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        """The events ``text`` completes: message text, a call opening, or its arguments' next fragment."""
+        if text:
+            self.draft.parts.append(text)
+            self._pieces(self._calls.feed(text))
+
+    def end(self, index: int, finish_reason: str) -> None:
+        """Close the message (opened now if the answer is only blank text) and every call."""
+        self.draft.finish_reason = finish_reason
+        self._pieces(self._calls.close())
+        items = {item.id: item for item in self.draft.output_items()}
+        if self._message_index is None and self.draft.message_id in items:
+            self._open_message()
+            if self._blank:
+                self._event("response.output_text.delta", **self._where, delta=self._blank, logprobs=[])
+        if self._message_index is not None:
+            text = self.draft.text
+            self._event("response.output_text.done", **self._where, text=text, logprobs=[])
+            self._event("response.content_part.done", **self._where, part=output_text(text))
+            self._event("response.output_item.done", output_index=self._message_index,
+                        item=self.draft.message_json(final=True))
+        for i, output_index in self._call_index.items():
+            item = items[self.draft.call_ids(i)[0]]
+            self._event("response.function_call_arguments.done", item_id=item.id, output_index=output_index,
+                        arguments=item.arguments)
+            self._event("response.output_item.done", output_index=output_index,
+                        item=item_json(item, self.draft.item_status))

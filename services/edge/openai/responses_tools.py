@@ -6,21 +6,19 @@ shape, kept in this one module:
 - ``chat_tool_fields``: ``tools`` (``{type: function, name, description, parameters, strict}``),
   ``tool_choice`` and ``parallel_tool_calls`` into the chat body's ``tools``
   (``{type: function, function: {...}}``), ``tool_choice`` and ``parallel_tool_calls``. Chat
-  decides what it serves: while it refuses ``tools``, that 400 is the Responses answer too.
+  decides what it serves (the same refusals, e.g. tools with ``text.format``).
 - ``call_message``: ``function_call`` / ``function_call_output`` items into an assistant
-  message's ``tool_calls`` / a ``tool`` message, when chat messages carry tool calls; until then
-  such an item is refused (400 ``unsupported``) rather than silently dropped from the conversation.
-- ``tool_call_items``: a chat answer's ``tool_calls`` into ``function_call`` output items.
+  message's ``tool_calls`` / a ``tool`` message.
+
+The answer's calls become ``function_call`` output items in ``responses_body.ResponseDraft``.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from schemas.errors import BusError, ErrorCode
 from schemas.responses import ResponseItem
-from services.edge.openai.types import MessageBody
 
 _FUNCTION_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
 
@@ -71,19 +69,11 @@ def chat_tool_fields(tools: list[dict[str, Any]] | None, tool_choice: Any,
     return out
 
 
-def chat_serves_tool_calls() -> bool:
-    """Whether chat messages carry tool calls (an assistant's ``tool_calls``, a tool's ``tool_call_id``)."""
-    return {"tool_calls", "tool_call_id"} <= set(MessageBody.__struct_fields__)
-
-
 def call_message(item: ResponseItem, messages: list[dict[str, Any]], param: str) -> None:
     """Append a ``function_call`` / ``function_call_output`` item to chat ``messages``.
 
     Consecutive calls join one assistant message (parallel tool calls), as chat has them.
     """
-    if not chat_serves_tool_calls():
-        raise _unsupported(f"'{item.type}' input items are not served yet: tool calling is not available",
-                           param)
     if item.type == "function_call_output":
         messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         return
@@ -93,10 +83,3 @@ def call_message(item: ResponseItem, messages: list[dict[str, Any]], param: str)
         last["tool_calls"].append(call)
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-
-
-def tool_call_items(tool_calls: list[dict[str, Any]]) -> list[ResponseItem]:
-    """A chat answer's ``tool_calls`` (``[{id, type, function: {name, arguments}}]``) as ``function_call`` items."""
-    return [ResponseItem(id=f"fc_{uuid.uuid4().hex}", type="function_call", call_id=call.get("id", ""),
-                         name=call["function"]["name"], arguments=call["function"].get("arguments", ""))
-            for call in tool_calls]
