@@ -108,8 +108,10 @@ async def start_llama_server(tmp: Path, args) -> tuple[asyncio.subprocess.Proces
             "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.slots),
             "-c", str(args.slots * args.context), "--no-webui", "-a", "m"]
     log = open(tmp / "llama-server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}  # libgomp's default wait, as shipped
+    env["LD_LIBRARY_PATH"] = str(binary.parent)  # its ggml/llama libraries, copied beside it
     proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                                                stdin=asyncio.subprocess.DEVNULL)
+                                                stdin=asyncio.subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as s:
         deadline = time.monotonic() + 180
@@ -192,12 +194,19 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB; load average {load}"
 
 
+HEADING = "## Peer servers: the platform against each engine's own server (`bench/peer_servers.py`)"
+ABOUT = ("Same GGUF, threads, slots and KV cells per slot on both sides; streaming chat over HTTP, greedy; the "
+         "sides alternate in rounds at each concurrency. Ratios are platform / peer: tok/s above 1 and TTFT p99 "
+         "at or below 1 mean the platform is at least as fast. RSS is the model process's resident memory.")
+
+
 def record(path: Path, text: str, args) -> None:
-    """Append the dated result under the peer-servers heading of ``path``."""
+    """Append the dated result under the peer-servers heading of ``path`` (the heading added once)."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cmd = " ".join(["bench/peer_servers.py", *sys.argv[1:]])
+    head = "" if HEADING in path.read_text() else f"\n{HEADING}\n\n{ABOUT}\n"
     with path.open("a") as f:
-        f.write(f"\n### `{cmd}` ({stamp})\n\nMachine: {machine()}.\n\n{text}\n")
+        f.write(f"{head}\n### `{cmd}` ({stamp})\n\nMachine: {machine()}.\n\n{text}\n")
 
 
 async def main(args) -> None:
@@ -220,7 +229,10 @@ async def main(args) -> None:
                 server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label)
                 started.append((server, sup))
                 sides.append(side)
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+            # A new connection per request on every side: llama-server closes a connection after a
+            # streamed answer, and a pooled connection it closed fails the next request.
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
+                                             connector=aiohttp.TCPConnector(force_close=True)) as session:
                 await measure(sides, args, session)
         finally:
             for server, sup in started:
