@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -116,7 +117,9 @@ async def start_pipeline(tmp: Path, args, model_path: Path, port: int) -> tuple[
         engine += ["--model-path", str(model_path)]
     if args.threads:
         engine += ["--threads", str(args.threads)]
-    sup = Supervisor(tmp / "logs", cwd=REPO, console=None, report=lambda _m: None)
+    engine += list(getattr(args, "engine_args", ()))  # extra engine flags (bench/peer_servers.py)
+    env = {**os.environ, **getattr(args, "env", {})}  # extra environment of the services (bench/peer_servers.py)
+    sup = Supervisor(tmp / "logs", env=env, cwd=REPO, console=None, report=lambda _m: None)
     await sup.start(ChildSpec("engine", tuple(engine)))
     await sup.start(ChildSpec("scheduler", (py, "-m", "services.scheduler", "--nats-url", server.url)))
     await sup.start(ChildSpec("edge", (py, "-m", "services.edge", "--nats-url", server.url, "--port", str(port))))

@@ -199,3 +199,15 @@ def test_threads_must_not_be_negative(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--engine", "llamacpp", "--model-id", "m", "--threads", "-1"])
     assert "--threads" in capsys.readouterr().err
+
+
+def test_the_llama_cpp_engine_process_does_not_load_torch():
+    """Its resident memory next to llama-server's: torch alone is about 180 MiB the engine never uses."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom services.engine.backends import backend_class\nimport services.engine.service\n"
+            "backend_class('llamacpp')\nimport services.engine.grammar.compiler\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

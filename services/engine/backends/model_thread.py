@@ -66,10 +66,13 @@ class EventQueues:
         q: asyncio.Queue[StepEvent] = asyncio.Queue()
         self._queues[request_id] = q  # before submit (which may await a download): a cancel meanwhile is kept
         finished = False
+        held: StepEvent | None = None
         try:
             await submit()
             while True:
-                event = await q.get()
+                event, held = (held, None) if held is not None else (await q.get(), None)
+                if isinstance(event, Chunk) and not q.empty():
+                    event, held = coalesce(event, q)
                 if isinstance(event, Failed):
                     finished = True
                     raise BusError(event.code, event.message)
@@ -83,6 +86,24 @@ class EventQueues:
             self._queues.pop(request_id, None)
             if not finished:
                 abort(request_id)
+
+
+def coalesce(chunk: Chunk, q: asyncio.Queue[StepEvent]) -> tuple[Chunk, StepEvent | None]:
+    """``chunk`` merged with the chunks already queued behind it, and the first non-chunk event taken (or None).
+
+    A consumer that fell behind the model thread (a loaded host, a slow reply path) then sends one
+    delta for several tokens instead of one message per token through the engine, NATS and the
+    edge; a consumer that keeps up never finds a second chunk waiting and still sends one per step.
+    """
+    texts, ids, logprobs = [chunk.text], list(chunk.token_ids), list(chunk.logprobs or ())
+    while not q.empty():
+        event = q.get_nowait()
+        if not isinstance(event, Chunk):
+            return Chunk("".join(texts), ids, logprobs or None), event
+        texts.append(event.text)
+        ids += event.token_ids
+        logprobs += event.logprobs or ()
+    return Chunk("".join(texts), ids, logprobs or None), None
 
 
 class ModelThread(threading.Thread):

