@@ -13,7 +13,7 @@ import re
 
 ROOT = "llm.v1"
 
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 

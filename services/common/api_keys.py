@@ -13,7 +13,7 @@ import re
 import secrets
 
 KEY_PREFIX = "cy-"
-_KEY_RE = re.compile(r"^cy-([0-9a-f]{12})\.[A-Za-z0-9_-]{20,128}$")
+_KEY_RE = re.compile(r"^cy-([0-9a-f]{12})\.[A-Za-z0-9_-]{20,128}\Z")
 
 
 def new_api_key() -> tuple[str, str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from schemas.errors import BusError, ErrorCode
 
 SEPARATOR = ":"
-ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def check_adapter_id(adapter: str, param: str = "adapter") -> str:

@@ -20,7 +20,7 @@ from schemas.inference import DispatchReply, InferenceRequest
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 
 # A reply subject the scheduler may publish to: dot-separated tokens, no wildcards or spaces.
-_SUBJECT_RE = re.compile(r"^[^.\s*>]+(\.[^.\s*>]+)*$")
+_SUBJECT_RE = re.compile(r"^[^.\s*>]+(\.[^.\s*>]+)*\Z")
 
 # Refusals about the request itself: retrying on another engine would only fail again.
 # Refusals about the request itself: it would fail on any engine. ``unsupported`` is not one of them:

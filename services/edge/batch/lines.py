@@ -20,7 +20,7 @@ from schemas.errors import BusError, ErrorCode
 ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_LINES = 50_000  # OpenAI's limit of requests per batch
 # ``completion_window``: OpenAI accepts "24h"; shorter windows ("30m", "90s") are this platform's extension.
-_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
+_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])\Z")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW = 24 * 3600
 

@@ -154,7 +154,9 @@ _ERROR = _json(_ref("ErrorBody"), "an OpenAI error body: 400 invalid (also a mal
                "401/403 credentials, 404 unknown model or route, 405 wrong method, 413 body too large, "
                "431 request line or headers too large, 429 rate limit or full queue (Retry-After), "
                "503 no engine, 504 timeout")
-_SSE = {"text/event-stream": {"schema": _STR}}
+# For text/event-stream, ``schema`` describes one event (OpenAPI 3.2's reading of 3.1, as schemathesis
+# validates it): its ``data`` is a JSON chunk or the closing ``[DONE]``.
+_SSE = {"text/event-stream": {"schema": _obj(["data"], data=_STR, event=_STR, id=_STR, retry=_INT)}}
 
 
 def _op(summary: str, ok: dict[str, Any], *, body: str | None = None, scope: str | None = "inference",

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # JetStream 10077: the stream is at its bound (LLM_TRAIN max_msgs, discard new).
 _STORE_FULL = 10077
 _CAS_ATTEMPTS = 5
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
                 *BUS_DOWN)
 

@@ -32,9 +32,9 @@ from services.edge.training.types import (
 )
 
 BASE_LEARNING_RATE = Hyperparameters().learning_rate
-SUFFIX_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9_-]{1,64}$")
+SUFFIX_RE = re.compile(r"^[a-z0-9_-]{1,64}\Z")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9_-]{1,64}\Z")
 MAX_METADATA_KEYS = 16
 JOB_ID_PREFIX = "ftjob-"
 FILE_ID_PREFIX = "file-"

@@ -57,7 +57,14 @@ def render_prompt(tokenizer, request: InferenceRequest, add_generation_prompt: b
 
 
 def check_context(prompt_tokens: int, context_length: int) -> None:
-    """A prompt that leaves no room to generate is a typed error before it reaches the engine."""
+    """A prompt of no tokens, or one that leaves no room to generate, is a typed error before it reaches the engine.
+
+    A tokenizer that adds no BOS (SmolLM2's) renders ``""`` as no tokens at all, which the model cannot
+    start from (torch fails on the empty input): that is the caller's bad input, not an engine failure.
+    """
+    if prompt_tokens == 0:
+        raise BusError(ErrorCode.INVALID_REQUEST, "the prompt is empty: give at least one token to start from",
+                       param="prompt")
     if context_length and prompt_tokens >= context_length:
         raise BusError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                        f"this model's maximum context length is {context_length} tokens, "
