@@ -78,13 +78,19 @@ class BatchRunner:
     async def start(self) -> None:
         """Bind the consumer and start pulling (without the consumer, batches wait for a provisioned edge)."""
         js = self._edge.nc.jetstream()
+        sub = None
         try:
-            self._sub = await js.pull_subscribe_bind(names.BATCH_DURABLE, names.BATCH_STREAM)
+            # Binding does not look the consumer up; its info does (and gives the ack wait).
+            sub = await js.pull_subscribe_bind(names.BATCH_DURABLE, names.BATCH_STREAM)
+            ack_wait = (await sub.consumer_info()).config.ack_wait or 30.0
         except nats.js.errors.NotFoundError:
             log.warning("consumer %s of %s is missing (run ./cy infra apply): this edge runs no batches",
                         names.BATCH_DURABLE, names.BATCH_STREAM)
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
             return
-        ack_wait = (await self._sub.consumer_info()).config.ack_wait or 30.0
+        self._sub = sub
         self._keepalive = max(0.2, ack_wait / 3)
         self._loops = [asyncio.create_task(self._pull_forever(), name="batch-pull"),
                        asyncio.create_task(self._watch_forever(), name="batch-watch")]
