@@ -6,7 +6,6 @@ The contract itself (streaming, stop, seed, abort, usage...) runs on vLLM in tes
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
@@ -146,27 +145,3 @@ async def test_a_dead_engine_core_fails_health_and_requests(engine):
     with pytest.raises(BusError) as info:
         await token_ids(engine, chat(max_tokens=4))
     assert info.value.code == ErrorCode.ENGINE_FAILED
-
-
-async def test_vllm_holds_structured_outputs_at_temperature_one(engine):
-    # The same constraints as the engines that sample themselves (test_engine_structured.py), through
-    # vLLM's own structured-output parameters.
-    from tests.engine.test_engine_structured import SCHEMA, request, run
-    from schemas.inference import StructuredOutput
-
-    schema = StructuredOutput(kind="json_schema", json=json.dumps(SCHEMA))
-    answers = await asyncio.wait_for(asyncio.gather(*(run(engine, request(schema, temperature=1.0, seed=s))
-                                                      for s in range(4))), 300)
-    for text, _, fin in answers:
-        assert fin.reason == "stop", text
-        value = json.loads(text)
-        assert set(value) == {"name", "age"} and 0 <= value["age"] <= 99 and len(value["name"]) <= 16
-    for seed in range(2):
-        text, _, fin = await run(engine, request(StructuredOutput(kind="choice", choice=["left", "right"]),
-                                                 temperature=1.0, seed=seed))
-        assert text in ("left", "right") and fin.reason == "stop"
-        text, _, _ = await run(engine, request(StructuredOutput(kind="regex", regex="[a-z]{4}-[0-9]{3}"),
-                                               temperature=1.0, seed=seed))
-        assert len(text) == 8 and text[:4].isalpha() and text[4] == "-" and text[5:].isdigit(), text
-    cut, _, fin = await run(engine, request(schema, temperature=1.0, seed=1, max_tokens=3))
-    assert fin.reason == "length" and cut.startswith("{")
