@@ -26,7 +26,7 @@ from schemas.events import StreamStart, decode_event, encode
 from schemas.inference import DispatchReply
 from tests.support import free_port
 from tests.e2e.test_e2e_failover import SimCluster, body, expected, stream_chat
-from tests.engine.test_engine_service import request, running_engine
+from tests.engine.test_engine_service import dispatch, request, running_engine
 
 
 async def test_the_engine_sends_stream_start_before_it_answers_accepted(nc, nats_server):
@@ -35,6 +35,9 @@ async def test_the_engine_sends_stream_start_before_it_answers_accepted(nc, nats
     base = f"_INBOX.order-{uuid.uuid4().hex[:8]}"
     sub = await nc.subscribe(f"{base}.>")
     async with running_engine(nats_server.url, "--sim-ttft", "1") as (_, worker):
+        # First an offer that is retried on "no responders" (a just-started engine's first offer
+        # can get it): once answered, the engine's subscription is reachable from this connection.
+        assert (await dispatch(nc, worker, request(nc.new_inbox(), max_tokens=1))).accepted
         req = request(f"{base}.events", max_tokens=2)
         await nc.publish(names.engine_generate(worker), encode(req), reply=f"{base}.accept")
         first, second = await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)
