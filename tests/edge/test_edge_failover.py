@@ -15,6 +15,7 @@ from schemas import names
 from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage
 from schemas.inference import CancelRequest, ChatMessage, InferenceRequest, SamplingParams
 from services.edge.bus.failover import Delivered, Impossible, begin, next_attempt
+from tests.scheduler.test_scheduler_harness import eventually
 from tests.edge_harness import (  # noqa: F401 - fixtures
     BusEngine,
     assert_error,
@@ -137,6 +138,8 @@ async def test_an_engine_that_accepted_an_older_offer_late_never_reaches_the_cli
         body = await (await asyncio.wait_for(post, 5)).json()
         assert body["choices"][0]["message"]["content"] == "a b "
         assert body["usage"]["completion_tokens"] == 2
+        # The withdrawal travels on its own subject: wait for it rather than assume it came first.
+        await eventually(lambda: bool(stopped), what="the late engine's withdrawal")
         assert [(c.id, c.dispatch, c.reason) for c in stopped] == [(req.id, 0, "stray_dispatch")]
     finally:
         await spare.stop_heartbeats()
