@@ -55,6 +55,22 @@ class CounterStore:
             return 0
         return int(_counter_value.decode(msg.data).val)
 
+    async def add_or_admit(self, subject: str, delta: int) -> int:
+        """``add``, but 0 (admit) while the counter cannot be reached: limits fail open, never block serving."""
+        try:
+            return await self.add(subject, delta)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("rate counter %s unavailable (%s); admitting", subject, type(exc).__name__)
+            return 0
+
+    async def total_or_admit(self, subject: str) -> int:
+        """``total``, but 0 (admit) while the counter cannot be reached."""
+        try:
+            return await self.total(subject)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("rate counter %s unavailable (%s); admitting", subject, type(exc).__name__)
+            return 0
+
 
 async def charge_tokens(js: JetStreamContext, caller: str, tokens: int, now: float, *, timeout: float = 2.0) -> None:
     """Add a finished request's ``tokens`` to ``caller``'s budget of the minute ``now`` falls in.

@@ -121,12 +121,12 @@ class KeyAdmission:
         window, reset = rate_window.minute_window(self._clock())
         requests_subject = names.rate_counter(caller, rate_window.REQUESTS, window)
         requests, tokens = await asyncio.gather(
-            self._add(requests_subject, 1) if limits.rpm else _zero(),
-            self._total(names.rate_counter(caller, rate_window.TOKENS, window)) if limits.tpm else _zero())
+            self._counters.add_or_admit(requests_subject, 1) if limits.rpm else _zero(),
+            self._counters.total_or_admit(names.rate_counter(caller, rate_window.TOKENS, window)) if limits.tpm else _zero())
         reason = rate_window.verdict(limits, rate_window.RateUsage(requests=requests, tokens=tokens), stream=False)
         if reason is not None:
             if limits.rpm:
-                await self._add(requests_subject, -1)  # not served: it spends nothing
+                await self._counters.add_or_admit(requests_subject, -1)  # not served: it spends nothing
             wait = rate_window.retry_after(reason, reset, 1)
             await self._refuse(msg, lane, req.id, req.reply_to, ErrorCode.RATE_LIMITED,
                                rate_window.rejection_message(reason, limits, wait))
@@ -138,7 +138,7 @@ class KeyAdmission:
         except (nats.errors.Error, TimeoutError) as exc:  # a full queue (10077) or no JetStream: try again later
             log.warning("keyed request %s could not join the %s queue (%s); retrying", req.id, lane, exc)
             if limits.rpm:
-                await self._add(requests_subject, -1)
+                await self._counters.add_or_admit(requests_subject, -1)
             await msg.nak(delay=REQUEUE_DELAY)
             return
         await msg.ack()
@@ -157,20 +157,6 @@ class KeyAdmission:
                 log.warning("could not send %s to keyed request %s: %s", code, request_id, exc)
         await msg.ack()
         self._metrics.outcome(lane, Outcome.RATE_LIMITED if code == ErrorCode.RATE_LIMITED else Outcome.INVALID)
-
-    async def _add(self, subject: str, delta: int) -> int:
-        try:
-            return await self._counters.add(subject, delta)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("rate counter %s unavailable (%s); admitting", subject, type(exc).__name__)
-            return 0
-
-    async def _total(self, subject: str) -> int:
-        try:
-            return await self._counters.total(subject)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("rate counter %s unavailable (%s); admitting", subject, type(exc).__name__)
-            return 0
 
 
 async def _zero() -> int:

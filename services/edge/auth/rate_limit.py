@@ -155,19 +155,6 @@ class RateLimiter:
         self._clock = clock
         self.leases = StreamLeases(self._counters, clock=clock)
 
-    async def _add(self, subject: str, delta: int) -> int:
-        try:
-            return await self._counters.add(subject, delta)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("rate counter %s unavailable (%s); admitting", subject, type(exc).__name__)
-            return 0
-
-    async def _total(self, subject: str) -> int:
-        try:
-            return await self._counters.total(subject)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("rate counter %s unavailable (%s); admitting", subject, type(exc).__name__)
-            return 0
 
     async def _acquire_stream(self, caller: str) -> tuple[int | None, int]:
         try:
@@ -187,15 +174,15 @@ class RateLimiter:
         req_subject = names.rate_counter(caller, rate_window.REQUESTS, window)
         counts_stream = stream and bool(limits.streams)
         requests, tokens, (lease, streams) = await asyncio.gather(
-            self._add(req_subject, 1) if limits.rpm else self._zero(),
-            self._total(names.rate_counter(caller, rate_window.TOKENS, window)) if limits.tpm else self._zero(),
+            self._counters.add_or_admit(req_subject, 1) if limits.rpm else self._zero(),
+            self._counters.total_or_admit(names.rate_counter(caller, rate_window.TOKENS, window)) if limits.tpm else self._zero(),
             self._acquire_stream(caller) if counts_stream else _no_lease())
         used = RateUsage(requests=requests, tokens=tokens, streams=streams)
         reason = rate_window.verdict(limits, used, stream=stream)
         if reason is None:
             return Admission(self, caller, limits, rate_window.headers(limits, used, reset), lease)
         # Take back what this request added: it is not served.
-        await asyncio.gather(self._add(req_subject, -1) if limits.rpm else self._zero(),
+        await asyncio.gather(self._counters.add_or_admit(req_subject, -1) if limits.rpm else self._zero(),
                              self._release(lease))
         self._metrics.rate_limited.labels(reason).inc()
         wait = rate_window.retry_after(reason, reset, self._retry_after)
@@ -215,7 +202,7 @@ class RateLimiter:
         """A request ended: charge its tokens and end its stream lease."""
         window, _ = rate_window.minute_window(self._clock())
         await asyncio.gather(
-            self._add(names.rate_counter(caller, rate_window.TOKENS, window), tokens)
+            self._counters.add_or_admit(names.rate_counter(caller, rate_window.TOKENS, window), tokens)
             if limits.tpm and tokens > 0 else self._zero(),
             self._release(lease))
 

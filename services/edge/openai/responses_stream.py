@@ -86,8 +86,8 @@ class ResponseSseWriter:
         self._out.append(sse_event({"type": kind, **fields, "sequence_number": self._seq}))
         self._seq += 1
 
-    async def open(self) -> None:
-        """Send the headers and the events that open the answer (the response, its message, its text part)."""
+    async def _start(self) -> None:
+        """Send the headers, ``response.created`` and ``response.in_progress``."""
         resp = web.StreamResponse(headers=SSE_HEADERS)
         self._request[SSE_RESPONSE] = resp
         await resp.prepare(self._request)
@@ -95,6 +95,10 @@ class ResponseSseWriter:
         shown = self.draft.response_json()
         self._event("response.created", response=shown)
         self._event("response.in_progress", response=shown)
+
+    async def open(self) -> None:
+        """Send the headers and the events that open the answer (the response, its message, its text part)."""
+        await self._start()
         self._event("response.output_item.added", output_index=0, item=self.draft.message_json(final=False))
         self._event("response.content_part.added", **self._where, part=output_text(""))
 
@@ -169,13 +173,7 @@ class ToolResponseSseWriter(ResponseSseWriter):
 
     async def open(self) -> None:
         """Send the headers, ``response.created`` and ``response.in_progress``; items open as they come."""
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        self._request[SSE_RESPONSE] = resp
-        await resp.prepare(self._request)
-        self.response = resp
-        shown = self.draft.response_json()
-        self._event("response.created", response=shown)
-        self._event("response.in_progress", response=shown)
+        await self._start()
 
     def _next_index(self) -> int:
         return (self._message_index is not None) + len(self._call_index)
