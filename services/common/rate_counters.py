@@ -8,7 +8,9 @@ the same everywhere (``caller_of_key``), so HTTP and NATS-native requests of one
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import msgspec
 import nats.errors
@@ -86,3 +88,22 @@ async def charge_tokens(js: JetStreamContext, caller: str, tokens: int, now: flo
         await CounterStore(js, timeout=timeout).add(subject, tokens)
     except (nats.errors.Error, TimeoutError) as exc:
         log.warning("could not charge %d tokens to %s (%s)", tokens, subject, type(exc).__name__)
+
+
+class TokenCharges:
+    """Token charges sent in the background (the answer must not wait for them), awaited at shutdown."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._pending: set[asyncio.Task] = set()
+
+    def charge(self, caller: str, tokens: int) -> None:
+        """Charge ``tokens`` to ``caller``'s budget of this minute, in the background."""
+        task = asyncio.create_task(charge_tokens(self._js, caller, tokens, time.time()))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` for the charges still on their way."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)

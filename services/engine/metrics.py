@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -44,3 +46,15 @@ class EngineMetrics:
                                          registry=registry)
         self.health_checks = Counter("llm_engine_health_checks_total", "Health checks of the loaded backends, by verdict",
                                      ["health"], registry=registry)
+
+    def observe_finished(self, model: str, start: float, first: float, usage) -> None:
+        """A request on ``model`` finished: its latency since ``start`` (monotonic), time to its ``first``
+        token (0: none) and mean inter-token latency, and its tokens (``usage``: ``schemas.events.Usage``)."""
+        now = time.monotonic()
+        self.latency.labels(model).observe(now - start)
+        self.tokens.labels(model).inc(usage.completion_tokens)
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        if first:
+            self.ttft.labels(model).observe(first - start)
+            if usage.completion_tokens > 1:
+                self.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))

@@ -156,6 +156,13 @@ class ModelHost:
         if model.in_flight == 0:
             model.idle.set()
 
+    def served_id(self, name: str) -> str | None:
+        """The id of the served model that ``name`` is (its id or one of its aliases), or ``None``."""
+        for m in self.served_models():
+            if m.id == name or name in m.aliases:
+                return m.id
+        return None
+
     def served_models(self) -> list[ServedModel]:
         """Every model served now, with its memory, load and PEFT adapters."""
         out = []

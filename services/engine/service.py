@@ -2,11 +2,8 @@
 
 Only this module talks to NATS; the model work is behind ``EngineBackend``.
 
-Cancels leave tombstones, so that a late read of a dispatch never runs it: an id cancelled on ``llm.v1.infer.cancel``, or
-one offer of it withdrawn on ``llm.v1.engine.<worker>.cancel`` (the scheduler stopped waiting for
-this engine's answer), is refused if its dispatch is only read afterwards, for as long as a
-redelivered message could still arrive. A withdrawn offer that is already running stops without a
-terminal event: the reply subject belongs to the engine the request was offered to next.
+Cancels and withdrawals leave tombstones (``offers.OfferBook``), so that a late read of a dispatch
+never runs it, and a withdrawn offer under way stops without a terminal event.
 
 Health is checked, not assumed (``health.HealthMonitor``): every backend's ``check_health`` runs
 each heartbeat interval and after any backend exception, and its verdict is in every heartbeat.
@@ -40,7 +37,6 @@ from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus, bus_permissions, rate_counters
 from services.common.buckets import optional_kv
-from services.common.recent import RecentIds
 from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineBackend
 from services.engine.config import EngineConfig
@@ -50,6 +46,7 @@ from services.engine.control import ModelControl
 from services.engine.grammar.compiler import set_compile_observer
 from services.engine.model_host import BackendFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
+from services.engine.offers import OfferBook
 from services.engine.response_cache import ResponseRecorder, ResponseStore
 
 log = logging.getLogger(__name__)
@@ -64,17 +61,8 @@ class _Progress:
     terminal: bytes | None = None
     cached: CachedResponse | None = None
 
-# Longer than the inference consumers' ack_wait: a message redelivered after a scheduler died
-# between the engine's accept and its ack arrives within it.
-_FINISHED_TTL = 300.0
-
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
-
-
-def _offer_key(request_id: str, dispatch: int) -> str:
-    """The tombstone of one offer (``InferenceRequest.dispatch``) of a request."""
-    return f"{request_id}#{dispatch}"
 
 
 class EngineService:
@@ -90,15 +78,7 @@ class EngineService:
         self._running_on: dict[str, HostedModel] = {}
         self.worker = names.token(config.worker_id)
         self._active: dict[str, asyncio.Task] = {}
-        self._charges: set[asyncio.Task] = set()  # token charges of keyed requests still being sent
-        # Ids that ended here lately: a redelivered copy must not run them again (see ``probe``).
-        self._finished = RecentIds(_FINISHED_TTL)
-        # Tombstones: ids cancelled, and offers (``_offer_key``) withdrawn from this engine, lately.
-        self._cancelled = RecentIds(_FINISHED_TTL)
-        self._withdrawn = RecentIds(_FINISHED_TTL)
-        self._offer_of: dict[str, int] = {}  # active id -> the ``dispatch`` number it runs under
-        self._silenced: set[str] = set()  # active ids whose offer was withdrawn: they publish nothing more
-        self._ending: dict[str, str] = {}  # active ids the engine gave up on (failed, stalled) -> why
+        self._offers = OfferBook()  # which offer each active id runs under; tombstones of the others
         self._health = HealthMonitor(self.host.backends, interval=config.heartbeat_interval,
                                      on_change=self._on_health,
                                      on_check=lambda s: metrics.health_checks.labels(s.health.value).inc())
@@ -132,6 +112,7 @@ class EngineService:
                                         inbox=names.identity_inbox(bus_permissions.ENGINE, self.worker))
             workers_kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
             self.host.bind_bus(self.nc.jetstream())
+            self._charges = rate_counters.TokenCharges(self.nc.jetstream())  # keyed requests' token charges
             if (cache_kv := await optional_kv(self.nc.jetstream(), names.PROMPT_CACHE_BUCKET,
                                                        "responses are not cached")) is not None:
                 self._responses = ResponseStore(cache_kv)
@@ -160,8 +141,7 @@ class EngineService:
             await service.stop()
             if self._responses is not None:
                 await self._responses.flush()
-            if self._charges:  # keyed requests' token charges still on their way to LLM_RATE
-                await asyncio.wait(set(self._charges), timeout=5)
+            await self._charges.settle()  # keyed requests' token charges still on their way to LLM_RATE
             await self._beats.forget()
 
     async def _close_connection(self) -> None:
@@ -196,18 +176,13 @@ class EngineService:
             await request.respond(self._reply(False, ErrorCode.INVALID_REQUEST, f"bad request: {exc}"))
             return
         if req.probe:  # a scheduler re-taking a redelivered message: only "is it (or was it just) here?"
-            await request.respond(self._reply(req.id in self._active or req.id in self._finished))
+            await request.respond(self._reply(req.id in self._active or req.id in self._offers.finished))
             return
         # Let the cancels already read from the socket run first: an engine whose event loop was blocked
         # past the scheduler's dispatch_timeout reads the offer and its withdrawal in the same read.
         await asyncio.sleep(0)
-        if req.id in self._cancelled or _offer_key(req.id, req.dispatch) in self._withdrawn:
-            await request.respond(self._reply(False, ErrorCode.CANCELLED,
-                                              f"request {req.id} was cancelled or withdrawn from {self.worker}"))
-            return
-        if req.id in self._silenced:  # an older, withdrawn offer of it is still stopping here
-            await request.respond(self._reply(False, ErrorCode.ENGINE_BUSY,
-                                              "an earlier offer of this request is still stopping"))
+        if (refusal := self._offers.refusal(req, self.worker)) is not None:
+            await request.respond(self._reply(False, *refusal))
             return
         if req.id not in self._active and (target := self.host.route(req.model)) is not None:
             try:  # what this engine cannot serve is refused now, not after the dispatch was accepted
@@ -237,8 +212,8 @@ class EngineService:
             return
         self.host.begin(hosted)  # before any await: an eviction must see the request
         self._running_on[req.id] = hosted
-        self._offer_of[req.id] = req.dispatch
-        model = self._served_id(req.model) or hosted.id
+        self._offers.begin(req)
+        model = self.host.served_id(req.model) or hosted.id
         self._active[req.id] = asyncio.create_task(self._run(req, model))
         self._beats.changed()
         # StreamStart before "accepted", on the same connection: NATS delivers one connection's
@@ -250,19 +225,13 @@ class EngineService:
                                                                dispatch=req.dispatch)))
         await request.respond(self._reply(True))
 
-    def _served_id(self, name: str) -> str | None:
-        for m in self.host.served_models():
-            if m.id == name or name in m.aliases:
-                return m.id
-        return None
-
     async def _on_cancel(self, msg) -> None:
         try:
             cancel = _cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
             log.warning("ignoring malformed cancel on %s", msg.subject)
             return
-        self._cancelled.add(cancel.id)  # a dispatch of it read after this is refused
+        self._offers.cancel(cancel.id)  # a dispatch of it read after this is refused
         if cancel.id in self._active and (hosted := self._running_on.get(cancel.id)) is not None:
             log.info("cancel %s (%s)", cancel.id, cancel.reason)
             await hosted.backend.abort(cancel.id)
@@ -275,14 +244,12 @@ class EngineService:
         except msgspec.DecodeError:
             log.warning("ignoring malformed withdrawal on %s", msg.subject)
             return
-        self._withdrawn.add(_offer_key(cancel.id, cancel.dispatch))
         task = self._active.get(cancel.id)
-        if task is not None and self._offer_of.get(cancel.id) == cancel.dispatch:
+        if self._offers.withdraw(cancel.id, cancel.dispatch) and task is not None:
             log.warning("offer %d of %s withdrawn (%s): stopping it without a word", cancel.dispatch, cancel.id,
                         cancel.reason)
-            self._silenced.add(cancel.id)
             # At once, even before the backend knows the id; a task that has not begun is never cancelled
-            # (its ``finally`` would not run): ``_run`` sees ``_silenced`` first thing instead.
+            # (its ``finally`` would not run): ``_run`` sees it silenced first thing instead.
             if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
                 task.cancel()
 
@@ -295,10 +262,10 @@ class EngineService:
         outcome = "ok"
         recorder = ResponseRecorder(model) if req.cache_key and self._responses is not None else None
         try:
-            if req.id in self._silenced:
+            if req.id in self._offers.silenced:
                 raise asyncio.CancelledError  # withdrawn before it began: the same path as a withdrawal under way
-            if req.id in self._ending:  # given up on before it began (see ``_end_in_flight``)
-                raise BusError(ErrorCode.ENGINE_FAILED, self._ending[req.id])
+            if req.id in self._offers.ending:  # given up on before it began (see ``_end_in_flight``)
+                raise BusError(ErrorCode.ENGINE_FAILED, self._offers.ending[req.id])
             await self._generate(req, model, start, progress, recorder)
             if progress.terminal is None:
                 outcome = "cancelled"
@@ -308,14 +275,14 @@ class EngineService:
             outcome = exc.code
             progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=exc.code,
                                                    message=exc.message, param=exc.param, dispatch=req.dispatch))
-            if exc.code in (ErrorCode.ENGINE_FAILED, ErrorCode.INTERNAL) and req.id not in self._ending:
+            if exc.code in (ErrorCode.ENGINE_FAILED, ErrorCode.INTERNAL) and req.id not in self._offers.ending:
                 self._health.poke()  # the backend gave up on a request: is it still able to serve?
         except asyncio.CancelledError:
-            outcome = "withdrawn" if req.id in self._silenced else ErrorCode.ENGINE_FAILED \
-                if req.id in self._ending else "aborted"
+            outcome = "withdrawn" if req.id in self._offers.silenced else ErrorCode.ENGINE_FAILED \
+                if req.id in self._offers.ending else "aborted"
             progress.terminal = encode(StreamError(
                 id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED, dispatch=req.dispatch,
-                message=self._ending.get(req.id, "engine shut down before the request finished")))
+                message=self._offers.ending.get(req.id, "engine shut down before the request finished")))
             await self._abort(req.id)
         except Exception as exc:  # the engine must answer every request, whatever the backend did
             log.exception("request %s failed", req.id)
@@ -325,8 +292,7 @@ class EngineService:
                                                    message=f"engine error: {type(exc).__name__}: {exc}",
                                                    dispatch=req.dispatch))
         finally:
-            if req.id in self._silenced:  # withdrawn: the reply subject is another engine's now
-                self._silenced.discard(req.id)
+            if req.id in self._offers.silenced:  # withdrawn: the reply subject is another engine's now
                 progress.terminal = None
             if progress.terminal is not None and not self.nc.is_closed:
                 with contextlib.suppress(NatsError):
@@ -334,10 +300,8 @@ class EngineService:
             if outcome == "ok" and progress.cached is not None and self._responses is not None and req.cache_key:
                 self._responses.store(req.cache_key, progress.cached)  # after the terminal event, in the background
             self._active.pop(req.id, None)
-            self._offer_of.pop(req.id, None)
-            self._ending.pop(req.id, None)
+            self._offers.end(req.id)
             self.host.end(self._running_on.pop(req.id))
-            self._finished.add(req.id)
             self._beats.changed()
             self.metrics.requests.labels(model, outcome).inc()
 
@@ -350,7 +314,7 @@ class EngineService:
             async for event in events:
                 if self._beats.stalled():
                     self._end_in_flight(self._beats.stall_reason())
-                if req.id in self._ending:  # given up on: not one more token (the cancel lands right here)
+                if req.id in self._offers.ending:  # given up on: not one more token (the cancel lands right here)
                     await asyncio.sleep(0)
                     raise asyncio.CancelledError
                 progress.seq += 1
@@ -368,29 +332,11 @@ class EngineService:
                         usage=msgspec.structs.replace(usage, cached_tokens=event.cached_tokens), dispatch=req.dispatch))
                     if recorder is not None:
                         progress.cached = recorder.finished(event.reason, usage)
-                    self._observe_finished(model, start, progress.first, usage)
-                    self._charge(req, usage)
+                    self.metrics.observe_finished(model, start, progress.first, usage)
+                    if req.rate_caller:  # an API key's NATS-native request spends its key's token budget
+                        self._charges.charge(req.rate_caller, usage.prompt_tokens + usage.completion_tokens)
         finally:
             await events.aclose()
-
-    def _charge(self, req: InferenceRequest, usage: Usage) -> None:
-        """An API key's NATS-native request spends its tokens from the key's budget (in the background)."""
-        if not req.rate_caller:
-            return
-        charge = asyncio.create_task(rate_counters.charge_tokens(
-            self.nc.jetstream(), req.rate_caller, usage.prompt_tokens + usage.completion_tokens, time.time()))
-        self._charges.add(charge)
-        charge.add_done_callback(self._charges.discard)
-
-    def _observe_finished(self, model: str, start: float, first: float, usage: Usage) -> None:
-        now = time.monotonic()
-        self.metrics.latency.labels(model).observe(now - start)
-        self.metrics.tokens.labels(model).inc(usage.completion_tokens)
-        self.metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-        if first:
-            self.metrics.ttft.labels(model).observe(first - start)
-            if usage.completion_tokens > 1:
-                self.metrics.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))
 
     async def _abort(self, request_id: str) -> None:
         """Stop ``request_id`` in its backend; a backend too broken to abort is logged, not raised (the
@@ -411,13 +357,12 @@ class EngineService:
         """End every in-flight request with ``engine_failed`` (``reason``) and no more tokens.
 
         A task that has not begun is not cancelled (its ``finally`` would not run): ``_run`` sees
-        ``_ending`` first thing instead. The producer's failover takes each request elsewhere.
+        it ending first thing instead. The producer's failover takes each request elsewhere.
         """
         for request_id, task in self._active.items():
-            if request_id in self._ending or request_id in self._silenced:
+            if not self._offers.give_up(request_id, reason):
                 continue
             log.warning("ending %s: %s", request_id, reason)
-            self._ending[request_id] = reason
             if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
                 task.cancel()
 
