@@ -136,7 +136,9 @@ def edge() -> Permissions:
         object_writer(names.ARTIFACTS_STORE),
         # Batches: every edge queues them and runs their lines (``services.edge.batch``).
         (names.BATCH_START, names.BATCH_LINES_ALL), queue_consumer(names.BATCH_STREAM, names.BATCH_DURABLE),
-        kv_writer(names.BATCHES_BUCKET))
+        kv_writer(names.BATCHES_BUCKET),
+        # A finished batch's line outcomes are purged once its result files hold them (``finish``).
+        (f"{JS_API}.STREAM.PURGE.{names.kv_stream(names.BATCHES_BUCKET)}",))
     subscribe = (_inbox(inbox), names.WORKER_STATUS_ALL, names.MICRO_ALL)
     return Permissions(EDGE, inbox, publish, subscribe, allow_responses=True,
                        description="HTTP edge: submits inference and training jobs, reads API keys")

@@ -16,6 +16,7 @@ from schemas import names
 from services.edge import EdgeConfig, create_app
 from services.edge.batch import execute, lines
 from tests.batch_harness import LowLaneEngine, chat_line, jsonl, rows_of, wait_ended
+from tests.support import wait_for
 from tests.edge_harness import MODEL, CancelRecorder, assert_error, cancels, engine, wait_until_served  # noqa: F401
 
 
@@ -48,7 +49,7 @@ async def sdk(edge):
         yield c
 
 
-async def test_a_batch_of_50_with_one_bad_line_answers_every_good_line_once(sdk, low, edge):
+async def test_a_batch_of_50_with_one_bad_line_answers_every_good_line_once(sdk, low, edge, js):
     rows = [chat_line(f"req-{i}") for i in range(50)]
     rows[17] = chat_line("req-17", max_tokens=-3)  # valid JSONL, refused by chat completions itself
     uploaded = await sdk.files.create(file=("in.jsonl", jsonl(rows)), purpose="batch")
@@ -84,6 +85,13 @@ async def test_a_batch_of_50_with_one_bad_line_answers_every_good_line_once(sdk,
 
     listed = [b.id async for b in sdk.batches.list()]
     assert listed == [batch.id]
+    # The result files hold every line now: the outcomes leave KV (just after the state turned final),
+    # the batch's state stays.
+    async def only_the_state_is_left() -> bool:
+        info = await js.stream_info(names.kv_stream(names.BATCHES_BUCKET), subjects_filter=">")
+        return list(info.state.subjects or {}) == [names.kv_key_subject(names.BATCHES_BUCKET, batch.id)]
+
+    assert await wait_for(only_the_state_is_left, timeout=10)
     assert (await sdk.batches.retrieve(batch.id)).model_dump() == done.model_dump()
 
 

@@ -4,6 +4,9 @@ Run after every recorded line (and on a redelivered line whose outcome was alrea
 runner that died between recording the last line and finishing leaves it to the next one). It
 does nothing until every line has an outcome. Files get ids derived from the batch id, so two
 runners finishing the same batch write the same objects; the state changes once (compare-and-set).
+Once the state is final, the line outcomes are purged from KV: the result files hold them, and a
+batch leaves only its state behind. A runner that read fewer outcomes than lines was beaten to it
+by one that finished and purged, and writes no file.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ async def finish_batch(store: BatchStore, files: TrainingStore, batch_id: str, t
     if state.status in TERMINAL:
         return state
     rows = await store.outcomes(batch_id)
+    if sum(map(len, rows.values())) < total:  # another runner finished it and purged the outcomes meanwhile
+        return (await store.get(batch_id))[0]
     now = int(time.time())
     output = await _put(files, state, "output", [raw for _, raw in rows[OK]], now)
     failed = [raw for _, raw in sorted(rows[ERR] + rows[SKIP])]
@@ -62,7 +67,10 @@ async def finish_batch(store: BatchStore, files: TrainingStore, batch_id: str, t
                                        error_file_id=errors, completed=len(rows[OK]), failed=len(failed),
                                        **{stamp: now})
 
-    return await store.change(batch_id, finished)
+    final = await store.change(batch_id, finished)
+    if final.status in TERMINAL:
+        await store.purge_outcomes(batch_id)
+    return final
 
 
 async def _put(files: TrainingStore, state: BatchState, kind: str, rows: list[bytes], now: int) -> str | None:

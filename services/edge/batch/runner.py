@@ -217,6 +217,8 @@ class BatchRunner:
     async def _line(self, msg, line: BatchLine) -> bool:
         """Run and record one line; whether it is done (to ack) rather than handed back for later."""
         state, _ = await self._store.get(line.batch_id)
+        if state.status in TERMINAL:  # a late redelivery: the batch's result files already hold this line
+            return True
         # Only a redelivered line can have an outcome already (its runner died after recording it).
         redelivered = (msg.metadata.num_delivered or 1) > 1
         if not redelivered or not await self._store.recorded(line.batch_id, line.index):

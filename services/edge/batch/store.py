@@ -178,6 +178,12 @@ class BatchStore:
             rows.sort()
         return out
 
+    async def purge_outcomes(self, batch_id: str) -> None:
+        """Remove every line outcome of a finished batch (its result files hold them); best effort."""
+        with contextlib.suppress(nats.errors.Error):
+            await self._js.purge_stream(names.kv_stream(names.BATCHES_BUCKET),
+                                        subject=names.batch_outcome_keys(batch_id))
+
     # --- work ---
 
     async def publish_start(self, batch_id: str) -> None:
