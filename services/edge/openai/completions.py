@@ -95,9 +95,14 @@ def _writer(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest, req
             answer: admission.Admitted) -> streaming.SseWriter | streaming.JsonWriter:
     """The writer of ``answer`` in the format the request asked for: SSE chunks (one formatter per choice) or JSON."""
     shown = {"request_id": answer.request_id, "created": answer.created, "model": answer.model}
-    # A chat answer read for tool calls: the same writers, with the tool-call message and chunks.
-    chunks = tool_answers.ToolChunkFormatter if parsed.read_calls else endpoint.chunks
-    body = functools.partial(endpoint.body, message=tool_answers.tool_message) if parsed.read_calls else endpoint.body
+    # A chat answer read for tool calls: the same writers, with the tool-call (or legacy function-call)
+    # message and chunks.
+    chunks, body = endpoint.chunks, endpoint.body
+    if parsed.read_calls:
+        legacy = parsed.legacy_calls
+        chunks = tool_answers.FunctionChunkFormatter if legacy else tool_answers.ToolChunkFormatter
+        body = functools.partial(endpoint.body, message=tool_answers.function_message if legacy
+                                 else tool_answers.tool_message)
     if parsed.stream:
         return streaming.SseWriter(request, [chunks(**shown, include_usage=parsed.include_usage, index=i)
                                              for i in range(parsed.n)])
