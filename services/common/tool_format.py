@@ -9,7 +9,9 @@ runs (the edge does it for inference, the trainer for training data, both throug
   put in a new one in front;
 - an assistant call is written ``<tool_call>{"name":"<name>","arguments":{...}}</tool_call>``
   (compact JSON, one block per call, after any text of that turn);
-- a tool's result is its own ``tool`` turn, its content the result as given.
+- a tool's result is its own ``tool`` turn; a result paired with its call (by ``tool_call_id``)
+  is written ``<tool_response name="<name>">...</tool_response>`` so the model sees which
+  function answered, an unpaired one is the result as given.
 
 ``tool_grammar`` builds the llguidance Lark grammar that makes a model write such blocks (every
 call's arguments valid against its function's schema); ``CallStream`` reads them back from
@@ -25,6 +27,8 @@ from typing import Any
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
+RESPONSE_OPEN = '<tool_response name="{name}">'
+RESPONSE_CLOSE = "</tool_response>"
 MAX_PARALLEL_CALLS = 8  # calls one constrained answer may hold when parallel calls are allowed
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -52,6 +56,16 @@ class Call:
 
     name: str
     arguments: str
+    id: str | None = None  # the client's id for the call (``tool_call_id`` of its result)
+
+
+class UnknownCallId(ValueError):
+    """A ``tool`` turn's ``tool_call_id`` names no call of an earlier assistant turn."""
+
+    def __init__(self, index: int, call_id: str) -> None:
+        super().__init__(f"'tool_call_id' {call_id!r} does not match any tool call of an earlier assistant message")
+        self.index = index
+        self.call_id = call_id
 
 
 def tools_section(functions: list[Function]) -> str:
@@ -70,22 +84,39 @@ def call_block(call: Call) -> str:
     return f'{CALL_OPEN}{{"name":{json.dumps(call.name)},"arguments":{arguments}}}{CALL_CLOSE}'
 
 
+def result_block(name: str, content: str) -> str:
+    """A tool's result paired with its call: ``<tool_response name="<name>">content</tool_response>``."""
+    return RESPONSE_OPEN.format(name=name) + content + RESPONSE_CLOSE
+
+
 def render_messages(messages: list[dict], functions: list[Function]) -> list[dict]:
     """Chat messages with tools, calls and results written in the platform's format.
 
-    Each input message is ``{"role", "content", "name"?, "tool_calls"?: [Call]}``; each output
-    one ``{"role", "content", "name"?}`` any chat template renders. Without functions and
-    calls the messages come back as they were.
+    Each input message is ``{"role", "content", "name"?, "tool_calls"?: [Call], "tool_call_id"?}``;
+    each output one ``{"role", "content", "name"?}`` any chat template renders. A ``tool`` turn
+    is paired with its call by ``tool_call_id`` (or names its function itself in ``name``) and is
+    then written with that function's name; an id that matches no earlier call raises
+    ``UnknownCallId``. Without functions and calls the messages come back as they were.
     """
     out = []
-    for m in messages:
+    called: dict[str, str] = {}  # call id -> function name, of the calls so far
+    for i, m in enumerate(messages):
         content = m.get("content") or ""
         calls = m.get("tool_calls") or []
         if calls:
             content = content + "".join(call_block(c) for c in calls)
+            called.update((c.id, c.name) for c in calls if c.id)
+        name = m.get("name")
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id is not None and call_id not in called:
+                raise UnknownCallId(i, call_id)
+            name = called[call_id] if call_id is not None else name
+            if name is not None:
+                content = result_block(name, content)
         rendered = {"role": m["role"], "content": content}
-        if m.get("name") is not None:
-            rendered["name"] = m["name"]
+        if name is not None:
+            rendered["name"] = name
         out.append(rendered)
     if functions:
         section = tools_section(functions)
@@ -106,19 +137,24 @@ def _function_rule(index: int, function: Function) -> str:
     return f"fn_{index}: {head} %json {json.dumps(schema, ensure_ascii=False)} \"}}\"\n"
 
 
-def tool_grammar(functions: list[Function], *, required: bool, parallel: bool) -> str:
+def tool_grammar(functions: list[Function], *, required: bool, parallel: bool, answer_schema: str | None = None) -> str:
     """The llguidance Lark grammar of an answer under ``tool_choice``.
 
     ``required`` (``required`` or one named function, then ``functions`` holds just that one):
     the answer is one call, or with ``parallel`` 1..``MAX_PARALLEL_CALLS`` calls, one block after
     the other. Otherwise (``auto``) free text, or text up to a ``<tool_call>`` tag followed by
     the call(s): the tag is a lazy trigger, so the text is free until the model writes it.
+    ``answer_schema`` (a JSON Schema as text, only with ``auto``: the request's response format)
+    replaces the free text: the answer is either compact JSON valid against it, or the call(s).
     """
     fns = " | ".join(f"fn_{i}" for i in range(len(functions)))
     more = f" call{{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
     lines = ["%llguidance {}"]
     if required:
         lines.append(f"start: call{more}")
+    elif answer_schema is not None:
+        schema = {**json.loads(answer_schema), "x-guidance": _COMPACT}
+        lines += [f"start: answer | call{more}", f"answer: %json {json.dumps(schema, ensure_ascii=False)}"]
     else:
         lines += [f'start: TEXT | head ({fns}) {_lark_literal(CALL_CLOSE)}{more}',
                   f"head[lazy]: TEXT {_lark_literal(CALL_OPEN)}", r"TEXT: /(.|\n)*/"]

@@ -242,7 +242,8 @@ def _calls(item: dict, here: str) -> list[tool_format.Call]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise _invalid(f"{here}.tool_calls[{j}]", 'a call: {"function": {"name": ..., "arguments": ...}}')
         arguments = fn.get("arguments", "{}")
-        out.append(tool_format.Call(fn["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
+        out.append(tool_format.Call(fn["name"], arguments if isinstance(arguments, str) else json.dumps(arguments),
+                                    call.get("id") if isinstance(call.get("id"), str) else None))
     return out
 
 
@@ -253,9 +254,13 @@ def _openai_with_tools(record: dict) -> Conversation:
                                       for m in _turn_list(record, "messages", OPENAI)]},
                         "messages", OPENAI, ("role", "content"), OPENAI_ROLES)
     items = _turn_list(record, "messages", OPENAI)
-    dicts = [{"role": t.role, "content": t.text, "tool_calls": _calls(item, f"messages[{i}]")}
+    dicts = [{"role": t.role, "content": t.text, "tool_calls": _calls(item, f"messages[{i}]"),
+              "tool_call_id": item.get("tool_call_id") if t.role == "tool" else None}
              for i, (t, item) in enumerate(zip(plain.turns, items))]
-    rendered = tool_format.render_messages(dicts, _functions(record))
+    try:  # a result paired with its call by id shows the call's function name, as the edge renders it
+        rendered = tool_format.render_messages(dicts, _functions(record))
+    except tool_format.UnknownCallId as exc:
+        raise _invalid(f"messages[{exc.index}].tool_call_id", "the id of a call in an earlier assistant message") from None
     trained = [True] * (len(rendered) - len(dicts)) + [t.trained for t in plain.turns]
     return Conversation(tuple(Turn(m["role"], m["content"], trained=w) for m, w in zip(rendered, trained)))
 

@@ -116,8 +116,6 @@ async def test_vllm_style_choice_and_regex_extras_and_a_streamed_schema(platform
 
 REFUSED = [
     ("tools[0].type", {"tools": [{"type": "custom", "custom": {"name": "f"}}]}),
-    ("functions", {"extra_body": {"functions": [{"name": "f"}]}}),
-    ("function_call", {"extra_body": {"function_call": "auto"}}),
     ("modalities", {"modalities": ["text", "audio"]}),
     ("audio", {"audio": {"voice": "alloy", "format": "wav"}}),
     ("reasoning_effort", {"reasoning_effort": "low"}),

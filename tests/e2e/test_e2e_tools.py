@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import jsonschema
 import openai
 import pytest
@@ -190,3 +191,66 @@ async def test_langchain_bind_tools_and_structured_output(platform):
     assert isinstance(message.tool_calls[0]["args"]["city"], str)
     parsed = await llm.with_structured_output(Weather).ainvoke("Describe the weather in Paris.")
     assert isinstance(parsed, Weather) and -50 <= parsed.celsius <= 60
+
+
+REPLY = {"type": "object", "properties": {"reply": {"type": "string", "maxLength": 30}}, "required": ["reply"],
+         "additionalProperties": False}
+
+
+async def test_legacy_functions_answer_with_one_valid_function_call(platform):
+    api = client(platform)
+    functions = [tool["function"] for tool in TOOLS]
+    extra = {"cache": False, "timeout": DEADLINE, "functions": functions, "function_call": {"name": "get_weather"}}
+    replies = await asyncio.gather(*(api.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=ASK, temperature=1.0, seed=seed, max_tokens=80, extra_body=extra)
+        for seed in SEEDS[:6]))
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "function_call" and not choice.message.tool_calls, choice
+        assert choice.message.function_call.name == "get_weather"
+        jsonschema.validate(json.loads(choice.message.function_call.arguments), WEATHER)
+    call = replies[0].choices[0].message.function_call
+    history = ASK + [{"role": "assistant", "content": None, "function_call": call.model_dump()},
+                     {"role": "function", "name": "get_weather", "content": "sunny"}]
+    after = await api.chat.completions.create(model=DEFAULT_MODEL_ID, messages=history, temperature=0, max_tokens=20,
+                                              extra_body={**extra, "function_call": "none"})
+    assert after.choices[0].message.content and after.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_a_result_for_an_unknown_call_id_is_refused_by_name(platform):
+    chat = ASK + [{"role": "tool", "tool_call_id": "call_nowhere", "content": "sunny"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        await ask(client(platform), 0, messages=chat)
+    assert (info.value.body["code"], info.value.body["param"]) == ("invalid_request", "messages[1].tool_call_id")
+    assert "call_nowhere" in info.value.body["message"]
+
+
+async def test_auto_tools_with_a_json_schema_answer_json_or_a_valid_call(platform):
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": REPLY, "strict": True}}
+    answers = await asyncio.gather(*(ask(client(platform), seed, response_format=fmt) for seed in SEEDS[:8]))
+    for answer in answers:
+        if answer.message.tool_calls:
+            assert_valid_calls(answer)
+        else:
+            assert answer.finish_reason == "stop", answer
+            jsonschema.validate(json.loads(answer.message.content), REPLY)
+
+
+async def test_the_native_api_answers_with_valid_tool_calls(platform):
+    body = {"modelId": DEFAULT_MODEL_ID, "messages": ASK, "tools": TOOLS, "toolChoice": "required",
+            "parallelToolCalls": False, "cache": False, "timeout": DEADLINE,
+            "generation": {"max_new_tokens": 80, "temperature": 0}}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{platform.url}/api/v1/inference", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            whole = await resp.json()
+        async with http.post(f"{platform.url}/api/v1/inference/stream", json=body) as resp:
+            events = [json.loads(line[6:]) for line in (await resp.text()).split("\n\n")
+                      if line.startswith("data: {")]
+    assert whole["finishReason"] == "tool_calls"
+    [call] = whole["toolCalls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+    parts = [part for event in events for part in event.get("toolCalls", [])]
+    assert (parts[0]["function"]["name"], "".join(p["function"]["arguments"] for p in parts)) == (
+        call["function"]["name"], call["function"]["arguments"])
+    assert events[-1]["done"] and events[-1]["finishReason"] == "tool_calls"

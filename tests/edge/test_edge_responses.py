@@ -201,6 +201,9 @@ def test_function_call_items_become_the_chat_calls_and_results():
     output = {"type": "function_call_output", "call_id": "c1", "output": "42"}
     parsed = parse_responses({"model": MODEL, "input": [{"role": "user", "content": "x"}, call, output]})
     assert [m.role for m in parsed.parsed.messages] == ["user", "assistant", "tool"]
+    with pytest.raises(BusError) as info:  # an output for a call the conversation never made
+        parse_responses({"model": MODEL, "input": [{"role": "user", "content": "x"}, {**output, "call_id": "c9"}]})
+    assert (info.value.code, info.value.param) == ("invalid_request", "input[1]") and "'c9'" in info.value.message
 
 
 async def test_a_mid_stream_error_is_an_error_event_then_response_failed(client, engine):

@@ -92,7 +92,7 @@ def test_the_supported_subset_passes_and_unsupported_types_formats_and_refs_do_n
 
 
 @pytest.mark.parametrize("field, value", [
-    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("modalities", ["audio"]),
+    ("modalities", ["audio"]),
     ("audio", {"voice": "alloy"}), ("reasoning_effort", "low"), ("verbosity", "low"), ("web_search_options", {}),
     ("not_an_openai_field", 1),
 ])

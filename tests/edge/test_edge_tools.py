@@ -66,7 +66,26 @@ def test_earlier_calls_and_results_are_rendered_into_the_chat():
     parsed = parse_chat(json.dumps({"model": "m", "messages": messages, "tools": TOOLS}).encode())
     assert [m.role for m in parsed.messages] == ["system", "user", "assistant", "tool"]
     assert parsed.messages[2].content == '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
-    assert parsed.messages[3].content == "sunny"
+    assert parsed.messages[3].content == '<tool_response name="get_weather">sunny</tool_response>'
+    assert parsed.messages[3].name == "get_weather"
+
+
+def test_results_pair_with_their_calls_by_id_not_by_order():
+    calls = [{"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": "{}"}}
+             for n, name in ((1, "get_weather"), (2, "now"))]
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    parsed = parse_chat(json.dumps({"model": "m", "messages": messages, "tools": TOOLS}).encode())
+    assert [m.content for m in parsed.messages[-2:]] == ['<tool_response name="now">noon</tool_response>',
+                                                         '<tool_response name="get_weather">sunny</tool_response>']
+    stray = messages[:3] + [{"role": "tool", "tool_call_id": "call_9", "content": "?"}]
+    with pytest.raises(BusError) as info:
+        parse_chat(json.dumps({"model": "m", "messages": stray, "tools": TOOLS}).encode())
+    assert (info.value.code, info.value.param) == ("invalid_request", "messages[3].tool_call_id")
+    assert "'call_9'" in info.value.message
+    early = [{"role": "user", "content": "?"}, {"role": "tool", "tool_call_id": "call_1", "content": "x"}]
+    refused(json.dumps({"model": "m", "messages": early}).encode(), "invalid_request", "messages[1].tool_call_id")
 
 
 def test_bad_tool_requests_are_refused_by_name():
@@ -81,9 +100,9 @@ def test_bad_tool_requests_are_refused_by_name():
     refused(chat(tools=TOOLS, tool_choice="sometimes"), "invalid_request", "tool_choice")
     refused(chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}}), "invalid_request",
             "tool_choice.function.name")
-    refused(chat(tools=TOOLS, response_format={"type": "json_object"}), "unsupported", "response_format")
+    refused(chat(tools=TOOLS, structured_outputs={"regex": "a+"}), "unsupported", "structured_outputs")
     refused(chat(tools=TOOLS, logprobs=True), "unsupported", "logprobs")
-    refused(chat(functions=[{"name": "f"}]), "unsupported", "functions")
+    refused(chat(functions=[{"name": "f"}], tools=TOOLS), "invalid_request", "functions")
     bad_args = [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                                                        "function": {"name": "f", "arguments": "{oops"}}]}]
     refused(json.dumps({"model": "m", "messages": bad_args}).encode(), "invalid_request",

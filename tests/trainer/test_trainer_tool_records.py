@@ -53,3 +53,10 @@ def test_a_bad_tool_call_is_refused_by_field(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         list(load_dataset(write(tmp_path / "t.jsonl", {"messages": bad})).conversations)
     assert (err.value.code, err.value.field) == ("invalid_field_type", "messages[1].tool_calls[0]")
+
+
+def test_a_result_for_no_earlier_call_is_refused_by_field(tmp_path: Path) -> None:
+    stray = CHAT[:2] + [{**CHAT[2], "tool_call_id": "call_9"}] + CHAT[3:]
+    with pytest.raises(DatasetError) as err:
+        list(load_dataset(write(tmp_path / "t.jsonl", {"messages": stray, "tools": TOOLS})).conversations)
+    assert (err.value.code, err.value.field) == ("invalid_field_type", "messages[2].tool_call_id")

@@ -11,12 +11,17 @@ import msgspec
 from aiohttp import web
 
 from schemas.errors import BusError, ErrorCode
-from schemas.events import Usage
-from services.edge.openai import completions
+from services.edge.openai import completions, tools as openai_tools
 from services.edge.system import health
 from services.edge.config import EdgeConfig
+from services.edge.native import tools as native_tools
+from services.edge.native.answers import (  # noqa: F401 - NativeChunkFormatter: the socket's formatter
+    NativeChunkFormatter,
+    NativeToolChunkFormatter,
+    inference_body,
+    inference_tool_body,
+)
 from services.edge.native.types import NativeInferenceBody
-from services.edge.openai.bodies import ChunkFormatter
 from services.edge.openai.structured import from_response_format
 from services.edge.openai.translate import ParsedRequest, _decode, _messages, _sampling
 from services.edge.state import EDGE
@@ -38,60 +43,26 @@ def parse_native(raw: bytes, *, default_max_tokens: int, stream: bool) -> Parsed
         raise BusError(ErrorCode.INVALID_REQUEST, f"'timeout' must be > 0 seconds, got {body.timeout!r}",
                        param="timeout")
     gen = body.generation
+    sampling = _sampling(gen, gen.max_new_tokens, default_max_tokens, "generation.max_new_tokens")
+    structured = from_response_format(body.responseFormat, "responseFormat")
+    messages = _messages(body.messages) if body.messages is not None else None
+    plan = native_tools.plan(body, structured)
+    if messages is not None:  # earlier calls and results are written in even when no tools are offered now
+        messages = openai_tools.render(messages, body.messages, plan.functions if plan is not None else [])
+    if plan is not None:
+        structured = plan.structured or structured
     return ParsedRequest(
-        model=model, messages=_messages(body.messages) if body.messages is not None else None, prompt=body.prompt,
-        sampling=_sampling(gen, gen.max_new_tokens, default_max_tokens, "generation.max_new_tokens"),
-        stream=stream, include_usage=True, priority=body.priority, adapter=body.adapter or None, user=body.user,
-        timeout=body.timeout, cache=body.cache, structured=from_response_format(body.responseFormat, "responseFormat"))
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {"promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
-            "totalTokens": usage.total_tokens}
-
-
-def inference_body(*, request_id: str, created: int, model: str, text: str, finish_reason: str,
-                   usage: Usage) -> bytes:
-    """The non-streaming answer."""
-    return _encode({"requestId": request_id, "modelId": model, "created": created, "text": text,
-                    "finishReason": finish_reason, "usage": _usage(usage)})
-
-
-class NativeChunkFormatter(ChunkFormatter):
-    """SSE events ``{"requestId", "token"}`` per delta, then ``{"requestId", "finishReason", "usage", "done": true}``.
-
-    With ``client_id`` every event also carries ``"id": client_id``; with ``framed=False`` the
-    events are bare JSON (one WebSocket frame each) instead of SSE ``data:`` events.
-    """
-
-    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool, index: int = 0,
-                 client_id: str | None = None, framed: bool = True) -> None:
-        super().__init__(request_id=request_id, created=created, model=model, include_usage=include_usage,
-                         index=index)
-        self._event_head = {"requestId": request_id}
-        if client_id is not None:
-            self._event_head["id"] = client_id
-        self._open, self._close = (b"data: ", b"\n\n") if framed else (b"", b"")
-        self._prefix = self._open + _encode(self._event_head)[:-1] + b',"token":'
-        self._suffix = b"}" + self._close
-        self._finish_reason = ""
-
-    def finish(self, finish_reason: str) -> bytes:
-        """Remembered for the closing event, which carries the usage too."""
-        self._finish_reason = finish_reason
-        return b""
-
-    def usage(self, usage: Usage) -> bytes:
-        """The closing event."""
-        return self._open + _encode(dict(self._event_head, finishReason=self._finish_reason, usage=_usage(usage),
-                                         done=True)) + self._close
+        model=model, messages=messages, prompt=body.prompt, sampling=sampling, stream=stream, include_usage=True,
+        priority=body.priority, adapter=body.adapter or None, user=body.user, timeout=body.timeout, cache=body.cache,
+        structured=structured, read_calls=plan is not None and plan.read_calls)
 
 
 def _endpoint(stream: bool) -> completions.Endpoint:
     def parse(raw: bytes, cfg: EdgeConfig) -> ParsedRequest:
         return parse_native(raw, default_max_tokens=cfg.default_max_tokens, stream=stream)
 
-    return completions.Endpoint(id_prefix="inf", parse=parse, body=inference_body, chunks=NativeChunkFormatter)
+    return completions.Endpoint(id_prefix="inf", parse=parse, body=inference_body, chunks=NativeChunkFormatter,
+                                tool_writers=lambda parsed: (inference_tool_body, NativeToolChunkFormatter))
 
 
 INFERENCE = _endpoint(stream=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from services.edge.openai.types import Int32, MessageBody, ResponseFormat, SamplingFields
+from services.edge.openai.types import Int32, MessageBody, ResponseFormat, SamplingFields, ToolBody, ToolChoiceBody
 
 
 class NativeGeneration(SamplingFields, kw_only=True):
@@ -30,3 +30,7 @@ class NativeInferenceBody(msgspec.Struct, kw_only=True):
     user: str | None = None
     # OpenAI's ``response_format`` (text, json_object, json_schema), enforced by constrained decoding.
     responseFormat: ResponseFormat | None = None
+    # OpenAI's function tools (``docs/tools.md``), with ``messages`` only; answers carry ``toolCalls``.
+    tools: list[ToolBody] | None = None
+    toolChoice: str | ToolChoiceBody | None = None  # none, auto, required or {"type": "function", "function": ...}
+    parallelToolCalls: bool | None = None

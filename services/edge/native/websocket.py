@@ -9,7 +9,8 @@ The client sends JSON text (or binary) frames:
 
 The edge answers with one JSON text frame per event, shaped as the native SSE events plus the
 client ``id``: ``{"requestId", "id", "token"}`` per delta, then ``{"requestId", "id",
-"finishReason", "usage", "done": true}``. Anything that goes wrong with one request or frame is
+"finishReason", "usage", "done": true}``; a request with ``tools`` gets its calls as ``{"requestId", "id",
+"toolCalls": [...]}`` frames (``native.answers``). Anything that goes wrong with one request or frame is
 an ``{"id", "requestId", "error": {OpenAI error}}`` frame; the socket stays open. A cancelled
 request ends with an error frame of code ``cancelled``. Closing the socket cancels every
 request still running on it; cancels go out on the bus exactly as for an HTTP client that
@@ -40,7 +41,7 @@ from services.edge.http import admission, json_depth
 from services.edge.native import api as native_api
 from services.edge.errors import error_body, rejection_reason
 from services.edge.metrics import WEBSOCKET, EdgeMetrics
-from services.edge.native.api import NativeChunkFormatter
+from services.edge.native.answers import NativeChunkFormatter, NativeToolChunkFormatter
 from services.edge.openai.translate import _decode
 from services.edge.bus.pump import pump
 from services.edge.state import EDGE, METRICS, Edge
@@ -166,8 +167,9 @@ class InferenceSocket:
                                           route=native_api.INFERENCE_STREAM.id_prefix,
                                           key=frame.idempotencyKey or frame.idempotency_key) as answer:
                 request_id = answer.request_id
-                fmt = NativeChunkFormatter(request_id=answer.request_id, created=answer.created, model=answer.model,
-                                           include_usage=True, client_id=client_id, framed=False)
+                formatter = NativeToolChunkFormatter if parsed.read_calls else NativeChunkFormatter
+                fmt = formatter(request_id=answer.request_id, created=answer.created, model=answer.model,
+                                include_usage=True, client_id=client_id, framed=False)
                 await pump(answer.source, FrameWriter(self, fmt, client_id, answer.request_id, arrived))
         except BusError as err:
             await self._refuse(client_id, err, request_id)
@@ -204,13 +206,12 @@ class FrameWriter:
         """A socket request has nothing to open."""
 
     def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
-        """A token frame (none for an empty delta)."""
-        if text:
-            self._frames.append(self._fmt.delta(text))
+        """The frames ``text`` completes: a token, or a tool call's start or arguments (none for an empty delta)."""
+        self._frames.extend(self._fmt.delta_frames(text))
 
     def end(self, index: int, finish_reason: str) -> None:
-        """Remembered for the closing frame."""
-        self._fmt.finish(finish_reason)
+        """What the formatter held back; the finish reason is remembered for the closing frame."""
+        self._frames.extend(self._fmt.finish_frames(finish_reason))
 
     def done(self, usage: Usage | None) -> None:
         """The closing frame, with the usage."""

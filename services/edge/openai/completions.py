@@ -22,6 +22,10 @@ from services.edge.openai.translate import ParsedRequest
 from services.edge.state import EDGE, Edge
 
 
+# The body builder and chunk formatter of an answer read for tool calls.
+ToolWriters = Callable[[ParsedRequest], tuple[streaming.BodyBuilder, type[openai_format.ChunkFormatter]]]
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """What differs between the chat and the legacy completion endpoints."""
@@ -30,6 +34,16 @@ class Endpoint:
     parse: Callable[[bytes, EdgeConfig], ParsedRequest]
     body: streaming.BodyBuilder
     chunks: type[openai_format.ChunkFormatter]
+    tool_writers: ToolWriters | None = None  # None: the endpoint takes no tools
+
+
+def _chat_tool_writers(parsed: ParsedRequest) -> tuple[streaming.BodyBuilder, type[openai_format.ChunkFormatter]]:
+    """A chat answer read for calls: ``tool_calls`` (or, asked with ``functions``, the legacy ``function_call``)."""
+    if parsed.legacy_calls:
+        return (functools.partial(openai_format.chat_completion, message=tool_answers.function_message),
+                tool_answers.FunctionChunkFormatter)
+    return (functools.partial(openai_format.chat_completion, message=tool_answers.tool_message),
+            tool_answers.ToolChunkFormatter)
 
 
 CHAT = Endpoint(
@@ -38,6 +52,7 @@ CHAT = Endpoint(
                                                        max_n=cfg.max_choices),
     body=openai_format.chat_completion,
     chunks=openai_format.ChatChunkFormatter,
+    tool_writers=_chat_tool_writers,
 )
 COMPLETION = Endpoint(
     id_prefix="cmpl",
@@ -95,9 +110,9 @@ def _writer(request: web.Request, endpoint: Endpoint, parsed: ParsedRequest, req
             answer: admission.Admitted) -> streaming.SseWriter | streaming.JsonWriter:
     """The writer of ``answer`` in the format the request asked for: SSE chunks (one formatter per choice) or JSON."""
     shown = {"request_id": answer.request_id, "created": answer.created, "model": answer.model}
-    # A chat answer read for tool calls: the same writers, with the tool-call message and chunks.
-    chunks = tool_answers.ToolChunkFormatter if parsed.read_calls else endpoint.chunks
-    body = functools.partial(endpoint.body, message=tool_answers.tool_message) if parsed.read_calls else endpoint.body
+    body, chunks = endpoint.body, endpoint.chunks
+    if parsed.read_calls and endpoint.tool_writers is not None:
+        body, chunks = endpoint.tool_writers(parsed)
     if parsed.stream:
         return streaming.SseWriter(request, [chunks(**shown, include_usage=parsed.include_usage, index=i)
                                              for i in range(parsed.n)])

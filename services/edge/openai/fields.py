@@ -23,11 +23,6 @@ def _refuse(param: str, why: str) -> BusError:
 
 def check_chat_fields(body: ChatCompletionBody) -> None:
     """Refuse every chat field this platform cannot honour, when it is set to something that matters."""
-    if body.functions:
-        raise _refuse("functions", "the legacy function calling is not served; use 'tools'")
-    if body.function_call is not None and body.function_call != "none":
-        raise _refuse("function_call", "the legacy function calling is not served; use 'tools' and 'tool_choice' "
-                      "('none' is accepted)")
     if body.modalities is not None and any(m != "text" for m in body.modalities):
         raise _refuse("modalities", "only the 'text' modality is served")
     if body.audio is not None:

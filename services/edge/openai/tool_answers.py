@@ -7,6 +7,10 @@ gets an id ``call_<24 hex>``; an answer that made a call and ended on its own fi
 ``tool_calls`` (cut by ``max_tokens`` it stays ``length``, the last call's arguments incomplete).
 A stream sends a call as OpenAI does: a delta with its ``index``, ``id``, ``type`` and
 ``function.name`` (arguments ``""``), then ``function.arguments`` fragments.
+
+A request in the legacy ``functions`` form gets the legacy shape: ``message.function_call``
+``{name, arguments}`` (one call: legacy calls are never parallel), finish reason
+``function_call``, streamed as ``delta.function_call`` (the name first, then argument fragments).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ def call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def _finish_reason(reason: str, calls: int) -> str:
-    return "tool_calls" if calls and reason == "stop" else reason
+def _finish_reason(reason: str, calls: int, called: str = "tool_calls") -> str:
+    return called if calls and reason == "stop" else reason
 
 
 def tool_message(choice: ChoiceResult) -> tuple[dict, str]:
@@ -37,6 +41,17 @@ def tool_message(choice: ChoiceResult) -> tuple[dict, str]:
     return message, _finish_reason(choice.finish_reason, len(calls))
 
 
+def function_message(choice: ChoiceResult) -> tuple[dict, str]:
+    """A legacy chat choice's ``message`` (its call as ``function_call``) and finish reason (``function_call``)."""
+    text, calls = split_answer(choice.text)
+    if not calls:
+        return {"role": "assistant", "content": text}, choice.finish_reason
+    call = calls[0]  # the grammar allows one call when the request used ``functions``
+    message = {"role": "assistant", "content": text if text.strip() else None,
+               "function_call": {"name": call.name, "arguments": call.arguments}}
+    return message, _finish_reason(choice.finish_reason, len(calls), "function_call")
+
+
 class ToolChunkFormatter(ChatChunkFormatter):
     """``chat.completion.chunk`` events of an answer read for tool calls (see the module docstring)."""
 
@@ -44,9 +59,18 @@ class ToolChunkFormatter(ChatChunkFormatter):
         super().__init__(**kwargs)
         self._calls = CallStream()
 
+    called = "tool_calls"  # the finish reason of an answer that made a call
+
     def _tool_delta(self, call: dict) -> bytes:
         return self._chunk([{"index": self.index, "delta": {"tool_calls": [call]}, "logprobs": None,
                              "finish_reason": None}])
+
+    def _start(self, index: int, name: str) -> bytes:
+        return self._tool_delta({"index": index, "id": call_id(), "type": "function",
+                                 "function": {"name": name, "arguments": ""}})
+
+    def _arguments(self, index: int, fragment: str) -> bytes:
+        return self._tool_delta({"index": index, "function": {"arguments": fragment}})
 
     def _pieces(self, pieces: list[Piece]) -> bytes:
         out = []
@@ -55,10 +79,9 @@ class ToolChunkFormatter(ChatChunkFormatter):
                 case Text(text=text) if text:
                     out.append(super().delta(text))
                 case CallStart(index=i, name=name):
-                    out.append(self._tool_delta({"index": i, "id": call_id(), "type": "function",
-                                                 "function": {"name": name, "arguments": ""}}))
+                    out.append(self._start(i, name))
                 case CallArguments(index=i, fragment=fragment):
-                    out.append(self._tool_delta({"index": i, "function": {"arguments": fragment}}))
+                    out.append(self._arguments(i, fragment))
         return b"".join(out)
 
     def delta(self, text: str) -> bytes:
@@ -68,4 +91,20 @@ class ToolChunkFormatter(ChatChunkFormatter):
     def finish(self, finish_reason: str) -> bytes:
         """What the splitter held back, then the finish chunk (``tool_calls`` after a call)."""
         rest = self._pieces(self._calls.close())
-        return rest + super().finish(_finish_reason(finish_reason, self._calls.calls))
+        return rest + super().finish(_finish_reason(finish_reason, self._calls.calls, self.called))
+
+
+class FunctionChunkFormatter(ToolChunkFormatter):
+    """Chunks of a legacy ``functions`` answer: ``delta.function_call`` (name first, then argument fragments)."""
+
+    called = "function_call"
+
+    def _function_delta(self, function_call: dict) -> bytes:
+        return self._chunk([{"index": self.index, "delta": {"function_call": function_call}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def _start(self, index: int, name: str) -> bytes:
+        return self._function_delta({"name": name, "arguments": ""})
+
+    def _arguments(self, index: int, fragment: str) -> bytes:
+        return self._function_delta({"arguments": fragment})

@@ -22,7 +22,7 @@ from services.edge.openai import fields, tools
 from services.edge.openai.structured import structured
 from services.edge.openai.types import ChatCompletionBody, CompletionBody, MessageBody, SamplingFields
 
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})  # function: legacy results
 MAX_STOP = 4
 MAX_CHOICES = 16  # default bound on ``n`` (the edge's ``max_choices``)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat ``top_logprobs``
@@ -56,6 +56,7 @@ class ParsedRequest:
     n: int = 1  # choices asked for; ``sampling.n`` stays 1 (each choice is a request of its own)
     structured: StructuredOutput | None = None  # response_format / structured_outputs, or the tools' grammar
     read_calls: bool = False  # tools with a tool_choice other than none: the answer is read for tool calls
+    legacy_calls: bool = False  # asked with the legacy ``functions``: a call is shown as ``function_call``
 
 
 def _invalid(message: str, param: str | None) -> BusError:
@@ -166,7 +167,7 @@ def _flatten_content(message: MessageBody, i: int) -> str:
     if isinstance(content, str):
         return content
     if content is None:
-        if message.role in ("assistant", "tool"):
+        if message.role in ("assistant", "tool", "function"):
             return ""
         raise _invalid(f"messages[{i}].content is required for role '{message.role}'", f"messages[{i}].content")
     texts = []
@@ -212,12 +213,12 @@ def parse_chat(raw: bytes, *, default_max_tokens: int = 256, max_n: int = MAX_CH
     common = _common(body)
     sampling = _sampling(body, max_tokens, default_max_tokens, param, max_n)
     sampling.logprobs = _chat_logprobs(body.logprobs, body.top_logprobs)
-    plan = tools.plan_tools(body, has_constraint=common["structured"] is not None)
+    plan = tools.plan_tools(body, common["structured"])
     if plan.structured is not None:
         common["structured"] = plan.structured
     messages = tools.render(_messages(body.messages), body.messages, plan.functions)
     return ParsedRequest(messages=messages, prompt=None, sampling=sampling, n=_choices(body.n, max_n),
-                         read_calls=plan.read_calls, **common)
+                         read_calls=plan.read_calls, legacy_calls=plan.legacy, **common)
 
 
 def parse_completion(raw: bytes, *, default_max_tokens: int = 16, max_n: int = MAX_CHOICES) -> ParsedRequest:

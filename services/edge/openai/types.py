@@ -40,13 +40,15 @@ class ToolCallBody(msgspec.Struct, kw_only=True):
 
 
 class MessageBody(msgspec.Struct, kw_only=True):
-    """One chat message as an OpenAI client sends it (an assistant's ``tool_calls``, a tool's ``tool_call_id``)."""
+    """One chat message as an OpenAI client sends it (an assistant's ``tool_calls`` or legacy ``function_call``,
+    a tool's ``tool_call_id``, a legacy ``function`` message's ``name``)."""
 
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallBody] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCallBody | None = None  # the legacy form of one call (an assistant message)
 
 
 class FunctionBody(msgspec.Struct, kw_only=True):
@@ -149,13 +151,13 @@ class ChatCompletionBody(_CommonBody, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/chat/completions``; see ``openai.fields`` for what each OpenAI field does here."""
 
     messages: list[MessageBody]
-    # Tool calling (``openai.tools``); the legacy ``functions`` / ``function_call`` are refused.
+    # Tool calling (``openai.tools``); the legacy ``functions`` / ``function_call`` map onto it.
     tools: list[ToolBody] | None = None
     tool_choice: str | ToolChoiceBody | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[FunctionBody] | None = None
+    function_call: str | NamedFunction | None = None
     # Refused with 400 unsupported when they would change the answer (``openai.fields``).
-    functions: list[Any] | None = None
-    function_call: Any = None
     modalities: list[str] | None = None
     audio: Any = None
     reasoning_effort: str | None = None
