@@ -45,7 +45,7 @@ from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.health import HealthMonitor, HealthState
-from services.engine.heartbeats import Heartbeats
+from services.engine.heartbeats import DecodeSpeed, Heartbeats
 from services.engine.control import ModelControl
 from services.engine.grammar.compiler import set_compile_observer
 from services.engine.model_host import BackendFactory, HostedModel, ModelHost
@@ -104,6 +104,7 @@ class EngineService:
                                      on_check=lambda s: metrics.health_checks.labels(s.health.value).inc())
         self._beats = Heartbeats(self.worker, config.heartbeat_interval, self.heartbeat,
                                  on_periodic=self._sample_gauges, on_stall=self._end_in_flight)
+        self._speed = DecodeSpeed()
         self._draining = False
         self._started = time.time()
         self.nc = None
@@ -391,6 +392,7 @@ class EngineService:
             self.metrics.ttft.labels(model).observe(first - start)
             if usage.completion_tokens > 1:
                 self.metrics.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))
+                self._speed.observe(usage.completion_tokens - 1, now - first)
 
     async def _abort(self, request_id: str) -> None:
         """Stop ``request_id`` in its backend; a backend too broken to abort is logged, not raised (the
@@ -444,7 +446,7 @@ class EngineService:
             seq=self._beats.seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
             memory_bytes=self.host.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
             started=self._started, engine_reason=self.cfg.engine_reason, health=self._health.state.health.value,
-            health_reason=self._health.state.reason)
+            health_reason=self._health.state.reason, tokens_per_second=round(self._speed.tokens_per_second, 1))
 
     def _sample_gauges(self) -> None:
         """Every heartbeat interval: the gauges that are not kept current as they change."""
