@@ -8,8 +8,9 @@ output). When the build succeeds, the switch is make-before-break, so no request
    unwatched (its failing to load is no death of the platform);
 2. once its heartbeat says it serves the model, healthy and not draining, the schedulers route to
    it too (they prefer it: it is the faster engine);
-3. the transformers engine is retired: SIGTERM makes it advertise ``draining`` (no scheduler
-   sends it more work), finish its in-flight streams and exit.
+3. the transformers engine is retired: SIGUSR1 makes it advertise ``draining`` (no scheduler
+   sends it more work) while its in-flight streams finish at their own pace, however slow; once its
+   heartbeat shows none in flight, SIGTERM stops it.
 
 If the build or the new engine fails, transformers keeps serving and ``up`` says why.
 """
@@ -53,9 +54,11 @@ class Switch:
     worker: str          # its worker id (heartbeats)
     model: str           # the model it must serve before the old engine goes
     retire: str          # the supervisor's name of the engine it replaces
+    retire_worker: str   # that engine's worker id
     nats: NatsOptions
     nkey: str = ""       # a bus identity allowed to hear heartbeats (the operator's)
     ready_timeout: float = 300.0
+    drain_timeout: float = 900.0  # the longest wait for the old engine's streams before SIGTERM anyway
 
 
 async def build_and_switch(switch: Switch, supervisor: Supervisor, report: Callable[[str], None]) -> bool:
@@ -73,14 +76,21 @@ async def build_and_switch(switch: Switch, supervisor: Supervisor, report: Calla
         return False
     report(f"llama.cpp: built in {time.monotonic() - started:.0f} s; starting the llama.cpp engine")
     child = await supervisor.start(switch.spec, watched=False)
-    why_not = await _wait_serving(switch, child.proc)
+    why_not = await _wait_beat(switch, switch.worker, lambda b: _serving(b, switch.model), switch.ready_timeout,
+                               child.proc)
     if why_not:
-        report(f"llama.cpp: the new engine {why_not} (log {child.log_path}): staying on transformers")
+        report(f"llama.cpp: the new engine did not serve: {why_not} (log {child.log_path}); staying on transformers")
         await supervisor.retire(switch.spec.name)
         return False
     supervisor.watch(switch.spec.name)
-    report(f"llama.cpp: engine {switch.worker} serves {switch.model}; draining {switch.retire} "
-           "(its requests in flight finish first)")
+    report(f"llama.cpp: engine {switch.worker} serves {switch.model}; {switch.retire} takes no more work and "
+           "finishes its requests in flight")
+    old = supervisor.children[switch.retire].proc
+    with contextlib.suppress(ProcessLookupError):
+        old.send_signal(signal.SIGUSR1)
+    if why_not := await _wait_beat(switch, switch.retire_worker, lambda b: b.draining and b.in_flight == 0,
+                                   switch.drain_timeout, old):
+        report(f"llama.cpp: waiting for {switch.retire} to finish its requests {why_not}: stopping it anyway")
     await supervisor.retire(switch.retire)
     report(f"llama.cpp: switched; {switch.worker} serves alone now")
     return True
@@ -115,28 +125,29 @@ def _serving(beat: EngineHeartbeat, model: str) -> bool:
             and any(m.id == model for m in beat.models))
 
 
-async def _wait_serving(switch: Switch, proc: asyncio.subprocess.Process) -> str:
-    """Wait until the new engine heartbeats that it serves the model; why not (exit, timeout), or ''."""
+async def _wait_beat(switch: Switch, worker: str, wanted: Callable[[EngineHeartbeat], bool], timeout: float,
+                     proc: asyncio.subprocess.Process) -> str:
+    """Wait until ``worker`` heartbeats a status ``wanted`` accepts; why not (exit, timeout, no bus), or ''."""
     try:
         nc = await connect_once(switch.nats, "cy-engine-switch", nkey=switch.nkey)
     except CliError as exc:
         return f"could not be watched ({exc})"
-    serving = asyncio.Event()
+    seen = asyncio.Event()
 
     async def on_beat(msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
-            if _serving(_heartbeat.decode(msg.data), switch.model):
-                serving.set()
+            if wanted(_heartbeat.decode(msg.data)):
+                seen.set()
 
     try:
-        await nc.subscribe(names.worker_status(switch.worker), cb=on_beat)
-        waits = {asyncio.ensure_future(serving.wait()): "", asyncio.ensure_future(proc.wait()): "exited"}
-        done, _ = await asyncio.wait(waits, timeout=switch.ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+        await nc.subscribe(names.worker_status(worker), cb=on_beat)
+        waits = [asyncio.ensure_future(seen.wait()), asyncio.ensure_future(proc.wait())]
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for future in waits:
             future.cancel()
-        if not done:
-            return f"did not serve within {switch.ready_timeout:g} s"
-        return "" if serving.is_set() else f"exited ({proc.returncode})"
+        if seen.is_set():
+            return ""
+        return f"exited ({proc.returncode})" if done else f"timed out after {timeout:g} s"
     finally:
         with contextlib.suppress(NatsError, asyncio.TimeoutError):
             await nc.close()

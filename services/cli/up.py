@@ -338,7 +338,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
                 switch = engine_switch.Switch(
                     setup=llamacpp, build_log=log_dir / engine_switch.BUILD_LOG, model=DEFAULT_MODEL_ID,
                     spec=switch_spec(opts, nats, model_path, identities=identities), worker=worker_id("llamacpp"),
-                    retire="engine", nats=nats, nkey=operator, ready_timeout=max(opts.ready_timeout, 300.0))
+                    retire="engine", retire_worker=worker_id(opts.engine), nats=nats, nkey=operator,
+                    ready_timeout=max(opts.ready_timeout, 300.0))
                 switching = asyncio.create_task(engine_switch.build_and_switch(switch, supervisor, report_stderr))
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:

@@ -184,6 +184,15 @@ class EngineService:
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
+    def stop_taking_work(self) -> None:
+        """Advertise draining and refuse new dispatches, but keep running: the requests in flight finish at
+        their own pace, however long, and the process stays until stopped (SIGUSR1; ``./cy up`` retiring
+        an engine sends it first and SIGTERM once the heartbeats show nothing in flight)."""
+        if not self._draining:
+            log.info("draining: no new work; %d request(s) in flight finish", len(self._active))
+            self._draining = True
+            self._beats.changed()
+
     # --- dispatch ---
     def _reply(self, accepted: bool, code: str | None = None, message: str | None = None) -> bytes:
         return encode(DispatchReply(accepted=accepted, worker=self.worker, in_flight=len(self._active),

@@ -12,7 +12,9 @@ from services.cli import engine_auto, engine_switch
 from services.cli.engine_auto import AutoChoice, LlamaCppSetup, choose
 from services.cli.main import build_parser
 from services.cli.nats_auth import prepare
+from services.cli.supervisor import ChildSpec, Supervisor
 from services.cli.up import UpOptions, resolve_engine, switch_spec, worker_id
+from services.common.bus import NatsOptions
 from services.common.model_store import default_model_gguf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,3 +86,21 @@ def test_a_model_package_without_its_gguf_has_none(tmp_path: Path, locate_raises
         return tmp_path / "absent.gguf"
     assert not engine_auto.has_gguf(locate)
     assert engine_auto.has_gguf(default_model_gguf)
+
+
+async def test_a_failed_build_keeps_the_running_engine(tmp_path: Path):
+    sup = Supervisor(tmp_path / "logs", console=None, report=lambda m: None)
+    serving = await sup.start(ChildSpec("engine", (sys.executable, "-c", "import time; time.sleep(60)")))
+    reports: list[str] = []
+    switch = engine_switch.Switch(
+        setup=LlamaCppSetup(probe="false", install="echo compiling; echo 'error: no compiler' >&2; exit 3"),
+        build_log=tmp_path / "logs" / engine_switch.BUILD_LOG, spec=ChildSpec(engine_switch.SWITCH_CHILD, ("true",)),
+        worker="w-llamacpp", model="m", retire="engine", retire_worker="w-transformers", nats=NatsOptions())
+    try:
+        assert not await engine_switch.build_and_switch(switch, sup, reports.append)
+        assert serving.returncode is None and set(sup.children) == {"engine"}
+    finally:
+        await sup.stop_all()
+    assert any("llama.cpp build [" in r and "error: no compiler" in r for r in reports), reports
+    assert "the build failed (exit 3" in reports[-1] and "staying on transformers" in reports[-1]
+    assert "error: no compiler" in switch.build_log.read_text()
