@@ -64,7 +64,7 @@ class Switch:
 async def build_and_switch(switch: Switch, supervisor: Supervisor, report: Callable[[str], None]) -> bool:
     """Build llama-cpp-python, start the llama.cpp engine, retire the old one; whether the switch happened."""
     report(f"llama.cpp: building llama-cpp-python in the background (several minutes, log {switch.build_log}); "
-           f"{switch.retire} keeps serving meanwhile")
+           "transformers keeps serving meanwhile")
     started = time.monotonic()
     code = await _build(switch.setup.install, switch.build_log, report, started)
     if code != 0:
@@ -83,8 +83,8 @@ async def build_and_switch(switch: Switch, supervisor: Supervisor, report: Calla
         await supervisor.retire(switch.spec.name)
         return False
     supervisor.watch(switch.spec.name)
-    report(f"llama.cpp: engine {switch.worker} serves {switch.model}; {switch.retire} takes no more work and "
-           "finishes its requests in flight")
+    report(f"llama.cpp: engine {switch.worker} serves {switch.model}; {switch.retire_worker} takes no more work "
+           "and finishes its requests in flight")
     old = supervisor.children[switch.retire].proc
     with contextlib.suppress(ProcessLookupError):
         old.send_signal(signal.SIGUSR1)

@@ -11,12 +11,12 @@ then the nats-server node(s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Iterable, Iterator
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,11 +335,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
                                nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None,
                                tls_ca=nats.nats_tls_ca), flush=True)
             if llamacpp is not None:  # only now: the first answers come before the compiler takes the CPUs
-                switch = engine_switch.Switch(
-                    setup=llamacpp, build_log=log_dir / engine_switch.BUILD_LOG, model=DEFAULT_MODEL_ID,
-                    spec=switch_spec(opts, nats, model_path, identities=identities), worker=worker_id("llamacpp"),
-                    retire="engine", retire_worker=worker_id(opts.engine), nats=nats, nkey=operator,
-                    ready_timeout=max(opts.ready_timeout, 300.0))
+                switch = _planned_switch(opts, llamacpp, nats, model_path, identities, operator, log_dir)
                 switching = asyncio.create_task(engine_switch.build_and_switch(switch, supervisor, report_stderr))
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
@@ -354,6 +350,16 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
             with contextlib.suppress(asyncio.CancelledError, CliError):
                 await switching
         await supervisor.stop_all(SHUTDOWN_ORDER)
+
+
+def _planned_switch(opts: UpOptions, llamacpp: engine_auto.LlamaCppSetup, nats: NatsOptions, model_path: Path,
+                    identities: BusIdentities, operator: str, log_dir: Path) -> engine_switch.Switch:
+    """The switch from the transformers engine ``up`` started to a llama.cpp engine once it is built."""
+    return engine_switch.Switch(
+        setup=llamacpp, build_log=log_dir / engine_switch.BUILD_LOG, model=DEFAULT_MODEL_ID,
+        spec=switch_spec(opts, nats, model_path, identities=identities), worker=worker_id("llamacpp"),
+        retire="engine", retire_worker=worker_id(opts.engine), nats=nats, nkey=operator,
+        ready_timeout=max(opts.ready_timeout, 300.0))
 
 
 async def _until_stop_or_death(stop: asyncio.Event, supervisor: Supervisor,
