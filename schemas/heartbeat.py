@@ -66,3 +66,6 @@ class EngineHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     # A ``Health`` value (a plain string, so a newer peer's value still decodes) and why it is not ``ok``.
     health: str = Health.OK.value
     health_reason: str = ""
+    # Decode speed of one stream: a moving average over the engine's recent requests of tokens after the
+    # first per second (0 = none finished yet). Schedulers send work to the fastest engines first.
+    tokens_per_second: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nats
@@ -12,6 +13,11 @@ from services.common.model_store import default_state_dir, ensure_default_model
 from services.common.natsserver import NatsServer
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A `./cy up` started by a test on a machine without llama-cpp-python would compile it into the shared venv in
+# the background (--engine auto): tests never install anything, so there the "build" fails at once and the
+# platform stays on transformers. The engine-switch test sets its own command.
+os.environ.setdefault("CY_LLAMACPP_INSTALL", "echo 'tests do not install llama-cpp-python' >&2; exit 1")
 
 
 @pytest.fixture

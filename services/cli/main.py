@@ -86,9 +86,13 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                         "two minutes, the nats-server default: about twice as fast per publish; see "
                         "docs/reliability.md) (default: always)")
     _state_dir_arg(p)
-    p.add_argument("--engine", choices=ENGINES, default="transformers",
-                   help="engine backend (default: transformers; llamacpp serves the model's GGUF and is the "
-                        "fastest on CPU; ./cy installs the llamacpp or vllm extra first when asked for one)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="engine backend (default: auto, the same on CUDA and other hosts: llamacpp when the model "
+                        "ships a GGUF and llama-cpp-python is installed; otherwise transformers, and when only "
+                        "llama-cpp-python is missing, up builds it in the background (log: <state dir>/logs/"
+                        "llamacpp-build.log) and then switches to llamacpp without losing a request; transformers, "
+                        "llamacpp or vllm: that engine, never switched; ./cy installs the llamacpp or vllm extra "
+                        "first when asked for one)")
     p.add_argument("--slots", type=int, default=None, metavar="N",
                    help="concurrent generations of the engine (default: the engine's own)")
     p.add_argument("--ready-timeout", type=float, default=120.0, metavar="SECONDS",
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_dir_arg(p)
     p.add_argument("--worker", action="append", default=None, metavar="ID",
                    help="an engine worker id (repeatable; default: the one ./cy up starts on this machine)")
-    p.add_argument("--engine", choices=ENGINES, default="transformers",
+    p.add_argument("--engine", choices=[e for e in ENGINES if e != "auto"], default="transformers",
                    help="the engine whose ./cy up worker id is the default (default: transformers)")
     p.add_argument("--format", choices=("table", "conf"), default="table",
                    help="table: subjects per identity; conf: nats-server authorization block (default: table)")

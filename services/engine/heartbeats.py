@@ -27,6 +27,23 @@ from services.common.worker_table import DEAD_AFTER_INTERVALS
 log = logging.getLogger(__name__)
 
 
+class DecodeSpeed:
+    """One stream's decode speed (tokens/s), a moving average over finished requests: what a heartbeat
+    tells schedulers, so that they prefer a faster engine serving the same model."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self._alpha = alpha
+        self.tokens_per_second = 0.0
+
+    def observe(self, tokens_after_first: int, seconds: float) -> None:
+        """A request generated ``tokens_after_first`` tokens in ``seconds`` after its first one."""
+        if tokens_after_first < 1 or seconds <= 0:
+            return
+        rate = tokens_after_first / seconds
+        old = self.tokens_per_second
+        self.tokens_per_second = rate if old == 0 else old + self._alpha * (rate - old)
+
+
 class Heartbeats:
     """Publishes ``status()`` on change and every ``interval`` seconds, and tells when the engine stalled."""
 

@@ -41,7 +41,7 @@ from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.health import HealthMonitor, HealthState
-from services.engine.heartbeats import Heartbeats
+from services.engine.heartbeats import DecodeSpeed, Heartbeats
 from services.engine.control import ModelControl
 from services.engine.grammar.compiler import set_compile_observer
 from services.engine.model_host import BackendFactory, HostedModel, ModelHost
@@ -84,6 +84,7 @@ class EngineService:
                                      on_check=lambda s: metrics.health_checks.labels(s.health.value).inc())
         self._beats = Heartbeats(self.worker, config.heartbeat_interval, self.heartbeat,
                                  on_periodic=self._sample_gauges, on_stall=self._end_in_flight)
+        self._speed = DecodeSpeed()
         self._draining = False
         self._started = time.time()
         self.nc = None
@@ -162,6 +163,15 @@ class EngineService:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+
+    def stop_taking_work(self) -> None:
+        """Advertise draining and refuse new dispatches, but keep running: the requests in flight finish at
+        their own pace, however long, and the process stays until stopped (SIGUSR1; ``./cy up`` retiring
+        an engine sends it first and SIGTERM once the heartbeats show nothing in flight)."""
+        if not self._draining:
+            log.info("draining: no new work; %d request(s) in flight finish", len(self._active))
+            self._draining = True
+            self._beats.changed()
 
     # --- dispatch ---
     def _reply(self, accepted: bool, code: str | None = None, message: str | None = None) -> bytes:
@@ -333,6 +343,8 @@ class EngineService:
                     if recorder is not None:
                         progress.cached = recorder.finished(event.reason, usage)
                     self.metrics.observe_finished(model, start, progress.first, usage)
+                    if progress.first and usage.completion_tokens > 1:  # one stream's decode speed, heartbeated
+                        self._speed.observe(usage.completion_tokens - 1, time.monotonic() - progress.first)
                     if req.rate_caller:  # an API key's NATS-native request spends its key's token budget
                         self._charges.charge(req.rate_caller, usage.prompt_tokens + usage.completion_tokens)
         finally:
@@ -389,7 +401,7 @@ class EngineService:
             seq=self._beats.seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
             memory_bytes=self.host.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
             started=self._started, engine_reason=self.cfg.engine_reason, health=self._health.state.health.value,
-            health_reason=self._health.state.reason)
+            health_reason=self._health.state.reason, tokens_per_second=round(self._speed.tokens_per_second, 1))
 
     def _sample_gauges(self) -> None:
         """Every heartbeat interval: the gauges that are not kept current as they change."""

@@ -59,7 +59,7 @@ class SchedulerConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True, fro
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m services.scheduler",
                                 description="CY-LLM scheduler: takes requests off the JetStream queue by priority "
-                                            "and dispatches each to the least-loaded engine serving its model.")
+                                            "and dispatches each to the fastest, least-loaded engine serving its model.")
     add_nats_arguments(p, url_from_env=False)  # the --config file's nats_url comes before the environment's
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (/metrics) and health (/healthz) on this port (0 = off)")

@@ -98,9 +98,33 @@ def _best(workers: Sequence[WorkerState], key: Callable[[WorkerState], tuple], t
     return tied[turn % len(tied)]
 
 
+# An engine whose decode speed (heartbeat ``tokens_per_second``, one stream) is under this fraction of the
+# fastest eligible engine's gets work only while no faster engine has a free slot: a llama.cpp engine at 90
+# tokens/s beside transformers at 15 takes every request it has room for. Engines within this factor of
+# each other (the same engine on similar hosts) share by load. The speed falls as an engine fills up, so a
+# loaded fast engine drops to the tier of the slow one and both are used.
+SPEED_TIER = 0.5
+
+
+def _speed(state: WorkerState) -> float:
+    return state.heartbeat.tokens_per_second
+
+
+def fastest(workers: Sequence[WorkerState], tier: float = SPEED_TIER) -> list[WorkerState]:
+    """The eligible ``workers`` at least ``tier`` times as fast as the fastest one; an engine not measured yet
+    is in (its first requests measure it). Eligible engines only have free slots, so a full fast engine
+    leaves the slower ones the work: every slot is used under load."""
+    known = [_speed(s) for s in workers if _speed(s) > 0]
+    if not known:
+        return list(workers)
+    floor = max(known) * tier
+    return [s for s in workers if _speed(s) <= 0 or _speed(s) >= floor]
+
+
 def least_connections(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:
-    """Most effective free slots; then fewest requests in flight (reserved included); then round robin."""
-    return _best(workers, lambda s: (-effective_free(s, ctx.reserved), _load(s, ctx)), ctx.turn)
+    """Among the fastest engines (``fastest``): most effective free slots; then fewest requests in flight
+    (reserved included); then round robin."""
+    return _best(fastest(workers), lambda s: (-effective_free(s, ctx.reserved), _load(s, ctx)), ctx.turn)
 
 
 def round_robin(workers: Sequence[WorkerState], ctx: RoutingContext) -> WorkerState | None:

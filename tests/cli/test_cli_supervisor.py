@@ -88,6 +88,41 @@ async def test_the_first_child_to_die_is_reported_with_its_log(tmp_path: Path):
     assert sup.children["scheduler"].returncode == 0
 
 
+async def test_a_retired_child_is_no_death_and_a_child_watched_later_is(tmp_path: Path):
+    record = tmp_path / "stopped"
+    sup = Supervisor(tmp_path / "logs", console=None, report=lambda m: None)
+    await sup.start(spec("engine", record))
+    await wait_until_ready(sup, "engine")
+    waiting = asyncio.ensure_future(sup.wait_any_exit())  # as ./cy up waits while it serves
+    # A replacement on probation: its death would not be reported until it is watched.
+    await sup.start(spec("engine-llamacpp", record), watched=False)
+    await wait_until_ready(sup, "engine-llamacpp")
+    sup.watch("engine-llamacpp")
+
+    assert await sup.retire("engine") == 0
+
+    assert "engine" not in sup.children and not waiting.done()
+    sup.children["engine-llamacpp"].proc.kill()
+    died = await asyncio.wait_for(waiting, 10)
+    assert died.name == "engine-llamacpp" and died.returncode == -9
+    await sup.stop_all()
+
+
+async def test_an_unwatched_child_dying_is_not_reported(tmp_path: Path):
+    sup = Supervisor(tmp_path / "logs", console=None, report=lambda m: None)
+    await sup.start(spec("scheduler", tmp_path / "stopped"))
+    await wait_until_ready(sup, "scheduler")
+    probation = await sup.start(spec("engine-llamacpp", tmp_path / "stopped", "dies"), watched=False)
+    waiting = asyncio.ensure_future(sup.wait_any_exit())
+
+    assert await asyncio.wait_for(probation.proc.wait(), 10) == 3
+    await asyncio.sleep(0)  # let the waiter see the exit, were it watching
+    assert not waiting.done()
+    sup.children["scheduler"].proc.terminate()
+    assert (await asyncio.wait_for(waiting, 10)).name == "scheduler"
+    await sup.stop_all()
+
+
 async def test_output_goes_to_the_log_and_prefixed_to_the_console(tmp_path: Path):
     console = io.StringIO()
     sup = Supervisor(tmp_path / "logs", console=console, report=lambda m: None)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_children_get_the_flags_their_clis_take(tmp_path: Path):
-    opts = UpOptions(state_dir=tmp_path, port=8099, host="127.0.0.1", slots=4)
+    opts = UpOptions(state_dir=tmp_path, port=8099, host="127.0.0.1", slots=4, engine="transformers")
 
     specs = child_specs(opts, "nats://127.0.0.1:4999", tmp_path / "model", python="py")
 

@@ -104,6 +104,11 @@ FULL = [
             slots=8, in_flight=1, seq=42, ts=1767225600.5, interval=2.0, adapters=["sql"], draining=True,
             memory_bytes=300000000, pid=4242, host="gpu-host-1", started=1767225000.25, engine_reason="warming",
             weight=2.5, max_models=2, memory_budget=8000000000)),
+    WireCase("EngineHeartbeat with its decode speed", decoder(EngineHeartbeat), (
+        b'{"worker":"engine-2","engine":"llamacpp","device":"cpu","models":[{"id":"m"}],"slots":4,'
+        b'"in_flight":1,"seq":3,"ts":1767225600.5,"tokens_per_second":87.5}'),
+        EngineHeartbeat(worker="engine-2", engine="llamacpp", device="cpu", models=[ServedModel(id="m")], slots=4,
+                        in_flight=1, seq=3, ts=1767225600.5, tokens_per_second=87.5)),
     WireCase("LoadModel", control.decode_command, b'{"type":"load","model":"smol"}', LoadModel(model="smol")),
     WireCase("UnloadModel", control.decode_command, b'{"type":"unload","model":"smol"}', UnloadModel(model="smol")),
     WireCase("ListModels", control.decode_command, b'{"type":"list"}', ListModels()),

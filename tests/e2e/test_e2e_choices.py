@@ -16,7 +16,8 @@ STORY = [{"role": "user", "content": "Tell me a short story about a fox."}]
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, default_model_dir):
-    with CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-choices"), default_model_dir)) as up:
+    with CyUp(state_dir_with_models(tmp_path_factory.mktemp("e2e-choices"), default_model_dir),
+              "--engine", "transformers") as up:
         yield up
 
 

@@ -30,7 +30,7 @@ def dataset() -> bytes:
 
 @pytest.fixture(scope="module", params=["transformers", "llamacpp"])
 def platform(request, tmp_path_factory, default_model_dir):
-    """The platform with the default engine (transformers), and with llama.cpp serving the shipped GGUF: there
+    """The platform with the transformers engine, and with llama.cpp serving the shipped GGUF: there
     the trained peft adapter is converted to a GGUF LoRA and applied to the quantized base."""
     if request.param == "llamacpp":
         pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")

@@ -28,7 +28,7 @@ TOKENS = 24
 def platform(tmp_path_factory, default_model_dir):
     """The platform with the transformers engine and no trainer."""
     state = state_dir_with_models(tmp_path_factory.mktemp("responses"), default_model_dir)
-    with CyUp(state, "--no-trainer") as up:
+    with CyUp(state, "--no-trainer", "--engine", "transformers") as up:
         yield up
 
 

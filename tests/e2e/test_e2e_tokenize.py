@@ -16,7 +16,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 async def test_tokenize_counts_what_generation_bills_and_the_bus_refuses_nothing(tmp_path, default_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    with CyUp(state_dir_with_models(tmp_path, default_model_dir), "--no-trainer") as up:
+    # The edge tokenizes with the served model's HF tokenizer, which this test compares with: transformers.
+    with CyUp(state_dir_with_models(tmp_path, default_model_dir), "--no-trainer", "--engine", "transformers") as up:
         async with aiohttp.ClientSession(up.url) as http:
             async with http.post("/tokenize", json={"model": DEFAULT_MODEL_ID, "messages": QUESTION}) as resp:
                 tokenized = await resp.json()

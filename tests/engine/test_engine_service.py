@@ -213,6 +213,38 @@ async def test_redispatch_of_a_running_request_is_idempotent(nc, nats_server):
         assert again.accepted and again.in_flight == 1 and len(service._active) == 1
 
 
+async def test_stop_taking_work_refuses_new_requests_and_lets_slow_ones_finish(nc, nats_server):
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    beats: list[EngineHeartbeat] = []
+    async with running_engine(nats_server.url, "--sim-token-rate", "20", "--drain-timeout", "0.5") as (service, worker):
+        async def on_beat(msg) -> None:
+            beats.append(msgspec.json.decode(msg.data, type=EngineHeartbeat))
+
+        await nc.subscribe(names.worker_status(worker), cb=on_beat)
+        assert (await dispatch(nc, worker, request(inbox, max_tokens=30))).accepted
+        await sub.next_msg(timeout=2)
+
+        service.stop_taking_work()  # what SIGUSR1 does
+
+        refused = await dispatch(nc, worker, request(nc.new_inbox()))
+        assert not refused.accepted and refused.code == "engine_busy"
+        # Longer than the drain timeout: the engine is not stopping, its request runs to the end.
+        events = await events_until_terminal(sub, timeout=10)
+        assert isinstance(events[-1], StreamEnd) and events[-1].usage.completion_tokens == 30
+        assert await _eventually(lambda: any(b.draining and b.in_flight == 0 for b in beats))
+        assert service.draining
+
+
+async def _eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 async def test_sigterm_drain_finishes_in_flight_requests(nc, nats_server):
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
