@@ -85,8 +85,10 @@ def prepare_environment(device: str, threads: int = 0) -> str:
 def vllm_structured(structured: StructuredOutput | None):
     """Our structured-output constraint as vLLM's ``StructuredOutputsParams`` (None: free text).
 
-    Compact JSON (``disable_any_whitespace``), as the other engines write it; the engine runs vLLM's
-    ``guidance`` backend (llguidance, the library the other engines use), so a ``grammar`` is Lark there too.
+    The engine runs vLLM's ``guidance`` backend (llguidance, the library the other engines use), so a
+    ``grammar`` is Lark there too. JSON is compact, as the other engines write it: vLLM's backends read
+    ``disable_any_whitespace`` from the engine's ``StructuredOutputsConfig`` (``start`` sets it), not from
+    these per-request params; it is set here too for a vLLM that honours it per request.
     """
     if structured is None:
         return None
@@ -228,7 +230,10 @@ class VllmEngine(HfTokenizing, EngineBackend):
         args = AsyncEngineArgs(
             model=str(self._path), served_model_name=[self._model_id], dtype=self._dtype,
             max_model_len=self._context_length or None, max_num_seqs=self._slots,
-            disable_log_stats=True, structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
+            disable_log_stats=True,
+            # Without disable_any_whitespace the JSON grammar allows whitespace between tokens, and a model
+            # (an adapter) that favours it can spend max_tokens on blanks inside a value.
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
             **self._lora_args(), **self._memory_args())
         # Engine creation spawns and waits for the engine-core process: keep it off the event loop.
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
