@@ -176,27 +176,39 @@ async def test_constrained_requests_on_an_adapter_share_a_batch_with_free_ones(e
     await engine.check_health()
 
 
-async def test_a_dead_engine_core_fails_health_and_requests(engine):
-    """Last in this module: it kills the module's engine (a test placed after it meets a dead engine core)."""
+async def test_a_dead_engine_core_fails_health_and_requests_until_a_new_one_serves(engine):
+    """Last in this module: it kills the module's engine core (the engine replaces it)."""
     import psutil
 
+    before = await token_ids(engine, chat("lora-a"))
+    held = engine.loaded_adapters()
     await engine.check_health()
     for child in psutil.Process().children(recursive=True):
         if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
             child.kill()
 
-    async def dead() -> bool:
+    async def health() -> ErrorCode | None:
         try:
             await engine.check_health()
         except BusError as exc:
-            assert exc.code == ErrorCode.ENGINE_FAILED
-            return True
-        return False
+            return exc.code
+        return None
 
-    deadline = asyncio.get_running_loop().time() + 30
-    while not await dead():
-        assert asyncio.get_running_loop().time() < deadline, "a killed engine core must fail the health check"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (code := await health()) is None:
+        assert loop.time() < deadline, "a killed engine core must fail the health check"
         await asyncio.sleep(0.2)
+    assert code == ErrorCode.ENGINE_FAILED
     with pytest.raises(BusError) as info:
         await token_ids(engine, chat(max_tokens=4))
     assert info.value.code == ErrorCode.ENGINE_FAILED
+    # A new engine core starts in the background; the engine serves again, adapters loaded on demand.
+    deadline = loop.time() + 600
+    while (code := await health()) is not None:
+        assert code == ErrorCode.ENGINE_FAILED
+        assert loop.time() < deadline, "the engine must replace its dead engine core"
+        await asyncio.sleep(0.5)
+    assert engine.changes[-1] == AdapterChange([], 0, len(held)) and engine.loaded_adapters() == []
+    assert await token_ids(engine, chat("lora-a")) == before
+    assert engine.loaded_adapters() == ["lora-a"]

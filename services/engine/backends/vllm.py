@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: KV cache reserved on CPU when ``VLLM_CPU_KVCACHE_SPACE`` is unset (vLLM's own default takes a large share of RAM).
 CPU_KV_CACHE_BYTES = 1 << 30
+#: Dead engine cores replaced by a new one in the life of an engine (then it stays failed: something is wrong).
+MAX_CORE_RESTARTS = 3
 #: vLLM's accepted ``max_lora_rank`` values; adapters of a higher rank are refused.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -115,6 +117,8 @@ class VllmEngine(HfTokenizing, EngineBackend):
         self._live: set[str] = set()
         self._aborted: set[str] = set()
         self._base_shapes: dict[str, list[int]] = {}
+        self._restart: asyncio.Task[None] | None = None
+        self._restarts = 0
         self.engine = None
         self.tokenizer = None
 
@@ -126,12 +130,20 @@ class VllmEngine(HfTokenizing, EngineBackend):
                                     "vLLM does not serve GGUF here)")
         prepare_environment(self._device_arg, self._threads)
         from transformers import AutoTokenizer
+
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
+        self._base_shapes = await asyncio.to_thread(weight_shapes, self._path)
+        self.engine = await self._new_engine()
+        self._context_length = self.engine.model_config.max_model_len
+        log.info("vllm loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self.device,
+                 self.engine.model_config.dtype, self._slots, self._context_length)
+
+    async def _new_engine(self):
+        """A new ``AsyncLLM`` with this engine's settings (at start, and to replace a dead engine core)."""
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
-        self._base_shapes = await asyncio.to_thread(weight_shapes, self._path)
         args = AsyncEngineArgs(
             model=str(self._path), served_model_name=[self._model_id], dtype=self._dtype,
             max_model_len=self._context_length or None, max_num_seqs=self._slots,
@@ -141,10 +153,7 @@ class VllmEngine(HfTokenizing, EngineBackend):
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
             **self._lora_args(), **self._memory_args())
         # Engine creation spawns and waits for the engine-core process: keep it off the event loop.
-        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        self._context_length = self.engine.model_config.max_model_len
-        log.info("vllm loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self.device,
-                 self.engine.model_config.dtype, self._slots, self._context_length)
+        return await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
     def _lora_args(self) -> dict:
         if not self._enable_lora:
@@ -159,21 +168,51 @@ class VllmEngine(HfTokenizing, EngineBackend):
         return {"gpu_memory_utilization": self._gpu_memory_utilization}
 
     async def close(self) -> None:
-        """Stop vLLM's engine-core and worker processes."""
+        """Stop vLLM's engine-core and worker processes (after a restart in progress has finished)."""
+        if self._restart is not None:
+            await self._restart  # never raises: a failed restart leaves the dead engine, shut down below
+            self._restart = None
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.shutdown)
 
     async def check_health(self) -> None:
-        """vLLM's engine core and output loop must be alive."""
+        """vLLM's engine core and output loop must be alive.
+
+        A dead engine core (killed, out of memory, crashed) fails the check, so the service reports
+        ``failed`` and gives up its requests, and is replaced by a new one in the background (at most
+        ``MAX_CORE_RESTARTS`` times): the check passes again once the new core serves.
+        """
         if self.engine is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "the vllm engine is not running")
+        if self._restart is not None and not self._restart.done():
+            raise BusError(ErrorCode.ENGINE_FAILED, "the vllm engine core died; a new one is starting")
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             await self.engine.check_health()
         except EngineDeadError as exc:
+            if self._restarts < MAX_CORE_RESTARTS and (self._restart is None or self._restart.done()):
+                self._restarts += 1
+                self._restart = asyncio.create_task(self._restart_core(), name="vllm-core-restart")
             raise BusError(ErrorCode.ENGINE_FAILED, f"the vllm engine core died: {exc}") from None
+
+    async def _restart_core(self) -> None:
+        """Shut the dead engine down and start a new one; adapters are loaded again on demand."""
+        dead = self.engine
+        log.error("vllm engine core of %s died; starting a new one (restart %d of at most %d)", self._model_id,
+                  self._restarts, MAX_CORE_RESTARTS)
+        await asyncio.to_thread(dead.shutdown)
+        try:
+            self.engine = await self._new_engine()
+        except Exception:  # vLLM fails a start in many ways; the dead engine stays (failed), the next check retries
+            log.exception("vllm engine core restart failed")
+            return
+        async with self._lora_lock:
+            evicted, self._loaded = self._loaded, []
+        if evicted and self.adapter_listener is not None:
+            self.adapter_listener(AdapterChange([], 0, len(evicted)))
+        log.warning("vllm engine core of %s restarted", self._model_id)
 
     # --- what we serve ---
     @property
@@ -280,6 +319,8 @@ class VllmEngine(HfTokenizing, EngineBackend):
         """Stream ``request`` from vLLM, one chunk per decode step; a consumer that stops aborts it in vLLM."""
         if self.engine is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        if self._restart is not None and not self._restart.done():
+            raise BusError(ErrorCode.ENGINE_FAILED, "the vllm engine core died; a new one is starting")
         prompt = self.render(request)
         prompt_ids = prompt.ids
         check_context(len(prompt_ids), self._context_length)
