@@ -1,6 +1,6 @@
 """The platform against each engine's own server, side by side: same weights, same threads, same HTTP load.
 
-    .venv/bin/python bench/peer_servers.py [--pair llamacpp] [--concurrency 1,8,32] [--requests 72]
+    .venv/bin/python bench/peer_servers.py [--pair llamacpp|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
                                            [--context 1024] [--platform-env NAME=VALUE]
                                            [--record docs/benchmarks.md]
@@ -14,6 +14,10 @@ two sides alternate in ``--rounds`` rounds, so drift of the machine hits both al
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios, then the resident memory of each side's model process at idle and its peak
 during the 8-stream cell. ``--record`` appends the table, dated, with the machine, to a Markdown file.
+
+``vllm``: the platform with ``--engine vllm`` against ``vllm serve`` (same vllm, weights, dtype,
+``--context`` as max model len, ``--slots`` as max-num-seqs), LoRA support off then on; see
+``peer_vllm.py``. E.g. ``--pair vllm --concurrency 1,8 --slots 8``.
 """
 
 from __future__ import annotations
@@ -52,14 +56,21 @@ def free_port() -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` (VmRSS), 0 once it is gone."""
+    """Resident memory of ``pid`` and its descendants (vLLM's engine core is a child), 0 once it is gone."""
+    import psutil
+
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
 
 
 def stream_runner(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, extra: dict):
@@ -215,6 +226,10 @@ async def main(args) -> None:
     With ``--platform-env`` the platform runs twice, as it is and with that environment, so a
     setting (an OpenMP wait policy, say) is compared in the same alternating rounds.
     """
+    if args.pair == "vllm":
+        from peer_vllm import main_vllm
+
+        return await main_vllm(args)
     variants = [("platform llama.cpp engine", {})]
     if args.platform_env:
         env = dict(kv.split("=", 1) for kv in args.platform_env)
@@ -249,14 +264,14 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="llamacpp", choices=["llamacpp"], help="engine and its own server")
+    p.add_argument("--pair", default="llamacpp", choices=["llamacpp", "vllm"], help="engine and its own server")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=72, help="requests per side and concurrency")
     p.add_argument("--rounds", type=int, default=4, help="alternations of the two sides per concurrency")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of both servers")
     p.add_argument("--slots", type=int, default=32, help="sequences decoded together, both servers")
-    p.add_argument("--context", type=int, default=1024, help="KV cells per slot, both servers")
+    p.add_argument("--context", type=int, default=1024, help="KV cells per slot, both servers (vllm: the max model len)")
     p.add_argument("--platform-env", action="append", default=[], metavar="NAME=VALUE",
                    help="also run the platform with this environment (e.g. GOMP_SPINCOUNT=300000), as a third "
                         "side; repeatable")

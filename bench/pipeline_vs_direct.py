@@ -124,7 +124,7 @@ async def start_pipeline(tmp: Path, args, model_path: Path, port: int) -> tuple[
     await sup.start(ChildSpec("scheduler", (py, "-m", "services.scheduler", "--nats-url", server.url)))
     await sup.start(ChildSpec("edge", (py, "-m", "services.edge", "--nats-url", server.url, "--port", str(port))))
     url = f"http://127.0.0.1:{port}"
-    await wait_until_ready(url, ["m"], timeout=180)
+    await wait_until_ready(url, ["m"], timeout=getattr(args, "ready_timeout", 180))  # vLLM on CPU compiles first
     return server, sup, url
 
 

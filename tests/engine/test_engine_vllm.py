@@ -1,4 +1,5 @@
-"""The vLLM engine beyond the shared contract: per-request LoRA adapters, refused PEFT methods, abort on close.
+"""The vLLM engine beyond the shared contract: per-request LoRA adapters, refused PEFT methods, constrained
+output (also on an adapter), abort on close.
 
 The contract itself (streaming, stop, seed, abort, usage...) runs on vLLM in test_engine_contract.py.
 """
@@ -6,8 +7,10 @@ The contract itself (streaming, stop, seed, abort, usage...) runs on vLLM in tes
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import pytest_asyncio
 
@@ -121,27 +124,91 @@ async def test_heartbeat_facts(engine, default_model_dir):
     assert engine.memory_bytes() > 500 * 2**20  # the fp32 weights live in vLLM's worker process
 
 
-async def test_a_dead_engine_core_fails_health_and_requests(engine):
-    """Last in this module: it kills the module's engine."""
+async def test_vllm_holds_structured_outputs_at_temperature_one(engine):
+    # The same constraints as the engines that sample themselves (test_engine_structured.py), through
+    # vLLM's own structured-output parameters, on the module's engine (LoRA on, adapters loaded).
+    from tests.engine.test_engine_structured import SCHEMA, request, run
+    from schemas.inference import StructuredOutput
+
+    schema = StructuredOutput(kind="json_schema", json=json.dumps(SCHEMA))
+    answers = await asyncio.wait_for(asyncio.gather(*(run(engine, request(schema, temperature=1.0, seed=s))
+                                                      for s in range(4))), 300)
+    for text, _, fin in answers:
+        assert fin.reason == "stop", text
+        value = json.loads(text)
+        assert set(value) == {"name", "age"} and 0 <= value["age"] <= 99 and len(value["name"]) <= 16
+    for seed in range(2):
+        text, _, fin = await run(engine, request(StructuredOutput(kind="choice", choice=["left", "right"]),
+                                                 temperature=1.0, seed=seed))
+        assert text in ("left", "right") and fin.reason == "stop"
+        text, _, _ = await run(engine, request(StructuredOutput(kind="regex", regex="[a-z]{4}-[0-9]{3}"),
+                                               temperature=1.0, seed=seed))
+        assert len(text) == 8 and text[:4].isalpha() and text[4] == "-" and text[5:].isdigit(), text
+    cut, _, fin = await run(engine, request(schema, temperature=1.0, seed=1, max_tokens=3))
+    assert fin.reason == "length" and cut.startswith("{")
+    await engine.check_health()
+
+
+async def test_constrained_requests_on_an_adapter_share_a_batch_with_free_ones(engine):
+    # One batch holds constrained rows on an adapter and on the base model and a free row on an
+    # adapter: each constraint holds on its own row, and the free row says what it says alone.
+    from tests.engine.test_engine_structured import SCHEMA, request, run
+    from schemas.inference import StructuredOutput
+
+    schema = StructuredOutput(kind="json_schema", json=json.dumps(SCHEMA))
+    choice = StructuredOutput(kind="choice", choice=["left", "right"])
+
+    def on(adapter, req):
+        return msgspec.structs.replace(req, adapter=adapter)
+
+    free = chat("lora-b", max_tokens=24)
+    alone = await token_ids(engine, chat("lora-b", max_tokens=24))
+    outs = await asyncio.wait_for(asyncio.gather(
+        run(engine, on("lora-a", request(schema, temperature=1.0, seed=3))),
+        run(engine, on("lora-b", request(choice, temperature=1.0, seed=4))),
+        run(engine, request(schema, temperature=1.0, seed=5)),
+        token_ids(engine, free)), 300)
+    for text, _, fin in (outs[0], outs[2]):
+        assert fin.reason == "stop", text
+        assert set(json.loads(text)) == {"name", "age"}, text
+    assert outs[1][0] in ("left", "right") and outs[1][2].reason == "stop"
+    assert outs[3] == alone
+    await engine.check_health()
+
+
+async def test_a_dead_engine_core_fails_health_and_requests_until_a_new_one_serves(engine):
+    """Last in this module: it kills the module's engine core (the engine replaces it)."""
     import psutil
 
+    before = await token_ids(engine, chat("lora-a"))
+    held = engine.loaded_adapters()
     await engine.check_health()
     for child in psutil.Process().children(recursive=True):
         if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
             child.kill()
 
-    async def dead() -> bool:
+    async def health() -> ErrorCode | None:
         try:
             await engine.check_health()
         except BusError as exc:
-            assert exc.code == ErrorCode.ENGINE_FAILED
-            return True
-        return False
+            return exc.code
+        return None
 
-    deadline = asyncio.get_running_loop().time() + 30
-    while not await dead():
-        assert asyncio.get_running_loop().time() < deadline, "a killed engine core must fail the health check"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (code := await health()) is None:
+        assert loop.time() < deadline, "a killed engine core must fail the health check"
         await asyncio.sleep(0.2)
+    assert code == ErrorCode.ENGINE_FAILED
     with pytest.raises(BusError) as info:
         await token_ids(engine, chat(max_tokens=4))
     assert info.value.code == ErrorCode.ENGINE_FAILED
+    # A new engine core starts in the background; the engine serves again, adapters loaded on demand.
+    deadline = loop.time() + 600
+    while (code := await health()) is not None:
+        assert code == ErrorCode.ENGINE_FAILED
+        assert loop.time() < deadline, "the engine must replace its dead engine core"
+        await asyncio.sleep(0.5)
+    assert engine.changes[-1] == AdapterChange([], 0, len(held)) and engine.loaded_adapters() == []
+    assert await token_ids(engine, chat("lora-a")) == before
+    assert engine.loaded_adapters() == ["lora-a"]

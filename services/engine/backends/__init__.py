@@ -4,7 +4,7 @@
 
 - ``transformers/``: Hugging Face causal LMs on CPU or CUDA, continuous batching, PEFT adapters.
 - ``llamacpp/``: GGUF models through llama.cpp's C API, continuous batching, LoRA adapters.
-- ``vllm``: vLLM's async engine on CPU, CUDA or Ascend.
+- ``vllm``: vLLM's async engine on CPU, CUDA or Ascend; ``vllm_params``: our parameters as vLLM's, its outputs as ours.
 - ``tensorrt_llm``, ``mindie``, ``mlx``: TensorRT-LLM, a MindIE Server, Apple MLX (not run here).
 - ``simulated``: no model, a configurable token rate: for load and fault tests only.
 - ``model_thread``: the loop side of a backend whose model runs in its own thread.

@@ -25,14 +25,14 @@ import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Sequence as Seq
 from pathlib import Path
 
 from schemas.errors import BusError, ErrorCode
-from schemas.events import TokenLogprob, TopLogprob
 from schemas.heartbeat import ServedModel
-from schemas.inference import InferenceRequest, SamplingParams, StructuredOutput
+from schemas.inference import InferenceRequest
 from services.engine.backend import AdapterChange, Chunk, EngineBackend, Finished, GenerationEvent
+from services.engine.backends.vllm_params import check_lora_config, token_logprobs, translated_errors, vllm_sampling
 from services.engine.lora.sources import AdapterResolver, read_adapter_config
 from services.engine.lora.shapes import check_lora_shapes, weight_shapes
 from services.engine.text.prompt import HfTokenizing, RenderedPrompt, check_context, render_prompt
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: KV cache reserved on CPU when ``VLLM_CPU_KVCACHE_SPACE`` is unset (vLLM's own default takes a large share of RAM).
 CPU_KV_CACHE_BYTES = 1 << 30
+#: Dead engine cores replaced by a new one in the life of an engine (then it stays failed: something is wrong).
+MAX_CORE_RESTARTS = 3
 #: vLLM's accepted ``max_lora_rank`` values; adapters of a higher rank are refused.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -82,99 +84,6 @@ def prepare_environment(device: str, threads: int = 0) -> str:
     return platform
 
 
-def vllm_structured(structured: StructuredOutput | None):
-    """Our structured-output constraint as vLLM's ``StructuredOutputsParams`` (None: free text).
-
-    Compact JSON (``disable_any_whitespace``), as the other engines write it; the engine runs vLLM's
-    ``guidance`` backend (llguidance, the library the other engines use), so a ``grammar`` is Lark there too.
-    """
-    if structured is None:
-        return None
-    from vllm.sampling_params import StructuredOutputsParams
-
-    match structured.kind:
-        case "json_schema":
-            return StructuredOutputsParams(json=structured.json, disable_any_whitespace=True)
-        case "json_object":
-            return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
-        case "regex":
-            return StructuredOutputsParams(regex=structured.regex)
-        case "choice":
-            return StructuredOutputsParams(choice=list(structured.choice))
-        case "grammar":
-            return StructuredOutputsParams(grammar=structured.grammar)
-    raise BusError(ErrorCode.UNSUPPORTED, f"structured output kind {structured.kind!r} is not supported",
-                   param="response_format")
-
-
-def vllm_sampling(params: SamplingParams, max_tokens: int, structured: StructuredOutput | None = None):
-    """Our sampling parameters (and structured-output constraint) as vLLM's, streaming one delta per step."""
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return VllmSamplingParams(
-        max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        seed=params.seed, stop=list(params.stop) or None, presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
-        output_kind=RequestOutputKind.DELTA, skip_special_tokens=True, logprobs=params.logprobs,
-        logit_bias=dict(params.logit_bias) or None, structured_outputs=vllm_structured(structured))
-
-
-def token_logprobs(token_ids: Seq[int], positions, top: int, token_text: Callable[[int], str]) -> list[TokenLogprob]:
-    """vLLM's sample logprobs of one delta (one ``{token id: Logprob}`` per token) as ours.
-
-    vLLM puts the sampled token and the ``top`` best (ranks 1..top) in each position; it reports
-    raw log-probabilities (its default ``logprobs_mode``), as the transformers engine does.
-    """
-    out = []
-    for token, position in zip(token_ids, positions):
-        position = position or {}
-
-        def text(token_id: int, logprob) -> str:
-            return logprob.decoded_token if logprob.decoded_token is not None else token_text(token_id)
-
-        chosen = position.get(token)
-        ranked = sorted((lp.rank, tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top)
-        out.append(TokenLogprob(
-            token_id=token, token=text(token, chosen) if chosen is not None else token_text(token),
-            logprob=chosen.logprob if chosen is not None else float("nan"),
-            top=[TopLogprob(token_id=tid, token=text(tid, lp), logprob=lp.logprob) for _, tid, lp in ranked]))
-    return out
-
-
-def check_lora_config(config: dict, adapter: str, max_rank: int) -> None:
-    """vLLM serves plain LoRA up to ``max_rank``; anything else is ``unsupported`` before it reaches the engine."""
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        method = "DoRA" if config.get("use_dora") else config.get("peft_type")
-        raise BusError(ErrorCode.UNSUPPORTED, f"adapter {adapter!r} uses {method}; the vllm engine serves only LoRA "
-                                              "adapters (use the transformers engine for other PEFT methods)",
-                       param="adapter")
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise BusError(ErrorCode.INVALID_REQUEST, f"adapter {adapter!r} is broken: 'r' is {rank!r}", param="adapter")
-    if rank > max_rank:
-        raise BusError(ErrorCode.UNSUPPORTED, f"adapter {adapter!r} has LoRA rank {rank}, above this engine's "
-                                              f"maximum {max_rank}", param="adapter")
-
-
-@contextlib.contextmanager
-def translated_errors():
-    """vLLM's exceptions inside the block become typed bus errors."""
-    from vllm.exceptions import VLLMClientError
-    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
-    try:
-        yield
-    except EngineDeadError as exc:
-        raise BusError(ErrorCode.ENGINE_FAILED, f"the vllm engine core died: {exc}") from None
-    except VLLMClientError as exc:
-        raise BusError(ErrorCode.INVALID_REQUEST, str(exc)) from None
-    except ValueError as exc:  # vLLM validates a request (a grammar it cannot compile...) as it is added
-        raise BusError(ErrorCode.INVALID_REQUEST, f"vllm refused the request: {exc}") from None
-    except EngineGenerateError as exc:
-        raise BusError(ErrorCode.ENGINE_FAILED, f"vllm failed the request: {exc.__cause__ or exc}") from None
-
-
 class VllmEngine(HfTokenizing, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with vLLM's continuous batching."""
 
@@ -208,6 +117,8 @@ class VllmEngine(HfTokenizing, EngineBackend):
         self._live: set[str] = set()
         self._aborted: set[str] = set()
         self._base_shapes: dict[str, list[int]] = {}
+        self._restart: asyncio.Task[None] | None = None
+        self._restarts = 0
         self.engine = None
         self.tokenizer = None
 
@@ -219,22 +130,30 @@ class VllmEngine(HfTokenizing, EngineBackend):
                                     "vLLM does not serve GGUF here)")
         prepare_environment(self._device_arg, self._threads)
         from transformers import AutoTokenizer
+
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
+        self._base_shapes = await asyncio.to_thread(weight_shapes, self._path)
+        self.engine = await self._new_engine()
+        self._context_length = self.engine.model_config.max_model_len
+        log.info("vllm loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self.device,
+                 self.engine.model_config.dtype, self._slots, self._context_length)
+
+    async def _new_engine(self):
+        """A new ``AsyncLLM`` with this engine's settings (at start, and to replace a dead engine core)."""
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
-        self._base_shapes = await asyncio.to_thread(weight_shapes, self._path)
         args = AsyncEngineArgs(
             model=str(self._path), served_model_name=[self._model_id], dtype=self._dtype,
             max_model_len=self._context_length or None, max_num_seqs=self._slots,
-            disable_log_stats=True, structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
+            disable_log_stats=True,
+            # Without disable_any_whitespace the JSON grammar allows whitespace between tokens, and a model
+            # (an adapter) that favours it can spend max_tokens on blanks inside a value.
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
             **self._lora_args(), **self._memory_args())
         # Engine creation spawns and waits for the engine-core process: keep it off the event loop.
-        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        self._context_length = self.engine.model_config.max_model_len
-        log.info("vllm loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self.device,
-                 self.engine.model_config.dtype, self._slots, self._context_length)
+        return await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
     def _lora_args(self) -> dict:
         if not self._enable_lora:
@@ -249,21 +168,51 @@ class VllmEngine(HfTokenizing, EngineBackend):
         return {"gpu_memory_utilization": self._gpu_memory_utilization}
 
     async def close(self) -> None:
-        """Stop vLLM's engine-core and worker processes."""
+        """Stop vLLM's engine-core and worker processes (after a restart in progress has finished)."""
+        if self._restart is not None:
+            await self._restart  # never raises: a failed restart leaves the dead engine, shut down below
+            self._restart = None
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.shutdown)
 
     async def check_health(self) -> None:
-        """vLLM's engine core and output loop must be alive."""
+        """vLLM's engine core and output loop must be alive.
+
+        A dead engine core (killed, out of memory, crashed) fails the check, so the service reports
+        ``failed`` and gives up its requests, and is replaced by a new one in the background (at most
+        ``MAX_CORE_RESTARTS`` times): the check passes again once the new core serves.
+        """
         if self.engine is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "the vllm engine is not running")
+        if self._restart is not None and not self._restart.done():
+            raise BusError(ErrorCode.ENGINE_FAILED, "the vllm engine core died; a new one is starting")
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             await self.engine.check_health()
         except EngineDeadError as exc:
+            if self._restarts < MAX_CORE_RESTARTS and (self._restart is None or self._restart.done()):
+                self._restarts += 1
+                self._restart = asyncio.create_task(self._restart_core(), name="vllm-core-restart")
             raise BusError(ErrorCode.ENGINE_FAILED, f"the vllm engine core died: {exc}") from None
+
+    async def _restart_core(self) -> None:
+        """Shut the dead engine down and start a new one; adapters are loaded again on demand."""
+        dead = self.engine
+        log.error("vllm engine core of %s died; starting a new one (restart %d of at most %d)", self._model_id,
+                  self._restarts, MAX_CORE_RESTARTS)
+        await asyncio.to_thread(dead.shutdown)
+        try:
+            self.engine = await self._new_engine()
+        except Exception:  # vLLM fails a start in many ways; the dead engine stays (failed), the next check retries
+            log.exception("vllm engine core restart failed")
+            return
+        async with self._lora_lock:
+            evicted, self._loaded = self._loaded, []
+        if evicted and self.adapter_listener is not None:
+            self.adapter_listener(AdapterChange([], 0, len(evicted)))
+        log.warning("vllm engine core of %s restarted", self._model_id)
 
     # --- what we serve ---
     @property
@@ -370,6 +319,8 @@ class VllmEngine(HfTokenizing, EngineBackend):
         """Stream ``request`` from vLLM, one chunk per decode step; a consumer that stops aborts it in vLLM."""
         if self.engine is None:
             raise BusError(ErrorCode.ENGINE_FAILED, "engine not started")
+        if self._restart is not None and not self._restart.done():
+            raise BusError(ErrorCode.ENGINE_FAILED, "the vllm engine core died; a new one is starting")
         prompt = self.render(request)
         prompt_ids = prompt.ids
         check_context(len(prompt_ids), self._context_length)
