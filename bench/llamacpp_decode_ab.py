@@ -15,6 +15,9 @@ for; ``server`` is what ``llama-server -np N -c N*ctx`` resolves to (n_batch 204
 ``kv_unified`` false, flash attention auto); more with ``--config name:key=value`` over the
 context-params fields (n_seq_max, n_ctx, n_batch, n_ubatch, kv_unified, flash_attn_type, ...),
 and ``--env name:VAR=value`` runs a configuration under an extra environment variable.
+``--config twoteams:other_thread_decode=true`` first decodes once on another (kept) thread, as
+the engine's loader thread used to: libgomp then has two teams and sleeps at every barrier.
+Printed per run: median ms per step and voluntary context switches per step (a barrier sleep is one).
 """
 
 from __future__ import annotations
