@@ -178,7 +178,8 @@ def main() -> None:
             steps = result["steps"]
             samples[name] += steps
             print(f"{name:>12}: median {statistics.median(steps):6.2f} ms/step, "
-                  f"{result['switches']:.0f} voluntary context switches/step, load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"{result['switches']:.0f} voluntary context switches/step, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     print("\nconfig        median   mean    p90   ms per decode step, all rounds")
     for name, steps in samples.items():
         q = statistics.quantiles(steps, n=10)
