@@ -29,6 +29,7 @@ with the same adapter (an adapter on q/k/v changes the cached keys and values).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -44,6 +45,7 @@ from services.engine.backend import Chunk, Finished
 from services.engine.backends.model_thread import Failed, ModelThread
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.adapter_slots import AdapterListener, GgufLoras
+from services.engine.backends.llamacpp.decode_threads import DecodeThreads
 from services.engine.backends.llamacpp.model import PREFILL_TOKEN_BUDGET, GgufModel
 from services.engine.grammar.constraint import RowConstraint
 
@@ -122,10 +124,13 @@ class GgufBatchGenerator(ModelThread):
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        threads = 1 if model.shape.gpu_layers else model.threads  # offloaded: the CPU threads mostly wait
+        self.threads = DecodeThreads(threads)
 
     # --- the model thread ---
     def run(self) -> None:
         try:
+            self._model.warm_up()  # here, not in the loader thread: one OpenMP team (see warm_up)
             while not self._stopping:
                 self._collect(block=not self._running and not self._waiting)
                 events: list[tuple[str, Event]] = []
@@ -210,7 +215,9 @@ class GgufBatchGenerator(ModelThread):
     def _decode(self, seqs: list[GgufSequence], events: list) -> None:
         """One ``llama_decode``: a token per decoding sequence, then prompt chunks; sample where logits came out."""
         outputs = self._fill_batch(seqs)
+        wall, cpu = time.perf_counter(), time.process_time()
         rc = llama_cpp.llama_decode(self._model.ctx, self._batch)
+        self._pick_threads(time.perf_counter() - wall, time.process_time() - cpu)
         if rc != 0:
             # 1: no KV slot; 2: aborted; <0: error. These sequences are in an unknown state: fail them.
             log.error("llama_decode failed (%d); failing %d sequences", rc, len(seqs))
@@ -227,6 +234,15 @@ class GgufBatchGenerator(ModelThread):
             if seq.constraint is not None and not self._model.is_end_of_generation(token):
                 seq.constraint.advance(token)
             self._advance(seq, token, events, raw)
+
+    def _pick_threads(self, wall: float, cpu: float) -> None:
+        """Fewer threads while the host starves them, all again once it does not (see ``decode_threads``)."""
+        before = self.threads.current
+        after = self.threads.observe(wall, cpu)
+        if after != before:
+            llama_cpp.llama_set_n_threads(self._model.ctx, after, after)
+            log.debug("llama.cpp decode threads %d -> %d (%.1f ms wall, %.1f ms CPU)", before, after,
+                      wall * 1000, cpu * 1000)
 
     def _mask(self, seq: GgufSequence, index: int, events: list) -> bool:
         """Mask batch row ``index``'s logits (in llama.cpp's buffer) to what ``seq``'s grammar allows next.

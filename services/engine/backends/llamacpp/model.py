@@ -18,12 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# llama.cpp's CPU backend runs each graph in an OpenMP team that meets at a barrier after every op.
-# Waiting there by spinning is what makes two threads pay off (a futex sleep per op costs more than
-# the op), but spinning forever ("OMP_WAIT_POLICY=ACTIVE") starves every other process between
-# decodes on a busy host (measured here: 0.8-3.6 tok/s). A bounded spin gets both: measured on this
-# 2-vCPU host, 2 threads with GOMP_SPINCOUNT=20000 decode 8 streams at 161-169 tok/s, against
-# 92-98 with 1 thread and passive waiting. Must be set before libgomp loads with llama_cpp.
+# llama.cpp's CPU backend runs each graph in an OpenMP team that meets at a barrier after every op
+# (about 750 per token for the default model). Waiting there by spinning is what makes two threads
+# pay off (a futex sleep and wake per op costs more than the op), but spinning forever
+# ("OMP_WAIT_POLICY=ACTIVE") starves every other process between decodes on a busy host. A bounded
+# spin is the middle; where even that collapses (an oversubscribed host), the model thread drops
+# to one thread, which has no barrier (``decode_threads``). Must be set before
+# libgomp loads with llama_cpp. libgomp keeps one team per thread that starts a parallel region and
+# drops this spin to ~100 as soon as its threads outnumber the CPUs, so every decode must come from
+# one thread (the model thread; see ``GgufModel.warm_up``), or the setting silently does nothing.
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import llama_cpp  # noqa: E402
@@ -105,13 +108,15 @@ class GgufModel:
         self.n_vocab = 0
         self.n_ctx_train = 0
         self.ctx_per_seq = 0
+        self.threads = 0  # CPU threads of the context (llama_decode may be given fewer)
         self._pieces: dict[int, bytes] = {}
         self._formatter: Jinja2ChatFormatter | None = None
         self._bare_formatter: Jinja2ChatFormatter | None = None  # no assistant header (``/tokenize`` only)
 
     # --- lifecycle ---
     def load(self) -> None:
-        """Load weights and create the context (blocking; call from a worker thread)."""
+        """Load weights and create the context (blocking; call from a worker thread, then ``warm_up``
+        from the model thread)."""
         _init_backend()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = self.shape.gpu_layers
@@ -122,7 +127,7 @@ class GgufModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
-        threads = self.shape.threads or default_threads()
+        threads = self.threads = self.shape.threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_seq_max = self.shape.n_seq
         wanted = self.shape.ctx_per_seq or min(self.n_ctx_train or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
@@ -144,7 +149,6 @@ class GgufModel:
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.ctx_per_seq = min(wanted, int(llama_cpp.llama_n_ctx_seq(ctx)))
-        self._warm_up()
         template = self.metadata("tokenizer.chat_template")
         if template:
             self._formatter = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self.eos_id),
@@ -153,9 +157,15 @@ class GgufModel:
                                                        bos_token=self._token_text(self.bos_id),
                                                        add_generation_prompt=False)
 
-    def _warm_up(self) -> None:
-        # One throw-away decode, as llama.cpp's own tools do: the first decode builds and allocates
-        # the compute graph, which would otherwise land on the first request's time to first token.
+    def warm_up(self) -> None:
+        """One throw-away decode, as llama.cpp's own tools do: the first decode builds and allocates
+        the compute graph, which would otherwise land on the first request's time to first token.
+
+        Call it from the thread that will decode (the model thread), never from a loader thread:
+        a decode from a second thread leaves a second OpenMP team, whose idle threads make libgomp
+        count more threads than CPUs and then sleep in the futex at every op barrier instead of
+        spinning (measured: ~750 context switches per token, the decode ~1.6x slower).
+        """
         batch = llama_cpp.llama_batch_init(1, 0, 1)
         try:
             batch.token[0] = self.bos_id if self.bos_id >= 0 else self.eos_id
