@@ -35,12 +35,12 @@ RULE = ("Rule {i}: when a visitor asks about berth {i}, the tide tables of week 
 
 
 def system_prompt(tokenizer, tokens: int) -> str:
-    """Harbour-master rules, as many as fit in ``tokens`` tokens."""
+    """Harbour-master rules until the text is ``tokens`` tokens long (cut to exactly that)."""
     text, i = "You are the harbour master's assistant in a small fishing town. ", 1
-    while len(tokenizer(text + RULE.format(i=i)).input_ids) <= tokens:
+    while len(ids := tokenizer(text).input_ids) < tokens:
         text += RULE.format(i=i)
         i += 1
-    return text
+    return tokenizer.decode(ids[:tokens])
 
 
 def ask(system: str, i: int) -> InferenceRequest:
