@@ -1,6 +1,6 @@
 """The platform against each engine's own server, side by side: same weights, same threads, same HTTP load.
 
-    .venv/bin/python bench/peer_servers.py [--pair llamacpp|vllm] [--concurrency 1,8,32] [--requests 72]
+    .venv/bin/python bench/peer_servers.py [--pair llamacpp|transformers|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
                                            [--context 1024] [--platform-env NAME=VALUE]
                                            [--record docs/benchmarks.md]
@@ -13,7 +13,10 @@ context per slot. Both get streaming chat completions over HTTP (greedy, ``max_t
 two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike; each cell is
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios, then the resident memory of each side's model process at idle and its peak
-during the 8-stream cell. ``--record`` appends the table, dated, with the machine, to a Markdown file.
+during the 8-stream cell. ``transformers``: the platform with ``--engine transformers`` against
+``transformers serve --continuous-batching`` (``peer_transformers``) on the same safetensors copy,
+float32, threads, and KV room for ``slots x context`` tokens.
+``--record`` appends the table, dated, with the machine, to a Markdown file.
 
 ``vllm``: the platform with ``--engine vllm`` against ``vllm serve`` (same vllm, weights, dtype,
 ``--context`` as max model len, ``--slots`` as max-num-seqs), LoRA support off then on; see
@@ -41,9 +44,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from peer_builds import llama_server, llama_cpp_python_version  # noqa: E402
+from peer_transformers import start_transformers_serve  # noqa: E402
 from pipeline_vs_direct import PROMPTS, percentile, run_load, start_pipeline  # noqa: E402
 from services.cli.readiness import wait_until_ready  # noqa: E402
-from services.common.model_store import default_model_gguf  # noqa: E402
+from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
 
 RSS_PROBE_CONCURRENCY = 8
 
@@ -141,12 +145,21 @@ async def start_llama_server(tmp: Path, args) -> tuple[asyncio.subprocess.Proces
     return proc, Side(f"llama-server ({llama_cpp_python_version()})", url, "m", proc.pid)
 
 
+async def start_peer(tmp: Path, args) -> tuple[asyncio.subprocess.Process, Side]:
+    """The ``--pair``'s own server."""
+    if args.pair == "transformers":
+        proc, label, url, model = await start_transformers_serve(tmp, args, free_port())
+        return proc, Side(label, url, model, proc.pid)
+    return await start_llama_server(tmp, args)
+
+
 async def start_platform(tmp: Path, args, env: dict[str, str], label: str):
-    """The platform's processes on the same GGUF, threads, slots and context per slot (``env`` added to theirs)."""
-    opts = argparse.Namespace(engine="llamacpp", slots=args.slots, threads=args.threads,
+    """The platform's processes on the same model, threads, slots and context per slot (``env`` added to theirs)."""
+    opts = argparse.Namespace(engine=args.pair, slots=args.slots, threads=args.threads,
                               engine_args=["--context-length", str(args.context)], env=env)
     tmp.mkdir(parents=True, exist_ok=True)
-    server, sup, url = await start_pipeline(tmp, opts, default_model_gguf(), free_port())
+    model = default_model_gguf() if args.pair == "llamacpp" else ensure_default_model(default_state_dir())
+    server, sup, url = await start_pipeline(tmp, opts, model, free_port())
     await wait_until_ready(url, ["m"], timeout=180)
     pid = sup.children["engine"].proc.pid
     return server, sup, Side(label, url, "m", pid, {"cache": False})
@@ -230,13 +243,13 @@ async def main(args) -> None:
         from peer_vllm import main_vllm
 
         return await main_vllm(args)
-    variants = [("platform llama.cpp engine", {})]
+    variants = [(f"platform {'llama.cpp' if args.pair == 'llamacpp' else args.pair} engine", {})]
     if args.platform_env:
         env = dict(kv.split("=", 1) for kv in args.platform_env)
         variants.append((f"platform, {' '.join(args.platform_env)}", env))
     with tempfile.TemporaryDirectory(prefix="cy-peer-") as tmpdir:
         tmp = Path(tmpdir)
-        peer_proc, peer = await start_llama_server(tmp, args)
+        peer_proc, peer = await start_peer(tmp, args)
         started: list = []
         sides = [peer]
         try:
@@ -264,7 +277,8 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="llamacpp", choices=["llamacpp", "vllm"], help="engine and its own server")
+    p.add_argument("--pair", default="llamacpp", choices=["llamacpp", "transformers", "vllm"],
+                   help="engine and its own server")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=72, help="requests per side and concurrency")
     p.add_argument("--rounds", type=int, default=4, help="alternations of the two sides per concurrency")

@@ -198,6 +198,17 @@ ENGINES = Dashboard(
                      "evictions {{instance}}")), unit="ops", width=24,
                   description="Evictions keep pace with loads when more adapters are in use than fit: raise the "
                               "adapter slots or spread them over engines."),
+            Panel("Prompt-prefix reuse (transformers)",
+                  (q(f'sum by (instance) (rate(llm_engine_prefix_cache_hits_total{{instance=~"$instance"}}[{RATE}]))',
+                     "hits {{instance}}"),
+                   q(f'sum by (instance) (rate(llm_engine_prefix_cache_misses_total{{instance=~"$instance"}}'
+                     f'[{RATE}]))', "misses {{instance}}"),
+                   q(f'sum by (instance) (rate(llm_engine_prefix_cache_reused_tokens_total{{instance=~"$instance"}}'
+                     f'[{RATE}]))', "tokens reused {{instance}}")), unit="ops", width=16,
+                  description="Prompts whose leading tokens' KV was reused from a recent prompt of the same model "
+                              "and adapter (system prompt, earlier turns), and the prompt tokens not prefilled."),
+            Panel("Prompt-prefix KV held", (q('llm_engine_prefix_cache_bytes{instance=~"$instance"}', "{{instance}}"),),
+                  unit="bytes", width=8, description="At most --prefix-cache-bytes per model."),
             Panel("Health checks that were not ok",
                   (q(f'sum by (instance, health) (rate(llm_engine_health_checks_total'
                      f'{{instance=~"$instance", health!="ok"}}[{RATE}]))', "{{health}} {{instance}}"),),

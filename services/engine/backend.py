@@ -73,6 +73,16 @@ class AdapterChange:
     evictions: int = 0
 
 
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Prompt-prefix KV reuse of one backend: totals since it started, and the bytes it holds now."""
+
+    hits: int = 0
+    misses: int = 0
+    reused_tokens: int = 0
+    nbytes: int = 0
+
+
 class EngineBackend(abc.ABC):
     """A loaded engine serving one or more models."""
 
@@ -136,6 +146,10 @@ class EngineBackend(abc.ABC):
     def loaded_adapters(self) -> list[str]:
         """Adapter ids loaded now, as advertised in heartbeats."""
         return []
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The backend's own prompt-prefix KV cache, if it keeps one that it counts (for metrics)."""
+        return None
 
     async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``request``'s prompt or messages, rendered exactly as ``generate`` renders them

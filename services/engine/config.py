@@ -39,6 +39,7 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     adapter_dirs: list[str] = []
     adapter_cache_dir: str = ""
     max_adapters: int = 8
+    prefix_cache_bytes: int = 256 * 1024 * 1024
     # ``--engine auto``: why this engine was chosen (heartbeat ``engine_reason``), set after parsing.
     engine_reason: str = ""
     mindie_url: str = "http://127.0.0.1:1025"
@@ -91,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                         "adapter are then refused with 'unsupported')")
     p.add_argument("--max-adapters", type=int, default=8,
                    help="PEFT adapters kept loaded at once; the least recently used idle one is evicted")
+    p.add_argument("--prefix-cache-bytes", type=int, default=256 * 1024 * 1024,
+                   help="transformers: bytes of prompt KV kept so a prompt starting with one prefilled lately "
+                        "(system prompt, earlier turns; same model and adapter) prefills only the rest; "
+                        "least recently used first out; 0 = off (default: 256 MiB)")
     p.add_argument("--max-models", type=int, default=2,
                    help="models kept loaded at once; loading one more unloads the least recently used idle one")
     p.add_argument("--memory-budget", type=int, default=0,
@@ -108,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--no-lora is a vLLM setting (the other engines pay nothing for adapter support)")
     if args.threads < 0:
         p.error("--threads must be 0 (the engine's default) or a number of threads")
+    if args.prefix_cache_bytes < 0:
+        p.error("--prefix-cache-bytes must be 0 (off) or a number of bytes")
     if args.max_adapters < 1:
         p.error("--max-adapters must be at least 1")
     config = msgspec.convert(vars(args), EngineConfig)

@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.engine.backend import PrefixCacheStats
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
@@ -14,8 +16,8 @@ _COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 class EngineMetrics:
     """``llm_engine_*`` metrics: requests by outcome, latency, time to first token, inter-token latency,
-    tokens, requests in flight, memory, and the models and PEFT adapters loaded (the seed documents
-    called these ``worker_*``; docs/observability.md maps the old names)."""
+    tokens, requests in flight, memory, the models and PEFT adapters loaded, and prompt-prefix KV
+    reuse (the seed documents called these ``worker_*``; docs/observability.md maps the old names)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -46,6 +48,15 @@ class EngineMetrics:
                                          registry=registry)
         self.health_checks = Counter("llm_engine_health_checks_total", "Health checks of the loaded backends, by verdict",
                                      ["health"], registry=registry)
+        self.prefix_hits = Counter("llm_engine_prefix_cache_hits_total",
+                                   "Prompts that reused a cached prompt prefix's KV", registry=registry)
+        self.prefix_misses = Counter("llm_engine_prefix_cache_misses_total",
+                                     "Prompts long enough to reuse a prefix that found none", registry=registry)
+        self.prefix_tokens = Counter("llm_engine_prefix_cache_reused_tokens_total",
+                                     "Prompt tokens whose KV was reused instead of prefilled", registry=registry)
+        self.prefix_bytes = Gauge("llm_engine_prefix_cache_bytes", "Prompt-prefix KV held for reuse",
+                                  registry=registry)
+        self._prefix_seen = PrefixCacheStats()
 
     def observe_finished(self, model: str, start: float, first: float, usage) -> None:
         """A request on ``model`` finished: its latency since ``start`` (monotonic), time to its ``first``
@@ -58,3 +69,17 @@ class EngineMetrics:
             self.ttft.labels(model).observe(first - start)
             if usage.completion_tokens > 1:
                 self.itl.labels(model).observe((now - first) / (usage.completion_tokens - 1))
+
+    def observe_prefix_cache(self, stats: PrefixCacheStats) -> None:
+        """Advance the prefix-cache counters to the backends' totals (sampled each heartbeat interval).
+
+        A total below the last one means a model was unloaded (its counts went with it): the counters
+        then advance by the new model's counts alone, and never go back.
+        """
+        seen = self._prefix_seen
+        for counter, now, before in ((self.prefix_hits, stats.hits, seen.hits),
+                                     (self.prefix_misses, stats.misses, seen.misses),
+                                     (self.prefix_tokens, stats.reused_tokens, seen.reused_tokens)):
+            counter.inc(now - before if now >= before else now)
+        self.prefix_bytes.set(stats.nbytes)
+        self._prefix_seen = PrefixCacheStats(stats.hits, stats.misses, stats.reused_tokens, stats.nbytes)

@@ -32,7 +32,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.registry import ModelEntry
 from services.common import model_registry
-from services.engine.backend import AdapterChange, EngineBackend
+from services.engine.backend import AdapterChange, EngineBackend, PrefixCacheStats
 from services.engine.config import EngineConfig
 from services.engine.eviction import ModelUsage, NoRoom, plan_evictions
 
@@ -187,6 +187,18 @@ class ModelHost:
         """The engine's model memory now: this process's, or more where a backend counts its own
         processes too (vLLM keeps weights and KV cache in child processes)."""
         return max([self._measure(), *(m.backend.memory_bytes() for m in self._models.values())])
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt-prefix reuse summed over the loaded backends (an unloaded model's counts go with it)."""
+        total = PrefixCacheStats()
+        for model in self._models.values():
+            stats = model.backend.prefix_cache_stats()
+            if stats is not None:
+                total.hits += stats.hits
+                total.misses += stats.misses
+                total.reused_tokens += stats.reused_tokens
+                total.nbytes += stats.nbytes
+        return total
 
     def __len__(self) -> int:
         return len(self._models)

@@ -407,3 +407,4 @@ class EngineService:
         """Every heartbeat interval: the gauges that are not kept current as they change."""
         self.metrics.in_flight.set(len(self._active))
         self.metrics.memory.set(self.host.memory_bytes())
+        self.metrics.observe_prefix_cache(self.host.prefix_cache_stats())

@@ -22,3 +22,15 @@ def test_threads_reach_the_transformers_backend(tmp_path):
     backend = build_backend(parse_args(["--model-id", "m", "--model-path", str(tmp_path), "--engine", "transformers",
                                         "--threads", "2"]))
     assert backend._threads == 2
+
+
+def test_prefix_cache_bytes_reach_the_transformers_backend_and_are_documented(tmp_path, capsys):
+    base = ["--model-id", "m", "--model-path", str(tmp_path), "--engine", "transformers"]
+    assert build_backend(parse_args([*base, "--prefix-cache-bytes", "0"]))._prefix_cache_bytes == 0
+    assert build_backend(parse_args(base))._prefix_cache_bytes == 256 * 1024 * 1024
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--prefix-cache-bytes", "-1"])
+    assert "--prefix-cache-bytes must be 0 (off)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--prefix-cache-bytes" in capsys.readouterr().out

@@ -5,4 +5,5 @@
 - ``row_batch``: one batch of rows sharing a KV cache.
 - ``sampling``: per-row token sampling.
 - ``adapter_slots``: the PEFT adapters loaded into the model (LRU).
+- ``prefix_cache``: prompt-prefix KV reused per adapter, bounded in bytes (LRU).
 """

@@ -12,6 +12,10 @@ A sequence with a structured-output constraint (``grammar.RowConstraint``) has t
 grammar forbids masked out of its own row before sampling, after penalties and ``logit_bias``;
 rows without one pay nothing for it.
 
+A prompt that starts with one prefilled lately for the same adapter reuses that prefix's keys
+and values (``prefix_cache.PrefixCache``, bounded in bytes) and prefills only the rest; the
+reused count is reported as ``cached_tokens``.
+
 A sequence that asked for ``logprobs`` gets, for every token, the log-softmax of the model's raw
 logits at that step (before penalties, temperature, top-k/top-p: what OpenAI and vLLM report),
 the sampled token's entry and the ``logprobs`` most likely alternatives.
@@ -32,6 +36,7 @@ from schemas.inference import SamplingParams
 from services.engine.backend import Chunk, Finished
 from services.engine.backends.model_thread import Failed, ModelThread
 from services.engine.backends.transformers.adapter_slots import AdapterSlots
+from services.engine.backends.transformers.prefix_cache import PrefixCache
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.transformers.row_batch import RowBatch
 from services.engine.backends.transformers.sampling import (apply_logit_bias, apply_penalties, sample_row,
@@ -66,6 +71,7 @@ class Sequence:
     token_text: Callable[[int], str] = str
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     constraint: RowConstraint | None = None  # structured output: the grammar this row must follow
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def take_pending(self, text: str) -> Chunk:
         """The chunk of ``text`` with the token ids (and log-probabilities) not sent yet."""
@@ -91,9 +97,12 @@ class BatchGenerator(ModelThread):
     """The model thread: admits sequences, runs batched decode steps, delivers events per step."""
 
     def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int, deliver: Delivery, *,
-                 max_adapters: int = 8, on_adapters: AdapterListener | None = None) -> None:
+                 max_adapters: int = 8, on_adapters: AdapterListener | None = None,
+                 prefix_cache_bytes: int = 0) -> None:
         super().__init__("cy-batch-generator", deliver)
         self._slots = AdapterSlots(model, max_adapters)
+        # Off for models whose KV cannot be cut to a prefix (sliding-window or linear-attention layers).
+        self.prefix = PrefixCache(prefix_cache_bytes if RowBatch.reusable(model) else 0)
         self._eos = eos_ids
         self._device = device
         self._max_batch = max_batch
@@ -150,13 +159,15 @@ class BatchGenerator(ModelThread):
             return
         before = self._slots.loaded
         picked = self._pick(room, events)
-        if self._slots.loaded != before and self._on_adapters is not None:
-            self._on_adapters(self._slots.loaded, self._slots.loads, self._slots.evictions)
+        if self._slots.loaded != before:
+            for gone in set(before) - set(self._slots.loaded):
+                self.prefix.drop_adapter(gone)
+            if self._on_adapters is not None:
+                self._on_adapters(self._slots.loaded, self._slots.loads, self._slots.evictions)
         for adapter, group in picked.items():
             batch = self._batches.setdefault(adapter, RowBatch(self._device))
             try:
-                with self._slots.activate(adapter):
-                    logits = batch.prefill(self._slots.base, group)
+                logits = self._prefill(batch, adapter, group)
             except Exception as exc:  # a failed prefill fails its own sequences only
                 log.exception("prefill of %d sequences failed", len(group))
                 events.extend((s.request_id, Failed(ErrorCode.ENGINE_FAILED, f"generation failed: {exc}"))
@@ -166,6 +177,18 @@ class BatchGenerator(ModelThread):
                 self._advance(seq, logits[i], events)
             batch.compact()
         self._prune()
+
+    def _prefill(self, batch: RowBatch, adapter: str | None, group: list[Sequence]) -> torch.Tensor:
+        """Prefill ``group`` with ``adapter`` active, reusing cached prompt prefixes and caching the new prompts."""
+        hits = [self.prefix.lookup(adapter, s.prompt_ids) for s in group] if self.prefix.enabled else []
+        keep = [self.prefix.enabled and not self.prefix.covers(adapter, s.prompt_ids) for s in group]
+        with self._slots.activate(adapter):
+            logits, kept = batch.prefill(self._slots.base, group, hits, keep)
+        for seq, hit, layers in zip(group, hits or [None] * len(group), kept):
+            seq.cached = hit.length if hit else 0
+            if layers is not None:
+                self.prefix.store(adapter, seq.prompt_ids, layers)
+        return logits
 
     def _pick(self, room: int, events: list) -> dict[str | None, list[Sequence]]:
         """Waiting sequences to prefill now, by adapter, loading adapters as needed.
@@ -258,5 +281,5 @@ class BatchGenerator(ModelThread):
         rest = seq.stop.flush() if not seq.stop.stopped else ""
         if rest or seq.pending_ids:
             events.append((seq.request_id, seq.take_pending(rest)))
-        events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated)))
+        events.append((seq.request_id, Finished(reason, len(seq.prompt_ids), seq.generated, seq.cached)))
         seq.done = True

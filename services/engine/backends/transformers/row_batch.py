@@ -2,7 +2,10 @@
 
 New rows are prefilled together and merged into the cache, left-padded to a common length
 (the padding is masked out and positions count only real tokens); finished rows are dropped
-between steps and columns that became padding in every row are trimmed.
+between steps and columns that became padding in every row are trimmed. A row whose prompt
+starts with a cached prefix (``prefix_cache.PrefixHit``) enters the prefill with that prefix's
+keys and values already in the cache and feeds only the rest of its prompt; each row's section
+is ``[pad][reused prefix][pad][rest of the prompt]``, the pads masked out.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from collections.abc import Sequence as Seq
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from services.engine.backends.transformers.prefix_cache import Layers, PrefixHit
 
 
 class RowBatch:
@@ -30,19 +36,41 @@ class RowBatch:
         """Forget every row and the cache (after a failed forward)."""
         self.rows, self._cache, self._mask = [], None, None
 
-    def prefill(self, model, group: Seq) -> torch.Tensor:
-        """Prefill ``group`` in one forward, add its rows to the batch; the next-token logits, one row each."""
-        width = max(len(s.prompt_ids) for s in group)
-        ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group], device=self._device)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group],
-                            device=self._device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    def prefill(self, model, group: Seq, hits: Seq[PrefixHit | None] = (),
+                keep: Seq[bool] = ()) -> tuple[torch.Tensor, list[Layers | None]]:
+        """Prefill ``group`` in one forward and add its rows to the batch.
+
+        ``hits[i]``: row i's prompt prefix whose KV is reused (fed from the cache, not recomputed).
+        Returns the next-token logits, one row each, and for each row with ``keep[i]`` a copy of its
+        whole prompt's keys and values (for the prefix cache).
+        """
+        hits = list(hits) or [None] * len(group)
+        reused = [h.length if h else 0 for h in hits]
+        past = max(reused)
+        rest = [s.prompt_ids[n:] for s, n in zip(group, reused)]
+        width = max(len(r) for r in rest)
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rest], device=self._device)
+        mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (width - len(r)) + [1] * len(r)
+                             for n, r in zip(reused, rest)], device=self._device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, past:]
         cache = DynamicCache(config=model.config)
+        if past:
+            _fill(cache, hits, past)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
+        kept = [_row_kv(cache, mask, i) if want else None for i, want in enumerate(keep)]
         self._merge(cache, mask)
         self.rows.extend(group)
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float(), kept
+
+    @staticmethod
+    def reusable(model) -> bool:
+        """Whether a prompt's KV can be cut to a prefix: every layer a full-attention ``DynamicLayer``.
+
+        A sliding-window or linear-attention layer keeps only recent or summarized state, which a
+        prefix of it is not.
+        """
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
     def decode(self, model) -> torch.Tensor:
         """Feed every row its last token; the next-token logits, one row each."""
@@ -82,6 +110,24 @@ class RowBatch:
             layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
             layer.values = layer.values.index_select(0, idx)[:, :, first:]
         self._mask = mask[:, first:]
+
+
+def _fill(cache: DynamicCache, hits: Seq[PrefixHit | None], past: int) -> None:
+    """Put each row's reused prefix KV in ``cache``, left-padded to ``past`` tokens (zeros for a row without)."""
+    some = next(h for h in hits if h)
+    for layer, (key, value) in enumerate(some.layers):
+        blank_k = key.new_zeros((1, key.shape[1], past, key.shape[3]))
+        blank_v = value.new_zeros((1, value.shape[1], past, value.shape[3]))
+        keys = torch.cat([_left_pad(h.layers[layer][0], past - h.length) if h else blank_k for h in hits])
+        values = torch.cat([_left_pad(h.layers[layer][1], past - h.length) if h else blank_v for h in hits])
+        cache.update(keys, values, layer)
+
+
+def _row_kv(cache: DynamicCache, mask: torch.Tensor, row: int) -> Layers:
+    """A copy of one row's keys and values over its real (unmasked) tokens, ``[1, heads, tokens, dim]``."""
+    cols = torch.nonzero(mask[row]).squeeze(1)
+    return [(layer.keys[row:row + 1].index_select(2, cols), layer.values[row:row + 1].index_select(2, cols))
+            for layer in cache.layers]
 
 
 def _left_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
