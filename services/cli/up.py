@@ -13,21 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import signal
 import socket
 import sys
-from collections.abc import Awaitable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import msgspec
 
 from infra import provision
 from schemas import names
-from services.cli import bus_tls, engine_auto, engine_switch, nats_auth, pidfile, store_key
-from services.cli.banner import is_loopback, ready_banner
+from services.cli import bus_tls, engine_auto, engine_switch, nats_auth, pidfile, startup_checks, store_key
+from services.cli.banner import ready_banner
 from services.cli.commands import ensure_model
 from services.cli.errors import CliError
 from services.cli.infra import apply_definitions, register_default_model, wait_for_jetstream
@@ -157,7 +154,7 @@ def metrics_ports(opts: UpOptions) -> dict[str, int]:
             continue
         port = opts.metrics_port + offset
         try:
-            _check_port_free("127.0.0.1", port)
+            startup_checks.check_port_free("127.0.0.1", port)
         except CliError:
             report_stderr(f"port {port} is busy: the {name} serves no Prometheus metrics (choose --metrics-port)")
             continue
@@ -178,8 +175,8 @@ def run_up(opts: UpOptions) -> int:
     state_dir = opts.state_dir.resolve()
     if opts.nats is not None and opts.nats_cluster > 1:
         raise CliError("--nats-cluster starts nodes here, --nats-url uses running ones: give one of them")
-    _check_exposure(opts)
-    _check_port_free(opts.host, opts.port)
+    startup_checks.check_exposure(opts)
+    startup_checks.check_port_free(opts.host, opts.port)
     setup = engine_auto.LlamaCppSetup.from_env()
     opts, switching = resolve_engine(opts, setup)
     with pidfile.claim(state_dir):
@@ -187,7 +184,7 @@ def run_up(opts: UpOptions) -> int:
             report_stderr(f"removed the scratch directory of a trainer that is gone: {leftover}")
         server: NatsServer | NatsCluster | None = None
         try:
-            with _sigterm_raises_interrupt():
+            with startup_checks.sigterm_raises_interrupt():
                 model_path = _ensure_model(state_dir)
                 # A switch to llama.cpp runs a second engine: its NATS user exists from the start.
                 workers = [worker_id(opts.engine), *([worker_id("llamacpp")] if switching else [])]
@@ -207,7 +204,7 @@ def run_up(opts: UpOptions) -> int:
             return 130
         finally:
             if server is not None:
-                with _signals_ignored():
+                with startup_checks.signals_ignored():
                     report_stderr("stopping nats-server" if isinstance(server, NatsServer) else
                                   f"stopping the {server.size} nats-server nodes")
                     server.stop()
@@ -221,31 +218,6 @@ def resolve_engine(opts: UpOptions, setup: engine_auto.LlamaCppSetup) -> tuple[U
     choice = engine_auto.choose(engine_auto.has_gguf(default_model_gguf), setup.usable())
     report_stderr(f"engine auto: {choice.engine}, because {choice.reason}")
     return dataclasses.replace(opts, engine=choice.engine), choice.build_llamacpp
-
-
-def _check_exposure(opts: UpOptions) -> None:
-    """The edge refuses to serve beyond loopback without auth; say so before starting anything."""
-    if opts.auth == "none" and not is_loopback(opts.host):
-        raise CliError(f"refusing to serve on {opts.host or 'all interfaces'} without authentication: "
-                       "add --auth keys (then create keys with ./cy keys create --name NAME --scope inference), "
-                       "or keep the default --host 127.0.0.1")
-    nats_auth.check_unauthenticated(opts.nats_auth, opts.nats.nats_url if opts.nats is not None else None)
-
-
-def _check_port_free(host: str, port: int, what: str = "the edge", flag: str = "--port") -> None:
-    """Fail before starting anything if ``what`` could not bind its port."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise CliError(f"--host {host!r} is not an address of this machine: {exc}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise CliError(f"{what} cannot listen on {host}:{port} ({exc.strerror}): is another ./cy up "
-                           f"running? choose another {flag}") from None
 
 
 def _ensure_model(state_dir: Path) -> Path:
@@ -269,7 +241,7 @@ def _embedded_nats(opts: UpOptions, state_dir: Path, config: Path, tls: TlsFiles
     # Client ports --nats-port, +1, +2... (any free ones with -1); route ports are always free ones.
     ports = None if opts.nats_port <= 0 else [opts.nats_port + i for i in range(opts.nats_cluster)]
     for port in ports or []:
-        _check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
+        startup_checks.check_port_free("127.0.0.1", port, what="a NATS node", flag="--nats-port")
     return NatsCluster(state_dir / nats_auth.CLUSTER_DIR, size=opts.nats_cluster, config=config,
                        log_dir=state_dir / "logs", client_ports=ports, sync=opts.fsync, tls=tls,
                        route_auth=nats_tls.ensure_route_auth(nats_tls.tls_dir(state_dir)), store_key=key)
@@ -390,30 +362,3 @@ def _show_logs(children: Iterable[Child]) -> None:
         tail = child.log_tail(15)
         if tail:
             print(f"--- last lines of {child.log_path} ---\n{tail}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _sigterm_raises_interrupt() -> Iterator[None]:
-    """Before the event loop runs, make SIGTERM unwind like Ctrl-C so nats-server gets stopped."""
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """During the last shutdown step a further Ctrl-C/SIGTERM is acknowledged, not obeyed."""
-    def ignore(signum: int, frame: FrameType | None) -> None:
-        report_stderr(f"{signal.Signals(signum).name} ignored: already shutting down")
-
-    previous = {sig: signal.signal(sig, ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

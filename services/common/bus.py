@@ -12,6 +12,8 @@ under the same names; ``connect`` turns them into a client.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -232,3 +234,17 @@ async def connect(target: NatsOptions | str, name: str,
     client.append(nc)
     return nc
 
+
+async def drain(nc: Client | None, timeout: float = 5.0) -> None:
+    """Flush what is pending (cancels, token events) and close ``nc``; never hang on a dead server, and
+    nothing to do for a connection never opened or already closed (every service's last shutdown step)."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await nc.drain()
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.warning("NATS drain did not complete (%s); closing", type(exc).__name__)
+        # close() flushes to the old transport, which raises when the server is gone.
+        with contextlib.suppress(OSError, nats.errors.Error):
+            await nc.close()

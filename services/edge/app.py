@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-import nats.errors
 import nats.js.errors
 import nats.micro
 from aiohttp import web
@@ -47,21 +45,6 @@ from services.edge.openai.responses_store import ResponseStore
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-_DRAIN_TIMEOUT = 5.0
-
-
-async def _drain(nc) -> None:
-    """Flush what is pending (cancels included) and close; never hang on a dead server."""
-    try:
-        async with asyncio.timeout(_DRAIN_TIMEOUT):
-            await nc.drain()
-    except (TimeoutError, nats.errors.Error) as exc:
-        log.warning("NATS drain did not complete (%s); closing", type(exc).__name__)
-        # close() flushes to the old transport, which raises when the server is gone.
-        with contextlib.suppress(OSError):
-            await nc.close()
-
-
 async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     """Connect, subscribe (reply inbox, heartbeats), bootstrap the worker table; undo it all on cleanup."""
     config = app[CONFIG]
@@ -72,7 +55,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored,
                            inbox=inbox)
     async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(_drain, nc)
+        stack.push_async_callback(bus.drain, nc)
         await router.start(nc)
         stack.push_async_callback(router.stop)
         table = WorkerTable()

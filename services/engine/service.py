@@ -106,7 +106,7 @@ class EngineService:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain in the fixed order of STYLE.md."""
         async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_callback(self._close_connection)  # last: after the models are closed
+            stack.push_async_callback(lambda: bus.drain(self.nc))  # last: after the models are closed
             await self.host.start()
             stack.push_async_callback(self.host.close)
             self.nc = await bus.connect(self.cfg, f"cy-engine-{self.worker}",
@@ -144,12 +144,6 @@ class EngineService:
                 await self._responses.flush()
             await self._charges.settle()  # keyed requests' token charges still on their way to LLM_RATE
             await self._beats.forget()
-
-    async def _close_connection(self) -> None:
-        """Drain the NATS connection if one was opened (the last step of shutdown)."""
-        if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(NatsError, asyncio.TimeoutError):
-                await self.nc.drain()
 
     async def _drain(self) -> None:
         """Advertise draining, stop taking work, let in-flight requests finish within the drain timeout."""

@@ -12,7 +12,6 @@ import logging
 import sys
 from wsgiref.simple_server import WSGIServer
 
-import nats.errors
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
@@ -88,8 +87,7 @@ async def serve(config: SchedulerConfig) -> int:
                 await _until(stop, scheduler.failed)
                 code = 1 if scheduler.failed.is_set() else 0
         finally:
-            with contextlib.suppress(nats.errors.ConnectionClosedError):  # already closed: nothing to flush
-                await nc.drain()
+            await bus.drain(nc)
     finally:
         if http is not None:
             http.shutdown()

@@ -35,7 +35,6 @@ from schemas import names
 from schemas.auth import ApiKeyRecord
 from schemas.errors import ErrorCode
 from schemas.events import StreamError, encode
-from schemas.inference import InferenceRequest
 from services.common import js_publish, rate_window
 from services.common.api_key_store import ApiKeyStore
 from services.common.bus import BUS_DOWN

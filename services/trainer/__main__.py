@@ -31,7 +31,7 @@ async def main(cfg: TrainerConfig) -> None:
         try:
             await TrainerService(nc, cfg, TrainerMetrics(registry)).run(stop)
         finally:
-            await nc.drain()
+            await bus.drain(nc)
     finally:
         if http is not None:
             http.shutdown()
