@@ -8,15 +8,38 @@ the benchmark, not of any test, and is reused from ``~/.cache/cy-llm/llama-serve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
+
+import aiohttp
 
 CACHE = Path(os.environ.get("CY_BENCH_CACHE", Path.home() / ".cache" / "cy-llm"))
 CMAKE_FLAGS = ("-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_TYPE=Release")
+
+
+async def wait_healthy(proc: asyncio.subprocess.Process, url: str, log: Path, name: str,
+                       timeout: float = 300, interval: float = 0.5) -> None:
+    """Poll ``url``'s ``/health`` until it answers 200; raise (with the end of ``log``) if the peer
+    server ``name`` exits first or ``timeout`` passes."""
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log}:\n{tail}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with s.get(f"{url}/health") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(interval)
+    raise TimeoutError(f"{name} did not become healthy in {timeout:.0f} s; see {log}")
 
 
 def llama_cpp_python_version() -> str:

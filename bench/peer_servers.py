@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from peer_builds import llama_server, llama_cpp_python_version  # noqa: E402
+from peer_builds import llama_server, llama_cpp_python_version, wait_healthy  # noqa: E402
 from peer_transformers import start_transformers_serve  # noqa: E402
 from pipeline_vs_direct import PROMPTS, percentile, run_load, start_pipeline  # noqa: E402
 from services.cli.readiness import wait_until_ready  # noqa: E402
@@ -138,20 +138,7 @@ async def start_llama_server(tmp: Path, args) -> tuple[asyncio.subprocess.Proces
     proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=asyncio.subprocess.STDOUT,
                                                 stdin=asyncio.subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(f"llama-server exited; see {tmp / 'llama-server.log'}")
-            try:
-                async with s.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-        else:
-            raise TimeoutError("llama-server did not become healthy in 180 s")
+    await wait_healthy(proc, url, tmp / "llama-server.log", "llama-server", timeout=180, interval=0.2)
     return proc, Side(f"llama-server ({llama_cpp_python_version()})", url, "m", proc.pid)
 
 

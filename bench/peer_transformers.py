@@ -17,11 +17,9 @@ import asyncio
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import aiohttp
-
+from peer_builds import wait_healthy
 from services.common.model_store import default_state_dir, ensure_default_model
 
 PAGE_TOKENS = 32
@@ -52,23 +50,6 @@ def serve_argv(model_dir: Path, port: int, slots: int, context: int) -> list[str
             "--cb-num-blocks", str(pages), "--cb-max-batch-tokens", str(BATCH_TOKENS), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
 
 
-async def wait_healthy(proc: asyncio.subprocess.Process, url: str, log: Path, timeout: float = 300) -> None:
-    """Poll ``/health`` until it answers 200; raise if the process exits or ``timeout`` passes."""
-    async with aiohttp.ClientSession() as s:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(f"transformers serve exited ({proc.returncode}); see {log}")
-            try:
-                async with s.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"transformers serve did not become healthy in {timeout:.0f} s; see {log}")
-
-
 async def start_transformers_serve(tmp: Path, args, port: int):
     """Start the peer; ``(process, label, url, model name for requests)`` once it serves."""
     model_dir = ensure_default_model(default_state_dir())
@@ -80,7 +61,7 @@ async def start_transformers_serve(tmp: Path, args, port: int):
                                                     stdin=asyncio.subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_healthy(proc, url, log)
+        await wait_healthy(proc, url, log, "transformers serve")
     except BaseException:
         proc.terminate()
         await proc.wait()

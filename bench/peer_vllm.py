@@ -20,12 +20,12 @@ import os
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 
 import peer_servers as peer
+from peer_builds import wait_healthy
 from pipeline_vs_direct import start_pipeline
 from services.common.model_store import default_state_dir, ensure_default_model
 
@@ -69,20 +69,11 @@ async def start_vllm_serve(tmp: Path, args, lora: bool) -> tuple[asyncio.subproc
         stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, **vllm_env(args.threads)})
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                tail = (tmp / "vllm-serve.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{tail}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with s.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        break
-            await asyncio.sleep(0.5)
-        else:
-            await stop_group(proc)
-            raise TimeoutError(f"vllm serve did not become healthy in {READY_TIMEOUT} s")
+    try:
+        await wait_healthy(proc, url, tmp / "vllm-serve.log", "vllm serve", timeout=READY_TIMEOUT)
+    except BaseException:
+        await stop_group(proc)
+        raise
     import vllm
 
     return proc, peer.Side(f"vllm serve {vllm.__version__}, LoRA {'on' if lora else 'off'}", url, "m", proc.pid)

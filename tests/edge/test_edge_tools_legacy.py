@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import llguidance
-import pytest
 
-from schemas.errors import BusError
 from services.edge.openai.bodies import ChoiceResult
 from services.edge.openai.tool_answers import FunctionChunkFormatter, function_message
 from services.edge.openai.translate import parse_chat
+from tests.edge.test_edge_tools import chat, refused
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
            "additionalProperties": False}
@@ -20,16 +19,6 @@ ANSWER = 'Checking. <tool_call>{"name":"get_weather","arguments":{"city":"Paris"
 REPLY = {"type": "object", "properties": {"reply": {"type": "string"}}, "required": ["reply"],
          "additionalProperties": False}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "reply", "schema": REPLY}}
-
-
-def chat(**fields) -> bytes:
-    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
-
-
-def refused(raw: bytes, code: str, param: str) -> None:
-    with pytest.raises(BusError) as info:
-        parse_chat(raw)
-    assert (info.value.code, info.value.param) == (code, param), info.value
 
 
 def test_functions_map_onto_tools_never_parallel():
