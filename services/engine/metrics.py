@@ -83,3 +83,9 @@ class EngineMetrics:
             counter.inc(now - before if now >= before else now)
         self.prefix_bytes.set(stats.nbytes)
         self._prefix_seen = PrefixCacheStats(stats.hits, stats.misses, stats.reused_tokens, stats.nbytes)
+
+    def observe_adapters(self, loaded: int, change) -> None:
+        """The engine loaded or evicted PEFT adapters (``change``: ``backend.AdapterChange``); ``loaded`` now."""
+        self.adapters_loaded.set(loaded)
+        self.adapter_loads.inc(change.loads)
+        self.adapter_evictions.inc(change.evictions)

@@ -150,10 +150,9 @@ class EngineService:
         self._draining = True
         await self._beats.publish(force_kv=True)
         if self._active:
-            log.info("draining: waiting up to %.0fs for %d in-flight requests", self.cfg.drain_timeout,
-                     len(self._active))
+            log.info("draining: waiting up to %.0fs for %d requests", self.cfg.drain_timeout, len(self._active))
             _, pending = await asyncio.wait(list(self._active.values()), timeout=self.cfg.drain_timeout)
-            for task in pending:
+            for task in pending:  # past the drain timeout: each still sends its terminal event (``_run``)
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
@@ -170,8 +169,7 @@ class EngineService:
     # --- dispatch ---
     def _reply(self, accepted: bool, code: str | None = None, message: str | None = None) -> bytes:
         return encode(DispatchReply(accepted=accepted, worker=self.worker, in_flight=len(self._active),
-                                    slots=self.host.slots, status_seq=self._beats.seq, code=code,
-                                    message=message))
+                                    slots=self.host.slots, status_seq=self._beats.seq, code=code, message=message))
 
     async def _on_generate(self, request: Request) -> None:
         try:
@@ -374,9 +372,7 @@ class EngineService:
 
     def _on_adapters(self, change: AdapterChange) -> None:
         """The engine loaded or evicted adapters: count it and heartbeat the new set at once."""
-        self.metrics.adapters_loaded.set(len(self.host.loaded_adapters()))
-        self.metrics.adapter_loads.inc(change.loads)
-        self.metrics.adapter_evictions.inc(change.evictions)
+        self.metrics.observe_adapters(len(self.host.loaded_adapters()), change)
         self._beats.changed()
 
     def _on_models(self) -> None:
@@ -390,8 +386,7 @@ class EngineService:
         return EngineHeartbeat(
             worker=self.worker, engine=self.host.name, device=self.host.device,
             models=self.host.served_models(), adapters=self.host.loaded_adapters(), slots=self.host.slots,
-            max_models=self.cfg.max_models, memory_budget=self.cfg.memory_budget,
-            in_flight=len(self._active),
+            max_models=self.cfg.max_models, memory_budget=self.cfg.memory_budget, in_flight=len(self._active),
             seq=self._beats.seq, ts=time.time(), interval=self.cfg.heartbeat_interval, draining=self._draining,
             memory_bytes=self.host.memory_bytes(), pid=os.getpid(), host=socket.gethostname(),
             started=self._started, engine_reason=self.cfg.engine_reason, health=self._health.state.health.value,
