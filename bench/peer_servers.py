@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -50,15 +49,9 @@ from peer_transformers import start_transformers_serve  # noqa: E402
 from pipeline_vs_direct import PROMPTS, percentile, run_load, start_pipeline  # noqa: E402
 from services.cli.readiness import wait_until_ready  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
+from tests.support import free_port  # noqa: E402
 
 RSS_PROBE_CONCURRENCY = 8
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,15 @@ from pathlib import Path
 
 import aiohttp
 
+from services.common.natsserver import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(span: int = 1) -> int:
+    """A loopback TCP port free a moment ago (the first of ``span`` free ones), outside the range
+    outgoing connections take their ports from (``natsserver.free_ports``)."""
+    return free_ports(1, span=span)[0]
 
 
 def state_dir_with_models(tmp: Path, model_dir: Path) -> Path:
@@ -38,7 +38,7 @@ class CyUp:
         self.state_dir = state_dir
         self.port = free_port()
         self.nats_port = free_port()
-        self.metrics_port = free_port()  # the scheduler's; engine and trainer take the next two if free
+        self.metrics_port = free_port(span=3)  # the scheduler's; engine and trainer take the next two
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.log = state_dir / "cy-up.out"

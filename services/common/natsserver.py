@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -200,16 +201,60 @@ class NatsServer:
         self.stop()
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports that were free a moment ago (bound to port 0, read back, released)."""
-    socks = [socket.socket() for _ in range(count)]
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PICK = 10000  # below: well-known and registered services
+_handed_out: set[int] = set()  # by this process: never handed out twice
+_picker = random.Random(os.getpid() ^ time.time_ns())
+
+
+def _pick_range() -> range | None:
+    """Ports below the kernel's ephemeral range, or None where that range leaves too few.
+
+    An outgoing connection takes its local port from the ephemeral range, so a port picked from
+    there (by binding to port 0) can be taken by any client's connect() in the moment between the
+    pick and the server's own bind: a whole test suite's start-ups made that happen.
+    """
     try:
-        for sock in socks:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(_LOWEST_PICK, low) if low - _LOWEST_PICK >= 2000 else None
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, host: str = "127.0.0.1", span: int = 1) -> list[int]:
+    """``count`` distinct TCP ports free a moment ago, each the first of ``span`` consecutive free ones.
+
+    Picked below the kernel's ephemeral range where it allows (see ``_pick_range``), never one this
+    process handed out before; elsewhere the kernel's own pick (bound to port 0, read back, released).
+    """
+    pool = _pick_range()
+    ports: list[int] = []
+    for _ in range(100 * count):
+        if len(ports) == count:
+            return ports
+        if pool is None:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                first = sock.getsockname()[1]
+        else:
+            first = _picker.randrange(pool.start, pool.stop - span + 1)
+        block = range(first, first + span)
+        if any(p in _handed_out for p in block) or not all(_bindable(host, p) for p in block):
+            continue
+        _handed_out.update(block)
+        ports.append(first)
+    if len(ports) < count:
+        raise RuntimeError(f"no {count} free port(s) on {host} after {100 * count} tries")
+    return ports
 
 
 @dataclass

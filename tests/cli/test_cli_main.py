@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from nats.js import api
 
 from infra import provision
 from schemas import names
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,13 +20,6 @@ def cy(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess
     """Run the CLI like ./cy does (after its install step), capturing its output."""
     return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on (right now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_help_lists_every_command():
@@ -88,7 +81,7 @@ async def test_infra_apply_refuses_a_conflicting_server_with_status_2(nats_serve
 
 
 def test_infra_apply_without_a_server_says_so():
-    url = f"nats://127.0.0.1:{unused_port()}"
+    url = f"nats://127.0.0.1:{free_port()}"
 
     result = cy("infra", "apply", "--nats-url", url)
 
@@ -141,7 +134,7 @@ async def test_run_engine_on_a_server_list_heart_beats(nats_server, tmp_path: Pa
     try:
         await provision.apply(client.jetstream())
         heartbeats = await client.subscribe(names.WORKER_STATUS_ALL)
-        servers = f"nats://127.0.0.1:{unused_port()},{nats_server.url}"
+        servers = f"nats://127.0.0.1:{free_port()},{nats_server.url}"
         log = (tmp_path / "engine.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "engine", "--nats-url", servers,
                                  "--engine", "simulated", "--model-id", "sim", "--worker-id", "run-test"],

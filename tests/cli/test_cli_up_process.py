@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ import psutil
 import pytest
 
 from services.common.model_store import DEFAULT_MODEL_ID
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Launcher:
@@ -41,7 +35,7 @@ class Launcher:
         self.state_dir = state_dir
         self.out = state_dir / "up.out"
         self.err = state_dir / "up.err"
-        self.port = _free_port()
+        self.port = free_port()
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--nats-port", "-1",

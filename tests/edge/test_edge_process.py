@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -13,15 +12,9 @@ import aiohttp
 from schemas.events import StreamEnd, TokenDelta, Usage
 from services.edge.config import parse_args
 from tests.edge_harness import MODEL, chat_body, engine, sse_payloads  # noqa: F401 - fixtures
-from tests.support import log_shows
+from tests.support import free_port, log_shows
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _wait_healthy(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process) -> None:
@@ -43,7 +36,7 @@ async def test_cli_config_is_strict():
 
 
 async def test_process_serves_and_sigterm_lets_open_streams_finish(nats_server, engine, tmp_path):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "edge.log"
     log = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(

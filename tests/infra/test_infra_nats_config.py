@@ -19,7 +19,7 @@ from nats.js.errors import APIError, ServiceUnavailableError
 
 from infra import provision
 from schemas import names
-from services.common.natsserver import NatsServer, nats_server_binary
+from services.common.natsserver import NatsServer, free_ports, nats_server_binary
 
 NATS_DIR = Path(provision.__file__).parent / "nats"
 CONFIGS = [NATS_DIR / "server.conf", *sorted((NATS_DIR / "cluster").glob("n*.conf"))]
@@ -49,23 +49,12 @@ async def test_single_node_config_runs_as_cy_up_starts_it(tmp_path: Path):
     assert (tmp_path / "nats" / "jetstream").is_dir()  # -sd overrode the config's store_dir
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
 def cluster(tmp_path: Path):
     """The three cluster nodes from infra/nats/cluster, each fixed port mapped to a free one."""
     texts = {p.stem: p.read_text() for p in CONFIGS[1:]}
     fixed = sorted({int(m) for t in texts.values() for m in re.findall(r"127\.0\.0\.1:(\d+)", t)})
-    remap = dict(zip(fixed, _free_ports(len(fixed)), strict=True))
+    remap = dict(zip(fixed, free_ports(len(fixed)), strict=True))
     procs, urls = [], []
     for node, text in texts.items():
         text = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{remap[int(m.group(1))]}", text)
@@ -131,3 +120,17 @@ async def test_cluster_serves_r3_streams_after_losing_a_node(cluster):
         assert ack.stream == names.INFER_STREAM
     finally:
         await nc.close()
+
+
+def test_picked_ports_are_free_distinct_and_outside_the_range_clients_connect_from():
+    """A port handed to a server that binds it later must not be one any outgoing connection can
+    take meanwhile (a whole suite's start-ups once did): below the kernel's ephemeral range."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(20, span=3)
+
+    assert len({p + i for p in ports for i in range(3)}) == 60  # distinct, spans included
+    assert all(p + 2 < low for p in ports)
+    assert not set(ports) & set(free_ports(20))  # never handed out twice
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port + 2))

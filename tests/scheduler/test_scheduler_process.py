@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -14,15 +13,9 @@ import nats.errors
 
 from services.scheduler.status import STATUS_SUBJECT
 from tests.scheduler.test_scheduler_harness import engines, eventually, new_request, submit, until_stream_holds  # noqa: F401
-from tests.support import log_shows
+from tests.support import free_port, log_shows
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _wait_ready(nc, proc: asyncio.subprocess.Process, worker: str) -> None:
@@ -53,7 +46,7 @@ async def _metrics_with(port: int, line: str) -> str:
 async def test_process_dispatches_serves_metrics_and_finishes_dispatches_on_sigterm(nats_server, nc, engines,
                                                                                     tmp_path):
     engine = await engines("proc", slots=4)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "scheduler.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
@@ -101,7 +94,7 @@ async def test_process_stops_on_sigterm_while_nats_is_unreachable(tmp_path):
     log_path = tmp_path / "scheduler.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.scheduler", "--nats-url", f"nats://127.0.0.1:{_free_port()}", cwd=REPO,
+            sys.executable, "-m", "services.scheduler", "--nats-url", f"nats://127.0.0.1:{free_port()}", cwd=REPO,
             stdout=log, stderr=log)
     try:
         assert await log_shows(log_path, "NATS error")  # it tried to connect and is retrying
