@@ -33,7 +33,7 @@ def build_backend(cfg: EngineConfig):
     if hasattr(cls, "from_config"):  # backends over external engines take what they need from the config
         return cls.from_config(cfg)
     extra = {"enable_lora": False} if cfg.no_lora and cfg.engine == "vllm" else {}
-    if cfg.engine == "transformers":
+    if cfg.engine in ("transformers", "llamacpp"):
         extra["prefix_cache_bytes"] = cfg.prefix_cache_bytes
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
                device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, threads=cfg.threads,

@@ -12,6 +12,7 @@ from schemas.names import slug
 from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 from services.common.metrics_http import DEFAULT_METRICS_HOST, METRICS_HOST_HELP
 from services.common.model_store import default_state_dir
+from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 
 
 class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
@@ -39,7 +40,7 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     adapter_dirs: list[str] = []
     adapter_cache_dir: str = ""
     max_adapters: int = 8
-    prefix_cache_bytes: int = 256 * 1024 * 1024
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     # ``--engine auto``: why this engine was chosen (heartbeat ``engine_reason``), set after parsing.
     engine_reason: str = ""
     mindie_url: str = "http://127.0.0.1:1025"
@@ -92,10 +93,11 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                         "adapter are then refused with 'unsupported')")
     p.add_argument("--max-adapters", type=int, default=8,
                    help="PEFT adapters kept loaded at once; the least recently used idle one is evicted")
-    p.add_argument("--prefix-cache-bytes", type=int, default=256 * 1024 * 1024,
-                   help="transformers: bytes of prompt KV kept so a prompt starting with one prefilled lately "
-                        "(system prompt, earlier turns; same model and adapter) prefills only the rest; "
-                        "least recently used first out; 0 = off (default: 256 MiB)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=DEFAULT_PREFIX_CACHE_BYTES,
+                   help="transformers and llama.cpp: bytes of host memory for prompt KV kept so a prompt starting "
+                        "with one prefilled lately (system prompt, earlier turns, the chat template's header; same "
+                        "model and adapter) prefills only the rest; least recently used first out; 0 = off "
+                        "(default: 256 MiB)")
     p.add_argument("--max-models", type=int, default=2,
                    help="models kept loaded at once; loading one more unloads the least recently used idle one")
     p.add_argument("--memory-budget", type=int, default=0,

@@ -124,6 +124,42 @@ async def test_a_prompt_sharing_a_prefix_with_a_finished_one_reuses_its_kv(engin
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_prompt_whose_stream_was_reused_comes_back_from_its_saved_copy(engine):
+    """One request at a time all take the lowest stream, so a prompt sharing only the template's header
+    cuts the one before; that one's KV was saved to host memory and comes back whole, same tokens."""
+    a, b = chat("Name a planet of the solar system.", max_tokens=8), chat("Name a river in Europe.", max_tokens=8)
+    first, _ = await run(engine, a)
+    await run(engine, b)  # shares only the header with ``a``: ``a``'s stream is the lowest with the most
+    saved = engine._batcher.saved
+    restored, stats = saved.restored, engine.prefix_cache_stats()
+    again, fin = await run(engine, a)
+
+    n = len(engine.render(a).ids)
+    assert again == first
+    assert fin.cached_tokens == n - 1  # all but the last prompt token, whose logits the first sample needs
+    assert saved.restored == restored + 1
+    after = engine.prefix_cache_stats()
+    assert after.hits == stats.hits + 1 and after.reused_tokens == stats.reused_tokens + n - 1
+    assert after.nbytes > 0
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_with_no_bytes_for_saved_prefixes_a_cut_stream_is_prefilled_again():
+    eng = backend_class("llamacpp")(model_path=default_model_gguf(), model_id="m", slots=2, prefix_cache_bytes=0)
+    await eng.start()
+    try:
+        a, b = chat("Name a planet of the solar system.", max_tokens=4), chat("Name a river in Europe.", max_tokens=4)
+        first, _ = await run(eng, a)
+        await run(eng, b)
+        again, fin = await run(eng, a)
+        assert again == first
+        assert 0 < fin.cached_tokens < len(eng.render(a).ids) - 1  # the header only, from the stream
+        assert eng._batcher.saved.restored == 0 and eng.prefix_cache_stats().nbytes == 0
+    finally:
+        await eng.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_logprobs_are_llama_cpps_own_log_softmax(engine):
     import llama_cpp
 

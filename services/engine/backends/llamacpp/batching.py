@@ -47,7 +47,9 @@ from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.adapter_slots import AdapterListener, GgufLoras
 from services.engine.backends.llamacpp.decode_threads import DecodeThreads
 from services.engine.backends.llamacpp.model import PREFILL_TOKEN_BUDGET, GgufModel
+from services.engine.backends.llamacpp.saved_prefixes import SavedPrefixes
 from services.engine.grammar.constraint import RowConstraint
+from services.engine.prefix_cache import common_length
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class GgufSequence:
     seq_id: int = -1
     sampler: object = None
     n_past: int = 0  # tokens of this sequence in its KV stream
-    reused: int = 0  # prompt tokens whose KV was kept from the stream's previous sequence
+    reused: int = 0  # prompt tokens whose KV was kept in its stream or restored from a saved copy
     generated: int = 0
     out_ids: list[int] = field(default_factory=list)
     last_token: int = -1
@@ -94,16 +96,6 @@ def _by_adapter(seq: GgufSequence) -> tuple[bool, str]:
     return seq.adapter is not None, seq.adapter or ""
 
 
-def _common_prefix(a, b) -> int:
-    """Length of the common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 Delivery = Callable[[list[tuple[str, Event]]], None]
 
 
@@ -111,7 +103,7 @@ class GgufBatchGenerator(ModelThread):
     """The model thread: admits sequences, runs one batched decode per step, delivers events per step."""
 
     def __init__(self, model: GgufModel, deliver: Delivery, *, max_adapters: int = 8,
-                 on_adapters: AdapterListener | None = None) -> None:
+                 on_adapters: AdapterListener | None = None, prefix_cache_bytes: int = 0) -> None:
         super().__init__("cy-llamacpp-batch", deliver)
         self._model = model
         self.loras = GgufLoras(model, max_adapters, on_adapters)
@@ -120,6 +112,8 @@ class GgufBatchGenerator(ModelThread):
         # file that computed them (None: the base model): the next sequence with that same file
         # sharing a prefix skips prefilling it (a re-converted adapter never reuses the old one's KV).
         self._cached: dict[int, tuple[Path | None, list[int]]] = {}
+        # What those streams' next sequences would cut, saved to host memory and restored into any stream.
+        self.saved = SavedPrefixes(model.ctx, model.memory, prefix_cache_bytes)
         self.reused_tokens = 0
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
@@ -167,7 +161,8 @@ class GgufBatchGenerator(ModelThread):
 
         A sequence takes the free stream whose kept tokens share the longest prefix with its
         prompt (a shared system prompt, the earlier turns of a chat), else the lowest free id.
-        The kept cells past the shared prefix are dropped; at least the prompt's last token is
+        The kept cells past the shared prefix are saved to host memory and cut, or the stream takes
+        a saved copy sharing more (``saved_prefixes``); at least the prompt's last token is
         decoded again, because its logits are what the first sample needs. A sequence whose adapter
         cannot be loaded until a busy one goes idle waits; one llama.cpp refuses fails alone.
         """
@@ -185,15 +180,14 @@ class GgufBatchGenerator(ModelThread):
             best, shared = self._free_ids[-1], 0  # _free_ids is kept in descending order
             for seq_id in reversed(self._free_ids):  # lowest id first, so ties keep ids low
                 adapter, kept = self._cached.get(seq_id, (None, ()))
-                common = _common_prefix(kept, seq.prompt_ids) if adapter == seq.adapter_path else 0
+                common = common_length(kept, seq.prompt_ids) if adapter == seq.adapter_path else 0
                 if common > shared:
                     best, shared = seq_id, common
             self._free_ids.remove(best)
             seq.seq_id = best
-            keep = min(shared, len(seq.prompt_ids) - 1)
-            self._cached.pop(best, None)
-            llama_cpp.llama_memory_seq_rm(self._model.memory, best, keep if keep > 0 else -1, -1)
-            seq.n_past = seq.reused = max(keep, 0)
+            kept_owner, kept = self._cached.pop(best, (None, ()))
+            seq.n_past = seq.reused = self.saved.place(best, seq.adapter_path, seq.prompt_ids, kept_owner, kept,
+                                                       shared)
             self.reused_tokens += seq.reused
             seq.sampler = self._model.new_sampler(seq.params, seq.seed, seq.max_new_tokens)
             self._running.append(seq)

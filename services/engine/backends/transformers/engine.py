@@ -24,6 +24,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.engine.backend import EngineBackend, GenerationEvent, PrefixCacheStats, check_logit_bias
+from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
 from services.engine.backends.model_thread import EventQueues
@@ -34,7 +35,6 @@ from services.engine.lora.sources import AdapterResolver, ThreadedAdapters
 log = logging.getLogger(__name__)
 
 #: Prompt KV kept for reuse (``--prefix-cache-bytes``): about 5,800 prompt tokens of the default model in fp32.
-DEFAULT_PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 
 
 def pick_device(requested: str) -> torch.device:
