@@ -13,6 +13,13 @@ output). When the build succeeds, the switch is make-before-break, so no request
    heartbeat shows none in flight, SIGTERM stops it.
 
 If the build or the new engine fails, transformers keeps serving and ``up`` says why.
+
+Prometheus scrapes the engine at one fixed port (``--metrics-port`` + 1, the target in
+``infra/prometheus/targets/engine.yml``), which the old engine holds while it drains: its own
+metrics stay visible until it exits. The new engine gets the same port with
+``--metrics-port-takeover`` and binds it as soon as it is free (it retries while the port is in
+use), so after the switch the same target serves the llama.cpp engine's metrics. Any other design
+(a second port) would need a second scrape target that is dead most of the time.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class Switch:
     nkey: str = ""       # a bus identity allowed to hear heartbeats (the operator's)
     ready_timeout: float = 300.0
     drain_timeout: float = 900.0  # the longest wait for the old engine's streams before SIGTERM anyway
+    metrics_port: int = 0  # the engine's Prometheus port, the new engine's once the old one has exited (0: none)
 
 
 async def build_and_switch(switch: Switch, supervisor: Supervisor, report: Callable[[str], None]) -> bool:
@@ -92,7 +100,8 @@ async def build_and_switch(switch: Switch, supervisor: Supervisor, report: Calla
                                    switch.drain_timeout, old):
         report(f"llama.cpp: waiting for {switch.retire} to finish its requests {why_not}: stopping it anyway")
     await supervisor.retire(switch.retire)
-    report(f"llama.cpp: switched; {switch.worker} serves alone now")
+    metrics = f" (its Prometheus metrics on :{switch.metrics_port}, free now)" if switch.metrics_port else ""
+    report(f"llama.cpp: switched; {switch.worker} serves alone now{metrics}")
     return True
 
 

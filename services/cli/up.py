@@ -137,11 +137,12 @@ def child_specs(opts: UpOptions, nats: NatsOptions | str, model_path: Path, pyth
 
 
 def switch_spec(opts: UpOptions, nats: NatsOptions | str, model_path: Path, python: str = sys.executable,
-                identities: BusIdentities | None = None) -> ChildSpec:
-    """The llama.cpp engine a switch starts: its own worker id and NATS user, no metrics port (the
-    engine's is taken by the engine it replaces until that one has drained)."""
-    engine = child_specs(dataclasses.replace(opts, engine="llamacpp"), nats, model_path, python, None, identities)[0]
-    return ChildSpec(engine_switch.SWITCH_CHILD, engine.argv)
+                identities: BusIdentities | None = None, metrics_port: int | None = None) -> ChildSpec:
+    """The llama.cpp engine a switch starts: its own worker id and NATS user, and the engine's
+    ``metrics_port`` (if it has one), which it takes over once the engine it replaces has exited."""
+    metrics = {"engine": metrics_port} if metrics_port else None
+    engine = child_specs(dataclasses.replace(opts, engine="llamacpp"), nats, model_path, python, metrics, identities)[0]
+    return ChildSpec(engine_switch.SWITCH_CHILD, engine.argv + (("--metrics-port-takeover",) if metrics else ()))
 
 
 def metrics_ports(opts: UpOptions) -> dict[str, int]:
@@ -307,7 +308,8 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
                                nats_seeds=bus_auth.nkeys_dir(state_dir) if identities.enabled else None,
                                tls_ca=nats.nats_tls_ca), flush=True)
             if llamacpp is not None:  # only now: the first answers come before the compiler takes the CPUs
-                switch = _planned_switch(opts, llamacpp, nats, model_path, identities, operator, log_dir)
+                switch = _planned_switch(opts, llamacpp, nats, model_path, identities, operator, log_dir,
+                                         metrics.get("engine"))
                 switching = asyncio.create_task(engine_switch.build_and_switch(switch, supervisor, report_stderr))
             died = await _until_stop_or_death(stop, supervisor)
         if died is not None:
@@ -325,13 +327,14 @@ async def _serve(opts: UpOptions, state_dir: Path, nats: NatsOptions, model_path
 
 
 def _planned_switch(opts: UpOptions, llamacpp: engine_auto.LlamaCppSetup, nats: NatsOptions, model_path: Path,
-                    identities: BusIdentities, operator: str, log_dir: Path) -> engine_switch.Switch:
+                    identities: BusIdentities, operator: str, log_dir: Path,
+                    metrics_port: int | None) -> engine_switch.Switch:
     """The switch from the transformers engine ``up`` started to a llama.cpp engine once it is built."""
     return engine_switch.Switch(
         setup=llamacpp, build_log=log_dir / engine_switch.BUILD_LOG, model=DEFAULT_MODEL_ID,
-        spec=switch_spec(opts, nats, model_path, identities=identities), worker=worker_id("llamacpp"),
-        retire="engine", retire_worker=worker_id(opts.engine), nats=nats, nkey=operator,
-        ready_timeout=max(opts.ready_timeout, 300.0))
+        spec=switch_spec(opts, nats, model_path, identities=identities, metrics_port=metrics_port),
+        worker=worker_id("llamacpp"), retire="engine", retire_worker=worker_id(opts.engine), nats=nats, nkey=operator,
+        ready_timeout=max(opts.ready_timeout, 300.0), metrics_port=metrics_port or 0)
 
 
 async def _until_stop_or_death(stop: asyncio.Event, supervisor: Supervisor,

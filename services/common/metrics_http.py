@@ -5,11 +5,18 @@ One small server per process, on the address and port its flags give (``--metric
 with a JSON body saying why, so an orchestrator's probes (``deploy/k8s``) and an operator see the
 same thing. Nothing assumes a shared loopback: on another host or in a pod the service binds where
 it is told. Served from a thread (prometheus_client's), so ``health`` must only read state.
+
+``PortTakeover`` binds a port another process still holds as soon as that one lets it go: the
+engine ``./cy up``'s engine switch starts takes over the metrics port of the engine it replaces
+(which keeps serving its own metrics until it has drained and exited), so Prometheus scrapes the
+one fixed target (``infra/prometheus/targets/engine.yml``) before and after the switch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -17,6 +24,8 @@ from wsgiref.simple_server import WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+log = logging.getLogger("services.metrics_http")
 
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
@@ -76,6 +85,56 @@ def serve(host: str, port: int, registry: CollectorRegistry, health: HealthCheck
     server = make_server(host, port, wsgi_app(registry, health), Server, handler_class=_SilentHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+class PortTakeover:
+    """``serve``, on a port another process may still hold: bound once it is free, instead of failing.
+
+    A thread tries to bind every ``retry`` seconds while the port is in use (EADDRINUSE); any
+    other bind error ends the tries, logged (the service runs on without metrics, as it would
+    without ``--metrics-port``). ``server`` is the running server once bound; ``shutdown`` stops
+    the tries or the server.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: HealthCheck,
+                 retry: float = 0.5) -> None:
+        self.server: WSGIServer | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._bind, args=(host, port, registry, health, retry),
+                                        name="metrics-http-takeover", daemon=True)
+        self._thread.start()
+
+    def _bind(self, host: str, port: int, registry: CollectorRegistry, health: HealthCheck, retry: float) -> None:
+        waited = False
+        while not self._stopped.is_set():
+            try:
+                server = serve(host, port, registry, health)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    log.error("metrics: cannot bind %s:%d (%s): serving no metrics", host, port, exc)
+                    return
+                if not waited:
+                    log.info("metrics: %s:%d is in use; serving there once it is free", host, port)
+                    waited = True
+                self._stopped.wait(retry)
+                continue
+            with self._lock:
+                if not self._stopped.is_set():
+                    self.server = server
+                    log.info("metrics: serving on %s:%d", host, port)
+                    return
+            server.shutdown()  # stopped while binding
+            server.server_close()
+            return
+
+    def shutdown(self) -> None:
+        """Stop trying to bind, or stop serving."""
+        with self._lock:
+            self._stopped.set()
+            server = self.server
+        if server is not None:
+            server.shutdown()
 
 
 def _family(host: str) -> socket.AddressFamily:

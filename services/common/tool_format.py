@@ -15,15 +15,18 @@ runs (the edge does it for inference, the trainer for training data, both throug
 
 ``tool_grammar`` builds the llguidance Lark grammar that makes a model write such blocks (every
 call's arguments valid against its function's schema); ``CallStream`` reads them back from
-generated text as it arrives, so a streamed answer and a whole one are split the same way.
+generated text as it arrives, so a streamed answer and a whole one are split the same way;
+``walk_pieces`` hands its pieces to a streamed answer's writer (OpenAI chunks, native events,
+Responses events), so every answer shape walks them the same way.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -186,6 +189,25 @@ class CallArguments:
 
 
 Piece = Text | CallStart | CallArguments
+T = TypeVar("T")
+
+
+def walk_pieces(pieces: Iterable[Piece], *, text: Callable[[str], T], start: Callable[[int, str], T],
+                arguments: Callable[[int, str], T]) -> list[T]:
+    """What each piece becomes in an answer, in order: ``text(text)``, ``start(index, name)`` or
+    ``arguments(index, fragment)``. The one walk of ``CallStream``'s pieces behind every streamed
+    answer shape, which then differ only in what a call's start and fragments look like.
+    """
+    out: list[T] = []
+    for piece in pieces:
+        match piece:
+            case Text(text=t) if t:
+                out.append(text(t))
+            case CallStart(index=i, name=name):
+                out.append(start(i, name))
+            case CallArguments(index=i, fragment=fragment) if fragment:
+                out.append(arguments(i, fragment))
+    return out
 
 
 def _held_prefix(text: str, tag: str) -> int:

@@ -65,11 +65,20 @@ def _health(service: EngineService) -> tuple[bool, dict]:
     return ok, body | ({"reason": state.reason} if state.reason else {})
 
 
+def _metrics_server(cfg: EngineConfig, registry: CollectorRegistry, health: metrics_http.HealthState):
+    """The metrics server on ``--metrics-port``: taken over from its holder with ``--metrics-port-takeover``."""
+    if not cfg.metrics_port:
+        return None
+    if cfg.metrics_port_takeover:
+        return metrics_http.PortTakeover(cfg.metrics_host, cfg.metrics_port, registry, health)
+    return metrics_http.serve(cfg.metrics_host, cfg.metrics_port, registry, health)
+
+
 async def main(cfg: EngineConfig) -> None:
     """Fetch the model if no path was given, build the engine and serve until SIGTERM/SIGINT."""
     registry = CollectorRegistry()
     health = metrics_http.HealthState()
-    http = metrics_http.serve(cfg.metrics_host, cfg.metrics_port, registry, health) if cfg.metrics_port else None
+    http = _metrics_server(cfg, registry, health)
     stop = asyncio.Event()
     install_stop_signals(stop)
     try:

@@ -33,6 +33,8 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     drain_timeout: float = 30.0
     metrics_port: int = 0
     metrics_host: str = DEFAULT_METRICS_HOST
+    # Take --metrics-port over once its holder exits (the engine ./cy up's engine switch replaces).
+    metrics_port_takeover: bool = False
     # This engine's own model store and adapter cache (never another host's): --state-dir.
     state_dir: str = ""
     sim_token_rate: float = 0.0
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics (/metrics) and health (/healthz) on this port (0 = off)")
     p.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST, help=METRICS_HOST_HELP)
+    p.add_argument("--metrics-port-takeover", action="store_true",
+                   help="if --metrics-port is in use, serve anyway and bind it once it is free (instead of failing): "
+                        "the engine ./cy up switches to takes over the port of the engine it replaces")
     p.add_argument("--sim-token-rate", type=float, default=0.0, help="simulated engine: tokens/s per request (0 = max)")
     p.add_argument("--sim-ttft", type=float, default=0.0, help="simulated engine: seconds before the first token")
     p.add_argument("--adapter-dir", action="append", default=[], dest="adapter_dirs",
@@ -119,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--prefix-cache-bytes must be 0 (off) or a number of bytes")
     if args.max_adapters < 1:
         p.error("--max-adapters must be at least 1")
+    if args.metrics_port_takeover and not args.metrics_port:
+        p.error("--metrics-port-takeover needs --metrics-port")
     config = msgspec.convert(vars(args), EngineConfig)
     if problems := option_problems(config):
         p.error("; ".join(problems))

@@ -75,7 +75,13 @@ def test_the_switched_in_engine_has_its_own_worker_and_nats_user(tmp_path: Path)
     assert argv[argv.index("--worker-id") + 1] == worker_id("llamacpp") != worker_id("transformers")
     assert argv[argv.index("--model-path") + 1] == str(default_model_gguf())
     assert argv[argv.index("--nats-nkey") + 1] == identities.nkey(f"engine.{worker_id('llamacpp')}")
-    assert "--metrics-port" not in argv
+    assert "--metrics-port" not in argv and "--metrics-port-takeover" not in argv
+
+
+def test_the_switched_in_engine_takes_over_the_engines_metrics_port(tmp_path: Path):
+    argv = list(switch_spec(UpOptions(state_dir=tmp_path, engine="transformers"), "nats://x:1", tmp_path / "model",
+                            metrics_port=9102).argv)
+    assert argv[argv.index("--metrics-port") + 1] == "9102" and "--metrics-port-takeover" in argv
 
 
 @pytest.mark.parametrize("locate_raises", [True, False])

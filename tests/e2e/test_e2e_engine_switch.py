@@ -7,7 +7,9 @@ test releases once transformers has answered, creates a flag file. The llama.cpp
 starts is real (llama-cpp-python must be installed, as ./cy test does), on the real default model.
 
 Streams go on throughout, through the bus as a NATS-native producer (each one says which engine
-runs it) and through the edge over HTTP/SSE; every one must end complete, none cut or lost.
+runs it) and through the edge over HTTP/SSE; every one must end complete, none cut or lost. The
+engine's Prometheus port serves the transformers engine before the switch and the llama.cpp engine
+after it, with the tokens the llama.cpp engine generated.
 """
 
 from __future__ import annotations
@@ -101,6 +103,16 @@ async def _http_stream(http: aiohttp.ClientSession, url: str, order: int) -> tup
     return text, finish, done
 
 
+async def _engine_health(up: CyUp) -> dict:
+    """What the engine's metrics port (``up``'s ``--metrics-port`` + 1) answers at ``/healthz``; {} if nothing."""
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{up.metrics_port + 1}/healthz") as resp:
+                return await resp.json(content_type=None)
+    except aiohttp.ClientError:
+        return {}
+
+
 @pytest.mark.timeout(1200)  # a platform start, two engines and streams all along, on a shared CPU
 async def test_first_run_serves_with_transformers_then_switches_to_llamacpp_losing_nothing(
         tmp_path, default_model_dir, monkeypatch):
@@ -144,6 +156,7 @@ async def test_first_run_serves_with_transformers_then_switches_to_llamacpp_losi
             # transformers answers first; only then may the build finish, while a long stream runs on it.
             assert await wait_for(answered, 600), up.output()
             assert "llama.cpp build" in up.output() and "compiling" in up.output()
+            assert (await _engine_health(up)).get("worker") == old, "before the switch, transformers is scraped"
             streaming = asyncio.Event()
             drained_while_running: list[bool] = []  # at the long stream's end: had the old engine been drained?
             long = asyncio.create_task(_bus_stream(producer, -1, LONG_PROMPT, 200, streaming.set))
@@ -155,9 +168,16 @@ async def test_first_run_serves_with_transformers_then_switches_to_llamacpp_losi
             for task in [*clients, *([long] if long is not None else [])]:
                 task.cancel()
             await producer.close()
+        assert "llama.cpp: switched" in up.output(), up.output()[-3000:]
+
+        # The port the transformers engine held until it exited serves the llama.cpp engine's metrics now.
+        async def llamacpp_scraped() -> bool:
+            return (await _engine_health(up)).get("worker") == new
+
+        assert await wait_for(llamacpp_scraped, 60), up.output()[-3000:]
+        scraped_tokens = await up.generated_tokens()
 
     out = up.output()
-    assert "llama.cpp: switched" in out, out[-3000:]
     every = [*streams, long.result()]
     assert not [s for s in every if not isinstance(s.end, StreamEnd)], "every stream ends with StreamEnd"
     for s in every:
@@ -179,4 +199,7 @@ async def test_first_run_serves_with_transformers_then_switches_to_llamacpp_losi
     old_pid = int(re.search(r"started engine \(pid (\d+)", out).group(1))
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
     assert os.path.exists(built)
-
+    assert f"(its Prometheus metrics on :{up.metrics_port + 1}, free now)" in out
+    # Its counter holds at least what the bus streams it ran generated (HTTP streams may add to it).
+    new_tokens = sum(s.end.usage.completion_tokens for s in streams if s.worker == new)
+    assert scraped_tokens >= new_tokens > 0, (scraped_tokens, new_tokens)

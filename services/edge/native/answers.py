@@ -13,9 +13,9 @@ from __future__ import annotations
 import msgspec
 
 from schemas.events import Usage
-from services.common.tool_format import CallArguments, CallStart, CallStream, Text, split_answer
+from services.common.tool_format import CallStream, Piece, split_answer, walk_pieces
 from services.edge.openai.bodies import ChunkFormatter
-from services.edge.openai.tool_answers import call_id
+from services.edge.openai.tool_answers import answer_calls, call_arguments, call_start, called_finish_reason
 
 _encode = msgspec.json.Encoder().encode
 
@@ -24,10 +24,6 @@ def usage_dict(usage: Usage) -> dict[str, int]:
     """The native usage object (camelCase)."""
     return {"promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
             "totalTokens": usage.total_tokens}
-
-
-def _called(finish_reason: str, calls: int) -> str:
-    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def inference_body(*, request_id: str, created: int, model: str, text: str, finish_reason: str,
@@ -42,10 +38,9 @@ def inference_tool_body(*, request_id: str, created: int, model: str, text: str,
     """The non-streaming answer of a request with tools: ``text`` outside the calls, and ``toolCalls``."""
     text, calls = split_answer(text)
     body = {"requestId": request_id, "modelId": model, "created": created, "text": text,
-            "finishReason": _called(finish_reason, len(calls)), "usage": usage_dict(usage)}
+            "finishReason": called_finish_reason(finish_reason, len(calls)), "usage": usage_dict(usage)}
     if calls:
-        body["toolCalls"] = [{"id": call_id(), "type": "function",
-                              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        body["toolCalls"] = answer_calls(calls)
     return _encode(body)
 
 
@@ -97,18 +92,10 @@ class NativeToolChunkFormatter(NativeChunkFormatter):
         super().__init__(**kwargs)
         self._calls = CallStream()
 
-    def _frames(self, pieces) -> list[bytes]:
-        out = []
-        for piece in pieces:
-            match piece:
-                case Text(text=text) if text:
-                    out.append(super().delta(text))
-                case CallStart(index=i, name=name):
-                    out.append(self._event(toolCalls=[{"index": i, "id": call_id(), "type": "function",
-                                                       "function": {"name": name, "arguments": ""}}]))
-                case CallArguments(index=i, fragment=fragment):
-                    out.append(self._event(toolCalls=[{"index": i, "function": {"arguments": fragment}}]))
-        return out
+    def _frames(self, pieces: list[Piece]) -> list[bytes]:
+        return walk_pieces(pieces, text=super().delta,
+                           start=lambda i, name: self._event(toolCalls=[call_start(i, name)]),
+                           arguments=lambda i, fragment: self._event(toolCalls=[call_arguments(i, fragment)]))
 
     def delta_frames(self, text: str) -> list[bytes]:
         """The events ``text`` completes: a token, a call's start, or its arguments' next fragment."""
@@ -121,7 +108,7 @@ class NativeToolChunkFormatter(NativeChunkFormatter):
     def finish_frames(self, finish_reason: str) -> list[bytes]:
         """What the reader held back; the finish reason (``tool_calls`` after a call) waits for the closing event."""
         out = self._frames(self._calls.close())
-        self._finish_reason = _called(finish_reason, self._calls.calls)
+        self._finish_reason = called_finish_reason(finish_reason, self._calls.calls)
         return out
 
     def finish(self, finish_reason: str) -> bytes:

@@ -24,7 +24,7 @@ from schemas.events import StreamError, TokenLogprob, Usage
 from services.edge.http.sse import raise_error
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai.bodies import SSE_HEADERS
-from services.common.tool_format import CallArguments, CallStart, CallStream, Piece, Text
+from services.common.tool_format import CallStream, Piece, walk_pieces
 from services.edge.openai.responses_body import ResponseDraft, item_json, output_text, sse_event
 
 Finished = Callable[[ResponseDraft, dict[str, Any]], Awaitable[None]]
@@ -194,20 +194,19 @@ class ToolResponseSseWriter(ResponseSseWriter):
             text, self._blank = self._blank + text, ""
         self._event("response.output_text.delta", **self._where, delta=text, logprobs=[])
 
+    def _call_start(self, i: int, name: str) -> None:
+        index = self._call_index[i] = self._next_index()
+        item_id, call_id = self.draft.call_ids(i)
+        self._event("response.output_item.added", output_index=index,
+                    item={"id": item_id, "type": "function_call", "status": "in_progress",
+                          "call_id": call_id, "name": name, "arguments": ""})
+
+    def _call_arguments(self, i: int, fragment: str) -> None:
+        self._event("response.function_call_arguments.delta", item_id=self.draft.call_ids(i)[0],
+                    output_index=self._call_index[i], delta=fragment)
+
     def _pieces(self, pieces: list[Piece]) -> None:
-        for piece in pieces:
-            match piece:
-                case Text(text=text) if text:
-                    self._text(text)
-                case CallStart(index=i, name=name):
-                    index = self._call_index[i] = self._next_index()
-                    item_id, call_id = self.draft.call_ids(i)
-                    self._event("response.output_item.added", output_index=index,
-                                item={"id": item_id, "type": "function_call", "status": "in_progress",
-                                      "call_id": call_id, "name": name, "arguments": ""})
-                case CallArguments(index=i, fragment=fragment) if fragment:
-                    self._event("response.function_call_arguments.delta", item_id=self.draft.call_ids(i)[0],
-                                output_index=self._call_index[i], delta=fragment)
+        walk_pieces(pieces, text=self._text, start=self._call_start, arguments=self._call_arguments)
 
     def delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
         """The events ``text`` completes: message text, a call opening, or its arguments' next fragment."""

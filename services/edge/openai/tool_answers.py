@@ -11,13 +11,16 @@ A stream sends a call as OpenAI does: a delta with its ``index``, ``id``, ``type
 A request in the legacy ``functions`` form gets the legacy shape: ``message.function_call``
 ``{name, arguments}`` (one call: legacy calls are never parallel), finish reason
 ``function_call``, streamed as ``delta.function_call`` (the name first, then argument fragments).
+
+The native API shows calls in the same objects (``answer_calls``, ``call_start``,
+``call_arguments``) under its own keys, and finishes with the same rule (``called_finish_reason``).
 """
 
 from __future__ import annotations
 
 import uuid
 
-from services.common.tool_format import CallArguments, CallStart, CallStream, Piece, Text, split_answer
+from services.common.tool_format import Call, CallStream, Piece, split_answer, walk_pieces
 from services.edge.openai.bodies import ChatChunkFormatter, ChoiceResult
 
 
@@ -26,8 +29,25 @@ def call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def _finish_reason(reason: str, calls: int, called: str = "tool_calls") -> str:
+def called_finish_reason(reason: str, calls: int, called: str = "tool_calls") -> str:
+    """``called`` for an answer that made calls and ended on its own; otherwise ``reason`` (``length`` stays)."""
     return called if calls and reason == "stop" else reason
+
+
+def answer_calls(calls: list[Call]) -> list[dict]:
+    """A whole answer's calls: ``{"id", "type": "function", "function": {"name", "arguments"}}`` each."""
+    return [{"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls]
+
+
+def call_start(index: int, name: str) -> dict:
+    """A streamed call's first delta: its index, a fresh id, its name, arguments ``""``."""
+    return {"index": index, "id": call_id(), "type": "function", "function": {"name": name, "arguments": ""}}
+
+
+def call_arguments(index: int, fragment: str) -> dict:
+    """A streamed call's next delta: a fragment of its arguments."""
+    return {"index": index, "function": {"arguments": fragment}}
 
 
 def tool_message(choice: ChoiceResult) -> tuple[dict, str]:
@@ -35,10 +55,8 @@ def tool_message(choice: ChoiceResult) -> tuple[dict, str]:
     text, calls = split_answer(choice.text)
     if not calls:
         return {"role": "assistant", "content": text}, choice.finish_reason
-    message = {"role": "assistant", "content": text if text.strip() else None,
-               "tool_calls": [{"id": call_id(), "type": "function",
-                               "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
-    return message, _finish_reason(choice.finish_reason, len(calls))
+    message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": answer_calls(calls)}
+    return message, called_finish_reason(choice.finish_reason, len(calls))
 
 
 def function_message(choice: ChoiceResult) -> tuple[dict, str]:
@@ -49,7 +67,7 @@ def function_message(choice: ChoiceResult) -> tuple[dict, str]:
     call = calls[0]  # the grammar allows one call when the request used ``functions``
     message = {"role": "assistant", "content": text if text.strip() else None,
                "function_call": {"name": call.name, "arguments": call.arguments}}
-    return message, _finish_reason(choice.finish_reason, len(calls), "function_call")
+    return message, called_finish_reason(choice.finish_reason, len(calls), "function_call")
 
 
 class ToolChunkFormatter(ChatChunkFormatter):
@@ -66,23 +84,13 @@ class ToolChunkFormatter(ChatChunkFormatter):
                              "finish_reason": None}])
 
     def _start(self, index: int, name: str) -> bytes:
-        return self._tool_delta({"index": index, "id": call_id(), "type": "function",
-                                 "function": {"name": name, "arguments": ""}})
+        return self._tool_delta(call_start(index, name))
 
     def _arguments(self, index: int, fragment: str) -> bytes:
-        return self._tool_delta({"index": index, "function": {"arguments": fragment}})
+        return self._tool_delta(call_arguments(index, fragment))
 
     def _pieces(self, pieces: list[Piece]) -> bytes:
-        out = []
-        for piece in pieces:
-            match piece:
-                case Text(text=text) if text:
-                    out.append(super().delta(text))
-                case CallStart(index=i, name=name):
-                    out.append(self._start(i, name))
-                case CallArguments(index=i, fragment=fragment):
-                    out.append(self._arguments(i, fragment))
-        return b"".join(out)
+        return b"".join(walk_pieces(pieces, text=super().delta, start=self._start, arguments=self._arguments))
 
     def delta(self, text: str) -> bytes:
         """The chunks ``text`` completes: content, a call's start, or its arguments' next fragment."""
@@ -91,7 +99,7 @@ class ToolChunkFormatter(ChatChunkFormatter):
     def finish(self, finish_reason: str) -> bytes:
         """What the splitter held back, then the finish chunk (``tool_calls`` after a call)."""
         rest = self._pieces(self._calls.close())
-        return rest + super().finish(_finish_reason(finish_reason, self._calls.calls, self.called))
+        return rest + super().finish(called_finish_reason(finish_reason, self._calls.calls, self.called))
 
 
 class FunctionChunkFormatter(ToolChunkFormatter):
