@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from services.engine.__main__ import build_backend
@@ -24,10 +26,13 @@ def test_threads_reach_the_transformers_backend(tmp_path):
     assert backend._threads == 2
 
 
-def test_prefix_cache_bytes_reach_the_transformers_backend_and_are_documented(tmp_path, capsys):
+def test_prefix_cache_bytes_reach_the_transformers_and_llamacpp_backends_and_are_documented(tmp_path, capsys):
     base = ["--model-id", "m", "--model-path", str(tmp_path), "--engine", "transformers"]
     assert build_backend(parse_args([*base, "--prefix-cache-bytes", "0"]))._prefix_cache_bytes == 0
     assert build_backend(parse_args(base))._prefix_cache_bytes == 256 * 1024 * 1024
+    if importlib.util.find_spec("llama_cpp") is not None:
+        gguf = ["--model-id", "m", "--model-path", str(tmp_path / "m.gguf"), "--engine", "llamacpp"]
+        assert build_backend(parse_args([*gguf, "--prefix-cache-bytes", "1024"]))._prefix_cache_bytes == 1024
     with pytest.raises(SystemExit):
         parse_args([*base, "--prefix-cache-bytes", "-1"])
     assert "--prefix-cache-bytes must be 0 (off)" in capsys.readouterr().err
