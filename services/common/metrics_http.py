@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
-log = logging.getLogger("services.metrics_http")
+log = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"

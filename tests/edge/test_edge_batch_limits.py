@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import msgspec
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -87,3 +88,17 @@ async def test_a_batch_whose_window_ends_is_expired_with_its_unfinished_lines_re
     for req in low.taken:
         assert req.deadline <= done.expires_at  # no line was allowed to run past the window
         await cancels.wait_for(req.id)
+
+
+def test_a_batch_marked_expired_stops_its_lines_even_before_its_window_ends_here():
+    """Another edge's clock may have expired it first: its status alone stops the lines, with the
+    OpenAI error code of an expired batch (not the batch status's own name)."""
+    from schemas.batch import EXPIRED, IN_PROGRESS, BatchState
+    from services.edge.batch.runner import stop_reason
+
+    state = BatchState(id="batch_x", endpoint="/v1/chat/completions", input_file_id="file-x",
+                       completion_window="24h", status=EXPIRED, created_at=0, expires_at=2_000, total=1)
+    assert stop_reason(state, now=1_000) == ("batch_expired", "the batch's completion window ended before this "
+                                                               "request finished")
+    assert stop_reason(msgspec.structs.replace(state, status=IN_PROGRESS), now=1_000) is None
+    assert stop_reason(msgspec.structs.replace(state, status=IN_PROGRESS), now=2_000)[0] == "batch_expired"

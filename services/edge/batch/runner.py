@@ -31,7 +31,7 @@ from services.common.lifecycle import cancel_and_wait
 from services.edge.auth.rate_limit import Admission, RateLimited
 from services.common.rate_window import RateLimits
 from services.edge.batch import lines
-from services.edge.batch.execute import EXPIRED, EXPIRED_MESSAGE, Outcome, Transient, line_id, run_line
+from services.edge.batch.execute import EXPIRED as EXPIRED_CODE, EXPIRED_MESSAGE, Outcome, Transient, line_id, run_line
 from services.edge.batch.finish import finish_batch
 from services.edge.batch.store import BatchStore
 from services.edge.metrics import EdgeMetrics
@@ -53,7 +53,7 @@ def stop_reason(state: BatchState, now: float) -> tuple[str, str] | None:
     if state.status in (CANCELLING, CANCELLED):
         return "batch_cancelled", "the batch was cancelled before this request finished"
     if now >= state.expires_at or state.status == EXPIRED:
-        return EXPIRED, EXPIRED_MESSAGE
+        return EXPIRED_CODE, EXPIRED_MESSAGE
     return None
 
 
