@@ -106,7 +106,7 @@ async def test_a_constraint_the_library_cannot_compile_is_invalid_request(engine
     assert text == "still here"
 
 
-def test_engines_that_cannot_constrain_refuse_before_accepting():
+async def test_engines_that_cannot_constrain_refuse_before_accepting():
     sim = backend_class("simulated")(model_id="m")
     for req, param in ((request(StructuredOutput(kind="json_object")), "response_format"),
                        (request(logit_bias={1: 1.0}), "logit_bias")):
@@ -148,7 +148,7 @@ async def test_a_compile_past_the_time_limit_is_refused_and_remembered(tokenizer
     assert compiler.compiles <= 1  # the second was refused without compiling again
 
 
-def test_vllm_gets_its_own_structured_outputs_params_and_logit_bias():
+async def test_vllm_gets_its_own_structured_outputs_params_and_logit_bias():
     pytest.importorskip("vllm", reason="the vllm engine needs the [vllm] extra")
     from services.engine.backends.vllm import vllm_sampling
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import warnings
 from collections.abc import AsyncIterator, Sequence as Seq
 from pathlib import Path
 
@@ -46,6 +47,9 @@ from services.engine.backends.llamacpp.lora_convert import LORA_METHODS, BaseHea
 from services.engine.text.prompt import RenderedPrompt, check_context
 
 log = logging.getLogger(__name__)
+# llguidance builds its tokenizer with llama-cpp-python's deprecated alias, once per vocabulary entry
+# (49,152 warnings for the default model); the alias works, and the call is not ours to change.
+warnings.filterwarnings("ignore", message="llama_token_get_attr is deprecated", category=DeprecationWarning)
 
 def gpu_layers_for(device: str) -> int:
     """Layers to offload: none on ``cpu``; all on ``cuda``/``gpu`` (or ``auto`` with a GPU build)."""
