@@ -70,9 +70,11 @@ def test_cluster_nodes_fsync_before_acknowledging(tmp_path: Path, node: str):
     text = (NATS_DIR / "cluster" / f"{node}.conf").read_text()
     monitor = free_port()
     # This node alone, on free ports (it waits for its routes, but serves /varz meanwhile).
+    # Each line by its own anchor: an unanchored pattern would also match a picked client port
+    # that happens to start with the route ports' digits, giving both listeners one port.
     text = re.sub(r"^listen: 127\.0\.0\.1:\d+", f"listen: 127.0.0.1:{free_port()}", text, flags=re.M)
     text = re.sub(r"^http: 127\.0\.0\.1:\d+", f"http: 127.0.0.1:{monitor}", text, flags=re.M)
-    text = re.sub(r"listen: 127\.0\.0\.1:16\d+", f"listen: 127.0.0.1:{free_port()}", text)
+    text = re.sub(r"^(\s+)listen: 127\.0\.0\.1:\d+", rf"\g<1>listen: 127.0.0.1:{free_port()}", text, flags=re.M)
     text = re.sub(r'store_dir: ".*"', f'store_dir: "{tmp_path / node}"', text)
     conf = tmp_path / f"{node}.conf"
     conf.write_text(text)
