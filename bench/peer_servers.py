@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/peer_servers.py [--pair llamacpp|transformers|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
-                                           [--context 1024] [--platform-env NAME=VALUE] [--unique-prompts]
+                                           [--context 1024] [--platform-env NAME=VALUE] [--platform-engine-arg ARG]
+                                           [--unique-prompts]
                                            [--record docs/benchmarks.md]
 
 ``llamacpp``: the platform (nats-server, scheduler, edge and the llama.cpp engine, each its own
@@ -35,6 +36,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,10 +145,11 @@ async def start_peer(tmp: Path, args) -> tuple[asyncio.subprocess.Process, Side]
     return await start_llama_server(tmp, args)
 
 
-async def start_platform(tmp: Path, args, env: dict[str, str], label: str):
-    """The platform's processes on the same model, threads, slots and context per slot (``env`` added to theirs)."""
+async def start_platform(tmp: Path, args, env: dict[str, str], label: str, engine_args: Sequence[str] = ()):
+    """The platform's processes on the same model, threads, slots and context per slot (``env`` added to
+    theirs, ``engine_args`` to the engine's flags)."""
     opts = argparse.Namespace(engine=args.pair, slots=args.slots, threads=args.threads,
-                              engine_args=["--context-length", str(args.context)], env=env)
+                              engine_args=["--context-length", str(args.context), *engine_args], env=env)
     tmp.mkdir(parents=True, exist_ok=True)
     model = default_model_gguf() if args.pair == "llamacpp" else ensure_default_model(default_state_dir())
     server, sup, url = await start_pipeline(tmp, opts, model, free_port())
@@ -227,25 +230,27 @@ def record(path: Path, text: str, args) -> None:
 async def main(args) -> None:
     """Start every side, measure them alternately, stop them, print (and record) the table.
 
-    With ``--platform-env`` the platform runs twice, as it is and with that environment, so a
-    setting (an OpenMP wait policy, say) is compared in the same alternating rounds.
+    With ``--platform-env`` or ``--platform-engine-arg`` the platform runs twice, as it is and with
+    that environment and those engine flags, so a setting (an OpenMP wait policy, say) is compared in
+    the same alternating rounds.
     """
     if args.pair == "vllm":
         from peer_vllm import main_vllm
 
         return await main_vllm(args)
-    variants = [(f"platform {'llama.cpp' if args.pair == 'llamacpp' else args.pair} engine", {})]
-    if args.platform_env:
+    variants = [(f"platform {'llama.cpp' if args.pair == 'llamacpp' else args.pair} engine", {}, [])]
+    if args.platform_env or args.platform_engine_arg:
         env = dict(kv.split("=", 1) for kv in args.platform_env)
-        variants.append((f"platform, {' '.join(args.platform_env)}", env))
+        variants.append((f"platform, {' '.join(args.platform_env + args.platform_engine_arg)}", env,
+                         args.platform_engine_arg))
     with tempfile.TemporaryDirectory(prefix="cy-peer-") as tmpdir:
         tmp = Path(tmpdir)
         peer_proc, peer = await start_peer(tmp, args)
         started: list = []
         sides = [peer]
         try:
-            for i, (label, env) in enumerate(variants):
-                server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label)
+            for i, (label, env, engine_args) in enumerate(variants):
+                server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label, engine_args)
                 started.append((server, sup))
                 sides.append(side)
             # A new connection per request on every side: llama-server closes a connection after a
@@ -282,5 +287,8 @@ if __name__ == "__main__":
     p.add_argument("--platform-env", action="append", default=[], metavar="NAME=VALUE",
                    help="also run the platform with this environment (e.g. GOMP_SPINCOUNT=300000), as a third "
                         "side; repeatable")
+    p.add_argument("--platform-engine-arg", action="append", default=[], metavar="ARG",
+                   help="also run the platform with this engine flag (e.g. --platform-engine-arg=--decode-yield=off), "
+                        "as a third side (with --platform-env, one side with both); repeatable")
     p.add_argument("--record", default="", help="append the result to this Markdown file")
     asyncio.run(main(p.parse_args()))

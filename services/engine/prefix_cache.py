@@ -95,18 +95,24 @@ class PrefixCache(Generic[T]):
         if not self.enabled or len(prompt) <= self.min_tokens:
             return None
         hit = self.peek(owner, prompt)
-        if hit is None:
-            self.misses += 1
-            return None
-        self.take(hit)
+        if hit is not None:
+            self.touch(hit)
+        self.count(len(prompt), hit.length if hit is not None else 0)
         return hit
 
-    def take(self, hit: PrefixHit[T]) -> None:
-        """Count ``hit`` (from ``peek``) as used: a hit, its tokens reused, its entry most recent."""
+    def touch(self, hit: PrefixHit[T]) -> None:
+        """Mark ``hit``'s entry (from ``peek``) as the most recently used."""
         if hit.key in self._entries:
             self._entries.move_to_end(hit.key)
-        self.hits += 1
-        self.reused_tokens += hit.length
+
+    def count(self, prompt_len: int, reused: int) -> None:
+        """One prompt of ``prompt_len`` tokens reused the KV of ``reused`` of them (from this cache or
+        elsewhere): a hit from ``min_tokens`` up, a miss for a longer prompt that reused fewer."""
+        if reused >= self.min_tokens:
+            self.hits += 1
+        elif prompt_len > self.min_tokens:
+            self.misses += 1
+        self.reused_tokens += reused
 
     def store(self, owner: Hashable, tokens: Seq[int], payload: T, nbytes: int) -> None:
         """Keep ``payload`` (``nbytes`` large) as the KV of ``tokens``, evicting to stay within the budget."""

@@ -111,16 +111,16 @@ async def test_requests_joining_and_leaving_a_running_batch_match_each_run_alone
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_prompt_sharing_a_prefix_with_a_finished_one_reuses_its_kv(engine):
     first, _ = await run(engine, chat("Name a color.", max_tokens=8))
-    before = engine._batcher.reused_tokens
+    before = engine.prefix_cache_stats().reused_tokens
     again, fin = await run(engine, chat("Name a color.", max_tokens=8))  # all but the last prompt token kept
     prompt = engine.render(chat("Name a color.")).ids
     assert again == first
-    assert engine._batcher.reused_tokens - before == len(prompt) - 1
+    assert engine.prefix_cache_stats().reused_tokens - before == len(prompt) - 1
     assert (fin.prompt_tokens, fin.cached_tokens) == (len(prompt), len(prompt) - 1)  # reported in usage
     # A different question still shares the chat template's system turn.
-    before = engine._batcher.reused_tokens
+    before = engine.prefix_cache_stats().reused_tokens
     await run(engine, chat("Name a fruit.", max_tokens=4))
-    assert engine._batcher.reused_tokens - before >= 10
+    assert engine.prefix_cache_stats().reused_tokens - before >= 10
 
 
 @pytest.mark.asyncio(loop_scope="module")

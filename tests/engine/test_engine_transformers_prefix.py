@@ -168,3 +168,15 @@ def test_prefix_cache_keeps_the_longest_match_per_adapter_within_budget():
     cache.drop_adapter("x")
     assert cache.lookup("x", list(range(500, 541))) is None
     assert cache.lookup(None, list(range(900, 931))).length == 30
+
+
+def test_prefix_cache_counts_hits_misses_and_every_reused_token():
+    cache = PrefixCache(budget=100 * 3 * 2 * 2 * 4 * 4)
+    a = list(range(40))
+    cache.store(None, a, kv(40))
+    cache.lookup(None, a + [99])
+    cache.lookup(None, [7] * 30)
+    cache.lookup(None, [7] * (MIN_REUSE_TOKENS - 1))  # too short to look up: neither
+    assert (cache.hits, cache.misses, cache.reused_tokens) == (1, 1, 40)
+    cache.count(30, MIN_REUSE_TOKENS - 1)  # reuse found elsewhere (a llama.cpp stream), too short for a hit
+    assert (cache.hits, cache.misses, cache.reused_tokens) == (1, 2, 40 + MIN_REUSE_TOKENS - 1)

@@ -114,7 +114,6 @@ class GgufBatchGenerator(ModelThread):
         self._cached: dict[int, tuple[Path | None, list[int]]] = {}
         # What those streams' next sequences would cut, saved to host memory and restored into any stream.
         self.saved = SavedPrefixes(model.ctx, model.memory, prefix_cache_bytes)
-        self.reused_tokens = 0
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
@@ -188,7 +187,6 @@ class GgufBatchGenerator(ModelThread):
             kept_owner, kept = self._cached.pop(best, (None, ()))
             seq.n_past = seq.reused = self.saved.place(best, seq.adapter_path, seq.prompt_ids, kept_owner, kept,
                                                        shared)
-            self.reused_tokens += seq.reused
             seq.sampler = self._model.new_sampler(seq.params, seq.seed, seq.max_new_tokens)
             self._running.append(seq)
         self._waiting[:0] = blocked

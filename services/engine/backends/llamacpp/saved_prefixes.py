@@ -37,15 +37,13 @@ Owner = Path | None
 
 
 class SavedPrefixes:
-    """Saved sequence KV of one llama.cpp context, and the prompt-reuse counts of its batch generator."""
+    """Saved sequence KV of one llama.cpp context; its cache also counts every prompt's reuse, from a
+    stream or a saved copy."""
 
     def __init__(self, ctx, memory, budget: int) -> None:
         self._ctx = ctx
         self._memory = memory
         self.cache: PrefixCache[ctypes.Array] = PrefixCache(budget, MIN_SAVED_TOKENS)
-        self.hits = 0  # prompts that reused at least MIN_SAVED_TOKENS, from their stream or a saved copy
-        self.misses = 0
-        self.reused_tokens = 0
         self.restored = 0  # prompts that took a saved copy
 
     def place(self, seq_id: int, owner: Owner, prompt: Seq[int], kept_owner: Owner, kept: Seq[int],
@@ -63,13 +61,14 @@ class SavedPrefixes:
         if hit is not None and hit.length > keep:
             keep = self._restore(seq_id, hit)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep if keep > 0 else -1, -1)
-        self._count(len(prompt), keep)
+        self.cache.count(len(prompt), keep)
         return keep
 
     def stats(self) -> PrefixCacheStats:
         """Reuse counts so far and the bytes saved now (read from another thread: plain ints)."""
-        return PrefixCacheStats(hits=self.hits, misses=self.misses, reused_tokens=self.reused_tokens,
-                                nbytes=self.cache.nbytes)
+        cache = self.cache
+        return PrefixCacheStats(hits=cache.hits, misses=cache.misses, reused_tokens=cache.reused_tokens,
+                                nbytes=cache.nbytes)
 
     def _save(self, seq_id: int, owner: Owner, tokens: Seq[int]) -> None:
         if not self.cache.enabled or self.cache.covers(owner, tokens):
@@ -86,16 +85,9 @@ class SavedPrefixes:
         """Write the saved copy into the (emptied) stream; its usable length, 0 if llama.cpp refused it."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         if llama_cpp.llama_state_seq_set_data(self._ctx, hit.payload, len(hit.payload), seq_id):
-            self.cache.take(hit)
+            self.cache.touch(hit)
             self.restored += 1
             return hit.length
         log.warning("llama.cpp refused a saved prompt state (%d tokens); prefilling instead", hit.length)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         return 0
-
-    def _count(self, prompt_len: int, reused: int) -> None:
-        if reused >= MIN_SAVED_TOKENS:
-            self.hits += 1
-            self.reused_tokens += reused
-        elif prompt_len > MIN_SAVED_TOKENS:
-            self.misses += 1
