@@ -52,6 +52,22 @@ async def until_serving(service: EngineService, task: asyncio.Task, timeout: flo
     assert service.ready.is_set(), f"the engine service was not serving within {timeout}s"
 
 
+async def withdraw_before_dispatch(nc, service: EngineService, worker: str, req: InferenceRequest,
+                                   patience: float = 5.0) -> None:
+    """Withdraw ``req``'s offer from ``worker`` and wait until the engine holds the tombstone.
+
+    Sent again until it does: right after start an engine's new subscriptions were not always
+    matched yet (see ``dispatch``), and a withdrawal that reached nobody is lost without a word.
+    """
+    deadline = time.monotonic() + patience
+    withdrawal = encode(CancelRequest(id=req.id, reason="dispatch_timeout", dispatch=req.dispatch))
+    while service._offers.refusal(req, worker) is None:
+        assert time.monotonic() < deadline, "the engine never read the withdrawal"
+        await nc.publish(names.engine_cancel(worker), withdrawal)
+        await nc.flush()
+        await asyncio.sleep(0.05)
+
+
 def request(inbox: str, max_tokens: int = 5, model: str = "sim", **kw) -> InferenceRequest:
     return InferenceRequest(id=f"r-{uuid.uuid4().hex[:10]}", model=model, reply_to=inbox,
                             messages=[ChatMessage(role="user", content="one two three")],
@@ -168,7 +184,7 @@ async def test_an_offer_withdrawn_before_the_engine_reads_it_is_refused_and_a_ne
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         req = request(inbox, max_tokens=3)
-        await nc.publish(names.engine_cancel(worker), encode(CancelRequest(id=req.id, reason="dispatch_timeout")))
+        await withdraw_before_dispatch(nc, service, worker, req)
         refused = await dispatch(nc, worker, req)
         assert not refused.accepted and refused.code == "cancelled"
         assert (await dispatch(nc, worker, msgspec.structs.replace(req, dispatch=1))).accepted  # a newer offer
