@@ -288,7 +288,10 @@ if __name__ == "__main__":
                    help="also run the platform with this environment (e.g. GOMP_SPINCOUNT=300000), as a third "
                         "side; repeatable")
     p.add_argument("--platform-engine-arg", action="append", default=[], metavar="ARG",
-                   help="also run the platform with this engine flag (e.g. --platform-engine-arg=--decode-yield=off), "
+                   help="also run the platform with this engine flag (e.g. --platform-engine-arg=--prefix-cache-bytes=0), "
                         "as a third side (with --platform-env, one side with both); repeatable")
     p.add_argument("--record", default="", help="append the result to this Markdown file")
-    asyncio.run(main(p.parse_args()))
+    parsed = p.parse_args()
+    if parsed.pair == "vllm" and (parsed.platform_env or parsed.platform_engine_arg):
+        p.error("--platform-env and --platform-engine-arg add a side to the llamacpp and transformers pairs only")
+    asyncio.run(main(parsed))
