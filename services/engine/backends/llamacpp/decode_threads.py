@@ -1,7 +1,7 @@
 """How many CPU threads the next ``llama_decode`` uses: all of them while they get the CPUs, one while they don't.
 
 llama.cpp's threads meet at an OpenMP barrier after every op and wait there by spinning (bounded
-by ``GOMP_SPINCOUNT``, see ``model``). On a quiet host that is what makes two threads decode at
+by ``GOMP_SPINCOUNT``, see the package ``__init__``). On a quiet host that is what makes two threads decode at
 llama-server's speed. On an oversubscribed host it collapses: one thread spins while the other
 waits for a CPU, and the spinner then loses the scheduler's favour a sleeper would have (measured
 on 2 vCPUs at load 11-19: 0.8-1.4 s per token against 24-41 ms waiting passively and 27 ms with

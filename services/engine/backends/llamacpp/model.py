@@ -18,22 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# llama.cpp's CPU backend runs each graph in an OpenMP team that meets at a barrier after every op
-# (about 750 per token for the default model). Waiting there by spinning is what makes two threads
-# pay off (a futex sleep and wake per op costs more than the op), but spinning forever
-# ("OMP_WAIT_POLICY=ACTIVE") starves every other process between decodes on a busy host. A bounded
-# spin is the middle; where even that collapses (an oversubscribed host), the model thread drops
-# to one thread, which has no barrier (``decode_threads``). Must be set before
-# libgomp loads with llama_cpp. libgomp keeps one team per thread that starts a parallel region and
-# drops this spin to ~100 as soon as its threads outnumber the CPUs, so every decode must come from
-# one thread (the model thread; see ``GgufModel.warm_up``), or the setting silently does nothing.
-os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+import llama_cpp
+from llama_cpp import _logger as llama_logger
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-import llama_cpp  # noqa: E402
-from llama_cpp import _logger as llama_logger  # noqa: E402
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
-
-from schemas.inference import SamplingParams  # noqa: E402
+from schemas.inference import SamplingParams
+from services.engine.backends.llamacpp.sampling import Sampler, new_sampler
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +32,6 @@ PREFILL_TOKEN_BUDGET = 512
 # KV cells per sequence when --context-length is not given: the GGUF's training context, capped,
 # because llama.cpp allocates the whole KV cache (sequences x cells) up front.
 DEFAULT_MAX_CONTEXT = 8192
-# llama_sampler_init_dist treats this seed as "pick a random one" (LLAMA_DEFAULT_SEED).
-_RANDOM_SEED = 0xFFFFFFFF
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -269,26 +257,7 @@ class GgufModel:
         return self.tokenize(formatter(messages=messages).prompt, add_special=False, parse_special=True)
 
     # --- sampling ---
-    def new_sampler(self, params: SamplingParams, seed: int, window: int):
-        """A per-request sampler chain: ``logit_bias``, penalties over its last ``window`` tokens, then greedy or
-        temperature -> top-k -> top-p -> a seeded draw (HF/OpenAI order: temperature first)."""
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_params(no_perf=True))
-        add = llama_cpp.llama_sampler_chain_add
-        if params.logit_bias:
-            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
-                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias.items()))
-            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(params.logit_bias), biases))
-        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
-            add(chain, llama_cpp.llama_sampler_init_penalties(self.n_vocab, max(1, window), params.repetition_penalty,
-                                                              params.frequency_penalty, params.presence_penalty))
-        if params.temperature <= 0.0:
-            add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
-        add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-        if params.top_k > 0:
-            add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-        seed %= _RANDOM_SEED  # never the "random" sentinel: a seeded request must be reproducible
-        add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        return chain
+    def new_sampler(self, params: SamplingParams, seed: int, window: int) -> Sampler:
+        """A per-request sampler (``sampling``): greedy, a vectorised temperature/top-p draw, or llama.cpp's chain
+        (bias, penalties over the last ``window`` tokens, temperature, top-k, top-p, a seeded draw)."""
+        return new_sampler(params, seed, window, self.n_vocab, self.ctx)
