@@ -3,13 +3,15 @@
     .venv/bin/python bench/engine_throughput.py [--engine vllm transformers llamacpp llama-cpp-python]
                                                 [--concurrency 1 8] [--max-tokens 64] [--rounds 2]
                                                 [--vllm-no-lora] [--threads N] [--adapters 0 1 4]
+                                                [--temperature T] [--top-p P]
 
 Each engine serves the default model (safetensors copy; the shipped GGUF for ``llamacpp``) with
 ``slots`` = the highest concurrency. ``llama-cpp-python`` is the reference for the llama.cpp
 backend: the library's own ``Llama.create_chat_completion`` streaming on the same GGUF, with the
 same threads; it is not thread-safe, so its requests run one after another at every concurrency.
 For every concurrency ``c``, ``c`` greedy chat requests with distinct prompts run at once, ``rounds``
-times after one warm-up; tok/s is completion tokens over wall time, summed over all requests.
+times after one warm-up (with ``--temperature`` above 0 they are sampled instead, with ``--top-p``,
+seeded per request); tok/s is completion tokens over wall time, summed over all requests.
 Engines run one after another so they do not compete for the CPU. vLLM runs with LoRA support on
 (as ``--engine vllm`` does); ``--vllm-no-lora`` measures it without.
 
@@ -40,12 +42,15 @@ TOPICS = ["a brave cat", "the sea", "a lighthouse", "a robot", "a dragon", "the 
           "a baker", "a comet", "a violin", "a desert"]
 
 
-def request(i: int, max_tokens: int, adapters: list[str] = ()) -> InferenceRequest:
-    """A greedy chat request with a prompt of its own (and the ``i``-th of ``adapters``, round-robin)."""
+def request(i: int, max_tokens: int, adapters: list[str] = (), sampling: dict | None = None) -> InferenceRequest:
+    """A chat request with a prompt of its own (and the ``i``-th of ``adapters``, round-robin): greedy, or
+    ``sampling`` (temperature, top_p) seeded with ``i``."""
+    params = (SamplingParams(max_tokens=max_tokens, seed=i, **sampling) if sampling
+              else SamplingParams(max_tokens=max_tokens, temperature=0.0))
     return InferenceRequest(id=f"b-{uuid.uuid4().hex[:12]}", model="m", reply_to="unused",
                             adapter=adapters[i % len(adapters)] if adapters else None,
                             messages=[ChatMessage(role="user", content=f"Write a long story about {TOPICS[i % 12]}.")],
-                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+                            sampling=params)
 
 
 async def one(engine, req: InferenceRequest) -> tuple[int, float]:
@@ -59,13 +64,14 @@ async def one(engine, req: InferenceRequest) -> tuple[int, float]:
     return fin.completion_tokens, ttft or 0.0
 
 
-async def measure(engine, concurrency: int, max_tokens: int, rounds: int, adapters: list[str] = ()
-                  ) -> tuple[float, float]:
+async def measure(engine, concurrency: int, max_tokens: int, rounds: int, adapters: list[str] = (),
+                  sampling: dict | None = None) -> tuple[float, float]:
     """Aggregate tok/s and median TTFT (s) over ``rounds`` batches of ``concurrency`` requests."""
     tokens, wall, ttfts = 0, 0.0, []
     for _ in range(rounds):
         start = time.perf_counter()
-        results = await asyncio.gather(*[one(engine, request(i, max_tokens, adapters)) for i in range(concurrency)])
+        results = await asyncio.gather(*[one(engine, request(i, max_tokens, adapters, sampling))
+                                         for i in range(concurrency)])
         wall += time.perf_counter() - start
         tokens += sum(n for n, _ in results)
         ttfts += [t for _, t in results]
@@ -118,7 +124,7 @@ def make_adapters(model_dir: Path, count: int) -> Path:
 
 
 async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, rounds: int,
-                extra: dict, adapter_levels: list[int] = (0,)) -> list[tuple]:
+                extra: dict, adapter_levels: list[int] = (0,), sampling: dict | None = None) -> list[tuple]:
     """Start ``name`` on the default model, warm it up, then measure every concurrency level (per adapter count)."""
     path = default_model_gguf() if name == "llamacpp" else model_dir
     if max(adapter_levels):
@@ -137,7 +143,7 @@ async def bench(name: str, model_dir: Path, levels: list[int], max_tokens: int, 
                 await one(engine, request(0, 2, [a]))
             label = name + (" (no LoRA)" if extra.get("enable_lora") is False else "") + (f" {k} LoRA" if k else "")
             for c in levels:
-                tok_s, ttft = await measure(engine, c, max_tokens, rounds, adapters)
+                tok_s, ttft = await measure(engine, c, max_tokens, rounds, adapters, sampling)
                 rows.append((label, c, tok_s, tok_s / c, ttft, startup))
     finally:
         await engine.close()
@@ -155,7 +161,9 @@ async def main(args) -> None:
         extra = {"enable_lora": False} if name == "vllm" and args.vllm_no_lora else {}
         if args.threads:
             extra["threads"] = args.threads
-        rows += await bench(name, model_dir, args.concurrency, args.max_tokens, args.rounds, extra, args.adapters)
+        sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
+        rows += await bench(name, model_dir, args.concurrency, args.max_tokens, args.rounds, extra, args.adapters,
+                            sampling)
     print(f"\n{'engine':<26}{'conc':>5}{'tok/s':>10}{'tok/s/req':>11}{'ttft p50':>10}{'startup':>9}")
     for name, c, tok_s, per, ttft, startup in rows:
         print(f"{name:<26}{c:>5}{tok_s:>10.1f}{per:>11.1f}{ttft * 1000:>8.0f}ms{startup:>8.0f}s")
@@ -168,7 +176,12 @@ if __name__ == "__main__":  # vLLM spawns worker processes that re-import this m
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--vllm-no-lora", action="store_true", help="start vLLM without LoRA support")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: the nucleus")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every engine (0: each one's default)")
     p.add_argument("--adapters", nargs="+", type=int, default=[0],
                    help="LoRA adapter counts to spread the requests over (0: the base model)")
-    asyncio.run(main(p.parse_args()))
+    parsed = p.parse_args()
+    if parsed.temperature > 0 and "llama-cpp-python" in parsed.engine:
+        p.error("the llama-cpp-python reference decodes greedily only; leave it out with --temperature")
+    asyncio.run(main(parsed))

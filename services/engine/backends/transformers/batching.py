@@ -39,6 +39,7 @@ from services.engine.backends.transformers.adapter_slots import AdapterSlots
 from services.engine.backends.transformers.prefix_cache import PrefixCache
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.transformers.row_batch import RowBatch
+from services.engine.sampling import Nucleus
 from services.engine.backends.transformers.sampling import (apply_logit_bias, apply_penalties, sample_row,
                                                             token_logprobs)
 from services.engine.grammar.constraint import RowConstraint
@@ -59,7 +60,7 @@ class Sequence:
     max_new_tokens: int
     detok: IncrementalDetokenizer
     stop: StopMatcher
-    generator: torch.Generator
+    draw: Nucleus | None  # its seeded temperature/top-p draw; None: greedy
     adapter: str | None = None
     adapter_path: Path | None = None
     counts: dict[int, int] = field(default_factory=dict)
@@ -251,7 +252,7 @@ class BatchGenerator(ModelThread):
             if seq.constraint.error:
                 self._fail_constraint(seq, events)
                 return
-        token = sample_row(logits, seq.params, seq.generator)
+        token = sample_row(logits, seq.params, seq.draw)
         seq.last_token = token
         if seq.constraint is not None and token not in self._eos:
             seq.constraint.advance(token)

@@ -27,6 +27,7 @@ from services.engine.backend import EngineBackend, GenerationEvent, PrefixCacheS
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
+from services.engine.sampling import Nucleus
 from services.engine.backends.model_thread import EventQueues
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.text.prompt import HfTokenizing, RenderedPrompt, check_context, render_prompt
@@ -186,8 +187,8 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     def _new_sequence(self, request: InferenceRequest, prompt_ids: list[int], adapter_path: Path | None,
                       constraint=None) -> Sequence:
         params = request.sampling
-        generator = torch.Generator(device=self._device)
-        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        draw = Nucleus(params.temperature, params.top_p, seed) if params.temperature > 0 else None
         return Sequence(
             request_id=request.id,
             prompt_ids=prompt_ids,
@@ -195,7 +196,7 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
             max_new_tokens=min(params.max_tokens, self._context_length - len(prompt_ids)),
             detok=IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)),
             stop=StopMatcher(params.stop),
-            generator=generator,
+            draw=draw,
             adapter=request.adapter if adapter_path is not None else None,
             adapter_path=adapter_path,
             token_text=lambda token: self.tokenizer.decode([token]),
