@@ -138,10 +138,19 @@ def test_each_llama_cpp_request_gets_the_sampler_that_can_draw_its_distribution(
         sampler.close()
 
 
-def test_the_transformers_engine_takes_the_first_highest_logit_when_greedy():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_transformers_engine_takes_the_first_highest_logit_when_greedy(dtype):
     row = torch.from_numpy(logits(7))
     row[[90, 600]] = row.max() + 1.0
-    assert sample_row(row, SamplingParams(temperature=0.0), None) == 90
+    assert sample_row(row.to(dtype), SamplingParams(temperature=0.0), None) == 90
+
+
+def test_the_transformers_engine_draws_from_a_half_precision_row():
+    row = torch.from_numpy(logits(9)).to(torch.bfloat16)
+    draw = Nucleus(1.0, 0.5, seed=2)
+    drawn = {sample_row(row, SamplingParams(temperature=1.0, top_p=0.5), draw) for _ in range(500)}
+    p = exact(row.float().numpy(), 1.0, 0.5)
+    assert drawn <= set(np.flatnonzero(p)) and len(drawn) > 1
 
 
 def test_the_transformers_engine_cuts_to_top_k_and_then_draws_at_the_temperature():

@@ -38,8 +38,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, draw: Nucleus | Non
     """Pick the next token from one row of logits: greedy at temperature 0 (``draw`` None), else top-k here,
     then ``draw`` (temperature and top-p, ``services.engine.sampling``) on the row in host memory."""
     if draw is None or params.temperature <= 0.0:
-        if logits.device.type == "cpu":  # numpy's argmax: 4 us against torch's 47 on this CPU (the same first max)
-            return int(logits.numpy().argmax())
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:  # numpy: 4 us against torch's 47 here
+            return int(logits.detach().numpy().argmax())  # the same token: the first highest logit
         return int(torch.argmax(logits))
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
