@@ -30,9 +30,12 @@ WEATHER = {
     "required": ["city", "unit"],
     "additionalProperties": False,
 }
+# Both integers bounded: an unbounded one lets a sampled answer run past ``max_tokens`` (seen at temperature 1:
+# a 60-digit "b", cut with ``length``), which is a valid answer but leaves no whole call to check.
 ADD = {
     "type": "object",
-    "properties": {"a": {"type": "integer", "minimum": -1000, "maximum": 1000}, "b": {"type": "integer"}},
+    "properties": {"a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                   "b": {"type": "integer", "minimum": -1000, "maximum": 1000}},
     "required": ["a", "b"],
     "additionalProperties": False,
 }
