@@ -99,7 +99,9 @@ async def test_cluster_serves_r3_streams_after_losing_a_node(cluster):
 
     actions = await _apply_when_cluster_is_up(urls[0])
 
-    assert {a.action for a in actions} == {"created"}
+    # A try cut short by a meta-leader election may have created some streams already; the next one
+    # finds those as they should be ("unchanged"), never needing an update.
+    assert {a.action for a in actions} <= {"created", "unchanged"}  # and below: the stream is there, R3
     nc = await nats.connect(urls[1:], connect_timeout=2)
     try:
         js = nc.jetstream()
