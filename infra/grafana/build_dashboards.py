@@ -151,6 +151,16 @@ OVERVIEW = Dashboard(
             Panel("Tokens generated/s", (q("sum by (model) (instance_model:llm_engine_generated_tokens:rate1m)",
                                            "{{model}}"),), unit="short", stack=True, width=24),
         )),
+        ("Processes", (
+            Panel("Garbage-collector pauses, p99 by service",
+                  tuple(q(f"histogram_quantile(0.99, sum by (instance, le) "
+                          f"(rate(llm_{service}_gc_pause_seconds_bucket[{RATE}])))", f"{service} {{{{instance}}}}")
+                        for service in ("edge", "scheduler", "engine", "trainer")),
+                  unit="s", width=24,
+                  description="Every thread of the process stops while Python's collector runs. Each service "
+                              "freezes its start-up heap, so full collections stay in milliseconds; hundreds "
+                              "of milliseconds here mean a heap that grew since (docs/observability.md)."),
+        )),
     ),
 )
 

@@ -8,6 +8,8 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 
+from services.common import gc_heap
+
 log = logging.getLogger(__name__)
 
 # How long a cancelled task gets to end before it is cancelled again (see ``cancel_and_wait``).
@@ -36,7 +38,11 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` on uvloop when available (measurably faster on the token path), else asyncio."""
+    """Run a service's ``main`` on uvloop when available (measurably faster on the token path), else asyncio.
+
+    Also marks the process as a service, whose heap ``gc_heap.freeze`` freezes once it has started.
+    """
+    gc_heap.enable()
     try:
         import uvloop
     except ImportError:  # optional on platforms without uvloop

@@ -16,6 +16,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from services.common import gc_heap
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -39,6 +41,7 @@ class EdgeMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.gc_pause = gc_heap.pause_histogram("edge", registry)
         self.requests = Counter("llm_edge_requests_total", "HTTP requests answered by the edge",
                                 ["route", "status"], registry=registry)
         self.latency = Histogram("llm_edge_latency_seconds", "Time from request arrival to its last byte",

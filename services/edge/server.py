@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from services.common import gc_heap
 from services.common.lifecycle import install_stop_signals
 from services.edge.app import create_app
 from services.edge.config import EdgeConfig, config_problems
@@ -49,6 +50,7 @@ async def serve(config: EdgeConfig, *, stop: asyncio.Event | None = None) -> Non
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         log.info("edge listening on http://%s:%d", config.host, config.port)
+        gc_heap.started(app[METRICS].gc_pause)
         await stop.wait()
         log.info("edge shutting down (open requests get up to %gs)", config.shutdown_timeout)
     finally:

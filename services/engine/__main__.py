@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from services.common import metrics_http
+from services.common import gc_heap, metrics_http
 from services.common.lifecycle import install_stop_signals, run, setup_logging
 from services.common.model_store import default_state_dir
 from services.engine.backends import backend_class
@@ -89,8 +89,9 @@ async def main(cfg: EngineConfig) -> None:
         except ModelUnavailable as exc:
             raise SystemExit(f"engine: {exc}") from None
         # Models loaded at run time (control subject ``load``) are built the same way, from a copy of cfg.
-        service = EngineService(cfg, build_backend(cfg), EngineMetrics(registry), factory=build_backend,
-                                state_dir=state_dir)
+        with gc_heap.paused():  # imports the backend's libraries: every object stays
+            backend = build_backend(cfg)
+        service = EngineService(cfg, backend, EngineMetrics(registry), factory=build_backend, state_dir=state_dir)
         health.check = lambda: _health(service)
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, service.stop_taking_work)
         await service.run(stop)

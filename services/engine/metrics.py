@@ -6,6 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common import gc_heap
 from services.engine.backend import PrefixCacheStats
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -21,6 +22,7 @@ class EngineMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.gc_pause = gc_heap.pause_histogram("engine", registry)
         self.requests = Counter("llm_engine_requests_total", "Requests finished, by outcome", ["model", "outcome"],
                                 registry=registry)
         self.latency = Histogram("llm_engine_inference_latency_seconds", "Request latency, accept to last token",

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import gc
 import logging
 import sys
 import time
@@ -31,7 +30,7 @@ from nats.js import JetStreamContext
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.registry import ModelEntry
-from services.common import model_registry
+from services.common import gc_heap, model_registry
 from services.engine.backend import AdapterChange, EngineBackend, PrefixCacheStats
 from services.engine.config import EngineConfig
 from services.engine.eviction import ModelUsage, NoRoom, plan_evictions
@@ -82,8 +81,8 @@ def process_memory(device: str) -> int:
 
 
 def release_memory() -> None:
-    """Give freed memory back: collect cycles, empty the CUDA cache, trim glibc's heap (a no-op elsewhere)."""
-    gc.collect()
+    """Give freed memory back: collect cycles (frozen ones too), empty the CUDA cache, trim glibc's heap."""
+    gc_heap.release()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -255,7 +254,8 @@ class ModelHost:
         """
         before = self._measure()
         try:
-            await backend.start()
+            with gc_heap.paused():  # the model's objects all stay: collections during the load free nothing
+                await backend.start()
         except Exception as exc:  # loading runs arbitrary model code: any failure must become a typed error
             log.warning("loading %s from %s failed", model_id, path, exc_info=True)
             with contextlib.suppress(Exception):
@@ -275,6 +275,7 @@ class ModelHost:
         model.idle.set()
         self._models[key] = model
         log.info("model %s loaded (%.1f MiB); serving %s", key, model.memory_bytes / 2**20, sorted(self._models))
+        gc_heap.freeze(f"loading {key}")  # the model lives until it is dropped (then ``release_memory``)
         self._on_change()
 
     async def _make_room(self, need: int) -> list[str]:

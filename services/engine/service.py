@@ -35,7 +35,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
-from services.common import bus, bus_permissions, rate_counters
+from services.common import bus, bus_permissions, gc_heap, rate_counters
 from services.common.buckets import optional_kv
 from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineBackend
@@ -133,6 +133,7 @@ class EngineService:
             self._beats.start(self.nc, workers_kv)
             await stack.enter_async_context(self._health)
             await self.nc.flush()
+            gc_heap.started(self.metrics.gc_pause)
             self.ready.set()
             log.info("engine %s (%s on %s) serving %s", self.worker, self.host.name, self.host.device,
                      [m.id for m in self.host.served_models()])

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
 from schemas import names
-from services.common import bus, bus_permissions, lifecycle, metrics_http
+from services.common import bus, bus_permissions, gc_heap, lifecycle, metrics_http
 from services.scheduler.config import SchedulerConfig, parse_args
 from services.scheduler.service import ConsumerMissing, Scheduler
 
@@ -84,6 +84,7 @@ async def serve(config: SchedulerConfig) -> int:
         try:
             async with Scheduler(nc, config, registry) as scheduler:
                 health.check = lambda: _health(nc, scheduler)
+                gc_heap.started(scheduler.metrics.gc_pause)
                 await _until(stop, scheduler.failed)
                 code = 1 if scheduler.failed.is_set() else 0
         finally:

@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from schemas.names import LANES_BY_PRIORITY, Lane
+from services.common import gc_heap
 from services.scheduler.circuit import CircuitState
 
 _DISPATCH_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -99,6 +100,7 @@ class SchedulerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.gc_pause = gc_heap.pause_histogram("scheduler", registry)
         self.requests = Counter("llm_scheduler_inference_requests_total",
                                 "Messages taken from the queue, by outcome", ["lane", "outcome"], registry=registry)
         self.queue_pending = Gauge("llm_scheduler_queue_pending", "Messages waiting in a lane of the queue",

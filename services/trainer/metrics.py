@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common import gc_heap
+
 _STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 60, 120)
 
 
@@ -12,6 +14,7 @@ class TrainerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.gc_pause = gc_heap.pause_histogram("trainer", registry)
         self.jobs = Counter("llm_trainer_jobs_total", "Jobs that reached a status on this trainer", ["status"],
                             registry=registry)
         self.running = Gauge("llm_trainer_jobs_running", "Jobs running on this trainer", registry=registry)

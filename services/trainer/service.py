@@ -25,6 +25,7 @@ from nats.micro.request import Request
 
 from schemas import names
 from schemas.training import TrainCancel, TrainingJob
+from services.common import gc_heap
 from services.common.lifecycle import cancel_and_wait
 from services.trainer.config import TrainerConfig
 from services.trainer.events import EventLog
@@ -80,6 +81,7 @@ class TrainerService:
             await service.add_endpoint(name="status", subject=names.TRAINER_STATUS, handler=self._status)
             psub = await self.js.pull_subscribe_bind(durable=names.TRAIN_DURABLE, stream=names.TRAIN_STREAM)
             stack.push_async_callback(psub.unsubscribe)
+            gc_heap.started(self.metrics.gc_pause)
             log.info("trainer %s taking jobs from %s", self.config.trainer_id, names.TRAIN_DURABLE)
             take = asyncio.create_task(self._take_loop(psub))
             await stop.wait()

@@ -88,6 +88,13 @@ def test_up_serves_then_stops_everything_in_order_on_sigint(launcher: Launcher):
     assert (launcher.state_dir / "cy-up.pid").read_text().strip() == str(launcher.proc.pid)
     pids = launcher.child_pids()
     assert set(pids) == {"engine", "scheduler", "trainer", "edge"}
+    # Every service froze its start-up heap, so full collections skip it (the trainer may start after the banner).
+    deadline = time.monotonic() + 60
+    for name in pids:
+        log = launcher.state_dir / "logs" / f"{name}.log"
+        while "heap frozen after start-up" not in log.read_text():
+            assert time.monotonic() < deadline, f"{name}: {log.read_text()}"
+            time.sleep(0.2)
 
     launcher.proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 30
