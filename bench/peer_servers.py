@@ -14,7 +14,8 @@ context per slot. Both get streaming chat completions over HTTP (greedy, ``max_t
 reuse a whole cached prompt; the platform's request asks ``"cache": false``; ``--temperature`` samples
 instead, seeded per request, from the whole vocabulary on both sides: llama-server is sent
 ``top_k`` 0 and ``min_p`` 0, which would otherwise cut its distribution to 40 tokens). For every concurrency the
-two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike; each cell is
+two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike, and each round
+starts once the machine is quiet (a vLLM that just finished polls a CPU for a second); each cell is
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios, then the resident memory of each side's model process at idle and its peak
 during the 8-stream cell. ``transformers``: the platform with ``--engine transformers`` against
@@ -166,17 +167,46 @@ async def start_platform(tmp: Path, args, env: dict[str, str], label: str, engin
     return server, sup, Side(label, url, "m", pid, {"cache": False})
 
 
+def cpu_busy() -> tuple[int, int]:
+    """Jiffies of all CPUs so far: (busy, total), from ``/proc/stat``."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def settle(quiet: float = 0.05, window: float = 0.3, limit: float = 10.0) -> float:
+    """Wait until the machine is quiet (CPUs under ``quiet`` busy over ``window`` s, at most ``limit`` s); the wait.
+
+    A side that just finished a round can keep CPUs busy for a while: vLLM's processes poll
+    their queues for about a second before they sleep, on the CPUs the other side's threads are
+    bound to. Without the wait, the next side's first request pays for it.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        b0, t0 = cpu_busy()
+        await asyncio.sleep(window)
+        b1, t1 = cpu_busy()
+        if t1 > t0 and (b1 - b0) / (t1 - t0) < quiet:
+            break
+    return time.perf_counter() - start
+
+
 async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> None:
-    """Alternate the sides in rounds at every concurrency; keep each cell's TTFTs, tokens and seconds."""
+    """Alternate the sides in rounds at every concurrency; keep each cell's TTFTs, tokens and seconds.
+
+    Each round starts on a quiet machine (``settle``), so no side pays for the other's wind-down.
+    """
     runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra, args.unique_prompts,
                                       args.temperature) for s in sides}
     for s in sides:  # warm-up: graphs built, prompt prefixes cached, connections open
+        await settle()
         await run_load(runners[s.label], 2, 4)
         s.rss_idle = rss_bytes(s.pid)
     for c in args.concurrency:
         per_round = max(c, args.requests // args.rounds)
         for _ in range(args.rounds):
             for s in sides:
+                await settle()
                 sampler = asyncio.create_task(sample_rss(s)) if c == RSS_PROBE_CONCURRENCY else None
                 t, n, secs = await run_load(runners[s.label], c, per_round)
                 if sampler is not None:
