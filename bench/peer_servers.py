@@ -167,26 +167,20 @@ async def start_platform(tmp: Path, args, env: dict[str, str], label: str, engin
     return server, sup, Side(label, url, "m", pid, {"cache": False})
 
 
-def cpu_busy() -> tuple[int, int]:
-    """Jiffies of all CPUs so far: (busy, total), from ``/proc/stat``."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle and iowait
-    return sum(fields) - idle, sum(fields)
-
-
-async def settle(quiet: float = 0.05, window: float = 0.3, limit: float = 10.0) -> float:
-    """Wait until the machine is quiet (CPUs under ``quiet`` busy over ``window`` s, at most ``limit`` s); the wait.
+async def settle(quiet: float = 5.0, window: float = 0.3, limit: float = 10.0) -> float:
+    """Wait until the machine is quiet (CPUs under ``quiet`` % busy over ``window`` s, at most ``limit`` s); the wait.
 
     A side that just finished a round can keep CPUs busy for a while: vLLM's processes poll
     their queues for about a second before they sleep, on the CPUs the other side's threads are
     bound to. Without the wait, the next side's first request pays for it.
     """
+    import psutil
+
     start = time.perf_counter()
+    psutil.cpu_percent()  # the first window starts now
     while time.perf_counter() - start < limit:
-        b0, t0 = cpu_busy()
         await asyncio.sleep(window)
-        b1, t1 = cpu_busy()
-        if t1 > t0 and (b1 - b0) / (t1 - t0) < quiet:
+        if psutil.cpu_percent() < quiet:  # busy share of all CPUs since the last call
             break
     return time.perf_counter() - start
 
