@@ -110,6 +110,9 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # only by the scheduler when it admits an API key's NATS-native request (whatever the producer
     # wrote is replaced). Empty: the submitter charges them itself (the edge does for HTTP requests).
     rate_caller: str = ""
+    # The producer's reply socket (``services/common/reply_socket.py``): an engine on its host that can
+    # open it sends the events there rather than to ``reply_to``. Set by the edge; a name, never a path.
+    reply_socket: str = ""
 
 
 class DispatchReply(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -38,6 +38,7 @@ from services.edge.bus.registry_view import RegistryView
 from services.edge.auth.rate_limit import RateLimiter, add_rate_headers
 from services.common.rate_window import RateLimits
 from services.edge.bus.replies import ReplyRouter
+from services.edge.bus.reply_socket import open_reply_socket
 from services.edge.state import AUTHENTICATOR, CONFIG, EDGE, METRICS, RATE_CLOCK, Edge
 from services.edge.bus.liveness import LivenessWatch
 from services.edge.openai.responses_store import ResponseStore
@@ -58,6 +59,9 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(bus.drain, nc)
         await router.start(nc)
         stack.push_async_callback(router.stop)
+        sock = await open_reply_socket(router, config.reply_socket_dir, edge_id) if config.reply_socket else None
+        if sock is not None:
+            stack.push_async_callback(sock.stop)
         table = WorkerTable()
         liveness = LivenessWatch(table, router, interval=config.liveness_interval, grace=config.worker_lost_grace,
                                  write_timeout=config.write_timeout)
@@ -71,6 +75,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
                                      publish_window=config.publish_retry_window,
                                      queue=gauge.drain, table=table, max_failovers=config.max_failovers,
                                      on_failover=lambda outcome: failovers.labels(outcome).inc())
+        publisher.reply_socket = sock.name if sock is not None else ""
         service = await nats.micro.add_service(nc, name=names.MICRO_EDGE, version=VERSION,
                                                description="CY-LLM edge (OpenAI-compatible HTTP)",
                                                metadata={"edge_id": edge_id, "http": f"{config.host}:{config.port}"})

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from services.common.bus import NatsOptions, add_nats_arguments, option_problems
+from services.common import reply_socket
 from services.common.hosts import is_loopback
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -104,6 +105,10 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     max_headers: Annotated[int, msgspec.Meta(ge=16)] = 128
     # How long a stored /v1/responses response is kept (its own TTL in KV llm_responses); 30 days, as OpenAI's.
     responses_ttl: Annotated[float, msgspec.Meta(ge=1)] = 30 * 86400.0
+    # Engines on this host send their events to this edge's Unix socket instead of through nats-server
+    # (``services/common/reply_socket.py``); reply_socket_dir "" is the default directory.
+    reply_socket: bool = True
+    reply_socket_dir: str = ""
 
     @property
     def uses_keys(self) -> bool:
@@ -171,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"default: {defaults.batch_concurrency})")
     p.add_argument("--edge-id", default=defaults.edge_id)
     p.add_argument("--access-log", action="store_true")
+    reply_socket.add_arguments(p, "take every token event through the NATS inbox, none through a Unix socket "
+                                  "(to watch them with 'nats sub')")
     _auth_arguments(p, defaults)
     _limit_arguments(p, defaults)
     _cache_arguments(p, defaults)

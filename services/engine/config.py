@@ -9,6 +9,7 @@ import socket
 import msgspec
 
 from schemas.names import slug
+from services.common import reply_socket
 from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 from services.common.metrics_http import DEFAULT_METRICS_HOST, METRICS_HOST_HELP
 from services.common.model_store import default_state_dir
@@ -48,6 +49,9 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     mindie_url: str = "http://127.0.0.1:1025"
     max_models: int = 2
     memory_budget: int = 0
+    # Send a request's events to its edge's reply socket when this host has it (services/common/reply_socket.py).
+    reply_socket: bool = True
+    reply_socket_dir: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
@@ -107,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                    help="models kept loaded at once; loading one more unloads the least recently used idle one")
     p.add_argument("--memory-budget", type=int, default=0,
                    help="bytes of model memory (RSS on CPU, CUDA allocations on GPU) loads may use; 0 = no budget")
+    reply_socket.add_arguments(p, "publish every token event to the request's NATS reply subject, even when "
+                                  "its edge's reply socket is on this host")
     args = p.parse_args(argv)
     if not args.worker_id:
         args.worker_id = slug(f"{socket.gethostname()}-{os.getpid()}")

@@ -41,6 +41,7 @@ from services.common.model_store import default_state_dir
 from services.engine.backend import AdapterChange, Chunk, EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.health import HealthMonitor, HealthState
+from services.engine.replies import ReplySender, Send
 from services.engine.heartbeats import DecodeSpeed, Heartbeats
 from services.engine.control import ModelControl
 from services.engine.grammar.compiler import set_compile_observer
@@ -88,6 +89,8 @@ class EngineService:
         self._draining = False
         self._started = time.time()
         self.nc = None
+        self._replies = ReplySender(lambda: self.nc.publish, enabled=config.reply_socket,
+                                    directory=config.reply_socket_dir)
         self._responses: ResponseStore | None = None
         self.ready = asyncio.Event()  # set once every subscription is on the server: dispatches are answered
         set_compile_observer(metrics.grammar_compile.observe)
@@ -111,6 +114,7 @@ class EngineService:
             stack.push_async_callback(self.host.close)
             self.nc = await bus.connect(self.cfg, f"cy-engine-{self.worker}",
                                         inbox=names.identity_inbox(bus_permissions.ENGINE, self.worker))
+            stack.push_async_callback(self._replies.close)  # after the drain: every terminal event written
             workers_kv = await self.nc.jetstream().key_value(names.WORKERS_BUCKET)
             self.host.bind_bus(self.nc.jetstream())
             self._charges = rate_counters.TokenCharges(self.nc.jetstream())  # keyed requests' token charges
@@ -181,6 +185,9 @@ class EngineService:
         if req.probe:  # a scheduler re-taking a redelivered message: only "is it (or was it just) here?"
             await request.respond(self._reply(req.id in self._active or req.id in self._offers.finished))
             return
+        # Where its events go, chosen before the checks below (opening an edge's socket may wait): from them
+        # to the request's start nothing awaits.
+        send = await self._replies.sender(req)
         # Let the cancels already read from the socket run first: an engine whose event loop was blocked
         # past the scheduler's dispatch_timeout reads the offer and its withdrawal in the same read.
         await asyncio.sleep(0)
@@ -217,15 +224,16 @@ class EngineService:
         self._running_on[req.id] = hosted
         self._offers.begin(req)
         model = self.host.served_id(req.model) or hosted.id
-        self._active[req.id] = asyncio.create_task(self._run(req, model))
+        self._active[req.id] = asyncio.create_task(self._run(req, model, send))
         self._beats.changed()
         # StreamStart before "accepted", on the same connection: NATS delivers one connection's
         # messages in the order sent, so the producer knows which engine runs the request no later
         # than the scheduler learns it was accepted (and acks it). An engine that dies right after
         # accepting is then found by its missed heartbeats and the producer re-dispatches,
         # instead of waiting for its deadline. Both go out in the same socket write: no added latency.
-        await self.nc.publish(req.reply_to, encode(StreamStart(id=req.id, worker=self.worker, model=model,
-                                                               dispatch=req.dispatch)))
+        # Through the edge's reply socket it is written before "accepted" is, to a reader with no server
+        # between: the edge has it at least as early, though no longer by a guarantee of NATS.
+        await send(encode(StreamStart(id=req.id, worker=self.worker, model=model, dispatch=req.dispatch)))
         await request.respond(self._reply(True))
 
     async def _on_cancel(self, msg) -> None:
@@ -257,9 +265,9 @@ class EngineService:
                 task.cancel()
 
     # --- one request ---
-    async def _run(self, req: InferenceRequest, model: str) -> None:
-        """Generate ``req`` and publish its events to ``req.reply_to`` (after the ``StreamStart`` that
-        ``_on_generate`` sent); always ends with one terminal event."""
+    async def _run(self, req: InferenceRequest, model: str, send: Send) -> None:
+        """Generate ``req`` and send its events with ``send`` (to ``req.reply_to`` or its edge's reply socket,
+        after the ``StreamStart`` that ``_on_generate`` sent); always ends with one terminal event."""
         progress = _Progress()
         start = time.monotonic()
         outcome = "ok"
@@ -269,7 +277,7 @@ class EngineService:
                 raise asyncio.CancelledError  # withdrawn before it began: the same path as a withdrawal under way
             if req.id in self._offers.ending:  # given up on before it began (see ``_end_in_flight``)
                 raise BusError(ErrorCode.ENGINE_FAILED, self._offers.ending[req.id])
-            await self._generate(req, model, start, progress, recorder)
+            await self._generate(req, model, start, progress, recorder, send)
             if progress.terminal is None:
                 outcome = "cancelled"
                 progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.CANCELLED,
@@ -299,7 +307,7 @@ class EngineService:
                 progress.terminal = None
             if progress.terminal is not None and not self.nc.is_closed:
                 with contextlib.suppress(NatsError):
-                    await self.nc.publish(req.reply_to, progress.terminal)
+                    await send(progress.terminal)
             if outcome == "ok" and progress.cached is not None and self._responses is not None and req.cache_key:
                 self._responses.store(req.cache_key, progress.cached)  # after the terminal event, in the background
             self._active.pop(req.id, None)
@@ -309,9 +317,8 @@ class EngineService:
             self.metrics.requests.labels(model, outcome).inc()
 
     async def _generate(self, req: InferenceRequest, model: str, start: float, progress: _Progress,
-                        recorder: ResponseRecorder | None) -> None:
-        """Publish the backend's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
-        publish, reply_to = self.nc.publish, req.reply_to
+                        recorder: ResponseRecorder | None, send: Send) -> None:
+        """Send the backend's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
         events = self._running_on[req.id].backend.generate(req)
         try:
             async for event in events:
@@ -323,7 +330,7 @@ class EngineService:
                 progress.seq += 1
                 if isinstance(event, Chunk):
                     progress.first = progress.first or time.monotonic()
-                    await publish(reply_to, encode(TokenDelta(id=req.id, seq=progress.seq, text=event.text,
+                    await send(encode(TokenDelta(id=req.id, seq=progress.seq, text=event.text,
                                                               token_ids=event.token_ids,
                                                               logprobs=event.logprobs or [], dispatch=req.dispatch)))
                     if recorder is not None:

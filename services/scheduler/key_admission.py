@@ -130,7 +130,8 @@ class KeyAdmission:
             await self._refuse(msg, lane, req.id, req.reply_to, ErrorCode.RATE_LIMITED,
                                rate_window.rejection_message(reason, limits, wait))
             return
-        queued = msgspec.structs.replace(req, rate_caller=caller)
+        # A key's producer names no reply socket: an engine would write its events to another producer's socket.
+        queued = msgspec.structs.replace(req, rate_caller=caller, reply_socket="")
         try:
             await js_publish.publish(self._js, names.infer_submit(lane), encode(queued), msg_id=req.id,
                                      timeout=COUNTER_TIMEOUT, window=10.0, nc=self._nc)

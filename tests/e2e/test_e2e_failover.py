@@ -43,7 +43,12 @@ def expected(n: int) -> str:
 
 
 class SimCluster:
-    """nats-server, scheduler replicas, one edge and simulated engines, each its own process."""
+    """nats-server, scheduler replicas, one edge and simulated engines, each its own process.
+
+    The edge takes every event through NATS unless ``start(reply_socket=True)``: the taps of these
+    tests read the engines' events on the bus (the reply socket's own tests are in
+    ``test_e2e_reply_socket.py``).
+    """
 
     def __init__(self, tmp) -> None:
         self.server = NatsServer(tmp / "nats", log_file=tmp / "nats.log")
@@ -54,7 +59,8 @@ class SimCluster:
         self.schedulers: list[str] = []
 
     async def start(self, engines: dict[str, int], *, schedulers: int = 1, token_rate: float = 0.0,
-                    ttft: float = 0.0, ack_wait: float | None = None, scheduler_args: tuple[str, ...] = ()) -> None:
+                    ttft: float = 0.0, ack_wait: float | None = None, scheduler_args: tuple[str, ...] = (),
+                    reply_socket: bool = False, engine_args: tuple[str, ...] = ()) -> None:
         self.server.start()
         nc = await nats.connect(self.server.url)
         js = nc.jetstream()
@@ -69,7 +75,7 @@ class SimCluster:
             await self.sup.start(ChildSpec(worker, (
                 py, "-m", "services.engine", "--engine", "simulated", "--nats-url", url, "--model-id", MODEL,
                 "--worker-id", worker, "--slots", str(slots), "--heartbeat-interval", "0.3",
-                "--sim-token-rate", str(token_rate), "--sim-ttft", str(ttft))))
+                "--sim-token-rate", str(token_rate), "--sim-ttft", str(ttft), *engine_args)))
             self.engines.append(worker)
         for i in range(schedulers):
             name = f"scheduler-{i}"
@@ -77,7 +83,7 @@ class SimCluster:
                                                     *scheduler_args)))
             self.schedulers.append(name)
         await self.sup.start(ChildSpec("edge", (py, "-m", "services.edge", "--nats-url", url, "--port",
-                                                str(self.port))))
+                                                str(self.port), *(() if reply_socket else ("--no-reply-socket",)))))
         await wait_until_ready(self.url, [MODEL], timeout=60)
         assert await self.heartbeating(set(engines))
 

@@ -64,9 +64,15 @@ def hosts(tmp_path: Path):
 
 
 def _clean_env(host: Host) -> dict[str, str]:
-    """The host's environment: nothing of the launcher's bus or state settings, its own directories."""
+    """The host's environment: nothing of the launcher's bus or state settings, its own directories.
+
+    Its own temporary directory too, as another machine has: there an edge makes its reply socket,
+    which the engines on the other hosts then cannot open (their events cross the bus).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CY_", "NATS_"))}
-    return env | {"PYTHONUNBUFFERED": "1", "CY_STATE_DIR": str(host.root / "state"), "HF_HOME": str(host.root / "hf")}
+    (host.root / "tmp").mkdir(parents=True, exist_ok=True)
+    return env | {"PYTHONUNBUFFERED": "1", "CY_STATE_DIR": str(host.root / "state"), "HF_HOME": str(host.root / "hf"),
+                  "TMPDIR": str(host.root / "tmp")}
 
 
 def _own_seed(identities: nats_auth.BusIdentities, identity: str, host: Host) -> str:

@@ -108,12 +108,15 @@ async def test_an_over_limit_request_gets_a_typed_error_and_http_and_bus_share_o
     producer = await _producer(bus)
     try:
         async with ReplyInbox(producer) as first_inbox, ReplyInbox(producer) as second_inbox:
-            first = new_request(reply_to=first_inbox.subject, rate_caller="key-someone-else")
+            first = new_request(reply_to=first_inbox.subject, rate_caller="key-someone-else",
+                                reply_socket="edge-of-someone-else")
             ack = await producer.jetstream().publish(names.infer_keyed(KEY, "normal"), encode(first))
             assert ack.stream == names.INFER_KEYED_STREAM
             await eventually(lambda: first.id in engine.received_ids, what="the engine to get the admitted request")
             # Charged to the key the server authenticated, not to what the producer wrote.
             assert engine.received[-1].rate_caller == rate_counters.caller_of_key(KEY)
+            # And it names no edge's reply socket: the engine answers on the key's own inbox.
+            assert engine.received[-1].reply_socket == ""
 
             second = new_request(reply_to=second_inbox.subject)
             await producer.jetstream().publish(names.infer_keyed(KEY, "normal"), encode(second))

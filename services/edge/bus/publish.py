@@ -54,6 +54,8 @@ class RequestPublisher:
         self._table = table
         self.max_failovers = max_failovers if table is not None else 0
         self._on_failover = on_failover
+        # The name of this edge's reply socket, put in every request it publishes ("" : none, NATS only).
+        self.reply_socket = ""
 
     def call(self, request: InferenceRequest, timeout: float, msg_id: str | None = None) -> InferenceCall:
         """An in-flight request: ``async with publisher.call(req, timeout) as call: await call.next_event()``.
@@ -78,11 +80,13 @@ class RequestPublisher:
         the same one inside the stream's duplicate window, which is what lets a publish caught in a
         leader election (a lost NATS node) be retried without running the request twice. It goes out
         marked ``producer_watches``: the edge follows the engine's heartbeats itself, so no
-        scheduler sends it ``worker_lost``.
+        scheduler sends it ``worker_lost``. It names the edge's reply socket, if it has one, so an
+        engine on this host can send the events there (``services/common/reply_socket.py``).
         """
         subject = names.infer_submit(names.lane_for_priority(request.priority))
-        if not request.producer_watches:  # built outside to_request: the edge watches every request it sends
-            request = msgspec.structs.replace(request, producer_watches=True)
+        if not request.producer_watches or request.reply_socket != self.reply_socket:
+            # the edge watches every request it sends (to_request marks it already)
+            request = msgspec.structs.replace(request, producer_watches=True, reply_socket=self.reply_socket)
         try:
             published = await js_publish.publish(self._js, subject, encode(request), msg_id=msg_id or request.id,
                                                  timeout=self._publish_timeout, window=self._publish_window,

@@ -146,6 +146,7 @@ class ReplyRouter:
         self._nc: Client | None = None
         self.unrouted = 0
         self.strays = 0  # events dropped because they came from an older offer than the one followed
+        self._withdrawals: set[asyncio.Task[None]] = set()  # withdrawals being sent
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -185,14 +186,17 @@ class ReplyRouter:
         self._pending.pop(request_id, None)
 
     async def _on_msg(self, msg: Msg) -> None:
-        request_id = msg.subject[msg.subject.rfind(".") + 1:]
+        self.route(msg.subject[msg.subject.rfind(".") + 1:], msg.data)
+
+    def route(self, request_id: str, data: bytes) -> None:
+        """One event of ``request_id`` as published (from the NATS inbox or the reply socket)."""
         pending = self._pending.get(request_id)
         if pending is None:
             # A late event after the request ended (cancelled, timed out): expected, not logged per event.
             self.unrouted += 1
             return
         try:
-            event = decode_event(msg.data)
+            event = decode_event(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.warning("malformed event for request %s: %s", request_id, exc)
             pending.fail(request_id, ErrorCode.INTERNAL, f"malformed event from the engine: {exc}", "bad_event")
@@ -200,7 +204,7 @@ class ReplyRouter:
         if pending.gap:
             return  # the call is continuing the request as a new attempt
         if event.dispatch != pending.dispatch or type(event) is StreamStart:
-            if not await self._follows(request_id, pending, event):
+            if not self._follows(request_id, pending, event):
                 return
             if type(event) is StreamStart:
                 pending.next_seq = 1
@@ -254,7 +258,7 @@ class ReplyRouter:
         if self._pending:
             log.warning("reconnected to NATS: %d requests under way continue as new attempts", len(self._pending))
 
-    async def _follows(self, request_id: str, pending: PendingReply, event: StreamEvent) -> bool:
+    def _follows(self, request_id: str, pending: PendingReply, event: StreamEvent) -> bool:
         """Whether ``event`` belongs to the newest offer of the request (noting a ``StreamStart``'s engine).
 
         An older offer's events come from an engine that accepted after the scheduler gave up on it:
@@ -267,22 +271,30 @@ class ReplyRouter:
             if type(event) is StreamStart:
                 log.warning("engine %s started offer %d of %s after offer %d: stopping it", event.worker,
                             event.dispatch, request_id, pending.dispatch)
-                await self._withdraw(event.worker, request_id, event.dispatch)
+                self._withdraw(event.worker, request_id, event.dispatch)
             return False
         if type(event) is StreamStart:
             if event.dispatch > pending.dispatch and pending.worker is not None:
                 log.warning("offer %d of %s started on %s after offer %d on %s: following the newer", event.dispatch,
                             request_id, event.worker, pending.dispatch, pending.worker)
-                await self._withdraw(pending.worker, request_id, pending.dispatch)
+                self._withdraw(pending.worker, request_id, pending.dispatch)
             pending.worker = event.worker
             pending.dead_since = None
         pending.dispatch = event.dispatch
         return True
 
-    async def _withdraw(self, worker: str, request_id: str, dispatch: int) -> None:
-        """Tell ``worker`` to stop offer ``dispatch`` of ``request_id`` (best effort: its events are dropped anyway)."""
+    def _withdraw(self, worker: str, request_id: str, dispatch: int) -> None:
+        """Tell ``worker`` to stop offer ``dispatch`` of ``request_id``, in the background (events are routed
+        without waiting on the bus)."""
         if self._nc is None:
             return
+        task = asyncio.get_running_loop().create_task(self._send_withdrawal(worker, request_id, dispatch))
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
+
+    async def _send_withdrawal(self, worker: str, request_id: str, dispatch: int) -> None:
+        """Best effort: the withdrawn offer's events are dropped anyway."""
+        assert self._nc is not None
         try:
             await self._nc.publish(names.engine_cancel(worker), encode(CancelRequest(
                 id=request_id, reason="stray_dispatch", dispatch=dispatch)))
