@@ -24,8 +24,10 @@ request id (the last token of ``reply_to``), and the event as published on NATS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -60,6 +62,30 @@ def valid_name(name: str) -> bool:
 def socket_path(directory: Path, name: str) -> Path:
     """The socket called ``name`` in ``directory``."""
     return directory / f"{name}.sock"
+
+
+def remove_stale(directory: Path, keep: str) -> list[str]:
+    """Remove the sockets in ``directory`` nobody listens on (edges killed before they could), but ``keep``'s.
+
+    A socket refusing a connection has no listener; a live edge's socket accepts it (and sees it close at
+    once, no frame sent). Returns the names removed.
+    """
+    removed = []
+    for path in directory.glob("*.sock"):
+        if path.stem == keep:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path.stem)
+        except OSError:  # not ours to judge (another user's, not a socket): left alone
+            pass
+        finally:
+            probe.close()
+    return removed
 
 
 def frame(request_id: bytes, event: bytes) -> bytes:

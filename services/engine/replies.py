@@ -34,9 +34,10 @@ BUFFER_LIMIT = 16 << 20  # bytes written and not yet read by the edge before the
 class _Link(asyncio.Protocol):
     """One connection to an edge's socket (nothing comes back on it); knows when not to write to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[_Link], None]) -> None:
         self.transport: asyncio.WriteTransport | None = None
         self.usable = True  # open, and its buffer below the high-water mark
+        self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -47,6 +48,7 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
         self.transport = None
+        self._on_lost(self)
 
     def pause_writing(self) -> None:
         self.usable = False
@@ -99,7 +101,8 @@ class ReplySender:
             assert self._dir is not None
             path = reply_socket.socket_path(self._dir, name)
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, link = await asyncio.get_running_loop().create_unix_connection(_Link, str(path))
+                _, link = await asyncio.get_running_loop().create_unix_connection(
+                    lambda: _Link(lambda lost: self._forget(name, lost)), str(path))
             self._links[name] = link
             self._failed.pop(name, None)
         except (OSError, TimeoutError) as exc:
@@ -110,9 +113,14 @@ class ReplySender:
             opening.set_result(link)
         return link
 
+    def _forget(self, name: str, link: _Link) -> None:
+        """A connection closed (its edge stopped): drop it; a later request opens a new one if the edge is back."""
+        if self._links.get(name) is link:
+            del self._links[name]
+
     async def close(self) -> None:
         """Close every connection (after the last terminal event was written: the buffers are sent first)."""
-        for link in self._links.values():
+        for link in list(self._links.values()):
             if link.transport is not None:
                 link.transport.close()
         self._links.clear()

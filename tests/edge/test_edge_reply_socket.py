@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 
 import pytest
@@ -69,3 +70,19 @@ async def test_a_directory_others_may_open_gets_no_socket_and_the_bus_carries_ev
     os.chmod(shared, 0o755)
     assert await open_reply_socket(ReplyRouter("edge-a"), str(shared), "edge-a") is None
     assert not list(shared.iterdir())
+
+
+async def test_an_edge_removes_the_sockets_of_edges_that_are_gone_and_leaves_live_ones(tmp_path):
+    directory = reply_socket.socket_dir(str(tmp_path / "replies"))
+    live = await open_reply_socket(ReplyRouter("edge-live"), str(directory), "edge-live")
+    dead = reply_socket.socket_path(directory, "edge-dead")
+    killed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    killed.bind(str(dead))  # bound and never listening again: what an edge killed with SIGKILL leaves
+    killed.close()
+    try:
+        new = await open_reply_socket(ReplyRouter("edge-new"), str(directory), "edge-new")
+        assert new is not None
+        assert sorted(p.name for p in directory.iterdir()) == ["edge-live.sock", "edge-new.sock"]
+        await new.stop()
+    finally:
+        await live.stop()

@@ -124,3 +124,11 @@ async def test_a_socket_closed_mid_answer_sends_the_rest_to_nats_and_the_answer_
         assert on_bus == sorted(on_bus) and type(events[-1]) is StreamEnd and events[-1].seq == 41
         seen = [e.seq for e in edge_socket.events[key(req)] if type(e) is not StreamStart]
         assert seen and max(seen) < on_bus[0]  # each event went one way, in order
+        # The edge is back (a new listener on its socket): the next request reaches it there again.
+        back = await EdgeSocket(edge_socket.path.parent, edge_socket.name).start()
+        try:
+            again = named(request(inbox, max_tokens=2), edge_socket.name)
+            assert (await dispatch(nc, w, again)).accepted
+            assert type((await back.until(key(again), StreamEnd))[-1]) is StreamEnd
+        finally:
+            await back.close()

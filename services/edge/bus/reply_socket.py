@@ -4,7 +4,8 @@
 and hands every event it reads to the ``ReplyRouter``, exactly as the NATS inbox does; nothing is
 ever written back. A connection that sends something no engine would (a bad frame) is closed. A
 connection that closes mid-answer needs nothing here: its engine died (its heartbeats stop, and
-the liveness sweep fails its requests over) or it stopped after ending every request.
+the liveness sweep fails its requests over) or it stopped after ending every request. The socket
+files of edges killed before they could remove their own are removed by the next edge to start.
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ async def open_reply_socket(router: ReplyRouter, directory: str, edge_id: str) -
         log.warning("edge id %r cannot name a reply socket: every event comes through NATS", edge_id)
         return None
     try:
-        sock = ReplySocket(router, reply_socket.socket_dir(directory), edge_id)
+        where = reply_socket.socket_dir(directory)
+        if stale := reply_socket.remove_stale(where, edge_id):
+            log.info("removed %d reply sockets of edges that are gone: %s", len(stale), ", ".join(stale))
+        sock = ReplySocket(router, where, edge_id)
         await sock.start()
     except OSError as exc:
         log.warning("no reply socket (%s): every event comes through NATS", exc)
