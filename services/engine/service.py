@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 import msgspec
 import nats.micro
@@ -30,9 +29,8 @@ from nats.errors import Error as NatsError
 from nats.micro.request import Request
 
 from schemas import names
-from schemas.cache import CachedResponse
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
+from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus, bus_permissions, gc_heap, rate_counters
@@ -48,19 +46,11 @@ from services.engine.grammar.compiler import set_compile_observer
 from services.engine.model_host import BackendFactory, HostedModel, ModelHost
 from services.engine.metrics import EngineMetrics
 from services.engine.offers import OfferBook
+from services.engine.progress import Progress
 from services.engine.response_cache import ResponseRecorder, ResponseStore
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _Progress:
-    """How far one request got: deltas sent, first-token time, its terminal event, its cacheable response."""
-
-    seq: int = 0
-    first: float = 0.0
-    terminal: bytes | None = None
-    cached: CachedResponse | None = None
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
@@ -268,7 +258,7 @@ class EngineService:
     async def _run(self, req: InferenceRequest, model: str, send: Send) -> None:
         """Generate ``req`` and send its events with ``send`` (to ``req.reply_to`` or its edge's reply socket,
         after the ``StreamStart`` that ``_on_generate`` sent); always ends with one terminal event."""
-        progress = _Progress()
+        progress = Progress()
         start = time.monotonic()
         outcome = "ok"
         recorder = ResponseRecorder(model) if req.cache_key and self._responses is not None else None
@@ -280,28 +270,23 @@ class EngineService:
             await self._generate(req, model, start, progress, recorder, send)
             if progress.terminal is None:
                 outcome = "cancelled"
-                progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.CANCELLED,
-                                                       message="request cancelled", dispatch=req.dispatch))
+                progress.fail(req, ErrorCode.CANCELLED, "request cancelled")
         except BusError as exc:
             outcome = exc.code
-            progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=exc.code,
-                                                   message=exc.message, param=exc.param, dispatch=req.dispatch))
+            progress.fail(req, exc.code, exc.message, exc.param)
             if exc.code in (ErrorCode.ENGINE_FAILED, ErrorCode.INTERNAL) and req.id not in self._offers.ending:
                 self._health.poke()  # the backend gave up on a request: is it still able to serve?
         except asyncio.CancelledError:
             outcome = "withdrawn" if req.id in self._offers.silenced else ErrorCode.ENGINE_FAILED \
                 if req.id in self._offers.ending else "aborted"
-            progress.terminal = encode(StreamError(
-                id=req.id, seq=progress.seq + 1, code=ErrorCode.ENGINE_FAILED, dispatch=req.dispatch,
-                message=self._offers.ending.get(req.id, "engine shut down before the request finished")))
+            progress.fail(req, ErrorCode.ENGINE_FAILED,
+                          self._offers.ending.get(req.id, "engine shut down before the request finished"))
             await self._abort(req.id)
         except Exception as exc:  # the engine must answer every request, whatever the backend did
             log.exception("request %s failed", req.id)
             self._health.poke()
             outcome = ErrorCode.INTERNAL
-            progress.terminal = encode(StreamError(id=req.id, seq=progress.seq + 1, code=ErrorCode.INTERNAL,
-                                                   message=f"engine error: {type(exc).__name__}: {exc}",
-                                                   dispatch=req.dispatch))
+            progress.fail(req, ErrorCode.INTERNAL, f"engine error: {type(exc).__name__}: {exc}")
         finally:
             if req.id in self._offers.silenced:  # withdrawn: the reply subject is another engine's now
                 progress.terminal = None
@@ -316,7 +301,7 @@ class EngineService:
             self._beats.changed()
             self.metrics.requests.labels(model, outcome).inc()
 
-    async def _generate(self, req: InferenceRequest, model: str, start: float, progress: _Progress,
+    async def _generate(self, req: InferenceRequest, model: str, start: float, progress: Progress,
                         recorder: ResponseRecorder | None, send: Send) -> None:
         """Send the backend's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
         events = self._running_on[req.id].backend.generate(req)

@@ -18,12 +18,7 @@ from tests.e2e.test_e2e_failover import InboxTap, cluster, expected, stream_chat
 
 async def test_engines_on_the_edges_host_send_every_event_through_its_socket_and_none_through_nats(cluster):
     await cluster.start({"eng-a": 4, "eng-b": 4}, token_rate=200, reply_socket=True)
-    tap = await InboxTap().start(cluster.server.url)
-    try:
-        async with aiohttp.ClientSession() as http:
-            results = await asyncio.gather(*[stream_chat(http, cluster.url, 8) for _ in range(6)])
-    finally:
-        await tap.close()
+    results, tap = await streams_with_tap(cluster, 6)
     for r in results:
         assert r["status"] == 200 and r["error"] is None and r["text"] == expected(8), r
     assert not tap.starts and not tap.deltas  # the bus carried none of the engines' events
@@ -31,12 +26,7 @@ async def test_engines_on_the_edges_host_send_every_event_through_its_socket_and
 
 async def test_an_engine_told_no_reply_socket_streams_through_nats_to_the_same_edge(cluster):
     await cluster.start({"eng-a": 4}, token_rate=200, reply_socket=True, engine_args=("--no-reply-socket",))
-    tap = await InboxTap().start(cluster.server.url)
-    try:
-        async with aiohttp.ClientSession() as http:
-            results = await asyncio.gather(*[stream_chat(http, cluster.url, 8) for _ in range(3)])
-    finally:
-        await tap.close()
+    results, tap = await streams_with_tap(cluster, 3)
     for r in results:
         assert r["status"] == 200 and r["text"] == expected(8), r
     assert len(tap.starts) == 3 and all(seqs == list(range(1, 9)) for seqs in tap.deltas.values())
@@ -78,6 +68,16 @@ async def test_an_engine_stopped_mid_stream_is_failed_over_and_what_it_writes_af
         await asyncio.sleep(1.0)  # the resumed engine writes what it had for the moved request: dropped
         again = await asyncio.gather(*[stream_chat(http, cluster.url, 3) for _ in range(4)])
         assert all(r["text"] == expected(3) for r in again), again
+
+
+async def streams_with_tap(sim, n: int) -> tuple[list[dict], InboxTap]:
+    """``n`` streaming answers of 8 tokens at once, and what the engines sent on the bus meanwhile."""
+    tap = await InboxTap().start(sim.server.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            return await asyncio.gather(*[stream_chat(http, sim.url, 8) for _ in range(n)]), tap
+    finally:
+        await tap.close()
 
 
 async def running_it(url: str) -> str:
