@@ -219,6 +219,17 @@ ENGINES = Dashboard(
                               "and adapter (system prompt, earlier turns), and the prompt tokens not prefilled."),
             Panel("Prompt-prefix KV held", (q('llm_engine_prefix_cache_bytes{instance=~"$instance"}', "{{instance}}"),),
                   unit="bytes", width=8, description="At most --prefix-cache-bytes per model."),
+            Panel("Join window: steps held for new requests",
+                  (q(f'sum by (instance) (rate(llm_engine_join_holds_total{{instance=~"$instance"}}[{RATE}]))',
+                     "holds {{instance}}"),
+                   q(f'sum by (instance) (rate(llm_engine_join_requests_total{{instance=~"$instance"}}[{RATE}]))',
+                     "requests joined {{instance}}"),
+                   q(f'sum by (instance) (rate(llm_engine_join_hold_seconds_total{{instance=~"$instance"}}'
+                     f'[{RATE}]))', "seconds held per second {{instance}}")), unit="ops", width=24,
+                  description="After a step that finished requests, the model thread waits up to --join-window-ms "
+                              "(a quarter step at most) for their replacements, while such holds see requests come "
+                              "in: each joined request starts a step sooner. Holds without joins mean open-loop "
+                              "traffic (an occasional probe)."),
             Panel("Health checks that were not ok",
                   (q(f'sum by (instance, health) (rate(llm_engine_health_checks_total'
                      f'{{instance=~"$instance", health!="ok"}}[{RATE}]))', "{{health}} {{instance}}"),),

@@ -35,6 +35,7 @@ def build_backend(cfg: EngineConfig):
     extra = {"enable_lora": False} if cfg.no_lora and cfg.engine == "vllm" else {}
     if cfg.engine in ("transformers", "llamacpp"):
         extra["prefix_cache_bytes"] = cfg.prefix_cache_bytes
+        extra["join_window"] = cfg.join_window_ms / 1000
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
                device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, threads=cfg.threads,
                adapter_dirs=cfg.adapter_dirs,

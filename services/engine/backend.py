@@ -83,6 +83,15 @@ class PrefixCacheStats:
     nbytes: int = 0
 
 
+@dataclass
+class JoinStats:
+    """A model thread's join window (``backends/join_window.py``): totals since it started."""
+
+    holds: int = 0  # steps held for replacements of finished requests
+    joined: int = 0  # requests that came during a hold and started in the next step
+    held_seconds: float = 0.0
+
+
 class EngineBackend(abc.ABC):
     """A loaded engine serving one or more models."""
 
@@ -149,6 +158,10 @@ class EngineBackend(abc.ABC):
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """The backend's own prompt-prefix KV cache, if it keeps one that it counts (for metrics)."""
+        return None
+
+    def join_stats(self) -> JoinStats | None:
+        """The backend's join window, if its model thread holds steps for replacements (for metrics)."""
         return None
 
     async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:

@@ -13,6 +13,7 @@ from services.common import reply_socket
 from services.common.bus import NatsOptions, add_nats_arguments, option_problems
 from services.common.metrics_http import DEFAULT_METRICS_HOST, METRICS_HOST_HELP
 from services.common.model_store import default_state_dir
+from services.engine.backends.join_window import DEFAULT_JOIN_WINDOW_MS
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 
 
@@ -44,6 +45,7 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     adapter_cache_dir: str = ""
     max_adapters: int = 8
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    join_window_ms: float = DEFAULT_JOIN_WINDOW_MS
     # ``--engine auto``: why this engine was chosen (heartbeat ``engine_reason``), set after parsing.
     engine_reason: str = ""
     mindie_url: str = "http://127.0.0.1:1025"
@@ -107,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                         "with one prefilled lately (system prompt, earlier turns, the chat template's header; same "
                         "model and adapter) prefills only the rest; least recently used first out; 0 = off "
                         "(default: 256 MiB)")
+    p.add_argument("--join-window-ms", type=float, default=DEFAULT_JOIN_WINDOW_MS,
+                   help="transformers and llama.cpp: after a step that finished requests while others run on, "
+                        "wait up to this long for their replacements to start with the next step, and only while "
+                        "finished requests are seen to be replaced that fast (clients that send the next request "
+                        "as the last one ends); at most a quarter of a step; 0 = never wait (default: %(default)s)")
     p.add_argument("--max-models", type=int, default=2,
                    help="models kept loaded at once; loading one more unloads the least recently used idle one")
     p.add_argument("--memory-budget", type=int, default=0,
@@ -126,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--no-lora is a vLLM setting (the other engines pay nothing for adapter support)")
     if args.threads < 0:
         p.error("--threads must be 0 (the engine's default) or a number of threads")
+    if args.join_window_ms < 0:
+        p.error("--join-window-ms must be 0 (off) or a number of milliseconds")
     if args.prefix_cache_bytes < 0:
         p.error("--prefix-cache-bytes must be 0 (off) or a number of bytes")
     if args.max_adapters < 1:

@@ -7,7 +7,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common import gc_heap
-from services.engine.backend import PrefixCacheStats
+from services.engine.backend import JoinStats, PrefixCacheStats
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
@@ -59,6 +59,15 @@ class EngineMetrics:
         self.prefix_bytes = Gauge("llm_engine_prefix_cache_bytes", "Prompt-prefix KV held for reuse",
                                   registry=registry)
         self._prefix_seen = PrefixCacheStats()
+        self.join_holds = Counter("llm_engine_join_holds_total",
+                                  "Decode steps held for the requests replacing those just finished (join window)",
+                                  registry=registry)
+        self.join_requests = Counter("llm_engine_join_requests_total",
+                                     "Requests that arrived during a hold and started in the next step",
+                                     registry=registry)
+        self.join_seconds = Counter("llm_engine_join_hold_seconds_total", "Time decode steps were held",
+                                    registry=registry)
+        self._joins_seen = JoinStats()
 
     def observe_finished(self, model: str, start: float, first: float, usage) -> None:
         """A request on ``model`` finished: its latency since ``start`` (monotonic), time to its ``first``
@@ -79,15 +88,27 @@ class EngineMetrics:
         then advance by the new model's counts alone, and never go back.
         """
         seen = self._prefix_seen
-        for counter, now, before in ((self.prefix_hits, stats.hits, seen.hits),
-                                     (self.prefix_misses, stats.misses, seen.misses),
-                                     (self.prefix_tokens, stats.reused_tokens, seen.reused_tokens)):
-            counter.inc(now - before if now >= before else now)
+        _advance((self.prefix_hits, stats.hits, seen.hits), (self.prefix_misses, stats.misses, seen.misses),
+                 (self.prefix_tokens, stats.reused_tokens, seen.reused_tokens))
         self.prefix_bytes.set(stats.nbytes)
         self._prefix_seen = PrefixCacheStats(stats.hits, stats.misses, stats.reused_tokens, stats.nbytes)
+
+    def observe_joins(self, stats: JoinStats) -> None:
+        """Advance the join-window counters to the backends' totals (as ``observe_prefix_cache``)."""
+        seen = self._joins_seen
+        _advance((self.join_holds, stats.holds, seen.holds), (self.join_requests, stats.joined, seen.joined),
+                 (self.join_seconds, stats.held_seconds, seen.held_seconds))
+        self._joins_seen = JoinStats(stats.holds, stats.joined, stats.held_seconds)
 
     def observe_adapters(self, loaded: int, change) -> None:
         """The engine loaded or evicted PEFT adapters (``change``: ``backend.AdapterChange``); ``loaded`` now."""
         self.adapters_loaded.set(loaded)
         self.adapter_loads.inc(change.loads)
         self.adapter_evictions.inc(change.evictions)
+
+
+def _advance(*counters: tuple[Counter, float, float]) -> None:
+    """Each ``(counter, total now, total last seen)``: the counter advanced by the difference, or by the new total
+    when it went down (a model was unloaded and its counts went with it); a counter never goes back."""
+    for counter, now, before in counters:
+        counter.inc(now - before if now >= before else now)

@@ -21,7 +21,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import methodcaller
 from pathlib import Path
 
 import msgspec
@@ -31,7 +32,7 @@ from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.registry import ModelEntry
 from services.common import gc_heap, model_registry
-from services.engine.backend import AdapterChange, EngineBackend, PrefixCacheStats
+from services.engine.backend import AdapterChange, EngineBackend, JoinStats, PrefixCacheStats
 from services.engine.config import EngineConfig
 from services.engine.eviction import ModelUsage, NoRoom, plan_evictions
 
@@ -189,14 +190,20 @@ class ModelHost:
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt-prefix reuse summed over the loaded backends (an unloaded model's counts go with it)."""
-        total = PrefixCacheStats()
+        return self._summed(PrefixCacheStats, methodcaller("prefix_cache_stats"))
+
+    def join_stats(self) -> JoinStats:
+        """Join-window totals summed over the loaded backends (likewise)."""
+        return self._summed(JoinStats, methodcaller("join_stats"))
+
+    def _summed(self, kind, read):
+        """``kind()`` with every field the sum of that field over what ``read(backend)`` returns (None: nothing)."""
+        total = kind()
         for model in self._models.values():
-            stats = model.backend.prefix_cache_stats()
+            stats = read(model.backend)
             if stats is not None:
-                total.hits += stats.hits
-                total.misses += stats.misses
-                total.reused_tokens += stats.reused_tokens
-                total.nbytes += stats.nbytes
+                for f in fields(kind):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
         return total
 
     def __len__(self) -> int:

@@ -390,3 +390,4 @@ class EngineService:
         self.metrics.in_flight.set(len(self._active))
         self.metrics.memory.set(self.host.memory_bytes())
         self.metrics.observe_prefix_cache(self.host.prefix_cache_stats())
+        self.metrics.observe_joins(self.host.join_stats())

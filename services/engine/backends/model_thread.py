@@ -1,7 +1,8 @@
 """The loop side of an engine whose model runs in its own thread (transformers, llama.cpp).
 
 The model thread hands each decode step's events over in one loop wake-up; every request reads
-its own queue. A request's stream ends at its ``Finished`` (or a ``Failed``, raised as a typed
+its own queue. After a step that finished sequences, it may hold the next step for a few
+milliseconds while their replacements are on their way (``join_window``). A request's stream ends at its ``Finished`` (or a ``Failed``, raised as a typed
 error); a consumer that stops early aborts the sequence in the model thread.
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from schemas.errors import BusError, ErrorCode
-from services.engine.backend import Chunk, Finished, GenerationEvent
+from services.engine.backend import Chunk, Finished, GenerationEvent, JoinStats
+from services.engine.backends.join_window import JoinWindow
 
 
 @dataclass(slots=True)
@@ -113,7 +116,7 @@ class ModelThread(threading.Thread):
     ``_take_aborted`` returns from their running batch.
     """
 
-    def __init__(self, name: str, deliver: Callable[[list[tuple[str, StepEvent]]], None]) -> None:
+    def __init__(self, name: str, deliver: Callable[[list[tuple[str, StepEvent]]], None], join_window: float = 0.0) -> None:
         super().__init__(name=name, daemon=True)
         self._deliver = deliver
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -121,7 +124,11 @@ class ModelThread(threading.Thread):
         self._lock = threading.Lock()
         self._waiting: list = []
         self._stopping = False
+        self._joins = JoinWindow(join_window)
         self.steps = 0
+        self.holds = 0  # steps held for replacements (``join_window``), requests that came in them, seconds held
+        self.joined = 0
+        self.held_seconds = 0.0
 
     # --- called from the event loop ---
     def submit(self, seq) -> None:
@@ -138,17 +145,53 @@ class ModelThread(threading.Thread):
         self._stopping = True
         self._inbox.put(None)
 
+    def join_stats(self) -> JoinStats:
+        """The join window's totals (written by the model thread, read from the loop)."""
+        return JoinStats(self.holds, self.joined, self.held_seconds)
+
     # --- the model thread ---
     def _collect(self, block: bool) -> None:
         """Move submitted sequences to ``_waiting`` (waiting up to 0.5 s for one when ``block``)."""
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             while True:
-                if item is not None:
-                    self._waiting.append(item)
+                self._take(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+
+    def _take(self, item) -> bool:
+        """Move one inbox item to ``_waiting``; False for the stop marker."""
+        if item is None:
+            return False
+        self._waiting.append(item)
+        return True
+
+    def _hand_over(self, events: list[tuple[str, StepEvent]], running: int, step_seconds: float) -> None:
+        """Deliver a step's ``events``; then, if it finished sequences while ``running`` others go on and no
+        request waits, hold the next step until as many new requests came or the join window closed."""
+        self._deliver(events)
+        finished = sum(type(event) is Finished for _, event in events)
+        if not finished:
+            return
+        if not running:
+            self._joins.idle()
+            return
+        wait = self._joins.hold(step_seconds) if not self._waiting and not self._stopping else 0.0
+        if wait <= 0:
+            return
+        now, joined = time.perf_counter(), 0
+        try:
+            while joined < finished and (left := now + wait - time.perf_counter()) > 0:
+                if not self._take(self._inbox.get(timeout=left)):
+                    break
+                joined += 1
+        except queue.Empty:
+            pass
+        self._joins.held(joined)
+        self.holds += 1
+        self.joined += joined
+        self.held_seconds += time.perf_counter() - now
 
     def _take_aborted(self) -> set[str]:
         """Request ids aborted since the last step, already removed from ``_waiting``."""

@@ -105,8 +105,9 @@ class GgufBatchGenerator(ModelThread):
     """The model thread: admits sequences, runs one batched decode per step, delivers events per step."""
 
     def __init__(self, model: GgufModel, deliver: Delivery, *, max_adapters: int = 8,
-                 on_adapters: AdapterListener | None = None, prefix_cache_bytes: int = 0) -> None:
-        super().__init__("cy-llamacpp-batch", deliver)
+                 on_adapters: AdapterListener | None = None, prefix_cache_bytes: int = 0,
+                 join_window: float = 0.0) -> None:
+        super().__init__("cy-llamacpp-batch", deliver, join_window)
         self._model = model
         self.loras = GgufLoras(model, max_adapters, on_adapters)
         self._free_ids = list(range(model.shape.n_seq - 1, -1, -1))
@@ -131,6 +132,7 @@ class GgufBatchGenerator(ModelThread):
                 events: list[tuple[str, Event]] = []
                 self._drop_aborted()
                 self._admit(events)
+                started = time.perf_counter()
                 try:
                     if self._running:
                         self._step(events)
@@ -141,7 +143,7 @@ class GgufBatchGenerator(ModelThread):
                         self._release(seq, keep=False)
                     self._running = []
                 if events:
-                    self._deliver(events)
+                    self._hand_over(events, len(self._running), time.perf_counter() - started)
         finally:
             for seq in self._running:
                 self._release(seq)

@@ -35,11 +35,12 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import EngineBackend, GenerationEvent, PrefixCacheStats, check_logit_bias
+from services.engine.backend import EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats, check_logit_bias
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.batching import GgufBatchGenerator, GgufSequence
+from services.engine.backends.join_window import DEFAULT_JOIN_WINDOW
 from services.engine.backends.model_thread import EventQueues
 from services.engine.backends.llamacpp.model import ContextShape, GgufModel, find_gguf
 from services.engine.lora.sources import AdapterResolver, ThreadedAdapters, read_adapter_config
@@ -72,7 +73,8 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     def __init__(self, *, model_path: str | Path = "", model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
                  adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 join_window: float = DEFAULT_JOIN_WINDOW) -> None:
         # dtype belongs to other engines: a GGUF fixes its own types.
         self._path = Path(model_path) if str(model_path) else None
         self._model_id = model_id
@@ -82,6 +84,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         self._context_length = context_length
         self._threads = threads
         self._prefix_cache_bytes = prefix_cache_bytes
+        self._join_window = join_window
         self._events = EventQueues()
         self._batcher: GgufBatchGenerator | None = None
         self.model: GgufModel | None = None
@@ -112,7 +115,8 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         self._events.bind(self._loop)
         self._batcher = GgufBatchGenerator(self.model, self._events.deliver, max_adapters=self._max_adapters,
                                            on_adapters=self._adapters_changed,
-                                           prefix_cache_bytes=self._prefix_cache_bytes)
+                                           prefix_cache_bytes=self._prefix_cache_bytes,
+                                           join_window=self._join_window)
         self._batcher.start()
         self._grammars = EngineGrammars(self._grammar_tokenizer, self.model.n_vocab)
         log.info("loaded %s from %s with llama.cpp on %s, %d slots, context %d (trained %d)", self._model_id, path,
@@ -140,6 +144,9 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
             self._batcher = None
         if self.model is not None:
             self.model.close()
+
+    def join_stats(self) -> JoinStats | None:
+        return None if self._batcher is None else self._batcher.join_stats()
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Prompt reuse so far (kept in a stream or restored from a saved copy) and the bytes saved now."""

@@ -24,6 +24,7 @@ the sampled token's entry and the ``logprobs`` most likely alternatives.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,8 @@ class BatchGenerator(ModelThread):
 
     def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int, deliver: Delivery, *,
                  max_adapters: int = 8, on_adapters: AdapterListener | None = None,
-                 prefix_cache_bytes: int = 0) -> None:
-        super().__init__("cy-batch-generator", deliver)
+                 prefix_cache_bytes: int = 0, join_window: float = 0.0) -> None:
+        super().__init__("cy-batch-generator", deliver, join_window)
         self._slots = AdapterSlots(model, max_adapters)
         # Off for models whose KV cannot be cut to a prefix (sliding-window or linear-attention layers).
         self.prefix = PrefixCache(prefix_cache_bytes if RowBatch.reusable(model) else 0)
@@ -122,6 +123,7 @@ class BatchGenerator(ModelThread):
                     if events:  # first tokens go out before the next decode step
                         self._deliver(events)
                         events = []
+                    started = time.perf_counter()
                     if self._running():
                         self._decode_step(events)
                 except Exception as exc:  # a failed forward must fail its requests, not kill the engine
@@ -129,8 +131,9 @@ class BatchGenerator(ModelThread):
                     for seq in self._rows():
                         events.append((seq.request_id, Failed(ErrorCode.ENGINE_FAILED, f"generation failed: {exc}")))
                     self._batches = {}
+                    started = time.perf_counter()
                 if events:
-                    self._deliver(events)
+                    self._hand_over(events, self._running(), time.perf_counter() - started)
 
     def _rows(self) -> Iterator[Sequence]:
         for batch in self._batches.values():

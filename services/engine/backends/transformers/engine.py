@@ -23,11 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import EngineBackend, GenerationEvent, PrefixCacheStats, check_logit_bias
+from services.engine.backend import EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats, check_logit_bias
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
 from services.engine.sampling import Nucleus
+from services.engine.backends.join_window import DEFAULT_JOIN_WINDOW
 from services.engine.backends.model_thread import EventQueues
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
 from services.engine.text.prompt import HfTokenizing, RenderedPrompt, check_context, render_prompt
@@ -62,9 +63,11 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
                  adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 join_window: float = DEFAULT_JOIN_WINDOW) -> None:
         self._path = Path(model_path)
         self._prefix_cache_bytes = prefix_cache_bytes
+        self._join_window = join_window
         self._model_id = model_id
         self._aliases = list(aliases)
         self._slots = slots
@@ -92,7 +95,7 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
         self._events.bind(self._loop)
         self._batcher = BatchGenerator(self.model, self._eos_ids(), self._device, self._slots, self._events.deliver,
                                        max_adapters=self._max_adapters, on_adapters=self._adapters_changed,
-                                       prefix_cache_bytes=self._prefix_cache_bytes)
+                                       prefix_cache_bytes=self._prefix_cache_bytes, join_window=self._join_window)
         self._batcher.start()
         self._grammars = EngineGrammars(self._grammar_tokenizer, self._n_vocab())
         log.info("loaded %s from %s on %s (%s), %d slots, context %d", self._model_id, self._path, self._device,
@@ -166,6 +169,9 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
         if self._device.type == "cuda":
             return int(torch.cuda.memory_allocated(self._device))
         return super().memory_bytes()
+
+    def join_stats(self) -> JoinStats | None:
+        return None if self._batcher is None else self._batcher.join_stats()
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Reuse so far (hits, reused prompt tokens) and the bytes held; read from the loop, written by the model thread."""
