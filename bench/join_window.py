@@ -64,23 +64,24 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cy-bench-") as tmpdir:
         for r in range(args.rounds):
             for name, window in sides.items():
-                ttfts, tokens, secs, counters = await round_of(args, Path(tmpdir) / f"{name}-{r}", model_path, window)
+                ttfts, tokens, secs, counters = await round_of(args, Path(tmpdir) / f"{name}-{r}", model_path,
+                                                               window)
                 results[name].append((ttfts, tokens, secs, counters))
-                print(f"round {r + 1} {name}: {tokens / secs:.1f} tok/s, TTFT p50 {percentile(ttfts, 50) * 1000:.0f} ms,"
-                      f" {counters}", flush=True)
+                print(f"round {r + 1} {name}: {tokens / secs:.1f} tok/s, "
+                      f"TTFT p50 {percentile(ttfts, 50) * 1000:.0f} ms, {counters}", flush=True)
     print(f"\nengine={args.engine} concurrency={args.concurrency} requests/round={args.requests} "
           f"rounds={args.rounds} max_tokens={args.max_tokens} slots={args.slots} threads={args.threads}\n")
-    print("| join window | requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | tok/s | holds | requests joined | held s |")
+    print("| join window | requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | tok/s | holds | requests joined "
+          "| held s |")
     print("|---|---|---|---|---|---|---|---|---|")
+    names = ("llm_engine_join_holds_total", "llm_engine_join_requests_total", "llm_engine_join_hold_seconds_total")
     for name, window in sides.items():
         ttfts = [t for res in results[name] for t in res[0]]
         tokens, secs = sum(res[1] for res in results[name]), sum(res[2] for res in results[name])
-        total = {k: sum(res[3].get(k, 0) for res in results[name]) for k in
-                 ("llm_engine_join_holds_total", "llm_engine_join_requests_total", "llm_engine_join_hold_seconds_total")}
-        print(f"| {window} ms | {len(ttfts)} | {percentile(ttfts, 50) * 1000:.0f} | {percentile(ttfts, 90) * 1000:.0f} | "
-              f"{percentile(ttfts, 99) * 1000:.0f} | {tokens / secs:.1f} | {total['llm_engine_join_holds_total']:.0f} | "
-              f"{total['llm_engine_join_requests_total']:.0f} | {total['llm_engine_join_hold_seconds_total']:.2f} |")
-
+        holds, joined, held = (sum(res[3].get(k, 0) for res in results[name]) for k in names)
+        ms = [percentile(ttfts, q) * 1000 for q in (50, 90, 99)]
+        print(f"| {window} ms | {len(ttfts)} | {ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {tokens / secs:.1f} | "
+              f"{holds:.0f} | {joined:.0f} | {held:.2f} |")
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -11,15 +11,15 @@ streams there, where llama-server, one process, often catches the next step).
 
 So after a step that finished sequences while others run on, with no request waiting, the model
 thread may hold the next step until as many new requests came in, for at most ``STEP_SHARE`` of
-the step's time and never more than ``longest`` (``--join-window-ms``). It holds while holding pays:
-while at least half of the last ``HISTORY`` holds saw a new request come in (each one that does
-starts a step sooner, a whole step of its time to first token, for at most a quarter step of the
-others' time). Otherwise (open-loop traffic, whose requests do not follow answers) it tries one hold in
-``PROBE_EVERY`` finishing steps, to notice when clients start answering at once again. What was
-learnt is forgotten when the engine runs out of work: a job's last requests are never replaced,
-and the next job's clients are judged afresh. The cost is
-bounded by the share: a held step's running sequences wait at most a quarter of a step, and a hold
-ends as soon as the replacements are in.
+the step's time and never more than ``longest`` (``--join-window-ms``). It holds while holding
+pays: while at least half of the last ``HISTORY`` holds saw a new request come in (each one that
+does starts a step sooner, a whole step of its time to first token, for at most a quarter step of
+the others' time). Otherwise (open-loop traffic, whose requests do not follow answers) it tries
+one hold in ``PROBE_EVERY`` finishing steps, to notice when clients start answering at once
+again. What was learnt is forgotten when the engine runs out of work: a job's last requests are
+never replaced, and the next job's clients are judged afresh. The cost is bounded by the share:
+a held step's running sequences wait at most a quarter of a step, and a hold ends as soon as the
+replacements are in.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The model thread hands each decode step's events over in one loop wake-up; every request reads
 its own queue. After a step that finished sequences, it may hold the next step for a few
-milliseconds while their replacements are on their way (``join_window``). A request's stream ends at its ``Finished`` (or a ``Failed``, raised as a typed
-error); a consumer that stops early aborts the sequence in the model thread.
+milliseconds while their replacements are on their way (``join_window``). A request's stream
+ends at its ``Finished`` (or a ``Failed``, raised as a typed error); a consumer that stops early
+aborts the sequence in the model thread.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class ModelThread(threading.Thread):
     ``_take_aborted`` returns from their running batch.
     """
 
-    def __init__(self, name: str, deliver: Callable[[list[tuple[str, StepEvent]]], None], join_window: float = 0.0) -> None:
+    def __init__(self, name: str, deliver: Callable[[list[tuple[str, StepEvent]]], None],
+                 join_window: float = 0.0) -> None:
         super().__init__(name=name, daemon=True)
         self._deliver = deliver
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
