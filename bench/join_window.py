@@ -23,6 +23,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline_vs_direct puts the repository on the path
 from pipeline_vs_direct import percentile, pipeline_runner, run_load, start_pipeline  # noqa: E402
 from services.common.model_store import default_model_gguf, default_state_dir, ensure_default_model  # noqa: E402
+from services.engine.backends.join_window import DEFAULT_JOIN_WINDOW_MS  # noqa: E402
 
 METRICS_PORT = 19191
 
@@ -59,7 +60,7 @@ async def main() -> None:
     p.add_argument("--port", type=int, default=18081)
     args = p.parse_args()
     model_path = default_model_gguf() if args.engine == "llamacpp" else ensure_default_model(default_state_dir())
-    sides = {"default": "12", "off": "0"}
+    sides = {"default": f"{DEFAULT_JOIN_WINDOW_MS:g}", "off": "0"}
     results: dict[str, list] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory(prefix="cy-bench-") as tmpdir:
         for r in range(args.rounds):

@@ -91,14 +91,14 @@ class EngineMetrics:
         _advance((self.prefix_hits, stats.hits, seen.hits), (self.prefix_misses, stats.misses, seen.misses),
                  (self.prefix_tokens, stats.reused_tokens, seen.reused_tokens))
         self.prefix_bytes.set(stats.nbytes)
-        self._prefix_seen = PrefixCacheStats(stats.hits, stats.misses, stats.reused_tokens, stats.nbytes)
+        self._prefix_seen = stats  # a fresh total each time (``ModelHost.prefix_cache_stats``)
 
     def observe_joins(self, stats: JoinStats) -> None:
         """Advance the join-window counters to the backends' totals (as ``observe_prefix_cache``)."""
         seen = self._joins_seen
         _advance((self.join_holds, stats.holds, seen.holds), (self.join_requests, stats.joined, seen.joined),
                  (self.join_seconds, stats.held_seconds, seen.held_seconds))
-        self._joins_seen = JoinStats(stats.holds, stats.joined, stats.held_seconds)
+        self._joins_seen = stats
 
     def observe_adapters(self, loaded: int, change) -> None:
         """The engine loaded or evicted PEFT adapters (``change``: ``backend.AdapterChange``); ``loaded`` now."""

@@ -28,15 +28,17 @@ def test_holds_while_holds_see_requests_come_in():
     window = JoinWindow()
     for _ in range(HISTORY):
         assert window.hold(0.040) > 0
-        window.held(joined=0 if _ % 2 else 1)  # half of them did
+        window.held(0 if _ % 2 else 1, 0.001)  # half of them did
     assert window.hold(0.040) > 0
+    totals = window.stats()
+    assert (totals.holds, totals.joined, totals.held_seconds) == (HISTORY, HISTORY // 2, pytest.approx(0.008))
 
 
 def test_holds_that_see_nothing_come_in_turn_into_occasional_probes():
     window = JoinWindow()
     assert window.hold(0.040) > 0  # nothing known yet: try
     for _ in range(HISTORY):
-        window.held(joined=0)  # open-loop traffic: nothing follows a finish
+        window.held(0, 0.010)  # open-loop traffic: nothing follows a finish
     holds = [window.hold(0.040) > 0 for _ in range(3 * PROBE_EVERY)]
     assert holds == ([False] * (PROBE_EVERY - 1) + [True]) * 3
 
@@ -44,18 +46,18 @@ def test_holds_that_see_nothing_come_in_turn_into_occasional_probes():
 def test_a_probe_that_sees_requests_again_brings_the_holds_back():
     window = JoinWindow()
     for _ in range(HISTORY):
-        window.held(joined=0)
+        window.held(0, 0.010)
     for _ in range(HISTORY // 2):
         while not window.hold(0.040):  # skipped finishing steps until the probe
             pass
-        window.held(joined=2)  # clients answer at once again
+        window.held(2, 0.004)  # clients answer at once again
     assert all(window.hold(0.040) > 0 for _ in range(3))
 
 
 def test_an_idle_engine_forgets_the_last_busy_spell():
     window = JoinWindow()
     for _ in range(HISTORY):
-        window.held(joined=0)  # the end of a job: its last requests are not replaced
+        window.held(0, 0.010)  # the end of a job: its last requests are not replaced
     assert window.hold(0.040) == 0
     window.idle()
     assert window.hold(0.040) > 0  # the next job's clients are judged afresh
@@ -129,8 +131,9 @@ def test_a_replacement_starts_in_the_step_after_its_predecessor_ended():
     late = [thread.started[rid] - step for step, rid in replaced[2:]]
     # Step n finished a request; its replacement came 10 ms later, during the hold: it started in step n + 1.
     assert late.count(0) >= len(late) - 1, late  # (one may miss if this host stalled the timer thread)
-    assert thread.holds >= len(late) - 1 and thread.joined >= len(late) - 1
-    assert 0 < thread.held_seconds
+    stats = thread.join_stats()
+    assert stats.holds >= len(late) - 1 and stats.joined >= len(late) - 1
+    assert 0 < stats.held_seconds
 
 
 @pytest.mark.slow
@@ -138,7 +141,7 @@ def test_without_the_window_a_replacement_waits_for_the_step_under_way():
     thread, replaced = _closed_loop(join_window=0.0, requests=8)
     late = [thread.started[rid] - step for step, rid in replaced]
     assert late == [1] * len(late)  # it came 10 ms into step n + 1 and started in step n + 2
-    assert thread.holds == 0
+    assert thread.join_stats().holds == 0
 
 
 def test_the_flag_refuses_a_negative_window(capsys):

@@ -25,6 +25,9 @@ replacements are in.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
+
+from services.engine.backend import JoinStats
 
 DEFAULT_JOIN_WINDOW = 0.012  # seconds: the longest hold, whatever the step time (``--join-window-ms``)
 DEFAULT_JOIN_WINDOW_MS = DEFAULT_JOIN_WINDOW * 1000
@@ -40,6 +43,7 @@ class JoinWindow:
         self.longest = longest  # seconds; 0: never hold
         self._outcomes: deque[bool] = deque(maxlen=HISTORY)  # whether each hold saw a request come in
         self._skipped = 0  # finishing steps not held since the last hold
+        self._totals = JoinStats()
 
     def hold(self, step_seconds: float) -> float:
         """Seconds to hold after a finishing step that took ``step_seconds`` (0: do not)."""
@@ -52,9 +56,16 @@ class JoinWindow:
         self._skipped += 1
         return 0.0
 
-    def held(self, joined: int) -> None:
-        """A hold saw ``joined`` new requests arrive before it closed."""
+    def held(self, joined: int, seconds: float) -> None:
+        """A hold saw ``joined`` new requests arrive before it closed, ``seconds`` after it began."""
         self._outcomes.append(joined > 0)
+        self._totals.holds += 1
+        self._totals.joined += joined
+        self._totals.held_seconds += seconds
+
+    def stats(self) -> JoinStats:
+        """Totals since the model thread started (a copy: the model thread writes them, the loop reads them)."""
+        return replace(self._totals)
 
     def idle(self) -> None:
         """Nothing runs any more: the next busy spell starts without the last one's outcomes."""

@@ -128,9 +128,6 @@ class ModelThread(threading.Thread):
         self._stopping = False
         self._joins = JoinWindow(join_window)
         self.steps = 0
-        self.holds = 0  # steps held for replacements (``join_window``), requests that came in them, seconds held
-        self.joined = 0
-        self.held_seconds = 0.0
 
     # --- called from the event loop ---
     def submit(self, seq) -> None:
@@ -148,8 +145,8 @@ class ModelThread(threading.Thread):
         self._inbox.put(None)
 
     def join_stats(self) -> JoinStats:
-        """The join window's totals (written by the model thread, read from the loop)."""
-        return JoinStats(self.holds, self.joined, self.held_seconds)
+        """The join window's totals so far."""
+        return self._joins.stats()
 
     # --- the model thread ---
     def _collect(self, block: bool) -> None:
@@ -190,10 +187,7 @@ class ModelThread(threading.Thread):
                 joined += 1
         except queue.Empty:
             pass
-        self._joins.held(joined)
-        self.holds += 1
-        self.joined += joined
-        self.held_seconds += time.perf_counter() - now
+        self._joins.held(joined, time.perf_counter() - now)
 
     def _take_aborted(self) -> set[str]:
         """Request ids aborted since the last step, already removed from ``_waiting``."""
