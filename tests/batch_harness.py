@@ -16,6 +16,7 @@ import msgspec
 from schemas import names
 from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage, encode
 from schemas.inference import InferenceRequest
+from services.common import bus
 from services.common.lifecycle import cancel_and_wait
 from tests.edge_harness import MODEL
 
@@ -66,7 +67,7 @@ class LowLaneEngine:
                       StreamEnd(id=req.id, seq=2, finish_reason="stop",
                                 usage=Usage(prompt_tokens=3, completion_tokens=1))):
             await self.nc.publish(req.reply_to, encode(event))
-        await self.nc.flush()
+        await bus.flush(self.nc)
 
     async def wait_taken(self, count: int, timeout: float = 30.0) -> None:
         """Wait until ``count`` requests were taken."""

@@ -21,6 +21,7 @@ from schemas import names
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, Usage, encode
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 from schemas.inference import CancelRequest, InferenceRequest
+from services.common import bus
 from services.common.lifecycle import cancel_and_wait
 from services.edge import EdgeConfig, create_app
 
@@ -55,7 +56,7 @@ class BusEngine:
     async def beat(self) -> None:
         """Publish one heartbeat."""
         await self.nc.publish(names.worker_status(self.worker), encode(self.heartbeat()))
-        await self.nc.flush()
+        await bus.flush(self.nc)
 
     async def _beat_forever(self) -> None:
         while True:
@@ -88,7 +89,7 @@ class BusEngine:
         """Publish events to the request's reply subject."""
         for event in events:
             await self.nc.publish(req.reply_to, encode(event))
-        await self.nc.flush()
+        await bus.flush(self.nc)
 
     def start_event(self, req: InferenceRequest, prompt_tokens: int = 5) -> StreamStart:
         """The ``StreamStart`` this engine sends when it takes ``req``."""
@@ -128,7 +129,7 @@ class CancelRecorder:
             self._event.set()
 
         await nc.subscribe(names.INFER_CANCEL, cb=on_msg)
-        await nc.flush()
+        await bus.flush(nc)
         return self
 
     async def wait_for(self, request_id: str, timeout: float = 5.0) -> CancelRequest:

@@ -21,6 +21,7 @@ from schemas.errors import ErrorCode
 from schemas.events import encode
 from schemas.heartbeat import EngineHeartbeat, ServedModel
 from schemas.inference import DispatchReply, InferenceRequest
+from services.common import bus
 from services.common.lifecycle import cancel_and_wait
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
@@ -73,7 +74,7 @@ class EngineDouble:
         self._sub = await self.nc.subscribe(names.engine_generate(self.worker), cb=self._on_generate)
         if heartbeat:
             self.start_heartbeats()
-        await self.nc.flush()
+        await bus.flush(self.nc)
         return self
 
     def start_heartbeats(self) -> None:

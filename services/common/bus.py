@@ -235,6 +235,19 @@ async def connect(target: NatsOptions | str, name: str,
     return nc
 
 
+async def flush(nc: Client, timeout: float = 10.0) -> None:
+    """Return once the server has every command ``nc`` queued before this call (SUB, PUB, UNSUB).
+
+    nats-py 2.16's ``flush`` writes its PING straight to the socket, ahead of the commands still
+    queued for the client's flusher task, so its PONG proves nothing about a subscription made just
+    before it: in one CI run an engine answered "ready" and a control request to it then got "no
+    responders". The flusher task runs before that PONG can be read, so the second PING is written
+    after the queued commands and its PONG proves them (``tests/common/test_bus_flush.py``).
+    """
+    await nc.flush(timeout)
+    await nc.flush(timeout)
+
+
 async def drain(nc: Client | None, timeout: float = 5.0) -> None:
     """Flush what is pending (cancels, token events) and close ``nc``; never hang on a dead server, and
     nothing to do for a connection never opened or already closed (every service's last shutdown step)."""

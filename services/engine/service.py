@@ -126,7 +126,7 @@ class EngineService:
                 await self.nc.subscribe(subject, cb=control.on_message)
             self._beats.start(self.nc, workers_kv)
             await stack.enter_async_context(self._health)
-            await self.nc.flush()
+            await bus.flush(self.nc)  # its PONG proves the subscriptions are on the server
             gc_heap.started(self.metrics.gc_pause)
             self.ready.set()
             log.info("engine %s (%s on %s) serving %s", self.worker, self.host.name, self.host.device,

@@ -21,7 +21,7 @@ import pytest
 from infra import provision
 from schemas import names
 from services.cli.backup import restore_backup, take_backup
-from services.common import bus_auth, bus_permissions
+from services.common import bus, bus_auth, bus_permissions
 from services.common.api_key_store import ApiKeyStore
 from services.common.natsserver import NatsServer
 from services.cli.up import NATS_CONFIG
@@ -97,7 +97,7 @@ async def _kv_put(nc: nats.NATS, bucket: str, key: str) -> object:
 
 async def _sub(nc: nats.NATS, subject: str) -> object:
     sub = await nc.subscribe(subject)
-    await nc.flush()
+    await bus.flush(nc)
     return sub
 
 
@@ -211,7 +211,7 @@ async def test_identity_may(secured, identity, what, action):
     nc = await _connect(secured, identity, violations.append)
     try:
         await action(nc)
-        await nc.flush()
+        await bus.flush(nc)
     finally:
         await nc.close()
     assert violations == []
@@ -255,7 +255,7 @@ async def test_a_request_flows_through_producer_scheduler_and_engine(secured):
             await msg.respond(b"accepted")
 
         await engine.subscribe(names.engine_generate("w1"), cb=generate)
-        await engine.flush()
+        await bus.flush(engine)
         await producer.jetstream().publish(names.infer_submit("normal"), inbox.encode())
         psub = await scheduler.jetstream().pull_subscribe_bind(durable=names.scheduler_durable("normal"),
                                                                stream=names.INFER_STREAM)

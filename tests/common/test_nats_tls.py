@@ -19,7 +19,7 @@ from cryptography import x509
 
 from services.cli.infra import wait_for_jetstream
 from services.cli.up import NATS_CONFIG
-from services.common import nats_tls
+from services.common import bus, nats_tls
 from services.common.bus import NatsOptions, connect_kwargs
 from services.common.nats_tls import RouteAuth, TlsFiles
 from services.common.natsserver import NatsCluster, NatsServer
@@ -104,7 +104,7 @@ async def test_cluster_over_tls_routes_messages_and_refuses_clients_without_the_
     last = await _connect_with_ca(tls_cluster.urls[-1], tls_files.ca)
     try:
         sub = await last.subscribe("tls.routed")
-        await last.flush()
+        await bus.flush(last)
         # Interest reaches the first node through the routes; then a message crosses them.
         for _ in range(100):
             await first.publish("tls.routed", b"across the routes")

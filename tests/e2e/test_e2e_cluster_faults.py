@@ -27,6 +27,7 @@ from schemas import names
 from schemas.inference import InferenceRequest
 from services.cli.readiness import wait_until_ready
 from services.cli.supervisor import ChildSpec, Supervisor
+from services.common import bus
 from services.common.natsserver import NatsCluster
 from services.scheduler.triage import dispatch_number
 from tests.cluster_support import (  # noqa: F401 (fixtures)
@@ -108,7 +109,7 @@ class Dispatches:
 
         for worker in ENGINES:
             await nc.subscribe(names.engine_generate(worker), cb=seen)
-        await nc.flush()
+        await bus.flush(nc)
 
     def taken_twice(self) -> dict[str, list[int]]:
         """Requests (not continuations) offered from more than one delivery of their queue message, with their offers."""

@@ -13,6 +13,7 @@ import pytest
 
 from schemas import names
 from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, decode_event
+from services.common import bus
 from tests.e2e.test_e2e_failover import cluster, expected, stream_chat  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -34,7 +35,7 @@ class ReplyLog:
             self.changed.set()
 
         await self.nc.subscribe(f"{names.REPLY_PREFIX}.>", cb=on_event)
-        await self.nc.flush()
+        await bus.flush(self.nc)
         return self
 
     async def until(self, predicate, timeout: float = 30.0):

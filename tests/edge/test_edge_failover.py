@@ -14,6 +14,7 @@ import msgspec
 from schemas import names
 from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage
 from schemas.inference import CancelRequest, ChatMessage, InferenceRequest, SamplingParams
+from services.common import bus
 from services.edge.bus.failover import Delivered, Impossible, begin, next_attempt
 from tests.scheduler.test_scheduler_harness import eventually
 from tests.edge_harness import (  # noqa: F401 - fixtures
@@ -113,7 +114,7 @@ async def _withdrawals(nc, worker: str) -> list[CancelRequest]:
         got.append(msgspec.json.decode(msg.data, type=CancelRequest))
 
     await nc.subscribe(names.engine_cancel(worker), cb=on_msg)
-    await nc.flush()
+    await bus.flush(nc)
     return got
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from schemas import names
 from schemas.training import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobState, TrainCancel, TrainingJob
+from services.common import bus
 from tests.edge_harness import assert_error
 from tests.training_harness import BASE_MODEL, DATASET, edge, sdk, trainer, training_config  # noqa: F401 - fixtures
 
@@ -94,7 +95,7 @@ async def test_list_retrieve_and_cancel_a_queued_job(sdk, nc, js):
         got.set()
 
     await nc.subscribe(names.TRAIN_CANCEL, cb=on_cancel)
-    await nc.flush()
+    await bus.flush(nc)
     cancelled = await sdk.fine_tuning.jobs.cancel(jobs[0].id)
     assert cancelled.status == CANCELLED and cancelled.finished_at is not None
     await asyncio.wait_for(got.wait(), 5)

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from schemas.errors import ErrorCode
 from schemas.events import StreamEnd, StreamError, TokenDelta, Usage, encode
 from schemas.inference import InferenceRequest
+from services.common import bus
 from services.edge import EdgeConfig, create_app
 from services.edge.bus.replies import ReplyRouter
 from tests.edge_harness import (  # noqa: F401 - fixtures
@@ -199,7 +200,7 @@ async def test_the_router_drops_a_slow_requests_events_and_ends_it_with_slow_con
         for seq in range(1, 11):  # nobody reads r1's queue
             await nc.publish(router.reply_to("r1"), encode(TokenDelta(id="r1", seq=seq, text="t")))
         await nc.publish(router.reply_to("r2"), encode(TokenDelta(id="r2", seq=1, text="t")))
-        await nc.flush()
+        await bus.flush(nc)
         async with asyncio.timeout(5):
             event = await other.queue.get()  # the other request is not held up
         assert event.id == "r2"

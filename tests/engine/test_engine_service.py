@@ -16,6 +16,7 @@ from schemas.events import StreamEnd, StreamError, StreamStart, TokenDelta, deco
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import (CancelRequest, ChatMessage, DispatchReply, InferenceRequest, SamplingParams,
                               StructuredOutput)
+from services.common import bus
 from services.engine.__main__ import build_backend
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
@@ -64,7 +65,7 @@ async def withdraw_before_dispatch(nc, service: EngineService, worker: str, req:
     while service._offers.refusal(req, worker) is None:
         assert time.monotonic() < deadline, "the engine never read the withdrawal"
         await nc.publish(names.engine_cancel(worker), withdrawal)
-        await nc.flush()
+        await bus.flush(nc)
         await asyncio.sleep(0.05)
 
 

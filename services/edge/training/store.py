@@ -29,7 +29,7 @@ from schemas import names
 from schemas.errors import BusError, ErrorCode
 from schemas.registry import ModelEntry
 from schemas.training import CANCELLED, TERMINAL, JobState, TrainCancel, TrainEvent
-from services.common import artifacts, js_publish
+from services.common import artifacts, bus, js_publish
 from services.common.artifacts import FileMeta
 from services.common.bus import BUS_DOWN
 from services.common.buckets import kv_values
@@ -281,7 +281,7 @@ class TrainingStore:
                                             data={"status": CANCELLED}))
         with _bus("broadcasting the cancel"):
             await self._nc.publish(names.TRAIN_CANCEL, _encode(TrainCancel(id=job_id, reason=reason)))
-            await self._nc.flush(timeout=self._publish_timeout)
+            await bus.flush(self._nc, timeout=self._publish_timeout)
         return state
 
     # --- events ---
