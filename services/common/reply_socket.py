@@ -116,9 +116,11 @@ def split_frames(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
     return out, buf[pos:]
 
 
-def add_arguments(p: argparse.ArgumentParser, off_help: str) -> None:
-    """``--no-reply-socket`` (``off_help`` says what it does for this service) and ``--reply-socket-dir``."""
+def add_arguments(p: argparse.ArgumentParser, off_help: str) -> argparse._ArgumentGroup:
+    """``--no-reply-socket`` (``off_help`` says what it does for this service) and ``--reply-socket-dir``, in
+    the group returned."""
     g = p.add_argument_group("reply socket", "token events from engines to edges on the same host skip nats-server")
     g.add_argument("--no-reply-socket", dest="reply_socket", action="store_false", default=True, help=off_help)
     g.add_argument("--reply-socket-dir", default="", metavar="DIR",
                    help=f"directory of the edges' reply sockets, mode 0700 (default: {default_dir()})")
+    return g

@@ -54,6 +54,8 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     # Send a request's events to its edge's reply socket when this host has it (services/common/reply_socket.py).
     reply_socket: bool = True
     reply_socket_dir: str = ""
+    # transformers and llama.cpp: the model thread writes token events to the reply socket itself.
+    thread_writes: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
@@ -118,8 +120,12 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                    help="models kept loaded at once; loading one more unloads the least recently used idle one")
     p.add_argument("--memory-budget", type=int, default=0,
                    help="bytes of model memory (RSS on CPU, CUDA allocations on GPU) loads may use; 0 = no budget")
-    reply_socket.add_arguments(p, "publish every token event to the request's NATS reply subject, even when "
+    g = reply_socket.add_arguments(p, "publish every token event to the request's NATS reply subject, even when "
                                   "its edge's reply socket is on this host")
+    g.add_argument("--no-thread-writes", dest="thread_writes", action="store_false",
+                   help="transformers and llama.cpp: write token events to an edge's reply socket from the event "
+                        "loop, not straight from the model thread as each step ends (which spares the loop a "
+                        "wake-up per token)")
     args = p.parse_args(argv)
     if not args.worker_id:
         args.worker_id = slug(f"{socket.gethostname()}-{os.getpid()}")

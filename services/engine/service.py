@@ -30,7 +30,7 @@ from nats.micro.request import Request
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage, encode
+from schemas.events import StreamEnd, StreamStart, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus, bus_permissions, gc_heap, rate_counters
@@ -247,6 +247,7 @@ class EngineService:
             return
         task = self._active.get(cancel.id)
         if self._offers.withdraw(cancel.id, cancel.dispatch) and task is not None:
+            self._replies.stop_writer(cancel.id)
             log.warning("offer %d of %s withdrawn (%s): stopping it without a word", cancel.dispatch, cancel.id,
                         cancel.reason)
             # At once, even before the backend knows the id; a task that has not begun is never cancelled
@@ -304,7 +305,13 @@ class EngineService:
     async def _generate(self, req: InferenceRequest, model: str, start: float, progress: Progress,
                         recorder: ResponseRecorder | None, send: Send) -> None:
         """Send the backend's deltas; on its final event, set ``progress.terminal`` (and the cacheable response)."""
-        events = self._running_on[req.id].backend.generate(req)
+        backend = self._running_on[req.id].backend
+        writer = self._replies.writer(req.id, send, lambda chunk: progress.delta(req, chunk),
+                                      lambda chunk: progress.sent(chunk, recorder), self._beats.stalled) \
+            if backend.writes_through and self.cfg.thread_writes else None
+        if writer is not None:
+            backend.write_through(req.id, writer)
+        events = backend.generate(req)
         try:
             async for event in events:
                 if self._beats.stalled():
@@ -312,15 +319,11 @@ class EngineService:
                 if req.id in self._offers.ending:  # given up on: not one more token (the cancel lands right here)
                     await asyncio.sleep(0)
                     raise asyncio.CancelledError
-                progress.seq += 1
-                if isinstance(event, Chunk):
-                    progress.first = progress.first or time.monotonic()
-                    await send(encode(TokenDelta(id=req.id, seq=progress.seq, text=event.text,
-                                                              token_ids=event.token_ids,
-                                                              logprobs=event.logprobs or [], dispatch=req.dispatch)))
-                    if recorder is not None:
-                        recorder.delta(event.text, event.token_ids)
+                if isinstance(event, Chunk):  # one the model thread's writer did not take
+                    await send(progress.delta(req, event))
+                    progress.sent(event, recorder)
                 else:
+                    progress.seq += 1
                     usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
                     progress.terminal = encode(StreamEnd(
                         id=req.id, seq=progress.seq, finish_reason=event.reason,
@@ -333,6 +336,9 @@ class EngineService:
                     if req.rate_caller:  # an API key's NATS-native request spends its key's token budget
                         self._charges.charge(req.rate_caller, usage.prompt_tokens + usage.completion_tokens)
         finally:
+            if writer is not None:
+                backend.write_through(req.id, None)
+                self._replies.end_writer(req.id)
             await events.aclose()
 
     async def _abort(self, request_id: str) -> None:
@@ -359,6 +365,7 @@ class EngineService:
         for request_id, task in self._active.items():
             if not self._offers.give_up(request_id, reason):
                 continue
+            self._replies.stop_writer(request_id)
             log.warning("ending %s: %s", request_id, reason)
             if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
                 task.cancel()

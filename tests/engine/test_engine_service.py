@@ -8,7 +8,6 @@ import time
 import uuid
 
 import msgspec
-import nats.errors
 import pytest
 
 from schemas import names
@@ -75,22 +74,15 @@ def request(inbox: str, max_tokens: int = 5, model: str = "sim", **kw) -> Infere
                             sampling=SamplingParams(max_tokens=max_tokens, **kw))
 
 
-async def dispatch(nc, worker: str, req: InferenceRequest, patience: float = 3.0) -> DispatchReply:
+async def dispatch(nc, worker: str, req: InferenceRequest) -> DispatchReply:
     """Offer ``req`` to ``worker`` and return its answer.
 
-    "No responders" is asked again for up to ``patience`` seconds (the offer reached nobody, so it is safe to
-    resend): twice in CI, an engine's first offer got it although the engine had flushed its subscriptions.
-    The scheduler does the same in production (the worker is skipped until its next heartbeat).
+    No retry on "no responders": an engine is ready once its subscriptions are on the server
+    (``bus.flush``; nats-py's own flush did not prove that, which twice in CI left an engine's
+    first offer unanswered).
     """
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            msg = await nc.request(names.engine_generate(worker), encode(req), timeout=2)
-            return msgspec.json.decode(msg.data, type=DispatchReply)
-        except nats.errors.NoRespondersError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+    msg = await nc.request(names.engine_generate(worker), encode(req), timeout=2)
+    return msgspec.json.decode(msg.data, type=DispatchReply)
 
 
 async def events_until_terminal(sub, timeout: float = 10.0) -> list:

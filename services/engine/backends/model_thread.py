@@ -1,7 +1,8 @@
 """The loop side of an engine whose model runs in its own thread (transformers, llama.cpp).
 
 The model thread hands each decode step's events over in one loop wake-up; every request reads
-its own queue. After a step that finished sequences, it may hold the next step for a few
+its own queue. A request given a token writer (``EventQueues.write_through``) has its chunks
+written by the model thread itself, as long as the writer takes them. After a step that finished sequences, it may hold the next step for a few
 milliseconds while their replacements are on their way (``join_window``). A request's stream
 ends at its ``Finished`` (or a ``Failed``, raised as a typed error); a consumer that stops early
 aborts the sequence in the model thread.
@@ -38,14 +39,30 @@ class EventQueues:
 
     def __init__(self) -> None:
         self._queues: dict[str, asyncio.Queue[StepEvent]] = {}
+        self._writers: dict[str, Callable[[Chunk], bool]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the model thread delivers to (set when the engine starts)."""
         self._loop = loop
 
+    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+        """From the loop: have ``request_id``'s chunks written by ``writer`` in the model thread; a chunk it
+        returns False for, and the rest of the request, goes through the loop as usual. None: no writer."""
+        if writer is None:
+            self._writers.pop(request_id, None)
+        else:
+            self._writers[request_id] = writer
+
     def deliver(self, items: list[tuple[str, StepEvent]]) -> None:
-        """Called in the model thread: hand the whole step's events to the loop in one wake-up."""
+        """Called in the model thread: hand the whole step's events to the loop in one wake-up (none when
+        the requests' writers took them all)."""
+        if self._writers:
+            writers = self._writers
+            items = [(request_id, event) for request_id, event in items
+                     if type(event) is not Chunk or (write := writers.get(request_id)) is None or not write(event)]
+            if not items:
+                return
         self._loop.call_soon_threadsafe(self._dispatch, items)
 
     def _dispatch(self, items: list[tuple[str, StepEvent]]) -> None:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import random
 import warnings
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from pathlib import Path
 
 from schemas.errors import BusError, ErrorCode
@@ -35,7 +35,8 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats, check_logit_bias
+from services.engine.backend import (Chunk, EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats,
+                                     check_logit_bias)
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
@@ -69,6 +70,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     """Serves one GGUF model with llama.cpp; see the module docstring."""
 
     name = "llama.cpp"
+    writes_through = True
 
     def __init__(self, *, model_path: str | Path = "", model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
@@ -147,6 +149,9 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
 
     def join_stats(self) -> JoinStats | None:
         return None if self._batcher is None else self._batcher.join_stats()
+
+    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+        self._events.write_through(request_id, writer)
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Prompt reuse so far (kept in a stream or restored from a saved copy) and the bytes saved now."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats, check_logit_bias
+from services.engine.backend import (Chunk, EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats,
+                                     check_logit_bias)
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.backends.transformers.batching import BatchGenerator, Sequence
@@ -59,6 +60,7 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with transformers."""
 
     name = "transformers"
+    writes_through = True
 
     def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
@@ -172,6 +174,9 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
 
     def join_stats(self) -> JoinStats | None:
         return None if self._batcher is None else self._batcher.join_stats()
+
+    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+        self._events.write_through(request_id, writer)
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Reuse so far (hits, reused prompt tokens) and the bytes held; read from the loop, written by the model thread."""
