@@ -15,7 +15,9 @@ import threading
 import uuid
 
 import msgspec
+import nats
 import pytest
+import uvloop
 from prometheus_client import CollectorRegistry
 
 from schemas import names
@@ -110,78 +112,111 @@ async def sender(nc, tmp_path):
         await out.close()
 
 
+LOOPS = ["asyncio", "uvloop"]  # engines run on uvloop (services/common/lifecycle.py), tests on asyncio's loop
+
+
+async def on_loop(kind: str, nats_url: str, tmp_path, body) -> None:
+    """``body(nc, sender)`` on an event loop of ``kind``: this one, or a uvloop run in a thread of its own."""
+    async def run() -> None:
+        nc = await nats.connect(nats_url)
+        sender = ReplySender(lambda: nc.publish, enabled=True, directory=str(tmp_path / "r"))
+        try:
+            await body(nc, sender)
+        finally:
+            await sender.close()
+            await nc.close()
+
+    reply_socket.socket_dir(str(tmp_path / "r"))
+    if kind == "asyncio":
+        await run()
+    else:
+        await asyncio.to_thread(uvloop.run, run())
+
+
 def seqs(frames, stream: Stream) -> list[int]:
     return [event.seq for request_id, event in frames if request_id == key(stream.req)]
 
 
-async def test_frames_from_the_model_thread_and_the_loop_stay_whole_and_in_order(nc, sender, tmp_path):
-    edge = await EdgeSocket(tmp_path / "r", "edge-t").start()
-    try:
-        a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
-        loop = asyncio.get_running_loop()
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_frames_from_the_model_thread_and_the_loop_stay_whole_and_in_order(nats_server, tmp_path, loop):
+    async def body(nc, sender) -> None:
+        edge = await EdgeSocket(tmp_path / "r", "edge-t").start()
+        try:
+            a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
+            running = asyncio.get_running_loop()
 
-        def model_thread() -> None:  # as EventQueues.deliver: a chunk the writer refuses goes through the loop
+            def model_thread() -> None:  # as EventQueues.deliver: a chunk the writer refuses goes through the loop
+                for i in range(400):
+                    chunk = Chunk(f"a{i} " * (1 + i % 50), [i])
+                    if not a.writer(chunk):
+                        asyncio.run_coroutine_threadsafe(a.through_loop(chunk), running).result()
+
+            thread = threading.Thread(target=model_thread)
+            thread.start()
             for i in range(400):
-                chunk = Chunk(f"a{i} " * (1 + i % 50), [i])
-                if not a.writer(chunk):
-                    asyncio.run_coroutine_threadsafe(a.through_loop(chunk), loop).result()
+                await b.through_loop(Chunk(f"b{i} " * (1 + i % 70), [i]))
+                await asyncio.sleep(0)
+            await asyncio.to_thread(thread.join)
+            await b.send(b.progress.delta(b.req, Chunk("last", [])))
+            await a.send(a.progress.delta(a.req, Chunk("last", [])))
+            await edge.until(key(a.req), TokenDelta)
+            async with asyncio.timeout(10):
+                while len(edge.events.get(key(a.req), [])) < 401 or len(edge.events.get(key(b.req), [])) < 401:
+                    edge.changed.clear()
+                    await edge.changed.wait()
+            for stream in (a, b):
+                assert [e.seq for e in edge.events[key(stream.req)]] == list(range(1, 402))
+            assert a.writer.written > 0  # the thread wrote, and the loop's frames came between its own
+        finally:
+            await edge.close()
 
-        thread = threading.Thread(target=model_thread)
-        thread.start()
-        for i in range(400):
-            await b.through_loop(Chunk(f"b{i} " * (1 + i % 70), [i]))
-            await asyncio.sleep(0)
-        await asyncio.to_thread(thread.join)
-        await b.send(b.progress.delta(b.req, Chunk("last", [])))
-        await a.send(a.progress.delta(a.req, Chunk("last", [])))
-        await edge.until(key(a.req), TokenDelta)
-        async with asyncio.timeout(10):
-            while len(edge.events.get(key(a.req), [])) < 401 or len(edge.events.get(key(b.req), [])) < 401:
-                edge.changed.clear()
-                await edge.changed.wait()
-        for stream in (a, b):
-            assert [e.seq for e in edge.events[key(stream.req)]] == list(range(1, 402))
-        assert a.writer.written > 0  # the thread wrote, and the loop's frames came between its own
-    finally:
-        await edge.close()
+    await on_loop(loop, nats_server.url, tmp_path, body)
 
 
-async def test_the_thread_gives_way_for_good_once_bytes_wait_in_the_loops_transport(nc, sender, tmp_path):
-    edge = SlowEdge(tmp_path / "r")
-    try:
-        a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
-        assert a.writer(Chunk("first", [1]))  # nothing waits yet: straight to the socket
-        for i in range(64):  # 4 MiB through the loop: the socket fills and the rest waits in the transport
-            await b.through_loop(Chunk("x" * 65536, [i]))
-        edge.read_some()  # the socket has room again, but the loop (held here) has not sent what waits
-        assert not a.writer(Chunk("refused", [2]))  # it would overtake the loop's queued bytes
-        await a.through_loop(Chunk("second", [2]))
-        await b.through_loop(Chunk("last", [3]))
-        frames = await edge.read()
-        assert not a.writer(Chunk("still refused", [4]))  # drained now, but the request stays with the loop
-        assert seqs(frames, a) == [1, 2] and seqs(frames, b) == list(range(1, 66))
-        assert [e.text for r, e in frames if r == key(a.req)] == ["first", "second"]
-    finally:
-        edge.close()
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_the_thread_gives_way_for_good_once_bytes_wait_in_the_loops_transport(nats_server, tmp_path, loop):
+    async def body(nc, sender) -> None:
+        edge = SlowEdge(tmp_path / "r")
+        try:
+            a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
+            assert a.writer(Chunk("first", [1]))  # nothing waits yet: straight to the socket
+            for i in range(64):  # 4 MiB through the loop: the socket fills and the rest waits in the transport
+                await b.through_loop(Chunk("x" * 65536, [i]))
+            edge.read_some()  # the socket has room again, but the loop (held here) has not sent what waits
+            assert not a.writer(Chunk("refused", [2]))  # it would overtake the loop's queued bytes
+            await a.through_loop(Chunk("second", [2]))
+            await b.through_loop(Chunk("last", [3]))
+            frames = await edge.read()
+            assert not a.writer(Chunk("still refused", [4]))  # drained now, but the request stays with the loop
+            assert seqs(frames, a) == [1, 2] and seqs(frames, b) == list(range(1, 66))
+            assert [e.text for r, e in frames if r == key(a.req)] == ["first", "second"]
+        finally:
+            edge.close()
+
+    await on_loop(loop, nats_server.url, tmp_path, body)
 
 
-async def test_a_frame_the_socket_takes_in_part_is_finished_before_anything_else(nc, sender, tmp_path):
-    edge = SlowEdge(tmp_path / "r")
-    try:
-        a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
-        await b.through_loop(Chunk("before", [0]))  # the link is open and nothing waits
-        big = Chunk("y" * (4 << 20), [1])  # far more than an unread socket takes
-        # Written in part; the rest is the event loop's to send, and a frame the loop writes before it
-        # gets to that (here at once, in the same callback) must come after the rest.
-        assert a.writer(big)
-        await b.through_loop(Chunk("middle", [1]))
-        assert not a.writer(Chunk("after", [2]))  # not while anything waits
-        await b.through_loop(Chunk("last", [2]))
-        frames = await edge.read()
-        assert [(r == key(a.req), e.seq) for r, e in frames] == [(False, 1), (True, 1), (False, 2), (False, 3)]
-        assert len(frames[1][1].text) == 4 << 20
-    finally:
-        edge.close()
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_frame_the_socket_takes_in_part_is_finished_before_anything_else(nats_server, tmp_path, loop):
+    async def body(nc, sender) -> None:
+        edge = SlowEdge(tmp_path / "r")
+        try:
+            a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
+            await b.through_loop(Chunk("before", [0]))  # the link is open and nothing waits
+            big = Chunk("y" * (4 << 20), [1])  # far more than an unread socket takes
+            # Written in part; the rest is the event loop's to send, and a frame the loop writes before it
+            # gets to that (here at once, in the same callback) must come after the rest.
+            assert a.writer(big)
+            await b.through_loop(Chunk("middle", [1]))
+            assert not a.writer(Chunk("after", [2]))  # not while anything waits
+            await b.through_loop(Chunk("last", [2]))
+            frames = await edge.read()
+            assert [(r == key(a.req), e.seq) for r, e in frames] == [(False, 1), (True, 1), (False, 2), (False, 3)]
+            assert len(frames[1][1].text) == 4 << 20
+        finally:
+            edge.close()
+
+    await on_loop(loop, nats_server.url, tmp_path, body)
 
 
 async def test_a_stopped_or_stalled_writer_writes_nothing(nc, sender, tmp_path):

@@ -2,10 +2,11 @@
 
 The model thread hands each decode step's events over in one loop wake-up; every request reads
 its own queue. A request given a token writer (``EventQueues.write_through``) has its chunks
-written by the model thread itself, as long as the writer takes them. After a step that finished sequences, it may hold the next step for a few
-milliseconds while their replacements are on their way (``join_window``). A request's stream
-ends at its ``Finished`` (or a ``Failed``, raised as a typed error); a consumer that stops early
-aborts the sequence in the model thread.
+written by the model thread itself, as long as the writer takes them. After a step that
+finished sequences, it may hold the next step for a few milliseconds while their replacements
+are on their way (``join_window``). A request's stream ends at its ``Finished`` (or a
+``Failed``, raised as a typed error); a consumer that stops early aborts the sequence in the
+model thread.
 """
 
 from __future__ import annotations
