@@ -6,12 +6,9 @@ with run-time loading enabled, and talks to it over its control subject.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
 
 from schemas import names
 from schemas.control import ControlReply, decode_reply
@@ -21,32 +18,17 @@ from schemas.registry import ModelEntry
 from services.common import model_registry
 from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID
 from services.engine.__main__ import build_backend
-from services.engine.config import parse_args
-from services.engine.metrics import EngineMetrics
-from services.engine.service import EngineService
-from tests.engine.test_engine_service import until_serving
+from tests.engine.test_engine_service import serving
 
 
-@contextlib.asynccontextmanager
-async def real_engine(nats_url: str, model_dir: Path, state_dir: Path, *extra: str):
+def real_engine(nats_url: str, model_dir: Path, state_dir: Path, *extra: str):
     """A transformers engine serving the default model that can load more: ``(service, worker)``."""
-    worker = f"w-{uuid.uuid4().hex[:8]}"
     argv = ["--nats-url", nats_url, "--engine", "transformers", "--model-id", DEFAULT_MODEL_ID,
-            "--model-path", str(model_dir), "--worker-id", worker, "--heartbeat-interval", "0.2", "--device", "cpu",
+            "--model-path", str(model_dir), "--heartbeat-interval", "0.2", "--device", "cpu",
             "--slots", "2", "--drain-timeout", "5"]
     for alias in DEFAULT_MODEL_ALIASES:
         argv += ["--alias", alias]
-    cfg = parse_args([*argv, *extra])
-    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()), factory=build_backend,
-                            state_dir=state_dir)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        await until_serving(service, task)
-        yield service, worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    return serving([*argv, *extra], factory=build_backend, state_dir=state_dir)
 
 
 async def register(js, model_id: str, source: str | Path, **fields) -> ModelEntry:

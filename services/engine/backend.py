@@ -99,8 +99,6 @@ class EngineBackend(abc.ABC):
     name: str = "abstract"
     #: Set by the service: called on the event loop whenever the loaded adapters change.
     adapter_listener: Callable[[AdapterChange], None] | None = None
-    #: Whether a model thread can write each request's chunks itself (``write_through``).
-    writes_through: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -166,10 +164,11 @@ class EngineBackend(abc.ABC):
         """The backend's join window, if its model thread holds steps for replacements (for metrics)."""
         return None
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> bool:
         """Have ``request_id``'s chunks written by ``writer`` in the thread that makes them, before the loop
-        sees them (``services/engine/replies.py``); only where ``writes_through``. None: no writer."""
-        raise NotImplementedError
+        sees them (``services/engine/replies.py``); None: no writer. False where no model thread of ours
+        makes the chunks: they all come to the event loop, which sends them."""
+        return False
 
     async def tokenize(self, request: InferenceRequest, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``request``'s prompt or messages, rendered exactly as ``generate`` renders them

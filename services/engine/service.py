@@ -308,9 +308,10 @@ class EngineService:
         backend = self._running_on[req.id].backend
         writer = self._replies.writer(req.id, send, lambda chunk: progress.delta(req, chunk),
                                       lambda chunk: progress.sent(chunk, recorder), self._beats.stalled) \
-            if backend.writes_through and self.cfg.thread_writes else None
-        if writer is not None:
-            backend.write_through(req.id, writer)
+            if self.cfg.thread_writes else None
+        if writer is not None and not backend.write_through(req.id, writer):
+            self._replies.end_writer(req.id)  # no model thread of ours: the loop sends every chunk
+            writer = None
         events = backend.generate(req)
         try:
             async for event in events:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 
 import msgspec
 import pytest
-from prometheus_client import CollectorRegistry
 
 from schemas import names
 from schemas.errors import ErrorCode
@@ -16,34 +13,19 @@ from schemas.events import StreamEnd, StreamError, TokenDelta
 from schemas.heartbeat import EngineHeartbeat
 from schemas.registry import ADAPTER, ModelEntry
 from services.common import artifacts
-from services.engine.__main__ import build_backend
-from services.engine.config import parse_args
-from services.engine.metrics import EngineMetrics
-from services.engine.service import EngineService
 from tests.lora_support import make_adapter
-from tests.engine.test_engine_service import dispatch, events_until_terminal, request, until_serving
+from tests.engine.test_engine_service import dispatch, events_until_terminal, request, serving
 
 pytestmark = pytest.mark.slow
 
 BASE = "SmolLM2-135M-Instruct"
 
 
-@contextlib.asynccontextmanager
-async def engine_service(nats_url: str, engine: str, model_dir, cache_dir):
-    worker = f"w-{uuid.uuid4().hex[:8]}"
+def engine_service(nats_url: str, engine: str, model_dir, cache_dir):
     # llama.cpp serves the GGUF shipped for the default model; transformers its safetensors copy.
     model = ["--model-path", str(model_dir)] if engine == "transformers" else []
-    cfg = parse_args(["--nats-url", nats_url, "--engine", engine, "--model-id", BASE, *model, "--worker-id", worker,
-                      "--heartbeat-interval", "0.5", "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
-    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()))
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        await until_serving(service, task)
-        yield service, worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    return serving(["--nats-url", nats_url, "--engine", engine, "--model-id", BASE, *model,
+                    "--heartbeat-interval", "0.5", "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
 
 
 async def generated(nc, worker: str, adapter: str | None) -> list[int]:

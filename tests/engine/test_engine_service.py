@@ -24,11 +24,12 @@ from prometheus_client import CollectorRegistry
 
 
 @contextlib.asynccontextmanager
-async def running_engine(nats_url: str, *extra: str):
+async def serving(argv: list[str], timeout: float = 60.0, **service_args):
+    """An engine service of ``argv`` (its worker id added) serving in this loop while the block runs:
+    ``(service, worker)``; ``service_args`` go to ``EngineService``."""
     worker = f"w-{uuid.uuid4().hex[:8]}"
-    cfg = parse_args(["--nats-url", nats_url, "--engine", "simulated", "--model-id", "sim", "--alias", "sim-alias",
-                      "--worker-id", worker, "--heartbeat-interval", "0.2", *extra])
-    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()))
+    cfg = parse_args([*argv, "--worker-id", worker])
+    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()), **service_args)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
@@ -36,7 +37,13 @@ async def running_engine(nats_url: str, *extra: str):
         yield service, worker
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, timeout)
+
+
+def running_engine(nats_url: str, *extra: str):
+    """A simulated engine serving ``sim`` (alias ``sim-alias``)."""
+    return serving(["--nats-url", nats_url, "--engine", "simulated", "--model-id", "sim", "--alias", "sim-alias",
+                    "--heartbeat-interval", "0.2", *extra], timeout=30)
 
 
 async def until_serving(service: EngineService, task: asyncio.Task, timeout: float = 60.0) -> None:

@@ -18,21 +18,16 @@ import msgspec
 import nats
 import pytest
 import uvloop
-from prometheus_client import CollectorRegistry
 
 from schemas import names
 from schemas.cache import CachedResponse
 from schemas.events import StreamEnd, StreamStart, TokenDelta, decode_event
 from services.common import reply_socket
-from services.engine.__main__ import build_backend
 from services.engine.backend import Chunk
-from services.engine.config import parse_args
-from services.engine.metrics import EngineMetrics
 from services.engine.progress import Progress
 from services.engine.replies import ReplySender
-from services.engine.service import EngineService
 from tests.engine.test_engine_reply_socket import EdgeSocket, key, named
-from tests.engine.test_engine_service import dispatch, request, until_serving
+from tests.engine.test_engine_service import dispatch, request, serving
 
 
 class SlowEdge:
@@ -239,23 +234,11 @@ async def test_a_stopped_or_stalled_writer_writes_nothing(nc, sender, tmp_path):
         await edge.close()
 
 
-@contextlib.asynccontextmanager
-async def model_thread_engine(nats_url: str, engine: str, model_dir, socket_dir, *extra: str):
-    worker = f"w-{uuid.uuid4().hex[:8]}"
+def model_thread_engine(nats_url: str, engine: str, model_dir, socket_dir, *extra: str):
     # llama.cpp serves the GGUF shipped for the default model; transformers its safetensors copy.
     model = ["--model-path", str(model_dir), "--device", "cpu"] if engine == "transformers" else []
-    cfg = parse_args(["--nats-url", nats_url, "--engine", engine, "--model-id", "SmolLM2-135M-Instruct", *model,
-                      "--worker-id", worker, "--heartbeat-interval", "0.5", "--slots", "2",
-                      "--reply-socket-dir", str(socket_dir), *extra])
-    service = EngineService(cfg, build_backend(cfg), EngineMetrics(CollectorRegistry()))
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        await until_serving(service, task)
-        yield service, worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    return serving(["--nats-url", nats_url, "--engine", engine, "--model-id", "SmolLM2-135M-Instruct", *model,
+                    "--heartbeat-interval", "0.5", "--slots", "2", "--reply-socket-dir", str(socket_dir), *extra])
 
 
 @pytest.mark.parametrize(("engine", "thread_writes"), [("llamacpp", True), ("llamacpp", False),

@@ -70,7 +70,6 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     """Serves one GGUF model with llama.cpp; see the module docstring."""
 
     name = "llama.cpp"
-    writes_through = True
 
     def __init__(self, *, model_path: str | Path = "", model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
@@ -150,8 +149,9 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     def join_stats(self) -> JoinStats | None:
         return None if self._batcher is None else self._batcher.join_stats()
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> bool:
         self._events.write_through(request_id, writer)
+        return True
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Prompt reuse so far (kept in a stream or restored from a saved copy) and the bytes saved now."""

@@ -60,7 +60,6 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     """Serves one local model directory (safetensors + tokenizer) with transformers."""
 
     name = "transformers"
-    writes_through = True
 
     def __init__(self, *, model_path: str | Path, model_id: str, aliases: Seq[str] = (), slots: int = 8,
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
@@ -175,8 +174,9 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     def join_stats(self) -> JoinStats | None:
         return None if self._batcher is None else self._batcher.join_stats()
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> bool:
         self._events.write_through(request_id, writer)
+        return True
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Reuse so far (hits, reused prompt tokens) and the bytes held; read from the loop, written by the model thread."""
