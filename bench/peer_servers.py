@@ -3,6 +3,7 @@
     .venv/bin/python bench/peer_servers.py [--pair llamacpp|transformers|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
                                            [--context 1024] [--platform-env NAME=VALUE] [--platform-engine-arg ARG]
+                                           [--platform-edge-arg ARG]
                                            [--unique-prompts] [--temperature T]
                                            [--record docs/benchmarks.md]
 
@@ -154,11 +155,13 @@ async def start_peer(tmp: Path, args) -> tuple[asyncio.subprocess.Process, Side]
     return await start_llama_server(tmp, args)
 
 
-async def start_platform(tmp: Path, args, env: dict[str, str], label: str, engine_args: Sequence[str] = ()):
+async def start_platform(tmp: Path, args, env: dict[str, str], label: str, engine_args: Sequence[str] = (),
+                         edge_args: Sequence[str] = ()):
     """The platform's processes on the same model, threads, slots and context per slot (``env`` added to
-    theirs, ``engine_args`` to the engine's flags)."""
+    theirs, ``engine_args`` to the engine's flags, ``edge_args`` to the edge's)."""
     opts = argparse.Namespace(engine=args.pair, slots=args.slots, threads=args.threads,
-                              engine_args=["--context-length", str(args.context), *engine_args], env=env)
+                              engine_args=["--context-length", str(args.context), *engine_args], env=env,
+                              edge_args=list(edge_args))
     tmp.mkdir(parents=True, exist_ok=True)
     model = default_model_gguf() if args.pair == "llamacpp" else ensure_default_model(default_state_dir())
     server, sup, url = await start_pipeline(tmp, opts, model, free_port())
@@ -263,27 +266,28 @@ def record(path: Path, text: str, args) -> None:
 async def main(args) -> None:
     """Start every side, measure them alternately, stop them, print (and record) the table.
 
-    With ``--platform-env`` or ``--platform-engine-arg`` the platform runs twice, as it is and with
-    that environment and those engine flags, so a setting (an OpenMP wait policy, say) is compared in
-    the same alternating rounds.
+    With ``--platform-env``, ``--platform-engine-arg`` or ``--platform-edge-arg`` the platform runs twice,
+    as it is and with that environment and those engine and edge flags, so a setting (an OpenMP wait
+    policy, say) is compared in the same alternating rounds.
     """
     if args.pair == "vllm":
         from peer_vllm import main_vllm
 
         return await main_vllm(args)
-    variants = [(f"platform {'llama.cpp' if args.pair == 'llamacpp' else args.pair} engine", {}, [])]
-    if args.platform_env or args.platform_engine_arg:
+    variants = [(f"platform {'llama.cpp' if args.pair == 'llamacpp' else args.pair} engine", {}, [], [])]
+    if args.platform_env or args.platform_engine_arg or args.platform_edge_arg:
         env = dict(kv.split("=", 1) for kv in args.platform_env)
-        variants.append((f"platform, {' '.join(args.platform_env + args.platform_engine_arg)}", env,
-                         args.platform_engine_arg))
+        changed = args.platform_env + args.platform_engine_arg + args.platform_edge_arg
+        variants.append((f"platform, {' '.join(changed)}", env, args.platform_engine_arg, args.platform_edge_arg))
     with tempfile.TemporaryDirectory(prefix="cy-peer-") as tmpdir:
         tmp = Path(tmpdir)
         peer_proc, peer = await start_peer(tmp, args)
         started: list = []
         sides = [peer]
         try:
-            for i, (label, env, engine_args) in enumerate(variants):
-                server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label, engine_args)
+            for i, (label, env, engine_args, edge_args) in enumerate(variants):
+                server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label, engine_args,
+                                                         edge_args)
                 started.append((server, sup))
                 sides.append(side)
             # A new connection per request on every side: llama-server closes a connection after a
@@ -325,10 +329,14 @@ if __name__ == "__main__":
     p.add_argument("--platform-engine-arg", action="append", default=[], metavar="ARG",
                    help="also run the platform with this engine flag (e.g. --platform-engine-arg=--prefix-cache-bytes=0), "
                         "as a third side (with --platform-env, one side with both); repeatable")
+    p.add_argument("--platform-edge-arg", action="append", default=[], metavar="ARG",
+                   help="also run the platform with this edge flag (e.g. --platform-edge-arg=--no-write-through), "
+                        "in that third side; repeatable")
     p.add_argument("--record", default="", help="append the result to this Markdown file")
     parsed = p.parse_args()
-    if parsed.pair == "vllm" and (parsed.platform_env or parsed.platform_engine_arg):
-        p.error("--platform-env and --platform-engine-arg add a side to the llamacpp and transformers pairs only")
+    if parsed.pair == "vllm" and (parsed.platform_env or parsed.platform_engine_arg or parsed.platform_edge_arg):
+        p.error("--platform-env, --platform-engine-arg and --platform-edge-arg add a side to the llamacpp and "
+                "transformers pairs only")
     if parsed.pair != "llamacpp" and parsed.temperature > 0:
         p.error("--temperature is for the llamacpp pair only (the other peers cut a distribution by their defaults)")
     asyncio.run(main(parsed))

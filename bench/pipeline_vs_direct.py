@@ -121,7 +121,8 @@ async def start_pipeline(tmp: Path, args, model_path: Path, port: int) -> tuple[
     sup = Supervisor(tmp / "logs", env=env, cwd=REPO, console=None, report=lambda _m: None)
     await sup.start(ChildSpec("engine", tuple(engine)))
     await sup.start(ChildSpec("scheduler", (py, "-m", "services.scheduler", "--nats-url", server.url)))
-    await sup.start(ChildSpec("edge", (py, "-m", "services.edge", "--nats-url", server.url, "--port", str(port))))
+    await sup.start(ChildSpec("edge", (py, "-m", "services.edge", "--nats-url", server.url, "--port", str(port),
+                                       *getattr(args, "edge_args", ()))))  # extra edge flags (bench/peer_servers.py)
     url = f"http://127.0.0.1:{port}"
     await wait_until_ready(url, ["m"], timeout=getattr(args, "ready_timeout", 180))  # vLLM on CPU compiles first
     return server, sup, url

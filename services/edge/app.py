@@ -52,7 +52,7 @@ async def _bus_context(app: web.Application) -> AsyncIterator[None]:
     edge_id = config.edge_id or f"edge-{uuid.uuid4().hex[:12]}"
     inbox = names.identity_inbox(bus_permissions.EDGE)
     router = ReplyRouter(edge_id, inbox, max_buffer=config.max_stream_buffer,
-                         on_slow_consumer=app[METRICS].slow_consumers.inc)
+                         on_slow_consumer=app[METRICS].slow_consumers.inc, write_through=config.write_through)
     nc = await bus.connect(config, name=f"{names.MICRO_EDGE} {edge_id}", on_reconnect=router.connection_restored,
                            inbox=inbox)
     async with contextlib.AsyncExitStack() as stack:

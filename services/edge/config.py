@@ -109,6 +109,9 @@ class EdgeConfig(NatsOptions, kw_only=True, forbid_unknown_fields=True, frozen=T
     # (``services/common/reply_socket.py``); reply_socket_dir "" is the default directory.
     reply_socket: bool = True
     reply_socket_dir: str = ""
+    # A token delta arriving while its request's handler waits is written to the client from the callback
+    # that received it (``bus.replies``), without waking the handler.
+    write_through: bool = True
 
     @property
     def uses_keys(self) -> bool:
@@ -176,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"default: {defaults.batch_concurrency})")
     p.add_argument("--edge-id", default=defaults.edge_id)
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--no-write-through", dest="write_through", action="store_false", default=defaults.write_through,
+                   help="hand every token event to its request's handler, which writes it to the client; by "
+                        "default one that arrives while the handler waits is written at once")
     reply_socket.add_arguments(p, "take every token event through the NATS inbox, none through a Unix socket "
                                   "(to watch them with 'nats sub')")
     _auth_arguments(p, defaults)

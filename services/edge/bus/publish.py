@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, Usage, encode
+from schemas.events import StreamEnd, StreamError, StreamEvent, StreamStart, TokenDelta, TokenLogprob, Usage, encode
 from schemas.inference import CancelRequest, InferenceRequest
 from services.common import js_publish
 from services.common.bus import BUS_DOWN
@@ -123,6 +123,11 @@ class RequestPublisher:
             log.warning("could not publish cancel of %s (%s): %s", request_id, reason, type(exc).__name__)
 
 
+# Sends one token delta's text (and log-probabilities) to the client at once: True, or False (nothing
+# sent) when it cannot right now. ``SseWriter.write_now``.
+DeltaWriter = Callable[[str, list[TokenLogprob]], bool]
+
+
 class InferenceCall:
     """One request from publication to its terminal event (see ``RequestPublisher.call``).
 
@@ -131,10 +136,15 @@ class InferenceCall:
     keeps the client's stream going; the client sees one continuous answer. It does the same when a
     second engine starts the request after the first one streamed tokens (the router follows the
     newest offer; the client must not get those tokens twice).
+
+    Given a ``DeltaWriter`` (``write_through``), the call hands it each token delta that arrives
+    while its reader waits in ``next_event`` with nothing queued, from the router's own callback:
+    the reader is not woken for it. Deltas the writer declines, and every other event, are read
+    from the queue as usual.
     """
 
     __slots__ = ("_bus_id", "_cancel_reason", "_delivered", "_ended", "_held", "_loop_deadline", "_msg_id",
-                 "_pending", "_publisher", "finish_reason", "request", "timeout", "usage")
+                 "_pending", "_publisher", "_waiting", "_write", "finish_reason", "request", "timeout", "usage")
 
     # As a ``pump.Source``: one choice, so every event is choice 0's.
     index = 0
@@ -157,6 +167,8 @@ class InferenceCall:
         self._bus_id = request.id  # the current attempt's id on the bus
         self._delivered = Delivered()
         self._held: StreamError | None = None  # a failover-able error seen by next_nowait, acted on by next_event
+        self._waiting = False  # the reader waits in next_event for the queue (it has handled every earlier event)
+        self._write: DeltaWriter | None = None
 
     async def __aenter__(self) -> InferenceCall:
         router = self._publisher.router
@@ -185,6 +197,23 @@ class InferenceCall:
     def watch_client(self, client: ClientConnection) -> None:
         """Write the answer to ``client``: a client that stops reading is cut (see ``replies``), not buffered for."""
         self._pending.client = client
+
+    def write_through(self, write: DeltaWriter) -> None:
+        """Hand ``write`` the token deltas that arrive while the reader waits with nothing queued (see the class);
+        nothing to do when the edge runs with ``--no-write-through``."""
+        if not self._publisher.router.write_through:
+            return
+        self._write = write
+        self._pending.sink = self._arrived
+
+    def _arrived(self, event: StreamEvent) -> bool:
+        """The router's sink: a token delta written at once, and recorded as delivered; False to queue ``event``."""
+        if type(event) is not TokenDelta or not self._waiting or self._held is not None:
+            return False
+        if not self._write(event.text, event.logprobs):
+            return False
+        self._take(event)
+        return True
 
     def cut_slow_consumer(self, why: str) -> None:
         """End the request because its client does not read (see ``replies``); it is cancelled on the way out."""
@@ -255,7 +284,11 @@ class InferenceCall:
             return queue.get_nowait()
         try:
             async with asyncio.timeout_at(self._loop_deadline):
-                return await queue.get()
+                self._waiting = True
+                try:
+                    return await queue.get()
+                finally:
+                    self._waiting = False
         except TimeoutError:
             self._cancel_reason = "timeout"
             raise BusError(ErrorCode.TIMEOUT, f"the request did not finish within its timeout of "

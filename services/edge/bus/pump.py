@@ -13,6 +13,11 @@ A writer opens its answer with the first output (not a ``StreamStart``), so an e
 can still be a plain HTTP error (the writer raises it); after it, the writer renders the error
 in its own format. Events that already arrived are handed over together and sent with one
 ``flush``; per token the pump costs one type check and one writer call.
+
+Once the answer is open, a writer that can send a delta synchronously (``write_now``, the SSE
+writer) is handed to a source that can call it (``write_through``, a single ``InferenceCall``):
+a token delta that arrives while the pump waits then goes to the client from the router's
+callback, without waking the pump (see ``replies``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class Writer(Protocol):
         Not a coroutine itself, so a batch costs no more than the one write it needs.
         """
 
+    # Optional: ``write_now(text, logprobs) -> bool`` sends choice 0's delta synchronously, or returns
+    # False having sent and buffered nothing (``publish.DeltaWriter``).
+
 
 async def pump(source: Source | StoredAnswer, writer: Writer) -> None:
     """Hand every event of ``source`` to ``writer`` until the answer ended (every choice, or an error)."""
@@ -85,6 +93,7 @@ async def pump(source: Source | StoredAnswer, writer: Writer) -> None:
             if type(event) is not StreamError:
                 await writer.open()
                 opened = True
+                _write_through(source, writer)
         while event is not None:  # events already queued share one flush
             kind = type(event)
             if kind is TokenDelta:
@@ -103,6 +112,14 @@ async def pump(source: Source | StoredAnswer, writer: Writer) -> None:
             event = source.next_nowait()
         if (sending := writer.flush()) is not None:
             await sending
+
+
+def _write_through(source: Source, writer: Writer) -> None:
+    """Let ``source`` hand deltas to ``writer.write_now`` while the pump waits, where both can."""
+    write_through = getattr(source, "write_through", None)
+    write_now = getattr(writer, "write_now", None)
+    if write_through is not None and write_now is not None:
+        write_through(write_now)
 
 
 @dataclass(frozen=True, slots=True)

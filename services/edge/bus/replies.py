@@ -28,6 +28,14 @@ request is cut as a slow consumer: its queued events are dropped, it ends with a
 ``slow_consumer`` error (owing the bus a cancel, which ``InferenceCall`` sends), and a connection
 that cannot take even that error is closed. The router itself never waits on a request's queue,
 so one stalled client slows no other stream.
+
+A request whose answer is written while the router routes (``PendingReply.sink``, set by
+``InferenceCall.write_through``) has each token delta handed to it at once, as long as nothing
+waits in its queue: one stream's token then costs the edge one socket read and one socket write,
+with no task woken in between. The sink takes a delta only when its writer can send it right now;
+anything else (every other event, a delta while the handler is busy or the client's socket is
+full) is queued as above, and everything after it too until the handler has caught up, so the
+client gets the events in the order they came.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import msgspec
 import nats.errors
@@ -57,6 +65,10 @@ log = logging.getLogger(__name__)
 SLOW_CONSUMER = "slow_consumer"
 
 
+# Takes one event of its request at once (True), or leaves it to the request's queue (False).
+Sink: TypeAlias = Callable[[StreamEvent], bool]
+
+
 class ClientConnection(Protocol):
     """The client's connection an answer is written to (aiohttp's ``request.protocol``)."""
 
@@ -73,7 +85,7 @@ class PendingReply:
     """The reply side of one in-flight request."""
 
     __slots__ = ("abandon_reason", "client", "dead_since", "dispatch", "gap", "lost", "next_seq", "queue",
-                 "stalled_since", "worker")
+                 "sink", "stalled_since", "worker")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -91,6 +103,8 @@ class PendingReply:
         # The connection the answer goes to (set once a writer is chosen), and since when it refuses writes.
         self.client: ClientConnection | None = None
         self.stalled_since: float | None = None
+        # Offered each event before it is queued, while the queue is empty (see the module docstring).
+        self.sink: Sink | None = None
 
     def restart(self) -> None:
         """Forget the lost attempt: its queued events and its engine (a new attempt is about to start)."""
@@ -136,7 +150,7 @@ class ReplyRouter:
     """Routes events from the edge's wildcard inbox to per-request queues."""
 
     def __init__(self, edge_id: str, root: str = names.REPLY_PREFIX, *, max_buffer: int = 4096,
-                 on_slow_consumer: Callable[[], None] | None = None) -> None:
+                 on_slow_consumer: Callable[[], None] | None = None, write_through: bool = True) -> None:
         self.edge_id = names.token(edge_id)
         self.max_buffer = max_buffer  # events one request may have waiting for its client
         self._on_slow_consumer = on_slow_consumer
@@ -145,6 +159,8 @@ class ReplyRouter:
         self._sub: Subscription | None = None
         self._nc: Client | None = None
         self.unrouted = 0
+        self.write_through = write_through  # requests may set a sink (off: --no-write-through)
+        self.written_through = 0  # events a request's sink took (written to its client on arrival)
         self.strays = 0  # events dropped because they came from an older offer than the one followed
         self._withdrawals: set[asyncio.Task[None]] = set()  # withdrawals being sent
 
@@ -219,6 +235,9 @@ class ReplyRouter:
             pending.next_seq += 1
         if pending.queue.qsize() >= self.max_buffer:  # its client is not reading
             self._cut(request_id, pending, f"more than {self.max_buffer} events were waiting for it")
+            return
+        if (sink := pending.sink) is not None and not pending.queue.qsize() and sink(event):
+            self.written_through += 1
             return
         pending.queue.put_nowait(event)
 

@@ -6,13 +6,19 @@ choice's index, with log-probabilities when asked for), or the native API's even
 (``NativeChunkFormatter``). A stream's headers go out with its first output, so an error before
 it (a full context, a timeout while queued) is still a proper HTTP status; after it, an error is
 an SSE error event followed by ``[DONE]``.
+
+``SseWriter.write_now`` sends one delta's chunk straight to the connection's transport (with the
+chunked framing aiohttp gave the response), for a delta handed over on arrival (``bus.pump``).
+It only does so after the pump's first write went out (aiohttp sends the headers with it), with
+nothing buffered, and while the client's socket takes writes; otherwise it declines and the
+delta takes the pump's way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from schemas.errors import BusError
 from schemas.events import StreamError, TokenLogprob, Usage
@@ -97,6 +103,8 @@ class SseWriter:
         self._fmts = fmts
         self._out: list[bytes] = []
         self.response: web.StreamResponse | None = None
+        self._sent = False  # a write went out (and aiohttp's headers with it)
+        self._chunked = False  # the body is sent in HTTP/1.1 chunks
 
     async def open(self) -> None:
         """Send the headers; the opening chunks (chat's role, one per choice) go with the first output."""
@@ -104,6 +112,7 @@ class SseWriter:
         self._request[SSE_RESPONSE] = resp
         await resp.prepare(self._request)
         self.response = resp
+        self._chunked = resp.headers.get(hdrs.TRANSFER_ENCODING) == "chunked" and not resp.compression
         lead = b"".join([fmt.start() for fmt in self._fmts])
         if lead:
             self._out.append(lead)
@@ -136,4 +145,21 @@ class SseWriter:
             return None
         data = b"".join(self._out)
         self._out.clear()
+        self._sent = True
         return self.response.write(data)
+
+    def write_now(self, text: str, logprobs: list[TokenLogprob]) -> bool:
+        """Send choice 0's delta at once, synchronously; False (nothing sent or kept) if it cannot go now."""
+        transport = self._request.transport
+        if (not self._sent or self._out or transport is None or transport.is_closing()
+                or self._request.protocol.writing_paused or self.response.compression):
+            return False
+        if logprobs:
+            data = self._fmts[0].delta_logprobs(text, logprobs)
+        elif text:
+            data = self._fmts[0].delta(text)
+        else:
+            return True
+        if data:  # a tool-call formatter may hold text back
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return True
