@@ -99,6 +99,24 @@ async def test_the_router_offers_an_event_to_the_sink_only_while_nothing_is_queu
     assert taken == [2, 3] and type(pending.queue.get_nowait()) is StreamEnd
 
 
+async def test_a_sink_that_raises_is_dropped_and_the_request_goes_on_through_its_queue():
+    router = ReplyRouter("edge-sink")
+    pending, other = router.register("r1"), router.register("r2")
+    calls = []
+
+    def broken(event) -> bool:
+        calls.append(event.seq)
+        raise RuntimeError("a writer bug")
+
+    pending.sink = broken
+    router.route("r1", encode(TokenDelta(id="r1", seq=1, text="a")))
+    router.route("r1", encode(TokenDelta(id="r1", seq=2, text="b")))
+    router.route("r2", encode(TokenDelta(id="r2", seq=1, text="x")))  # the router goes on routing
+    assert calls == [1] and pending.sink is None
+    assert [pending.queue.get_nowait().text for _ in range(2)] == ["a", "b"]
+    assert other.queue.get_nowait().text == "x"
+
+
 async def _raw_request(port: int, version: str, rcvbuf: int = 0) -> socket.socket:
     """A streaming chat request on a raw socket (``Connection: close``: the edge closes it after the answer)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -35,7 +35,8 @@ waits in its queue: one stream's token then costs the edge one socket read and o
 with no task woken in between. The sink takes a delta only when its writer can send it right now;
 anything else (every other event, a delta while the handler is busy or the client's socket is
 full) is queued as above, and everything after it too until the handler has caught up, so the
-client gets the events in the order they came.
+client gets the events in the order they came. A sink that raises is dropped, and the event and
+the rest of its request are queued: the handler meets the fault, in that request alone.
 """
 
 from __future__ import annotations
@@ -236,9 +237,16 @@ class ReplyRouter:
         if pending.queue.qsize() >= self.max_buffer:  # its client is not reading
             self._cut(request_id, pending, f"more than {self.max_buffer} events were waiting for it")
             return
-        if (sink := pending.sink) is not None and not pending.queue.qsize() and sink(event):
-            self.written_through += 1
-            return
+        if (sink := pending.sink) is not None and not pending.queue.qsize():
+            try:
+                taken = sink(event)
+            except Exception:  # never into the callback that routes every other request's events
+                log.exception("request %s: writing an event on arrival failed; the rest goes through its handler",
+                              request_id)
+                pending.sink, taken = None, False
+            if taken:
+                self.written_through += 1
+                return
         pending.queue.put_nowait(event)
 
     def cut(self, request_id: str, why: str) -> None:
