@@ -267,3 +267,82 @@ async def test_no_write_through_hands_every_delta_to_the_handler(nats_server, en
         assert router.written_through == 0
     finally:
         await edge.close()
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALLING = ["Checking. ", "<tool_", 'call>{"name":"get_weather",', '"arguments":{"city":"Par', 'is"}}</tool_call>']
+
+
+async def _both_ways(client, engine, path: str, body: dict, texts: list[str]) -> tuple[list[str], list[str], int]:
+    """The SSE ``data`` payloads of one answer sent delta by delta (each on arrival), then of the same answer
+    sent in one batch (through the handler); and how many deltas went the direct way."""
+    router = client.app[EDGE].router
+    answers = []
+    for spaced in (True, False):
+        first = b""
+        before = router.written_through
+        post = asyncio.create_task(client.post(path, json={**body, "stream": True, "cache": False}))
+        req = await engine.next_request()
+        ends = [_end(req, len(texts) + 1, len(texts))]
+        deltas = [TokenDelta(id=req.id, seq=i + 1, text=t) for i, t in enumerate(texts)]
+        if spaced:
+            await engine.send(req, engine.start_event(req), deltas[0])
+            resp = await post
+            first = await resp.content.readuntil(b"\n\n")  # the answer is open: the handler waits
+            for delta in deltas[1:]:
+                direct = router.written_through
+                await engine.send(req, delta)
+                await _until(lambda: router.written_through == direct + 1)
+            await engine.send(req, *ends)
+            written = router.written_through - before
+        else:
+            await engine.send(req, engine.start_event(req), *deltas, *ends)
+            resp = await post
+        assert resp.status == 200
+        text = (first + await resp.content.read()).decode()
+        answers.append([line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")])
+    return answers[0], answers[1], written
+
+
+def _shape(payloads: list[str]) -> list:
+    """What a client reads from each payload, without the ids and times that differ between two requests."""
+    out = []
+    for raw in payloads:
+        if raw == "[DONE]":
+            out.append(raw)
+            continue
+        event = parse_json(raw)
+        if "choices" in event:  # chat
+            for choice in event["choices"]:
+                for call in choice["delta"].get("tool_calls", []):
+                    call.pop("id", None)  # a call id is made per request
+            out.append([(c.get("delta"), c.get("finish_reason")) for c in event["choices"]])
+        else:  # the Responses API
+            out.append((event["type"], event["sequence_number"], event.get("delta"), event.get("arguments"),
+                        event.get("text")))
+    return out
+
+
+async def test_a_chat_answer_calling_a_tool_is_the_same_either_way(client, engine):
+    spaced, batched, written = await _both_ways(client, engine, CHAT, chat_body(tools=[WEATHER_TOOL]), CALLING)
+    assert written == len(CALLING) - 1  # including the deltas the call's parser held back
+    assert _shape(spaced) == _shape(batched)
+    assert any("tool_calls" in parse_json(p)["choices"][0]["delta"] for p in spaced[:-1] if parse_json(p)["choices"])
+
+
+async def test_a_responses_stream_is_the_same_either_way_with_and_without_tools(client, engine):
+    spaced, batched, written = await _both_ways(client, engine, "/v1/responses",
+                                                {"model": chat_body()["model"], "input": "hi"}, ["a", "b", "c"])
+    assert written == 2
+    assert _shape(spaced) == _shape(batched)
+    assert [s[2] for s in _shape(spaced) if s[0] == "response.output_text.delta"] == ["a", "b", "c"]
+    assert [s[1] for s in _shape(spaced)] == list(range(len(spaced)))  # sequence numbers unbroken
+
+    spaced, batched, written = await _both_ways(client, engine, "/v1/responses",
+                                                {"model": chat_body()["model"], "input": "hi",
+                                                 "tools": [{"type": "function", **WEATHER_TOOL["function"]}]},
+                                                CALLING)
+    assert written == len(CALLING) - 1
+    assert _shape(spaced) == _shape(batched)
+    assert "response.function_call_arguments.done" in [s[0] for s in _shape(spaced)]

@@ -14,8 +14,8 @@ can still be a plain HTTP error (the writer raises it); after it, the writer ren
 in its own format. Events that already arrived are handed over together and sent with one
 ``flush``; per token the pump costs one type check and one writer call.
 
-Once the answer is open, a writer that can send a delta synchronously (``write_now``, the SSE
-writer) is handed to a source that can call it (``write_through``, a single ``InferenceCall``):
+Once the answer is open, a writer that can send a delta synchronously (``write_now``: the SSE
+writers of chat, completions, the native API and the Responses API) is handed to a source that can call it (``write_through``, a single ``InferenceCall``):
 a token delta that arrives while the pump waits then goes to the client from the router's
 callback, without waking the pump (see ``replies``).
 """

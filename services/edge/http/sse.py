@@ -7,9 +7,9 @@ choice's index, with log-probabilities when asked for), or the native API's even
 it (a full context, a timeout while queued) is still a proper HTTP status; after it, an error is
 an SSE error event followed by ``[DONE]``.
 
-``SseWriter.write_now`` sends one delta's chunk straight to the connection's transport (with the
-chunked framing aiohttp gave the response), for a delta handed over on arrival (``bus.pump``).
-It only does so after the pump's first write went out (aiohttp sends the headers with it), with
+``SseWriter.write_now`` (and the Responses API's) sends one delta's chunk straight to the
+connection's transport through ``DirectSend``, for a delta handed over on arrival (``bus.pump``).
+It only does so after the writer's first write went out (aiohttp sends the headers with it), with
 nothing buffered, and while the client's socket takes writes; otherwise it declines and the
 delta takes the pump's way.
 """
@@ -27,6 +27,35 @@ from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai.bodies import DONE, SSE_HEADERS, ChoiceResult, ChunkFormatter, sse
 
 BodyBuilder = Callable[..., bytes]
+DeltaRenderer = Callable[[int, str, list[TokenLogprob]], None]
+
+
+class DirectSend:
+    """Synchronous writes to an open SSE response's connection, framed as aiohttp frames the response's
+    own writes (HTTP/1.1 chunks; none for HTTP/1.0)."""
+
+    __slots__ = ("_chunked", "_request", "_response", "sent")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._request = request
+        self._response = response
+        self._chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+        self.sent = False  # the writer's first write went out, and aiohttp's headers with it
+
+    def write(self, out: list[bytes], render: DeltaRenderer, text: str, logprobs: list[TokenLogprob]) -> bool:
+        """Render choice 0's delta into the empty ``out`` and send it now; False (nothing rendered) if it
+        cannot go now: before the first write, with something buffered, while the client's socket is full."""
+        transport = self._request.transport
+        if (out or not self.sent or transport is None or transport.is_closing()
+                or self._request.protocol.writing_paused or self._response.compression):
+            return False
+        render(0, text, logprobs)
+        if out:
+            data = b"".join(out)
+            out.clear()
+            if data:  # a tool-call formatter may hold text back
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return True
 
 
 def raise_error(event: StreamError | BusError) -> None:
@@ -103,8 +132,7 @@ class SseWriter:
         self._fmts = fmts
         self._out: list[bytes] = []
         self.response: web.StreamResponse | None = None
-        self._sent = False  # a write went out (and aiohttp's headers with it)
-        self._chunked = False  # the body is sent in HTTP/1.1 chunks
+        self._direct: DirectSend | None = None
 
     async def open(self) -> None:
         """Send the headers; the opening chunks (chat's role, one per choice) go with the first output."""
@@ -112,7 +140,7 @@ class SseWriter:
         self._request[SSE_RESPONSE] = resp
         await resp.prepare(self._request)
         self.response = resp
-        self._chunked = resp.headers.get(hdrs.TRANSFER_ENCODING) == "chunked" and not resp.compression
+        self._direct = DirectSend(self._request, resp)
         lead = b"".join([fmt.start() for fmt in self._fmts])
         if lead:
             self._out.append(lead)
@@ -145,21 +173,9 @@ class SseWriter:
             return None
         data = b"".join(self._out)
         self._out.clear()
-        self._sent = True
+        self._direct.sent = True
         return self.response.write(data)
 
     def write_now(self, text: str, logprobs: list[TokenLogprob]) -> bool:
         """Send choice 0's delta at once, synchronously; False (nothing sent or kept) if it cannot go now."""
-        transport = self._request.transport
-        if (not self._sent or self._out or transport is None or transport.is_closing()
-                or self._request.protocol.writing_paused or self.response.compression):
-            return False
-        if logprobs:
-            data = self._fmts[0].delta_logprobs(text, logprobs)
-        elif text:
-            data = self._fmts[0].delta(text)
-        else:
-            return True
-        if data:  # a tool-call formatter may hold text back
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        return True
+        return self._direct is not None and self._direct.write(self._out, self.delta, text, logprobs)

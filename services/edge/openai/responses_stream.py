@@ -21,7 +21,7 @@ from aiohttp import web
 
 from schemas.errors import BusError
 from schemas.events import StreamError, TokenLogprob, Usage
-from services.edge.http.sse import raise_error
+from services.edge.http.sse import DirectSend, raise_error
 from services.edge.middleware import SSE_RESPONSE
 from services.edge.openai.bodies import SSE_HEADERS
 from services.common.tool_format import CallStream, Piece, walk_pieces
@@ -76,6 +76,7 @@ class ResponseSseWriter:
         self._out: list[bytes] = []
         self._final: dict[str, Any] | None = None  # the ended response object, until it went out
         self.response: web.StreamResponse | None = None
+        self._direct: DirectSend | None = None
         where = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
         # A delta event is _prefix + JSON(text) + b',"sequence_number":' + seq + b'}\n\n' (encoded once).
         self._delta_prefix = (b"event: response.output_text.delta\ndata: " + _encode(
@@ -92,6 +93,7 @@ class ResponseSseWriter:
         self._request[SSE_RESPONSE] = resp
         await resp.prepare(self._request)
         self.response = resp
+        self._direct = DirectSend(self._request, resp)
         shown = self.draft.response_json()
         self._event("response.created", response=shown)
         self._event("response.in_progress", response=shown)
@@ -140,7 +142,13 @@ class ResponseSseWriter:
             return None
         data = b"".join(self._out)
         self._out.clear()
+        self._direct.sent = True
         return self.response.write(data)
+
+    def write_now(self, text: str, logprobs: list[TokenLogprob]) -> bool:
+        """Send the delta's events at once, synchronously; False (nothing sent or kept) if they cannot go now
+        (``DirectSend``)."""
+        return self._direct is not None and self._direct.write(self._out, self.delta, text, logprobs)
 
     async def _finish(self) -> None:
         final, self._final = self._final, None
