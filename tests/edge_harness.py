@@ -166,6 +166,18 @@ async def wait_until_served(client: TestClient, model: str = MODEL, timeout: flo
             await asyncio.sleep(0.02)
 
 
+async def start_edge(nats_server, **fields) -> TestClient:
+    """An edge in-process on its own config (no prompt cache, a 60 s request timeout, ``fields`` over
+    that), started and serving ``MODEL``; close it when done."""
+    fields = {"liveness_interval": 0.1, "worker_lost_grace": 5, "request_timeout": 60, "cache_enabled": False,
+              **fields}
+    config = EdgeConfig(nats_url=nats_server.url, **fields)
+    client = TestClient(TestServer(create_app(config)))
+    await client.start_server()
+    await wait_until_served(client)
+    return client
+
+
 def assert_error(body: dict, code: str, param: str | None = "__any__") -> None:
     """``body`` is an OpenAI error body with ``code`` (and ``param`` when given)."""
     assert set(body) == {"error"}, body

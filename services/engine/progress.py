@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import msgspec
+
 from schemas.cache import CachedResponse
-from schemas.events import StreamError, TokenDelta, encode
+from schemas.events import StreamEnd, StreamError, TokenDelta, Usage, encode
 from schemas.inference import InferenceRequest
 from services.engine.backend import Chunk
 from services.engine.response_cache import ResponseRecorder
@@ -33,6 +35,12 @@ class Progress:
         self.first = self.first or time.monotonic()
         if recorder is not None:
             recorder.delta(chunk.text, chunk.token_ids)
+
+    def end(self, req: InferenceRequest, reason: str, usage: Usage, cached_tokens: int) -> None:
+        """End ``req`` with a ``StreamEnd`` numbered after the last event sent (``cached_tokens`` in its usage)."""
+        self.seq += 1
+        self.terminal = encode(StreamEnd(id=req.id, seq=self.seq, finish_reason=reason, dispatch=req.dispatch,
+                                         usage=msgspec.structs.replace(usage, cached_tokens=cached_tokens)))
 
     def fail(self, req: InferenceRequest, code: str, message: str, param: str | None = None) -> None:
         """End ``req`` with a ``StreamError`` numbered after the last event sent."""

@@ -30,7 +30,7 @@ from nats.micro.request import Request
 
 from schemas import names
 from schemas.errors import BusError, ErrorCode
-from schemas.events import StreamEnd, StreamStart, Usage, encode
+from schemas.events import StreamStart, Usage, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import CancelRequest, DispatchReply, InferenceRequest
 from services.common import bus, bus_permissions, gc_heap, rate_counters
@@ -324,11 +324,8 @@ class EngineService:
                     await send(progress.delta(req, event))
                     progress.sent(event, recorder)
                 else:
-                    progress.seq += 1
                     usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-                    progress.terminal = encode(StreamEnd(
-                        id=req.id, seq=progress.seq, finish_reason=event.reason,
-                        usage=msgspec.structs.replace(usage, cached_tokens=event.cached_tokens), dispatch=req.dispatch))
+                    progress.end(req, event.reason, usage, event.cached_tokens)
                     if recorder is not None:
                         progress.cached = recorder.finished(event.reason, usage)
                     self.metrics.observe_finished(model, start, progress.first, usage)

@@ -16,13 +16,11 @@ import os
 import socket
 import struct
 
-from aiohttp.test_utils import TestClient, TestServer
 
 from schemas.errors import ErrorCode
 from schemas.events import StreamEnd, StreamError, TokenDelta, Usage, encode
 from schemas.inference import InferenceRequest
 from services.common import bus
-from services.edge import EdgeConfig, create_app
 from services.edge.bus.replies import ReplyRouter
 from tests.edge_harness import (  # noqa: F401 - fixtures
     BusEngine,
@@ -31,22 +29,13 @@ from tests.edge_harness import (  # noqa: F401 - fixtures
     chat_body,
     engine,
     parse_json,
+    start_edge,
     sse_payloads,
-    wait_until_served,
 )
 
 CHAT = "/v1/chat/completions"
 DELTA = "x" * 16384  # big deltas fill the socket buffers after a few hundred events
 BATCH = 8
-
-
-async def _edge(nats_server, **limits) -> TestClient:
-    config = EdgeConfig(nats_url=nats_server.url, liveness_interval=0.05, worker_lost_grace=5, request_timeout=60,
-                        cache_enabled=False, **limits)
-    client = TestClient(TestServer(create_app(config)))
-    await client.start_server()
-    await wait_until_served(client)
-    return client
 
 
 async def _stalled_client(port: int, **extra) -> socket.socket:
@@ -109,7 +98,7 @@ async def _flood(engine: BusEngine, req: InferenceRequest, cancels: CancelRecord
 
 async def _stall_one_while_another_streams(nats_server, engine, cancels, most: int, **limits) -> str:
     """A stalled and a normal client at once; the normal one's answer must be whole. Returns /metrics."""
-    client = await _edge(nats_server, **limits)
+    client = await start_edge(nats_server, liveness_interval=0.05, **limits)
     sock = None
     try:
         sock = await _stalled_client(client.server.port)
@@ -157,7 +146,7 @@ async def test_a_write_that_stays_blocked_is_cut_at_the_write_timeout(nats_serve
 
 
 async def test_an_n_choice_answer_whose_client_stops_reading_is_cut_in_every_choice(nats_server, engine, cancels):
-    client = await _edge(nats_server, max_stream_buffer=16, write_timeout=600)
+    client = await start_edge(nats_server, liveness_interval=0.05, max_stream_buffer=16, write_timeout=600)
     sock = None
     try:
         sock = await _stalled_client(client.server.port, n=2)
@@ -176,7 +165,7 @@ async def test_an_n_choice_answer_whose_client_stops_reading_is_cut_in_every_cho
 
 
 async def test_a_websocket_that_stops_reading_is_cut_and_closed(nats_server, engine, cancels):
-    client = await _edge(nats_server, max_stream_buffer=16, write_timeout=600)
+    client = await start_edge(nats_server, liveness_interval=0.05, max_stream_buffer=16, write_timeout=600)
     sock = None
     try:
         sock = await _stalled_websocket(client.server.port)

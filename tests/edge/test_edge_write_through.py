@@ -13,10 +13,8 @@ import asyncio
 import json
 import socket
 
-from aiohttp.test_utils import TestClient, TestServer
 
 from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage, encode
-from services.edge import EdgeConfig, create_app
 from services.edge.bus.replies import ReplyRouter
 from services.edge.state import EDGE
 from tests.edge_harness import (  # noqa: F401 - fixtures
@@ -25,8 +23,8 @@ from tests.edge_harness import (  # noqa: F401 - fixtures
     edge_config,
     engine,
     parse_json,
+    start_edge,
     sse_payloads,
-    wait_until_served,
 )
 
 CHAT = "/v1/chat/completions"
@@ -164,19 +162,10 @@ def _unchunk(body: bytes) -> bytes:
         pos = start + size + 2
 
 
-async def _edge(nats_server, **limits) -> TestClient:
-    config = EdgeConfig(nats_url=nats_server.url, liveness_interval=0.1, worker_lost_grace=5, request_timeout=60,
-                        cache_enabled=False, **limits)
-    edge = TestClient(TestServer(create_app(config)))
-    await edge.start_server()
-    await wait_until_served(edge)
-    return edge
-
-
 async def test_a_client_whose_socket_fills_gets_every_delta_in_order_as_the_ways_alternate(nats_server, engine):
     # Small deltas go the direct way; big ones fill the client's socket (it reads nothing until the end), so
     # the direct write declines and the pump takes over, and back whenever the socket drains.
-    edge = await _edge(nats_server, max_stream_buffer=100000, write_timeout=600)
+    edge = await start_edge(nats_server, max_stream_buffer=100000, write_timeout=600)
     sock = None
     try:
         router = edge.app[EDGE].router
@@ -250,7 +239,7 @@ async def test_a_delta_after_an_answer_opened_with_nothing_to_send_waits_for_the
 
 
 async def test_no_write_through_hands_every_delta_to_the_handler(nats_server, engine):
-    edge = await _edge(nats_server, write_through=False)
+    edge = await start_edge(nats_server, write_through=False)
     try:
         router = edge.app[EDGE].router
         post = asyncio.create_task(edge.post(CHAT, json=chat_body(stream=True, cache=False)))
