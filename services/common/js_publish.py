@@ -5,14 +5,17 @@ then gets no answer (the stream's subject has no responder) or times out (it rea
 leader). Both are retried here with the same ``Nats-Msg-Id``, so the stream keeps one copy even
 if an attempt that looked lost was stored: JetStream answers the later copy ``duplicate``
 inside the stream's duplicate window. The caller sees one acknowledgement, or the last error
-once ``window`` has passed.
+once ``window`` has passed. ``through_elections`` does the same for any operation that is safe
+to run twice (a read, a KV put, an object-store put of the same bytes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -20,6 +23,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # What a publish meets while a stream elects a leader or the client moves to another node:
 # no responder on the stream subject, a lost answer, a connection between servers, and the
@@ -39,7 +43,32 @@ def _retryable(exc: Exception) -> bool:
 def election_error(exc: BaseException) -> bool:
     """A failure a leader election or a change of node causes (worth retrying), not an answer."""
     return isinstance(exc, RETRYABLE) and _retryable(exc)
+
+
 _FIRST_BACKOFF = 0.1
+_ELECTION_PAUSE = 0.5
+
+
+async def through_elections(op: Callable[[], Awaitable[_T]], *, window: float, what: str) -> _T:
+    """``await op()``, run again while a leader election or a change of node makes it fail, for up to ``window`` s.
+
+    Only for operations that may run twice (a read, a put of the same value): an attempt that
+    timed out may have been applied. Any other error, and the last election error after
+    ``window``, is raised.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await op()
+        except RETRYABLE as exc:
+            if not _retryable(exc) or loop.time() + _ELECTION_PAUSE >= deadline:
+                raise
+            log.warning("%s met a leader election (%s, attempt %d); retrying", what, type(exc).__name__, attempt)
+        await asyncio.sleep(_ELECTION_PAUSE)
+
 _FIRST_ATTEMPT_WAIT = 0.5
 _MAX_BACKOFF = 1.0
 

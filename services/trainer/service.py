@@ -40,6 +40,7 @@ _JOB_DECODER = msgspec.json.Decoder(TrainingJob)
 _CANCEL_DECODER = msgspec.json.Decoder(TrainCancel)
 _FETCH_WAIT = 1.0
 _BUS_RETRY = 1.0
+_REQUEUE_DELAY = 5.0
 
 
 class TrainerStatus(msgspec.Struct, kw_only=True):
@@ -107,7 +108,7 @@ class TrainerService:
             job = _JOB_DECODER.decode(msg.data)
         except msgspec.ValidationError as exc:
             log.error("dropping an undecodable job message (%s): %s", exc, msg.data[:200])
-            await msg.term()
+            await _settle(msg.term())
             return
         store, events, artifacts, models = self._deps
         execution = JobExecution(job, config=self.config, store=store, events=events, artifacts=artifacts,
@@ -119,7 +120,11 @@ class TrainerService:
             await execution.run()
         except Interrupted as exc:
             log.info("job %s handed back: %s", job.id, exc)
-            await _settle(msg.nak())
+            await _settle(msg.nak(delay=exc.delay))
+            return
+        except Exception:  # recording the failure itself failed (the bus is away): keep taking jobs
+            log.exception("job %s could not be settled; it goes back to the queue", job.id)
+            await _settle(msg.nak(delay=_REQUEUE_DELAY))
             return
         finally:
             self.metrics.running.dec()
