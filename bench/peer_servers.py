@@ -18,7 +18,8 @@ instead, seeded per request, from the whole vocabulary on both sides: llama-serv
 two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike, and each round
 starts once the machine is quiet (a vLLM that just finished polls a CPU for a second); each cell is
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
-platform/peer ratios, then the resident memory of each side's model process at idle and its peak
+platform/peer ratios (the cell's, and the mean of the per-round ratios with a bootstrap 95% interval,
+which leaves out most of the machine's drift between rounds), then the resident memory of each side's model process at idle and its peak
 during the 8-stream cell. ``transformers``: the platform with ``--engine transformers`` against
 ``transformers serve --continuous-batching`` (``peer_transformers``) on the same safetensors copy,
 float32, threads, and KV room for ``slots x context`` tokens.
@@ -37,6 +38,8 @@ import itertools
 import json
 import os
 import platform
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -123,6 +126,7 @@ class Side:
     pid: int
     extra: dict = field(default_factory=dict)
     cells: dict[int, tuple[list[float], int, float]] = field(default_factory=dict)
+    rounds: dict[int, list[float]] = field(default_factory=dict)  # tok/s of each round, in order
     rss_idle: int = 0
     rss_peak: int = 0
 
@@ -210,6 +214,22 @@ async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> No
                     sampler.cancel()
                 old = s.cells.get(c, ([], 0, 0.0))
                 s.cells[c] = (old[0] + t, old[1] + n, old[2] + secs)
+                s.rounds.setdefault(c, []).append(n / secs)
+
+
+def paired_ratio(side: Side, peer: Side, c: int) -> str:
+    """Mean of the per-round tok/s ratios (each against the peer's run in the same round) and its 95% interval.
+
+    The interval is a bootstrap of that mean (seeded, 2,000 resamples): the machine drifts
+    between rounds, and a ratio taken within one round leaves most of that drift out.
+    """
+    ratios = [a / b for a, b in zip(side.rounds[c], peer.rounds[c])]
+    mean = statistics.fmean(ratios)
+    if len(ratios) < 3:
+        return f"{mean:.3f}"
+    draw = random.Random(0)
+    means = sorted(statistics.fmean(draw.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return f"{mean:.3f} ({means[49]:.3f}-{means[1949]:.3f})"
 
 
 async def sample_rss(side: Side) -> None:
@@ -221,15 +241,16 @@ async def sample_rss(side: Side) -> None:
 
 def table(sides: list[Side], args) -> str:
     """The Markdown result: one row per side and concurrency, ratios to the peer (the first side), then memory."""
-    lines = ["| server | concurrency | requests | TTFT p50 ms | TTFT p99 ms | tok/s | tok/s ratio | TTFT p99 ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | concurrency | requests | TTFT p50 ms | TTFT p99 ms | tok/s | tok/s ratio | "
+             "per-round ratio, mean (95% interval) | TTFT p99 ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     peer = sides[0]
     for c in args.concurrency:
         pt, pn, ps = peer.cells[c]
         for side in sides:
             t, n, secs = side.cells[c]
-            ratio = (f"{(n / secs) / (pn / ps):.2f} | {percentile(t, 99) / max(percentile(pt, 99), 1e-9):.2f}"
-                     if side is not peer else " | ")
+            ratio = (f"{(n / secs) / (pn / ps):.2f} | {paired_ratio(side, peer, c)} | "
+                     f"{percentile(t, 99) / max(percentile(pt, 99), 1e-9):.2f}" if side is not peer else " |  | ")
             lines.append(f"| {side.label} | {c} | {len(t)} | {percentile(t, 50) * 1000:.0f} | "
                          f"{percentile(t, 99) * 1000:.0f} | {n / secs:.1f} | {ratio} |")
     lines += ["", "| model process | RSS idle MiB | RSS peak, 8 streams MiB |", "|---|---|---|"]
@@ -251,7 +272,8 @@ HEADING = "## Peer servers: the platform against each engine's own server (`benc
 ABOUT = ("Same GGUF, threads, slots and KV cells per slot on both sides; streaming chat over HTTP, greedy "
          "(with `--temperature`, a seeded draw from the whole vocabulary instead); the sides alternate in rounds "
          "at each concurrency. Ratios are platform / peer: tok/s above 1 and TTFT p99 at or below 1 mean the "
-         "platform is at least as fast. RSS is the model process's resident memory.")
+         "platform is at least as fast. The per-round ratio is the mean of each round's tok/s ratio, with a bootstrap "
+         "95% interval of that mean. RSS is the model process's resident memory.")
 
 
 def record(path: Path, text: str, args) -> None:
