@@ -46,6 +46,8 @@ def election_error(exc: BaseException) -> bool:
 
 
 _FIRST_BACKOFF = 0.1
+_FIRST_ATTEMPT_WAIT = 0.5
+_MAX_BACKOFF = 1.0
 _ELECTION_PAUSE = 0.5
 
 
@@ -68,9 +70,6 @@ async def through_elections(op: Callable[[], Awaitable[_T]], *, window: float, w
                 raise
             log.warning("%s met a leader election (%s, attempt %d); retrying", what, type(exc).__name__, attempt)
         await asyncio.sleep(_ELECTION_PAUSE)
-
-_FIRST_ATTEMPT_WAIT = 0.5
-_MAX_BACKOFF = 1.0
 
 
 @dataclass(frozen=True)
