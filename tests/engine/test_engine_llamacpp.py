@@ -27,6 +27,7 @@ from services.engine.backends import backend_class
 from services.engine.config import parse_args
 from services.engine.metrics import EngineMetrics
 from services.engine.service import EngineService
+from services.engine.text.detok import ByteDetokenizer
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
 pytestmark = [pytest.mark.slow]
@@ -229,6 +230,24 @@ async def test_the_engine_service_serves_the_default_gguf_on_the_bus(nc, nats_se
         stop.set()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_byte_detokenizer_streams_whole_characters_only(engine):
+    model = engine.model
+    text = "Grüße, 世界! 🚀 done"
+    ids = model.tokenize(text, add_special=False, parse_special=False)
+    detok = ByteDetokenizer(model.piece)
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) == model.decode(ids) == text
+    assert "" in pieces  # some characters' bytes span tokens: they were held back, not split
+    assert all("\ufffd" not in p for p in pieces)
+    # A byte that cannot start a character is replaced at once, as decoding the whole text does.
+    stray = next(t for t in range(model.n_vocab) if model.piece(t) == b"\x80")
+    ids = [stray, *model.tokenize(" ok", add_special=False, parse_special=False)]
+    detok = ByteDetokenizer(model.piece)
+    assert [detok.push(i) for i in ids][0] == "\ufffd"
+    assert model.decode(ids) == "\ufffd ok"
 
 
 def test_threads_must_not_be_negative(capsys):

@@ -6,6 +6,7 @@ U+FFFD for those) and never text that might turn out to be the start of a stop s
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Sequence
 
 _REPLACEMENT = "\ufffd"
@@ -31,6 +32,27 @@ class IncrementalDetokenizer:
             self._read = len(self.ids)
             return delta
         return ""
+
+
+class ByteDetokenizer:
+    """Text deltas of a tokenizer whose tokens are byte strings (GGUF's ``llama_token_to_piece``): each token's
+    bytes go through one incremental UTF-8 decoder, which holds back an incomplete character.
+
+    Same text as ``IncrementalDetokenizer`` over the joined bytes, without decoding a window twice per
+    token: a few microseconds instead of 26 (measured on the default model), once per sequence per step
+    in the model thread. Bytes that can never start a character come out as U+FFFD at once; an
+    incomplete character at the very end is never released (as ``IncrementalDetokenizer`` does).
+    """
+
+    __slots__ = ("_piece", "_decode")
+
+    def __init__(self, piece: Callable[[int], bytes]) -> None:
+        self._piece = piece
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the newly complete text (possibly empty)."""
+        return self._decode(self._piece(token_id))
 
 
 class StopMatcher:

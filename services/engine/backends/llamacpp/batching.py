@@ -44,11 +44,11 @@ from schemas.events import TokenLogprob, TopLogprob
 from schemas.inference import SamplingParams
 from services.engine.backend import Chunk, Finished
 from services.engine.backends.model_thread import Failed, ModelThread
-from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.text.detok import ByteDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.adapter_slots import AdapterListener, GgufLoras
 from services.engine.backends.llamacpp.decode_threads import DecodeThreads
 from services.engine.backends.llamacpp.model import PREFILL_TOKEN_BUDGET, GgufModel
-from services.engine.backends.llamacpp.sampling import Chain, Sampler, logits_row
+from services.engine.backends.llamacpp.sampling import Chain, LogitsRows, Sampler
 from services.engine.backends.llamacpp.saved_prefixes import SavedPrefixes
 from services.engine.grammar.constraint import RowConstraint
 from services.engine.prefix_cache import common_length
@@ -65,7 +65,7 @@ class GgufSequence:
     params: SamplingParams
     seed: int
     max_new_tokens: int
-    detok: IncrementalDetokenizer
+    detok: ByteDetokenizer
     stop: StopMatcher
     adapter: str | None = None  # with the GGUF form of it at adapter_path; None: the base model
     adapter_path: Path | None = None
@@ -120,6 +120,7 @@ class GgufBatchGenerator(ModelThread):
         self._running: list[GgufSequence] = []
         self._capacity = max(PREFILL_TOKEN_BUDGET, model.shape.n_seq)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._rows = LogitsRows(model.ctx, model.n_vocab)
         threads = 1 if model.shape.gpu_layers else model.threads  # offloaded: the CPU threads mostly wait
         self.threads = DecodeThreads(threads)
 
@@ -256,7 +257,7 @@ class GgufBatchGenerator(ModelThread):
 
     def _logits(self, index: int) -> np.ndarray:
         """Batch row ``index``'s logits: a view of llama.cpp's own buffer (writes go to the sampler)."""
-        return logits_row(self._model.ctx, index, self._model.n_vocab)
+        return self._rows(index)
 
     def _fill_batch(self, seqs: list[GgufSequence]) -> list[tuple[GgufSequence, int]]:
         """Write this step's tokens into the batch; return (sequence, batch index) of every row with logits."""

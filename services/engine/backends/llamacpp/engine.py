@@ -39,7 +39,7 @@ from services.engine.backend import (Chunk, EngineBackend, GenerationEvent, Join
                                      check_logit_bias)
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
-from services.engine.text.detok import IncrementalDetokenizer, StopMatcher
+from services.engine.text.detok import ByteDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.batching import GgufBatchGenerator, GgufSequence
 from services.engine.backends.join_window import DEFAULT_JOIN_WINDOW
 from services.engine.backends.model_thread import EventQueues
@@ -126,8 +126,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     def _grammar_tokenizer(self):
         import llguidance.llamacpp
 
-        eog = [t for t in range(self.model.n_vocab) if self.model.is_end_of_generation(t)]
-        return llguidance.llamacpp.lltokenizer_from_vocab(self.model.vocab, eos_token=eog)
+        return llguidance.llamacpp.lltokenizer_from_vocab(self.model.vocab, eos_token=sorted(self.model.end_ids))
 
     def check_request(self, request: InferenceRequest) -> None:
         """Structured outputs and ``logit_bias`` are enforced here; only token ids outside the vocabulary are refused."""
@@ -245,7 +244,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
             params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(32),
             max_new_tokens=min(params.max_tokens, self.model.ctx_per_seq - len(prompt_ids)),
-            detok=IncrementalDetokenizer(self.model.decode),
+            detok=ByteDetokenizer(self.model.piece),
             stop=StopMatcher(params.stop),
             adapter=request.adapter if adapter_path is not None else None,
             adapter_path=adapter_path,

@@ -98,6 +98,7 @@ class GgufModel:
         self.ctx_per_seq = 0
         self.threads = 0  # CPU threads of the context (llama_decode may be given fewer)
         self._pieces: dict[int, bytes] = {}
+        self.end_ids: frozenset[int] = frozenset()
         self._formatter: Jinja2ChatFormatter | None = None
         self._bare_formatter: Jinja2ChatFormatter | None = None  # no assistant header (``/tokenize`` only)
 
@@ -115,6 +116,8 @@ class GgufModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        # Asked once a token per sequence in the model thread: a set lookup, not a call into llama.cpp.
+        self.end_ids = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         threads = self.threads = self.shape.threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_seq_max = self.shape.n_seq
@@ -206,7 +209,7 @@ class GgufModel:
 
     def is_end_of_generation(self, token: int) -> bool:
         """EOS, EOT and every other token the model ends a turn with."""
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return token in self.end_ids
 
     def _token_text(self, token: int) -> str:
         if token < 0:

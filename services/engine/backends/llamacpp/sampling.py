@@ -24,10 +24,35 @@ from services.engine.sampling import Greedy, Nucleus
 _RANDOM_SEED = 0xFFFFFFFF
 
 
-def logits_row(ctx, index: int, n_vocab: int) -> np.ndarray:
-    """Batch row ``index``'s logits: a float32 view of llama.cpp's own buffer (writes are seen by its samplers)."""
-    address = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
-    return np.frombuffer((ctypes.c_float * n_vocab).from_address(address), dtype=np.float32)
+# Views kept per context before they are all dropped (llama.cpp moved its output buffer that often).
+_MAX_VIEWS = 1024
+
+
+class LogitsRows:
+    """Batch rows' logits of one context: float32 views of llama.cpp's own buffer (writes are seen by its samplers).
+
+    A view is made once per row address and kept: made right after a decode, with the caches cold,
+    a new one cost 30-35 us a row (ctypes' array type and buffer export), a kept one 3. An address
+    is only ever looked up as llama.cpp returns it for this step's row, so a view of a buffer
+    llama.cpp has since replaced is never read unless that memory is a row again.
+    """
+
+    __slots__ = ("_ctx", "_n_vocab", "_views")
+
+    def __init__(self, ctx, n_vocab: int) -> None:
+        self._ctx = ctx
+        self._n_vocab = n_vocab
+        self._views: dict[int, np.ndarray] = {}
+
+    def __call__(self, index: int) -> np.ndarray:
+        address = ctypes.addressof(llama_cpp.llama_get_logits_ith(self._ctx, index).contents)  # NULL: ValueError
+        view = self._views.get(address)
+        if view is None:
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            view = self._views[address] = np.frombuffer((ctypes.c_float * self._n_vocab).from_address(address),
+                                                        dtype=np.float32)
+        return view
 
 
 class Chain:
