@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/peer_servers.py [--pair llamacpp|transformers|vllm] [--concurrency 1,8,32] [--requests 72]
                                            [--rounds 4] [--max-tokens 64] [--threads 2] [--slots 32]
-                                           [--context 1024] [--platform-env NAME=VALUE] [--platform-engine-arg ARG]
+                                           [--context 1024] [--launches 1]
+                                           [--platform-env NAME=VALUE] [--platform-engine-arg ARG]
                                            [--platform-edge-arg ARG]
                                            [--unique-prompts] [--temperature T]
                                            [--record docs/benchmarks.md]
@@ -20,7 +21,9 @@ starts once the machine is quiet (a vLLM that just finished polls a CPU for a se
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios (the cell's, and the mean of the per-round ratios with a bootstrap 95% interval,
 which leaves out most of the machine's drift between rounds), then the resident memory of each side's model process at idle and its peak
-during the 8-stream cell. ``transformers``: the platform with ``--engine transformers`` against
+during the 8-stream cell. ``--launches N`` repeats all of it N times, each with every server started
+afresh, and pools the cells: two launches of the same code have differed by more than one launch's
+interval (1.06 and 0.97 at one stream), so the interval then resamples launches, then rounds within them. ``transformers``: the platform with ``--engine transformers`` against
 ``transformers serve --continuous-batching`` (``peer_transformers``) on the same safetensors copy,
 float32, threads, and KV room for ``slots x context`` tokens.
 ``--record`` appends the table, dated, with the machine, to a Markdown file.
@@ -126,7 +129,7 @@ class Side:
     pid: int
     extra: dict = field(default_factory=dict)
     cells: dict[int, tuple[list[float], int, float]] = field(default_factory=dict)
-    rounds: dict[int, list[float]] = field(default_factory=dict)  # tok/s of each round, in order
+    rounds: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # (launch, tok/s) of each round, in order
     rss_idle: int = 0
     rss_peak: int = 0
 
@@ -192,7 +195,7 @@ async def settle(quiet: float = 5.0, window: float = 0.3, limit: float = 10.0) -
     return time.perf_counter() - start
 
 
-async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> None:
+async def measure(sides: list[Side], args, session: aiohttp.ClientSession, launch: int = 0) -> None:
     """Alternate the sides in rounds at every concurrency; keep each cell's TTFTs, tokens and seconds.
 
     Each round starts on a quiet machine (``settle``), so no side pays for the other's wind-down.
@@ -202,7 +205,7 @@ async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> No
     for s in sides:  # warm-up: graphs built, prompt prefixes cached, connections open
         await settle()
         await run_load(runners[s.label], 2, 4)
-        s.rss_idle = rss_bytes(s.pid)
+        s.rss_idle = s.rss_idle or rss_bytes(s.pid)
     for c in args.concurrency:
         per_round = max(c, args.requests // args.rounds)
         for _ in range(args.rounds):
@@ -214,21 +217,28 @@ async def measure(sides: list[Side], args, session: aiohttp.ClientSession) -> No
                     sampler.cancel()
                 old = s.cells.get(c, ([], 0, 0.0))
                 s.cells[c] = (old[0] + t, old[1] + n, old[2] + secs)
-                s.rounds.setdefault(c, []).append(n / secs)
+                s.rounds.setdefault(c, []).append((launch, n / secs))
 
 
 def paired_ratio(side: Side, peer: Side, c: int) -> str:
     """Mean of the per-round tok/s ratios (each against the peer's run in the same round) and its 95% interval.
 
     The interval is a bootstrap of that mean (seeded, 2,000 resamples): the machine drifts
-    between rounds, and a ratio taken within one round leaves most of that drift out.
+    between rounds, and a ratio taken within one round leaves most of that drift out. With
+    several launches it resamples the launches, then the rounds within each one drawn, so a
+    launch that was luckier than the rest (where memory and threads landed) widens it.
     """
-    ratios = [a / b for a, b in zip(side.rounds[c], peer.rounds[c])]
+    launches: dict[int, list[float]] = {}
+    for (launch, a), (_, b) in zip(side.rounds[c], peer.rounds[c]):
+        launches.setdefault(launch, []).append(a / b)
+    groups = list(launches.values())
+    ratios = [r for group in groups for r in group]
     mean = statistics.fmean(ratios)
     if len(ratios) < 3:
         return f"{mean:.3f}"
     draw = random.Random(0)
-    means = sorted(statistics.fmean(draw.choices(ratios, k=len(ratios))) for _ in range(2000))
+    means = sorted(statistics.fmean([r for group in draw.choices(groups, k=len(groups))
+                                     for r in draw.choices(group, k=len(group))]) for _ in range(2000))
     return f"{mean:.3f} ({means[49]:.3f}-{means[1949]:.3f})"
 
 
@@ -296,6 +306,18 @@ async def main(args) -> None:
         from peer_vllm import main_vllm
 
         return await main_vllm(args)
+    sides: list[Side] = []
+    for launch in range(args.launches):
+        await launch_and_measure(args, sides, launch)
+    text = table(sides, args)
+    print(f"\n{machine()}\nthreads={args.threads} slots={args.slots} context/slot={args.context} "
+          f"max_tokens={args.max_tokens} temperature={args.temperature} launches={args.launches}\n\n{text}")
+    if args.record:
+        record(Path(args.record), text, args)
+
+
+async def launch_and_measure(args, sides: list[Side], launch: int) -> None:
+    """Start every side, measure them alternately, stop them; the cells add to ``sides`` (made by the first launch)."""
     variants = [(f"platform {'llama.cpp' if args.pair == 'llamacpp' else args.pair} engine", {}, [], [])]
     if args.platform_env or args.platform_engine_arg or args.platform_edge_arg:
         env = dict(kv.split("=", 1) for kv in args.platform_env)
@@ -305,29 +327,28 @@ async def main(args) -> None:
         tmp = Path(tmpdir)
         peer_proc, peer = await start_peer(tmp, args)
         started: list = []
-        sides = [peer]
+        fresh = [peer]
         try:
             for i, (label, env, engine_args, edge_args) in enumerate(variants):
                 server, sup, side = await start_platform(tmp / f"platform-{i}", args, env, label, engine_args,
                                                          edge_args)
                 started.append((server, sup))
-                sides.append(side)
+                fresh.append(side)
+            if not sides:
+                sides += fresh
+            for kept, side in zip(sides, fresh):  # the same servers, started again: new addresses and pids
+                kept.url, kept.pid = side.url, side.pid
             # A new connection per request on every side: llama-server closes a connection after a
             # streamed answer, and a pooled connection it closed fails the next request.
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
                                              connector=aiohttp.TCPConnector(force_close=True)) as session:
-                await measure(sides, args, session)
+                await measure(sides, args, session, launch)
         finally:
             for server, sup in started:
                 await sup.stop_all(["edge", "scheduler", "engine"])
                 server.stop()
             peer_proc.terminate()
             await peer_proc.wait()
-    text = table(sides, args)
-    print(f"\n{machine()}\nthreads={args.threads} slots={args.slots} context/slot={args.context} "
-          f"max_tokens={args.max_tokens} temperature={args.temperature}\n\n{text}")
-    if args.record:
-        record(Path(args.record), text, args)
 
 
 if __name__ == "__main__":
@@ -341,6 +362,9 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sample at this temperature (top_p 1, seeded per request) instead of greedy decoding")
     p.add_argument("--rounds", type=int, default=4, help="alternations of the two sides per concurrency")
+    p.add_argument("--launches", type=int, default=1,
+                   help="repeat everything this many times, every server started afresh each time (llamacpp and "
+                        "transformers pairs)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of both servers")
     p.add_argument("--slots", type=int, default=32, help="sequences decoded together, both servers")
@@ -356,6 +380,10 @@ if __name__ == "__main__":
                         "in that third side; repeatable")
     p.add_argument("--record", default="", help="append the result to this Markdown file")
     parsed = p.parse_args()
+    if parsed.launches < 1:
+        p.error("--launches must be at least 1")
+    if parsed.pair == "vllm" and parsed.launches != 1:
+        p.error("--launches is for the llamacpp and transformers pairs")
     if parsed.pair == "vllm" and (parsed.platform_env or parsed.platform_engine_arg or parsed.platform_edge_arg):
         p.error("--platform-env, --platform-engine-arg and --platform-edge-arg add a side to the llamacpp and "
                 "transformers pairs only")
