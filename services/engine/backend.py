@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from schemas.errors import BusError, ErrorCode
 from schemas.events import TokenLogprob
@@ -24,6 +25,17 @@ class Chunk:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+
+
+class ChunkWriter(Protocol):
+    """Writes one request's chunks from the model thread (``services/engine/replies.TokenWriter``, see
+    ``EngineBackend.write_through``)."""
+
+    def __call__(self, chunk: Chunk) -> bool:
+        """Take ``chunk`` (True); False: it, and the rest of the request, go through the loop."""
+
+    def flush(self) -> None:
+        """Send what was taken in this step (together with other writers' frames on the same connection)."""
 
 
 @dataclass(slots=True)
@@ -164,7 +176,7 @@ class EngineBackend(abc.ABC):
         """The backend's join window, if its model thread holds steps for replacements (for metrics)."""
         return None
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> bool:
+    def write_through(self, request_id: str, writer: ChunkWriter | None) -> bool:
         """Have ``request_id``'s chunks written by ``writer`` in the thread that makes them, before the loop
         sees them (``services/engine/replies.py``); None: no writer. False where no model thread of ours
         makes the chunks: they all come to the event loop, which sends them."""

@@ -1,6 +1,7 @@
 """Token events written by the model thread straight to an edge's reply socket (``services/engine/replies.py``).
 
-The link's frames stay whole and in order between the model thread and the event loop; the
+The link's frames stay whole and in order between the model thread and the event loop; a step's
+frames leave at its flush, before anything the loop writes later; the
 thread gives way for good once bytes wait in the loop's transport; a frame the socket takes in
 part is finished before anything else; and real llama.cpp and transformers engines send every
 token this way, numbered in order, none on the bus, with the response cache recorded.
@@ -93,6 +94,13 @@ class Stream:
         self.progress.sent(chunk, None)
 
 
+def step(writer, chunk: Chunk) -> bool:
+    """As ``EventQueues.deliver`` does for one request's chunk of a step: the writer takes it, then flushes."""
+    taken = writer(chunk)
+    writer.flush()
+    return taken
+
+
 async def open_stream(nc, sender: ReplySender, edge_name: str, **kw) -> Stream:
     req = named(request(nc.new_inbox() + f".r{uuid.uuid4().hex[:8]}"), edge_name)
     return Stream(req, await sender.sender(req), sender, **kw)
@@ -143,7 +151,7 @@ async def test_frames_from_the_model_thread_and_the_loop_stay_whole_and_in_order
             def model_thread() -> None:  # as EventQueues.deliver: a chunk the writer refuses goes through the loop
                 for i in range(400):
                     chunk = Chunk(f"a{i} " * (1 + i % 50), [i])
-                    if not a.writer(chunk):
+                    if not step(a.writer, chunk):
                         asyncio.run_coroutine_threadsafe(a.through_loop(chunk), running).result()
 
             thread = threading.Thread(target=model_thread)
@@ -174,7 +182,7 @@ async def test_the_thread_gives_way_for_good_once_bytes_wait_in_the_loops_transp
         edge = SlowEdge(tmp_path / "r")
         try:
             a, b = await open_stream(nc, sender, edge.name), await open_stream(nc, sender, edge.name)
-            assert a.writer(Chunk("first", [1]))  # nothing waits yet: straight to the socket
+            assert step(a.writer, Chunk("first", [1]))  # nothing waits yet: straight to the socket
             for i in range(64):  # 4 MiB through the loop: the socket fills and the rest waits in the transport
                 await b.through_loop(Chunk("x" * 65536, [i]))
             edge.read_some()  # the socket has room again, but the loop (held here) has not sent what waits
@@ -201,13 +209,36 @@ async def test_a_frame_the_socket_takes_in_part_is_finished_before_anything_else
             big = Chunk("y" * (4 << 20), [1])  # far more than an unread socket takes
             # Written in part; the rest is the event loop's to send, and a frame the loop writes before it
             # gets to that (here at once, in the same callback) must come after the rest.
-            assert a.writer(big)
+            assert step(a.writer, big)
             await b.through_loop(Chunk("middle", [1]))
             assert not a.writer(Chunk("after", [2]))  # not while anything waits
             await b.through_loop(Chunk("last", [2]))
             frames = await edge.read()
             assert [(r == key(a.req), e.seq) for r, e in frames] == [(False, 1), (True, 1), (False, 2), (False, 3)]
             assert len(frames[1][1].text) == 4 << 20
+        finally:
+            edge.close()
+
+    await on_loop(loop, nats_server.url, tmp_path, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_steps_frames_leave_at_its_flush_and_before_any_later_frame_of_the_loop(nats_server, tmp_path, loop):
+    async def body(nc, sender) -> None:
+        edge = SlowEdge(tmp_path / "r")
+        try:
+            a, b, c = [await open_stream(nc, sender, edge.name) for _ in range(3)]
+            assert a.writer(Chunk("a1", [1])) and b.writer(Chunk("b1", [1]))  # one step: both taken, not flushed
+            await c.through_loop(Chunk("c1", [1]))  # made after them: the loop sends the taken frames first
+            a.writer.flush()  # nothing left to send
+            b.writer.flush()
+            assert a.writer(Chunk("a2", [2])) and b.writer(Chunk("b2", [2]))
+            a.writer.flush()  # one write for both (the link's), the second flush finds none
+            b.writer.flush()
+            await c.through_loop(Chunk("last", [2]))
+            frames = await edge.read()
+            assert [e.text for _, e in frames] == ["a1", "b1", "c1", "a2", "b2", "last"]
+            assert seqs(frames, a) == seqs(frames, b) == seqs(frames, c) == [1, 2]
         finally:
             edge.close()
 

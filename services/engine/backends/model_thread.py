@@ -2,7 +2,8 @@
 
 The model thread hands each decode step's events over in one loop wake-up; every request reads
 its own queue. A request given a token writer (``EventQueues.write_through``) has its chunks
-written by the model thread itself, as long as the writer takes them. After a step that
+written by the model thread itself, as long as the writer takes them: each writer takes its chunk,
+then each is flushed, so writers that share a connection send the whole step in one write. After a step that
 finished sequences, it may hold the next step for a few milliseconds while their replacements
 are on their way (``join_window``). A request's stream ends at its ``Finished`` (or a
 ``Failed``, raised as a typed error); a consumer that stops early aborts the sequence in the
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from schemas.errors import BusError, ErrorCode
-from services.engine.backend import Chunk, Finished, GenerationEvent, JoinStats
+from services.engine.backend import Chunk, ChunkWriter, Finished, GenerationEvent, JoinStats
 from services.engine.backends.join_window import JoinWindow
 
 
@@ -40,14 +41,14 @@ class EventQueues:
 
     def __init__(self) -> None:
         self._queues: dict[str, asyncio.Queue[StepEvent]] = {}
-        self._writers: dict[str, Callable[[Chunk], bool]] = {}
+        self._writers: dict[str, ChunkWriter] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the model thread delivers to (set when the engine starts)."""
         self._loop = loop
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> None:
+    def write_through(self, request_id: str, writer: ChunkWriter | None) -> None:
         """From the loop: have ``request_id``'s chunks written by ``writer`` in the model thread; a chunk it
         returns False for, and the rest of the request, goes through the loop as usual. None: no writer."""
         if writer is None:
@@ -60,10 +61,18 @@ class EventQueues:
         the requests' writers took them all)."""
         if self._writers:
             writers = self._writers
-            items = [(request_id, event) for request_id, event in items
-                     if type(event) is not Chunk or (write := writers.get(request_id)) is None or not write(event)]
-            if not items:
+            took: list[ChunkWriter] = []
+            rest = []
+            for request_id, event in items:
+                if type(event) is Chunk and (write := writers.get(request_id)) is not None and write(event):
+                    took.append(write)
+                else:
+                    rest.append((request_id, event))
+            for write in took:  # the first of a connection sends the step's frames on it; the others find none
+                write.flush()
+            if not rest:
                 return
+            items = rest
         self._loop.call_soon_threadsafe(self._dispatch, items)
 
     def _dispatch(self, items: list[tuple[str, StepEvent]]) -> None:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import random
 import warnings
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Sequence as Seq
 from pathlib import Path
 
 from schemas.errors import BusError, ErrorCode
@@ -35,7 +35,7 @@ from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
 from services.common.model_store import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_ID, default_model_gguf,
                                          default_state_dir)
-from services.engine.backend import (Chunk, EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats,
+from services.engine.backend import (ChunkWriter, EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats,
                                      check_logit_bias)
 from services.engine.grammar.compiler import EngineGrammars
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
@@ -126,7 +126,8 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     def _grammar_tokenizer(self):
         import llguidance.llamacpp
 
-        return llguidance.llamacpp.lltokenizer_from_vocab(self.model.vocab, eos_token=sorted(self.model.end_ids))
+        eog = sorted(self.model.end_ids)
+        return llguidance.llamacpp.lltokenizer_from_vocab(self.model.vocab, eos_token=eog)
 
     def check_request(self, request: InferenceRequest) -> None:
         """Structured outputs and ``logit_bias`` are enforced here; only token ids outside the vocabulary are refused."""
@@ -148,7 +149,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
     def join_stats(self) -> JoinStats | None:
         return None if self._batcher is None else self._batcher.join_stats()
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> bool:
+    def write_through(self, request_id: str, writer: ChunkWriter | None) -> bool:
         self._events.write_through(request_id, writer)
         return True
 

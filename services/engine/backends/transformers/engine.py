@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Sequence as Seq
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from schemas.errors import BusError, ErrorCode
 from schemas.heartbeat import ServedModel
 from schemas.inference import InferenceRequest
-from services.engine.backend import (Chunk, EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats,
+from services.engine.backend import (ChunkWriter, EngineBackend, GenerationEvent, JoinStats, PrefixCacheStats,
                                      check_logit_bias)
 from services.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from services.engine.grammar.compiler import EngineGrammars
@@ -174,7 +174,7 @@ class TransformersEngine(ThreadedAdapters, HfTokenizing, EngineBackend):
     def join_stats(self) -> JoinStats | None:
         return None if self._batcher is None else self._batcher.join_stats()
 
-    def write_through(self, request_id: str, writer: Callable[[Chunk], bool] | None) -> bool:
+    def write_through(self, request_id: str, writer: ChunkWriter | None) -> bool:
         self._events.write_through(request_id, writer)
         return True
 
