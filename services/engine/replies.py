@@ -50,7 +50,7 @@ BUFFER_LIMIT = 16 << 20  # bytes written and not yet read by the edge before the
 class _Link(asyncio.Protocol):
     """One connection to an edge's socket (nothing comes back on it); knows when not to write to it.
 
-    The event loop writes with ``write``, a model thread with ``write_now``, each under ``lock``.
+    The event loop writes with ``write``, a model thread with ``take`` then ``flush``, each under ``lock``.
     """
 
     def __init__(self, on_lost: Callable[[_Link], None]) -> None:
