@@ -20,10 +20,13 @@ two sides alternate in ``--rounds`` rounds, so drift of the machine hits both al
 starts once the machine is quiet (a vLLM that just finished polls a CPU for a second); each cell is
 ``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
 platform/peer ratios (the cell's, and the mean of the per-round ratios with a bootstrap 95% interval,
-which leaves out most of the machine's drift between rounds), then the resident memory of each side's model process at idle and its peak
-during the 8-stream cell. ``--launches N`` repeats all of it N times, each with every server started
-afresh, and pools the cells: two launches of the same code have differed by more than one launch's
-interval (1.06 and 0.97 at one stream), so the interval then resamples launches, then rounds within them. ``transformers``: the platform with ``--engine transformers`` against
+which leaves out most of the machine's drift between rounds), then the resident memory of each
+side's model process at idle and its peak during the 8-stream cell. ``--launches N`` repeats all of
+it N times, each with every server started afresh, and pools the cells: two launches of the same
+code have differed by more than one launch's interval (1.06 and 0.97 at one stream), so the
+interval then resamples launches, then rounds within them.
+
+``transformers``: the platform with ``--engine transformers`` against
 ``transformers serve --continuous-batching`` (``peer_transformers``) on the same safetensors copy,
 float32, threads, and KV room for ``slots x context`` tokens.
 ``--record`` appends the table, dated, with the machine, to a Markdown file.

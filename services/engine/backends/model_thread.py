@@ -62,7 +62,7 @@ class EventQueues:
         if self._writers:
             writers = self._writers
             took: list[ChunkWriter] = []
-            rest = []
+            rest: list[tuple[str, StepEvent]] = []
             for request_id, event in items:
                 if type(event) is Chunk and (write := writers.get(request_id)) is not None and write(event):
                     took.append(write)
