@@ -36,6 +36,8 @@ def build_backend(cfg: EngineConfig):
     if cfg.engine in ("transformers", "llamacpp"):
         extra["prefix_cache_bytes"] = cfg.prefix_cache_bytes
         extra["join_window"] = cfg.join_window_ms / 1000
+    if cfg.engine == "llamacpp":
+        extra["pin_threads"] = cfg.pin_threads
     return cls(model_path=cfg.model_path, model_id=cfg.model_id, aliases=cfg.aliases, slots=cfg.slots,
                device=cfg.device, dtype=cfg.dtype, context_length=cfg.context_length, threads=cfg.threads,
                adapter_dirs=cfg.adapter_dirs,

@@ -46,6 +46,7 @@ class EngineConfig(NatsOptions, forbid_unknown_fields=True, kw_only=True):
     max_adapters: int = 8
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     join_window_ms: float = DEFAULT_JOIN_WINDOW_MS
+    pin_threads: str = "auto"
     # ``--engine auto``: why this engine was chosen (heartbeat ``engine_reason``), set after parsing.
     engine_reason: str = ""
     mindie_url: str = "http://127.0.0.1:1025"
@@ -116,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
                         "wait up to this long for their replacements to start with the next step, and only while "
                         "finished requests are seen to be replaced that fast (clients that send the next request "
                         "as the last one ends); at most a quarter of a step; 0 = never wait (default: %(default)s)")
+    p.add_argument("--pin-threads", choices=("auto", "on", "off"), default="auto",
+                   help="llama.cpp on CPU: bind the model thread and each of llama.cpp's OpenMP threads to a CPU of "
+                        "its own, so the kernel never stacks two of them on one CPU while they meet at a barrier "
+                        "after every op; auto = only where the threads fill the CPUs this process may use "
+                        "(default: %(default)s)")
     p.add_argument("--max-models", type=int, default=2,
                    help="models kept loaded at once; loading one more unloads the least recently used idle one")
     p.add_argument("--memory-budget", type=int, default=0,

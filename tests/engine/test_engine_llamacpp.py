@@ -16,7 +16,6 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from schemas import names
-from schemas.errors import BusError, ErrorCode
 from schemas.events import StreamEnd, StreamStart, TokenDelta, decode_event, encode
 from schemas.heartbeat import EngineHeartbeat
 from schemas.inference import ChatMessage, DispatchReply, InferenceRequest, SamplingParams
@@ -254,6 +253,14 @@ def test_threads_must_not_be_negative(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--engine", "llamacpp", "--model-id", "m", "--threads", "-1"])
     assert "--threads" in capsys.readouterr().err
+
+
+def test_pin_threads_takes_auto_on_or_off(capsys):
+    assert parse_args(["--engine", "llamacpp", "--model-id", "m"]).pin_threads == "auto"
+    assert parse_args(["--engine", "llamacpp", "--model-id", "m", "--pin-threads", "off"]).pin_threads == "off"
+    with pytest.raises(SystemExit):
+        parse_args(["--engine", "llamacpp", "--model-id", "m", "--pin-threads", "sometimes"])
+    assert "--pin-threads" in capsys.readouterr().err
 
 
 def test_the_llama_cpp_engine_process_does_not_load_torch():

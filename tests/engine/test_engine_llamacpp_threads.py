@@ -7,11 +7,14 @@ which is checked on the real model.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
 
 from services.engine.backends.llamacpp.decode_threads import (MIN_WALL_S, PROBE_FIRST, PROBE_MOST, STARVED_IN_A_ROW,
-                                                              DecodeThreads)
+                                                              THREAD_NAME, DecodeThreads, ThreadPins)
 
 QUIET = (0.010, 0.019)  # 10 ms wall, both threads on a CPU nearly all of it
 STARVED = (0.500, 0.040)  # half a second, mostly waiting for a CPU
@@ -109,3 +112,63 @@ def test_logits_do_not_depend_on_the_thread_count():
             llama_cpp.llama_batch_free(batch)
     finally:
         model.close()
+
+
+def _affinity(tid: int) -> set[int]:
+    return set(os.sched_getaffinity(tid))
+
+
+def _bind_in_a_new_thread(mode: str, threads: int):
+    """Load the real model and start its thread team from a fresh thread, as the model thread does: what
+    ``ThreadPins.start`` returned and every thread's CPUs and kernel name, read while that thread still runs."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
+    from services.common.model_store import default_model_gguf
+    from services.engine.backends.llamacpp.model import ContextShape, GgufModel
+
+    model = GgufModel(default_model_gguf(), ContextShape(n_seq=1, ctx_per_seq=128, threads=threads))
+    model.load()
+    seen: dict = {}
+
+    def model_thread() -> None:
+        pins = seen["pins"] = ThreadPins.start(model.warm_up, threads, mode)
+        seen["tid"] = threading.get_native_id()
+        seen["name"] = open(f"/proc/self/task/{seen['tid']}/comm").read().strip()
+        if pins is not None:
+            seen["bound"] = [_affinity(tid) for tid in pins.threads]
+            pins.apply(1)  # the decode falls back to one thread: the model thread may run anywhere again
+            seen["one"] = [_affinity(tid) for tid in pins.threads]
+            pins.apply(threads)
+            seen["again"] = [_affinity(tid) for tid in pins.threads]
+
+    try:
+        thread = threading.Thread(target=model_thread)
+        thread.start()
+        thread.join()
+    finally:
+        model.close()
+    return seen
+
+
+def test_each_decode_thread_is_bound_to_a_cpu_of_its_own():
+    """The model thread and llama.cpp's OpenMP worker (named after it) on distinct CPUs; unbound while alone."""
+    cpus = set(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "this test needs two CPUs"
+    seen = _bind_in_a_new_thread("on", 2)
+    pins = seen["pins"]
+    assert pins is not None and seen["name"] == THREAD_NAME
+    assert pins.threads[0] == seen["tid"] and len(pins.threads) == 2
+    first, second = seen["bound"]
+    assert len(first) == len(second) == 1 and first != second and first | second <= cpus
+    assert seen["one"] == [cpus, second]
+    assert seen["again"] == [first, second]
+
+
+def test_threads_filling_the_cpus_are_bound_by_default_and_never_with_off():
+    cpus = set(os.sched_getaffinity(0))
+    threads = len(cpus)
+    assert threads >= 2, "this test needs two CPUs"
+    auto = _bind_in_a_new_thread("auto", threads)
+    assert auto["pins"] is not None and len(auto["pins"].threads) == threads
+    assert set().union(*auto["bound"]) == set(sorted(cpus)[:threads])
+    off = _bind_in_a_new_thread("off", threads)
+    assert off["pins"] is None

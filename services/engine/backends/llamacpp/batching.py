@@ -46,7 +46,7 @@ from services.engine.backend import Chunk, Finished
 from services.engine.backends.model_thread import Failed, ModelThread
 from services.engine.text.detok import ByteDetokenizer, StopMatcher
 from services.engine.backends.llamacpp.adapter_slots import AdapterListener, GgufLoras
-from services.engine.backends.llamacpp.decode_threads import DecodeThreads
+from services.engine.backends.llamacpp.decode_threads import DecodeThreads, ThreadPins
 from services.engine.backends.llamacpp.model import PREFILL_TOKEN_BUDGET, GgufModel
 from services.engine.backends.llamacpp.sampling import Chain, LogitsRows, Sampler
 from services.engine.backends.llamacpp.saved_prefixes import SavedPrefixes
@@ -123,11 +123,13 @@ class GgufBatchGenerator(ModelThread):
         self._rows = LogitsRows(model.ctx, model.n_vocab)
         threads = 1 if model.shape.gpu_layers else model.threads  # offloaded: the CPU threads mostly wait
         self.threads = DecodeThreads(threads)
+        self.pins: ThreadPins | None = None  # bound by the model thread once its OpenMP team has started
 
     # --- the model thread ---
     def run(self) -> None:
         try:
-            self._model.warm_up()  # here, not in the loader thread: one OpenMP team (see warm_up)
+            # here, not in the loader thread: one OpenMP team (see warm_up), whose threads are then bound
+            self.pins = ThreadPins.start(self._model.warm_up, self.threads.current, self._model.shape.pin_threads)
             while not self._stopping:
                 self._collect(block=not self._running and not self._waiting)
                 events: list[tuple[str, Event]] = []
@@ -239,6 +241,8 @@ class GgufBatchGenerator(ModelThread):
         after = self.threads.observe(wall, cpu)
         if after != before:
             llama_cpp.llama_set_n_threads(self._model.ctx, after, after)
+            if self.pins is not None:
+                self.pins.apply(after)
             log.debug("llama.cpp decode threads %d -> %d (%.1f ms wall, %.1f ms CPU)", before, after,
                       wall * 1000, cpu * 1000)
 

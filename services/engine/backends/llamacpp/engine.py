@@ -75,7 +75,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
                  device: str = "auto", dtype: str = "auto", context_length: int = 0, threads: int = 0,
                  adapter_dirs: Seq[str] = (), adapter_cache_dir: str | Path = "", max_adapters: int = 8,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
-                 join_window: float = DEFAULT_JOIN_WINDOW) -> None:
+                 join_window: float = DEFAULT_JOIN_WINDOW, pin_threads: str = "auto") -> None:
         # dtype belongs to other engines: a GGUF fixes its own types.
         self._path = Path(model_path) if str(model_path) else None
         self._model_id = model_id
@@ -86,6 +86,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         self._threads = threads
         self._prefix_cache_bytes = prefix_cache_bytes
         self._join_window = join_window
+        self._pin_threads = pin_threads
         self._events = EventQueues()
         self._batcher: GgufBatchGenerator | None = None
         self.model: GgufModel | None = None
@@ -109,7 +110,7 @@ class LlamaCppEngine(ThreadedAdapters, EngineBackend):
         """Load the GGUF and create the context in a worker thread, then start the model thread."""
         path = self._gguf_path()
         shape = ContextShape(n_seq=self._slots, ctx_per_seq=self._context_length, threads=self._threads,
-                             gpu_layers=gpu_layers_for(self._device))
+                             gpu_layers=gpu_layers_for(self._device), pin_threads=self._pin_threads)
         self.model = GgufModel(path, shape)
         await asyncio.to_thread(self.model.load)
         self._loop = asyncio.get_running_loop()

@@ -81,6 +81,7 @@ class ContextShape:
     ctx_per_seq: int = 0
     threads: int = 0  # 0: default_threads()
     gpu_layers: int = 0
+    pin_threads: str = "auto"  # decode threads bound to CPUs: auto | on | off (``decode_threads.ThreadPins``)
 
 
 class GgufModel:
