@@ -118,9 +118,8 @@ def _affinity(tid: int) -> set[int]:
     return set(os.sched_getaffinity(tid))
 
 
-def _bind_in_a_new_thread(mode: str, threads: int):
-    """Load the real model and start its thread team from a fresh thread, as the model thread does: what
-    ``ThreadPins.start`` returned and every thread's CPUs and kernel name, read while that thread still runs."""
+def _in_a_model_thread(threads: int, body) -> dict:
+    """Load the real model and run ``body(model, seen)`` in a fresh thread, as the model thread runs; ``seen``."""
     pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs the [llamacpp] extra")
     from services.common.model_store import default_model_gguf
     from services.engine.backends.llamacpp.model import ContextShape, GgufModel
@@ -128,8 +127,20 @@ def _bind_in_a_new_thread(mode: str, threads: int):
     model = GgufModel(default_model_gguf(), ContextShape(n_seq=1, ctx_per_seq=128, threads=threads))
     model.load()
     seen: dict = {}
+    try:
+        thread = threading.Thread(target=body, args=(model, seen))
+        thread.start()
+        thread.join()
+    finally:
+        model.close()
+    return seen
 
-    def model_thread() -> None:
+
+def _bind_in_a_new_thread(mode: str, threads: int) -> dict:
+    """Start the team and bind it as the model thread does: what ``ThreadPins.start`` returned and every
+    thread's CPUs and kernel name, read while that thread still runs."""
+
+    def model_thread(model, seen: dict) -> None:
         pins = seen["pins"] = ThreadPins.start(model.warm_up, threads, mode)
         seen["tid"] = threading.get_native_id()
         seen["name"] = open(f"/proc/self/task/{seen['tid']}/comm").read().strip()
@@ -140,13 +151,7 @@ def _bind_in_a_new_thread(mode: str, threads: int):
             pins.apply(threads)
             seen["again"] = [_affinity(tid) for tid in pins.threads]
 
-    try:
-        thread = threading.Thread(target=model_thread)
-        thread.start()
-        thread.join()
-    finally:
-        model.close()
-    return seen
+    return _in_a_model_thread(threads, model_thread)
 
 
 def test_each_decode_thread_is_bound_to_a_cpu_of_its_own():
@@ -172,3 +177,26 @@ def test_threads_filling_the_cpus_are_bound_by_default_and_never_with_off():
     assert set().union(*auto["bound"]) == set(sorted(cpus)[:threads])
     off = _bind_in_a_new_thread("off", threads)
     assert off["pins"] is None
+
+
+def test_a_bind_that_fails_frees_every_thread_of_the_team():
+    """A worker gone (libgomp started a new team): every thread named after the model thread goes back to every CPU."""
+    cpus = set(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "this test needs two CPUs"
+
+    def model_thread(model, seen: dict) -> None:
+        pins = ThreadPins.start(model.warm_up, 2, "on")
+        worker = pins.threads[1]
+        seen["bound"] = _affinity(worker)
+        pins.threads[1] = 2**22 + 1  # above Linux's largest thread id: this "worker" is gone
+        pins.apply(1)
+        pins.apply(2)  # binding it fails
+        seen["failed"] = pins.failed
+        seen["after"] = [_affinity(pins.threads[0]), _affinity(worker)]
+        pins.apply(1)
+        pins.apply(2)
+        seen["later"] = [_affinity(pins.threads[0]), _affinity(worker)]
+
+    seen = _in_a_model_thread(2, model_thread)
+    assert len(seen["bound"]) == 1
+    assert seen["failed"] and seen["after"] == [cpus, cpus] and seen["later"] == [cpus, cpus]

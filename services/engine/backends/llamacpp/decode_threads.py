@@ -148,7 +148,8 @@ class ThreadPins:
         except OSError as exc:  # a worker gone (libgomp replaced its team): leave the kernel to place them
             log.warning("could not bind llama.cpp's decode threads (%s); leaving them unbound", exc)
             self.failed, self.bound = True, False
-            for tid in self.threads:
+            # Any worker started since inherited its starter's CPU: free every thread of the team by its name.
+            for tid in {*self.threads, *(t for t in _task_ids() if _thread_name(t) == THREAD_NAME)}:
                 try:
                     os.sched_setaffinity(tid, self.cpus)
                 except OSError:
