@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         p.error("--memory-budget must be 0 (off) or a number of bytes")
     if args.no_lora and args.engine not in ("vllm", "auto"):
         p.error("--no-lora is a vLLM setting (the other engines pay nothing for adapter support)")
+    if args.pin_threads != "auto" and args.engine not in ("llamacpp", "auto"):
+        p.error("--pin-threads is a llama.cpp setting (the other engines leave their threads to their library)")
     if args.threads < 0:
         p.error("--threads must be 0 (the engine's default) or a number of threads")
     if args.join_window_ms < 0:

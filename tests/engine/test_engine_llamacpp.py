@@ -261,6 +261,10 @@ def test_pin_threads_takes_auto_on_or_off(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--engine", "llamacpp", "--model-id", "m", "--pin-threads", "sometimes"])
     assert "--pin-threads" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--engine", "transformers", "--model-id", "m", "--pin-threads", "on"])
+    assert "--pin-threads is a llama.cpp setting" in capsys.readouterr().err
+    assert parse_args(["--engine", "auto", "--model-id", "m", "--pin-threads", "off"]).pin_threads == "off"
 
 
 def test_the_llama_cpp_engine_process_does_not_load_torch():
