@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from services.common import gc_heap
 
@@ -66,3 +66,23 @@ async def cancel_and_wait(*tasks: asyncio.Future | None) -> None:
             task.cancel()
         await asyncio.wait(pending, timeout=_RECANCEL_AFTER)
     await asyncio.gather(*(task for task in tasks if task is not None), return_exceptions=True)
+
+
+async def ticks(interval: float) -> AsyncIterator[bool]:
+    """Every ``interval`` seconds: ``True`` for a tick on time, ``False`` for one more than an interval late.
+
+    A late tick means this event loop was held up (a long collector pause, a starved host), so
+    messages that arrived meanwhile may still lie unread in its sockets. A loop that judges
+    engines dead by their heartbeats skips such a tick: judged then, an engine that kept beating
+    looks as silent as the loop was, and its heartbeats are read a moment later. Only one tick in
+    a row is ``False``: a loop held up all the time still judges, one tick later.
+    """
+    loop = asyncio.get_running_loop()
+    due = loop.time() + interval
+    skipped = False
+    while True:
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        on_time = skipped or loop.time() - due <= interval
+        skipped = not on_time
+        yield on_time
+        due = loop.time() + interval

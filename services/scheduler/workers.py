@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 
 from schemas.heartbeat import EngineHeartbeat
 from services.common.heartbeat_feed import HeartbeatFeed
-from services.common.lifecycle import cancel_and_wait
+from services.common.lifecycle import cancel_and_wait, ticks
 from services.common.worker_table import DEAD_AFTER_INTERVALS, WorkerState, WorkerTable
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,15 @@ class WorkerTracker:
         self._on_health(sum(1 for s in self._table.live() if not s.heartbeat.draining and not s.failed))
 
     async def _expire_loop(self) -> None:
-        while True:
-            dead = self._table.expire()
-            for worker in dead:
-                log.warning("engine %s missed %d heartbeats: no more work goes to it", worker, DEAD_AFTER_INTERVALS)
-            self._report_health()  # also catches engines forgotten on a failed dispatch
-            if self._after_expiry is not None:
-                await self._after_expiry()
-            await asyncio.sleep(self._expire_interval)
+        await self._expire()
+        async for on_time in ticks(self._expire_interval):
+            if on_time:  # a late pass would judge engines by heartbeats not read yet
+                await self._expire()
+
+    async def _expire(self) -> None:
+        dead = self._table.expire()
+        for worker in dead:
+            log.warning("engine %s missed %d heartbeats: no more work goes to it", worker, DEAD_AFTER_INTERVALS)
+        self._report_health()  # also catches engines forgotten on a failed dispatch
+        if self._after_expiry is not None:
+            await self._after_expiry()

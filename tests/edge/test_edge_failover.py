@@ -8,14 +8,17 @@ with real processes is in ``test_e2e_failover.py``.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
+import pytest
 
 from schemas import names
 from schemas.events import StreamEnd, StreamStart, TokenDelta, Usage
 from schemas.inference import CancelRequest, ChatMessage, InferenceRequest, SamplingParams
 from services.common import bus
 from services.edge.bus.failover import Delivered, Impossible, begin, next_attempt
+from services.edge.state import EDGE
 from tests.scheduler.test_scheduler_harness import eventually
 from tests.edge_harness import (  # noqa: F401 - fixtures
     BusEngine,
@@ -70,13 +73,29 @@ async def test_engine_lost_mid_stream_the_answer_continues_on_another_engine(cli
         await spare.stop_heartbeats()
 
 
-async def test_engine_lost_before_the_first_token_is_invisible_to_the_client(client, engine, nc, js):
+async def _hold_up_in_the_grace(client, request_id: str) -> None:
+    """Block the event loop past the spare's three intervals once the sweep found the engine silent.
+
+    As a long collector pause on a loaded host does: the spare's heartbeats wait unread meanwhile,
+    and a sweep judging on waking would find no live engine to fail over to.
+    """
+    pending = client.app[EDGE].router._pending[request_id]
+    while pending.dead_since is None:  # the sweep found the engine silent; the grace runs
+        await asyncio.sleep(0.005)
+    assert pending.lost is None  # not given up on yet: nothing is awaited between this check and the hold-up
+    time.sleep(4 * SPARE_INTERVAL)
+
+
+@pytest.mark.parametrize("held_up", [False, True], ids=["edge-on-time", "edge-held-up-in-the-grace"])
+async def test_engine_lost_before_the_first_token_is_invisible_to_the_client(client, engine, nc, js, held_up):
     spare = await BusEngine(nc, js, interval=SPARE_INTERVAL).start()
     try:
         post = asyncio.create_task(client.post(CHAT, json=chat_body(max_tokens=5, temperature=0)))
         first = await engine.next_request()
         await engine.send(first, engine.start_event(first))
         await engine.stop_heartbeats()
+        if held_up:
+            await _hold_up_in_the_grace(client, first.id)
         again = await spare.next_request()
         assert (again.attempt, again.continuation, again.sampling) == (1, "", first.sampling)  # the same request
         await spare.answer(again, ["Hello", " there"])

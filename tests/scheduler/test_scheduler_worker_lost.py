@@ -21,8 +21,8 @@ from schemas.inference import CancelRequest, InferenceRequest
 from services.common.worker_table import WorkerTable
 from services.scheduler.running import NO_DEADLINE_HORIZON, RunningRequests
 from tests.e2e.test_e2e_failover import MODEL, PROMPT, SimCluster
-from tests.scheduler.test_scheduler_harness import (ReplyInbox, engines, eventually, known, new_request,  # noqa: F401
-                                          start_scheduler, submit)
+from tests.scheduler.test_scheduler_harness import (INTERVAL, ReplyInbox, engines, eventually, known,  # noqa: F401
+                                                    new_request, start_scheduler, submit)
 
 LONG = 120.0  # the producers' deadline: every wait in these tests is far shorter
 
@@ -183,3 +183,17 @@ async def test_a_raw_nats_producer_whose_engine_is_sigkilled_mid_stream_gets_wor
             await nc.close()
     finally:
         await cluster.stop()
+
+
+async def test_a_scheduler_held_up_past_three_intervals_keeps_the_engines_that_kept_beating(start_scheduler, engines,
+                                                                                             caplog):
+    # The scheduler's event loop held up (a long collector pause on a loaded host): the heartbeats
+    # of that time wait unread, so the first expiry pass after it is skipped, not judged on them.
+    async with start_scheduler() as scheduler:
+        alive, silent = await engines("alive"), await engines("silent")
+        await known(scheduler, alive, silent)
+        await silent.stop_heartbeats()
+        time.sleep(4 * INTERVAL)  # past three of every engine's intervals
+        await eventually(lambda: f"engine {silent.worker} missed" in caplog.text, what="the silent engine dropped")
+        assert f"engine {alive.worker} missed" not in caplog.text
+        assert scheduler.table.get(alive.worker) is not None

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from services.common.heartbeat_feed import HeartbeatFeed
-from services.common.lifecycle import cancel_and_wait
+from services.common.lifecycle import cancel_and_wait, ticks
 from services.common.worker_table import WorkerTable
 from services.edge.bus.replies import ReplyRouter
 
@@ -59,6 +59,6 @@ class LivenessWatch:
         return failed
 
     async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            self.sweep()
+        async for on_time in ticks(self._interval):
+            if on_time:  # a late sweep would judge engines by heartbeats not read yet
+                self.sweep()
