@@ -24,8 +24,11 @@ BASE = "SmolLM2-135M-Instruct"
 def engine_service(nats_url: str, engine: str, model_dir, cache_dir):
     # llama.cpp serves the GGUF shipped for the default model; transformers its safetensors copy.
     model = ["--model-path", str(model_dir)] if engine == "transformers" else []
+    # Heartbeats every 2 s: an engine gives its requests up after three silent intervals, and this
+    # engine runs in the test process, which a loaded CI host has held up for 1.5 s here (a 0.5 s
+    # interval then ended the adapter's stream with engine_failed).
     return serving(["--nats-url", nats_url, "--engine", engine, "--model-id", BASE, *model,
-                    "--heartbeat-interval", "0.5", "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
+                    "--heartbeat-interval", "2", "--adapter-cache-dir", str(cache_dir), "--slots", "4"])
 
 
 async def generated(nc, worker: str, adapter: str | None) -> list[int]:
