@@ -22,8 +22,8 @@ then share one CPU: each barrier waits out the other's whole spin (about 0.5 ms 
 spin) until the load balancer moves one, and the other CPU stays idle meanwhile. Traced with
 the kernel's ``sched_switch``/``sched_wakeup`` events (``perf record``) at one stream: the model
 thread was woken 1,481 times in 3,072 tokens and waited 491 us (p50) for its partner's CPU,
-1.1 s in all; llama-server's threads, which never sleep between its short gaps, 36 ms. Binding the model thread and each OpenMP worker to a CPU
-of its own leaves the kernel no such choice. ``auto`` binds only where the threads fill the CPUs
+1.1 s in all; llama-server's threads, which never sleep between its short gaps, 36 ms. Binding
+the model thread and each OpenMP worker to a CPU of its own leaves the kernel no such choice. ``auto`` binds only where the threads fill the CPUs
 the process may use (then no CPU is left to move to anyway, and no second engine is expected
 on them); while ``DecodeThreads`` keeps the decode on one thread, the model thread is unbound.
 """
